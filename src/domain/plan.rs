@@ -1,0 +1,456 @@
+//! Allocation modes and the split plan: what a donor's submission through a recommendation set turns into.
+//!
+//! [`SplitPlan::from_submission`] is the only way to obtain a plan, so a plan that exists has passed every rule:
+//! FIXED amounts unchanged, every allocation known and named once, no negative amount, at least one positive
+//! amount, the total within Stripe's minimum and maximum for the currency. The plan keeps the set's order and
+//! drops the recipients a donor set to zero.
+
+use std::collections::HashSet;
+
+use super::money::Currency;
+use super::string_enum;
+
+/// Largest amount for one allocation: the seed API's `amount_cents` is an int32.
+pub const ALLOCATION_AMOUNT_MAX_CENTS: i64 = 2_147_483_647;
+
+/// Most allocations a set may have: bounds the work one payment causes (one Stripe transfer each).
+pub const ALLOCATIONS_PER_SET_MAX: usize = 50;
+
+string_enum!(
+    /// How the donor form treats the set's per-recipient amounts (seed: `amount_mode`).
+    AmountMode {
+        /// The donor pays exactly the set's amounts.
+        Fixed => "FIXED",
+        /// The set's amounts are pre-filled; the donor may change each (0 skips that recipient).
+        Suggested => "SUGGESTED",
+        /// The set is a recipient list (amounts 0); the donor enters every amount.
+        Open => "OPEN",
+    }
+);
+
+string_enum!(
+    /// How the donor pays (Stripe's PaymentMethod type).
+    PaymentMethodType {
+        /// Succeeds or fails at confirmation.
+        Card => "card",
+        /// BECS Direct Debit: `processing` for days, then succeeds or is dishonoured. AUD only.
+        AuBecsDebit => "au_becs_debit",
+        /// PayTo: the payer authorises a mandate; delayed notification. AUD only.
+        Payto => "payto",
+    }
+);
+
+impl PaymentMethodType {
+    /// BECS and PayTo are Australian bank rails: AUD only.
+    pub fn supports(self, currency: Currency) -> bool {
+        match self {
+            PaymentMethodType::Card => true,
+            PaymentMethodType::AuBecsDebit | PaymentMethodType::Payto => currency == Currency::Aud,
+        }
+    }
+
+    /// Whether the outcome arrives days later (`processing` first).
+    pub fn is_delayed_notification(self) -> bool {
+        !matches!(self, PaymentMethodType::Card)
+    }
+}
+
+/// One allocation of a recommendation set, as the plan needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAllocation {
+    pub id: String,
+    pub recipient_org_account_link_id: String,
+    pub amount_cents: i64,
+}
+
+/// The parts of a recommendation set that decide a plan. `allocations` are in the set's display order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetRules {
+    pub id: String,
+    pub amount_mode: AmountMode,
+    pub currency: Currency,
+    pub allocations: Vec<SetAllocation>,
+}
+
+/// The amount a donor chose for one allocation of the set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct SubmittedAmount {
+    pub allocation_id: String,
+    pub amount_cents: i64,
+}
+
+/// What the donor sent. `amounts` may be empty for FIXED (the set's amounts apply) and may name only some
+/// allocations for SUGGESTED/OPEN (the others keep the set's amount: the pre-fill, or 0 for OPEN).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Submission {
+    /// If given, must equal the set's currency.
+    pub currency: Option<Currency>,
+    pub amounts: Vec<SubmittedAmount>,
+}
+
+/// Why a submission cannot become a plan. Each variant names the offending field through [`PlanError::param`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("the recommendation set has no allocations")]
+    EmptySet,
+    #[error("the recommendation set has {count} allocations; at most {ALLOCATIONS_PER_SET_MAX} are allowed")]
+    TooManyAllocations { count: usize },
+    #[error("currency {submitted} does not match the recommendation set's currency {expected}")]
+    CurrencyMismatch { expected: Currency, submitted: Currency },
+    #[error("allocation '{allocation_id}' is not part of this recommendation set")]
+    UnknownAllocation { index: usize, allocation_id: String },
+    #[error("allocation '{allocation_id}' appears more than once")]
+    DuplicateAllocation { index: usize, allocation_id: String },
+    #[error("amount_cents for allocation '{allocation_id}' is negative ({amount_cents})")]
+    NegativeAmount { index: usize, allocation_id: String, amount_cents: i64 },
+    #[error("amount_cents for allocation '{allocation_id}' is {amount_cents}; the most allowed is {ALLOCATION_AMOUNT_MAX_CENTS}")]
+    AmountTooLarge { index: usize, allocation_id: String, amount_cents: i64 },
+    #[error("the recommendation set is FIXED: allocation '{allocation_id}' must be {expected_cents}, not {submitted_cents}")]
+    FixedAmountChanged { index: usize, allocation_id: String, expected_cents: i64, submitted_cents: i64 },
+    #[error("every amount is zero: at least one allocation must be positive")]
+    AllZero,
+    #[error("total {total_cents} is below Stripe's minimum charge of {minimum_cents} for {currency}")]
+    BelowMinimum { total_cents: i64, minimum_cents: i64, currency: Currency },
+    #[error("total {total_cents} is above Stripe's maximum charge of {maximum_cents}")]
+    AboveMaximum { total_cents: i64, maximum_cents: i64 },
+}
+
+impl PlanError {
+    /// The request field this error points at (the seed's `ErrorEnvelope.param`).
+    pub fn param(&self) -> String {
+        match self {
+            PlanError::EmptySet | PlanError::TooManyAllocations { .. } => "recommendation_set_id".into(),
+            PlanError::CurrencyMismatch { .. } => "currency".into(),
+            PlanError::UnknownAllocation { index, .. } | PlanError::DuplicateAllocation { index, .. } => {
+                format!("amounts[{index}].allocation_id")
+            }
+            PlanError::NegativeAmount { index, .. }
+            | PlanError::AmountTooLarge { index, .. }
+            | PlanError::FixedAmountChanged { index, .. } => format!("amounts[{index}].amount_cents"),
+            PlanError::AllZero | PlanError::BelowMinimum { .. } | PlanError::AboveMaximum { .. } => "amounts".into(),
+        }
+    }
+}
+
+/// One recipient's share of the plan, gross (what the donor intends for them, before fees).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanLine {
+    pub set_allocation_id: String,
+    pub recipient_org_account_link_id: String,
+    /// Position in the set (0-based); lines keep the set's order.
+    pub position: usize,
+    pub gross_cents: i64,
+}
+
+/// A validated split of one payment: positive lines in the set's order, and their exact total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitPlan {
+    set_id: String,
+    currency: Currency,
+    lines: Vec<PlanLine>,
+    total_cents: i64,
+}
+
+impl SplitPlan {
+    pub fn from_submission(set: &SetRules, submission: &Submission) -> Result<SplitPlan, PlanError> {
+        if set.allocations.is_empty() {
+            return Err(PlanError::EmptySet);
+        }
+        if set.allocations.len() > ALLOCATIONS_PER_SET_MAX {
+            return Err(PlanError::TooManyAllocations { count: set.allocations.len() });
+        }
+        if let Some(submitted) = submission.currency {
+            if submitted != set.currency {
+                return Err(PlanError::CurrencyMismatch { expected: set.currency, submitted });
+            }
+        }
+
+        // The set's amounts are the starting point; the submission overrides them where the mode allows.
+        let mut amounts: Vec<i64> = set.allocations.iter().map(|a| a.amount_cents).collect();
+        let mut seen: HashSet<&str> = HashSet::new();
+        for (index, submitted) in submission.amounts.iter().enumerate() {
+            let id = submitted.allocation_id.as_str();
+            let Some(position) = set.allocations.iter().position(|a| a.id == id) else {
+                return Err(PlanError::UnknownAllocation { index, allocation_id: id.to_owned() });
+            };
+            if !seen.insert(id) {
+                return Err(PlanError::DuplicateAllocation { index, allocation_id: id.to_owned() });
+            }
+            let amount_cents = submitted.amount_cents;
+            if amount_cents < 0 {
+                return Err(PlanError::NegativeAmount { index, allocation_id: id.to_owned(), amount_cents });
+            }
+            if amount_cents > ALLOCATION_AMOUNT_MAX_CENTS {
+                return Err(PlanError::AmountTooLarge { index, allocation_id: id.to_owned(), amount_cents });
+            }
+            if set.amount_mode == AmountMode::Fixed && amount_cents != amounts[position] {
+                return Err(PlanError::FixedAmountChanged {
+                    index,
+                    allocation_id: id.to_owned(),
+                    expected_cents: amounts[position],
+                    submitted_cents: amount_cents,
+                });
+            }
+            amounts[position] = amount_cents;
+        }
+
+        let mut lines = Vec::with_capacity(set.allocations.len());
+        for (position, (allocation, &gross_cents)) in set.allocations.iter().zip(&amounts).enumerate() {
+            // A set's own amounts are checked too: a corrupt set must not produce a plan.
+            if gross_cents < 0 {
+                return Err(PlanError::NegativeAmount {
+                    index: position,
+                    allocation_id: allocation.id.clone(),
+                    amount_cents: gross_cents,
+                });
+            }
+            if gross_cents > ALLOCATION_AMOUNT_MAX_CENTS {
+                return Err(PlanError::AmountTooLarge {
+                    index: position,
+                    allocation_id: allocation.id.clone(),
+                    amount_cents: gross_cents,
+                });
+            }
+            if gross_cents > 0 {
+                lines.push(PlanLine {
+                    set_allocation_id: allocation.id.clone(),
+                    recipient_org_account_link_id: allocation.recipient_org_account_link_id.clone(),
+                    position,
+                    gross_cents,
+                });
+            }
+        }
+        if lines.is_empty() {
+            return Err(PlanError::AllZero);
+        }
+        // At most 50 lines of at most 2^31-1 each: the sum fits an i64 with room to spare.
+        let total_cents: i64 = lines.iter().map(|l| l.gross_cents).sum();
+        let minimum_cents = set.currency.min_charge_minor();
+        if total_cents < minimum_cents {
+            return Err(PlanError::BelowMinimum { total_cents, minimum_cents, currency: set.currency });
+        }
+        let maximum_cents = set.currency.max_charge_minor();
+        if total_cents > maximum_cents {
+            return Err(PlanError::AboveMaximum { total_cents, maximum_cents });
+        }
+        Ok(SplitPlan { set_id: set.id.clone(), currency: set.currency, lines, total_cents })
+    }
+
+    pub fn set_id(&self) -> &str {
+        &self.set_id
+    }
+
+    pub fn currency(&self) -> Currency {
+        self.currency
+    }
+
+    pub fn lines(&self) -> &[PlanLine] {
+        &self.lines
+    }
+
+    pub fn total_cents(&self) -> i64 {
+        self.total_cents
+    }
+
+    pub fn gross_amounts_cents(&self) -> Vec<i64> {
+        self.lines.iter().map(|l| l.gross_cents).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn set(mode: AmountMode, amounts: &[i64]) -> SetRules {
+        SetRules {
+            id: "rec_1".into(),
+            amount_mode: mode,
+            currency: Currency::Aud,
+            allocations: amounts
+                .iter()
+                .enumerate()
+                .map(|(i, &amount_cents)| SetAllocation {
+                    id: format!("alc_{i}"),
+                    recipient_org_account_link_id: format!("lnk_{i}"),
+                    amount_cents,
+                })
+                .collect(),
+        }
+    }
+
+    fn amount(i: usize, amount_cents: i64) -> SubmittedAmount {
+        SubmittedAmount { allocation_id: format!("alc_{i}"), amount_cents }
+    }
+
+    fn submit(amounts: Vec<SubmittedAmount>) -> Submission {
+        Submission { currency: None, amounts }
+    }
+
+    #[test]
+    fn fixed_without_amounts_takes_the_set() {
+        let plan = SplitPlan::from_submission(&set(AmountMode::Fixed, &[1000, 2500, 500]), &submit(vec![])).unwrap();
+        assert_eq!(plan.gross_amounts_cents(), vec![1000, 2500, 500]);
+        assert_eq!(plan.total_cents(), 4000);
+        assert_eq!(plan.lines()[1].recipient_org_account_link_id, "lnk_1");
+    }
+
+    #[test]
+    fn fixed_with_the_same_amounts_is_accepted_and_changed_amounts_refused() {
+        let s = set(AmountMode::Fixed, &[1000, 2500]);
+        let same = submit(vec![amount(1, 2500), amount(0, 1000)]);
+        assert_eq!(SplitPlan::from_submission(&s, &same).unwrap().gross_amounts_cents(), vec![1000, 2500]);
+        let tampered = submit(vec![amount(0, 1000), amount(1, 2400)]);
+        let err = SplitPlan::from_submission(&s, &tampered).unwrap_err();
+        assert_eq!(
+            err,
+            PlanError::FixedAmountChanged {
+                index: 1,
+                allocation_id: "alc_1".into(),
+                expected_cents: 2500,
+                submitted_cents: 2400
+            }
+        );
+        assert_eq!(err.param(), "amounts[1].amount_cents");
+        let zeroed = submit(vec![amount(0, 0)]);
+        assert!(matches!(SplitPlan::from_submission(&s, &zeroed), Err(PlanError::FixedAmountChanged { .. })));
+    }
+
+    #[test]
+    fn suggested_donor_changes_and_zero_skips() {
+        let s = set(AmountMode::Suggested, &[1000, 2000, 3000]);
+        let plan = SplitPlan::from_submission(&s, &submit(vec![amount(0, 1500), amount(1, 0)])).unwrap();
+        let ids: Vec<_> = plan.lines().iter().map(|l| l.set_allocation_id.as_str()).collect();
+        assert_eq!(ids, vec!["alc_0", "alc_2"], "zero skips; untouched keeps the pre-fill; set order kept");
+        assert_eq!(plan.gross_amounts_cents(), vec![1500, 3000]);
+        assert_eq!(plan.lines()[1].position, 2);
+    }
+
+    #[test]
+    fn open_takes_donor_amounts_in_set_order() {
+        let s = set(AmountMode::Open, &[0, 0, 0]);
+        let plan = SplitPlan::from_submission(&s, &submit(vec![amount(2, 700), amount(0, 300)])).unwrap();
+        assert_eq!(plan.gross_amounts_cents(), vec![300, 700]);
+        assert_eq!(plan.lines()[0].set_allocation_id, "alc_0");
+        assert_eq!(
+            SplitPlan::from_submission(&s, &submit(vec![])).unwrap_err(),
+            PlanError::AllZero,
+            "OPEN with nothing entered"
+        );
+    }
+
+    #[test]
+    fn precise_errors() {
+        let s = set(AmountMode::Suggested, &[1000, 1000]);
+        let cases: Vec<(Submission, PlanError, &str)> = vec![
+            (
+                submit(vec![SubmittedAmount { allocation_id: "alc_9".into(), amount_cents: 5 }]),
+                PlanError::UnknownAllocation { index: 0, allocation_id: "alc_9".into() },
+                "amounts[0].allocation_id",
+            ),
+            (
+                submit(vec![amount(0, 5), amount(0, 6)]),
+                PlanError::DuplicateAllocation { index: 1, allocation_id: "alc_0".into() },
+                "amounts[1].allocation_id",
+            ),
+            (
+                submit(vec![amount(1, -1)]),
+                PlanError::NegativeAmount { index: 0, allocation_id: "alc_1".into(), amount_cents: -1 },
+                "amounts[0].amount_cents",
+            ),
+            (
+                submit(vec![amount(1, ALLOCATION_AMOUNT_MAX_CENTS + 1)]),
+                PlanError::AmountTooLarge {
+                    index: 0,
+                    allocation_id: "alc_1".into(),
+                    amount_cents: ALLOCATION_AMOUNT_MAX_CENTS + 1,
+                },
+                "amounts[0].amount_cents",
+            ),
+            (submit(vec![amount(0, 0), amount(1, 0)]), PlanError::AllZero, "amounts"),
+            (
+                submit(vec![amount(0, 20), amount(1, 29)]),
+                PlanError::BelowMinimum { total_cents: 49, minimum_cents: 50, currency: Currency::Aud },
+                "amounts",
+            ),
+            (
+                submit(vec![amount(0, 50_000_000), amount(1, 50_000_000)]),
+                PlanError::AboveMaximum { total_cents: 100_000_000, maximum_cents: 99_999_999 },
+                "amounts",
+            ),
+            (
+                Submission { currency: Some(Currency::Usd), amounts: vec![] },
+                PlanError::CurrencyMismatch { expected: Currency::Aud, submitted: Currency::Usd },
+                "currency",
+            ),
+        ];
+        for (submission, expected, param) in cases {
+            let err = SplitPlan::from_submission(&s, &submission).unwrap_err();
+            assert_eq!(err, expected);
+            assert_eq!(err.param(), param);
+        }
+        assert_eq!(SplitPlan::from_submission(&set(AmountMode::Open, &[]), &submit(vec![])), Err(PlanError::EmptySet));
+        let minimum_exact = submit(vec![amount(0, 25), amount(1, 25)]);
+        assert_eq!(SplitPlan::from_submission(&s, &minimum_exact).unwrap().total_cents(), 50);
+        let maximum_exact = submit(vec![amount(0, 49_999_999), amount(1, 50_000_000)]);
+        assert_eq!(SplitPlan::from_submission(&s, &maximum_exact).unwrap().total_cents(), 99_999_999);
+    }
+
+    #[test]
+    fn bank_debits_are_aud_only() {
+        assert!(PaymentMethodType::AuBecsDebit.supports(Currency::Aud));
+        assert!(!PaymentMethodType::AuBecsDebit.supports(Currency::Nzd));
+        assert!(!PaymentMethodType::Payto.supports(Currency::Usd));
+        assert!(PaymentMethodType::Card.supports(Currency::Jpy));
+        assert_eq!(PaymentMethodType::parse("au_becs_debit"), Some(PaymentMethodType::AuBecsDebit));
+        assert_eq!(AmountMode::parse("OPEN"), Some(AmountMode::Open));
+        assert_eq!(AmountMode::parse("open"), None);
+    }
+
+    #[test]
+    fn corrupt_set_amounts_are_refused_too() {
+        let s = set(AmountMode::Fixed, &[1000, -5]);
+        assert!(matches!(SplitPlan::from_submission(&s, &submit(vec![])), Err(PlanError::NegativeAmount { .. })));
+    }
+
+    proptest! {
+        /// A FIXED set's plan is the set itself (minus zero lines), whatever order the donor echoes it in.
+        #[test]
+        fn fixed_plans_equal_the_set(amounts in prop::collection::vec(0i64..5_000_000, 1..12), echo in any::<bool>()) {
+            let s = set(AmountMode::Fixed, &amounts);
+            let submission = if echo {
+                submit(amounts.iter().enumerate().rev().map(|(i, &a)| amount(i, a)).collect())
+            } else {
+                submit(vec![])
+            };
+            let total: i64 = amounts.iter().sum();
+            match SplitPlan::from_submission(&s, &submission) {
+                Ok(plan) => {
+                    let expected: Vec<i64> = amounts.iter().copied().filter(|&a| a > 0).collect();
+                    prop_assert_eq!(plan.gross_amounts_cents(), expected);
+                    prop_assert_eq!(plan.total_cents(), total);
+                    prop_assert!(plan.lines().windows(2).all(|w| w[0].position < w[1].position));
+                }
+                Err(PlanError::AllZero) => prop_assert_eq!(total, 0),
+                Err(PlanError::BelowMinimum { .. }) => prop_assert!(total < 50),
+                Err(PlanError::AboveMaximum { .. }) => prop_assert!(total > 99_999_999),
+                Err(other) => prop_assert!(false, "unexpected {other:?}"),
+            }
+        }
+
+        /// SUGGESTED/OPEN plans never hold a zero or negative line and their total is the sum of the lines.
+        #[test]
+        fn donor_plans_hold_positive_lines(amounts in prop::collection::vec(-10i64..100_000, 1..12)) {
+            let s = set(AmountMode::Open, &vec![0; amounts.len()]);
+            let submission = submit(amounts.iter().enumerate().map(|(i, &a)| amount(i, a)).collect());
+            if let Ok(plan) = SplitPlan::from_submission(&s, &submission) {
+                prop_assert!(amounts.iter().all(|&a| a >= 0));
+                prop_assert!(plan.lines().iter().all(|l| l.gross_cents > 0));
+                prop_assert_eq!(plan.total_cents(), plan.lines().iter().map(|l| l.gross_cents).sum::<i64>());
+                prop_assert_eq!(plan.total_cents(), amounts.iter().sum::<i64>());
+            } else {
+                prop_assert!(amounts.iter().any(|&a| a < 0) || amounts.iter().sum::<i64>() < 50);
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The state machines of a split payment and of a split allocation.
+//!
+//! Each is a closed enum of states, a closed enum of the events that move it, and one `apply` function. `apply`
+//! answers one of three ways:
+//! - `Ok(Transition::To(next))`: the event moves the state forward;
+//! - `Ok(Transition::Unchanged)`: the event is a repeat or arrived late (Stripe reorders and duplicates
+//!   webhooks): harmless, nothing to write, nothing to emit;
+//! - `Err(ForbiddenTransition)`: the event contradicts the state (e.g. `failed` after `succeeded`). It is an
+//!   error to be logged and counted, never applied.
+//!
+//! Who moves each state on is said on the state.
+
+use super::string_enum;
+
+/// A transition's outcome when it is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition<S> {
+    To(S),
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("forbidden transition: {machine} in state {from} cannot take event {event}")]
+pub struct ForbiddenTransition {
+    pub machine: &'static str,
+    pub from: &'static str,
+    pub event: &'static str,
+}
+
+string_enum!(
+    /// Where a split payment (one PaymentIntent) stands.
+    PaymentStatus {
+        /// Rows written at intake; the PaymentIntent is being created. Moved on by intake.
+        Created => "CREATED",
+        /// The PaymentIntent exists and waits for the donor to confirm. Moved on by Stripe's webhooks.
+        RequiresPayment => "REQUIRES_PAYMENT",
+        /// A bank debit (BECS, PayTo) is in flight for days. Moved on by webhooks or the reconcile-pending cron.
+        Processing => "PROCESSING",
+        /// The money is on the platform's balance; distribution runs per allocation. Final.
+        Succeeded => "SUCCEEDED",
+        /// Declined or dishonoured; nothing is transferred. Final.
+        Failed => "FAILED",
+        /// The PaymentIntent was canceled before it was paid. Final.
+        Canceled => "CANCELED",
+    }
+);
+
+string_enum!(
+    /// What happened to a split payment's PaymentIntent.
+    PaymentEvent {
+        /// The PaymentIntent was created and awaits confirmation.
+        IntentCreated => "intent_created",
+        /// `payment_intent.processing`.
+        Processing => "processing",
+        /// `payment_intent.succeeded`.
+        Succeeded => "succeeded",
+        /// `payment_intent.payment_failed`, or a terminal error creating the PaymentIntent.
+        Failed => "failed",
+        /// `payment_intent.canceled`.
+        Canceled => "canceled",
+    }
+);
+
+impl PaymentStatus {
+    pub fn is_final(self) -> bool {
+        matches!(self, PaymentStatus::Succeeded | PaymentStatus::Failed | PaymentStatus::Canceled)
+    }
+
+    pub fn apply(self, event: PaymentEvent) -> Result<Transition<PaymentStatus>, ForbiddenTransition> {
+        use PaymentEvent as E;
+        use PaymentStatus as S;
+        let next = match (self, event) {
+            (S::Created, E::IntentCreated) => S::RequiresPayment,
+            (S::Created | S::RequiresPayment, E::Processing) => S::Processing,
+            (S::Created | S::RequiresPayment | S::Processing, E::Succeeded) => S::Succeeded,
+            (S::Created | S::RequiresPayment | S::Processing, E::Failed) => S::Failed,
+            (S::Created | S::RequiresPayment, E::Canceled) => S::Canceled,
+
+            // Repeats and late arrivals: webhooks come out of order and more than once.
+            (S::RequiresPayment, E::IntentCreated)
+            | (S::Processing, E::IntentCreated | E::Processing)
+            | (S::Succeeded, E::IntentCreated | E::Processing | E::Succeeded)
+            | (S::Failed, E::IntentCreated | E::Processing | E::Failed)
+            | (S::Canceled, E::IntentCreated | E::Canceled) => return Ok(Transition::Unchanged),
+
+            // Contradictions: a final state met by a different final outcome, or a debit in flight canceled.
+            (S::Processing, E::Canceled)
+            | (S::Succeeded, E::Failed | E::Canceled)
+            | (S::Failed, E::Succeeded | E::Canceled)
+            | (S::Canceled, E::Processing | E::Succeeded | E::Failed) => {
+                return Err(ForbiddenTransition { machine: "split_payment", from: self.as_str(), event: event.as_str() })
+            }
+        };
+        Ok(Transition::To(next))
+    }
+}
+
+string_enum!(
+    /// Where one recipient's share stands.
+    AllocationStatus {
+        /// Waiting for the payment to succeed. Moved on by the payment's outcome.
+        Pending => "PENDING",
+        /// A transfer attempt is written (generation, idempotency key) and being made or retried with the same
+        /// key. Moved on by the transfer job, or by reconcile-transfers when the outcome is unknown.
+        Transferring => "TRANSFERRING",
+        /// The Stripe Transfer exists. Final (a later reversal is a separate record).
+        Transferred => "TRANSFERRED",
+        /// The transfer failed terminally or ran out of retries; the money sits on the platform balance.
+        /// Moved on by an operator, with `ops retry` (new generation) or `ops refund`.
+        Parked => "PARKED",
+        /// This share was refunded to the donor. Final.
+        Refunded => "REFUNDED",
+        /// The fees took the whole share; there is nothing to transfer. Final.
+        ZeroNet => "ZERO_NET",
+        /// The payment failed or was canceled; there is nothing to distribute. Final.
+        Voided => "VOIDED",
+    }
+);
+
+string_enum!(
+    /// What happens to a split allocation.
+    AllocationEvent {
+        /// The intent to transfer is written (first generation, or the same generation again after a retryable
+        /// error or an unknown outcome).
+        TransferStarted => "transfer_started",
+        /// Stripe created the transfer.
+        TransferSucceeded => "transfer_succeeded",
+        /// A terminal Stripe error, or retries exhausted.
+        TransferFailed => "transfer_failed",
+        /// An operator retries a parked allocation (a new generation, hence a new idempotency key).
+        OpsRetry => "ops_retry",
+        /// An operator refunds a parked allocation's share to the donor.
+        Refunded => "refunded",
+        /// The fee split left nothing to transfer.
+        NothingToTransfer => "nothing_to_transfer",
+        /// The payment failed or was canceled.
+        PaymentVoided => "payment_voided",
+    }
+);
+
+impl AllocationStatus {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            AllocationStatus::Transferred | AllocationStatus::Refunded | AllocationStatus::ZeroNet | AllocationStatus::Voided
+        )
+    }
+
+    pub fn apply(self, event: AllocationEvent) -> Result<Transition<AllocationStatus>, ForbiddenTransition> {
+        use AllocationEvent as E;
+        use AllocationStatus as S;
+        let next = match (self, event) {
+            (S::Pending, E::TransferStarted) => S::Transferring,
+            (S::Pending, E::NothingToTransfer) => S::ZeroNet,
+            (S::Pending, E::PaymentVoided) => S::Voided,
+            (S::Transferring, E::TransferSucceeded) => S::Transferred,
+            (S::Transferring, E::TransferFailed) => S::Parked,
+            (S::Parked, E::OpsRetry) => S::Transferring,
+            (S::Parked, E::Refunded) => S::Refunded,
+
+            // Repeats: a duplicate job, a second replica, a replayed Stripe response.
+            (S::Transferring, E::TransferStarted)
+            | (S::Transferred, E::TransferStarted | E::TransferSucceeded)
+            | (S::Parked, E::TransferFailed)
+            | (S::Refunded, E::Refunded)
+            | (S::ZeroNet, E::NothingToTransfer)
+            | (S::Voided, E::PaymentVoided) => return Ok(Transition::Unchanged),
+
+            _ => {
+                return Err(ForbiddenTransition {
+                    machine: "split_allocation",
+                    from: self.as_str(),
+                    event: event.as_str(),
+                })
+            }
+        };
+        Ok(Transition::To(next))
+    }
+}
+
+string_enum!(
+    /// A recipient's donation row (seed `Donation.status`).
+    DonationStatus {
+        /// Written; funds have not settled (card in flight, BECS/PayTo in the bank network, transfer not made).
+        Pending => "PENDING",
+        /// The transfer to the recipient was made.
+        Confirmed => "CONFIRMED",
+        /// Fully refunded to the donor. Final.
+        Refunded => "REFUNDED",
+        /// The donor's payment failed. Final.
+        Failed => "FAILED",
+    }
+);
+
+string_enum!(
+    /// What happens to a donation row.
+    DonationEvent {
+        Confirmed => "confirmed",
+        Failed => "failed",
+        /// Fully refunded (a partial refund changes `refunded_amount_cents`, not the status).
+        Refunded => "refunded",
+    }
+);
+
+impl DonationStatus {
+    pub fn apply(self, event: DonationEvent) -> Result<Transition<DonationStatus>, ForbiddenTransition> {
+        use DonationEvent as E;
+        use DonationStatus as S;
+        let next = match (self, event) {
+            (S::Pending, E::Confirmed) => S::Confirmed,
+            (S::Pending, E::Failed) => S::Failed,
+            // A parked share refunded to the donor was never confirmed to the recipient.
+            (S::Pending | S::Confirmed, E::Refunded) => S::Refunded,
+            (S::Confirmed, E::Confirmed) | (S::Failed, E::Failed) | (S::Refunded, E::Refunded) => {
+                return Ok(Transition::Unchanged)
+            }
+            _ => return Err(ForbiddenTransition { machine: "donation", from: self.as_str(), event: event.as_str() }),
+        };
+        Ok(Transition::To(next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use AllocationEvent as AE;
+    use AllocationStatus as AS;
+    use PaymentEvent as PE;
+    use PaymentStatus as PS;
+
+    /// `T(x)`: moves to x; `U`: unchanged (repeat / late); `F`: forbidden.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Want<S> {
+        T(S),
+        U,
+        F,
+    }
+    use Want::{F, T, U};
+
+    fn check<S, E>(
+        table: &[(S, E, Want<S>)],
+        states: &[S],
+        events: &[E],
+        apply: impl Fn(S, E) -> Result<Transition<S>, ForbiddenTransition>,
+    ) where
+        S: Copy + Eq + std::hash::Hash + std::fmt::Debug,
+        E: Copy + Eq + std::hash::Hash + std::fmt::Debug,
+    {
+        let expected: HashMap<(S, E), Want<S>> = table.iter().map(|&(s, e, w)| ((s, e), w)).collect();
+        assert_eq!(expected.len(), table.len(), "table lists a pair twice");
+        assert_eq!(table.len(), states.len() * events.len(), "table must list every (state, event) pair");
+        for &s in states {
+            for &e in events {
+                let got = match apply(s, e) {
+                    Ok(Transition::To(n)) => T(n),
+                    Ok(Transition::Unchanged) => U,
+                    Err(_) => F,
+                };
+                assert_eq!(got, expected[&(s, e)], "{s:?} + {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn payment_transitions_every_pair() {
+        #[rustfmt::skip]
+        let table = [
+            (PS::Created, PE::IntentCreated, T(PS::RequiresPayment)),
+            (PS::Created, PE::Processing, T(PS::Processing)),
+            (PS::Created, PE::Succeeded, T(PS::Succeeded)),
+            (PS::Created, PE::Failed, T(PS::Failed)),
+            (PS::Created, PE::Canceled, T(PS::Canceled)),
+            (PS::RequiresPayment, PE::IntentCreated, U),
+            (PS::RequiresPayment, PE::Processing, T(PS::Processing)),
+            (PS::RequiresPayment, PE::Succeeded, T(PS::Succeeded)),
+            (PS::RequiresPayment, PE::Failed, T(PS::Failed)),
+            (PS::RequiresPayment, PE::Canceled, T(PS::Canceled)),
+            (PS::Processing, PE::IntentCreated, U),
+            (PS::Processing, PE::Processing, U),
+            (PS::Processing, PE::Succeeded, T(PS::Succeeded)),
+            (PS::Processing, PE::Failed, T(PS::Failed)),
+            (PS::Processing, PE::Canceled, F),
+            (PS::Succeeded, PE::IntentCreated, U),
+            (PS::Succeeded, PE::Processing, U),
+            (PS::Succeeded, PE::Succeeded, U),
+            (PS::Succeeded, PE::Failed, F),
+            (PS::Succeeded, PE::Canceled, F),
+            (PS::Failed, PE::IntentCreated, U),
+            (PS::Failed, PE::Processing, U),
+            (PS::Failed, PE::Succeeded, F),
+            (PS::Failed, PE::Failed, U),
+            (PS::Failed, PE::Canceled, F),
+            (PS::Canceled, PE::IntentCreated, U),
+            (PS::Canceled, PE::Processing, F),
+            (PS::Canceled, PE::Succeeded, F),
+            (PS::Canceled, PE::Failed, F),
+            (PS::Canceled, PE::Canceled, U),
+        ];
+        check(&table, PS::ALL, PE::ALL, PS::apply);
+    }
+
+    #[test]
+    fn allocation_transitions_every_pair() {
+        let moves = [
+            (AS::Pending, AE::TransferStarted, T(AS::Transferring)),
+            (AS::Pending, AE::NothingToTransfer, T(AS::ZeroNet)),
+            (AS::Pending, AE::PaymentVoided, T(AS::Voided)),
+            (AS::Transferring, AE::TransferSucceeded, T(AS::Transferred)),
+            (AS::Transferring, AE::TransferFailed, T(AS::Parked)),
+            (AS::Parked, AE::OpsRetry, T(AS::Transferring)),
+            (AS::Parked, AE::Refunded, T(AS::Refunded)),
+            (AS::Transferring, AE::TransferStarted, U),
+            (AS::Transferred, AE::TransferStarted, U),
+            (AS::Transferred, AE::TransferSucceeded, U),
+            (AS::Parked, AE::TransferFailed, U),
+            (AS::Refunded, AE::Refunded, U),
+            (AS::ZeroNet, AE::NothingToTransfer, U),
+            (AS::Voided, AE::PaymentVoided, U),
+        ];
+        // Every other pair is forbidden: spell the table out in full so a change to `apply` must change it.
+        let mut table = Vec::new();
+        for &s in AS::ALL {
+            for &e in AE::ALL {
+                let want = moves.iter().find(|m| m.0 == s && m.1 == e).map_or(F, |m| m.2);
+                table.push((s, e, want));
+            }
+        }
+        assert_eq!(table.iter().filter(|t| t.2 == F).count(), AS::ALL.len() * AE::ALL.len() - moves.len());
+        check(&table, AS::ALL, AE::ALL, AS::apply);
+        // A few forbidden pairs that matter most, stated positively:
+        assert!(AS::Transferred.apply(AE::TransferFailed).is_err(), "a made transfer is never parked");
+        assert!(AS::Transferred.apply(AE::OpsRetry).is_err(), "a made transfer is never retried");
+        assert!(AS::Pending.apply(AE::TransferSucceeded).is_err(), "no success without a written intent");
+        assert!(AS::Refunded.apply(AE::OpsRetry).is_err(), "a refunded share cannot be transferred");
+    }
+
+    #[test]
+    fn donation_transitions_every_pair() {
+        use DonationEvent as DE;
+        use DonationStatus as DS;
+        #[rustfmt::skip]
+        let table = [
+            (DS::Pending, DE::Confirmed, T(DS::Confirmed)),
+            (DS::Pending, DE::Failed, T(DS::Failed)),
+            (DS::Pending, DE::Refunded, T(DS::Refunded)),
+            (DS::Confirmed, DE::Confirmed, U),
+            (DS::Confirmed, DE::Failed, F),
+            (DS::Confirmed, DE::Refunded, T(DS::Refunded)),
+            (DS::Refunded, DE::Confirmed, F),
+            (DS::Refunded, DE::Failed, F),
+            (DS::Refunded, DE::Refunded, U),
+            (DS::Failed, DE::Confirmed, F),
+            (DS::Failed, DE::Failed, U),
+            (DS::Failed, DE::Refunded, F),
+        ];
+        check(&table, DS::ALL, DE::ALL, DS::apply);
+    }
+
+    #[test]
+    fn final_states_only_repeat_or_refuse() {
+        for &s in PS::ALL.iter().filter(|s| s.is_final()) {
+            for &e in PE::ALL {
+                assert!(!matches!(s.apply(e), Ok(Transition::To(_))), "{s} + {e}");
+            }
+        }
+        for &s in AS::ALL.iter().filter(|s| s.is_final()) {
+            for &e in AE::ALL {
+                assert!(!matches!(s.apply(e), Ok(Transition::To(_))), "{s} + {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for &s in PS::ALL {
+            assert_eq!(PS::parse(s.as_str()), Some(s));
+        }
+        for &s in AS::ALL {
+            assert_eq!(AS::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(PS::parse("succeeded"), None, "statuses are upper case, exactly");
+    }
+}

@@ -1,0 +1,21 @@
+//! splitpay distributes a donor's single Stripe payment across several recipient organisations on Stripe
+//! Connect: one PaymentIntent in, one Transfer per recipient out, exactly once, with every cent accounted for.
+//!
+//! # The money path (each module is one step; read them in this order)
+//! - [`domain`]: pure rules — money in minor units, allocation modes and the split plan, the fee split, and
+//!   the state machines of a payment, an allocation and a donation. No I/O.
+//! - [`store`]: PostgreSQL. Every state change goes through a state machine and commits together with the events
+//!   it emits (transactional outbox); transitions are compare-and-set on the expected state.
+//! - [`events`]: the typed payloads of the webhook events splitpay emits, exactly as the platform's contract
+//!   (`contract/together-openapi.json`) defines them.
+//! - [`jobs`]: the background work's schedule (`jobs/schedule.toml`).
+//! - [`config`]: configuration from the environment; secrets that cannot be printed.
+//!
+//! Still to come (see the issues): the Stripe gateway and simulator, intake and webhooks over HTTP, the
+//! distribution workers, outbound delivery and the operator commands.
+
+pub mod config;
+pub mod domain;
+pub mod events;
+pub mod jobs;
+pub mod store;

@@ -1,0 +1,99 @@
+//! PostgreSQL access through sqlx. Every state change and the events it causes are written in one transaction
+//! (a transactional outbox); transitions are compare-and-set on the expected status and go through the domain's
+//! state machines, so an impossible transition changes nothing.
+//!
+//! - [`catalog`]: organisations, recipient account links, recommendation sets (the platform's data we read).
+//! - [`payments`]: split payments, split allocations, transfer attempts, donations, and their transitions.
+//! - [`records`]: the Stripe event inbox, the outbound event outbox, the ops audit log, cron tick claims.
+
+pub mod catalog;
+pub mod payments;
+pub mod records;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config::{redact_url, DatabaseConfig};
+use crate::domain::state::ForbiddenTransition;
+
+/// The schema, embedded at build time from `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How long to wait for a pooled connection before failing the operation (and letting its job retry).
+const DB_ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+
+/// Statements that run longer are cut off by PostgreSQL: no query of ours should, and a stuck one must not hold
+/// row locks that the workers need.
+const DB_STATEMENT_TIMEOUT_MS: u64 = 30_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{what} '{id}' not found")]
+    NotFound { what: &'static str, id: String },
+    #[error(transparent)]
+    Forbidden(#[from] ForbiddenTransition),
+    /// The row changed between our read and our compare-and-set update: another worker won the race.
+    #[error("{what} '{id}' changed concurrently; expected status {expected}")]
+    LostRace { what: &'static str, id: String, expected: String },
+    /// A row in the database breaks a rule the code relies on (a bug or a manual edit).
+    #[error("corrupt {what} '{id}': {reason}")]
+    Corrupt { what: &'static str, id: String, reason: String },
+    /// The caller asked for something the data does not allow.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// The name of the violated constraint, when PostgreSQL refused a write (our constraints are named for
+    /// exactly this).
+    pub fn constraint(&self) -> Option<&str> {
+        match self {
+            StoreError::Db(sqlx::Error::Database(e)) => e.constraint(),
+            _ => None,
+        }
+    }
+}
+
+pub type Tx<'a> = sqlx::Transaction<'a, Postgres>;
+
+/// Creates the database named in the URL if it is missing (the default local setup needs no manual step).
+pub async fn ensure_database(config: &DatabaseConfig) -> Result<(), StoreError> {
+    let url = config.url.expose();
+    if !Postgres::database_exists(url).await? {
+        tracing::info!(database = %redact_url(url), "creating database");
+        match Postgres::create_database(url).await {
+            Ok(()) => {}
+            // Two processes starting at once: the other one created it.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A pool with explicit limits (see the constants above) rather than sqlx's defaults.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(config.url.expose())?
+        .options([("statement_timeout", DB_STATEMENT_TIMEOUT_MS.to_string())])
+        .application_name("splitpay");
+    let pool = PgPoolOptions::new()
+        .max_connections(config.pool_max)
+        .acquire_timeout(Duration::from_millis(DB_ACQUIRE_TIMEOUT_MS))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies every pending migration; running it again is a no-op.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

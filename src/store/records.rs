@@ -1,0 +1,169 @@
+//! The records around the money path: the Stripe event inbox (deduplicated by event id), the outbox of events
+//! splitpay emits (deduplicated by a key per subject), the ops audit log, and cron tick claims (one replica wins
+//! each tick).
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::StoreError;
+use crate::domain::ids::OutboxEventId;
+use crate::events::OutboundEvent;
+
+/// Writes outbound events; an event whose dedup key is already present is skipped, which is what makes
+/// "fires once per split payment / allocation" hold under duplicate jobs. Returns how many were new.
+pub async fn insert_outbox_events(conn: &mut PgConnection, events: &[OutboundEvent]) -> Result<u64, StoreError> {
+    let mut inserted = 0;
+    for event in events {
+        let done = sqlx::query(
+            "INSERT INTO outbox_events (id, dedup_key, event_type, organisation_id, occurred_at, payload)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT ON CONSTRAINT outbox_dedup_key_unique DO NOTHING",
+        )
+        .bind(OutboxEventId::generate().as_str())
+        .bind(&event.dedup_key)
+        .bind(event.event_type.as_str())
+        .bind(&event.organisation_id)
+        .bind(event.occurred_at)
+        .bind(event.envelope())
+        .execute(&mut *conn)
+        .await?;
+        inserted += done.rows_affected();
+    }
+    Ok(inserted)
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: String,
+    pub dedup_key: String,
+    pub event_type: String,
+    pub organisation_id: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub delivery_attempts: i32,
+}
+
+/// Outbox events about one subject (a split payment or allocation id, or a donation id), oldest first.
+pub async fn outbox_events_about(conn: &mut PgConnection, subject_id: &str) -> Result<Vec<OutboxRow>, StoreError> {
+    Ok(sqlx::query_as::<_, OutboxRow>(
+        "SELECT id, dedup_key, event_type, organisation_id, occurred_at, payload, created_at, delivered_at,
+                delivery_attempts
+           FROM outbox_events
+          WHERE payload->'data'->>'split_payment_id' = $1
+             OR payload->'data'->>'split_allocation_id' = $1
+             OR payload->'data'->>'id' = $1
+          ORDER BY created_at, id",
+    )
+    .bind(subject_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewStripeEvent {
+    pub id: String,
+    pub event_type: String,
+    pub object_id: Option<String>,
+    pub livemode: bool,
+    pub payload: serde_json::Value,
+    pub stripe_created: Option<DateTime<Utc>>,
+}
+
+/// Stores a verified Stripe event. Returns false when the event id was already stored (a redelivery).
+pub async fn insert_stripe_event(conn: &mut PgConnection, event: &NewStripeEvent) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "INSERT INTO stripe_events (id, event_type, object_id, livemode, payload, stripe_created)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&event.id)
+    .bind(&event.event_type)
+    .bind(&event.object_id)
+    .bind(event.livemode)
+    .bind(&event.payload)
+    .bind(event.stripe_created)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks an inbox event handled (or records why handling failed, leaving it for a retry).
+pub async fn mark_stripe_event(conn: &mut PgConnection, id: &str, error: Option<&str>) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE stripe_events
+            SET processed_at = CASE WHEN $2::text IS NULL THEN now() ELSE processed_at END, process_error = $2
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub actor: String,
+    pub command: String,
+    pub target_type: String,
+    pub target_id: String,
+    pub reason: Option<String>,
+    pub details: serde_json::Value,
+}
+
+/// Appends to the ops audit log; call it in the same transaction as the change it records.
+pub async fn insert_audit(conn: &mut PgConnection, entry: &AuditEntry) -> Result<i64, StoreError> {
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO ops_audit_log (actor, command, target_type, target_id, reason, details)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(&entry.actor)
+    .bind(&entry.command)
+    .bind(&entry.target_type)
+    .bind(&entry.target_id)
+    .bind(&entry.reason)
+    .bind(&entry.details)
+    .fetch_one(conn)
+    .await?;
+    Ok(id)
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct AuditRow {
+    pub id: i64,
+    pub actor: String,
+    pub command: String,
+    pub target_type: String,
+    pub target_id: String,
+    pub reason: Option<String>,
+    pub details: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn audit_for(conn: &mut PgConnection, target_id: &str) -> Result<Vec<AuditRow>, StoreError> {
+    Ok(sqlx::query_as::<_, AuditRow>("SELECT * FROM ops_audit_log WHERE target_id = $1 ORDER BY id")
+        .bind(target_id)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Claims one cron tick for this replica. True for exactly one caller per (name, tick), across replicas.
+pub async fn claim_cron_tick(
+    conn: &mut PgConnection,
+    name: &str,
+    tick: DateTime<Utc>,
+    claimed_by: &str,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "INSERT INTO cron_claims (name, tick, claimed_by) VALUES ($1, $2, $3)
+         ON CONFLICT ON CONSTRAINT cron_claims_pk DO NOTHING",
+    )
+    .bind(name)
+    .bind(tick)
+    .bind(claimed_by)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
