@@ -81,7 +81,10 @@ impl DatabaseConfig {
             })?,
             Err(_) => DB_POOL_MAX_DEFAULT,
         };
-        Ok(Self { url: Secret::new(url), pool_max })
+        Ok(Self {
+            url: Secret::new(url),
+            pool_max,
+        })
     }
 }
 
@@ -98,8 +101,14 @@ mod tests {
 
     #[test]
     fn urls_lose_their_password() {
-        assert_eq!(redact_url("postgres://u:hunter2@db:5432/x"), "postgres://u:[redacted]@db:5432/x");
-        assert_eq!(redact_url("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@db:5432/x"),
+            "postgres://u:[redacted]@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
         assert_eq!(redact_url("nonsense"), "nonsense");
     }
 }

@@ -7,7 +7,11 @@ use splitpay::config::{redact_url, DatabaseConfig};
 use splitpay::store;
 
 #[derive(Parser)]
-#[command(name = "splitpay", version, about = "Distributes one donor payment across recipient organisations on Stripe Connect")]
+#[command(
+    name = "splitpay",
+    version,
+    about = "Distributes one donor payment across recipient organisations on Stripe Connect"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

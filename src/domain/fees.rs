@@ -126,7 +126,11 @@ impl FeeSplit {
 }
 
 /// Shares `processing_fee_cents + platform_fee_cents` across allocations in proportion to `gross_cents`.
-pub fn split_fees(gross_cents: &[i64], processing_fee_cents: i64, platform_fee_cents: i64) -> Result<FeeSplit, FeeError> {
+pub fn split_fees(
+    gross_cents: &[i64],
+    processing_fee_cents: i64,
+    platform_fee_cents: i64,
+) -> Result<FeeSplit, FeeError> {
     if gross_cents.is_empty() {
         return Err(FeeError::NoAllocations);
     }
@@ -151,11 +155,20 @@ pub fn split_fees(gross_cents: &[i64], processing_fee_cents: i64, platform_fee_c
         .zip(parts)
         .map(|(&gross, fee_share_cents)| {
             assert!(fee_share_cents <= gross, "fee share above gross");
-            FeeShare { gross_cents: gross, fee_share_cents, net_cents: gross - fee_share_cents }
+            FeeShare {
+                gross_cents: gross,
+                fee_share_cents,
+                net_cents: gross - fee_share_cents,
+            }
         })
         .collect();
 
-    let split = FeeSplit { shares, gross_cents_total, fee_cents_total, fee_uncollected_cents };
+    let split = FeeSplit {
+        shares,
+        gross_cents_total,
+        fee_cents_total,
+        fee_uncollected_cents,
+    };
     assert_eq!(
         split.net_cents_total() + split.fee_cents_total,
         split.gross_cents_total,
@@ -217,8 +230,12 @@ pub fn gross_up(net_cents: &[i64], schedule: &FeeSchedule) -> Result<GrossUp, Fe
     // Closed form first: C* = (N + fixed) / (1 - rate). The rounded fee is within a cent of the exact one per
     // component, so no charge two cents below C* can net N: start there and walk up to the smallest that does.
     let exact_total = Decimal::from(net_total + fixed) / (Decimal::ONE - rate);
-    let mut total_cents = (exact_total.floor().to_i64().ok_or(FeeError::AboveMaximum { total_cents: i64::MAX })? - 2)
-        .max(net_total);
+    let mut total_cents = (exact_total
+        .floor()
+        .to_i64()
+        .ok_or(FeeError::AboveMaximum { total_cents: i64::MAX })?
+        - 2)
+    .max(net_total);
     while total_cents - schedule.total_fee_cents(total_cents) < net_total {
         total_cents += 1;
         if total_cents > STRIPE_MAX_CHARGE_MINOR {
@@ -234,7 +251,11 @@ pub fn gross_up(net_cents: &[i64], schedule: &FeeSchedule) -> Result<GrossUp, Fe
         if total > STRIPE_MAX_CHARGE_MINOR {
             return Err(FeeError::AboveMaximum { total_cents: total });
         }
-        let split = split_fees(&gross, schedule.processing.fee_cents(total), schedule.platform.fee_cents(total))?;
+        let split = split_fees(
+            &gross,
+            schedule.processing.fee_cents(total),
+            schedule.platform.fee_cents(total),
+        )?;
         let mut short = false;
         for (i, share) in split.shares.iter().enumerate() {
             if share.net_cents < net_cents[i] {
@@ -243,7 +264,11 @@ pub fn gross_up(net_cents: &[i64], schedule: &FeeSchedule) -> Result<GrossUp, Fe
             }
         }
         if !short {
-            return Ok(GrossUp { gross_cents: gross, total_cents: total, expected: split });
+            return Ok(GrossUp {
+                gross_cents: gross,
+                total_cents: total,
+                expected: split,
+            });
         }
     }
     unreachable!("gross-up did not converge in {GROSS_UP_ROUNDS_MAX} rounds")
@@ -280,7 +305,10 @@ mod tests {
     #[test]
     fn fees_above_the_total_cap_every_share_at_its_gross() {
         let split = split_fees(&[20, 30], 45, 30).unwrap();
-        assert!(split.shares.iter().all(|s| s.net_cents == 0 && s.fee_share_cents == s.gross_cents));
+        assert!(split
+            .shares
+            .iter()
+            .all(|s| s.net_cents == 0 && s.fee_share_cents == s.gross_cents));
         assert_eq!(split.fee_cents_total, 50);
         assert_eq!(split.fee_uncollected_cents, 25);
         let exact = split_fees(&[20, 30], 50, 0).unwrap();
@@ -291,7 +319,13 @@ mod tests {
     #[test]
     fn split_refuses_bad_input() {
         assert_eq!(split_fees(&[], 1, 1), Err(FeeError::NoAllocations));
-        assert_eq!(split_fees(&[10, 0], 1, 1), Err(FeeError::NonPositiveGross { index: 1, gross_cents: 0 }));
+        assert_eq!(
+            split_fees(&[10, 0], 1, 1),
+            Err(FeeError::NonPositiveGross {
+                index: 1,
+                gross_cents: 0
+            })
+        );
         assert_eq!(split_fees(&[10], -1, 0), Err(FeeError::NegativeFee { fee_cents: -1 }));
     }
 
@@ -307,7 +341,10 @@ mod tests {
 
     fn au_card() -> FeeSchedule {
         FeeSchedule {
-            processing: ProcessingFeeEstimate { rate: dec!(0.0175), fixed_cents: 30 },
+            processing: ProcessingFeeEstimate {
+                rate: dec!(0.0175),
+                fixed_cents: 30,
+            },
             platform: PlatformFee::new(200, 0).unwrap(),
         }
     }
@@ -327,12 +364,24 @@ mod tests {
     #[test]
     fn gross_up_refuses_impossible_schedules() {
         let greedy = FeeSchedule {
-            processing: ProcessingFeeEstimate { rate: dec!(0.5), fixed_cents: 0 },
+            processing: ProcessingFeeEstimate {
+                rate: dec!(0.5),
+                fixed_cents: 0,
+            },
             platform: PlatformFee::new(5_000, 0).unwrap(),
         };
         assert_eq!(gross_up(&[100], &greedy), Err(FeeError::RateTooHigh));
-        assert!(matches!(gross_up(&[99_000_000], &au_card()), Err(FeeError::AboveMaximum { .. })));
-        assert_eq!(gross_up(&[100, 0], &au_card()), Err(FeeError::NonPositiveGross { index: 1, gross_cents: 0 }));
+        assert!(matches!(
+            gross_up(&[99_000_000], &au_card()),
+            Err(FeeError::AboveMaximum { .. })
+        ));
+        assert_eq!(
+            gross_up(&[100, 0], &au_card()),
+            Err(FeeError::NonPositiveGross {
+                index: 1,
+                gross_cents: 0
+            })
+        );
     }
 
     proptest! {

@@ -157,7 +157,10 @@ mod tests {
         assert_eq!(transfer_idempotency_key(&id, 1), "splitpay:alloc:salc_01abc:transfer:1");
         assert_ne!(transfer_idempotency_key(&id, 1), transfer_idempotency_key(&id, 2));
         let long = SplitAllocationId::generate();
-        assert!(transfer_idempotency_key(&long, i32::MAX).len() <= 255, "Stripe keys are at most 255 chars");
+        assert!(
+            transfer_idempotency_key(&long, i32::MAX).len() <= 255,
+            "Stripe keys are at most 255 chars"
+        );
     }
 
     #[test]

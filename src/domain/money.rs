@@ -169,7 +169,10 @@ impl Money {
             return Err(MoneyError::CurrencyMismatch(self.currency, other.currency));
         }
         let minor = self.minor.checked_add(other.minor).ok_or(MoneyError::Overflow)?;
-        Ok(Money { minor, currency: self.currency })
+        Ok(Money {
+            minor,
+            currency: self.currency,
+        })
     }
 
     pub fn checked_sub(self, other: Money) -> Result<Money, MoneyError> {
@@ -211,7 +214,10 @@ mod tests {
         assert_eq!(Currency::parse("jpy").unwrap().exponent(), 0);
         let err = Currency::parse("xyz").unwrap_err();
         assert!(err.to_string().contains("'xyz'"));
-        assert!(Currency::parse("ISK").is_err(), "ISK needs Stripe's x100 rule; not accepted");
+        assert!(
+            Currency::parse("ISK").is_err(),
+            "ISK needs Stripe's x100 rule; not accepted"
+        );
     }
 
     #[test]
@@ -246,10 +252,16 @@ mod tests {
         assert_eq!(Money::new(-1, Currency::Aud), Err(MoneyError::Negative(-1)));
         let aud = Money::new(100, Currency::Aud).unwrap();
         let usd = Money::new(100, Currency::Usd).unwrap();
-        assert_eq!(aud.checked_add(usd), Err(MoneyError::CurrencyMismatch(Currency::Aud, Currency::Usd)));
+        assert_eq!(
+            aud.checked_add(usd),
+            Err(MoneyError::CurrencyMismatch(Currency::Aud, Currency::Usd))
+        );
         let big = Money::new(i64::MAX, Currency::Aud).unwrap();
         assert_eq!(big.checked_add(aud), Err(MoneyError::Overflow));
-        assert_eq!(aud.checked_sub(Money::new(101, Currency::Aud).unwrap()), Err(MoneyError::Negative(-1)));
+        assert_eq!(
+            aud.checked_sub(Money::new(101, Currency::Aud).unwrap()),
+            Err(MoneyError::Negative(-1))
+        );
         assert_eq!(aud.checked_add(aud).unwrap().minor(), 200);
     }
 

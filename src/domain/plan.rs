@@ -102,15 +102,34 @@ pub enum PlanError {
     #[error("allocation '{allocation_id}' appears more than once")]
     DuplicateAllocation { index: usize, allocation_id: String },
     #[error("amount_cents for allocation '{allocation_id}' is negative ({amount_cents})")]
-    NegativeAmount { index: usize, allocation_id: String, amount_cents: i64 },
+    NegativeAmount {
+        index: usize,
+        allocation_id: String,
+        amount_cents: i64,
+    },
     #[error("amount_cents for allocation '{allocation_id}' is {amount_cents}; the most allowed is {ALLOCATION_AMOUNT_MAX_CENTS}")]
-    AmountTooLarge { index: usize, allocation_id: String, amount_cents: i64 },
-    #[error("the recommendation set is FIXED: allocation '{allocation_id}' must be {expected_cents}, not {submitted_cents}")]
-    FixedAmountChanged { index: usize, allocation_id: String, expected_cents: i64, submitted_cents: i64 },
+    AmountTooLarge {
+        index: usize,
+        allocation_id: String,
+        amount_cents: i64,
+    },
+    #[error(
+        "the recommendation set is FIXED: allocation '{allocation_id}' must be {expected_cents}, not {submitted_cents}"
+    )]
+    FixedAmountChanged {
+        index: usize,
+        allocation_id: String,
+        expected_cents: i64,
+        submitted_cents: i64,
+    },
     #[error("every amount is zero: at least one allocation must be positive")]
     AllZero,
     #[error("total {total_cents} is below Stripe's minimum charge of {minimum_cents} for {currency}")]
-    BelowMinimum { total_cents: i64, minimum_cents: i64, currency: Currency },
+    BelowMinimum {
+        total_cents: i64,
+        minimum_cents: i64,
+        currency: Currency,
+    },
     #[error("total {total_cents} is above Stripe's maximum charge of {maximum_cents}")]
     AboveMaximum { total_cents: i64, maximum_cents: i64 },
 }
@@ -157,11 +176,16 @@ impl SplitPlan {
             return Err(PlanError::EmptySet);
         }
         if set.allocations.len() > ALLOCATIONS_PER_SET_MAX {
-            return Err(PlanError::TooManyAllocations { count: set.allocations.len() });
+            return Err(PlanError::TooManyAllocations {
+                count: set.allocations.len(),
+            });
         }
         if let Some(submitted) = submission.currency {
             if submitted != set.currency {
-                return Err(PlanError::CurrencyMismatch { expected: set.currency, submitted });
+                return Err(PlanError::CurrencyMismatch {
+                    expected: set.currency,
+                    submitted,
+                });
             }
         }
 
@@ -171,17 +195,31 @@ impl SplitPlan {
         for (index, submitted) in submission.amounts.iter().enumerate() {
             let id = submitted.allocation_id.as_str();
             let Some(position) = set.allocations.iter().position(|a| a.id == id) else {
-                return Err(PlanError::UnknownAllocation { index, allocation_id: id.to_owned() });
+                return Err(PlanError::UnknownAllocation {
+                    index,
+                    allocation_id: id.to_owned(),
+                });
             };
             if !seen.insert(id) {
-                return Err(PlanError::DuplicateAllocation { index, allocation_id: id.to_owned() });
+                return Err(PlanError::DuplicateAllocation {
+                    index,
+                    allocation_id: id.to_owned(),
+                });
             }
             let amount_cents = submitted.amount_cents;
             if amount_cents < 0 {
-                return Err(PlanError::NegativeAmount { index, allocation_id: id.to_owned(), amount_cents });
+                return Err(PlanError::NegativeAmount {
+                    index,
+                    allocation_id: id.to_owned(),
+                    amount_cents,
+                });
             }
             if amount_cents > ALLOCATION_AMOUNT_MAX_CENTS {
-                return Err(PlanError::AmountTooLarge { index, allocation_id: id.to_owned(), amount_cents });
+                return Err(PlanError::AmountTooLarge {
+                    index,
+                    allocation_id: id.to_owned(),
+                    amount_cents,
+                });
             }
             if set.amount_mode == AmountMode::Fixed && amount_cents != amounts[position] {
                 return Err(PlanError::FixedAmountChanged {
@@ -227,13 +265,25 @@ impl SplitPlan {
         let total_cents: i64 = lines.iter().map(|l| l.gross_cents).sum();
         let minimum_cents = set.currency.min_charge_minor();
         if total_cents < minimum_cents {
-            return Err(PlanError::BelowMinimum { total_cents, minimum_cents, currency: set.currency });
+            return Err(PlanError::BelowMinimum {
+                total_cents,
+                minimum_cents,
+                currency: set.currency,
+            });
         }
         let maximum_cents = set.currency.max_charge_minor();
         if total_cents > maximum_cents {
-            return Err(PlanError::AboveMaximum { total_cents, maximum_cents });
+            return Err(PlanError::AboveMaximum {
+                total_cents,
+                maximum_cents,
+            });
         }
-        Ok(SplitPlan { set_id: set.id.clone(), currency: set.currency, lines, total_cents })
+        Ok(SplitPlan {
+            set_id: set.id.clone(),
+            currency: set.currency,
+            lines,
+            total_cents,
+        })
     }
 
     pub fn set_id(&self) -> &str {
@@ -280,11 +330,17 @@ mod tests {
     }
 
     fn amount(i: usize, amount_cents: i64) -> SubmittedAmount {
-        SubmittedAmount { allocation_id: format!("alc_{i}"), amount_cents }
+        SubmittedAmount {
+            allocation_id: format!("alc_{i}"),
+            amount_cents,
+        }
     }
 
     fn submit(amounts: Vec<SubmittedAmount>) -> Submission {
-        Submission { currency: None, amounts }
+        Submission {
+            currency: None,
+            amounts,
+        }
     }
 
     #[test]
@@ -299,7 +355,10 @@ mod tests {
     fn fixed_with_the_same_amounts_is_accepted_and_changed_amounts_refused() {
         let s = set(AmountMode::Fixed, &[1000, 2500]);
         let same = submit(vec![amount(1, 2500), amount(0, 1000)]);
-        assert_eq!(SplitPlan::from_submission(&s, &same).unwrap().gross_amounts_cents(), vec![1000, 2500]);
+        assert_eq!(
+            SplitPlan::from_submission(&s, &same).unwrap().gross_amounts_cents(),
+            vec![1000, 2500]
+        );
         let tampered = submit(vec![amount(0, 1000), amount(1, 2400)]);
         let err = SplitPlan::from_submission(&s, &tampered).unwrap_err();
         assert_eq!(
@@ -313,7 +372,10 @@ mod tests {
         );
         assert_eq!(err.param(), "amounts[1].amount_cents");
         let zeroed = submit(vec![amount(0, 0)]);
-        assert!(matches!(SplitPlan::from_submission(&s, &zeroed), Err(PlanError::FixedAmountChanged { .. })));
+        assert!(matches!(
+            SplitPlan::from_submission(&s, &zeroed),
+            Err(PlanError::FixedAmountChanged { .. })
+        ));
     }
 
     #[test]
@@ -321,7 +383,11 @@ mod tests {
         let s = set(AmountMode::Suggested, &[1000, 2000, 3000]);
         let plan = SplitPlan::from_submission(&s, &submit(vec![amount(0, 1500), amount(1, 0)])).unwrap();
         let ids: Vec<_> = plan.lines().iter().map(|l| l.set_allocation_id.as_str()).collect();
-        assert_eq!(ids, vec!["alc_0", "alc_2"], "zero skips; untouched keeps the pre-fill; set order kept");
+        assert_eq!(
+            ids,
+            vec!["alc_0", "alc_2"],
+            "zero skips; untouched keeps the pre-fill; set order kept"
+        );
         assert_eq!(plan.gross_amounts_cents(), vec![1500, 3000]);
         assert_eq!(plan.lines()[1].position, 2);
     }
@@ -344,18 +410,31 @@ mod tests {
         let s = set(AmountMode::Suggested, &[1000, 1000]);
         let cases: Vec<(Submission, PlanError, &str)> = vec![
             (
-                submit(vec![SubmittedAmount { allocation_id: "alc_9".into(), amount_cents: 5 }]),
-                PlanError::UnknownAllocation { index: 0, allocation_id: "alc_9".into() },
+                submit(vec![SubmittedAmount {
+                    allocation_id: "alc_9".into(),
+                    amount_cents: 5,
+                }]),
+                PlanError::UnknownAllocation {
+                    index: 0,
+                    allocation_id: "alc_9".into(),
+                },
                 "amounts[0].allocation_id",
             ),
             (
                 submit(vec![amount(0, 5), amount(0, 6)]),
-                PlanError::DuplicateAllocation { index: 1, allocation_id: "alc_0".into() },
+                PlanError::DuplicateAllocation {
+                    index: 1,
+                    allocation_id: "alc_0".into(),
+                },
                 "amounts[1].allocation_id",
             ),
             (
                 submit(vec![amount(1, -1)]),
-                PlanError::NegativeAmount { index: 0, allocation_id: "alc_1".into(), amount_cents: -1 },
+                PlanError::NegativeAmount {
+                    index: 0,
+                    allocation_id: "alc_1".into(),
+                    amount_cents: -1,
+                },
                 "amounts[0].amount_cents",
             ),
             (
@@ -370,17 +449,30 @@ mod tests {
             (submit(vec![amount(0, 0), amount(1, 0)]), PlanError::AllZero, "amounts"),
             (
                 submit(vec![amount(0, 20), amount(1, 29)]),
-                PlanError::BelowMinimum { total_cents: 49, minimum_cents: 50, currency: Currency::Aud },
+                PlanError::BelowMinimum {
+                    total_cents: 49,
+                    minimum_cents: 50,
+                    currency: Currency::Aud,
+                },
                 "amounts",
             ),
             (
                 submit(vec![amount(0, 50_000_000), amount(1, 50_000_000)]),
-                PlanError::AboveMaximum { total_cents: 100_000_000, maximum_cents: 99_999_999 },
+                PlanError::AboveMaximum {
+                    total_cents: 100_000_000,
+                    maximum_cents: 99_999_999,
+                },
                 "amounts",
             ),
             (
-                Submission { currency: Some(Currency::Usd), amounts: vec![] },
-                PlanError::CurrencyMismatch { expected: Currency::Aud, submitted: Currency::Usd },
+                Submission {
+                    currency: Some(Currency::Usd),
+                    amounts: vec![],
+                },
+                PlanError::CurrencyMismatch {
+                    expected: Currency::Aud,
+                    submitted: Currency::Usd,
+                },
                 "currency",
             ),
         ];
@@ -389,11 +481,20 @@ mod tests {
             assert_eq!(err, expected);
             assert_eq!(err.param(), param);
         }
-        assert_eq!(SplitPlan::from_submission(&set(AmountMode::Open, &[]), &submit(vec![])), Err(PlanError::EmptySet));
+        assert_eq!(
+            SplitPlan::from_submission(&set(AmountMode::Open, &[]), &submit(vec![])),
+            Err(PlanError::EmptySet)
+        );
         let minimum_exact = submit(vec![amount(0, 25), amount(1, 25)]);
-        assert_eq!(SplitPlan::from_submission(&s, &minimum_exact).unwrap().total_cents(), 50);
+        assert_eq!(
+            SplitPlan::from_submission(&s, &minimum_exact).unwrap().total_cents(),
+            50
+        );
         let maximum_exact = submit(vec![amount(0, 49_999_999), amount(1, 50_000_000)]);
-        assert_eq!(SplitPlan::from_submission(&s, &maximum_exact).unwrap().total_cents(), 99_999_999);
+        assert_eq!(
+            SplitPlan::from_submission(&s, &maximum_exact).unwrap().total_cents(),
+            99_999_999
+        );
     }
 
     #[test]
@@ -402,7 +503,10 @@ mod tests {
         assert!(!PaymentMethodType::AuBecsDebit.supports(Currency::Nzd));
         assert!(!PaymentMethodType::Payto.supports(Currency::Usd));
         assert!(PaymentMethodType::Card.supports(Currency::Jpy));
-        assert_eq!(PaymentMethodType::parse("au_becs_debit"), Some(PaymentMethodType::AuBecsDebit));
+        assert_eq!(
+            PaymentMethodType::parse("au_becs_debit"),
+            Some(PaymentMethodType::AuBecsDebit)
+        );
         assert_eq!(AmountMode::parse("OPEN"), Some(AmountMode::Open));
         assert_eq!(AmountMode::parse("open"), None);
     }
@@ -410,7 +514,10 @@ mod tests {
     #[test]
     fn corrupt_set_amounts_are_refused_too() {
         let s = set(AmountMode::Fixed, &[1000, -5]);
-        assert!(matches!(SplitPlan::from_submission(&s, &submit(vec![])), Err(PlanError::NegativeAmount { .. })));
+        assert!(matches!(
+            SplitPlan::from_submission(&s, &submit(vec![])),
+            Err(PlanError::NegativeAmount { .. })
+        ));
     }
 
     proptest! {

@@ -63,7 +63,10 @@ string_enum!(
 
 impl PaymentStatus {
     pub fn is_final(self) -> bool {
-        matches!(self, PaymentStatus::Succeeded | PaymentStatus::Failed | PaymentStatus::Canceled)
+        matches!(
+            self,
+            PaymentStatus::Succeeded | PaymentStatus::Failed | PaymentStatus::Canceled
+        )
     }
 
     pub fn apply(self, event: PaymentEvent) -> Result<Transition<PaymentStatus>, ForbiddenTransition> {
@@ -88,7 +91,11 @@ impl PaymentStatus {
             | (S::Succeeded, E::Failed | E::Canceled)
             | (S::Failed, E::Succeeded | E::Canceled)
             | (S::Canceled, E::Processing | E::Succeeded | E::Failed) => {
-                return Err(ForbiddenTransition { machine: "split_payment", from: self.as_str(), event: event.as_str() })
+                return Err(ForbiddenTransition {
+                    machine: "split_payment",
+                    from: self.as_str(),
+                    event: event.as_str(),
+                })
             }
         };
         Ok(Transition::To(next))
@@ -142,7 +149,10 @@ impl AllocationStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            AllocationStatus::Transferred | AllocationStatus::Refunded | AllocationStatus::ZeroNet | AllocationStatus::Voided
+            AllocationStatus::Transferred
+                | AllocationStatus::Refunded
+                | AllocationStatus::ZeroNet
+                | AllocationStatus::Voided
         )
     }
 
@@ -214,7 +224,13 @@ impl DonationStatus {
             (S::Confirmed, E::Confirmed) | (S::Failed, E::Failed) | (S::Refunded, E::Refunded) => {
                 return Ok(Transition::Unchanged)
             }
-            _ => return Err(ForbiddenTransition { machine: "donation", from: self.as_str(), event: event.as_str() }),
+            _ => {
+                return Err(ForbiddenTransition {
+                    machine: "donation",
+                    from: self.as_str(),
+                    event: event.as_str(),
+                })
+            }
         };
         Ok(Transition::To(next))
     }
@@ -249,7 +265,11 @@ mod tests {
     {
         let expected: HashMap<(S, E), Want<S>> = table.iter().map(|&(s, e, w)| ((s, e), w)).collect();
         assert_eq!(expected.len(), table.len(), "table lists a pair twice");
-        assert_eq!(table.len(), states.len() * events.len(), "table must list every (state, event) pair");
+        assert_eq!(
+            table.len(),
+            states.len() * events.len(),
+            "table must list every (state, event) pair"
+        );
         for &s in states {
             for &e in events {
                 let got = match apply(s, e) {
@@ -326,13 +346,28 @@ mod tests {
                 table.push((s, e, want));
             }
         }
-        assert_eq!(table.iter().filter(|t| t.2 == F).count(), AS::ALL.len() * AE::ALL.len() - moves.len());
+        assert_eq!(
+            table.iter().filter(|t| t.2 == F).count(),
+            AS::ALL.len() * AE::ALL.len() - moves.len()
+        );
         check(&table, AS::ALL, AE::ALL, AS::apply);
         // A few forbidden pairs that matter most, stated positively:
-        assert!(AS::Transferred.apply(AE::TransferFailed).is_err(), "a made transfer is never parked");
-        assert!(AS::Transferred.apply(AE::OpsRetry).is_err(), "a made transfer is never retried");
-        assert!(AS::Pending.apply(AE::TransferSucceeded).is_err(), "no success without a written intent");
-        assert!(AS::Refunded.apply(AE::OpsRetry).is_err(), "a refunded share cannot be transferred");
+        assert!(
+            AS::Transferred.apply(AE::TransferFailed).is_err(),
+            "a made transfer is never parked"
+        );
+        assert!(
+            AS::Transferred.apply(AE::OpsRetry).is_err(),
+            "a made transfer is never retried"
+        );
+        assert!(
+            AS::Pending.apply(AE::TransferSucceeded).is_err(),
+            "no success without a written intent"
+        );
+        assert!(
+            AS::Refunded.apply(AE::OpsRetry).is_err(),
+            "a refunded share cannot be transferred"
+        );
     }
 
     #[test]

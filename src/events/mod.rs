@@ -8,7 +8,6 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-
 /// The seed's event names that splitpay emits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -145,14 +144,25 @@ impl OutboundEvent {
 
     /// `recommendation_set.payment_succeeded|payment_failed` to the distributing organisation, once per payment.
     pub fn payment(event_type: EventType, organisation_id: &str, at: DateTime<Utc>, data: PaymentData) -> Self {
-        assert!(matches!(event_type, EventType::PaymentSucceeded | EventType::PaymentFailed));
+        assert!(matches!(
+            event_type,
+            EventType::PaymentSucceeded | EventType::PaymentFailed
+        ));
         let key = format!("{}:{}", event_type.as_str(), data.split_payment_id);
         Self::new(event_type, organisation_id, at, key, data)
     }
 
     /// `recommendation_set.distribution_succeeded|distribution_failed`, once per split allocation.
-    pub fn distribution(event_type: EventType, organisation_id: &str, at: DateTime<Utc>, data: DistributionData) -> Self {
-        assert!(matches!(event_type, EventType::DistributionSucceeded | EventType::DistributionFailed));
+    pub fn distribution(
+        event_type: EventType,
+        organisation_id: &str,
+        at: DateTime<Utc>,
+        data: DistributionData,
+    ) -> Self {
+        assert!(matches!(
+            event_type,
+            EventType::DistributionSucceeded | EventType::DistributionFailed
+        ));
         let key = format!("{}:{}", event_type.as_str(), data.split_allocation_id);
         Self::new(event_type, organisation_id, at, key, data)
     }
@@ -193,7 +203,9 @@ mod tests {
     const SEED: &str = include_str!("../../contract/together-openapi.json");
 
     fn sample(event_type: EventType) -> OutboundEvent {
-        let at = DateTime::parse_from_rfc3339("2026-03-14T10:00:00Z").unwrap().with_timezone(&Utc);
+        let at = DateTime::parse_from_rfc3339("2026-03-14T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
         match event_type {
             EventType::PaymentSucceeded | EventType::PaymentFailed => OutboundEvent::payment(
                 event_type,
@@ -259,7 +271,8 @@ mod tests {
     fn payloads_match_the_seed_schemas() {
         let seed: Value = serde_json::from_str(SEED).unwrap();
         for event_type in EventType::ALL {
-            let schema = &seed["webhooks"][event_type.as_str()]["post"]["requestBody"]["content"]["application/json"]["schema"];
+            let schema =
+                &seed["webhooks"][event_type.as_str()]["post"]["requestBody"]["content"]["application/json"]["schema"];
             assert!(schema.is_object(), "seed has no schema for {}", event_type.as_str());
             let body = sample(event_type).envelope();
             assert_eq!(body["type"], event_type.as_str());
@@ -274,7 +287,12 @@ mod tests {
             let mut theirs: Vec<_> = props.keys().collect();
             ours.sort();
             theirs.sort();
-            assert_eq!(ours, theirs, "{}: data fields differ from the seed", event_type.as_str());
+            assert_eq!(
+                ours,
+                theirs,
+                "{}: data fields differ from the seed",
+                event_type.as_str()
+            );
             for (name, prop) in props {
                 let allowed: Vec<&str> = match &prop["type"] {
                     Value::String(t) => vec![t.as_str()],
@@ -288,9 +306,17 @@ mod tests {
                     Value::Bool(_) => "boolean",
                     _ => "object",
                 };
-                assert!(allowed.contains(&got), "{}.{name}: {got} not in {allowed:?}", event_type.as_str());
+                assert!(
+                    allowed.contains(&got),
+                    "{}.{name}: {got} not in {allowed:?}",
+                    event_type.as_str()
+                );
                 if let Some(values) = prop["enum"].as_array() {
-                    assert!(values.contains(&data[name]), "{}.{name}: value not in the seed's enum", event_type.as_str());
+                    assert!(
+                        values.contains(&data[name]),
+                        "{}.{name}: value not in the seed's enum",
+                        event_type.as_str()
+                    );
                 }
             }
         }

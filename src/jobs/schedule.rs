@@ -47,11 +47,17 @@ impl Schedule {
             }
             let fields = entry.cron.split_whitespace().count();
             let parsed = if (6..=7).contains(&fields) {
-                cron::Schedule::from_str(&entry.cron).map(|_| ()).map_err(|e| e.to_string())
+                cron::Schedule::from_str(&entry.cron)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             } else {
                 Err(format!("{fields} fields"))
             };
-            parsed.map_err(|reason| ScheduleError::BadCron { job: job.clone(), expr: entry.cron.clone(), reason })?;
+            parsed.map_err(|reason| ScheduleError::BadCron {
+                job: job.clone(),
+                expr: entry.cron.clone(),
+                reason,
+            })?;
         }
         if let Some(missing) = KNOWN_JOBS.iter().find(|j| !schedule.jobs.contains_key(**j)) {
             return Err(ScheduleError::MissingJob(missing));
@@ -82,7 +88,10 @@ mod tests {
         let unknown = "[jobs.sweepr]\ncron = \"0 * * * * *\"\ndescription = \"x\"\n";
         assert!(matches!(Schedule::parse(unknown), Err(ScheduleError::UnknownJob(j)) if j == "sweepr"));
         let missing = "[jobs.sweeper]\ncron = \"0 * * * * *\"\ndescription = \"x\"\n";
-        assert!(matches!(Schedule::parse(missing), Err(ScheduleError::MissingJob("reconcile-pending"))));
+        assert!(matches!(
+            Schedule::parse(missing),
+            Err(ScheduleError::MissingJob("reconcile-pending"))
+        ));
         let garbage = "[jobs.sweeper]\ncron = \"0 61 * * * *\"\ndescription = \"x\"\n";
         assert!(matches!(Schedule::parse(garbage), Err(ScheduleError::BadCron { .. })));
     }

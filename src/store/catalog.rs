@@ -76,7 +76,10 @@ pub async fn get_link(conn: &mut PgConnection, id: &str) -> Result<LinkRow, Stor
         .bind(id)
         .fetch_optional(conn)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "recipient account link", id: id.to_owned() })
+        .ok_or_else(|| StoreError::NotFound {
+            what: "recipient account link",
+            id: id.to_owned(),
+        })
 }
 
 /// Updates a link's flags (the platform deactivates links; Stripe's `account.updated` toggles charges_enabled).
@@ -98,7 +101,10 @@ pub async fn set_link_flags(
     .bind(is_active)
     .fetch_optional(conn)
     .await?
-    .ok_or_else(|| StoreError::NotFound { what: "recipient account link", id: id.to_owned() })
+    .ok_or_else(|| StoreError::NotFound {
+        what: "recipient account link",
+        id: id.to_owned(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +223,11 @@ impl RecommendationSetRow {
         if let Some(expires_at) = self.expires_at.filter(|&at| at <= now) {
             return Err(SetUnavailable::Expired(expires_at));
         }
-        for allocation in self.allocations.iter().filter(|a| link_ids.contains(&a.recipient_org_account_link_id.as_str())) {
+        for allocation in self
+            .allocations
+            .iter()
+            .filter(|a| link_ids.contains(&a.recipient_org_account_link_id.as_str()))
+        {
             let link_id = allocation.recipient_org_account_link_id.clone();
             if !allocation.link_is_active {
                 return Err(SetUnavailable::LinkInactive { link_id });
@@ -244,10 +254,14 @@ pub async fn create_recommendation_set(
     }
     for (i, allocation) in set.allocations.iter().enumerate() {
         if !(0..=ALLOCATION_AMOUNT_MAX_CENTS).contains(&allocation.amount_cents) {
-            return Err(StoreError::Invalid(format!("allocations[{i}].amount_cents: out of range")));
+            return Err(StoreError::Invalid(format!(
+                "allocations[{i}].amount_cents: out of range"
+            )));
         }
         if set.amount_mode == AmountMode::Open && allocation.amount_cents != 0 {
-            return Err(StoreError::Invalid(format!("allocations[{i}].amount_cents: must be 0 in an OPEN set")));
+            return Err(StoreError::Invalid(format!(
+                "allocations[{i}].amount_cents: must be 0 in an OPEN set"
+            )));
         }
     }
     sqlx::query(
@@ -299,7 +313,10 @@ pub async fn get_recommendation_set(conn: &mut PgConnection, id: &str) -> Result
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "recommendation set", id: id.to_owned() })?;
+        .ok_or_else(|| StoreError::NotFound {
+            what: "recommendation set",
+            id: id.to_owned(),
+        })?;
     let allocations = sqlx::query_as::<_, SetAllocationRow>(
         "SELECT a.id, a.position, a.amount_cents, a.recipient_org_account_link_id,
                 l.label AS link_label, l.recipient_organisation_id, l.recipient_org_name,
@@ -343,7 +360,10 @@ pub async fn set_recommendation_set_state(
         .execute(conn)
         .await?;
     if done.rows_affected() == 0 {
-        return Err(StoreError::NotFound { what: "recommendation set", id: id.to_owned() });
+        return Err(StoreError::NotFound {
+            what: "recommendation set",
+            id: id.to_owned(),
+        });
     }
     Ok(())
 }

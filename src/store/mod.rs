@@ -42,10 +42,18 @@ pub enum StoreError {
     Forbidden(#[from] ForbiddenTransition),
     /// The row changed between our read and our compare-and-set update: another worker won the race.
     #[error("{what} '{id}' changed concurrently; expected status {expected}")]
-    LostRace { what: &'static str, id: String, expected: String },
+    LostRace {
+        what: &'static str,
+        id: String,
+        expected: String,
+    },
     /// A row in the database breaks a rule the code relies on (a bug or a manual edit).
     #[error("corrupt {what} '{id}': {reason}")]
-    Corrupt { what: &'static str, id: String, reason: String },
+    Corrupt {
+        what: &'static str,
+        id: String,
+        reason: String,
+    },
     /// The caller asked for something the data does not allow.
     #[error("{0}")]
     Invalid(String),

@@ -14,8 +14,8 @@ use crate::domain::ids::{transfer_idempotency_key, DonationId, SplitAllocationId
 use crate::domain::money::Currency;
 use crate::domain::plan::{PaymentMethodType, SplitPlan};
 use crate::domain::state::{
-    AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, ForbiddenTransition, PaymentEvent,
-    PaymentStatus, Transition,
+    AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, ForbiddenTransition, PaymentEvent, PaymentStatus,
+    Transition,
 };
 use crate::events::OutboundEvent;
 
@@ -94,7 +94,9 @@ pub struct NewSplitPayment<'a> {
 /// Writes a split payment (status CREATED, `transfer_group` = its id) and one allocation per plan line.
 pub async fn create_split_payment(tx: &mut Tx<'_>, new: &NewSplitPayment<'_>) -> Result<SplitPayment, StoreError> {
     if new.plan.set_id() != new.set.id || new.plan.currency() != new.set.currency {
-        return Err(StoreError::Invalid("the plan was not made from this recommendation set".into()));
+        return Err(StoreError::Invalid(
+            "the plan was not made from this recommendation set".into(),
+        ));
     }
     if !new.payment_method_type.supports(new.set.currency) {
         return Err(StoreError::Invalid(format!(
@@ -136,7 +138,10 @@ pub async fn create_split_payment(tx: &mut Tx<'_>, new: &NewSplitPayment<'_>) ->
     }
     let created = get_split_payment(tx, &new.id).await?;
     let gross_sum: i64 = created.allocations.iter().map(|a| a.gross_amount_cents).sum();
-    assert_eq!(gross_sum, created.payment.total_amount_cents, "allocations must add up to the charge");
+    assert_eq!(
+        gross_sum, created.payment.total_amount_cents,
+        "allocations must add up to the charge"
+    );
     Ok(created)
 }
 
@@ -145,7 +150,10 @@ pub async fn get_split_payment(conn: &mut PgConnection, id: &SplitPaymentId) -> 
         .bind(id.as_str())
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "split payment", id: id.to_string() })?;
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split payment",
+            id: id.to_string(),
+        })?;
     let allocations = sqlx::query_as::<_, SplitAllocationRow>(
         "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position",
     )
@@ -176,15 +184,28 @@ pub async fn get_split_allocation(
         .bind(id.as_str())
         .fetch_optional(conn)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "split allocation", id: id.to_string() })
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split allocation",
+            id: id.to_string(),
+        })
 }
 
 fn corrupt(what: &'static str, id: &str, reason: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt { what, id: id.to_owned(), reason: reason.to_string() }
+    StoreError::Corrupt {
+        what,
+        id: id.to_owned(),
+        reason: reason.to_string(),
+    }
 }
 
 fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
-    tracing::error!(machine = err.machine, from = err.from, event = err.event, id, "forbidden transition refused");
+    tracing::error!(
+        machine = err.machine,
+        from = err.from,
+        event = err.event,
+        id,
+        "forbidden transition refused"
+    );
     metrics::counter!("splitpay_forbidden_transitions_total", "machine" => err.machine, "event" => err.event)
         .increment(1);
     StoreError::Forbidden(err)
@@ -212,7 +233,10 @@ pub async fn transition_payment(
         .bind(id.as_str())
         .fetch_optional(&mut **tx)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "split payment", id: id.to_string() })?;
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split payment",
+            id: id.to_string(),
+        })?;
     let from = PaymentStatus::try_from(raw).map_err(|e| corrupt("split payment", id.as_str(), e))?;
     let next = match from.apply(event).map_err(|e| forbidden(e, id.as_str()))? {
         Transition::Unchanged => return Ok(Transition::Unchanged),
@@ -239,7 +263,11 @@ pub async fn transition_payment(
     .execute(&mut **tx)
     .await?;
     if updated.rows_affected() != 1 {
-        return Err(StoreError::LostRace { what: "split payment", id: id.to_string(), expected: from.to_string() });
+        return Err(StoreError::LostRace {
+            what: "split payment",
+            id: id.to_string(),
+            expected: from.to_string(),
+        });
     }
     insert_outbox_events(tx, events).await?;
     Ok(Transition::To(next))
@@ -270,7 +298,10 @@ pub async fn transition_allocation(
         .bind(id.as_str())
         .fetch_optional(&mut **tx)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "split allocation", id: id.to_string() })?;
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split allocation",
+            id: id.to_string(),
+        })?;
     let from = current.status;
     let next = match from.apply(event).map_err(|e| forbidden(e, id.as_str()))? {
         Transition::Unchanged => return Ok(Transition::Unchanged),
@@ -282,7 +313,9 @@ pub async fn transition_allocation(
     match next {
         AllocationStatus::Transferring => {
             let net_cents = current.net_amount_cents.filter(|&n| n > 0).ok_or_else(|| {
-                StoreError::Invalid(format!("split allocation '{id}' has no positive net amount to transfer"))
+                StoreError::Invalid(format!(
+                    "split allocation '{id}' has no positive net amount to transfer"
+                ))
             })?;
             generation += 1;
             let key = transfer_idempotency_key(id, generation);
@@ -310,7 +343,9 @@ pub async fn transition_allocation(
                 _ => "TERMINAL",
             };
             if next == AllocationStatus::Transferred && patch.stripe_transfer_id.is_none() {
-                return Err(StoreError::Invalid(format!("split allocation '{id}': a transfer needs its transfer id")));
+                return Err(StoreError::Invalid(format!(
+                    "split allocation '{id}': a transfer needs its transfer id"
+                )));
             }
             sqlx::query(
                 "UPDATE transfer_attempts
@@ -358,7 +393,11 @@ pub async fn transition_allocation(
     .execute(&mut **tx)
     .await?;
     if updated.rows_affected() != 1 {
-        return Err(StoreError::LostRace { what: "split allocation", id: id.to_string(), expected: from.to_string() });
+        return Err(StoreError::LostRace {
+            what: "split allocation",
+            id: id.to_string(),
+            expected: from.to_string(),
+        });
     }
     insert_outbox_events(tx, events).await?;
     Ok(Transition::To(next))
@@ -382,7 +421,9 @@ pub async fn write_fee_split(
         )));
     }
     if split.fee_cents_total + split.fee_uncollected_cents != processing_fee_cents + platform_fee_cents {
-        return Err(StoreError::Invalid("the fee split does not account for the fees given".into()));
+        return Err(StoreError::Invalid(
+            "the fee split does not account for the fees given".into(),
+        ));
     }
     for (allocation, share) in payment.allocations.iter().zip(&split.shares) {
         if allocation.gross_amount_cents != share.gross_cents {
@@ -431,7 +472,11 @@ pub async fn write_fee_split(
     .bind(id.as_str())
     .fetch_one(&mut **tx)
     .await?;
-    assert_eq!(net_sum + fee_sum, total, "stored fee split must conserve the charge of {id}");
+    assert_eq!(
+        net_sum + fee_sum,
+        total,
+        "stored fee split must conserve the charge of {id}"
+    );
     Ok(())
 }
 
@@ -453,7 +498,11 @@ pub struct MoneyReport {
 impl MoneyReport {
     pub fn is_conserved(&self) -> bool {
         self.charged_cents
-            == self.transferred_cents + self.parked_cents + self.refunded_cents + self.in_flight_cents + self.fees_kept_cents
+            == self.transferred_cents
+                + self.parked_cents
+                + self.refunded_cents
+                + self.in_flight_cents
+                + self.fees_kept_cents
     }
 }
 
@@ -545,7 +594,10 @@ pub async fn create_donation_for_allocation(
         }
         None => donation_for_allocation(tx, allocation_id)
             .await?
-            .ok_or_else(|| StoreError::NotFound { what: "split allocation", id: allocation_id.to_string() }),
+            .ok_or_else(|| StoreError::NotFound {
+                what: "split allocation",
+                id: allocation_id.to_string(),
+            }),
     }
 }
 
@@ -553,10 +605,12 @@ pub async fn donation_for_allocation(
     conn: &mut PgConnection,
     allocation_id: &SplitAllocationId,
 ) -> Result<Option<DonationRow>, StoreError> {
-    Ok(sqlx::query_as::<_, DonationRow>("SELECT * FROM donations WHERE split_allocation_id = $1")
-        .bind(allocation_id.as_str())
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        sqlx::query_as::<_, DonationRow>("SELECT * FROM donations WHERE split_allocation_id = $1")
+            .bind(allocation_id.as_str())
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// Data recorded with a donation transition (`None` keeps what is stored).
@@ -581,7 +635,10 @@ pub async fn transition_donation(
         .bind(id.as_str())
         .fetch_optional(&mut **tx)
         .await?
-        .ok_or_else(|| StoreError::NotFound { what: "donation", id: id.to_string() })?;
+        .ok_or_else(|| StoreError::NotFound {
+            what: "donation",
+            id: id.to_string(),
+        })?;
     let from = DonationStatus::try_from(raw).map_err(|e| corrupt("donation", id.as_str(), e))?;
     let next = match from.apply(event).map_err(|e| forbidden(e, id.as_str()))? {
         Transition::Unchanged => return Ok(Transition::Unchanged),
@@ -609,7 +666,11 @@ pub async fn transition_donation(
     .bind(&patch.failure_message)
     .fetch_optional(&mut **tx)
     .await?
-    .ok_or_else(|| StoreError::LostRace { what: "donation", id: id.to_string(), expected: from.to_string() })?;
+    .ok_or_else(|| StoreError::LostRace {
+        what: "donation",
+        id: id.to_string(),
+        expected: from.to_string(),
+    })?;
     insert_outbox_events(tx, &events(&row)).await?;
     Ok(Transition::To(next))
 }

@@ -143,10 +143,12 @@ pub struct AuditRow {
 }
 
 pub async fn audit_for(conn: &mut PgConnection, target_id: &str) -> Result<Vec<AuditRow>, StoreError> {
-    Ok(sqlx::query_as::<_, AuditRow>("SELECT * FROM ops_audit_log WHERE target_id = $1 ORDER BY id")
-        .bind(target_id)
-        .fetch_all(conn)
-        .await?)
+    Ok(
+        sqlx::query_as::<_, AuditRow>("SELECT * FROM ops_audit_log WHERE target_id = $1 ORDER BY id")
+            .bind(target_id)
+            .fetch_all(conn)
+            .await?,
+    )
 }
 
 /// Claims one cron tick for this replica. True for exactly one caller per (name, tick), across replicas.

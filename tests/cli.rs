@@ -1,0 +1,86 @@
+//! The `splitpay` binary as a user runs it.
+
+mod common;
+
+use std::process::Command;
+
+use common::db::{server_url, url_with_database, DropDatabase, TestDb};
+use sqlx::postgres::PgPoolOptions;
+
+fn splitpay(database_url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_splitpay"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("the binary runs")
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_is_harmless_twice() {
+    // A name no test fixture created: `migrate` must create it.
+    let name = format!("splitpay_test_cli_{}", uuid::Uuid::new_v4().simple());
+    let url = url_with_database(&server_url(), &name);
+    let _drop_at_end = DropDatabase(name);
+    for run in 1..=2 {
+        let out = splitpay(&url, &["migrate"]);
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pool = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_name IN
+            ('organisations', 'recipient_account_links', 'recommendation_sets', 'recommendation_allocations',
+             'split_payments', 'split_allocations', 'transfer_attempts', 'donations', 'stripe_events',
+             'outbox_events', 'ops_audit_log', 'cron_claims')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 12);
+    let (applied,): (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied as usize,
+        splitpay::store::MIGRATOR.iter().count(),
+        "each migration applied once"
+    );
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn migrate_on_an_existing_schema_is_a_no_op() {
+    let db = TestDb::new().await;
+    let out = splitpay(&db.url, &["migrate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_bad_database_url_is_a_clear_error_without_the_password() {
+    let out = splitpay("mysql://admin:hunter2@127.0.0.1/x", &["migrate"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+}
+
+#[test]
+fn help_lists_only_working_subcommands() {
+    let out = Command::new(env!("CARGO_BIN_EXE_splitpay"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("migrate"), "{help}");
+    for not_yet in ["worker", "serve", "demo", "stripe-sim", "ops"] {
+        assert!(
+            !help.contains(&format!("  {not_yet} ")),
+            "{not_yet} is listed but does not exist yet: {help}"
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! Shared fixtures for the integration tests: a distributing organisation, recipients with their links, and a
+//! recommendation set, written through the store like any other caller would.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod db;
+
+use splitpay::domain::money::Currency;
+use splitpay::domain::plan::{AmountMode, SplitPlan, Submission};
+use splitpay::store::catalog::{
+    create_link, create_organisation, create_recommendation_set, NewLink, NewOrganisation, NewRecommendationSet,
+    NewSetAllocation, RecommendationSetRow,
+};
+use sqlx::PgPool;
+
+pub const DISTRIBUTOR: &str = "cm3orgdist0001";
+
+/// A distributor, `amounts.len()` recipients (org `cm3orgrcpN`, link `cm3lnkN`, account `acct_rcpN`) and a set
+/// `cm3rec1` with one allocation `cm3alcN` per amount, in order.
+pub async fn seed_set(pool: &PgPool, mode: AmountMode, amounts: &[i64]) -> RecommendationSetRow {
+    let mut tx = pool.begin().await.unwrap();
+    create_organisation(
+        &mut tx,
+        &NewOrganisation {
+            id: DISTRIBUTOR.into(),
+            name: "Climate Fund".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut allocations = Vec::new();
+    for (i, &amount_cents) in amounts.iter().enumerate() {
+        let org = format!("cm3orgrcp{i}");
+        create_organisation(
+            &mut tx,
+            &NewOrganisation {
+                id: org.clone(),
+                name: format!("Recipient {i}"),
+            },
+        )
+        .await
+        .unwrap();
+        create_link(
+            &mut tx,
+            &NewLink {
+                id: format!("cm3lnk{i}"),
+                distributor_organisation_id: DISTRIBUTOR.into(),
+                recipient_organisation_id: org,
+                recipient_org_name: format!("Recipient {i}"),
+                label: format!("Recipient {i} main"),
+                stripe_connect_account_id: format!("acct_rcp{i}"),
+                charges_enabled: true,
+                is_active: true,
+            },
+        )
+        .await
+        .unwrap();
+        allocations.push(NewSetAllocation {
+            id: format!("cm3alc{i}"),
+            recipient_org_account_link_id: format!("cm3lnk{i}"),
+            amount_cents,
+        });
+    }
+    let set = create_recommendation_set(
+        &mut tx,
+        &NewRecommendationSet {
+            id: "cm3rec1".into(),
+            organisation_id: DISTRIBUTOR.into(),
+            name: "Climate split".into(),
+            slug: "climate-split".into(),
+            amount_mode: mode,
+            currency: Currency::Aud,
+            expires_at: None,
+            donor_prefill: None,
+            allocations,
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    set
+}
+
+pub fn plan_for(set: &RecommendationSetRow) -> SplitPlan {
+    SplitPlan::from_submission(&set.rules(), &Submission::default()).unwrap()
+}
+
+pub async fn count(pool: &PgPool, table: &str) -> i64 {
+    let (n,): (i64,) = // Table names come from the tests themselves, never from input.
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(pool).await.unwrap();
+    n
+}

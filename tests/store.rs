@@ -1,0 +1,853 @@
+//! The store against a real PostgreSQL: a fresh, migrated database per test (`common::db::TestDb`).
+
+mod common;
+
+use chrono::Utc;
+use common::db::TestDb;
+use common::{count, plan_for, seed_set, DISTRIBUTOR};
+use splitpay::domain::fees::split_fees;
+use splitpay::domain::ids::{transfer_idempotency_key, SplitAllocationId, SplitPaymentId};
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::state::{
+    AllocationEvent, AllocationStatus, DonationEvent, PaymentEvent, PaymentStatus, Transition,
+};
+use splitpay::events::{seed_timestamp, DistributionData, DonationData, EventType, OutboundEvent, PaymentData};
+use splitpay::store::catalog::{
+    create_recommendation_set, get_recommendation_set, NewRecommendationSet, NewSetAllocation,
+};
+use splitpay::store::payments::*;
+use splitpay::store::records::*;
+use splitpay::store::StoreError;
+use sqlx::PgPool;
+
+async fn new_payment(pool: &PgPool, amounts: &[i64]) -> SplitPayment {
+    let set = seed_set(pool, AmountMode::Fixed, amounts).await;
+    let plan = plan_for(&set);
+    let mut tx = pool.begin().await.unwrap();
+    let payment = create_split_payment(
+        &mut tx,
+        &NewSplitPayment {
+            id: SplitPaymentId::generate(),
+            set: &set,
+            plan: &plan,
+            donor_id: Some("cm3donor1".into()),
+            payment_method_type: PaymentMethodType::Card,
+            donor_covers_fees: false,
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    payment
+}
+
+fn payment_event(event_type: EventType, p: &SplitPaymentRow) -> OutboundEvent {
+    OutboundEvent::payment(
+        event_type,
+        &p.organisation_id,
+        Utc::now(),
+        PaymentData {
+            split_payment_id: p.id.clone(),
+            recommendation_set_id: Some(p.recommendation_set_id.clone()),
+            donor_id: p.donor_id.clone(),
+            total_amount_cents: p.total_amount_cents,
+            currency: p.currency.iso_code(),
+            payment_method_type: p.payment_method_type.to_string(),
+            donation_date: seed_timestamp(p.created_at),
+            failure_code: p.failure_code.clone(),
+            failure_message: p.failure_message.clone(),
+        },
+    )
+}
+
+fn distribution_event(event_type: EventType, a: &SplitAllocationRow, transfer: Option<&str>) -> OutboundEvent {
+    OutboundEvent::distribution(
+        event_type,
+        DISTRIBUTOR,
+        Utc::now(),
+        DistributionData {
+            split_allocation_id: a.id.clone(),
+            split_payment_id: a.split_payment_id.clone(),
+            recommendation_set_id: Some("cm3rec1".into()),
+            donor_id: None,
+            recipient_organisation_id: "cm3orgrcp0".into(),
+            recipient_organisation_name: "Recipient 0".into(),
+            amount_cents: a.net_amount_cents.unwrap_or(0),
+            currency: "AUD".into(),
+            stripe_transfer_id: transfer.map(str::to_owned),
+            failure_code: None,
+            failure_message: None,
+        },
+    )
+}
+
+fn pid(p: &SplitPayment) -> SplitPaymentId {
+    SplitPaymentId::parse(&p.payment.id).unwrap()
+}
+
+fn aid(a: &SplitAllocationRow) -> SplitAllocationId {
+    SplitAllocationId::parse(&a.id).unwrap()
+}
+
+/// Marks a payment succeeded with its charge and writes a fee split; returns the refreshed payment.
+async fn succeed_with_fees(pool: &PgPool, p: &SplitPayment, processing: i64, platform: i64) -> SplitPayment {
+    let mut tx = pool.begin().await.unwrap();
+    let patch = PaymentPatch {
+        payment_intent_id: Some(format!("pi_{}", &p.payment.id[5..])),
+        charge_id: Some(format!("ch_{}", &p.payment.id[5..])),
+        ..PaymentPatch::default()
+    };
+    let t = transition_payment(
+        &mut tx,
+        &pid(p),
+        PaymentEvent::Succeeded,
+        &patch,
+        &[payment_event(EventType::PaymentSucceeded, &p.payment)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(PaymentStatus::Succeeded));
+    let gross: Vec<i64> = p.allocations.iter().map(|a| a.gross_amount_cents).collect();
+    let split = split_fees(&gross, processing, platform).unwrap();
+    write_fee_split(&mut tx, &pid(p), processing, platform, &split)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    get_split_payment(&mut pool.acquire().await.unwrap(), &pid(p))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn set_reads_back_in_order_with_its_links() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let set = seed_set(&pool, AmountMode::Suggested, &[1000, 2500, 500]).await;
+    let again = get_recommendation_set(&mut pool.acquire().await.unwrap(), "cm3rec1")
+        .await
+        .unwrap();
+    assert_eq!(set, again);
+    let amounts: Vec<i64> = again.allocations.iter().map(|a| a.amount_cents).collect();
+    assert_eq!(amounts, vec![1000, 2500, 500]);
+    assert_eq!(again.allocations[1].stripe_connect_account_id, "acct_rcp1");
+    assert_eq!(again.allocations[2].recipient_org_name, "Recipient 2");
+    assert_eq!(again.amount_mode, AmountMode::Suggested);
+    assert_eq!(again.rules().allocations.len(), 3);
+}
+
+#[tokio::test]
+async fn a_set_with_a_foreign_link_is_refused_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    seed_set(&pool, AmountMode::Fixed, &[1000]).await;
+    let sets_before = count(&pool, "recommendation_sets").await;
+    let mut tx = pool.begin().await.unwrap();
+    // Another organisation, trying to direct funds through the distributor's link.
+    splitpay::store::catalog::create_organisation(
+        &mut tx,
+        &splitpay::store::catalog::NewOrganisation {
+            id: "cm3orgother".into(),
+            name: "Other".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let err = create_recommendation_set(
+        &mut tx,
+        &NewRecommendationSet {
+            id: "cm3rec2".into(),
+            organisation_id: "cm3orgother".into(),
+            name: "Sneaky".into(),
+            slug: "sneaky".into(),
+            amount_mode: AmountMode::Fixed,
+            currency: splitpay::domain::money::Currency::Aud,
+            expires_at: None,
+            donor_prefill: None,
+            allocations: vec![NewSetAllocation {
+                id: "cm3alcX".into(),
+                recipient_org_account_link_id: "cm3lnk0".into(),
+                amount_cents: 100,
+            }],
+        },
+    )
+    .await
+    .unwrap_err();
+    drop(tx);
+    assert!(
+        err.to_string().contains("allocations[0].recipient_org_account_link_id"),
+        "{err}"
+    );
+    assert_eq!(count(&pool, "recommendation_sets").await, sets_before);
+    assert_eq!(
+        count(&pool, "organisations").await,
+        2,
+        "the rolled-back organisation is gone too"
+    );
+}
+
+#[tokio::test]
+async fn split_payment_is_written_with_one_allocation_per_line() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2500, 500]).await;
+    assert_eq!(p.payment.status, PaymentStatus::Created);
+    assert_eq!(p.payment.total_amount_cents, 4000);
+    assert_eq!(p.payment.transfer_group, p.payment.id);
+    let gross: Vec<i64> = p.allocations.iter().map(|a| a.gross_amount_cents).collect();
+    assert_eq!(gross, vec![1000, 2500, 500]);
+    assert!(p
+        .allocations
+        .iter()
+        .all(|a| a.status == AllocationStatus::Pending && a.generation == 0));
+    assert!(p.allocations.iter().all(|a| a.id.starts_with("salc_")));
+    assert_eq!(count(&pool, "split_allocations").await, 3);
+}
+
+#[tokio::test]
+async fn payment_transition_writes_state_and_event_together() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let id = pid(&p);
+    let mut tx = pool.begin().await.unwrap();
+    let patch = PaymentPatch {
+        payment_intent_id: Some("pi_123".into()),
+        ..Default::default()
+    };
+    let t = transition_payment(&mut tx, &id, PaymentEvent::IntentCreated, &patch, &[])
+        .await
+        .unwrap();
+    assert_eq!(t, Transition::To(PaymentStatus::RequiresPayment));
+    tx.commit().await.unwrap();
+    assert_eq!(
+        find_split_payment_by_intent(&mut pool.acquire().await.unwrap(), "pi_123")
+            .await
+            .unwrap(),
+        Some(id.clone())
+    );
+
+    let p = succeed_with_fees(&pool, &p, 0, 0).await;
+    assert_eq!(p.payment.status, PaymentStatus::Succeeded);
+    assert!(p.payment.succeeded_at.is_some());
+    let events = outbox_events_about(&mut pool.acquire().await.unwrap(), id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event_type, "recommendation_set.payment_succeeded");
+    assert_eq!(events[0].payload["data"]["total_amount_cents"], 3000);
+    assert_eq!(events[0].payload["organisation_id"], DISTRIBUTOR);
+
+    // A late `processing` after success: nothing changes, nothing is emitted.
+    let mut tx = pool.begin().await.unwrap();
+    let late = transition_payment(
+        &mut tx,
+        &id,
+        PaymentEvent::Processing,
+        &PaymentPatch::default(),
+        &[payment_event(EventType::PaymentSucceeded, &p.payment)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(late, Transition::Unchanged);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        outbox_events_about(&mut pool.acquire().await.unwrap(), id.as_str())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn forbidden_payment_transition_changes_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 30, 0).await;
+    let id = pid(&p);
+    let outbox_before = count(&pool, "outbox_events").await;
+    let mut tx = pool.begin().await.unwrap();
+    let failed = payment_event(EventType::PaymentFailed, &p.payment);
+    let patch = PaymentPatch {
+        failure_code: Some("card_declined".into()),
+        ..Default::default()
+    };
+    let err = transition_payment(&mut tx, &id, PaymentEvent::Failed, &patch, &[failed])
+        .await
+        .unwrap_err();
+    drop(tx);
+    assert!(
+        matches!(err, StoreError::Forbidden(ref f) if f.from == "SUCCEEDED" && f.event == "failed"),
+        "{err}"
+    );
+    let after = get_split_payment(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(after.payment.status, PaymentStatus::Succeeded);
+    assert_eq!(after.payment.failure_code, None);
+    assert_eq!(count(&pool, "outbox_events").await, outbox_before);
+}
+
+#[tokio::test]
+async fn fee_split_is_stored_exactly_and_only_once() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 1000, 1000]).await;
+    let p = succeed_with_fees(&pool, &p, 70, 30).await;
+    let fees: Vec<i64> = p.allocations.iter().map(|a| a.fee_share_cents.unwrap()).collect();
+    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
+    assert_eq!(fees, vec![34, 33, 33]);
+    assert_eq!(nets, vec![966, 967, 967]);
+    assert_eq!(p.payment.processing_fee_cents, Some(70));
+    assert_eq!(p.payment.platform_fee_cents, Some(30));
+
+    // The same split again is a no-op; a different one is refused and changes nothing.
+    let split = split_fees(&[1000, 1000, 1000], 70, 30).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    write_fee_split(&mut tx, &pid(&p), 70, 30, &split).await.unwrap();
+    let other = split_fees(&[1000, 1000, 1000], 90, 30).unwrap();
+    let err = write_fee_split(&mut tx, &pid(&p), 90, 30, &other).await.unwrap_err();
+    assert!(err.to_string().contains("different fee split"), "{err}");
+    drop(tx);
+    let again = get_split_payment(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert_eq!(again, p);
+}
+
+#[tokio::test]
+async fn transfer_lifecycle_records_generations_keys_and_outcomes() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 60, 0).await;
+    let a = &p.allocations[0];
+    let id = aid(a);
+
+    let mut tx = pool.begin().await.unwrap();
+    let t = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Transferring));
+    tx.commit().await.unwrap();
+    let row = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(row.generation, 1);
+    assert_eq!(
+        row.idempotency_key.as_deref(),
+        Some(transfer_idempotency_key(&id, 1).as_str())
+    );
+    let attempt: (String, i64, String) = sqlx::query_as(
+        "SELECT destination_account_id, amount_cents, currency FROM transfer_attempts WHERE split_allocation_id = $1 AND generation = 1",
+    )
+    .bind(&a.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempt,
+        ("acct_rcp0".into(), 980, "aud".into()),
+        "net of the 20c fee share, to the link's account"
+    );
+
+    // A terminal failure parks it with Stripe's code, and emits distribution_failed once.
+    let mut tx = pool.begin().await.unwrap();
+    let patch = AllocationPatch {
+        failure_code: Some("insufficient_capabilities_for_transfer".into()),
+        failure_message: Some(
+            "Your destination account needs to have at least one of the following capabilities enabled: transfers"
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let failed = distribution_event(EventType::DistributionFailed, &row, None);
+    let t = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::TransferFailed,
+        &patch,
+        std::slice::from_ref(&failed),
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Parked));
+    // The same failure reported again (a duplicate job): unchanged, no second event.
+    let t = transition_allocation(&mut tx, &id, AllocationEvent::TransferFailed, &patch, &[failed])
+        .await
+        .unwrap();
+    assert_eq!(t, Transition::Unchanged);
+    tx.commit().await.unwrap();
+    let parked = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(parked.status, AllocationStatus::Parked);
+    assert!(parked.parked_at.is_some());
+    assert_eq!(
+        parked.failure_code.as_deref(),
+        Some("insufficient_capabilities_for_transfer")
+    );
+    let events = outbox_events_about(&mut pool.acquire().await.unwrap(), &a.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "recommendation_set.distribution_failed")
+            .count(),
+        1
+    );
+
+    // An operator retry: a new generation and a new key; then success.
+    let mut tx = pool.begin().await.unwrap();
+    transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::OpsRetry,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    let retried = get_split_allocation(&mut tx, &id).await.unwrap();
+    assert_eq!((retried.generation, retried.parked_at), (2, None));
+    assert_eq!(
+        retried.idempotency_key.as_deref(),
+        Some(transfer_idempotency_key(&id, 2).as_str())
+    );
+    let patch = AllocationPatch {
+        stripe_transfer_id: Some("tr_abc".into()),
+        ..Default::default()
+    };
+    let ok = distribution_event(EventType::DistributionSucceeded, &retried, Some("tr_abc"));
+    let t = transition_allocation(&mut tx, &id, AllocationEvent::TransferSucceeded, &patch, &[ok])
+        .await
+        .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Transferred));
+    tx.commit().await.unwrap();
+    let outcomes: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT generation, outcome, stripe_transfer_id FROM transfer_attempts WHERE split_allocation_id = $1 ORDER BY generation",
+    )
+    .bind(&a.id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            (1, Some("TERMINAL".into()), None),
+            (2, Some("TRANSFERRED".into()), Some("tr_abc".into()))
+        ]
+    );
+
+    // A transferred allocation can never be retried or parked.
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::OpsRetry,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Forbidden(_)));
+}
+
+#[tokio::test]
+async fn one_transfer_attempt_per_generation_and_one_allocation_per_transfer() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 0, 0).await;
+    let (a0, a1) = (aid(&p.allocations[0]), aid(&p.allocations[1]));
+    let mut tx = pool.begin().await.unwrap();
+    transition_allocation(
+        &mut tx,
+        &a0,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    transition_allocation(
+        &mut tx,
+        &a1,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // A second attempt row for the same generation is refused by the schema.
+    let dup = sqlx::query(
+        "INSERT INTO transfer_attempts (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency)
+         VALUES ($1, 1, 'other-key', 'acct_x', 5, 'aud')",
+    )
+    .bind(a0.as_str())
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(StoreError::from(dup).constraint(), Some("transfer_attempts_pk"));
+
+    // One Stripe transfer can belong to one allocation only.
+    let patch = AllocationPatch {
+        stripe_transfer_id: Some("tr_same".into()),
+        ..Default::default()
+    };
+    let mut tx = pool.begin().await.unwrap();
+    transition_allocation(&mut tx, &a0, AllocationEvent::TransferSucceeded, &patch, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_allocation(&mut tx, &a1, AllocationEvent::TransferSucceeded, &patch, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.constraint(), Some("split_allocations_transfer_unique"));
+}
+
+#[tokio::test]
+async fn racing_workers_start_one_generation() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 0, 0).await;
+    let id = aid(&p.allocations[1]);
+    let race = |pool: PgPool, id: SplitAllocationId| async move {
+        let mut tx = pool.begin().await.unwrap();
+        let t = transition_allocation(
+            &mut tx,
+            &id,
+            AllocationEvent::TransferStarted,
+            &AllocationPatch::default(),
+            &[],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        t
+    };
+    let (a, b) = tokio::join!(race(pool.clone(), id.clone()), race(pool.clone(), id.clone()));
+    let mut outcomes = vec![a, b];
+    outcomes.sort_by_key(|t| matches!(t, Transition::Unchanged));
+    assert_eq!(
+        outcomes,
+        vec![Transition::To(AllocationStatus::Transferring), Transition::Unchanged]
+    );
+    let (attempts,): (i64,) = sqlx::query_as("SELECT count(*) FROM transfer_attempts WHERE split_allocation_id = $1")
+        .bind(id.as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1);
+}
+
+#[tokio::test]
+async fn money_is_conserved_across_outcomes() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    // 4 recipients; fees of 4,000 take the whole of the 30c share and some of the others.
+    let p = new_payment(&pool, &[30, 10_000, 20_000, 15_000]).await;
+    let p = succeed_with_fees(&pool, &p, 1_500, 2_500).await;
+    let ids: Vec<SplitAllocationId> = p.allocations.iter().map(aid).collect();
+    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
+    assert_eq!(nets.iter().sum::<i64>() + 4_000, 45_030);
+
+    let mut tx = pool.begin().await.unwrap();
+    let none = AllocationPatch::default();
+    // Net of the 30c share: 30 - floor/largest-remainder share of 4,000 × 30/45,030 = 30 - 3 = 27.
+    assert_eq!(nets[0], 27);
+    transition_allocation(&mut tx, &ids[0], AllocationEvent::TransferStarted, &none, &[])
+        .await
+        .unwrap();
+    let ok = AllocationPatch {
+        stripe_transfer_id: Some("tr_0".into()),
+        ..Default::default()
+    };
+    transition_allocation(&mut tx, &ids[0], AllocationEvent::TransferSucceeded, &ok, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferStarted, &none, &[])
+        .await
+        .unwrap();
+    let parked = AllocationPatch {
+        failure_code: Some(RETRIES_EXHAUSTED.into()),
+        ..Default::default()
+    };
+    transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferFailed, &parked, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[2], AllocationEvent::TransferStarted, &none, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[2], AllocationEvent::TransferFailed, &none, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[2], AllocationEvent::Refunded, &none, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert_eq!(report.charged_cents, 45_030);
+    assert_eq!(report.transferred_cents, nets[0]);
+    assert_eq!(report.parked_cents, nets[1]);
+    assert_eq!(report.refunded_cents, nets[2]);
+    assert_eq!(report.in_flight_cents, nets[3]);
+    assert_eq!(report.fees_kept_cents, 4_000);
+    assert!(report.is_conserved(), "{report:?}");
+    let (outcome,): (String,) = sqlx::query_as("SELECT outcome FROM transfer_attempts WHERE split_allocation_id = $1")
+        .bind(ids[1].as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "RETRIES_EXHAUSTED");
+}
+
+#[tokio::test]
+async fn zero_net_allocations_cannot_start_a_transfer() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    // Fees larger than the whole payment: every share is all fee, the excess is recorded as uncollected.
+    let p = new_payment(&pool, &[30, 30]).await;
+    let p = succeed_with_fees(&pool, &p, 45, 30).await;
+    assert_eq!(p.payment.fee_uncollected_cents, Some(15));
+    assert!(p.allocations.iter().all(|a| a.net_amount_cents == Some(0)));
+    let id = aid(&p.allocations[0]);
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    drop(tx);
+    let mut tx = pool.begin().await.unwrap();
+    let t = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::NothingToTransfer,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::ZeroNet));
+    tx.commit().await.unwrap();
+    assert_eq!(count(&pool, "transfer_attempts").await, 0);
+}
+
+#[tokio::test]
+async fn donations_are_created_once_and_move_with_their_events() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let id = aid(&p.allocations[1]);
+    let created = |d: &DonationRow| {
+        vec![OutboundEvent::donation(
+            EventType::DonationCreated,
+            &d.organisation_id,
+            Utc::now(),
+            donation_data(d),
+            None,
+        )]
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let d1 = create_donation_for_allocation(&mut tx, &id, Utc::now(), created)
+        .await
+        .unwrap();
+    let d2 = create_donation_for_allocation(&mut tx, &id, Utc::now(), created)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(d1, d2, "the second call returns the same row");
+    assert_eq!(
+        d1.organisation_id, "cm3orgrcp1",
+        "the donation belongs to the recipient"
+    );
+    assert_eq!((d1.amount_cents, d1.source.as_str()), (2000, "SPLIT_GATEWAY"));
+    assert_eq!(count(&pool, "donations").await, 1);
+    assert_eq!(
+        outbox_events_about(&mut pool.acquire().await.unwrap(), &d1.id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let donation_id = splitpay::domain::ids::DonationId::parse(&d1.id).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let t = transition_donation(
+        &mut tx,
+        &donation_id,
+        DonationEvent::Confirmed,
+        &DonationPatch {
+            received_date: Some(Utc::now()),
+            ..Default::default()
+        },
+        |d| {
+            vec![OutboundEvent::donation(
+                EventType::DonationSucceeded,
+                &d.organisation_id,
+                Utc::now(),
+                donation_data(d),
+                None,
+            )]
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(t, Transition::To(splitpay::domain::state::DonationStatus::Confirmed));
+    let events = outbox_events_about(&mut pool.acquire().await.unwrap(), &d1.id)
+        .await
+        .unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, vec!["donation.created", "donation.succeeded"]);
+    assert_eq!(
+        events[1].payload["data"]["status"], "CONFIRMED",
+        "payload shows the new state"
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_donation(
+        &mut tx,
+        &donation_id,
+        DonationEvent::Failed,
+        &DonationPatch::default(),
+        |_| vec![],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Forbidden(_)));
+}
+
+fn donation_data(d: &DonationRow) -> DonationData {
+    DonationData {
+        id: d.id.clone(),
+        donor_id: d.donor_id.clone().unwrap_or_default(),
+        amount_cents: d.amount_cents,
+        refunded_amount_cents: d.refunded_amount_cents,
+        currency: d.currency.iso_code(),
+        donation_date: seed_timestamp(d.donation_date),
+        source: d.source.clone(),
+        status: d.status.to_string(),
+        external_id: d.external_id.clone(),
+        payment_method: d.payment_method.clone(),
+        tracking_code: d.tracking_code.clone(),
+        deleted_at: d.deleted_at.map(seed_timestamp),
+        failure_code: d.failure_code.clone(),
+        failure_message: d.failure_message.clone(),
+    }
+}
+
+#[tokio::test]
+async fn outbox_inbox_and_cron_claims_deduplicate() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000]).await;
+    let event = payment_event(EventType::PaymentSucceeded, &p.payment);
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        insert_outbox_events(&mut conn, &[event.clone(), event.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(insert_outbox_events(&mut conn, &[event]).await.unwrap(), 0);
+
+    let stripe_event = NewStripeEvent {
+        id: "evt_1".into(),
+        event_type: "payment_intent.succeeded".into(),
+        object_id: Some("pi_1".into()),
+        livemode: false,
+        payload: serde_json::json!({"id": "evt_1"}),
+        stripe_created: Some(Utc::now()),
+    };
+    assert!(insert_stripe_event(&mut conn, &stripe_event).await.unwrap());
+    assert!(
+        !insert_stripe_event(&mut conn, &stripe_event).await.unwrap(),
+        "a redelivery is recognised"
+    );
+    mark_stripe_event(&mut conn, "evt_1", None).await.unwrap();
+    let (processed,): (bool,) = sqlx::query_as("SELECT processed_at IS NOT NULL FROM stripe_events WHERE id = 'evt_1'")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(processed);
+
+    let tick = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:05:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    assert!(claim_cron_tick(&mut conn, "sweeper", tick, "worker-a").await.unwrap());
+    assert!(!claim_cron_tick(&mut conn, "sweeper", tick, "worker-b").await.unwrap());
+    assert!(claim_cron_tick(&mut conn, "reconcile-pending", tick, "worker-b")
+        .await
+        .unwrap());
+
+    let entry = AuditEntry {
+        actor: "ops@example.org".into(),
+        command: "retry".into(),
+        target_type: "split_allocation".into(),
+        target_id: "salc_x".into(),
+        reason: Some("account fixed".into()),
+        details: serde_json::json!({"generation": 2}),
+    };
+    insert_audit(&mut conn, &entry).await.unwrap();
+    let rows = audit_for(&mut conn, "salc_x").await.unwrap();
+    assert_eq!(
+        (
+            rows.len(),
+            rows[0].command.as_str(),
+            rows[0].details["generation"].as_i64()
+        ),
+        (1, "retry", Some(2))
+    );
+}
+
+#[tokio::test]
+async fn the_schema_refuses_what_the_rules_forbid() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000]).await;
+    let cases: Vec<(&str, String)> = vec![
+        ("payments_transfer_group_is_id", format!("UPDATE split_payments SET transfer_group = 'x' WHERE id = '{}'", p.payment.id)),
+        ("payments_status_valid", format!("UPDATE split_payments SET status = 'succeeded' WHERE id = '{}'", p.payment.id)),
+        ("payments_total_within_stripe_limits", format!("UPDATE split_payments SET total_amount_cents = 100000000 WHERE id = '{}'", p.payment.id)),
+        ("payments_becs_is_aud", format!("UPDATE split_payments SET payment_method_type = 'au_becs_debit', currency = 'usd' WHERE id = '{}'", p.payment.id)),
+        ("split_allocations_fee_split_exact", format!("UPDATE split_allocations SET fee_share_cents = 10, net_amount_cents = 10 WHERE split_payment_id = '{}'", p.payment.id)),
+        ("split_allocations_transferring_has_intent", format!("UPDATE split_allocations SET status = 'TRANSFERRING' WHERE split_payment_id = '{}'", p.payment.id)),
+        ("split_allocations_transferred_has_transfer", format!("UPDATE split_allocations SET status = 'TRANSFERRED', generation = 1, idempotency_key = 'k', fee_share_cents = 0, net_amount_cents = 1000 WHERE split_payment_id = '{}'", p.payment.id)),
+        ("allocations_amount_int32_non_negative", "UPDATE recommendation_allocations SET amount_cents = -1".into()),
+        ("split_allocations_one_per_set_allocation", format!("INSERT INTO split_allocations (id, split_payment_id, recommendation_allocation_id, recipient_org_account_link_id, position, gross_amount_cents) VALUES ('salc_dup', '{}', 'cm3alc0', 'cm3lnk0', 1, 5)", p.payment.id)),
+        ("links_stripe_account_is_acct", "UPDATE recipient_account_links SET stripe_connect_account_id = 'pi_123'".into()),
+    ];
+    for (constraint, sql) in cases {
+        let err = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert_eq!(StoreError::from(err).constraint(), Some(constraint), "{sql}");
+    }
+    let again = get_split_payment(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert_eq!(again, p, "every refused write left the payment as it was");
+}
