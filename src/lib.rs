@@ -8,14 +8,17 @@
 //!   it emits (transactional outbox); transitions are compare-and-set on the expected state.
 //! - [`events`]: the typed payloads of the webhook events splitpay emits, exactly as the platform's contract
 //!   (`contract/together-openapi.json`) defines them.
+//! - [`stripe`]: the `PaymentGateway` port, its async-stripe implementation (errors classified as retryable,
+//!   terminal or outcome-unknown; rate limited), webhook signatures, and a local Stripe simulator.
 //! - [`jobs`]: the background work's schedule (`jobs/schedule.toml`).
 //! - [`config`]: configuration from the environment; secrets that cannot be printed.
 //!
-//! Still to come (see the issues): the Stripe gateway and simulator, intake and webhooks over HTTP, the
-//! distribution workers, outbound delivery and the operator commands.
+//! Still to come (see the issues): intake and webhooks over HTTP, the distribution workers, outbound delivery and
+//! the operator commands.
 
 pub mod config;
 pub mod domain;
 pub mod events;
 pub mod jobs;
 pub mod store;
+pub mod stripe;

@@ -21,6 +21,12 @@ struct Cli {
 enum Command {
     /// Create the database if it is missing and apply the schema (safe to run again).
     Migrate,
+    /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
+    StripeSim {
+        /// Port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 12111)]
+        port: u16,
+    },
 }
 
 #[tokio::main]
@@ -40,6 +46,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Migrate => migrate().await,
+        Command::StripeSim { port } => stripe_sim(port).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -57,4 +64,33 @@ async fn migrate() -> Result<(), Box<dyn std::error::Error>> {
     store::migrate(&pool).await?;
     tracing::info!(database = %redact_url(config.url.expose()), "schema is up to date");
     Ok(())
+}
+
+async fn stripe_sim(port: u16) -> Result<(), Box<dyn std::error::Error>> {
+    let config = splitpay::stripe::sim::model::SimConfig::default();
+    splitpay::stripe::sim::serve(config, port, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM: the one shutdown signal every long-running subcommand obeys.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
 }

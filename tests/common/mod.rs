@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod db;
+pub mod stripe;
 
 use splitpay::domain::money::Currency;
 use splitpay::domain::plan::{AmountMode, SplitPlan, Submission};

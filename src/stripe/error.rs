@@ -1,0 +1,177 @@
+//! Stripe failures, grouped by what the caller does next:
+//! - **retryable**: try again later with the *same* idempotency key (throttled, key in use, lock timeout, platform
+//!   balance short, or the connection was refused so the request never left);
+//! - **terminal**: Stripe refused and will refuse again; keep its code and message (park, or fail the payment);
+//! - **unknown**: the request may have been applied (timeout, connection lost after sending, 5xx, a 2xx body we
+//!   could not read). Retry with the same key, or look the object up: never send a new key;
+//! - **config**: our side is wrong (bad or refused key, malformed idempotency key). Alert a human.
+//!
+//! [`classify`] is the one place these rules live.
+
+/// What a caller does about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Retryable,
+    Terminal,
+    Unknown,
+    Config,
+}
+
+/// Stripe error codes that mean "try again later" even on a 4xx.
+const RETRYABLE_CODES: [&str; 4] = [
+    "rate_limit",
+    "lock_timeout",
+    "idempotency_key_in_use",
+    "balance_insufficient",
+];
+
+/// Classifies an HTTP failure from Stripe. `should_retry` is the `Stripe-Should-Retry` header, which decides when
+/// present — except that a 5xx stays *unknown* (Stripe may have applied the request and saved the 500 for the key;
+/// "do not retry" then means "look it up", not "it failed").
+pub fn classify(status: u16, should_retry: Option<bool>, code: Option<&str>) -> ErrorClass {
+    if status >= 500 {
+        return ErrorClass::Unknown;
+    }
+    if matches!(status, 401 | 403) {
+        return ErrorClass::Config;
+    }
+    match should_retry {
+        Some(true) => return ErrorClass::Retryable,
+        Some(false) => return ErrorClass::Terminal,
+        None => {}
+    }
+    if matches!(status, 409 | 429) || code.is_some_and(|c| RETRYABLE_CODES.contains(&c)) {
+        return ErrorClass::Retryable;
+    }
+    ErrorClass::Terminal
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("Stripe asked us to retry later ({}): {message}", code.as_deref().unwrap_or("no code"))]
+    Retryable {
+        status: Option<u16>,
+        code: Option<String>,
+        message: String,
+    },
+    #[error("Stripe refused ({status} {}): {message}", code.as_deref().unwrap_or("no code"))]
+    Terminal {
+        status: u16,
+        code: Option<String>,
+        decline_code: Option<String>,
+        message: String,
+        param: Option<String>,
+        /// A declined confirmation names the PaymentIntent it left behind.
+        payment_intent: Option<String>,
+    },
+    #[error("outcome unknown: {reason}")]
+    Unknown { reason: String },
+    #[error("Stripe configuration error: {0}")]
+    Config(String),
+}
+
+impl GatewayError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            GatewayError::Retryable { .. } => ErrorClass::Retryable,
+            GatewayError::Terminal { .. } => ErrorClass::Terminal,
+            GatewayError::Unknown { .. } => ErrorClass::Unknown,
+            GatewayError::Config(_) => ErrorClass::Config,
+        }
+    }
+
+    /// Stripe's error code, when Stripe answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            GatewayError::Retryable { code, .. } | GatewayError::Terminal { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The same key was sent with other parameters: keys are derived from immutable rows, so this is a bug.
+    pub fn is_idempotency_misuse(&self) -> bool {
+        self.code() == Some("idempotency_error")
+    }
+
+    /// Builds the error for a Stripe error response.
+    pub fn from_response(
+        status: u16,
+        should_retry: Option<bool>,
+        code: Option<String>,
+        decline_code: Option<String>,
+        message: Option<String>,
+        param: Option<String>,
+    ) -> Self {
+        let message = message.unwrap_or_else(|| format!("HTTP {status}"));
+        match classify(status, should_retry, code.as_deref()) {
+            ErrorClass::Retryable => GatewayError::Retryable {
+                status: Some(status),
+                code,
+                message,
+            },
+            ErrorClass::Terminal => GatewayError::Terminal {
+                status,
+                code,
+                decline_code,
+                message,
+                param,
+                payment_intent: None,
+            },
+            ErrorClass::Unknown => GatewayError::Unknown {
+                reason: format!("HTTP {status} {}: {message}", code.as_deref().unwrap_or("")),
+            },
+            ErrorClass::Config => GatewayError::Config(format!("HTTP {status}: {message}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ErrorClass::*;
+
+    #[test]
+    fn classification_table() {
+        let table: [(u16, Option<bool>, Option<&str>, ErrorClass); 18] = [
+            (429, None, Some("rate_limit"), Retryable),
+            (429, None, Some("lock_timeout"), Retryable),
+            (409, None, Some("idempotency_key_in_use"), Retryable),
+            (400, None, Some("balance_insufficient"), Retryable),
+            (400, None, Some("lock_timeout"), Retryable),
+            (400, None, Some("account_invalid"), Terminal),
+            (400, None, Some("insufficient_capabilities_for_transfer"), Terminal),
+            (400, None, Some("transfers_not_allowed"), Terminal),
+            (400, None, Some("amount_too_small"), Terminal),
+            (404, None, Some("resource_missing"), Terminal),
+            (402, None, Some("card_declined"), Terminal),
+            (400, None, Some("idempotency_error"), Terminal),
+            (500, None, None, Unknown),
+            (503, Some(true), None, Unknown),
+            (500, Some(false), Some("api_error"), Unknown),
+            (401, None, None, Config),
+            // The header decides on a 4xx.
+            (400, Some(true), Some("account_invalid"), Retryable),
+            (429, Some(false), Some("rate_limit"), Terminal),
+        ];
+        for (status, header, code, want) in table {
+            assert_eq!(classify(status, header, code), want, "{status} {header:?} {code:?}");
+        }
+    }
+
+    #[test]
+    fn terminal_errors_keep_stripe_code_and_message() {
+        let e = GatewayError::from_response(
+            400,
+            None,
+            Some("account_invalid".into()),
+            None,
+            Some("No such destination: 'acct_x'".into()),
+            Some("destination".into()),
+        );
+        assert_eq!(e.class(), Terminal);
+        assert_eq!(e.code(), Some("account_invalid"));
+        assert!(e.to_string().contains("No such destination"));
+        let misuse = GatewayError::from_response(400, None, Some("idempotency_error".into()), None, None, None);
+        assert!(misuse.is_idempotency_misuse());
+    }
+}

@@ -1,0 +1,366 @@
+//! [`StripeGateway`]: the [`PaymentGateway`] port over async-stripe's request builders and our [`HttpTransport`].
+//!
+//! Every call waits for the rate limiter; a *retryable* failure is retried a bounded number of times with backoff
+//! and the same idempotency key; anything else is returned to the caller, classified. Outcome-unknown failures are
+//! not retried here: the caller records them and retries with the same key later (or looks the object up).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
+use stripe_client_core::CustomizableStripeRequest;
+use stripe_connect::account::RetrieveAccount;
+use stripe_connect::transfer::{CreateTransfer, ListTransfer};
+use stripe_connect::transfer_reversal::CreateIdTransferReversal;
+use stripe_core::charge::RetrieveCharge;
+use stripe_core::payment_intent::{
+    CancelPaymentIntent, ConfirmPaymentIntent, CreatePaymentIntent, RetrievePaymentIntent,
+};
+use stripe_core::refund::CreateRefund;
+use stripe_types::Expandable;
+
+use super::backoff::backoff_ms_random;
+use super::error::{ErrorClass, GatewayError};
+use super::keys::{KeyMode, StripeKey};
+use super::limiter::{RateLimiter, LIVE_MODE_RATE_PER_SEC, TEST_MODE_RATE_PER_SEC};
+use super::transport::{HttpTransport, TransportError};
+use super::*;
+
+/// Pages read at most when listing a transfer group: a group holds at most 50 allocations × a few generations.
+const LIST_PAGES_MAX: usize = 20;
+const LIST_PAGE_SIZE: i64 = 100;
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub api_base: String,
+    /// Per request.
+    pub timeout_ms: u64,
+    /// `None`: 25/s for test keys, 100/s for live keys.
+    pub rate_per_sec: Option<u32>,
+    pub burst: u32,
+    /// Attempts for one call when Stripe says "retry" (the first included).
+    pub attempts_max: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            api_base: super::transport::STRIPE_API_BASE.to_owned(),
+            timeout_ms: 20_000,
+            rate_per_sec: None,
+            burst: 1,
+            attempts_max: 4,
+            backoff_base_ms: 250,
+            backoff_cap_ms: 4_000,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct StripeGateway {
+    transport: HttpTransport,
+    limiter: RateLimiter,
+    config: GatewayConfig,
+}
+
+impl StripeGateway {
+    pub fn new(key: &StripeKey, config: GatewayConfig) -> Result<Self, GatewayError> {
+        let transport = HttpTransport::new(key, &config.api_base, Duration::from_millis(config.timeout_ms))
+            .map_err(GatewayError::from)?;
+        let default_rate = match key.mode() {
+            KeyMode::Test => TEST_MODE_RATE_PER_SEC,
+            KeyMode::Live => LIVE_MODE_RATE_PER_SEC,
+        };
+        let limiter = RateLimiter::new(config.rate_per_sec.unwrap_or(default_rate).max(1), config.burst.max(1));
+        Ok(Self {
+            transport,
+            limiter,
+            config,
+        })
+    }
+
+    /// Sends one request (limited, retried while retryable), with `key` as its idempotency key if given.
+    async fn send<T: miniserde::Deserialize>(
+        &self,
+        op: &'static str,
+        make: impl Fn() -> CustomizableStripeRequest<T> + Send + Sync,
+        key: Option<&str>,
+    ) -> Result<T, GatewayError> {
+        let strategy = match key {
+            Some(k) => RequestStrategy::Idempotent(
+                IdempotencyKey::new(k).map_err(|e| GatewayError::Config(format!("idempotency key: {e}")))?,
+            ),
+            None => RequestStrategy::Once,
+        };
+        let mut attempt = 1;
+        loop {
+            self.limiter.acquire().await;
+            // A request is consumed by `send`: build the same one again for each attempt (same key, same body).
+            let result: Result<T, TransportError> =
+                make().request_strategy(strategy.clone()).send(&self.transport).await;
+            let err = match result {
+                Ok(value) => return Ok(value),
+                Err(e) => GatewayError::from(e),
+            };
+            if err.class() != ErrorClass::Retryable || attempt >= self.config.attempts_max {
+                tracing::warn!(op, attempt, class = ?err.class(), code = err.code(), error = %err, "Stripe call failed");
+                return Err(err);
+            }
+            let delay_ms = backoff_ms_random(attempt, self.config.backoff_base_ms, self.config.backoff_cap_ms);
+            tracing::info!(
+                op,
+                attempt,
+                delay_ms,
+                code = err.code(),
+                "Stripe asked to retry; backing off"
+            );
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            attempt += 1;
+        }
+    }
+}
+
+fn metadata_map(metadata: &Metadata) -> HashMap<String, String> {
+    metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn sorted(metadata: HashMap<String, String>) -> Metadata {
+    metadata.into_iter().collect()
+}
+
+fn expandable_id<T: stripe_types::Object>(e: &Expandable<T>) -> String
+where
+    T::Id: AsRef<str>,
+{
+    e.id().as_ref().to_owned()
+}
+
+fn intent_info(pi: stripe_shared::PaymentIntent) -> Result<PaymentIntentInfo, GatewayError> {
+    let status = IntentStatus::parse(pi.status.as_str()).ok_or_else(|| GatewayError::Unknown {
+        reason: format!("unknown PaymentIntent status {}", pi.status.as_str()),
+    })?;
+    Ok(PaymentIntentInfo {
+        id: pi.id.as_str().to_owned(),
+        status,
+        amount_cents: pi.amount,
+        currency: pi.currency.to_string(),
+        latest_charge: pi.latest_charge.as_ref().map(expandable_id),
+        client_secret: pi.client_secret,
+        last_payment_error: pi.last_payment_error.map(|e| PaymentFailure {
+            code: e.code.map(|c| c.as_str().to_owned()),
+            decline_code: e.decline_code,
+            message: e.message,
+        }),
+        transfer_group: pi.transfer_group,
+        metadata: sorted(pi.metadata),
+    })
+}
+
+fn transfer_info(t: stripe_shared::Transfer) -> TransferInfo {
+    TransferInfo {
+        id: t.id.as_str().to_owned(),
+        amount_cents: t.amount,
+        amount_reversed_cents: t.amount_reversed,
+        currency: t.currency.to_string(),
+        destination: t.destination.as_ref().map(expandable_id),
+        source_transaction: t.source_transaction.as_ref().map(expandable_id),
+        transfer_group: t.transfer_group,
+        reversed: t.reversed,
+        metadata: sorted(t.metadata),
+    }
+}
+
+fn currency(code: &str) -> Result<stripe_types::Currency, GatewayError> {
+    code.parse()
+        .map_err(|_| GatewayError::Config(format!("currency '{code}' is not one Stripe knows")))
+}
+
+#[async_trait::async_trait]
+impl PaymentGateway for StripeGateway {
+    async fn create_payment_intent(&self, p: &CreatePaymentIntentParams) -> Result<PaymentIntentInfo, GatewayError> {
+        use stripe_shared::PaymentIntentAllowedPaymentMethodTypes as Allowed;
+        let allowed = match p.payment_method_type {
+            crate::domain::plan::PaymentMethodType::Card => Allowed::Card,
+            crate::domain::plan::PaymentMethodType::AuBecsDebit => Allowed::AuBecsDebit,
+            crate::domain::plan::PaymentMethodType::Payto => Allowed::Payto,
+        };
+        let mut builder = CreatePaymentIntent::new(p.amount_cents, currency(&p.currency)?)
+            .allowed_payment_method_types(vec![allowed])
+            .transfer_group(p.transfer_group.clone())
+            .metadata(metadata_map(&p.metadata));
+        if let Some(pm) = &p.payment_method {
+            builder = builder.payment_method(pm.clone()).confirm(true);
+        }
+        let pi = self
+            .send(
+                "create_payment_intent",
+                || builder.customize(),
+                Some(&p.idempotency_key),
+            )
+            .await?;
+        intent_info(pi)
+    }
+
+    async fn retrieve_payment_intent(&self, id: &str) -> Result<PaymentIntentInfo, GatewayError> {
+        let pi = self
+            .send(
+                "retrieve_payment_intent",
+                || RetrievePaymentIntent::new(id).customize(),
+                None,
+            )
+            .await?;
+        intent_info(pi)
+    }
+
+    async fn confirm_payment_intent(&self, id: &str, pm: &str, key: &str) -> Result<PaymentIntentInfo, GatewayError> {
+        let builder = ConfirmPaymentIntent::new(id).payment_method(pm.to_owned());
+        intent_info(
+            self.send("confirm_payment_intent", || builder.customize(), Some(key))
+                .await?,
+        )
+    }
+
+    async fn cancel_payment_intent(&self, id: &str, key: &str) -> Result<PaymentIntentInfo, GatewayError> {
+        intent_info(
+            self.send(
+                "cancel_payment_intent",
+                || CancelPaymentIntent::new(id).customize(),
+                Some(key),
+            )
+            .await?,
+        )
+    }
+
+    async fn retrieve_charge(&self, id: &str) -> Result<ChargeInfo, GatewayError> {
+        let builder = RetrieveCharge::new(id).expand(vec!["balance_transaction".to_owned()]);
+        let charge: stripe_shared::Charge = self.send("retrieve_charge", || builder.customize(), None).await?;
+        let balance_transaction = match charge.balance_transaction {
+            None => None,
+            Some(Expandable::Object(bt)) => Some(BalanceTransactionInfo {
+                id: bt.id.as_str().to_owned(),
+                amount_cents: bt.amount,
+                fee_cents: bt.fee,
+                net_cents: bt.net,
+                currency: bt.currency.to_string(),
+                available_on: bt.available_on,
+            }),
+            Some(Expandable::Id(id)) => {
+                return Err(GatewayError::Unknown {
+                    reason: format!("balance transaction {} was not expanded", id.as_str()),
+                })
+            }
+        };
+        Ok(ChargeInfo {
+            id: charge.id.as_str().to_owned(),
+            amount_cents: charge.amount,
+            amount_refunded_cents: charge.amount_refunded,
+            currency: charge.currency.to_string(),
+            status: charge.status.as_str().to_owned(),
+            payment_intent: charge.payment_intent.as_ref().map(expandable_id),
+            transfer_group: charge.transfer_group,
+            balance_transaction,
+        })
+    }
+
+    async fn create_transfer(&self, p: &CreateTransferParams) -> Result<TransferInfo, GatewayError> {
+        let mut builder = CreateTransfer::new(currency(&p.currency)?, p.destination.clone())
+            .amount(p.amount_cents)
+            .transfer_group(p.transfer_group.clone())
+            .metadata(metadata_map(&p.metadata));
+        if let Some(source) = &p.source_transaction {
+            builder = builder.source_transaction(source.clone());
+        }
+        Ok(transfer_info(
+            self.send("create_transfer", || builder.customize(), Some(&p.idempotency_key))
+                .await?,
+        ))
+    }
+
+    async fn list_transfers(&self, transfer_group: &str) -> Result<Vec<TransferInfo>, GatewayError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..LIST_PAGES_MAX {
+            let mut builder = ListTransfer::new()
+                .transfer_group(transfer_group.to_owned())
+                .limit(LIST_PAGE_SIZE);
+            if let Some(last) = &after {
+                builder = builder.starting_after(last.clone());
+            }
+            let page: stripe_types::List<stripe_shared::Transfer> =
+                self.send("list_transfers", || builder.customize(), None).await?;
+            after = page.data.last().map(|t| t.id.as_str().to_owned());
+            all.extend(page.data.into_iter().map(transfer_info));
+            if !page.has_more || after.is_none() {
+                return Ok(all);
+            }
+        }
+        Err(GatewayError::Unknown {
+            reason: format!("transfer group {transfer_group} has more than {} pages", LIST_PAGES_MAX),
+        })
+    }
+
+    async fn reverse_transfer(
+        &self,
+        transfer_id: &str,
+        amount_cents: Option<i64>,
+        key: &str,
+    ) -> Result<ReversalOutcome, GatewayError> {
+        let mut builder = CreateIdTransferReversal::new(transfer_id);
+        if let Some(amount) = amount_cents {
+            builder = builder.amount(amount);
+        }
+        match self
+            .send::<stripe_shared::TransferReversal>("reverse_transfer", || builder.customize(), Some(key))
+            .await
+        {
+            Ok(r) => Ok(ReversalOutcome::Reversed {
+                reversal_id: r.id.as_str().to_owned(),
+                amount_cents: r.amount,
+            }),
+            // Stripe's words for a transfer with nothing left to reverse: the money is already back.
+            Err(GatewayError::Terminal { ref message, .. }) if message.contains("already fully reversed") => {
+                Ok(ReversalOutcome::AlreadyFullyReversed)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_refund(&self, p: &CreateRefundParams) -> Result<RefundInfo, GatewayError> {
+        let mut builder = CreateRefund::new().metadata(metadata_map(&p.metadata));
+        builder = match &p.target {
+            RefundTarget::PaymentIntent(pi) => builder.payment_intent(pi.clone()),
+            RefundTarget::Charge(ch) => builder.charge(ch.clone()),
+        };
+        if let Some(amount) = p.amount_cents {
+            builder = builder.amount(amount);
+        }
+        let refund: stripe_shared::Refund = self
+            .send("create_refund", || builder.customize(), Some(&p.idempotency_key))
+            .await?;
+        Ok(RefundInfo {
+            id: refund.id.as_str().to_owned(),
+            amount_cents: refund.amount,
+            currency: refund.currency.to_string(),
+            status: refund.status,
+            charge: refund.charge.as_ref().map(expandable_id),
+            payment_intent: refund.payment_intent.as_ref().map(expandable_id),
+        })
+    }
+
+    async fn retrieve_account(&self, id: &str) -> Result<AccountInfo, GatewayError> {
+        let account: stripe_shared::Account = self
+            .send("retrieve_account", || RetrieveAccount::new(id).customize(), None)
+            .await?;
+        Ok(AccountInfo {
+            id: account.id.as_str().to_owned(),
+            charges_enabled: account.charges_enabled.unwrap_or(false),
+            payouts_enabled: account.payouts_enabled.unwrap_or(false),
+            transfers_capability: account
+                .capabilities
+                .and_then(|c| c.transfers)
+                .map(|status| status.as_str().to_owned()),
+        })
+    }
+}

@@ -1,0 +1,317 @@
+//! The simulator's control API under `/_sim/` (a path Stripe does not use), and [`SimControl`], its HTTP client
+//! for tests and the demo.
+//!
+//! | call | effect |
+//! |---|---|
+//! | `POST /_sim/faults` `{kind, count, path_contains?, method?}` | the next `count` matching requests fail (see [`FaultKind`]) |
+//! | `DELETE /_sim/faults` | clears faults |
+//! | `POST /_sim/latency` `{min_ms, max_ms, processing_ms?}` | uniform latency before each request; time a request holds its key |
+//! | `POST /_sim/clock/advance` `{seconds}` | moves the clock on (pending debits settle, delayed balance transactions appear) |
+//! | `POST /_sim/payment_intents/{id}/settle` `{outcome: "succeed"\|"fail", failure_code?, failure_message?}` | settles a pending debit now |
+//! | `POST /_sim/accounts` `{id?, transfers?, country?}` | creates a connected account |
+//! | `POST /_sim/accounts/{id}/capabilities` `{transfers}` | sets the `transfers` capability |
+//! | `POST /_sim/balance/top_up` `{currency, amount}` | adds available platform balance |
+//! | `POST /_sim/webhooks` `{url, secret}` | registers a webhook endpoint |
+//! | `POST /_sim/webhooks/mode` `{duplicate?, drop_next?, hold?}` | delivery modes |
+//! | `POST /_sim/webhooks/flush` | releases held events, newest first (reordered) |
+//! | `GET /_sim/requests` | the API requests received, with arrival times |
+//! | `POST /_sim/config` | replaces the [`SimConfig`] (fees, delays, idempotency TTL, …) |
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::model::{SimConfig, SimError};
+use super::{Fault, RequestLogEntry, Shared};
+use crate::config::Secret;
+
+fn arg_str<'a>(args: &'a Value, name: &str) -> Result<&'a str, SimError> {
+    args[name]
+        .as_str()
+        .ok_or_else(|| SimError::invalid(name, format!("{name} (string) is required")))
+}
+
+fn arg_i64(args: &Value, name: &str) -> Result<i64, SimError> {
+    args[name]
+        .as_i64()
+        .ok_or_else(|| SimError::invalid(name, format!("{name} (integer) is required")))
+}
+
+pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args: &Value) -> Result<Value, SimError> {
+    let now = shared.now();
+    match (method, segments) {
+        ("POST", ["faults"]) => {
+            let fault: Fault =
+                serde_json::from_value(args.clone()).map_err(|e| SimError::invalid("kind", e.to_string()))?;
+            shared.faults.lock().expect("no panics while held").push(fault);
+            Ok(json!({ "ok": true }))
+        }
+        ("DELETE", ["faults"]) => {
+            shared.faults.lock().expect("no panics while held").clear();
+            Ok(json!({ "ok": true }))
+        }
+        ("POST", ["latency"]) => {
+            let (min, max) = (
+                arg_i64(args, "min_ms")?.max(0) as u64,
+                arg_i64(args, "max_ms")?.max(0) as u64,
+            );
+            *shared.latency_ms.lock().expect("no panics while held") = (min, max.max(min));
+            shared
+                .processing_ms
+                .store(args["processing_ms"].as_u64().unwrap_or(0), Ordering::SeqCst);
+            Ok(json!({ "ok": true }))
+        }
+        ("GET", ["clock"]) => Ok(json!({ "now": now })),
+        ("POST", ["clock", "advance"]) => {
+            let seconds = arg_i64(args, "seconds")?;
+            shared.clock_offset_secs.fetch_add(seconds, Ordering::SeqCst);
+            let now = shared.now();
+            shared.model.lock().expect("no panics while held").tick(now);
+            Ok(json!({ "now": now }))
+        }
+        ("POST", ["payment_intents", id, "settle"]) => {
+            let force = match args["outcome"].as_str() {
+                None => None,
+                Some("succeed") => Some(Ok(())),
+                Some("fail") => Some(Err((
+                    args["failure_code"].as_str().unwrap_or("account_closed").to_owned(),
+                    args["failure_message"]
+                        .as_str()
+                        .unwrap_or("The customer's bank account has been closed.")
+                        .to_owned(),
+                ))),
+                Some(other) => return Err(SimError::invalid("outcome", format!("succeed or fail, not {other}"))),
+            };
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .settle(id, force, now)
+        }
+        ("POST", ["accounts"]) => {
+            let mut form = Vec::new();
+            if let Some(id) = args["id"].as_str() {
+                form.push(format!("id={id}"));
+            }
+            form.push(format!("transfers={}", args["transfers"].as_str().unwrap_or("active")));
+            form.push(format!("country={}", args["country"].as_str().unwrap_or("AU")));
+            let form = super::form::Form::parse(form.join("&").as_bytes());
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .create_account(&form, now)
+        }
+        ("POST", ["accounts", id, "capabilities"]) => {
+            let status = arg_str(args, "transfers")?;
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .set_transfers_capability(id, status, now)
+        }
+        ("POST", ["balance", "top_up"]) => {
+            let currency = arg_str(args, "currency")?.to_ascii_lowercase();
+            let amount = arg_i64(args, "amount")?;
+            let mut model = shared.model.lock().expect("no panics while held");
+            model.top_up(&currency, amount, now);
+            Ok(model.balance_json(now))
+        }
+        ("POST", ["webhooks"]) => {
+            let url = arg_str(args, "url")?.to_owned();
+            let secret = Secret::new(arg_str(args, "secret")?);
+            shared
+                .webhooks
+                .lock()
+                .expect("no panics while held")
+                .endpoints
+                .push((url, secret));
+            Ok(json!({ "ok": true }))
+        }
+        ("POST", ["webhooks", "mode"]) => {
+            let mut hooks = shared.webhooks.lock().expect("no panics while held");
+            if let Some(d) = args["duplicate"].as_bool() {
+                hooks.duplicate = d;
+            }
+            if let Some(n) = args["drop_next"].as_u64() {
+                hooks.drop_next = n as u32;
+            }
+            if let Some(h) = args["hold"].as_bool() {
+                hooks.hold = h;
+            }
+            Ok(json!({ "duplicate": hooks.duplicate, "drop_next": hooks.drop_next, "hold": hooks.hold }))
+        }
+        ("POST", ["webhooks", "flush"]) => {
+            let (mut held, endpoints) = {
+                let mut hooks = shared.webhooks.lock().expect("no panics while held");
+                (std::mem::take(&mut hooks.held), hooks.endpoints.clone())
+            };
+            held.reverse();
+            let count = held.len();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                for event in held {
+                    let body = event.json().to_string();
+                    for (url, secret) in &endpoints {
+                        super::send_with_retries(&shared, url, secret, &body).await;
+                    }
+                }
+            });
+            Ok(json!({ "released": count }))
+        }
+        ("GET", ["requests"]) => {
+            let log: Vec<RequestLogEntry> = shared.requests.lock().expect("no panics while held").clone();
+            Ok(json!({ "requests": log }))
+        }
+        ("POST", ["config"]) => {
+            let config: SimConfig =
+                serde_json::from_value(args.clone()).map_err(|e| SimError::invalid("config", e.to_string()))?;
+            shared.model.lock().expect("no panics while held").config = config;
+            Ok(json!({ "ok": true }))
+        }
+        _ => Err(SimError {
+            status: 404,
+            code: None,
+            param: None,
+            ..SimError::invalid("", format!("no control call {method} /_sim/{}", segments.join("/")))
+        }),
+    }
+}
+
+/// A client for the control API.
+#[derive(Debug, Clone)]
+pub struct SimControl {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("simulator control call failed: {0}")]
+pub struct ControlError(String);
+
+impl SimControl {
+    pub fn new(base_url: &str) -> Self {
+        Self {
+            base: base_url.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, ControlError> {
+        let response = self
+            .http
+            .request(method, format!("{}/_sim/{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ControlError(e.to_string()))?;
+        let status = response.status();
+        let value: Value = response.json().await.map_err(|e| ControlError(e.to_string()))?;
+        if status.is_success() {
+            Ok(value)
+        } else {
+            Err(ControlError(format!("{status}: {value}")))
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, ControlError> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, ControlError> {
+        self.call(reqwest::Method::GET, path, json!({})).await
+    }
+
+    pub async fn fault(&self, fault: Fault) -> Result<(), ControlError> {
+        self.post("faults", serde_json::to_value(fault).expect("plain data"))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn clear_faults(&self) -> Result<(), ControlError> {
+        self.call(reqwest::Method::DELETE, "faults", json!({}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates a connected account; `transfers_active` sets its `transfers` capability.
+    pub async fn create_account(&self, id: &str, transfers_active: bool) -> Result<(), ControlError> {
+        let transfers = if transfers_active { "active" } else { "inactive" };
+        self.post("accounts", json!({ "id": id, "transfers": transfers }))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn set_transfers_capability(&self, id: &str, status: &str) -> Result<(), ControlError> {
+        self.post(&format!("accounts/{id}/capabilities"), json!({ "transfers": status }))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn advance_clock(&self, seconds: i64) -> Result<i64, ControlError> {
+        let v = self.post("clock/advance", json!({ "seconds": seconds })).await?;
+        Ok(v["now"].as_i64().unwrap_or_default())
+    }
+
+    pub async fn settle(&self, payment_intent: &str, outcome: Option<&str>) -> Result<Value, ControlError> {
+        let body = match outcome {
+            Some(o) => json!({ "outcome": o }),
+            None => json!({}),
+        };
+        self.post(&format!("payment_intents/{payment_intent}/settle"), body)
+            .await
+    }
+
+    pub async fn top_up(&self, currency: &str, amount: i64) -> Result<(), ControlError> {
+        self.post("balance/top_up", json!({ "currency": currency, "amount": amount }))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn set_config(&self, config: &SimConfig) -> Result<(), ControlError> {
+        self.post("config", serde_json::to_value(config).expect("plain data"))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn add_webhook(&self, url: &str, secret: &str) -> Result<(), ControlError> {
+        self.post("webhooks", json!({ "url": url, "secret": secret }))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn webhook_mode(&self, mode: Value) -> Result<(), ControlError> {
+        self.post("webhooks/mode", mode).await.map(|_| ())
+    }
+
+    pub async fn flush_webhooks(&self) -> Result<u64, ControlError> {
+        Ok(self.post("webhooks/flush", json!({})).await?["released"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+
+    pub async fn set_latency(&self, min_ms: u64, max_ms: u64, processing_ms: u64) -> Result<(), ControlError> {
+        self.post(
+            "latency",
+            json!({ "min_ms": min_ms, "max_ms": max_ms, "processing_ms": processing_ms }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Arrival times (ms since start) of API requests whose path contains `path_contains`.
+    pub async fn request_times_ms(&self, path_contains: &str) -> Result<Vec<u64>, ControlError> {
+        let v = self.get("requests").await?;
+        Ok(v["requests"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(path_contains)))
+                    .filter_map(|e| e["at_ms"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}

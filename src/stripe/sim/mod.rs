@@ -1,0 +1,324 @@
+//! A stateful local Stripe, served over HTTP like Stripe: the product talks to it through the same async-stripe
+//! client and transport it uses in production. Tests and the demo start it in-process on a free port;
+//! `splitpay stripe-sim --port N` serves it on its own.
+//!
+//! - [`model`]: the objects and Stripe's rules (no HTTP).
+//! - [`form`]: Stripe's bracketed form encoding.
+//! - `http`: auth, idempotency, faults, routing.
+//! - [`control`]: the `/_sim/` control API and [`control::SimControl`], its client.
+//!
+//! Webhooks: every state change creates an `evt_…` (listable at `/v1/events`) and is POSTed, signed, to each
+//! registered endpoint, with delivery modes for duplicates, held-back (reordered) and dropped events.
+
+// A refused simulated request builds one `SimError` (Stripe's whole error envelope); boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+pub mod control;
+pub mod form;
+mod http;
+pub mod model;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::any;
+use axum::Router;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::config::Secret;
+use model::{Event, Model, SimConfig};
+
+/// How often pending debits and delayed balance transactions are checked against the clock.
+const TICK_MS: u64 = 100;
+/// A webhook delivery is tried this many times before it is given up (Stripe tries for days; the tests need less).
+const DELIVERY_ATTEMPTS_MAX: u32 = 5;
+const DELIVERY_TIMEOUT_MS: u64 = 5_000;
+/// Bounds the request log kept for tests.
+const REQUEST_LOG_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// 500, not applied, saved for the idempotency key (as Stripe saves 500s).
+    ServerError,
+    /// 429 `rate_limit`, not applied, not saved.
+    RateLimit,
+    /// The connection breaks before the request is applied.
+    DropConnection,
+    /// The request is applied (and saved for its key), then the connection breaks: the response is lost.
+    LoseResponse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// How many matching requests it hits.
+    pub count: u32,
+    /// Only requests whose path contains this.
+    #[serde(default)]
+    pub path_contains: Option<String>,
+    /// Only this method (`POST`, `GET`, …).
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct WebhookState {
+    endpoints: Vec<(String, Secret)>,
+    duplicate: bool,
+    drop_next: u32,
+    hold: bool,
+    held: Vec<Event>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RequestLogEntry {
+    pub method: String,
+    pub path: String,
+    /// Milliseconds since the simulator started.
+    pub at_ms: u64,
+}
+
+pub(crate) struct Shared {
+    model: Mutex<Model>,
+    idempotency: Mutex<http::IdempotencyTable>,
+    faults: Mutex<Vec<Fault>>,
+    /// (min, max) latency added to every API request.
+    latency_ms: Mutex<(u64, u64)>,
+    /// How long executing a request takes (holds its idempotency key in flight).
+    processing_ms: AtomicU64,
+    clock_offset_secs: AtomicI64,
+    webhooks: Mutex<WebhookState>,
+    requests: Mutex<Vec<RequestLogEntry>>,
+    started: Instant,
+    deliver: Notify,
+    http: reqwest::Client,
+}
+
+impl Shared {
+    /// The simulator's clock: the real time plus however far tests advanced it.
+    pub(crate) fn now(&self) -> i64 {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        real + self.clock_offset_secs.load(Ordering::SeqCst)
+    }
+
+    fn log_request(&self, method: &str, path: &str) {
+        let mut log = self.requests.lock().expect("no panics while held");
+        if log.len() < REQUEST_LOG_MAX {
+            log.push(RequestLogEntry {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                at_ms: self.started.elapsed().as_millis() as u64,
+            });
+        }
+    }
+
+    fn pick_latency_ms(&self) -> u64 {
+        let (min, max) = *self.latency_ms.lock().expect("no panics while held");
+        if max <= min {
+            min
+        } else {
+            rand::random_range(min..=max)
+        }
+    }
+
+    fn in_flight_hold_ms(&self) -> u64 {
+        self.processing_ms.load(Ordering::SeqCst)
+    }
+
+    fn take_fault(&self, method: &str, path: &str) -> Option<Fault> {
+        let mut faults = self.faults.lock().expect("no panics while held");
+        let index = faults.iter().position(|f| {
+            f.count > 0
+                && f.path_contains.as_deref().is_none_or(|p| path.contains(p))
+                && f.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method))
+        })?;
+        faults[index].count -= 1;
+        let fault = faults[index].clone();
+        if faults[index].count == 0 {
+            faults.remove(index);
+        }
+        Some(fault)
+    }
+
+    fn wake_deliverer(&self) {
+        self.deliver.notify_one();
+    }
+}
+
+/// A running simulator. Dropping it (or calling [`SimServer::shutdown`]) stops the server and its tasks.
+pub struct SimServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SimServer {
+    /// Base URL for async-stripe (`http://127.0.0.1:PORT/`; requests go to `{base}v1/…`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn control(&self) -> control::SimControl {
+        control::SimControl::new(&self.base_url())
+    }
+
+    /// The simulator's clock (unix seconds).
+    pub fn now(&self) -> i64 {
+        self.shared.now()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts the simulator on `127.0.0.1:port` (0: a free port).
+pub async fn start(config: SimConfig, port: u16) -> std::io::Result<SimServer> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        model: Mutex::new(Model::new(config)),
+        idempotency: Mutex::new(Default::default()),
+        faults: Mutex::new(Vec::new()),
+        latency_ms: Mutex::new((0, 0)),
+        processing_ms: AtomicU64::new(0),
+        clock_offset_secs: AtomicI64::new(0),
+        webhooks: Mutex::new(WebhookState::default()),
+        requests: Mutex::new(Vec::new()),
+        started: Instant::now(),
+        deliver: Notify::new(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS))
+            .build()
+            .map_err(std::io::Error::other)?,
+    });
+    let app = Router::new()
+        .route("/v1/{*rest}", any(http::stripe_api))
+        .route("/_sim/{*rest}", any(http::control))
+        .with_state(shared.clone());
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let background = shared.clone();
+    let server = tokio::spawn(async move {
+        let ticker = tokio::spawn(tick_and_deliver(background));
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+        ticker.abort();
+    });
+    Ok(SimServer {
+        addr,
+        shared,
+        stop: Some(stop_tx),
+        server: Some(server),
+    })
+}
+
+/// Serves until `shutdown` resolves (the `stripe-sim` subcommand).
+pub async fn serve(
+    config: SimConfig,
+    port: u16,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let server = start(config, port).await?;
+    tracing::info!(base_url = %server.base_url(), "Stripe simulator listening");
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Moves the clock-driven state on and hands new events to the webhook endpoints.
+async fn tick_and_deliver(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(TICK_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shared.deliver.notified() => {}
+        }
+        let events = {
+            let now = shared.now();
+            let mut model = shared.model.lock().expect("no panics while held");
+            model.tick(now);
+            model.take_undelivered()
+        };
+        deliver(&shared, events).await;
+    }
+}
+
+async fn deliver(shared: &Arc<Shared>, events: Vec<Event>) {
+    if events.is_empty() {
+        return;
+    }
+    let (endpoints, sends) = {
+        let mut hooks = shared.webhooks.lock().expect("no panics while held");
+        if hooks.endpoints.is_empty() {
+            return;
+        }
+        let mut sends = Vec::new();
+        for event in events {
+            if hooks.hold {
+                hooks.held.push(event);
+                continue;
+            }
+            if hooks.drop_next > 0 {
+                hooks.drop_next -= 1;
+                continue;
+            }
+            let copies = if hooks.duplicate { 2 } else { 1 };
+            for _ in 0..copies {
+                sends.push(event.clone());
+            }
+        }
+        (hooks.endpoints.clone(), sends)
+    };
+    for event in sends {
+        let body = event.json().to_string();
+        for (url, secret) in &endpoints {
+            send_with_retries(shared, url, secret, &body).await;
+        }
+    }
+}
+
+/// Posts one event, retrying a few times on failure (as Stripe does, much faster).
+async fn send_with_retries(shared: &Arc<Shared>, url: &str, secret: &Secret, body: &str) {
+    for attempt in 1..=DELIVERY_ATTEMPTS_MAX {
+        let signature = crate::stripe::webhook::sign(body.as_bytes(), secret, shared.now());
+        let sent = shared
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("stripe-signature", signature)
+            .body(body.to_owned())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => tracing::debug!(url, status = %r.status(), attempt, "webhook endpoint refused an event"),
+            Err(e) => tracing::debug!(url, error = %e, attempt, "webhook delivery failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+    }
+    tracing::warn!(url, "webhook delivery given up");
+}

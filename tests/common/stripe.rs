@@ -1,0 +1,108 @@
+//! The Stripe simulator on a free port, a gateway pointed at it, and a webhook receiver that records what arrives.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use splitpay::stripe::keys::StripeKey;
+use splitpay::stripe::sim::model::SimConfig;
+use splitpay::stripe::sim::{self, control::SimControl, SimServer};
+use splitpay::stripe::{GatewayConfig, StripeGateway};
+
+pub const TEST_KEY: &str = "sk_test_splitpay_tests_only";
+
+pub async fn simulator() -> (SimServer, SimControl) {
+    let server = sim::start(SimConfig::default(), 0).await.expect("simulator starts");
+    let control = server.control();
+    (server, control)
+}
+
+/// A gateway with fast retries (so tests do not wait seconds) and a generous rate.
+pub fn gateway(server: &SimServer) -> StripeGateway {
+    gateway_with(server, |_| {})
+}
+
+pub fn gateway_with(server: &SimServer, tweak: impl FnOnce(&mut GatewayConfig)) -> StripeGateway {
+    let mut config = GatewayConfig {
+        api_base: server.base_url(),
+        timeout_ms: 5_000,
+        rate_per_sec: Some(1_000),
+        burst: 50,
+        attempts_max: 4,
+        backoff_base_ms: 5,
+        backoff_cap_ms: 20,
+    };
+    tweak(&mut config);
+    StripeGateway::new(&StripeKey::parse(TEST_KEY, false).unwrap(), config).unwrap()
+}
+
+/// Each delivery's `Stripe-Signature` header and body, in arrival order.
+pub type Deliveries = Arc<Mutex<Vec<(Option<String>, String)>>>;
+
+/// A webhook endpoint on a free port that records each delivery.
+pub struct Receiver {
+    pub url: String,
+    pub received: Deliveries,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        use axum::{body::Bytes, extract::State, http::HeaderMap, routing::post, Router};
+        let received: Deliveries = Arc::default();
+        let app = Router::new()
+            .route(
+                "/hook",
+                post(
+                    |State(store): State<Deliveries>, headers: HeaderMap, body: Bytes| async move {
+                        let signature = headers
+                            .get("stripe-signature")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        store
+                            .lock()
+                            .unwrap()
+                            .push((signature, String::from_utf8_lossy(&body).into_owned()));
+                        "ok"
+                    },
+                ),
+            )
+            .with_state(received.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            received,
+            _server: server,
+        }
+    }
+
+    /// Event types received so far, in arrival order.
+    pub fn types(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(body).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until `predicate` holds for the received types.
+    pub async fn wait_for(&self, what: &str, predicate: impl Fn(&[String]) -> bool) -> Vec<String> {
+        for _ in 0..100 {
+            let types = self.types();
+            if predicate(&types) {
+                return types;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}; received {:?}", self.types());
+    }
+}
