@@ -112,3 +112,133 @@ mod tests {
         assert_eq!(redact_url("nonsense"), "nonsense");
     }
 }
+
+/// Where Stripe calls go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StripeTarget {
+    /// No `STRIPE_SECRET_KEY`: splitpay starts its local simulator and points at it.
+    Simulator,
+    /// Stripe itself (test mode, or live mode when explicitly allowed), or another base URL.
+    Api {
+        key: crate::stripe::keys::StripeKey,
+        api_base: String,
+    },
+}
+
+/// Stripe settings from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeSettings {
+    pub target: StripeTarget,
+    pub timeout_ms: u64,
+    /// `None`: Stripe's own limit for the key's mode.
+    pub rate_per_sec: Option<u32>,
+    /// Webhook signing secrets; several while one rolls.
+    pub webhook_secrets: Vec<Secret>,
+}
+
+pub const STRIPE_TIMEOUT_MS_DEFAULT: u64 = 20_000;
+
+impl StripeSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `get` (the environment in production, a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let allow_live = get("SPLITPAY_ALLOW_LIVE").as_deref() == Some("1");
+        let target = match get("STRIPE_SECRET_KEY").filter(|k| !k.trim().is_empty()) {
+            None => StripeTarget::Simulator,
+            Some(raw) => {
+                let key =
+                    crate::stripe::keys::StripeKey::parse(&raw, allow_live).map_err(|e| ConfigError::Invalid {
+                        name: "STRIPE_SECRET_KEY",
+                        reason: e.to_string(),
+                    })?;
+                let api_base =
+                    get("STRIPE_API_BASE").unwrap_or_else(|| crate::stripe::transport::STRIPE_API_BASE.into());
+                StripeTarget::Api { key, api_base }
+            }
+        };
+        let number = |name: &'static str| -> Result<Option<u64>, ConfigError> {
+            get(name)
+                .map(|raw| {
+                    raw.parse::<u64>().ok().filter(|&n| n > 0).ok_or(ConfigError::Invalid {
+                        name,
+                        reason: format!("expected a positive integer, got '{raw}'"),
+                    })
+                })
+                .transpose()
+        };
+        let timeout_ms = number("STRIPE_TIMEOUT_MS")?.unwrap_or(STRIPE_TIMEOUT_MS_DEFAULT);
+        let rate_per_sec = number("STRIPE_RATE_PER_SEC")?.map(|n| n.min(u64::from(u32::MAX)) as u32);
+        let webhook_secrets = get("STRIPE_WEBHOOK_SECRET")
+            .map(|raw| {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            target,
+            timeout_ms,
+            rate_per_sec,
+            webhook_secrets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod stripe_settings_tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<StripeSettings, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        StripeSettings::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn no_key_means_the_simulator() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.target, StripeTarget::Simulator);
+        assert_eq!((s.timeout_ms, s.rate_per_sec), (STRIPE_TIMEOUT_MS_DEFAULT, None));
+    }
+
+    #[test]
+    fn live_keys_need_explicit_permission_and_never_print() {
+        let err = settings(&[("STRIPE_SECRET_KEY", "sk_live_realmoney")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SPLITPAY_ALLOW_LIVE"), "{err}");
+        assert!(!err.contains("realmoney"), "{err}");
+        let allowed = settings(&[("STRIPE_SECRET_KEY", "sk_live_realmoney"), ("SPLITPAY_ALLOW_LIVE", "1")]).unwrap();
+        assert!(!format!("{allowed:?}").contains("realmoney"));
+        assert!(settings(&[
+            ("STRIPE_SECRET_KEY", "sk_live_realmoney"),
+            ("SPLITPAY_ALLOW_LIVE", "true")
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn test_keys_go_to_stripe_with_rolling_webhook_secrets() {
+        let s = settings(&[
+            ("STRIPE_SECRET_KEY", "sk_test_abc"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_new, whsec_old"),
+            ("STRIPE_RATE_PER_SEC", "10"),
+        ])
+        .unwrap();
+        assert!(matches!(s.target, StripeTarget::Api { ref api_base, .. } if api_base == "https://api.stripe.com/"));
+        assert_eq!(
+            s.webhook_secrets.iter().map(Secret::expose).collect::<Vec<_>>(),
+            vec!["whsec_new", "whsec_old"]
+        );
+        assert_eq!(s.rate_per_sec, Some(10));
+        assert!(settings(&[("STRIPE_TIMEOUT_MS", "soon")])
+            .unwrap_err()
+            .to_string()
+            .contains("STRIPE_TIMEOUT_MS"));
+    }
+}

@@ -23,9 +23,12 @@ enum Command {
     Migrate,
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {
-        /// Port on 127.0.0.1 (0 picks a free one).
+        /// Port to listen on (0 picks a free one).
         #[arg(long, default_value_t = 12111)]
         port: u16,
+        /// Address to listen on; keep the loopback default outside containers.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
     },
 }
 
@@ -46,7 +49,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Migrate => migrate().await,
-        Command::StripeSim { port } => stripe_sim(port).await,
+        Command::StripeSim { port, host } => stripe_sim(std::net::SocketAddr::new(host, port)).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -66,9 +69,9 @@ async fn migrate() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn stripe_sim(port: u16) -> Result<(), Box<dyn std::error::Error>> {
+async fn stripe_sim(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let config = splitpay::stripe::sim::model::SimConfig::default();
-    splitpay::stripe::sim::serve(config, port, shutdown_signal()).await?;
+    splitpay::stripe::sim::serve(config, addr, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -953,3 +953,186 @@ async fn requests_without_a_test_key_are_refused() {
         assert_eq!(body["error"]["type"], "invalid_request_error");
     }
 }
+
+/// Raw HTTP against the simulator, for what the gateway does not expose (headers, endpoints splitpay never calls).
+async fn raw_post(
+    sim: &splitpay::stripe::sim::SimServer,
+    path: &str,
+    body: &str,
+    key: Option<&str>,
+) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}v1/{path}", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned());
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    req.send().await.unwrap()
+}
+
+async fn raw_get(sim: &splitpay::stripe::sim::SimServer, path: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}v1/{path}", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn replays_say_so_and_validation_failures_are_not_saved() {
+    let (sim, control) = simulator().await;
+    control.create_account("acct_ok", true).await.unwrap();
+    let charge = paid_charge(&gateway(&sim), 10_000, "k-pay").await;
+    let body = format!("amount=100&currency=aud&destination=acct_ok&source_transaction={charge}");
+    let first = raw_post(&sim, "transfers", &body, Some("k-raw")).await;
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: serde_json::Value = first.json().await.unwrap();
+    let second = raw_post(&sim, "transfers", &body, Some("k-raw")).await;
+    assert_eq!(second.headers().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(second.json::<serde_json::Value>().await.unwrap()["id"], first["id"]);
+
+    // A request that fails validation is not saved: the key can then carry a valid request.
+    let invalid = raw_post(&sim, "transfers", "currency=aud&destination=acct_ok", Some("k-fixed")).await;
+    assert_eq!(invalid.status(), 400);
+    assert_eq!(invalid.headers().get("stripe-should-retry").unwrap(), "false");
+    let body: serde_json::Value = invalid.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "amount");
+    let valid = raw_post(
+        &sim,
+        "transfers",
+        &format!("amount=100&currency=aud&destination=acct_ok&source_transaction={charge}"),
+        Some("k-fixed"),
+    )
+    .await;
+    assert_eq!(valid.status(), 200);
+    let transfer: serde_json::Value = raw_get(&sim, &format!("transfers/{}", first["id"].as_str().unwrap())).await;
+    assert_eq!(
+        (transfer["amount"].as_i64(), transfer["destination"].as_str()),
+        (Some(100), Some("acct_ok"))
+    );
+}
+
+#[tokio::test]
+async fn a_becs_success_can_be_disputed_later() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let pi = gw
+        .create_payment_intent(&intent(
+            2_000,
+            PaymentMethodType::AuBecsDebit,
+            Some("pm_becs_666666660"),
+            "k-d",
+        ))
+        .await
+        .unwrap();
+    control.settle(&pi.id, None).await.unwrap();
+    assert_eq!(
+        gw.retrieve_payment_intent(&pi.id).await.unwrap().status,
+        IntentStatus::Succeeded
+    );
+    let disputes = raw_get(&sim, "events?type=charge.dispute.created").await;
+    let dispute = &disputes["data"][0]["data"]["object"];
+    assert_eq!(
+        (dispute["payment_intent"].as_str(), dispute["amount"].as_i64()),
+        (Some(pi.id.as_str()), Some(2_000))
+    );
+}
+
+#[tokio::test]
+async fn the_platform_balance_is_pending_until_funds_are_available() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    paid_charge(&gw, 10_000, "k-pending").await;
+    let fast = gw
+        .create_payment_intent(&intent(
+            1_000,
+            PaymentMethodType::Card,
+            Some("pm_card_bypassPending"),
+            "k-fast",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(fast.status, IntentStatus::Succeeded);
+    let balance = raw_get(&sim, "balance").await;
+    assert_eq!(
+        balance["pending"][0]["amount"], 9_795,
+        "10,000 less 205 in fees, not yet available"
+    );
+    assert_eq!(
+        balance["available"][0]["amount"], 952,
+        "1,000 less 48, available at once"
+    );
+    control.advance_clock(2 * 86_400).await.unwrap();
+    let balance = raw_get(&sim, "balance").await;
+    assert_eq!(
+        (
+            balance["available"][0]["amount"].as_i64(),
+            balance["pending"][0]["amount"].as_i64()
+        ),
+        (Some(10_747), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn a_slow_stripe_is_a_timeout_with_an_unknown_outcome() {
+    let (sim, control) = simulator().await;
+    control.create_account("acct_ok", true).await.unwrap();
+    let charge = paid_charge(&gateway(&sim), 10_000, "k-pay").await;
+    control.set_latency(400, 400, 0).await.unwrap();
+    let impatient = gateway_with(&sim, |c| c.timeout_ms = 100);
+    let err = impatient
+        .create_transfer(&transfer("acct_ok", 100, Some(&charge), "k-slow"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Unknown, "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+}
+
+#[tokio::test]
+async fn accounts_are_created_with_the_transfers_capability_and_deleted() {
+    let (sim, _) = simulator().await;
+    let gw = gateway(&sim);
+    let created = raw_post(
+        &sim,
+        "accounts",
+        "type=custom&country=AU&capabilities[transfers][requested]=true",
+        None,
+    )
+    .await;
+    let account: serde_json::Value = created.json().await.unwrap();
+    let id = account["id"].as_str().unwrap();
+    assert!(gw.retrieve_account(id).await.unwrap().can_receive_transfers());
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}v1/accounts/{id}", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.json::<serde_json::Value>().await.unwrap()["deleted"], true);
+    assert!(gw.retrieve_account(id).await.is_err());
+}
+
+#[tokio::test]
+async fn the_key_never_shows_in_debug_output_or_errors() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    assert!(!format!("{gw:?}").contains(TEST_KEY), "{gw:?}");
+    control
+        .fault(Fault {
+            kind: FaultKind::ServerError,
+            count: 1,
+            path_contains: None,
+            method: None,
+        })
+        .await
+        .unwrap();
+    let err = gw.retrieve_account("acct_x").await.unwrap_err();
+    assert!(!format!("{err:?} {err}").contains(TEST_KEY));
+}

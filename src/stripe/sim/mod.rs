@@ -194,7 +194,12 @@ impl Drop for SimServer {
 
 /// Starts the simulator on `127.0.0.1:port` (0: a free port).
 pub async fn start(config: SimConfig, port: u16) -> std::io::Result<SimServer> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    start_on(config, SocketAddr::from(([127, 0, 0, 1], port))).await
+}
+
+/// Starts the simulator on `addr` (a container needs `0.0.0.0`; everything else should stay on loopback).
+pub async fn start_on(config: SimConfig, addr: SocketAddr) -> std::io::Result<SimServer> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
         model: Mutex::new(Model::new(config)),
@@ -238,10 +243,10 @@ pub async fn start(config: SimConfig, port: u16) -> std::io::Result<SimServer> {
 /// Serves until `shutdown` resolves (the `stripe-sim` subcommand).
 pub async fn serve(
     config: SimConfig,
-    port: u16,
+    addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let server = start(config, port).await?;
+    let server = start_on(config, addr).await?;
     tracing::info!(base_url = %server.base_url(), "Stripe simulator listening");
     shutdown.await;
     server.shutdown().await;
