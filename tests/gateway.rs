@@ -53,6 +53,30 @@ async fn paid_charge(gw: &StripeGateway, amount_cents: i64, key: &str) -> String
     pi.latest_charge.unwrap()
 }
 
+/// A simulator with an account `acct_ok` that can receive transfers and a succeeded A$100 card charge.
+async fn ready_to_transfer() -> (
+    splitpay::stripe::sim::SimServer,
+    splitpay::stripe::sim::control::SimControl,
+    StripeGateway,
+    String,
+) {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    control.create_account("acct_ok", true).await.unwrap();
+    let charge = paid_charge(&gw, 10_000, "k-pay").await;
+    (sim, control, gw, charge)
+}
+
+/// The next `count` transfer creations hit `kind`.
+fn transfer_fault(kind: FaultKind, count: u32) -> Fault {
+    Fault {
+        kind,
+        count,
+        path_contains: Some("/v1/transfers".into()),
+        method: Some("POST".into()),
+    }
+}
+
 fn terminal_code(err: &GatewayError) -> &str {
     assert_eq!(err.class(), ErrorClass::Terminal, "{err}");
     err.code().unwrap_or("")
@@ -469,10 +493,7 @@ async fn listing_a_transfer_group_pages_through_everything() {
 
 #[tokio::test]
 async fn the_same_key_makes_one_transfer_and_other_parameters_are_refused() {
-    let (sim, control) = simulator().await;
-    let gw = gateway(&sim);
-    control.create_account("acct_ok", true).await.unwrap();
-    let charge = paid_charge(&gw, 10_000, "k-pay").await;
+    let (_sim, _control, gw, charge) = ready_to_transfer().await;
     let first = gw
         .create_transfer(&transfer("acct_ok", 1_000, Some(&charge), "k-same"))
         .await
@@ -518,19 +539,8 @@ async fn a_saved_error_is_replayed_until_a_new_generation_key() {
 
 #[tokio::test]
 async fn a_lost_response_then_a_retry_with_the_same_key_returns_the_original_transfer() {
-    let (sim, control) = simulator().await;
-    let gw = gateway(&sim);
-    control.create_account("acct_ok", true).await.unwrap();
-    let charge = paid_charge(&gw, 10_000, "k-pay").await;
-    control
-        .fault(Fault {
-            kind: FaultKind::LoseResponse,
-            count: 1,
-            path_contains: Some("/v1/transfers".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
+    let (_sim, control, gw, charge) = ready_to_transfer().await;
+    control.fault(transfer_fault(FaultKind::LoseResponse, 1)).await.unwrap();
     let params = transfer("acct_ok", 2_500, Some(&charge), "k-lost");
     let err = gw.create_transfer(&params).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Unknown, "{err}");
@@ -547,10 +557,7 @@ async fn a_lost_response_then_a_retry_with_the_same_key_returns_the_original_tra
 
 #[tokio::test]
 async fn a_dropped_connection_is_unknown_and_the_retry_applies_once() {
-    let (sim, control) = simulator().await;
-    let gw = gateway(&sim);
-    control.create_account("acct_ok", true).await.unwrap();
-    let charge = paid_charge(&gw, 10_000, "k-pay").await;
+    let (_sim, control, gw, charge) = ready_to_transfer().await;
     control
         .fault(Fault {
             kind: FaultKind::DropConnection,
@@ -576,19 +583,8 @@ async fn a_dropped_connection_is_unknown_and_the_retry_applies_once() {
 
 #[tokio::test]
 async fn rate_limited_then_success_with_the_same_key() {
-    let (sim, control) = simulator().await;
-    let gw = gateway(&sim);
-    control.create_account("acct_ok", true).await.unwrap();
-    let charge = paid_charge(&gw, 10_000, "k-pay").await;
-    control
-        .fault(Fault {
-            kind: FaultKind::RateLimit,
-            count: 2,
-            path_contains: Some("/v1/transfers".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
+    let (sim, control, gw, charge) = ready_to_transfer().await;
+    control.fault(transfer_fault(FaultKind::RateLimit, 2)).await.unwrap();
     let t = gw
         .create_transfer(&transfer("acct_ok", 700, Some(&charge), "k-429"))
         .await
@@ -615,19 +611,8 @@ async fn rate_limited_then_success_with_the_same_key() {
 
 #[tokio::test]
 async fn a_500_is_unknown_and_replayed_for_its_key() {
-    let (sim, control) = simulator().await;
-    let gw = gateway(&sim);
-    control.create_account("acct_ok", true).await.unwrap();
-    let charge = paid_charge(&gw, 10_000, "k-pay").await;
-    control
-        .fault(Fault {
-            kind: FaultKind::ServerError,
-            count: 1,
-            path_contains: Some("/v1/transfers".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
+    let (_sim, control, gw, charge) = ready_to_transfer().await;
+    control.fault(transfer_fault(FaultKind::ServerError, 1)).await.unwrap();
     let params = transfer("acct_ok", 900, Some(&charge), "k-500");
     assert_eq!(
         gw.create_transfer(&params).await.unwrap_err().class(),
@@ -701,10 +686,7 @@ async fn idempotency_keys_expire_after_their_ttl() {
 
 #[tokio::test]
 async fn reversals_partial_full_and_already_reversed() {
-    let (sim, control) = simulator().await;
-    let gw = gateway(&sim);
-    control.create_account("acct_ok", true).await.unwrap();
-    let charge = paid_charge(&gw, 10_000, "k-pay").await;
+    let (_sim, _control, gw, charge) = ready_to_transfer().await;
     let t = gw
         .create_transfer(&transfer("acct_ok", 1_000, Some(&charge), "k-t"))
         .await

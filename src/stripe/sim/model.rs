@@ -1267,22 +1267,14 @@ impl Model {
             .filter(|t| group.is_none_or(|g| t.transfer_group.as_deref() == Some(g)))
             .filter(|t| destination.is_none_or(|d| t.destination == d))
             .collect();
-        let start = match query.get("starting_after") {
-            Some(after) => matching
-                .iter()
-                .position(|t| t.id == after)
-                .map(|i| i + 1)
-                .ok_or_else(|| SimError::invalid("starting_after", format!("No such transfer: '{after}'")))?,
-            None => 0,
-        };
-        let page: Vec<Value> = matching
-            .iter()
-            .skip(start)
-            .take(limit as usize)
-            .map(|t| self.transfer_json(t))
-            .collect();
-        let has_more = matching.len() > start + page.len();
-        Ok(json!({ "object": "list", "data": page, "has_more": has_more, "url": "/v1/transfers" }))
+        page(
+            &matching,
+            query,
+            limit,
+            "/v1/transfers",
+            |t| t.id.as_str(),
+            |t| self.transfer_json(t),
+        )
     }
 
     /// The number of transfers ever created (for tests: "exactly one transfer").
@@ -1447,22 +1439,7 @@ impl Model {
             .rev()
             .filter(|e| type_.is_none_or(|t| e.type_ == t))
             .collect();
-        let start = match query.get("starting_after") {
-            Some(after) => matching
-                .iter()
-                .position(|e| e.id == after)
-                .map(|i| i + 1)
-                .ok_or_else(|| SimError::invalid("starting_after", format!("No such event: '{after}'")))?,
-            None => 0,
-        };
-        let page: Vec<Value> = matching
-            .iter()
-            .skip(start)
-            .take(limit as usize)
-            .map(|e| e.json())
-            .collect();
-        let has_more = matching.len() > start + page.len();
-        Ok(json!({ "object": "list", "data": page, "has_more": has_more, "url": "/v1/events" }))
+        page(&matching, query, limit, "/v1/events", |e| e.id.as_str(), Event::json)
     }
 
     pub fn retrieve_event(&self, id: &str) -> Result<Value, SimError> {
@@ -1472,6 +1449,33 @@ impl Model {
             .map(Event::json)
             .ok_or_else(|| SimError::missing("event", id, Some("id")))
     }
+}
+
+/// One page of a Stripe list, newest first: `starting_after` (an id in `items`) and `limit` as Stripe reads them.
+fn page<T>(
+    items: &[&T],
+    query: &Form,
+    limit: i64,
+    url: &str,
+    id_of: impl Fn(&T) -> &str,
+    render: impl Fn(&T) -> Value,
+) -> Result<Value, SimError> {
+    let start = match query.get("starting_after") {
+        Some(after) => items
+            .iter()
+            .position(|item| id_of(item) == after)
+            .map(|i| i + 1)
+            .ok_or_else(|| SimError::invalid("starting_after", format!("No such object: '{after}'")))?,
+        None => 0,
+    };
+    let data: Vec<Value> = items
+        .iter()
+        .skip(start)
+        .take(limit as usize)
+        .map(|item| render(item))
+        .collect();
+    let has_more = items.len() > start + data.len();
+    Ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": url }))
 }
 
 fn reversal_json(t: &Transfer, r: &Reversal) -> Value {
