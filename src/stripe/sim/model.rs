@@ -1277,14 +1277,6 @@ impl Model {
         )
     }
 
-    /// The number of transfers ever created (for tests: "exactly one transfer").
-    pub fn transfers_for_metadata(&self, key: &str, value: &str) -> usize {
-        self.transfers
-            .iter()
-            .filter(|t| t.metadata.get(key).map(String::as_str) == Some(value))
-            .count()
-    }
-
     pub fn create_reversal(&mut self, transfer_id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
         let index = *self
             .transfer_index
