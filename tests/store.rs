@@ -786,12 +786,29 @@ async fn outbox_inbox_and_cron_claims_deduplicate() {
         !insert_stripe_event(&mut conn, &stripe_event).await.unwrap(),
         "a redelivery is recognised"
     );
-    mark_stripe_event(&mut conn, "evt_1", None).await.unwrap();
-    let (processed,): (bool,) = sqlx::query_as("SELECT processed_at IS NOT NULL FROM stripe_events WHERE id = 'evt_1'")
-        .fetch_one(&mut *conn)
+    mark_stripe_event(&mut conn, "evt_1", Some("charge not found yet"))
         .await
         .unwrap();
-    assert!(processed);
+    let stored = get_stripe_event(&mut conn, "evt_1").await.unwrap();
+    assert_eq!(
+        (stored.event_type.as_str(), stored.object_id.as_deref()),
+        ("payment_intent.succeeded", Some("pi_1"))
+    );
+    assert_eq!(
+        (stored.processed_at, stored.process_error.as_deref()),
+        (None, Some("charge not found yet"))
+    );
+    mark_stripe_event(&mut conn, "evt_1", None).await.unwrap();
+    let stored = get_stripe_event(&mut conn, "evt_1").await.unwrap();
+    assert!(stored.processed_at.is_some() && stored.process_error.is_none());
+    let org = splitpay::store::catalog::get_organisation(&mut conn, DISTRIBUTOR)
+        .await
+        .unwrap();
+    assert_eq!(org.name, "Climate Fund");
+    assert!(matches!(
+        splitpay::store::catalog::get_organisation(&mut conn, "cm3nobody").await,
+        Err(StoreError::NotFound { .. })
+    ));
 
     let tick = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:05:00Z")
         .unwrap()

@@ -24,6 +24,24 @@ pub async fn create_organisation(conn: &mut PgConnection, org: &NewOrganisation)
     Ok(())
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OrganisationRow {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn get_organisation(conn: &mut PgConnection, id: &str) -> Result<OrganisationRow, StoreError> {
+    sqlx::query_as::<_, OrganisationRow>("SELECT id, name, created_at FROM organisations WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "organisation",
+            id: id.to_owned(),
+        })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewLink {
     pub id: String,

@@ -89,6 +89,30 @@ pub async fn insert_stripe_event(conn: &mut PgConnection, event: &NewStripeEvent
     Ok(done.rows_affected() == 1)
 }
 
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StripeEventRow {
+    pub id: String,
+    pub event_type: String,
+    pub object_id: Option<String>,
+    pub livemode: bool,
+    pub payload: serde_json::Value,
+    pub stripe_created: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+    pub process_error: Option<String>,
+}
+
+pub async fn get_stripe_event(conn: &mut PgConnection, id: &str) -> Result<StripeEventRow, StoreError> {
+    sqlx::query_as::<_, StripeEventRow>("SELECT * FROM stripe_events WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "Stripe event",
+            id: id.to_owned(),
+        })
+}
+
 /// Marks an inbox event handled (or records why handling failed, leaving it for a retry).
 pub async fn mark_stripe_event(conn: &mut PgConnection, id: &str, error: Option<&str>) -> Result<(), StoreError> {
     sqlx::query(
