@@ -1,4 +1,11 @@
-//! Background work. For now: the cron schedule the worker will load (`jobs/schedule.toml`), parsed and checked
-//! here so a bad expression fails at start-up (and in the tests), not at the first tick.
+//! Background work on apalis-postgres.
+//!
+//! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
+//! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
+//!   LISTEN/NOTIFY plus a short poll, explicit heartbeats, restart on errors, graceful shutdown, and payloads
+//!   decoded by us so a bad one is rejected without stopping the worker.
+//! - [`schedule`]: the cron schedule the worker loads (`jobs/schedule.toml`).
 
+pub mod queue;
+pub mod runner;
 pub mod schedule;

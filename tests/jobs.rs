@@ -1,0 +1,171 @@
+//! The job runtime on a real PostgreSQL with apalis-postgres: transactional enqueueing, a worker that survives bad
+//! payloads, delayed jobs, retries, and graceful shutdown.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::db::TestDb;
+use splitpay::jobs::queue::{enqueue, setup, JobRef, Queue};
+use splitpay::jobs::runner::{run, Handler, JobFailure, RunnerSettings};
+use tokio::sync::oneshot;
+
+type Seen = Arc<Mutex<Vec<(String, std::time::Instant)>>>;
+
+/// A handler that records each id; ids starting with `flaky` fail the first time.
+fn recorder(seen: Seen) -> Handler {
+    let failed_once: Arc<Mutex<Vec<String>>> = Arc::default();
+    Arc::new(move |job: JobRef| {
+        let (seen, failed_once) = (seen.clone(), failed_once.clone());
+        Box::pin(async move {
+            if job.id.starts_with("flaky") && !failed_once.lock().unwrap().contains(&job.id) {
+                failed_once.lock().unwrap().push(job.id.clone());
+                return Err(JobFailure::Retry("first attempt fails".into()));
+            }
+            seen.lock().unwrap().push((job.id, std::time::Instant::now()));
+            Ok(())
+        })
+    })
+}
+
+fn fast() -> RunnerSettings {
+    RunnerSettings {
+        heartbeat_interval: Duration::from_secs(1),
+        missed_heartbeats: 3,
+        poll_interval: Duration::from_millis(200),
+        shutdown_timeout: Duration::from_secs(5),
+        ..RunnerSettings::default()
+    }
+}
+
+async fn wait_for(seen: &Seen, n: usize) -> Vec<String> {
+    for _ in 0..150 {
+        if seen.lock().unwrap().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen.lock().unwrap().iter().map(|(id, _)| id.clone()).collect()
+}
+
+async fn statuses(db: &TestDb, queue: Queue) -> Vec<String> {
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT status FROM apalis.jobs WHERE job_type = $1 ORDER BY run_at, id")
+        .bind(queue.name())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    rows.into_iter().map(|(s,)| s).collect()
+}
+
+#[tokio::test]
+async fn jobs_exist_only_if_their_transaction_commits_and_bad_payloads_do_not_stop_the_worker() {
+    let db = TestDb::new().await;
+    setup(&db.pool).await.unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(&mut tx, Queue::Transfer, "salc_rolled_back", None)
+        .await
+        .unwrap();
+    drop(tx); // rolled back
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(&mut tx, Queue::Transfer, "salc_1", None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        statuses(&db, Queue::Transfer).await.len(),
+        1,
+        "the rolled-back job does not exist"
+    );
+
+    // A payload no handler can read, pushed the way a buggy or older release might.
+    let bad = apalis::prelude::TaskBuilder::new(br#"{"allocation":"salc_x"}"#.to_vec()).build();
+    let mut conn = db.pool.acquire().await.unwrap();
+    apalis_postgres::queries::push_tasks(&mut *conn, Queue::Transfer.name(), vec![bad])
+        .await
+        .unwrap();
+    drop(conn);
+
+    let seen: Seen = Arc::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(
+        db.pool.clone(),
+        vec![(Queue::Transfer, recorder(seen.clone()))],
+        fast(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    assert_eq!(wait_for(&seen, 1).await, vec!["salc_1"]);
+
+    // Still working after the bad payload: a job enqueued later is picked up (NOTIFY or the poll).
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(&mut tx, Queue::Transfer, "salc_2", None).await.unwrap();
+    enqueue(&mut tx, Queue::Transfer, "flaky_3", None).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut ids = wait_for(&seen, 3).await;
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec!["flaky_3", "salc_1", "salc_2"],
+        "a failed attempt is run again"
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("shuts down")
+        .unwrap()
+        .unwrap();
+    let mut states = statuses(&db, Queue::Transfer).await;
+    states.sort();
+    assert_eq!(
+        states,
+        vec!["Done", "Done", "Done", "Killed"],
+        "the bad payload is killed, not retried"
+    );
+    let rejected: (i32,) = sqlx::query_as("SELECT attempts FROM apalis.jobs WHERE job_type = $1 AND status = 'Killed'")
+        .bind(Queue::Transfer.name())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected.0, 1, "rejected on its first attempt");
+}
+
+#[tokio::test]
+async fn delayed_jobs_wait_and_queues_are_separate() {
+    let db = TestDb::new().await;
+    setup(&db.pool).await.unwrap();
+    let seen: Seen = Arc::default();
+    let other: Seen = Arc::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(
+        db.pool.clone(),
+        vec![
+            (Queue::Distribute, recorder(seen.clone())),
+            (Queue::StripeEvent, recorder(other.clone())),
+        ],
+        fast(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let enqueued_at = std::time::Instant::now();
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(&mut tx, Queue::Distribute, "spay_later", Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    enqueue(&mut tx, Queue::StripeEvent, "evt_now", None).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(wait_for(&other, 1).await, vec!["evt_now"]);
+    assert_eq!(wait_for(&seen, 1).await, vec!["spay_later"]);
+    let waited = seen.lock().unwrap()[0].1.duration_since(enqueued_at);
+    // run_at has whole-second resolution and the delay is rounded up: at least 1 s of a 2 s delay must have passed.
+    assert!(waited >= Duration::from_secs(1), "ran after {waited:?}");
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("shuts down")
+        .unwrap()
+        .unwrap();
+}
