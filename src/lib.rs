@@ -10,15 +10,20 @@
 //!   (`contract/together-openapi.json`) defines them.
 //! - [`stripe`]: the `PaymentGateway` port, its async-stripe implementation (errors classified as retryable,
 //!   terminal or outcome-unknown; rate limited), webhook signatures, and a local Stripe simulator.
-//! - [`jobs`]: the background work's schedule (`jobs/schedule.toml`).
+//! - [`http`]: Stripe's webhook ingress (verify, store in the inbox, enqueue, answer fast).
+//! - [`jobs`]: the workers on apalis-postgres: Stripe events → payment states → fee split → one transfer per
+//!   allocation, with retries stored on our rows; and the cron schedule (`jobs/schedule.toml`).
+//! - [`app`]: what the API and the workers share.
 //! - [`config`]: configuration from the environment; secrets that cannot be printed.
 //!
-//! Still to come (see the issues): intake and webhooks over HTTP, the distribution workers, outbound delivery and
-//! the operator commands.
+//! Still to come (see the issues): intake over HTTP and the `serve`/`worker` processes, the reconcilers and the
+//! sweeper, outbound delivery, and the operator commands.
 
+pub mod app;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod http;
 pub mod jobs;
 pub mod store;
 pub mod stripe;

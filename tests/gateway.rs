@@ -839,7 +839,13 @@ async fn events_are_signed_listed_and_delivered_with_modes() {
     );
     let secret = [Secret::new("whsec_sim_test")];
     for (signature, body) in receiver.received.lock().unwrap().iter() {
-        verify_signature(body.as_bytes(), signature.as_deref(), &secret, sim.now()).unwrap();
+        verify_signature(
+            body.as_bytes(),
+            signature.as_deref(),
+            &secret,
+            chrono::Utc::now().timestamp(),
+        )
+        .unwrap();
         // async-stripe's webhook parser accepts the simulator's events.
         let event = stripe_webhook::Webhook::construct_event(body, signature.as_deref().unwrap(), "whsec_sim_test");
         assert!(event.is_ok(), "async-stripe could not parse: {body}");

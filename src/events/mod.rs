@@ -5,6 +5,8 @@
 //! Every event has a dedup key that makes "fires once per split payment / per allocation" a database rule
 //! (`outbox_events.dedup_key` is unique). Signed delivery is a later piece of work; the outbox is the record.
 
+pub mod build;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 

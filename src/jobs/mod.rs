@@ -1,11 +1,45 @@
 //! Background work on apalis-postgres.
 //!
+//! - [`stripe_event`]: applies a stored Stripe event (payment states, their events, the distribution job).
+//! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
+//! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
 //! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
 //!   LISTEN/NOTIFY plus a short poll, explicit heartbeats, restart on errors, graceful shutdown, and payloads
 //!   decoded by us so a bad one is rejected without stopping the worker.
 //! - [`schedule`]: the cron schedule the worker loads (`jobs/schedule.toml`).
 
+pub mod distribute;
 pub mod queue;
 pub mod runner;
 pub mod schedule;
+pub mod stripe_event;
+pub mod transfer;
+
+use std::sync::Arc;
+
+use crate::app::AppContext;
+use queue::Queue;
+use runner::Handler;
+
+/// The handler of every queue, over one shared context.
+pub fn handlers(ctx: AppContext) -> Vec<(Queue, Handler)> {
+    let ctx = Arc::new(ctx);
+    Queue::ALL
+        .into_iter()
+        .map(|queue| {
+            let ctx = ctx.clone();
+            let handler: Handler = Arc::new(move |job: queue::JobRef| {
+                let ctx = ctx.clone();
+                Box::pin(async move {
+                    match queue {
+                        Queue::StripeEvent => stripe_event::process(&ctx, &job.id).await,
+                        Queue::Distribute => distribute::distribute(&ctx, &job.id).await,
+                        Queue::Transfer => transfer::transfer(&ctx, &job.id).await,
+                    }
+                })
+            });
+            (queue, handler)
+        })
+        .collect()
+}

@@ -47,6 +47,8 @@ pub struct SplitPaymentRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub succeeded_at: Option<DateTime<Utc>>,
+    pub distribution_attempts: i32,
+    pub distribution_next_attempt_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -209,6 +211,83 @@ fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
     metrics::counter!("splitpay_forbidden_transitions_total", "machine" => err.machine, "event" => err.event)
         .increment(1);
     StoreError::Forbidden(err)
+}
+
+/// An allocation with what its events and its transfer need: the payment and the recipient's link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationContext {
+    pub allocation: SplitAllocationRow,
+    pub payment: SplitPaymentRow,
+    pub recipient_organisation_id: String,
+    pub recipient_org_name: String,
+    pub destination_account_id: String,
+}
+
+pub async fn allocation_context(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+) -> Result<AllocationContext, StoreError> {
+    let allocation = get_split_allocation(conn, id).await?;
+    let payment_id =
+        SplitPaymentId::parse(&allocation.split_payment_id).map_err(|e| corrupt("split allocation", id.as_str(), e))?;
+    let payment = sqlx::query_as::<_, SplitPaymentRow>("SELECT * FROM split_payments WHERE id = $1")
+        .bind(payment_id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    let (recipient_organisation_id, recipient_org_name, destination_account_id): (String, String, String) =
+        sqlx::query_as(
+            "SELECT recipient_organisation_id, recipient_org_name, stripe_connect_account_id
+               FROM recipient_account_links WHERE id = $1",
+        )
+        .bind(&allocation.recipient_org_account_link_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(AllocationContext {
+        allocation,
+        payment,
+        recipient_organisation_id,
+        recipient_org_name,
+        destination_account_id,
+    })
+}
+
+/// Every donation row of a split payment, in allocation order.
+pub async fn donations_for_payment(
+    conn: &mut PgConnection,
+    id: &SplitPaymentId,
+) -> Result<Vec<DonationRow>, StoreError> {
+    Ok(sqlx::query_as::<_, DonationRow>(
+        "SELECT d.* FROM donations d JOIN split_allocations a ON a.id = d.split_allocation_id
+          WHERE a.split_payment_id = $1 ORDER BY a.position",
+    )
+    .bind(id.as_str())
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Records a failed attempt at an allocation's transfer that will be retried with the same key: not a state
+/// change (the allocation stays TRANSFERRING), so it does not go through the state machine.
+pub async fn record_transfer_retry(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+    next_attempt_at: DateTime<Utc>,
+    failure_code: Option<&str>,
+    failure_message: &str,
+) -> Result<i32, StoreError> {
+    let (attempts,): (i32,) = sqlx::query_as(
+        "UPDATE split_allocations
+            SET attempts = attempts + 1, next_attempt_at = $2, failure_code = $3, failure_message = $4, updated_at = now()
+          WHERE id = $1 AND status = 'TRANSFERRING'
+         RETURNING attempts",
+    )
+    .bind(id.as_str())
+    .bind(next_attempt_at)
+    .bind(failure_code)
+    .bind(failure_message)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::LostRace { what: "split allocation", id: id.to_string(), expected: "TRANSFERRING".into() })?;
+    Ok(attempts)
 }
 
 /// Data that arrives with a payment event and is recorded with the transition (`None` keeps what is stored).

@@ -100,6 +100,7 @@ pub struct StripeEventRow {
     pub received_at: DateTime<Utc>,
     pub processed_at: Option<DateTime<Utc>>,
     pub process_error: Option<String>,
+    pub process_attempts: i32,
 }
 
 pub async fn get_stripe_event(conn: &mut PgConnection, id: &str) -> Result<StripeEventRow, StoreError> {
@@ -113,11 +114,26 @@ pub async fn get_stripe_event(conn: &mut PgConnection, id: &str) -> Result<Strip
         })
 }
 
+/// Marks an inbox event handled, with a note when handling found something an operator should see (a
+/// contradiction, an unknown split payment). The event is not processed again either way.
+pub async fn finish_stripe_event(conn: &mut PgConnection, id: &str, note: Option<&str>) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE stripe_events SET processed_at = now(), process_error = $2, process_attempts = process_attempts + 1
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(note)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Marks an inbox event handled (or records why handling failed, leaving it for a retry).
 pub async fn mark_stripe_event(conn: &mut PgConnection, id: &str, error: Option<&str>) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE stripe_events
-            SET processed_at = CASE WHEN $2::text IS NULL THEN now() ELSE processed_at END, process_error = $2
+            SET processed_at = CASE WHEN $2::text IS NULL THEN now() ELSE processed_at END, process_error = $2,
+                process_attempts = process_attempts + 1
           WHERE id = $1",
     )
     .bind(id)

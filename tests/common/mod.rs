@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod db;
+pub mod flow;
 pub mod stripe;
 
 use splitpay::domain::money::Currency;

@@ -1,0 +1,88 @@
+//! Outbound events built from stored rows, so every emitter fills the seed's fields the same way.
+
+use chrono::{DateTime, Utc};
+
+use super::{seed_timestamp, DistributionData, DonationData, EventType, OutboundEvent, PaymentData};
+use crate::store::payments::{AllocationContext, DonationRow, SplitPaymentRow};
+
+/// `recommendation_set.payment_succeeded|payment_failed` for the distributing organisation.
+pub fn payment(
+    event_type: EventType,
+    p: &SplitPaymentRow,
+    failure: Option<(&str, &str)>,
+    at: DateTime<Utc>,
+) -> OutboundEvent {
+    OutboundEvent::payment(
+        event_type,
+        &p.organisation_id,
+        at,
+        PaymentData {
+            split_payment_id: p.id.clone(),
+            recommendation_set_id: Some(p.recommendation_set_id.clone()),
+            donor_id: p.donor_id.clone(),
+            total_amount_cents: p.total_amount_cents,
+            currency: p.currency.iso_code(),
+            payment_method_type: p.payment_method_type.to_string(),
+            donation_date: seed_timestamp(p.created_at),
+            failure_code: failure.map(|(code, _)| code.to_owned()),
+            failure_message: failure.map(|(_, message)| message.to_owned()),
+        },
+    )
+}
+
+/// `recommendation_set.distribution_succeeded|distribution_failed` for the distributing organisation.
+/// `amount_cents` is the net amount transferred (or that could not be transferred).
+pub fn distribution(
+    event_type: EventType,
+    c: &AllocationContext,
+    transfer_id: Option<&str>,
+    failure: Option<(&str, &str)>,
+    at: DateTime<Utc>,
+) -> OutboundEvent {
+    OutboundEvent::distribution(
+        event_type,
+        &c.payment.organisation_id,
+        at,
+        DistributionData {
+            split_allocation_id: c.allocation.id.clone(),
+            split_payment_id: c.payment.id.clone(),
+            recommendation_set_id: Some(c.payment.recommendation_set_id.clone()),
+            donor_id: c.payment.donor_id.clone(),
+            recipient_organisation_id: c.recipient_organisation_id.clone(),
+            recipient_organisation_name: c.recipient_org_name.clone(),
+            amount_cents: c.allocation.net_amount_cents.unwrap_or(0),
+            currency: c.payment.currency.iso_code(),
+            stripe_transfer_id: transfer_id.map(str::to_owned),
+            failure_code: failure.map(|(code, _)| code.to_owned()),
+            failure_message: failure.map(|(_, message)| message.to_owned()),
+        },
+    )
+}
+
+/// A `donation.*` event on the recipient organisation. `None` when the donation has no donor: the seed's
+/// `Donation.donor_id` is required, so such a donation cannot be announced faithfully.
+pub fn donation(event_type: EventType, d: &DonationRow, at: DateTime<Utc>) -> Option<OutboundEvent> {
+    let donor_id = d.donor_id.clone()?;
+    Some(OutboundEvent::donation(
+        event_type,
+        &d.organisation_id,
+        at,
+        DonationData {
+            id: d.id.clone(),
+            donor_id,
+            amount_cents: d.amount_cents,
+            refunded_amount_cents: d.refunded_amount_cents,
+            currency: d.currency.iso_code(),
+            donation_date: seed_timestamp(d.donation_date),
+            source: d.source.clone(),
+            status: d.status.to_string(),
+            external_id: d.external_id.clone(),
+            payment_method: d.payment_method.clone(),
+            tracking_code: d.tracking_code.clone(),
+            deleted_at: d.deleted_at.map(seed_timestamp),
+            failure_code: d.failure_code.clone(),
+            failure_message: d.failure_message.clone(),
+        },
+        None,
+    ))
+}

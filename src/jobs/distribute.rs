@@ -1,0 +1,168 @@
+//! Starts a succeeded payment's distribution: reads Stripe's processing fee from the charge's balance transaction
+//! (waiting, with backoff stored on the payment, while it is still null — never guessing), splits it with the
+//! platform fee across the allocations, and in the same transaction marks zero-net allocations and enqueues one
+//! transfer job per allocation that has money to move.
+
+use chrono::Utc;
+
+use super::queue::{enqueue, Queue};
+use super::runner::JobFailure;
+use super::stripe_event::transient;
+use crate::app::AppContext;
+use crate::domain::fees::split_fees;
+use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
+use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus};
+use crate::store::payments::{
+    get_split_payment, transition_allocation, write_fee_split, AllocationPatch, SplitPayment,
+};
+use crate::store::StoreError;
+use crate::stripe::backoff::backoff_ms_random;
+
+pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
+    let id = SplitPaymentId::parse(raw_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let payment = match get_split_payment(&mut conn, &id).await {
+        Ok(p) => p,
+        Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no split payment {id}"))),
+        Err(e) => return Err(transient(e)),
+    };
+    drop(conn);
+    if payment.payment.status != PaymentStatus::Succeeded {
+        return Ok(()); // a stray job: only a succeeded payment is distributed
+    }
+    if payment
+        .payment
+        .distribution_next_attempt_at
+        .is_some_and(|at| at > Utc::now())
+    {
+        return Ok(()); // early duplicate: the scheduled job will come
+    }
+    let split_written = payment.allocations.iter().all(|a| a.fee_share_cents.is_some());
+    let fees = if split_written {
+        None
+    } else {
+        match fees_of(ctx, &payment).await {
+            Ok(fees) => Some(fees),
+            Err(wait) => return schedule_retry(ctx, &id, payment.payment.distribution_attempts, &wait).await,
+        }
+    };
+
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    if let Some((charge_id, processing_fee_cents)) = fees {
+        let platform_fee_cents = ctx
+            .distribution
+            .platform_fee
+            .fee_cents(payment.payment.total_amount_cents);
+        let gross: Vec<i64> = payment.allocations.iter().map(|a| a.gross_amount_cents).collect();
+        let split = split_fees(&gross, processing_fee_cents, platform_fee_cents)
+            .map_err(|e| JobFailure::Abandon(format!("fee split of {id}: {e}")))?;
+        write_fee_split(&mut tx, &id, processing_fee_cents, platform_fee_cents, &split)
+            .await
+            .map_err(transient)?;
+        sqlx::query("UPDATE split_payments SET charge_id = coalesce(charge_id, $2), distribution_next_attempt_at = NULL WHERE id = $1")
+            .bind(id.as_str())
+            .bind(&charge_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    }
+    let payment = get_split_payment(&mut tx, &id).await.map_err(transient)?;
+    for allocation in payment
+        .allocations
+        .iter()
+        .filter(|a| a.status == AllocationStatus::Pending)
+    {
+        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+        if allocation.net_amount_cents == Some(0) {
+            transition_allocation(
+                &mut tx,
+                &aid,
+                AllocationEvent::NothingToTransfer,
+                &AllocationPatch::default(),
+                &[],
+            )
+            .await
+            .map_err(transient)?;
+        } else {
+            enqueue(&mut tx, Queue::Transfer, aid.as_str(), None)
+                .await
+                .map_err(transient)?;
+        }
+    }
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    Ok(())
+}
+
+/// The charge id and Stripe's processing fee, or why we must wait.
+async fn fees_of(ctx: &AppContext, payment: &SplitPayment) -> Result<(String, i64), String> {
+    let charge_id = match &payment.payment.charge_id {
+        Some(c) => c.clone(),
+        None => {
+            let pi = payment
+                .payment
+                .payment_intent_id
+                .as_deref()
+                .ok_or("no PaymentIntent recorded")?;
+            let intent = ctx
+                .gateway
+                .retrieve_payment_intent(pi)
+                .await
+                .map_err(|e| e.to_string())?;
+            intent.latest_charge.ok_or("the PaymentIntent has no charge yet")?
+        }
+    };
+    let charge = ctx
+        .gateway
+        .retrieve_charge(&charge_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let bt = charge
+        .balance_transaction
+        .ok_or("the charge's balance transaction is not settled yet")?;
+    if bt.amount_cents != payment.payment.total_amount_cents || bt.currency != payment.payment.currency.stripe_code() {
+        // Never split a fee that belongs to another amount: an operator must look.
+        tracing::error!(split_payment_id = %payment.payment.id, charge_id, "balance transaction does not match the payment");
+        return Err(format!(
+            "balance transaction {} is {} {}, not the payment's",
+            bt.id, bt.amount_cents, bt.currency
+        ));
+    }
+    Ok((charge_id, bt.fee_cents))
+}
+
+async fn schedule_retry(ctx: &AppContext, id: &SplitPaymentId, attempts: i32, why: &str) -> Result<(), JobFailure> {
+    let attempt = attempts + 1;
+    if attempt >= ctx.distribution.fee_wait_attempts_max {
+        // Keep waiting at the longest interval, loudly: the fee is never guessed.
+        tracing::error!(split_payment_id = %id, attempt, why, "distribution still waiting for the charge's fee");
+        metrics::counter!("splitpay_distribution_fee_waits_exhausted_total").increment(1);
+    }
+    let delay_ms = backoff_ms_random(
+        attempt as u32,
+        ctx.distribution.backoff_base_ms,
+        ctx.distribution.backoff_cap_ms,
+    )
+    .max(ctx.distribution.backoff_base_ms / 2);
+    let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
+    tracing::info!(split_payment_id = %id, attempt, delay_ms, why, "distribution waits");
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    sqlx::query(
+        "UPDATE split_payments SET distribution_attempts = $2, distribution_next_attempt_at = $3 WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .bind(attempt)
+    .bind(next)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    enqueue(
+        &mut tx,
+        Queue::Distribute,
+        id.as_str(),
+        Some(std::time::Duration::from_millis(delay_ms)),
+    )
+    .await
+    .map_err(transient)?;
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! The whole money path in one test process: a fresh database, the simulator, splitpay's webhook ingress on a free
+//! port (registered with the simulator), and the real job runner. `pay` does what intake does (rows first, then
+//! the PaymentIntent with keys and metadata from our ids); everything after that is driven by Stripe's events.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use splitpay::app::{AppContext, DistributionSettings};
+use splitpay::config::Secret;
+use splitpay::domain::ids::{payment_intent_idempotency_key, SplitAllocationId, SplitPaymentId};
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::state::PaymentEvent;
+use splitpay::events::{build, EventType};
+use splitpay::http::{router, HttpState};
+use splitpay::jobs::runner::{run, RunnerSettings};
+use splitpay::store::catalog::RecommendationSetRow;
+use splitpay::store::payments::*;
+use splitpay::stripe::sim::control::SimControl;
+use splitpay::stripe::sim::SimServer;
+use splitpay::stripe::{CreatePaymentIntentParams, GatewayError, PaymentGateway, StripeGateway};
+use tokio::sync::oneshot;
+
+use super::db::TestDb;
+use super::{plan_for, seed_set};
+
+pub const WEBHOOK_SECRET: &str = "whsec_flow_tests";
+
+pub struct Flow {
+    pub db: TestDb,
+    pub sim: SimServer,
+    pub control: SimControl,
+    pub gateway: Arc<StripeGateway>,
+    pub webhook_url: String,
+    pub set: RecommendationSetRow,
+    stop: Option<oneshot::Sender<()>>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Flow {
+    /// A set of `amounts` (recipient i's account `acct_rcp{i}` can receive transfers unless listed in `no_transfers`).
+    pub async fn start(mode: AmountMode, amounts: &[i64], no_transfers: &[usize]) -> Flow {
+        let db = TestDb::new().await;
+        splitpay::jobs::queue::setup(&db.pool).await.unwrap();
+        let (sim, control) = super::stripe::simulator().await;
+        for i in 0..amounts.len() {
+            control
+                .create_account(&format!("acct_rcp{i}"), !no_transfers.contains(&i))
+                .await
+                .unwrap();
+        }
+        let gateway = Arc::new(super::stripe::gateway(&sim));
+
+        let app = router(HttpState {
+            pool: db.pool.clone(),
+            webhook_secrets: Arc::new(vec![Secret::new(WEBHOOK_SECRET)]),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let webhook_url = format!("http://{}/stripe/webhooks", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        control.add_webhook(&webhook_url, WEBHOOK_SECRET).await.unwrap();
+
+        let ctx = AppContext {
+            pool: db.pool.clone(),
+            gateway: gateway.clone(),
+            distribution: DistributionSettings {
+                transfer_attempts_max: 5,
+                backoff_base_ms: 200,
+                backoff_cap_ms: 800,
+                ..DistributionSettings::default()
+            },
+        };
+        let settings = RunnerSettings {
+            heartbeat_interval: Duration::from_secs(1),
+            missed_heartbeats: 3,
+            poll_interval: Duration::from_millis(200),
+            shutdown_timeout: Duration::from_secs(5),
+            ..RunnerSettings::default()
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let pool = db.pool.clone();
+        let worker = tokio::spawn(async move {
+            run(pool, splitpay::jobs::handlers(ctx), settings, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let set = seed_set(&db.pool, mode, amounts).await;
+        Flow {
+            db,
+            sim,
+            control,
+            gateway,
+            webhook_url,
+            set,
+            stop: Some(stop),
+            worker: Some(worker),
+        }
+    }
+
+    /// What intake does: the rows (with each recipient's PENDING donation and `donation.created`), then the
+    /// PaymentIntent, then its id on the row. Returns the split payment id and the PaymentIntent id.
+    pub async fn pay(
+        &self,
+        method: PaymentMethodType,
+        payment_method: &str,
+        donor_id: Option<&str>,
+    ) -> (SplitPaymentId, String) {
+        let plan = plan_for(&self.set);
+        let id = SplitPaymentId::generate();
+        let mut tx = self.db.pool.begin().await.unwrap();
+        let payment = create_split_payment(
+            &mut tx,
+            &NewSplitPayment {
+                id: id.clone(),
+                set: &self.set,
+                plan: &plan,
+                donor_id: donor_id.map(str::to_owned),
+                payment_method_type: method,
+                donor_covers_fees: false,
+            },
+        )
+        .await
+        .unwrap();
+        for a in &payment.allocations {
+            let aid = SplitAllocationId::parse(&a.id).unwrap();
+            create_donation_for_allocation(&mut tx, &aid, payment.payment.created_at, |d| {
+                build::donation(EventType::DonationCreated, d, Utc::now())
+                    .into_iter()
+                    .collect()
+            })
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+
+        let params = CreatePaymentIntentParams {
+            amount_cents: payment.payment.total_amount_cents,
+            currency: "aud".into(),
+            payment_method_type: method,
+            transfer_group: id.to_string(),
+            metadata: BTreeMap::from([("split_payment_id".to_owned(), id.to_string())]),
+            payment_method: Some(payment_method.to_owned()),
+            idempotency_key: payment_intent_idempotency_key(&id),
+        };
+        let intent_id = match self.gateway.create_payment_intent(&params).await {
+            Ok(pi) => pi.id,
+            Err(GatewayError::Terminal {
+                payment_intent: Some(pi),
+                ..
+            }) => pi,
+            Err(e) => panic!("creating the PaymentIntent failed: {e}"),
+        };
+        let mut tx = self.db.pool.begin().await.unwrap();
+        let patch = PaymentPatch {
+            payment_intent_id: Some(intent_id.clone()),
+            ..Default::default()
+        };
+        // The webhook may already have moved the payment on; recording the intent is then a no-op.
+        transition_payment(&mut tx, &id, PaymentEvent::IntentCreated, &patch, &[])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        (id, intent_id)
+    }
+
+    pub async fn payment(&self, id: &SplitPaymentId) -> SplitPayment {
+        get_split_payment(&mut self.db.pool.acquire().await.unwrap(), id)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until `done` holds for the payment.
+    pub async fn wait_until(
+        &self,
+        id: &SplitPaymentId,
+        what: &str,
+        done: impl Fn(&SplitPayment) -> bool,
+    ) -> SplitPayment {
+        for _ in 0..300 {
+            let p = self.payment(id).await;
+            if done(&p) {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let p = self.payment(id).await;
+        panic!(
+            "timed out waiting for {what}: {:?} {:?}",
+            p.payment.status,
+            p.allocations
+                .iter()
+                .map(|a| (a.status, a.failure_code.clone()))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// Outbox event types about `subject` (a payment, allocation or donation id), oldest first.
+    pub async fn events(&self, subject: &str) -> Vec<serde_json::Value> {
+        let rows = splitpay::store::records::outbox_events_about(&mut self.db.pool.acquire().await.unwrap(), subject)
+            .await
+            .unwrap();
+        rows.into_iter().map(|r| r.payload).collect()
+    }
+
+    /// How many outbox events of `event_type` exist in all.
+    pub async fn count_events(&self, event_type: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox_events WHERE event_type = $1")
+            .bind(event_type)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+        n
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(worker) = self.worker.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
+        }
+    }
+}
