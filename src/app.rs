@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use crate::domain::fees::PlatformFee;
+use crate::domain::fees::{FeeSchedule, PlatformFee, ProcessingFeeEstimate};
+use crate::domain::plan::PaymentMethodType;
 use crate::stripe::PaymentGateway;
 
 /// How distribution behaves; every number is a named, bounded setting.
@@ -18,11 +19,53 @@ pub struct DistributionSettings {
     pub fee_wait_attempts_max: i32,
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
+    /// Stripe's fees as estimated for a donor who covers them (the real fee always comes from the charge).
+    pub processing_estimates: ProcessingEstimates,
+}
+
+/// Stripe's published AU pricing, used only to gross up a donor-covers-fees payment. BECS and PayTo are capped at
+/// A$3.50 by Stripe; the estimate ignores the cap, so above A$320 a covering donor pays a little more than the fee
+/// and the recipients receive it (never less than asked).
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessingEstimates {
+    pub card: ProcessingFeeEstimate,
+    pub au_becs_debit: ProcessingFeeEstimate,
+    pub payto: ProcessingFeeEstimate,
+}
+
+impl Default for ProcessingEstimates {
+    fn default() -> Self {
+        let estimate = |bps: i64, fixed_cents| ProcessingFeeEstimate {
+            rate: rust_decimal::Decimal::new(bps, 4),
+            fixed_cents,
+        };
+        Self {
+            card: estimate(175, 30),
+            au_becs_debit: estimate(100, 30),
+            payto: estimate(100, 30),
+        }
+    }
+}
+
+impl DistributionSettings {
+    /// The fees a donor covers when paying with `method`.
+    pub fn fee_schedule(&self, method: PaymentMethodType) -> FeeSchedule {
+        let processing = match method {
+            PaymentMethodType::Card => self.processing_estimates.card,
+            PaymentMethodType::AuBecsDebit => self.processing_estimates.au_becs_debit,
+            PaymentMethodType::Payto => self.processing_estimates.payto,
+        };
+        FeeSchedule {
+            processing,
+            platform: self.platform_fee,
+        }
+    }
 }
 
 impl Default for DistributionSettings {
     fn default() -> Self {
         Self {
+            processing_estimates: ProcessingEstimates::default(),
             platform_fee: PlatformFee::default(),
             transfer_attempts_max: 8,
             fee_wait_attempts_max: 30,

@@ -24,6 +24,7 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod http;
+pub mod intake;
 pub mod jobs;
 pub mod store;
 pub mod stripe;

@@ -305,6 +305,41 @@ impl SplitPlan {
     pub fn gross_amounts_cents(&self) -> Vec<i64> {
         self.lines.iter().map(|l| l.gross_cents).collect()
     }
+
+    /// The plan with each line's amount replaced by `gross_cents` (same order), e.g. grossed up so the donor covers
+    /// the fees; the limits are checked again on the new total.
+    pub fn with_gross_amounts(&self, gross_cents: &[i64]) -> Result<SplitPlan, PlanError> {
+        assert_eq!(gross_cents.len(), self.lines.len(), "one amount per line");
+        let mut lines = self.lines.clone();
+        for (index, (line, &gross)) in lines.iter_mut().zip(gross_cents).enumerate() {
+            assert!(
+                gross >= line.gross_cents,
+                "a gross-up never lowers what a recipient was given"
+            );
+            if gross > ALLOCATION_AMOUNT_MAX_CENTS {
+                return Err(PlanError::AmountTooLarge {
+                    index,
+                    allocation_id: line.set_allocation_id.clone(),
+                    amount_cents: gross,
+                });
+            }
+            line.gross_cents = gross;
+        }
+        let total_cents: i64 = lines.iter().map(|l| l.gross_cents).sum();
+        let maximum_cents = self.currency.max_charge_minor();
+        if total_cents > maximum_cents {
+            return Err(PlanError::AboveMaximum {
+                total_cents,
+                maximum_cents,
+            });
+        }
+        Ok(SplitPlan {
+            set_id: self.set_id.clone(),
+            currency: self.currency,
+            lines,
+            total_cents,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -509,6 +544,25 @@ mod tests {
         );
         assert_eq!(AmountMode::parse("OPEN"), Some(AmountMode::Open));
         assert_eq!(AmountMode::parse("open"), None);
+    }
+
+    #[test]
+    fn grossed_up_plans_keep_lines_and_recheck_limits() {
+        let s = set(AmountMode::Fixed, &[1000, 2000]);
+        let plan = SplitPlan::from_submission(&s, &submit(vec![])).unwrap();
+        let up = plan.with_gross_amounts(&[1050, 2090]).unwrap();
+        assert_eq!((up.gross_amounts_cents(), up.total_cents()), (vec![1050, 2090], 3140));
+        assert_eq!(up.lines()[1].set_allocation_id, "alc_1");
+        assert!(
+            std::panic::catch_unwind(|| plan.with_gross_amounts(&[999, 2000])).is_err(),
+            "never below what was asked"
+        );
+        let big = set(AmountMode::Fixed, &[50_000_000, 49_000_000]);
+        let plan = SplitPlan::from_submission(&big, &submit(vec![])).unwrap();
+        assert!(matches!(
+            plan.with_gross_amounts(&[51_000_000, 49_000_000]),
+            Err(PlanError::AboveMaximum { .. })
+        ));
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
 
 /// Inbox row and processing job, together. Returns false for a redelivery.
 async fn store(state: &HttpState, event: &NewStripeEvent) -> Result<bool, crate::store::StoreError> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.app.pool.begin().await?;
     if !insert_stripe_event(&mut tx, event).await? {
         return Ok(false);
     }

@@ -49,6 +49,7 @@ pub struct SplitPaymentRow {
     pub succeeded_at: Option<DateTime<Utc>>,
     pub distribution_attempts: i32,
     pub distribution_next_attempt_at: Option<DateTime<Utc>>,
+    pub confirm_payment_method: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

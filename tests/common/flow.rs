@@ -26,6 +26,7 @@ use super::db::TestDb;
 use super::{plan_for, seed_set};
 
 pub const WEBHOOK_SECRET: &str = "whsec_flow_tests";
+pub const SERVICE_TOKEN: &str = "svc_flow_tests_token";
 
 pub struct Flow {
     pub db: TestDb,
@@ -33,6 +34,8 @@ pub struct Flow {
     pub control: SimControl,
     pub gateway: Arc<StripeGateway>,
     pub webhook_url: String,
+    /// splitpay's API (intake and webhooks), e.g. `http://127.0.0.1:PORT`.
+    pub base_url: String,
     pub set: RecommendationSetRow,
     stop: Option<oneshot::Sender<()>>,
     worker: Option<tokio::task::JoinHandle<()>>,
@@ -52,17 +55,6 @@ impl Flow {
         }
         let gateway = Arc::new(super::stripe::gateway(&sim));
 
-        let app = router(HttpState {
-            pool: db.pool.clone(),
-            webhook_secrets: Arc::new(vec![Secret::new(WEBHOOK_SECRET)]),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let webhook_url = format!("http://{}/stripe/webhooks", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        control.add_webhook(&webhook_url, WEBHOOK_SECRET).await.unwrap();
-
         let ctx = AppContext {
             pool: db.pool.clone(),
             gateway: gateway.clone(),
@@ -73,6 +65,19 @@ impl Flow {
                 ..DistributionSettings::default()
             },
         };
+        let app = router(HttpState {
+            app: ctx.clone(),
+            webhook_secrets: Arc::new(vec![Secret::new(WEBHOOK_SECRET)]),
+            service_token: Secret::new(SERVICE_TOKEN),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let webhook_url = format!("{base_url}/stripe/webhooks");
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        control.add_webhook(&webhook_url, WEBHOOK_SECRET).await.unwrap();
+
         let settings = RunnerSettings {
             heartbeat_interval: Duration::from_secs(1),
             missed_heartbeats: 3,
@@ -96,6 +101,7 @@ impl Flow {
             control,
             gateway,
             webhook_url,
+            base_url,
             set,
             stop: Some(stop),
             worker: Some(worker),

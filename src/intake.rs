@@ -1,0 +1,293 @@
+//! Intake: a donor's payment through a recommendation set becomes a split payment and one PaymentIntent.
+//!
+//! Everything is checked before anything is written: the set (exists, active, not archived, not expired), the
+//! links the payment would go to (active, charges enabled), the currency, the payment method, and the amounts (the
+//! domain's plan rules). A refused request writes nothing and creates no PaymentIntent. Then, in one transaction,
+//! the split payment, its allocations and each recipient's PENDING donation (`donation.created`) are written —
+//! before Stripe is called, as the contract asks — and the PaymentIntent is created with a key derived from the
+//! split payment's id, so a retry can never make a second one. From then on the payment moves only on Stripe's
+//! events.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+
+use crate::app::AppContext;
+use crate::domain::fees::gross_up;
+use crate::domain::ids::{check_external_id, payment_intent_idempotency_key, SplitAllocationId, SplitPaymentId};
+use crate::domain::money::Currency;
+use crate::domain::plan::{PaymentMethodType, SplitPlan, Submission, SubmittedAmount};
+use crate::domain::state::{AllocationEvent, DonationEvent, PaymentEvent};
+use crate::events::{build, EventType};
+use crate::store::catalog::get_recommendation_set;
+use crate::store::payments::{
+    create_donation_for_allocation, create_split_payment, donations_for_payment, get_split_payment,
+    transition_allocation, transition_donation, transition_payment, AllocationPatch, DonationPatch, NewSplitPayment,
+    PaymentPatch, SplitPayment,
+};
+use crate::store::{StoreError, Tx};
+use crate::stripe::{CreatePaymentIntentParams, GatewayError, PaymentIntentInfo};
+
+/// The body of `POST /v1/split-payments`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeRequest {
+    pub recommendation_set_id: String,
+    #[serde(default)]
+    pub donor_id: Option<String>,
+    pub payment_method_type: PaymentMethodType,
+    /// If given, must be the set's currency (either case).
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Per-allocation amounts for SUGGESTED and OPEN sets (for FIXED: omit, or repeat the set's amounts).
+    #[serde(default)]
+    pub amounts: Vec<SubmittedAmount>,
+    #[serde(default)]
+    pub donor_covers_fees: bool,
+    /// Confirm server-side with this PaymentMethod (tests, the demo, saved methods).
+    #[serde(default)]
+    pub payment_method: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// 400 `validation_failed`: `param` names the field.
+    #[error("{message}")]
+    Invalid { param: String, message: String },
+    /// 404 `not_found`.
+    #[error("{message}")]
+    NotFound { param: String, message: String },
+    /// Another request with the same Idempotency-Key is being written right now.
+    #[error("a request with this Idempotency-Key is in progress")]
+    InProgress,
+    /// Stripe could not be reached or answered with an unknown outcome: the payment is written; retry with the same
+    /// Idempotency-Key to resume it.
+    #[error("Stripe is unavailable: {0}")]
+    StripeUnavailable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> IntakeError {
+    IntakeError::Invalid {
+        param: param.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// What happened at Stripe, for the response.
+#[derive(Debug, Clone)]
+pub struct IntentOutcome {
+    pub intent: Option<PaymentIntentInfo>,
+    /// `(code, decline_code, message)` when Stripe declined or refused.
+    pub failure: Option<(String, Option<String>, String)>,
+}
+
+/// Checks the request and writes the split payment, its allocations and donations (and, with an Idempotency-Key,
+/// its record) in one transaction.
+pub async fn create(
+    ctx: &AppContext,
+    req: &IntakeRequest,
+    idempotency: Option<(&str, &str)>,
+) -> Result<SplitPayment, IntakeError> {
+    check_external_id("recommendation_set_id", &req.recommendation_set_id)
+        .map_err(|e| invalid("recommendation_set_id", e.to_string()))?;
+    if let Some(donor) = &req.donor_id {
+        check_external_id("donor_id", donor).map_err(|e| invalid("donor_id", e.to_string()))?;
+    }
+    if let Some(pm) = &req.payment_method {
+        check_external_id("payment_method", pm).map_err(|e| invalid("payment_method", e.to_string()))?;
+    }
+    let mut conn = ctx.pool.acquire().await.map_err(StoreError::from)?;
+    let set = match get_recommendation_set(&mut conn, &req.recommendation_set_id).await {
+        Ok(set) => set,
+        Err(StoreError::NotFound { .. }) => {
+            return Err(IntakeError::NotFound {
+                param: "recommendation_set_id".into(),
+                message: format!("Recommendation set '{}' not found", req.recommendation_set_id),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    drop(conn);
+    let currency = match &req.currency {
+        Some(c) => Some(Currency::parse(c).map_err(|e| invalid("currency", e.to_string()))?),
+        None => None,
+    };
+    if !req.payment_method_type.supports(set.currency) {
+        return Err(invalid(
+            "payment_method_type",
+            format!("{} does not support {}", req.payment_method_type, set.currency),
+        ));
+    }
+    let submission = Submission {
+        currency,
+        amounts: req.amounts.clone(),
+    };
+    let mut plan =
+        SplitPlan::from_submission(&set.rules(), &submission).map_err(|e| invalid(&e.param(), e.to_string()))?;
+    let links: Vec<&str> = plan
+        .lines()
+        .iter()
+        .map(|l| l.recipient_org_account_link_id.as_str())
+        .collect();
+    set.check_available(Utc::now(), &links)
+        .map_err(|e| invalid("recommendation_set_id", e.to_string()))?;
+    if req.donor_covers_fees {
+        let schedule = ctx.distribution.fee_schedule(req.payment_method_type);
+        let up = gross_up(&plan.gross_amounts_cents(), &schedule)
+            .map_err(|e| invalid("donor_covers_fees", e.to_string()))?;
+        plan = plan
+            .with_gross_amounts(&up.gross_cents)
+            .map_err(|e| invalid("donor_covers_fees", e.to_string()))?;
+    }
+
+    let id = SplitPaymentId::generate();
+    let mut tx = ctx.pool.begin().await.map_err(StoreError::from)?;
+    let payment = create_split_payment(
+        &mut tx,
+        &NewSplitPayment {
+            id: id.clone(),
+            set: &set,
+            plan: &plan,
+            donor_id: req.donor_id.clone(),
+            payment_method_type: req.payment_method_type,
+            donor_covers_fees: req.donor_covers_fees,
+        },
+    )
+    .await?;
+    if let Some(pm) = &req.payment_method {
+        // Kept so a resumed retry sends the same parameters under the same PaymentIntent key (a PaymentMethod id is
+        // useless without our Stripe key).
+        sqlx::query("UPDATE split_payments SET confirm_payment_method = $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(pm)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+    }
+    let now = Utc::now();
+    for allocation in &payment.allocations {
+        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        create_donation_for_allocation(&mut tx, &aid, payment.payment.created_at, |d| {
+            build::donation(EventType::DonationCreated, d, now)
+                .into_iter()
+                .collect()
+        })
+        .await?;
+    }
+    if let Some((key, hash)) = idempotency {
+        let claimed = sqlx::query(
+            "INSERT INTO intake_requests (idempotency_key, request_sha256, split_payment_id) VALUES ($1, $2, $3)
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(hash)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        if claimed.rows_affected() == 0 {
+            return Err(IntakeError::InProgress); // the transaction rolls back: nothing of ours is written
+        }
+    }
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(payment)
+}
+
+/// Creates (or, on a retry, finds again through the same key) the PaymentIntent of a written split payment and
+/// records its id. A decline is an outcome, not an error: Stripe's events will fail the payment.
+pub async fn create_intent(
+    ctx: &AppContext,
+    id: &SplitPaymentId,
+) -> Result<(SplitPayment, IntentOutcome), IntakeError> {
+    let payment = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
+    let p = &payment.payment;
+    let params = CreatePaymentIntentParams {
+        amount_cents: p.total_amount_cents,
+        currency: p.currency.stripe_code().to_owned(),
+        payment_method_type: p.payment_method_type,
+        transfer_group: p.transfer_group.clone(),
+        metadata: BTreeMap::from([
+            ("split_payment_id".to_owned(), p.id.clone()),
+            ("recommendation_set_id".to_owned(), p.recommendation_set_id.clone()),
+            ("organisation_id".to_owned(), p.organisation_id.clone()),
+        ]),
+        payment_method: p.confirm_payment_method.clone(),
+        idempotency_key: payment_intent_idempotency_key(id),
+    };
+    let (intent_id, outcome) = match ctx.gateway.create_payment_intent(&params).await {
+        Ok(pi) => (
+            Some(pi.id.clone()),
+            IntentOutcome {
+                intent: Some(pi),
+                failure: None,
+            },
+        ),
+        Err(GatewayError::Terminal {
+            code,
+            decline_code,
+            message,
+            payment_intent,
+            ..
+        }) => {
+            let failure = Some((code.unwrap_or_else(|| "stripe_refused".into()), decline_code, message));
+            (payment_intent, IntentOutcome { intent: None, failure })
+        }
+        Err(e) => return Err(IntakeError::StripeUnavailable(e.to_string())),
+    };
+    let mut tx = ctx.pool.begin().await.map_err(StoreError::from)?;
+    match (&intent_id, &outcome.failure) {
+        (Some(pi), _) => {
+            let patch = PaymentPatch {
+                payment_intent_id: Some(pi.clone()),
+                ..Default::default()
+            };
+            // Stripe's webhook may already have moved the payment on: then this is a no-op.
+            transition_payment(&mut tx, id, PaymentEvent::IntentCreated, &patch, &[]).await?;
+        }
+        // Stripe refused to create the PaymentIntent at all: the payment fails here ("Stripe error at submit").
+        (None, Some((code, _, message))) => fail_at_submit(&mut tx, &payment, code, message).await?,
+        (None, None) => unreachable!("an intent or a failure"),
+    }
+    tx.commit().await.map_err(StoreError::from)?;
+    let payment = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
+    Ok((payment, outcome))
+}
+
+async fn fail_at_submit(tx: &mut Tx<'_>, payment: &SplitPayment, code: &str, message: &str) -> Result<(), StoreError> {
+    let id = SplitPaymentId::parse(&payment.payment.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let now = Utc::now();
+    let event = build::payment(EventType::PaymentFailed, &payment.payment, Some((code, message)), now);
+    let patch = PaymentPatch {
+        failure_code: Some(code.to_owned()),
+        failure_message: Some(message.to_owned()),
+        ..Default::default()
+    };
+    transition_payment(tx, &id, PaymentEvent::Failed, &patch, &[event]).await?;
+    for allocation in &payment.allocations {
+        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        transition_allocation(
+            tx,
+            &aid,
+            AllocationEvent::PaymentVoided,
+            &AllocationPatch::default(),
+            &[],
+        )
+        .await?;
+    }
+    for donation in donations_for_payment(tx, &id).await? {
+        let did =
+            crate::domain::ids::DonationId::parse(&donation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let patch = DonationPatch {
+            failure_code: Some(code.to_owned()),
+            failure_message: Some(message.to_owned()),
+            ..Default::default()
+        };
+        transition_donation(tx, &did, DonationEvent::Failed, &patch, |d| {
+            build::donation(EventType::DonationFailed, d, now).into_iter().collect()
+        })
+        .await?;
+    }
+    Ok(())
+}

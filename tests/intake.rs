@@ -1,0 +1,338 @@
+//! Intake over HTTP (`POST /v1/split-payments`, `GET /v1/split-payments/{id}`) against a real PostgreSQL, the
+//! simulator and the real job runner: every allocation mode, refusals that write nothing, Idempotency-Key, a retry
+//! after Stripe was unreachable, and the donor covering the fees.
+
+mod common;
+
+use common::count;
+use common::flow::{Flow, SERVICE_TOKEN};
+use serde_json::{json, Value};
+use splitpay::domain::ids::SplitPaymentId;
+use splitpay::domain::plan::AmountMode;
+use splitpay::domain::state::AllocationStatus;
+use splitpay::store::payments::money_report;
+use splitpay::stripe::sim::{Fault, FaultKind};
+
+async fn post(flow: &Flow, body: Value, key: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/v1/split-payments", flow.base_url))
+        .bearer_auth(SERVICE_TOKEN)
+        .json(&body);
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    let response = req.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+fn card(amounts: Value) -> Value {
+    json!({
+        "recommendation_set_id": "cm3rec1",
+        "donor_id": "cm3donor1",
+        "payment_method_type": "card",
+        "payment_method": "pm_card_visa",
+        "amounts": amounts,
+    })
+}
+
+/// Nothing of a refused request exists: no payment, allocation, donation, event, or PaymentIntent.
+async fn assert_nothing_written(flow: &Flow) {
+    for table in [
+        "split_payments",
+        "split_allocations",
+        "donations",
+        "outbox_events",
+        "intake_requests",
+    ] {
+        assert_eq!(count(&flow.db.pool, table).await, 0, "{table}");
+    }
+    let log = flow.control.get("requests").await.unwrap();
+    let intents = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"] == "/v1/payment_intents")
+        .count();
+    assert_eq!(intents, 0, "no PaymentIntent was created");
+}
+
+async fn wait_transferred(flow: &Flow, id: &str) -> splitpay::store::payments::SplitPayment {
+    let id = SplitPaymentId::parse(id).unwrap();
+    flow.wait_until(&id, "transfers", |p| {
+        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_fixed_set_paid_by_card_through_intake_is_distributed() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_500, 1_500], &[]).await;
+    let (status, body) = post(&flow, card(json!([])), None).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (body["total_amount_cents"].as_i64(), body["currency"].as_str()),
+        (Some(5_000), Some("AUD"))
+    );
+    assert!(body["payment_intent_id"].as_str().unwrap().starts_with("pi_"));
+    assert!(body["client_secret"].as_str().unwrap().contains("_secret_"));
+    assert_eq!(body["allocations"].as_array().unwrap().len(), 3);
+    let p = wait_transferred(&flow, body["id"].as_str().unwrap()).await;
+    let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
+    assert_eq!(nets + p.payment.processing_fee_cents.unwrap(), 5_000);
+
+    let shown: Value = reqwest::Client::new()
+        .get(format!("{}/v1/split-payments/{}", flow.base_url, p.payment.id))
+        .bearer_auth(SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["status"], "SUCCEEDED");
+    assert_eq!(shown["client_secret"], Value::Null, "GET never shows the client secret");
+    assert!(shown["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["status"] == "TRANSFERRED" && a["stripe_transfer_id"].is_string()));
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn suggested_amounts_can_change_and_zero_skips_a_recipient() {
+    let flow = Flow::start(AmountMode::Suggested, &[1_000, 2_000, 3_000], &[]).await;
+    let amounts = json!([{ "allocation_id": "cm3alc0", "amount_cents": 1_500 }, { "allocation_id": "cm3alc1", "amount_cents": 0 }]);
+    let (status, body) = post(&flow, card(amounts), None).await;
+    assert_eq!(status, 201, "{body}");
+    let p = wait_transferred(&flow, body["id"].as_str().unwrap()).await;
+    let lines: Vec<(&str, i64)> = p
+        .allocations
+        .iter()
+        .map(|a| (a.recommendation_allocation_id.as_str(), a.gross_amount_cents))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![("cm3alc0", 1_500), ("cm3alc2", 3_000)],
+        "zero skipped, the untouched pre-fill kept, set order kept"
+    );
+    assert_eq!(p.payment.total_amount_cents, 4_500);
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn open_sets_take_the_donors_amounts() {
+    let flow = Flow::start(AmountMode::Open, &[0, 0], &[]).await;
+    let amounts = json!([{ "allocation_id": "cm3alc1", "amount_cents": 300 }, { "allocation_id": "cm3alc0", "amount_cents": 700 }]);
+    let (status, body) = post(&flow, card(amounts), None).await;
+    assert_eq!(status, 201, "{body}");
+    let p = wait_transferred(&flow, body["id"].as_str().unwrap()).await;
+    assert_eq!(
+        p.allocations.iter().map(|a| a.gross_amount_cents).collect::<Vec<_>>(),
+        vec![700, 300]
+    );
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_naming_the_field_and_writes_nothing() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    let with = |patch: Value| {
+        let mut body = card(json!([]));
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let cases: Vec<(Value, u16, &str, Option<&str>)> = vec![
+        (
+            card(json!([{ "allocation_id": "cm3alc0", "amount_cents": 900 }])),
+            400,
+            "validation_failed",
+            Some("amounts[0].amount_cents"),
+        ),
+        (
+            card(json!([{ "allocation_id": "cm3alcX", "amount_cents": 100 }])),
+            400,
+            "validation_failed",
+            Some("amounts[0].allocation_id"),
+        ),
+        (
+            card(
+                json!([{ "allocation_id": "cm3alc0", "amount_cents": 1_000 }, { "allocation_id": "cm3alc0", "amount_cents": 1_000 }]),
+            ),
+            400,
+            "validation_failed",
+            Some("amounts[1].allocation_id"),
+        ),
+        (
+            with(json!({ "currency": "NZD" })),
+            400,
+            "validation_failed",
+            Some("currency"),
+        ),
+        (
+            with(json!({ "currency": "XYZ" })),
+            400,
+            "validation_failed",
+            Some("currency"),
+        ),
+        (
+            with(json!({ "recommendation_set_id": "cm3nope" })),
+            404,
+            "not_found",
+            Some("recommendation_set_id"),
+        ),
+        (
+            with(json!({ "payment_method_type": "cash" })),
+            400,
+            "invalid_request",
+            Some("payment_method_type"),
+        ),
+        (
+            with(json!({ "amounts": [{ "allocation_id": "cm3alc0", "amount_cents": "ten" }] })),
+            400,
+            "invalid_request",
+            Some("amounts[0].amount_cents"),
+        ),
+        (with(json!({ "surprise": true })), 400, "invalid_request", None),
+        (
+            with(json!({ "donor_id": "has spaces" })),
+            400,
+            "validation_failed",
+            Some("donor_id"),
+        ),
+    ];
+    for (body, status, code, param) in cases {
+        let (got, response) = post(&flow, body.clone(), None).await;
+        assert_eq!(got, status, "{body} → {response}");
+        assert_eq!(response["error"]["code"], code, "{body} → {response}");
+        if let Some(param) = param {
+            assert_eq!(response["error"]["param"], param, "{body} → {response}");
+        }
+        assert!(response["error"]["request_id"].as_str().unwrap().starts_with("req_"));
+        assert!(!response["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // No or a wrong token; not JSON.
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/split-payments", flow.base_url);
+    assert_eq!(
+        client.post(&url).json(&card(json!([]))).send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        client
+            .post(&url)
+            .bearer_auth("svc_wrong")
+            .json(&card(json!([])))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let form = client
+        .post(&url)
+        .bearer_auth(SERVICE_TOKEN)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 400);
+
+    // A deactivated link or set refuses too.
+    splitpay::store::catalog::set_link_flags(&mut flow.db.pool.acquire().await.unwrap(), "cm3lnk1", None, Some(false))
+        .await
+        .unwrap();
+    let (status, response) = post(&flow, card(json!([])), None).await;
+    assert_eq!(
+        (status, response["error"]["param"].as_str()),
+        (400, Some("recommendation_set_id")),
+        "{response}"
+    );
+    assert!(response["error"]["message"].as_str().unwrap().contains("cm3lnk1"));
+    splitpay::store::catalog::set_recommendation_set_state(
+        &mut flow.db.pool.acquire().await.unwrap(),
+        "cm3rec1",
+        false,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(post(&flow, card(json!([])), None).await.0, 400);
+
+    assert_nothing_written(&flow).await;
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_gives_the_same_payment_and_another_body_conflicts() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    let (s1, first) = post(&flow, card(json!([])), Some("order-42")).await;
+    let (s2, second) = post(&flow, card(json!([])), Some("order-42")).await;
+    assert_eq!((s1, s2), (201, 201));
+    assert_eq!(first, second, "the same response");
+    let mut other = card(json!([]));
+    other["donor_id"] = json!("cm3donor2");
+    let (s3, conflict) = post(&flow, other, Some("order-42")).await;
+    assert_eq!(
+        (s3, conflict["error"]["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
+    assert_eq!(count(&flow.db.pool, "split_payments").await, 1);
+    wait_transferred(&flow, first["id"].as_str().unwrap()).await;
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn when_stripe_is_unreachable_the_same_key_resumes_the_same_payment() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    let intents = |kind| Fault {
+        kind,
+        count: 1,
+        path_contains: Some("/v1/payment_intents".into()),
+        method: Some("POST".into()),
+    };
+    flow.control.fault(intents(FaultKind::LoseResponse)).await.unwrap();
+    let (status, body) = post(&flow, card(json!([])), Some("order-7")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("internal_error")),
+        "{body}"
+    );
+    // The PaymentIntent was in fact created (its response was lost); the retry finds it through the same key.
+    let (status, body) = post(&flow, card(json!([])), Some("order-7")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(count(&flow.db.pool, "split_payments").await, 1, "one payment");
+    let p = wait_transferred(&flow, body["id"].as_str().unwrap()).await;
+    let succeeded: Vec<_> = flow
+        .events(&p.payment.id)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "recommendation_set.payment_succeeded")
+        .collect();
+    assert_eq!(succeeded.len(), 1, "one charge, one payment_succeeded");
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_donor_covering_fees_leaves_every_recipient_their_full_amount() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    let mut body = card(json!([]));
+    body["donor_covers_fees"] = json!(true);
+    let (status, response) = post(&flow, body, None).await;
+    assert_eq!(status, 201, "{response}");
+    // The smallest total whose card fee (1.75% + 30c) leaves 3,000: 3,084 (fee 84).
+    assert_eq!(response["total_amount_cents"], 3_084);
+    let p = wait_transferred(&flow, response["id"].as_str().unwrap()).await;
+    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
+    assert!(nets[0] >= 1_000 && nets[1] >= 2_000, "{nets:?}");
+    let id = SplitPaymentId::parse(&p.payment.id).unwrap();
+    assert!(money_report(&mut flow.db.pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap()
+        .is_conserved());
+    flow.stop().await;
+}
