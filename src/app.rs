@@ -81,3 +81,26 @@ pub struct AppContext {
     pub gateway: Arc<dyn PaymentGateway>,
     pub distribution: DistributionSettings,
 }
+
+/// Builds the gateway the settings ask for: Stripe (or another base URL) with the configured key, or the local
+/// simulator at `127.0.0.1:LOCAL_SIMULATOR_PORT` when no key is configured.
+pub fn gateway_from(
+    settings: &crate::config::StripeSettings,
+) -> Result<crate::stripe::StripeGateway, crate::stripe::GatewayError> {
+    use crate::config::{StripeTarget, LOCAL_SIMULATOR_KEY, LOCAL_SIMULATOR_PORT};
+    use crate::stripe::keys::StripeKey;
+    let (key, api_base) = match &settings.target {
+        StripeTarget::Api { key, api_base } => (key.clone(), api_base.clone()),
+        StripeTarget::Simulator => (
+            StripeKey::parse(LOCAL_SIMULATOR_KEY, false).expect("a test key"),
+            format!("http://127.0.0.1:{LOCAL_SIMULATOR_PORT}/"),
+        ),
+    };
+    let config = crate::stripe::GatewayConfig {
+        api_base,
+        timeout_ms: settings.timeout_ms,
+        rate_per_sec: settings.rate_per_sec,
+        ..crate::stripe::GatewayConfig::default()
+    };
+    crate::stripe::StripeGateway::new(&key, config)
+}

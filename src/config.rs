@@ -242,3 +242,94 @@ mod stripe_settings_tests {
             .contains("STRIPE_TIMEOUT_MS"));
     }
 }
+
+/// Where `serve` listens unless `SPLITPAY_HTTP_ADDR` says otherwise.
+pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:8080";
+/// Where the local Stripe simulator listens when no Stripe key is configured (`serve` starts it; `worker` uses it).
+pub const LOCAL_SIMULATOR_PORT: u16 = 12111;
+/// The key splitpay presents to its own local simulator.
+pub const LOCAL_SIMULATOR_KEY: &str = "sk_test_splitpay_local_simulator";
+
+/// Settings of the `serve` and `worker` processes beyond the database and Stripe.
+#[derive(Debug, Clone)]
+pub struct ProcessSettings {
+    pub http_addr: std::net::SocketAddr,
+    /// Required by `serve`: the bearer token intake callers present.
+    pub service_token: Option<Secret>,
+    pub platform_fee_bps: u32,
+    pub platform_fee_fixed_cents: i64,
+    pub worker_concurrency: usize,
+    /// apalis heartbeat; a worker silent for `heartbeat × missed` is dead and its jobs run elsewhere.
+    pub worker_heartbeat_ms: u64,
+    pub worker_missed_heartbeats: usize,
+}
+
+impl ProcessSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+            default: T,
+            what: &str,
+        ) -> Result<T, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(raw) => raw.trim().parse().map_err(|_| ConfigError::Invalid {
+                    name,
+                    reason: format!("expected {what}, got '{raw}'"),
+                }),
+            }
+        }
+        let http_addr = parse(
+            &get,
+            "SPLITPAY_HTTP_ADDR",
+            HTTP_ADDR_DEFAULT.parse().expect("valid default"),
+            "host:port",
+        )?;
+        let service_token = get("SPLITPAY_SERVICE_TOKEN")
+            .filter(|t| !t.trim().is_empty())
+            .map(Secret::new);
+        if service_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(ConfigError::Invalid {
+                name: "SPLITPAY_SERVICE_TOKEN",
+                reason: "must be at least 16 characters".into(),
+            });
+        }
+        let platform_fee_bps = parse(&get, "SPLITPAY_PLATFORM_FEE_BPS", 0u32, "basis points (0-9999)")?;
+        if platform_fee_bps >= 10_000 {
+            return Err(ConfigError::Invalid {
+                name: "SPLITPAY_PLATFORM_FEE_BPS",
+                reason: "must be below 10000".into(),
+            });
+        }
+        let platform_fee_fixed_cents = parse(
+            &get,
+            "SPLITPAY_PLATFORM_FEE_FIXED_CENTS",
+            0i64,
+            "a non-negative integer",
+        )?;
+        if platform_fee_fixed_cents < 0 {
+            return Err(ConfigError::Invalid {
+                name: "SPLITPAY_PLATFORM_FEE_FIXED_CENTS",
+                reason: "must not be negative".into(),
+            });
+        }
+        let worker_concurrency = parse(&get, "SPLITPAY_WORKER_CONCURRENCY", 4usize, "a positive integer")?.max(1);
+        let worker_heartbeat_ms = parse(&get, "SPLITPAY_WORKER_HEARTBEAT_MS", 10_000u64, "milliseconds")?.max(200);
+        let worker_missed_heartbeats =
+            parse(&get, "SPLITPAY_WORKER_MISSED_HEARTBEATS", 6usize, "a positive integer")?.max(2);
+        Ok(Self {
+            http_addr,
+            service_token,
+            platform_fee_bps,
+            platform_fee_fixed_cents,
+            worker_concurrency,
+            worker_heartbeat_ms,
+            worker_missed_heartbeats,
+        })
+    }
+}

@@ -3,7 +3,14 @@
 
 use clap::{Parser, Subcommand};
 
-use splitpay::config::{redact_url, DatabaseConfig};
+use std::sync::Arc;
+
+use splitpay::app::{gateway_from, AppContext, DistributionSettings};
+use splitpay::config::{
+    redact_url, ConfigError, DatabaseConfig, ProcessSettings, Secret, StripeSettings, StripeTarget,
+    LOCAL_SIMULATOR_PORT,
+};
+use splitpay::domain::fees::PlatformFee;
 use splitpay::store;
 
 #[derive(Parser)]
@@ -21,6 +28,11 @@ struct Cli {
 enum Command {
     /// Create the database if it is missing and apply the schema (safe to run again).
     Migrate,
+    /// Serve intake (`/v1/split-payments`) and Stripe's webhooks. Without a Stripe key it also starts the local
+    /// Stripe simulator on 127.0.0.1:12111 and registers its webhook endpoint with it.
+    Serve,
+    /// Run the background workers: Stripe events, fee splits and transfers.
+    Worker,
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {
         /// Port to listen on (0 picks a free one).
@@ -48,7 +60,9 @@ async fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Migrate => migrate().await,
+        Command::Migrate => migrate().await.map(|_| ()),
+        Command::Serve => serve().await,
+        Command::Worker => worker().await,
         Command::StripeSim { port, host } => stripe_sim(std::net::SocketAddr::new(host, port)).await,
     };
     match result {
@@ -60,12 +74,88 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn migrate() -> Result<(), Box<dyn std::error::Error>> {
+type Failure = Box<dyn std::error::Error>;
+
+/// Creates the database if missing and applies splitpay's schema and apalis's (both idempotent, both locked
+/// against concurrent runs).
+async fn migrate() -> Result<sqlx::PgPool, Failure> {
     let config = DatabaseConfig::from_env()?;
     store::ensure_database(&config).await?;
     let pool = store::connect(&config).await?;
     store::migrate(&pool).await?;
+    splitpay::jobs::queue::setup(&pool).await?;
     tracing::info!(database = %redact_url(config.url.expose()), "schema is up to date");
+    Ok(pool)
+}
+
+/// The context both processes share, from the environment.
+fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSettings) -> Result<AppContext, Failure> {
+    let platform_fee = PlatformFee::new(process.platform_fee_bps, process.platform_fee_fixed_cents)?;
+    Ok(AppContext {
+        pool,
+        gateway: Arc::new(gateway_from(stripe)?),
+        distribution: DistributionSettings {
+            platform_fee,
+            ..DistributionSettings::default()
+        },
+    })
+}
+
+async fn serve() -> Result<(), Failure> {
+    let stripe = StripeSettings::from_env()?;
+    let process = ProcessSettings::from_env()?;
+    let service_token = process.service_token.clone().ok_or(ConfigError::Invalid {
+        name: "SPLITPAY_SERVICE_TOKEN",
+        reason: "serve needs the bearer token intake callers present (16 characters or more)".into(),
+    })?;
+    let pool = migrate().await?;
+    let mut webhook_secrets = stripe.webhook_secrets.clone();
+    let _simulator = match stripe.target {
+        StripeTarget::Simulator => {
+            let sim = splitpay::stripe::sim::start(Default::default(), LOCAL_SIMULATOR_PORT).await?;
+            let secret = format!("whsec_local_{}", uuid::Uuid::new_v4().simple());
+            let url = format!("http://{}/stripe/webhooks", process.http_addr);
+            sim.control().add_webhook(&url, &secret).await?;
+            webhook_secrets.push(Secret::new(secret));
+            tracing::warn!(base_url = %sim.base_url(), "no STRIPE_SECRET_KEY: using the local Stripe simulator");
+            Some(sim)
+        }
+        StripeTarget::Api { .. } if webhook_secrets.is_empty() => {
+            return Err(ConfigError::Invalid {
+                name: "STRIPE_WEBHOOK_SECRET",
+                reason: "required with a Stripe key, to verify Stripe's webhooks".into(),
+            }
+            .into())
+        }
+        StripeTarget::Api { .. } => None,
+    };
+    let app = splitpay::http::router(splitpay::http::HttpState {
+        app: context(pool, &stripe, &process)?,
+        webhook_secrets: Arc::new(webhook_secrets),
+        service_token,
+    });
+    let listener = tokio::net::TcpListener::bind(process.http_addr).await?;
+    tracing::info!(addr = %process.http_addr, "serving intake and Stripe webhooks");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn worker() -> Result<(), Failure> {
+    let stripe = StripeSettings::from_env()?;
+    let process = ProcessSettings::from_env()?;
+    let pool = migrate().await?;
+    let ctx = context(pool.clone(), &stripe, &process)?;
+    let settings = splitpay::jobs::runner::RunnerSettings {
+        concurrency: process.worker_concurrency,
+        heartbeat_interval: std::time::Duration::from_millis(process.worker_heartbeat_ms),
+        missed_heartbeats: process.worker_missed_heartbeats,
+        ..Default::default()
+    };
+    tracing::info!(concurrency = settings.concurrency, "worker running");
+    splitpay::jobs::runner::run(pool, splitpay::jobs::handlers(ctx), settings, shutdown_signal()).await?;
+    tracing::info!("worker stopped");
     Ok(())
 }
 

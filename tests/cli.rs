@@ -77,8 +77,10 @@ fn help_lists_only_working_subcommands() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("migrate"), "{help}");
-    assert!(help.contains("stripe-sim"), "{help}");
-    for not_yet in ["worker", "serve", "demo", "ops"] {
+    for working in ["stripe-sim", "serve", "worker"] {
+        assert!(help.contains(working), "{help}");
+    }
+    for not_yet in ["demo", "ops"] {
         assert!(
             !help.contains(&format!("  {not_yet} ")),
             "{not_yet} is listed but does not exist yet: {help}"

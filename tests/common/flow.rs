@@ -44,6 +44,16 @@ pub struct Flow {
 impl Flow {
     /// A set of `amounts` (recipient i's account `acct_rcp{i}` can receive transfers unless listed in `no_transfers`).
     pub async fn start(mode: AmountMode, amounts: &[i64], no_transfers: &[usize]) -> Flow {
+        Self::start_with(mode, amounts, no_transfers, true).await
+    }
+
+    /// As [`Flow::start`]; without `in_process_worker` the jobs wait for a worker the test runs itself.
+    pub async fn start_with(
+        mode: AmountMode,
+        amounts: &[i64],
+        no_transfers: &[usize],
+        in_process_worker: bool,
+    ) -> Flow {
         let db = TestDb::new().await;
         splitpay::jobs::queue::setup(&db.pool).await.unwrap();
         let (sim, control) = super::stripe::simulator().await;
@@ -87,12 +97,14 @@ impl Flow {
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let pool = db.pool.clone();
-        let worker = tokio::spawn(async move {
-            run(pool, splitpay::jobs::handlers(ctx), settings, async move {
-                let _ = stopped.await;
+        let worker = in_process_worker.then(|| {
+            tokio::spawn(async move {
+                run(pool, splitpay::jobs::handlers(ctx), settings, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
             })
-            .await
-            .unwrap();
         });
         let set = seed_set(&db.pool, mode, amounts).await;
         Flow {
@@ -104,7 +116,7 @@ impl Flow {
             base_url,
             set,
             stop: Some(stop),
-            worker: Some(worker),
+            worker,
         }
     }
 

@@ -1,0 +1,170 @@
+//! Crash test: `splitpay worker` runs as its own process and is SIGKILLed at random moments while 50 card payments
+//! through a three-recipient set are distributed; then it is restarted. Afterwards every allocation is TRANSFERRED
+//! (or PARKED), Stripe holds exactly one transfer per transferred allocation and none for any other, and money is
+//! conserved to the cent for every payment.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::flow::Flow;
+use rand::{Rng, SeedableRng};
+use splitpay::domain::ids::SplitPaymentId;
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::state::AllocationStatus;
+use splitpay::store::payments::{get_split_payment, money_report};
+use splitpay::stripe::PaymentGateway;
+
+const PAYMENTS: usize = 50;
+const KILLS: usize = 6;
+
+fn spawn_worker(flow: &Flow) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_splitpay"))
+        .arg("worker")
+        .env("DATABASE_URL", &flow.db.url)
+        .env("STRIPE_SECRET_KEY", common::stripe::TEST_KEY)
+        .env("STRIPE_API_BASE", flow.sim.base_url())
+        .env("STRIPE_RATE_PER_SEC", "500")
+        .env("SPLITPAY_WORKER_CONCURRENCY", "4")
+        // A killed worker's jobs come back after 1 s × 3 (production: 10 s × 6).
+        .env("SPLITPAY_WORKER_HEARTBEAT_MS", "1000")
+        .env("SPLITPAY_WORKER_MISSED_HEARTBEATS", "3")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the worker starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_workers_never_move_money_twice() {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("crash test seed: {seed} (rerun with CRASH_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let flow = std::sync::Arc::new(Flow::start_with(AmountMode::Fixed, &[1_000, 2_345, 1_655], &[], false).await);
+    // Stripe takes 10-60 ms per call, so many kills land while a transfer request is in flight.
+    flow.control.set_latency(10, 60, 0).await.unwrap();
+
+    // Payments arrive while the worker is being killed.
+    let payer = {
+        let flow = flow.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..PAYMENTS {
+                let (id, _) = flow
+                    .pay(PaymentMethodType::Card, "pm_card_visa", Some(&format!("cm3donor{i}")))
+                    .await;
+                ids.push(id);
+            }
+            ids
+        })
+    };
+    let mut kills = 0;
+    while kills < KILLS {
+        let mut worker = spawn_worker(&flow);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
+        worker.kill().expect("SIGKILL"); // std's kill() is SIGKILL on Unix
+        worker.wait().unwrap();
+        kills += 1;
+    }
+    let ids: Vec<SplitPaymentId> = payer.await.unwrap();
+    let (before_restart,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM split_allocations WHERE status = 'TRANSFERRED'")
+            .fetch_one(&flow.db.pool)
+            .await
+            .unwrap();
+    let mut survivor = spawn_worker(&flow);
+
+    // Wait (bounded) until every allocation of every payment is final.
+    let mut settled = false;
+    for _ in 0..600 {
+        let (open,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM split_allocations WHERE status NOT IN ('TRANSFERRED', 'PARKED', 'ZERO_NET')",
+        )
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+        let (payments,): (i64,) = sqlx::query_as("SELECT count(*) FROM split_payments WHERE status = 'SUCCEEDED'")
+            .fetch_one(&flow.db.pool)
+            .await
+            .unwrap();
+        if open == 0 && payments == PAYMENTS as i64 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = survivor.kill();
+    let _ = survivor.wait();
+    assert!(settled, "allocations still open after the restart (seed {seed})");
+
+    let mut transferred = 0;
+    for id in &ids {
+        let p = get_split_payment(&mut flow.db.pool.acquire().await.unwrap(), id)
+            .await
+            .unwrap();
+        let at_stripe = flow.gateway.list_transfers(id.as_str()).await.unwrap();
+        let mut per_allocation: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+        for t in at_stripe {
+            per_allocation
+                .entry(t.metadata["split_allocation_id"].clone())
+                .or_default()
+                .push((t.id, t.amount_cents));
+        }
+        for a in &p.allocations {
+            let made = per_allocation.get(&a.id).cloned().unwrap_or_default();
+            match a.status {
+                AllocationStatus::Transferred => {
+                    transferred += 1;
+                    assert_eq!(
+                        made.len(),
+                        1,
+                        "allocation {} has {} transfers (seed {seed})",
+                        a.id,
+                        made.len()
+                    );
+                    assert_eq!(Some(&made[0].0), a.stripe_transfer_id.as_ref());
+                    assert_eq!(made[0].1, a.net_amount_cents.unwrap());
+                }
+                other => {
+                    assert!(made.is_empty(), "{} is {other} but Stripe has {made:?}", a.id);
+                }
+            }
+        }
+        assert_eq!(
+            per_allocation.len(),
+            p.allocations
+                .iter()
+                .filter(|a| a.status == AllocationStatus::Transferred)
+                .count()
+        );
+        let report = money_report(&mut flow.db.pool.acquire().await.unwrap(), id)
+            .await
+            .unwrap();
+        assert!(report.is_conserved(), "{id}: {report:?} (seed {seed})");
+        assert_eq!(report.charged_cents, 5_000);
+    }
+    let (rerun,): (i64,) = sqlx::query_as("SELECT count(*) FROM apalis.jobs WHERE attempts > 1")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    println!(
+        "crash test: {kills} kills; {before_restart} of {} transfers made before the last restart; {rerun} jobs ran more than once; all conserved",
+        PAYMENTS * 3
+    );
+    // The kills must have landed while work was under way, or this test would prove nothing.
+    assert!(
+        before_restart > 0,
+        "no transfer was made before the last restart: the kills came too early"
+    );
+    assert_eq!(
+        transferred,
+        PAYMENTS * 3,
+        "no recipient lacks the transfers capability here, so all transfer"
+    );
+}
