@@ -168,3 +168,55 @@ async fn sigkilled_workers_never_move_money_twice() {
         "no recipient lacks the transfers capability here, so all transfer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_in_flight_transfer_finish_and_record_its_outcome() {
+    let flow = Flow::start_with(AmountMode::Fixed, &[2_000], &[], false).await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    // Every Stripe call now takes 1.5 s, so the transfer request is surely in flight when SIGTERM comes.
+    flow.control.set_latency(0, 0, 1_500).await.unwrap();
+    let mut worker = spawn_worker(&flow);
+    let mut in_flight = false;
+    for _ in 0..300 {
+        let p = get_split_payment(&mut flow.db.pool.acquire().await.unwrap(), &id)
+            .await
+            .unwrap();
+        if p.allocations[0].status == AllocationStatus::Transferring {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(in_flight, "the transfer never started");
+    let term = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut exit = None;
+    for _ in 0..200 {
+        if let Some(status) = worker.try_wait().unwrap() {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(exit) = exit else {
+        let _ = worker.kill();
+        panic!("the worker did not stop within 20 s of SIGTERM");
+    };
+    assert!(exit.success(), "the worker exits cleanly: {exit:?}");
+    let p = get_split_payment(&mut flow.db.pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.allocations[0].status,
+        AllocationStatus::Transferred,
+        "the in-flight outcome was recorded before exit"
+    );
+    let at_stripe = flow.gateway.list_transfers(id.as_str()).await.unwrap();
+    assert_eq!(at_stripe.len(), 1);
+    assert_eq!(Some(&at_stripe[0].id), p.allocations[0].stripe_transfer_id.as_ref());
+}

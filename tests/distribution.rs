@@ -456,3 +456,96 @@ async fn the_webhook_ingress_refuses_bad_signatures_and_acknowledges_redeliverie
     assert_eq!(flow.count_events("recommendation_set.payment_succeeded").await, 1);
     flow.stop().await;
 }
+
+#[tokio::test]
+async fn the_fee_split_waits_for_the_balance_transaction_and_never_guesses() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let config = splitpay::stripe::sim::model::SimConfig {
+        balance_transaction_delay_secs: 60,
+        ..Default::default()
+    };
+    flow.control.set_config(&config).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let waiting = flow
+        .wait_until(&id, "a wait for the fee", |p| p.payment.distribution_attempts >= 2)
+        .await;
+    assert_eq!(waiting.payment.status, PaymentStatus::Succeeded);
+    assert!(
+        waiting
+            .allocations
+            .iter()
+            .all(|a| a.fee_share_cents.is_none() && a.status == AllocationStatus::Pending),
+        "no fee guessed"
+    );
+    assert_eq!(waiting.payment.processing_fee_cents, None);
+    // Stripe settles the fee (asynchronous capture): distribution goes on.
+    flow.control.advance_clock(61).await.unwrap();
+    let p = flow
+        .wait_until(&id, "transfers", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    assert_eq!(p.payment.processing_fee_cents, Some(118));
+    assert_conserved(&flow, &id).await;
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_that_stays_throttled_is_parked_after_its_attempts() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::RateLimit,
+            count: 10_000,
+            path_contains: Some("/v1/transfers".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow.wait_until(&id, "parked allocations", all_settled).await;
+    for a in &p.allocations {
+        assert_eq!(
+            (a.status, a.failure_code.as_deref()),
+            (AllocationStatus::Parked, Some("retries_exhausted"))
+        );
+        assert_eq!(a.attempts, 4, "attempts counted on the row; the fifth parks it");
+        assert_eq!(a.generation, 1, "every attempt used the same key");
+        assert_eq!(
+            types_about(&flow, &a.id).await,
+            vec!["recommendation_set.distribution_failed"]
+        );
+    }
+    assert!(stripe_transfers(&flow, &id).await.is_empty());
+    assert_conserved(&flow, &id).await;
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn fees_that_take_everything_leave_zero_net_allocations_and_no_transfer() {
+    // A platform fee of A$60 on a A$50 payment: nothing is left to transfer.
+    let flow = Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
+        s.platform_fee = splitpay::domain::fees::PlatformFee::new(0, 6_000).unwrap();
+    })
+    .await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow.wait_until(&id, "zero-net allocations", all_settled).await;
+    assert!(p
+        .allocations
+        .iter()
+        .all(|a| a.status == AllocationStatus::ZeroNet && a.net_amount_cents == Some(0)));
+    assert_eq!(
+        p.payment.fee_uncollected_cents,
+        Some(118 + 6_000 - 5_000),
+        "the excess is recorded, not hidden"
+    );
+    assert!(stripe_transfers(&flow, &id).await.is_empty());
+    assert_conserved(&flow, &id).await;
+    flow.stop().await;
+}

@@ -54,6 +54,17 @@ impl Flow {
         no_transfers: &[usize],
         in_process_worker: bool,
     ) -> Flow {
+        Self::start_full(mode, amounts, no_transfers, in_process_worker, |_| {}).await
+    }
+
+    /// As [`Flow::start_with`], with the distribution settings adjusted by `tweak`.
+    pub async fn start_full(
+        mode: AmountMode,
+        amounts: &[i64],
+        no_transfers: &[usize],
+        in_process_worker: bool,
+        tweak: impl FnOnce(&mut DistributionSettings),
+    ) -> Flow {
         let db = TestDb::new().await;
         splitpay::jobs::queue::setup(&db.pool).await.unwrap();
         let (sim, control) = super::stripe::simulator().await;
@@ -68,11 +79,15 @@ impl Flow {
         let ctx = AppContext {
             pool: db.pool.clone(),
             gateway: gateway.clone(),
-            distribution: DistributionSettings {
-                transfer_attempts_max: 5,
-                backoff_base_ms: 200,
-                backoff_cap_ms: 800,
-                ..DistributionSettings::default()
+            distribution: {
+                let mut settings = DistributionSettings {
+                    transfer_attempts_max: 5,
+                    backoff_base_ms: 200,
+                    backoff_cap_ms: 800,
+                    ..DistributionSettings::default()
+                };
+                tweak(&mut settings);
+                settings
             },
         };
         let app = router(HttpState {
