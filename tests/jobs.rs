@@ -169,3 +169,61 @@ async fn delayed_jobs_wait_and_queues_are_separate() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn workers_come_back_after_the_database_drops_every_connection() {
+    let db = TestDb::new().await;
+    setup(&db.pool).await.unwrap();
+    let seen: Seen = Arc::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(run(
+        db.pool.clone(),
+        vec![(Queue::Transfer, recorder(seen.clone()))],
+        fast(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(&mut tx, Queue::Transfer, "salc_before", None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(wait_for(&seen, 1).await, vec!["salc_before"]);
+
+    // An outage as the worker sees it: every connection to its database is cut (LISTEN, fetch, heartbeat, pool).
+    let admin_url = common::db::url_with_database(&common::db::server_url(), "postgres");
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    let name = db.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let (cut,): (i64,) = sqlx::query_as(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert!(cut > 0, "the worker's connections were cut");
+
+    // Work enqueued after the outage is still done.
+    let mut enqueued = false;
+    for _ in 0..50 {
+        if let Ok(mut tx) = db.pool.begin().await {
+            if enqueue(&mut tx, Queue::Transfer, "salc_after", None).await.is_ok() && tx.commit().await.is_ok() {
+                enqueued = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(enqueued);
+    let ids = wait_for(&seen, 2).await;
+    assert_eq!(
+        ids,
+        vec!["salc_before", "salc_after"],
+        "the worker restarted and picked up new work"
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("shuts down")
+        .unwrap()
+        .unwrap();
+}

@@ -868,3 +868,48 @@ async fn the_schema_refuses_what_the_rules_forbid() {
         .unwrap();
     assert_eq!(again, p, "every refused write left the payment as it was");
 }
+
+#[tokio::test]
+async fn a_set_takes_payments_only_while_it_and_its_links_can() {
+    use splitpay::store::catalog::SetUnavailable;
+    let db = TestDb::new().await;
+    let set = seed_set(&db.pool, AmountMode::Suggested, &[1000, 2000]).await;
+    let now = Utc::now();
+    let both = ["cm3lnk0", "cm3lnk1"];
+    assert_eq!(set.check_available(now, &both), Ok(()));
+
+    let mut s = set.clone();
+    s.is_active = false;
+    assert_eq!(s.check_available(now, &both), Err(SetUnavailable::Inactive));
+    let mut s = set.clone();
+    s.archived_at = Some(now);
+    assert_eq!(s.check_available(now, &both), Err(SetUnavailable::Archived));
+    let mut s = set.clone();
+    let past = now - chrono::Duration::seconds(1);
+    s.expires_at = Some(past);
+    assert_eq!(s.check_available(now, &both), Err(SetUnavailable::Expired(past)));
+    s.expires_at = Some(now + chrono::Duration::hours(1));
+    assert_eq!(s.check_available(now, &both), Ok(()), "not expired yet");
+
+    let mut s = set.clone();
+    s.allocations[1].charges_enabled = false;
+    assert_eq!(
+        s.check_available(now, &both),
+        Err(SetUnavailable::LinkChargesDisabled {
+            link_id: "cm3lnk1".into()
+        })
+    );
+    assert_eq!(
+        s.check_available(now, &["cm3lnk0"]),
+        Ok(()),
+        "a recipient the donor zeroed out is not checked"
+    );
+    let mut s = set.clone();
+    s.allocations[0].link_is_active = false;
+    assert_eq!(
+        s.check_available(now, &both),
+        Err(SetUnavailable::LinkInactive {
+            link_id: "cm3lnk0".into()
+        })
+    );
+}
