@@ -53,6 +53,23 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The same server URL with another database name (query parameters kept).
+pub fn url_with_database(base: &str, name: &str) -> String {
+    let (without_query, query) = match base.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (base, None),
+    };
+    let scheme_end = without_query.find("://").map_or(0, |i| i + 3);
+    let prefix = match without_query[scheme_end..].find('/') {
+        Some(i) => &without_query[..scheme_end + i],
+        None => without_query,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     pub url: Secret,
@@ -97,6 +114,19 @@ mod tests {
         let s = Secret::new("sk_test_abc");
         assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
         assert_eq!(s.expose(), "sk_test_abc");
+    }
+
+    #[test]
+    fn urls_swap_their_database() {
+        assert_eq!(
+            url_with_database("postgres://u@h:5432/splitpay", "t1"),
+            "postgres://u@h:5432/t1"
+        );
+        assert_eq!(
+            url_with_database("postgres://u:p@h/splitpay?sslmode=disable", "t1"),
+            "postgres://u:p@h/t1?sslmode=disable"
+        );
+        assert_eq!(url_with_database("postgres://u@h", "t1"), "postgres://u@h/t1");
     }
 
     #[test]

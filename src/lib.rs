@@ -21,6 +21,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod events;
 pub mod http;

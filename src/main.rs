@@ -33,6 +33,9 @@ enum Command {
     Serve,
     /// Run the background workers: Stripe events, fee splits and transfers.
     Worker,
+    /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
+    /// print where every cent went.
+    Demo,
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {
         /// Port to listen on (0 picks a free one).
@@ -48,9 +51,16 @@ enum Command {
 async fn main() -> std::process::ExitCode {
     // A missing .env is normal; a malformed one is worth a warning, not a crash.
     let dotenv = dotenvy::dotenv();
+    let cli = Cli::parse();
+    // The demo prints a report; its logs would only interleave with it.
+    let default_filter = if matches!(cli.command, Command::Demo) {
+        "error"
+    } else {
+        "info,sqlx=warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .init();
     if let Err(e) = dotenv {
@@ -58,11 +68,13 @@ async fn main() -> std::process::ExitCode {
             tracing::warn!(error = %e, ".env could not be read");
         }
     }
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Migrate => migrate().await.map(|_| ()),
         Command::Serve => serve().await,
         Command::Worker => worker().await,
+        Command::Demo => splitpay::demo::run(&mut std::io::stdout())
+            .await
+            .map_err(|e| e as Failure),
         Command::StripeSim { port, host } => stripe_sim(std::net::SocketAddr::new(host, port)).await,
     };
     match result {

@@ -77,13 +77,39 @@ fn help_lists_only_working_subcommands() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("migrate"), "{help}");
-    for working in ["stripe-sim", "serve", "worker"] {
+    for working in ["stripe-sim", "serve", "worker", "demo"] {
         assert!(help.contains(working), "{help}");
     }
-    for not_yet in ["demo", "ops"] {
+    for not_yet in ["ops", "reconcile"] {
         assert!(
             !help.contains(&format!("  {not_yet} ")),
             "{not_yet} is listed but does not exist yet: {help}"
         );
     }
+}
+
+#[test]
+fn the_demo_runs_the_whole_money_path_and_conserves_every_cent() {
+    let out = Command::new(env!("CARGO_BIN_EXE_splitpay"))
+        .arg("demo")
+        .env("DATABASE_URL", server_url())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("conserved to the cent").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("TRANSFERRED tr_").count(), 4, "{stdout}");
+    assert_eq!(
+        stdout.matches("PARKED insufficient_capabilities_for_transfer").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("PROCESSING — the bank debit is in flight"), "{stdout}");
+    assert!(stdout.contains("2 × recommendation_set.payment_succeeded"), "{stdout}");
+    assert!(!stdout.contains(" INFO "), "logs stay out of the report: {stdout}");
 }

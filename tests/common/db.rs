@@ -7,6 +7,7 @@
 
 use std::str::FromStr;
 
+pub use splitpay::config::url_with_database;
 use splitpay::config::DATABASE_URL_DEFAULT;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -52,23 +53,6 @@ pub fn server_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DATABASE_URL_DEFAULT.to_owned())
 }
 
-/// The server's URL with another database name (query parameters kept).
-pub fn url_with_database(base: &str, name: &str) -> String {
-    let (without_query, query) = match base.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (base, None),
-    };
-    let scheme_end = without_query.find("://").map_or(0, |i| i + 3);
-    let prefix = match without_query[scheme_end..].find('/') {
-        Some(i) => &without_query[..scheme_end + i],
-        None => without_query,
-    };
-    match query {
-        Some(q) => format!("{prefix}/{name}?{q}"),
-        None => format!("{prefix}/{name}"),
-    }
-}
-
 impl TestDb {
     /// Creates an empty database (no schema); for tests of `splitpay migrate` itself.
     pub async fn empty() -> Self {
@@ -102,17 +86,4 @@ impl TestDb {
         splitpay::store::migrate(&db.pool).await.expect("migrations apply");
         db
     }
-}
-
-#[test]
-fn urls_swap_their_database() {
-    assert_eq!(
-        url_with_database("postgres://u@h:5432/splitpay", "t1"),
-        "postgres://u@h:5432/t1"
-    );
-    assert_eq!(
-        url_with_database("postgres://u:p@h/splitpay?sslmode=disable", "t1"),
-        "postgres://u:p@h/t1?sslmode=disable"
-    );
-    assert_eq!(url_with_database("postgres://u@h", "t1"), "postgres://u@h/t1");
 }
