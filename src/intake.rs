@@ -17,13 +17,12 @@ use crate::domain::fees::gross_up;
 use crate::domain::ids::{check_external_id, payment_intent_idempotency_key, SplitAllocationId, SplitPaymentId};
 use crate::domain::money::Currency;
 use crate::domain::plan::{PaymentMethodType, SplitPlan, Submission, SubmittedAmount};
-use crate::domain::state::{AllocationEvent, DonationEvent, PaymentEvent};
+use crate::domain::state::PaymentEvent;
 use crate::events::{build, EventType};
 use crate::store::catalog::get_recommendation_set;
 use crate::store::payments::{
-    create_donation_for_allocation, create_split_payment, donations_for_payment, get_split_payment,
-    transition_allocation, transition_donation, transition_payment, AllocationPatch, DonationPatch, NewSplitPayment,
-    PaymentPatch, SplitPayment,
+    create_donation_for_allocation, create_split_payment, get_split_payment, transition_payment, void_payment_parts,
+    NewSplitPayment, PaymentPatch, SplitPayment,
 };
 use crate::store::{StoreError, Tx};
 use crate::stripe::{CreatePaymentIntentParams, GatewayError, PaymentIntentInfo};
@@ -265,29 +264,5 @@ async fn fail_at_submit(tx: &mut Tx<'_>, payment: &SplitPayment, code: &str, mes
         ..Default::default()
     };
     transition_payment(tx, &id, PaymentEvent::Failed, &patch, &[event]).await?;
-    for allocation in &payment.allocations {
-        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        transition_allocation(
-            tx,
-            &aid,
-            AllocationEvent::PaymentVoided,
-            &AllocationPatch::default(),
-            &[],
-        )
-        .await?;
-    }
-    for donation in donations_for_payment(tx, &id).await? {
-        let did =
-            crate::domain::ids::DonationId::parse(&donation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let patch = DonationPatch {
-            failure_code: Some(code.to_owned()),
-            failure_message: Some(message.to_owned()),
-            ..Default::default()
-        };
-        transition_donation(tx, &did, DonationEvent::Failed, &patch, |d| {
-            build::donation(EventType::DonationFailed, d, now).into_iter().collect()
-        })
-        .await?;
-    }
-    Ok(())
+    void_payment_parts(tx, payment, code, message, now).await
 }

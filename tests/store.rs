@@ -11,7 +11,7 @@ use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::{
     AllocationEvent, AllocationStatus, DonationEvent, PaymentEvent, PaymentStatus, Transition,
 };
-use splitpay::events::{seed_timestamp, DistributionData, DonationData, EventType, OutboundEvent, PaymentData};
+use splitpay::events::{seed_timestamp, DistributionData, EventType, OutboundEvent, PaymentData};
 use splitpay::store::catalog::{
     create_recommendation_set, get_recommendation_set, NewRecommendationSet, NewSetAllocation,
 };
@@ -661,13 +661,10 @@ async fn donations_are_created_once_and_move_with_their_events() {
     let p = new_payment(&pool, &[1000, 2000]).await;
     let id = aid(&p.allocations[1]);
     let created = |d: &DonationRow| {
-        vec![OutboundEvent::donation(
-            EventType::DonationCreated,
-            &d.organisation_id,
-            Utc::now(),
-            donation_data(d),
-            None,
-        )]
+        vec![
+            splitpay::events::build::donation(EventType::DonationCreated, d, Utc::now())
+                .expect("the donation has a donor"),
+        ]
     };
     let mut tx = pool.begin().await.unwrap();
     let d1 = create_donation_for_allocation(&mut tx, &id, Utc::now(), created)
@@ -703,13 +700,10 @@ async fn donations_are_created_once_and_move_with_their_events() {
             ..Default::default()
         },
         |d| {
-            vec![OutboundEvent::donation(
-                EventType::DonationSucceeded,
-                &d.organisation_id,
-                Utc::now(),
-                donation_data(d),
-                None,
-            )]
+            vec![
+                splitpay::events::build::donation(EventType::DonationSucceeded, d, Utc::now())
+                    .expect("the donation has a donor"),
+            ]
         },
     )
     .await
@@ -737,25 +731,6 @@ async fn donations_are_created_once_and_move_with_their_events() {
     .await
     .unwrap_err();
     assert!(matches!(err, StoreError::Forbidden(_)));
-}
-
-fn donation_data(d: &DonationRow) -> DonationData {
-    DonationData {
-        id: d.id.clone(),
-        donor_id: d.donor_id.clone().unwrap_or_default(),
-        amount_cents: d.amount_cents,
-        refunded_amount_cents: d.refunded_amount_cents,
-        currency: d.currency.iso_code(),
-        donation_date: seed_timestamp(d.donation_date),
-        source: d.source.clone(),
-        status: d.status.to_string(),
-        external_id: d.external_id.clone(),
-        payment_method: d.payment_method.clone(),
-        tracking_code: d.tracking_code.clone(),
-        deleted_at: d.deleted_at.map(seed_timestamp),
-        failure_code: d.failure_code.clone(),
-        failure_message: d.failure_message.clone(),
-    }
 }
 
 #[tokio::test]

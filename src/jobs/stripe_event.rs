@@ -9,12 +9,12 @@ use serde_json::Value;
 use super::queue::{enqueue, Queue};
 use super::runner::JobFailure;
 use crate::app::AppContext;
-use crate::domain::ids::{DonationId, SplitAllocationId, SplitPaymentId};
-use crate::domain::state::{AllocationEvent, DonationEvent, PaymentEvent, Transition};
+use crate::domain::ids::SplitPaymentId;
+use crate::domain::state::{PaymentEvent, Transition};
 use crate::events::{build, EventType};
 use crate::store::payments::{
-    donations_for_payment, find_split_payment_by_intent, get_split_payment, transition_allocation, transition_donation,
-    transition_payment, AllocationPatch, DonationPatch, PaymentPatch,
+    donations_for_payment, find_split_payment_by_intent, get_split_payment, transition_payment, void_payment_parts,
+    PaymentPatch,
 };
 use crate::store::records::{finish_stripe_event, get_stripe_event};
 use crate::store::{StoreError, Tx};
@@ -168,30 +168,8 @@ async fn apply(
         }
         PaymentEvent::Succeeded => enqueue(tx, Queue::Distribute, id.as_str(), None).await?,
         PaymentEvent::Failed | PaymentEvent::Canceled => {
-            let f = failure.expect("set for failures");
-            for allocation in &payment.allocations {
-                let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-                transition_allocation(
-                    tx,
-                    &aid,
-                    AllocationEvent::PaymentVoided,
-                    &AllocationPatch::default(),
-                    &[],
-                )
-                .await?;
-            }
-            for donation in donations_for_payment(tx, id).await? {
-                let did = DonationId::parse(&donation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-                let patch = DonationPatch {
-                    failure_code: Some(f.0.clone()),
-                    failure_message: Some(f.1.clone()),
-                    ..Default::default()
-                };
-                transition_donation(tx, &did, DonationEvent::Failed, &patch, |d| {
-                    build::donation(EventType::DonationFailed, d, now).into_iter().collect()
-                })
-                .await?;
-            }
+            let (code, message) = failure.expect("set for failures");
+            void_payment_parts(tx, &payment, &code, &message, now).await?;
         }
         PaymentEvent::IntentCreated => {}
     }

@@ -291,6 +291,46 @@ pub async fn record_transfer_retry(
     Ok(attempts)
 }
 
+/// What a failed or canceled payment does to its parts, in the caller's transaction: every allocation VOIDED, every
+/// donation FAILED with Stripe's reason (`donation.failed`). Nothing was charged, so nothing is transferred.
+pub async fn void_payment_parts(
+    tx: &mut Tx<'_>,
+    payment: &SplitPayment,
+    failure_code: &str,
+    failure_message: &str,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let id =
+        SplitPaymentId::parse(&payment.payment.id).map_err(|e| corrupt("split payment", &payment.payment.id, e))?;
+    for allocation in &payment.allocations {
+        let aid =
+            SplitAllocationId::parse(&allocation.id).map_err(|e| corrupt("split allocation", &allocation.id, e))?;
+        transition_allocation(
+            tx,
+            &aid,
+            AllocationEvent::PaymentVoided,
+            &AllocationPatch::default(),
+            &[],
+        )
+        .await?;
+    }
+    for donation in donations_for_payment(tx, &id).await? {
+        let did = DonationId::parse(&donation.id).map_err(|e| corrupt("donation", &donation.id, e))?;
+        let patch = DonationPatch {
+            failure_code: Some(failure_code.to_owned()),
+            failure_message: Some(failure_message.to_owned()),
+            ..Default::default()
+        };
+        transition_donation(tx, &did, DonationEvent::Failed, &patch, |d| {
+            crate::events::build::donation(crate::events::EventType::DonationFailed, d, at)
+                .into_iter()
+                .collect()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// Data that arrives with a payment event and is recorded with the transition (`None` keeps what is stored).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PaymentPatch {
