@@ -166,7 +166,20 @@ async fn worker() -> Result<(), Failure> {
         ..Default::default()
     };
     tracing::info!(concurrency = settings.concurrency, "worker running");
+    let schedule = splitpay::jobs::schedule::Schedule::shipped()?;
+    let (stop_cron, cron_stopped) = tokio::sync::oneshot::channel::<()>();
+    let cron = tokio::spawn(splitpay::jobs::cron::run(
+        pool.clone(),
+        schedule,
+        splitpay::jobs::cron::jobs(pool.clone()),
+        format!("worker-{}", uuid::Uuid::new_v4().simple()),
+        async move {
+            let _ = cron_stopped.await;
+        },
+    ));
     splitpay::jobs::runner::run(pool, splitpay::jobs::handlers(ctx), settings, shutdown_signal()).await?;
+    let _ = stop_cron.send(());
+    let _ = cron.await;
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -227,3 +227,166 @@ async fn workers_come_back_after_the_database_drops_every_connection() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_sweeper_requeues_only_work_whose_job_was_lost() {
+    use splitpay::store::records::{finish_stripe_event, insert_stripe_event, NewStripeEvent};
+    let db = TestDb::new().await;
+    setup(&db.pool).await.unwrap();
+    let event = |id: &str| NewStripeEvent {
+        id: id.into(),
+        event_type: "payment_intent.succeeded".into(),
+        object_id: None,
+        livemode: false,
+        payload: serde_json::json!({ "id": id }),
+        stripe_created: None,
+    };
+    let mut conn = db.pool.acquire().await.unwrap();
+    for id in ["evt_lost", "evt_fresh", "evt_done"] {
+        insert_stripe_event(&mut conn, &event(id)).await.unwrap();
+    }
+    sqlx::query(
+        "UPDATE stripe_events SET received_at = now() - interval '2 minutes' WHERE id IN ('evt_lost', 'evt_done')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    finish_stripe_event(&mut conn, "evt_done", None).await.unwrap();
+    drop(conn);
+
+    let report = splitpay::jobs::sweeper::sweep(&db.pool, 60).await.unwrap();
+    assert_eq!(
+        (report.stripe_events, report.distributions, report.transfers),
+        (1, 0, 0)
+    );
+    // The job column holds the JSON payload as bytes.
+    let ids: Vec<(String,)> =
+        sqlx::query_as("SELECT convert_from(job, 'UTF8')::jsonb ->> 'id' FROM apalis.jobs WHERE job_type = $1")
+            .bind(Queue::StripeEvent.name())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        ids,
+        vec![("evt_lost".to_owned(),)],
+        "one job, for the stale unprocessed event only"
+    );
+}
+
+#[tokio::test]
+async fn two_replicas_run_each_cron_tick_once_between_them() {
+    use splitpay::jobs::cron::{run as run_cron, CronJob};
+    use splitpay::jobs::schedule::Schedule;
+    let db = TestDb::new().await;
+    let every_second = "[jobs.sweeper]\ncron = \"* * * * * *\"\ndescription = \"test\"\n\
+                        [jobs.reconcile-pending]\ncron = \"0 0 0 1 1 *\"\ndescription = \"test\"\n\
+                        [jobs.reconcile-transfers]\ncron = \"0 0 0 1 1 *\"\ndescription = \"test\"\n";
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut replicas = Vec::new();
+    for replica in ["replica-a", "replica-b"] {
+        let runs = runs.clone();
+        let job: CronJob = Arc::new(move || {
+            let runs = runs.clone();
+            Box::pin(async move {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        });
+        let pool = db.pool.clone();
+        let schedule = Schedule::parse(every_second).unwrap();
+        replicas.push(tokio::spawn(run_cron(
+            pool,
+            schedule,
+            vec![("sweeper", job)],
+            replica.into(),
+            tokio::time::sleep(Duration::from_millis(3_500)),
+        )));
+    }
+    for r in replicas {
+        r.await.unwrap();
+    }
+    let (ticks,): (i64,) = sqlx::query_as("SELECT count(*) FROM cron_claims WHERE name = 'sweeper'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let runs = runs.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(ticks >= 2, "ticks claimed: {ticks}");
+    assert_eq!(
+        runs as i64, ticks,
+        "each claimed tick ran exactly once across both replicas"
+    );
+}
+
+#[tokio::test]
+async fn the_sweeper_requeues_stale_distributions_and_transfers() {
+    use splitpay::domain::fees::split_fees;
+    use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
+    use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+    use splitpay::domain::state::{AllocationEvent, PaymentEvent};
+    use splitpay::store::payments::*;
+    let db = TestDb::new().await;
+    setup(&db.pool).await.unwrap();
+    let set = common::seed_set(&db.pool, AmountMode::Fixed, &[1_000, 2_000]).await;
+    let plan = common::plan_for(&set);
+    let id = SplitPaymentId::generate();
+    let mut tx = db.pool.begin().await.unwrap();
+    let new = NewSplitPayment {
+        id: id.clone(),
+        set: &set,
+        plan: &plan,
+        donor_id: None,
+        payment_method_type: PaymentMethodType::Card,
+        donor_covers_fees: false,
+    };
+    let p = create_split_payment(&mut tx, &new).await.unwrap();
+    let patch = PaymentPatch {
+        payment_intent_id: Some("pi_x".into()),
+        charge_id: Some("ch_x".into()),
+        ..Default::default()
+    };
+    transition_payment(&mut tx, &id, PaymentEvent::Succeeded, &patch, &[])
+        .await
+        .unwrap();
+    write_fee_split(&mut tx, &id, 30, 0, &split_fees(&[1_000, 2_000], 30, 0).unwrap())
+        .await
+        .unwrap();
+    let first = SplitAllocationId::parse(&p.allocations[0].id).unwrap();
+    transition_allocation(
+        &mut tx,
+        &first,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // Fresh work is left to its own jobs.
+    assert_eq!(
+        splitpay::jobs::sweeper::sweep(&db.pool, 60).await.unwrap(),
+        Default::default()
+    );
+    // Two minutes later nothing has moved: the jobs were lost.
+    sqlx::query("UPDATE split_payments SET updated_at = now() - interval '2 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE split_allocations SET updated_at = now() - interval '2 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let report = splitpay::jobs::sweeper::sweep(&db.pool, 60).await.unwrap();
+    assert_eq!((report.distributions, report.transfers), (1, 1), "{report:?}");
+    let queued: Vec<(String, String)> =
+        sqlx::query_as("SELECT job_type, convert_from(job, 'UTF8')::jsonb ->> 'id' FROM apalis.jobs ORDER BY job_type")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        queued,
+        vec![
+            (Queue::Distribute.name().into(), id.to_string()),
+            (Queue::Transfer.name().into(), first.to_string())
+        ]
+    );
+}

@@ -7,13 +7,17 @@
 //! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
 //!   LISTEN/NOTIFY plus a short poll, explicit heartbeats, restart on errors, graceful shutdown, and payloads
 //!   decoded by us so a bad one is rejected without stopping the worker.
-//! - [`schedule`]: the cron schedule the worker loads (`jobs/schedule.toml`).
+//! - [`schedule`]: the cron schedule the worker loads (`jobs/schedule.toml`), and [`cron`], which runs it once per
+//!   tick across replicas.
+//! - [`sweeper`]: re-enqueues ready work whose job was lost.
 
+pub mod cron;
 pub mod distribute;
 pub mod queue;
 pub mod runner;
 pub mod schedule;
 pub mod stripe_event;
+pub mod sweeper;
 pub mod transfer;
 
 use std::sync::Arc;

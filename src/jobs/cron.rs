@@ -1,0 +1,82 @@
+//! Runs the periodic jobs of `jobs/schedule.toml`, once per tick across all replicas.
+//!
+//! Gap filled here: apalis-cron runs every tick in every replica (apalis issue #281) and a worker whose handler
+//! outlasts the period dies ("Tick out of range"). So each replica computes the ticks itself from the `cron`
+//! expressions, sleeps until the next one, and claims `(job, tick)` in `cron_claims`: the one replica whose insert
+//! wins runs it. Missed ticks are not caught up (the next tick does the same work).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::Utc;
+use sqlx::PgPool;
+
+use super::schedule::Schedule;
+use crate::store::records::claim_cron_tick;
+
+pub type CronFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type CronJob = Arc<dyn Fn() -> CronFuture + Send + Sync>;
+
+/// Runs every job of `schedule` that has an entry in `jobs` until `shutdown` resolves. Scheduled names without an
+/// implementation are reported once at start, not run.
+pub async fn run(
+    pool: PgPool,
+    schedule: Schedule,
+    jobs: Vec<(&'static str, CronJob)>,
+    replica: String,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let mut loops = Vec::new();
+    for (name, entry) in schedule.jobs {
+        let Some((_, job)) = jobs.iter().find(|(n, _)| *n == name) else {
+            tracing::warn!(job = %name, "scheduled but not built yet; not run");
+            continue;
+        };
+        let expression = cron::Schedule::from_str(&entry.cron).expect("checked when the schedule was parsed");
+        let (pool, job, replica) = (pool.clone(), job.clone(), replica.clone());
+        loops.push(tokio::spawn(async move {
+            loop {
+                let Some(tick) = expression.upcoming(Utc).next() else {
+                    return;
+                };
+                let wait = (tick - Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                let claimed = match pool.acquire().await {
+                    Ok(mut conn) => claim_cron_tick(&mut conn, &name, tick, &replica).await,
+                    Err(e) => Err(e.into()),
+                };
+                match claimed {
+                    Ok(true) => job().await,
+                    Ok(false) => {} // another replica has this tick
+                    Err(e) => tracing::warn!(job = %name, error = %e, "could not claim a cron tick"),
+                }
+            }
+        }));
+    }
+    shutdown.await;
+    for handle in loops {
+        handle.abort();
+    }
+}
+
+/// The periodic jobs splitpay has built so far.
+pub fn jobs(pool: PgPool) -> Vec<(&'static str, CronJob)> {
+    let sweeper: CronJob = Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(
+                super::sweeper::SWEEP_TIMEOUT,
+                super::sweeper::sweep(&pool, super::sweeper::SWEEP_GRACE_SECS),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "sweep failed"),
+                Err(_) => tracing::warn!("sweep timed out"),
+            }
+        })
+    });
+    vec![("sweeper", sweeper)]
+}

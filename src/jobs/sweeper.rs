@@ -1,0 +1,82 @@
+//! The sweeper: re-enqueues ready work whose job was lost — an inbox event never processed, a succeeded payment
+//! whose distribution is not under way, an allocation whose transfer is due. Jobs are nudges and the handlers are
+//! idempotent, so a redundant nudge costs one no-op run; a missing one would leave money unmoved.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::queue::{enqueue, Queue};
+use crate::store::StoreError;
+
+/// Work younger than this is left alone: its own job is most likely still on its way.
+pub const SWEEP_GRACE_SECS: i64 = 60;
+/// Rows re-enqueued per kind and sweep; the next sweep takes the rest.
+pub const SWEEP_BATCH_MAX: i64 = 500;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub stripe_events: usize,
+    pub distributions: usize,
+    pub transfers: usize,
+}
+
+/// One sweep, in one transaction (the jobs exist if and only if it commits). `grace_secs` is
+/// [`SWEEP_GRACE_SECS`] in production.
+pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreError> {
+    let mut tx = pool.begin().await?;
+    let events: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM stripe_events
+          WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
+          ORDER BY received_at LIMIT $2",
+    )
+    .bind(grace_secs as f64)
+    .bind(SWEEP_BATCH_MAX)
+    .fetch_all(&mut *tx)
+    .await?;
+    let payments: Vec<(String,)> = sqlx::query_as(
+        "SELECT p.id FROM split_payments p
+          WHERE p.status = 'SUCCEEDED'
+            AND coalesce(p.distribution_next_attempt_at, p.updated_at) < now() - make_interval(secs => $1)
+            AND EXISTS (SELECT 1 FROM split_allocations a WHERE a.split_payment_id = p.id AND a.status = 'PENDING')
+          ORDER BY p.updated_at LIMIT $2",
+    )
+    .bind(grace_secs as f64)
+    .bind(SWEEP_BATCH_MAX)
+    .fetch_all(&mut *tx)
+    .await?;
+    let allocations: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM split_allocations
+          WHERE status = 'TRANSFERRING'
+            AND coalesce(next_attempt_at, updated_at) < now() - make_interval(secs => $1)
+          ORDER BY updated_at LIMIT $2",
+    )
+    .bind(grace_secs as f64)
+    .bind(SWEEP_BATCH_MAX)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id,) in &events {
+        enqueue(&mut tx, Queue::StripeEvent, id, None).await?;
+    }
+    for (id,) in &payments {
+        enqueue(&mut tx, Queue::Distribute, id, None).await?;
+    }
+    for (id,) in &allocations {
+        enqueue(&mut tx, Queue::Transfer, id, None).await?;
+    }
+    tx.commit().await?;
+    let report = SweepReport {
+        stripe_events: events.len(),
+        distributions: payments.len(),
+        transfers: allocations.len(),
+    };
+    if report != SweepReport::default() {
+        tracing::warn!(?report, "sweeper re-enqueued work whose job was lost");
+        metrics::counter!("splitpay_sweeper_requeued_total")
+            .increment((events.len() + payments.len() + allocations.len()) as u64);
+    }
+    Ok(report)
+}
+
+/// How long a sweep may take before the next tick is considered (bounds a stuck database call).
+pub const SWEEP_TIMEOUT: Duration = Duration::from_secs(30);
