@@ -549,3 +549,116 @@ async fn fees_that_take_everything_leave_zero_net_allocations_and_no_transfer() 
     assert_conserved(&flow, &id).await;
     flow.stop().await;
 }
+
+/// Stripe forgets idempotency keys after 24 h. An allocation whose transfer was applied but never recorded, found
+/// again a day later, must be looked up rather than resent (the old key would now make a second transfer).
+#[tokio::test]
+async fn a_day_old_unrecorded_transfer_is_found_not_resent() {
+    use splitpay::app::{AppContext, DistributionSettings};
+    use splitpay::domain::fees::split_fees;
+    use splitpay::domain::ids::SplitAllocationId;
+    use splitpay::domain::state::{AllocationEvent, PaymentEvent};
+    use splitpay::store::payments::*;
+    use splitpay::stripe::{CreatePaymentIntentParams, CreateTransferParams};
+    use std::collections::BTreeMap;
+
+    let flow = Flow::start_with(AmountMode::Fixed, &[2_000, 3_000], &[], false).await;
+    let pi = flow
+        .gateway
+        .create_payment_intent(&CreatePaymentIntentParams {
+            amount_cents: 5_000,
+            currency: "aud".into(),
+            payment_method_type: PaymentMethodType::Card,
+            transfer_group: "unused".into(),
+            metadata: BTreeMap::new(),
+            payment_method: Some("pm_card_visa".into()),
+            idempotency_key: "k-day-old".into(),
+        })
+        .await
+        .unwrap();
+    let charge = pi.latest_charge.clone().unwrap();
+    let plan = common::plan_for(&flow.set);
+    let id = SplitPaymentId::generate();
+    let mut tx = flow.db.pool.begin().await.unwrap();
+    let new = NewSplitPayment {
+        id: id.clone(),
+        set: &flow.set,
+        plan: &plan,
+        donor_id: None,
+        payment_method_type: PaymentMethodType::Card,
+        donor_covers_fees: false,
+    };
+    let p = create_split_payment(&mut tx, &new).await.unwrap();
+    let patch = PaymentPatch {
+        payment_intent_id: Some(pi.id.clone()),
+        charge_id: Some(charge.clone()),
+        ..Default::default()
+    };
+    transition_payment(&mut tx, &id, PaymentEvent::Succeeded, &patch, &[])
+        .await
+        .unwrap();
+    write_fee_split(&mut tx, &id, 118, 0, &split_fees(&[2_000, 3_000], 118, 0).unwrap())
+        .await
+        .unwrap();
+    let first = SplitAllocationId::parse(&p.allocations[0].id).unwrap();
+    transition_allocation(
+        &mut tx,
+        &first,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let c = allocation_context(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+
+    // The transfer Stripe applied (the worker died before recording it), with the allocation's key and metadata.
+    let applied = flow
+        .gateway
+        .create_transfer(&CreateTransferParams {
+            destination: c.destination_account_id.clone(),
+            amount_cents: c.allocation.net_amount_cents.unwrap(),
+            currency: "aud".into(),
+            source_transaction: Some(charge),
+            transfer_group: id.to_string(),
+            metadata: BTreeMap::from([
+                ("split_payment_id".to_owned(), id.to_string()),
+                ("split_allocation_id".to_owned(), first.to_string()),
+                ("generation".to_owned(), "1".to_owned()),
+            ]),
+            idempotency_key: c.allocation.idempotency_key.clone().unwrap(),
+        })
+        .await
+        .unwrap();
+    // A day passes: the attempt is old, and Stripe has forgotten the key.
+    sqlx::query("UPDATE transfer_attempts SET started_at = now() - interval '24 hours'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    flow.control.advance_clock(25 * 3_600).await.unwrap();
+
+    let ctx = AppContext {
+        pool: flow.db.pool.clone(),
+        gateway: flow.gateway.clone(),
+        distribution: DistributionSettings::default(),
+    };
+    splitpay::jobs::transfer::transfer(&ctx, first.as_str()).await.unwrap();
+    let after = get_split_allocation(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    assert_eq!(after.status, AllocationStatus::Transferred);
+    assert_eq!(
+        after.stripe_transfer_id.as_deref(),
+        Some(applied.id.as_str()),
+        "the applied transfer was found"
+    );
+    assert_eq!(
+        stripe_transfers(&flow, &id).await.len(),
+        1,
+        "and not made a second time"
+    );
+    flow.stop().await;
+}
