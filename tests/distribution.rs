@@ -555,9 +555,6 @@ async fn fees_that_take_everything_leave_zero_net_allocations_and_no_transfer() 
 #[tokio::test]
 async fn a_day_old_unrecorded_transfer_is_found_not_resent() {
     use splitpay::app::{AppContext, DistributionSettings};
-    use splitpay::domain::fees::split_fees;
-    use splitpay::domain::ids::SplitAllocationId;
-    use splitpay::domain::state::{AllocationEvent, PaymentEvent};
     use splitpay::store::payments::*;
     use splitpay::stripe::{CreatePaymentIntentParams, CreateTransferParams};
     use std::collections::BTreeMap;
@@ -577,40 +574,8 @@ async fn a_day_old_unrecorded_transfer_is_found_not_resent() {
         .await
         .unwrap();
     let charge = pi.latest_charge.clone().unwrap();
-    let plan = common::plan_for(&flow.set);
-    let id = SplitPaymentId::generate();
-    let mut tx = flow.db.pool.begin().await.unwrap();
-    let new = NewSplitPayment {
-        id: id.clone(),
-        set: &flow.set,
-        plan: &plan,
-        donor_id: None,
-        payment_method_type: PaymentMethodType::Card,
-        donor_covers_fees: false,
-    };
-    let p = create_split_payment(&mut tx, &new).await.unwrap();
-    let patch = PaymentPatch {
-        payment_intent_id: Some(pi.id.clone()),
-        charge_id: Some(charge.clone()),
-        ..Default::default()
-    };
-    transition_payment(&mut tx, &id, PaymentEvent::Succeeded, &patch, &[])
-        .await
-        .unwrap();
-    write_fee_split(&mut tx, &id, 118, 0, &split_fees(&[2_000, 3_000], 118, 0).unwrap())
-        .await
-        .unwrap();
-    let first = SplitAllocationId::parse(&p.allocations[0].id).unwrap();
-    transition_allocation(
-        &mut tx,
-        &first,
-        AllocationEvent::TransferStarted,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    let (id, first) =
+        common::succeeded_with_first_transfer_started(&flow.db.pool, &flow.set, &pi.id, &charge, 118).await;
     let c = allocation_context(&mut flow.db.pool.acquire().await.unwrap(), &first)
         .await
         .unwrap();

@@ -318,48 +318,10 @@ async fn two_replicas_run_each_cron_tick_once_between_them() {
 
 #[tokio::test]
 async fn the_sweeper_requeues_stale_distributions_and_transfers() {
-    use splitpay::domain::fees::split_fees;
-    use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
-    use splitpay::domain::plan::{AmountMode, PaymentMethodType};
-    use splitpay::domain::state::{AllocationEvent, PaymentEvent};
-    use splitpay::store::payments::*;
     let db = TestDb::new().await;
     setup(&db.pool).await.unwrap();
-    let set = common::seed_set(&db.pool, AmountMode::Fixed, &[1_000, 2_000]).await;
-    let plan = common::plan_for(&set);
-    let id = SplitPaymentId::generate();
-    let mut tx = db.pool.begin().await.unwrap();
-    let new = NewSplitPayment {
-        id: id.clone(),
-        set: &set,
-        plan: &plan,
-        donor_id: None,
-        payment_method_type: PaymentMethodType::Card,
-        donor_covers_fees: false,
-    };
-    let p = create_split_payment(&mut tx, &new).await.unwrap();
-    let patch = PaymentPatch {
-        payment_intent_id: Some("pi_x".into()),
-        charge_id: Some("ch_x".into()),
-        ..Default::default()
-    };
-    transition_payment(&mut tx, &id, PaymentEvent::Succeeded, &patch, &[])
-        .await
-        .unwrap();
-    write_fee_split(&mut tx, &id, 30, 0, &split_fees(&[1_000, 2_000], 30, 0).unwrap())
-        .await
-        .unwrap();
-    let first = SplitAllocationId::parse(&p.allocations[0].id).unwrap();
-    transition_allocation(
-        &mut tx,
-        &first,
-        AllocationEvent::TransferStarted,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    let set = common::seed_set(&db.pool, splitpay::domain::plan::AmountMode::Fixed, &[1_000, 2_000]).await;
+    let (id, first) = common::succeeded_with_first_transfer_started(&db.pool, &set, "pi_x", "ch_x", 30).await;
 
     // Fresh work is left to its own jobs.
     assert_eq!(

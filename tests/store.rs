@@ -11,7 +11,7 @@ use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::{
     AllocationEvent, AllocationStatus, DonationEvent, PaymentEvent, PaymentStatus, Transition,
 };
-use splitpay::events::{seed_timestamp, DistributionData, EventType, OutboundEvent, PaymentData};
+use splitpay::events::{DistributionData, EventType, OutboundEvent};
 use splitpay::store::catalog::{
     create_recommendation_set, get_recommendation_set, NewRecommendationSet, NewSetAllocation,
 };
@@ -42,22 +42,8 @@ async fn new_payment(pool: &PgPool, amounts: &[i64]) -> SplitPayment {
 }
 
 fn payment_event(event_type: EventType, p: &SplitPaymentRow) -> OutboundEvent {
-    OutboundEvent::payment(
-        event_type,
-        &p.organisation_id,
-        Utc::now(),
-        PaymentData {
-            split_payment_id: p.id.clone(),
-            recommendation_set_id: Some(p.recommendation_set_id.clone()),
-            donor_id: p.donor_id.clone(),
-            total_amount_cents: p.total_amount_cents,
-            currency: p.currency.iso_code(),
-            payment_method_type: p.payment_method_type.to_string(),
-            donation_date: seed_timestamp(p.created_at),
-            failure_code: p.failure_code.clone(),
-            failure_message: p.failure_message.clone(),
-        },
-    )
+    let failure = p.failure_code.as_deref().zip(p.failure_message.as_deref());
+    splitpay::events::build::payment(event_type, p, failure, Utc::now())
 }
 
 fn distribution_event(event_type: EventType, a: &SplitAllocationRow, transfer: Option<&str>) -> OutboundEvent {

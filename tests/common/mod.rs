@@ -91,3 +91,59 @@ pub async fn count(pool: &PgPool, table: &str) -> i64 {
     sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(pool).await.unwrap();
     n
 }
+
+/// A SUCCEEDED split payment through `set` (PaymentIntent `intent_id`, charge `charge_id`) with its fee split written
+/// and its first allocation's transfer started (generation 1, intent committed): the state a worker leaves when it
+/// dies during a transfer.
+pub async fn succeeded_with_first_transfer_started(
+    pool: &PgPool,
+    set: &RecommendationSetRow,
+    intent_id: &str,
+    charge_id: &str,
+    processing_fee_cents: i64,
+) -> (
+    splitpay::domain::ids::SplitPaymentId,
+    splitpay::domain::ids::SplitAllocationId,
+) {
+    use splitpay::domain::fees::split_fees;
+    use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
+    use splitpay::domain::plan::PaymentMethodType;
+    use splitpay::domain::state::{AllocationEvent, PaymentEvent};
+    use splitpay::store::payments::*;
+    let plan = plan_for(set);
+    let id = SplitPaymentId::generate();
+    let mut tx = pool.begin().await.unwrap();
+    let new = NewSplitPayment {
+        id: id.clone(),
+        set,
+        plan: &plan,
+        donor_id: None,
+        payment_method_type: PaymentMethodType::Card,
+        donor_covers_fees: false,
+    };
+    let p = create_split_payment(&mut tx, &new).await.unwrap();
+    let patch = PaymentPatch {
+        payment_intent_id: Some(intent_id.to_owned()),
+        charge_id: Some(charge_id.to_owned()),
+        ..Default::default()
+    };
+    transition_payment(&mut tx, &id, PaymentEvent::Succeeded, &patch, &[])
+        .await
+        .unwrap();
+    let split = split_fees(&plan.gross_amounts_cents(), processing_fee_cents, 0).unwrap();
+    write_fee_split(&mut tx, &id, processing_fee_cents, 0, &split)
+        .await
+        .unwrap();
+    let first = SplitAllocationId::parse(&p.allocations[0].id).unwrap();
+    transition_allocation(
+        &mut tx,
+        &first,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    (id, first)
+}
