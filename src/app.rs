@@ -13,14 +13,68 @@ use crate::stripe::PaymentGateway;
 pub struct DistributionSettings {
     /// The platform's own fee, shared across allocations with Stripe's.
     pub platform_fee: PlatformFee,
-    /// Attempts at one transfer generation (retryable or unknown outcomes) before the allocation is parked.
-    pub transfer_attempts_max: i32,
+    /// How long one transfer generation is retried with the same key (retryable errors and unknown outcomes)
+    /// before a lookup may park it (`transfer_retry_window`, default 72 h). Only a lookup that succeeded and found
+    /// nothing parks; otherwise the allocation stays TRANSFERRING, marked unresolved, and is retried.
+    pub transfer_retry_window_ms: u64,
+    /// Delay after Stripe throttled us (429, 409 in flight): a full-jitter pick up to this, not counted.
+    pub throttle_delay_ms: u64,
     /// Times the fee split waits for a charge's balance transaction before giving up and alerting.
     pub fee_wait_attempts_max: i32,
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
     /// Stripe's fees as estimated for a donor who covers them (the real fee always comes from the charge).
     pub processing_estimates: ProcessingEstimates,
+    /// The reconcilers' graces and intervals.
+    pub reconcile: ReconcileSettings,
+}
+
+/// The cap on any retry delay of a transfer: never more than 5 minutes between attempts.
+pub const TRANSFER_BACKOFF_CAP_MS_MAX: u64 = 300_000;
+
+/// How the reconcilers pace themselves. Every duration is configurable (see `config::LifecycleSettings`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileSettings {
+    /// A card payment is first asked about at Stripe this long after it was created, then every `card_interval`.
+    pub card_grace_ms: u64,
+    pub card_interval_ms: u64,
+    /// The same for bank debits (BECS, PayTo), which stay `processing` for days.
+    pub debit_grace_ms: u64,
+    pub debit_interval_ms: u64,
+    /// A PaymentIntent still unpaid this long after the payment was created is canceled (`abandon_after`).
+    pub abandon_after_ms: u64,
+    /// A TRANSFERRING allocation due this long ago without a job having moved it is driven again.
+    pub transfer_grace_ms: u64,
+    /// The transfer audit looks at payments that succeeded in this many last days, each at most once a day.
+    pub audit_days: u32,
+    /// Rows one reconcile tick takes per kind; the next tick takes the rest.
+    pub batch_max: i64,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        const MIN: u64 = 60_000;
+        Self {
+            card_grace_ms: 10 * MIN,
+            card_interval_ms: 10 * MIN,
+            debit_grace_ms: 60 * MIN,
+            debit_interval_ms: 6 * 60 * MIN,
+            abandon_after_ms: 24 * 60 * MIN,
+            transfer_grace_ms: 2 * MIN,
+            audit_days: 7,
+            batch_max: 200,
+        }
+    }
+}
+
+impl ReconcileSettings {
+    /// (grace, interval) for a payment method.
+    pub fn pacing_ms(&self, method: PaymentMethodType) -> (u64, u64) {
+        match method {
+            PaymentMethodType::Card => (self.card_grace_ms, self.card_interval_ms),
+            PaymentMethodType::AuBecsDebit | PaymentMethodType::Payto => (self.debit_grace_ms, self.debit_interval_ms),
+        }
+    }
 }
 
 /// Stripe's published AU pricing, used only to gross up a donor-covers-fees payment. BECS and PayTo are capped at
@@ -67,10 +121,12 @@ impl Default for DistributionSettings {
         Self {
             processing_estimates: ProcessingEstimates::default(),
             platform_fee: PlatformFee::default(),
-            transfer_attempts_max: 8,
+            transfer_retry_window_ms: 72 * 3_600_000,
+            throttle_delay_ms: 2_000,
             fee_wait_attempts_max: 30,
             backoff_base_ms: 2_000,
-            backoff_cap_ms: 300_000,
+            backoff_cap_ms: TRANSFER_BACKOFF_CAP_MS_MAX,
+            reconcile: ReconcileSettings::default(),
         }
     }
 }

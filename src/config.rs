@@ -363,3 +363,137 @@ impl ProcessSettings {
         })
     }
 }
+
+/// `90s`, `10m`, `72h`, `7d`, `250ms`: a whole number and a unit, as milliseconds.
+pub fn parse_duration_ms(raw: &str) -> Option<u64> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let factor = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+/// The lifecycle's durations from the environment, over `settings` (whose values are the defaults):
+///
+/// | variable | default | what |
+/// |---|---|---|
+/// | `SPLITPAY_TRANSFER_RETRY_WINDOW` | `72h` | how long a transfer generation is retried with the same key |
+/// | `SPLITPAY_TRANSFER_BACKOFF_BASE` / `_CAP` | `2s` / `5m` | full-jitter backoff between attempts (cap ≤ 5 min) |
+/// | `SPLITPAY_ABANDON_AFTER` | `24h` | an unpaid PaymentIntent is canceled after this |
+/// | `SPLITPAY_RECONCILE_CARD_GRACE` / `_INTERVAL` | `10m` / `10m` | reconcile-pending pacing for cards |
+/// | `SPLITPAY_RECONCILE_DEBIT_GRACE` / `_INTERVAL` | `1h` / `6h` | the same for BECS and PayTo |
+/// | `SPLITPAY_RECONCILE_TRANSFER_GRACE` | `2m` | a TRANSFERRING allocation overdue by this is driven again |
+/// | `SPLITPAY_AUDIT_DAYS` | `7` | the transfer audit covers payments of the last N days |
+pub fn lifecycle_from_lookup(
+    get: impl Fn(&str) -> Option<String>,
+    settings: &mut crate::app::DistributionSettings,
+) -> Result<(), ConfigError> {
+    let duration = |name: &'static str, target: &mut u64| -> Result<(), ConfigError> {
+        if let Some(raw) = get(name) {
+            *target = parse_duration_ms(&raw)
+                .filter(|&ms| ms > 0)
+                .ok_or(ConfigError::Invalid {
+                    name,
+                    reason: format!("expected a positive duration such as 90s, 10m, 72h or 7d, got '{raw}'"),
+                })?;
+        }
+        Ok(())
+    };
+    duration("SPLITPAY_TRANSFER_RETRY_WINDOW", &mut settings.transfer_retry_window_ms)?;
+    duration("SPLITPAY_TRANSFER_BACKOFF_BASE", &mut settings.backoff_base_ms)?;
+    duration("SPLITPAY_TRANSFER_BACKOFF_CAP", &mut settings.backoff_cap_ms)?;
+    if settings.backoff_cap_ms > crate::app::TRANSFER_BACKOFF_CAP_MS_MAX {
+        return Err(ConfigError::Invalid {
+            name: "SPLITPAY_TRANSFER_BACKOFF_CAP",
+            reason: "must be at most 5m".into(),
+        });
+    }
+    let r = &mut settings.reconcile;
+    duration("SPLITPAY_ABANDON_AFTER", &mut r.abandon_after_ms)?;
+    duration("SPLITPAY_RECONCILE_CARD_GRACE", &mut r.card_grace_ms)?;
+    duration("SPLITPAY_RECONCILE_CARD_INTERVAL", &mut r.card_interval_ms)?;
+    duration("SPLITPAY_RECONCILE_DEBIT_GRACE", &mut r.debit_grace_ms)?;
+    duration("SPLITPAY_RECONCILE_DEBIT_INTERVAL", &mut r.debit_interval_ms)?;
+    duration("SPLITPAY_RECONCILE_TRANSFER_GRACE", &mut r.transfer_grace_ms)?;
+    if let Some(raw) = get("SPLITPAY_AUDIT_DAYS") {
+        r.audit_days = raw
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&d: &u32| d > 0)
+            .ok_or(ConfigError::Invalid {
+                name: "SPLITPAY_AUDIT_DAYS",
+                reason: format!("expected a positive number of days, got '{raw}'"),
+            })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+    use crate::app::DistributionSettings;
+    use std::collections::HashMap;
+
+    fn read(vars: &[(&str, &str)]) -> Result<DistributionSettings, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut settings = DistributionSettings::default();
+        lifecycle_from_lookup(|name| map.get(name).cloned(), &mut settings)?;
+        Ok(settings)
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration_ms("250ms"), Some(250));
+        assert_eq!(parse_duration_ms("90s"), Some(90_000));
+        assert_eq!(parse_duration_ms("10m"), Some(600_000));
+        assert_eq!(parse_duration_ms("72h"), Some(259_200_000));
+        assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
+        for bad in ["", "10", "h", "1.5h", "-1h", "10x"] {
+            assert_eq!(parse_duration_ms(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = read(&[]).unwrap();
+        assert_eq!(s.transfer_retry_window_ms, 72 * 3_600_000);
+        assert_eq!(s.backoff_cap_ms, 300_000);
+        assert_eq!(s.reconcile.abandon_after_ms, 24 * 3_600_000);
+        assert_eq!(
+            (s.reconcile.card_grace_ms, s.reconcile.card_interval_ms),
+            (600_000, 600_000)
+        );
+        assert_eq!(
+            (s.reconcile.debit_grace_ms, s.reconcile.debit_interval_ms),
+            (3_600_000, 6 * 3_600_000)
+        );
+    }
+
+    #[test]
+    fn settings_are_read_and_bad_ones_named() {
+        let s = read(&[
+            ("SPLITPAY_TRANSFER_RETRY_WINDOW", "2h"),
+            ("SPLITPAY_ABANDON_AFTER", "30m"),
+        ])
+        .unwrap();
+        assert_eq!(s.transfer_retry_window_ms, 7_200_000);
+        assert_eq!(s.reconcile.abandon_after_ms, 1_800_000);
+        let err = read(&[("SPLITPAY_TRANSFER_RETRY_WINDOW", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SPLITPAY_TRANSFER_RETRY_WINDOW"), "{err}");
+        let err = read(&[("SPLITPAY_TRANSFER_BACKOFF_CAP", "10m")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 5m"), "{err}");
+    }
+}

@@ -253,12 +253,9 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
 
 fn settled(p: &SplitPayment) -> bool {
     !p.allocations.is_empty()
-        && p.allocations.iter().all(|a| {
-            matches!(
-                a.status,
-                AllocationStatus::Transferred | AllocationStatus::Parked | AllocationStatus::ZeroNet
-            )
-        })
+        && p.allocations
+            .iter()
+            .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
 }
 
 async fn wait(

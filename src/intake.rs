@@ -257,7 +257,13 @@ pub async fn create_intent(
 async fn fail_at_submit(tx: &mut Tx<'_>, payment: &SplitPayment, code: &str, message: &str) -> Result<(), StoreError> {
     let id = SplitPaymentId::parse(&payment.payment.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
     let now = Utc::now();
-    let event = build::payment(EventType::PaymentFailed, &payment.payment, Some((code, message)), now);
+    let event = build::payment(
+        EventType::PaymentFailed,
+        &payment.payment,
+        Some((code, message)),
+        Some("submit"),
+        now,
+    );
     let patch = PaymentPatch {
         failure_code: Some(code.to_owned()),
         failure_message: Some(message.to_owned()),

@@ -13,11 +13,11 @@
 //! - [`http`]: Stripe's webhook ingress (verify, store in the inbox, enqueue, answer fast).
 //! - [`jobs`]: the workers on apalis-postgres: Stripe events → payment states → fee split → one transfer per
 //!   allocation, with retries stored on our rows; and the cron schedule (`jobs/schedule.toml`).
+//! - [`ops`]: the operator commands (`splitpay ops …`).
 //! - [`app`]: what the API and the workers share.
 //! - [`config`]: configuration from the environment; secrets that cannot be printed.
 //!
-//! Still to come (see the issues): intake over HTTP and the `serve`/`worker` processes, the reconcilers and the
-//! sweeper, outbound delivery, and the operator commands.
+//! Still to come (see the issues): outbound delivery, and the rest of the operator commands.
 
 pub mod app;
 pub mod config;
@@ -27,5 +27,6 @@ pub mod events;
 pub mod http;
 pub mod intake;
 pub mod jobs;
+pub mod ops;
 pub mod store;
 pub mod stripe;

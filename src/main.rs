@@ -36,6 +36,8 @@ enum Command {
     /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
     /// print where every cent went.
     Demo,
+    /// Operator commands: `ops reconcile` runs both reconcilers once, in the foreground.
+    Ops(splitpay::ops::OpsArgs),
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {
         /// Port to listen on (0 picks a free one).
@@ -55,10 +57,14 @@ async fn main() -> std::process::ExitCode {
     // The demo prints a report; its logs would only interleave with it.
     let default_filter = if matches!(cli.command, Command::Demo) {
         "error"
+    } else if matches!(cli.command, Command::Ops(_)) {
+        "warn,sqlx=warn"
     } else {
         "info,sqlx=warn"
     };
+    // Logs go to stderr: stdout is for what a command prints (reports, `--json` documents).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
@@ -76,6 +82,10 @@ async fn main() -> std::process::ExitCode {
             .await
             .map_err(|e| e as Failure),
         Command::StripeSim { port, host } => stripe_sim(std::net::SocketAddr::new(host, port)).await,
+        Command::Ops(args) => match ops(&args).await {
+            Ok(outcome) => return std::process::ExitCode::from(outcome.code()),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -103,13 +113,15 @@ async fn migrate() -> Result<sqlx::PgPool, Failure> {
 /// The context both processes share, from the environment.
 fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSettings) -> Result<AppContext, Failure> {
     let platform_fee = PlatformFee::new(process.platform_fee_bps, process.platform_fee_fixed_cents)?;
+    let mut distribution = DistributionSettings {
+        platform_fee,
+        ..DistributionSettings::default()
+    };
+    splitpay::config::lifecycle_from_lookup(|name| std::env::var(name).ok(), &mut distribution)?;
     Ok(AppContext {
         pool,
         gateway: Arc::new(gateway_from(stripe)?),
-        distribution: DistributionSettings {
-            platform_fee,
-            ..DistributionSettings::default()
-        },
+        distribution,
     })
 }
 
@@ -171,7 +183,7 @@ async fn worker() -> Result<(), Failure> {
     let cron = tokio::spawn(splitpay::jobs::cron::run(
         pool.clone(),
         schedule,
-        splitpay::jobs::cron::jobs(pool.clone()),
+        splitpay::jobs::cron::jobs(ctx.clone()),
         format!("worker-{}", uuid::Uuid::new_v4().simple()),
         async move {
             let _ = cron_stopped.await;
@@ -182,6 +194,18 @@ async fn worker() -> Result<(), Failure> {
     let _ = cron.await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// `splitpay ops …`: the database (migrated) and Stripe from the environment, then the command.
+async fn ops(args: &splitpay::ops::OpsArgs) -> Result<splitpay::ops::Outcome, Failure> {
+    let stripe = StripeSettings::from_env()?;
+    let process = ProcessSettings::from_env()?;
+    let pool = migrate().await?;
+    let ctx = context(pool, &stripe, &process)?;
+    let outcome = splitpay::ops::run(args, &ctx, &mut std::io::stdout(), &mut std::io::stderr())
+        .await
+        .map_err(|e| e as Failure)?;
+    Ok(outcome)
 }
 
 async fn stripe_sim(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {

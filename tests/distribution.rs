@@ -13,12 +13,9 @@ use splitpay::stripe::sim::{Fault, FaultKind};
 use splitpay::stripe::PaymentGateway;
 
 fn all_settled(p: &SplitPayment) -> bool {
-    p.allocations.iter().all(|a| {
-        matches!(
-            a.status,
-            AllocationStatus::Transferred | AllocationStatus::Parked | AllocationStatus::ZeroNet
-        )
-    })
+    p.allocations
+        .iter()
+        .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
 }
 
 async fn types_about(flow: &Flow, subject: &str) -> Vec<String> {
@@ -43,11 +40,9 @@ async fn stripe_transfers(flow: &Flow, id: &SplitPaymentId) -> Vec<(String, i64)
     t
 }
 
+/// Conserved against Stripe: the simulator's transfers and charge, not our rows alone.
 async fn assert_conserved(flow: &Flow, id: &SplitPaymentId) {
-    let report = money_report(&mut flow.db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
-    assert!(report.is_conserved(), "{report:?}");
+    common::money::assert_conserved_at_stripe(flow, id).await;
 }
 
 #[tokio::test]
@@ -257,16 +252,25 @@ async fn a_becs_dishonour_fails_the_payment_and_its_donations_without_transfers(
 }
 
 #[tokio::test]
-async fn a_card_decline_fails_the_payment() {
+async fn a_server_side_card_decline_is_final_and_cancels_the_payment_intent() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    let (id, _) = flow
+    let (id, pi) = flow
         .pay(PaymentMethodType::Card, "pm_card_chargeDeclined", Some("cm3donor1"))
         .await;
     let p = flow
         .wait_until(&id, "FAILED", |p| p.payment.status == PaymentStatus::Failed)
         .await;
     assert_eq!(p.payment.failure_code.as_deref(), Some("card_declined"));
-    assert!(p.payment.payment_intent_id.is_some());
+    assert_eq!(p.payment.payment_intent_id.as_deref(), Some(pi.as_str()));
+    // Nobody is there to try another card: splitpay canceled the PaymentIntent at Stripe.
+    let intent = flow.gateway.retrieve_payment_intent(&pi).await.unwrap();
+    assert_eq!(intent.status, splitpay::stripe::IntentStatus::Canceled);
+    assert!(p.allocations.iter().all(|a| a.status == AllocationStatus::Voided));
+    let donations = donations_for_payment(&mut flow.db.pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert!(donations.iter().all(|d| d.status == DonationStatus::Failed));
+    assert_eq!(flow.count_events("donation.failed").await, 2);
     assert!(stripe_transfers(&flow, &id).await.is_empty());
     assert_eq!(flow.count_events("recommendation_set.payment_failed").await, 1);
     flow.stop().await;
@@ -493,12 +497,13 @@ async fn the_fee_split_waits_for_the_balance_transaction_and_never_guesses() {
 }
 
 #[tokio::test]
-async fn a_transfer_that_stays_throttled_is_parked_after_its_attempts() {
+async fn a_throttled_transfer_is_never_parked_and_consumes_nothing() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    // Twelve 429s in a row on transfers: several rounds of throttling for both allocations.
     flow.control
         .fault(Fault {
             kind: FaultKind::RateLimit,
-            count: 10_000,
+            count: 12,
             path_contains: Some("/v1/transfers".into()),
             method: Some("POST".into()),
         })
@@ -507,26 +512,27 @@ async fn a_transfer_that_stays_throttled_is_parked_after_its_attempts() {
     let (id, _) = flow
         .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
         .await;
-    let p = flow.wait_until(&id, "parked allocations", all_settled).await;
+    let p = flow
+        .wait_until(&id, "transfers", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
     for a in &p.allocations {
-        assert_eq!(
-            (a.status, a.failure_code.as_deref()),
-            (AllocationStatus::Parked, Some("retries_exhausted"))
-        );
-        assert_eq!(a.attempts, 4, "attempts counted on the row; the fifth parks it");
+        assert_eq!(a.attempts, 0, "throttling is not counted as a failed attempt");
         assert_eq!(a.generation, 1, "every attempt used the same key");
         assert_eq!(
             types_about(&flow, &a.id).await,
-            vec!["recommendation_set.distribution_failed"]
+            vec!["recommendation_set.distribution_succeeded"],
+            "never parked on the way"
         );
     }
-    assert!(stripe_transfers(&flow, &id).await.is_empty());
+    assert_eq!(stripe_transfers(&flow, &id).await.len(), 2, "one transfer each");
     assert_conserved(&flow, &id).await;
     flow.stop().await;
 }
 
 #[tokio::test]
-async fn fees_that_take_everything_leave_zero_net_allocations_and_no_transfer() {
+async fn fees_that_take_everything_park_the_shares_net_amount_zero_with_no_transfer() {
     // A platform fee of A$60 on a A$50 payment: nothing is left to transfer.
     let flow = Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
         s.platform_fee = splitpay::domain::fees::PlatformFee::new(0, 6_000).unwrap();
@@ -536,10 +542,18 @@ async fn fees_that_take_everything_leave_zero_net_allocations_and_no_transfer() 
         .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
         .await;
     let p = flow.wait_until(&id, "zero-net allocations", all_settled).await;
-    assert!(p
-        .allocations
-        .iter()
-        .all(|a| a.status == AllocationStatus::ZeroNet && a.net_amount_cents == Some(0)));
+    for a in &p.allocations {
+        assert_eq!(
+            (a.status, a.failure_code.as_deref(), a.net_amount_cents),
+            (AllocationStatus::Parked, Some("net_amount_zero"), Some(0)),
+            "parked for an operator to refund, never left PENDING"
+        );
+        assert_eq!(a.generation, 0, "no transfer was ever attempted");
+        assert_eq!(
+            types_about(&flow, &a.id).await,
+            vec!["recommendation_set.distribution_failed"]
+        );
+    }
     assert_eq!(
         p.payment.fee_uncollected_cents,
         Some(118 + 6_000 - 5_000),

@@ -329,14 +329,16 @@ async fn the_sweeper_requeues_stale_distributions_and_transfers() {
         Default::default()
     );
     // Two minutes later nothing has moved: the jobs were lost.
-    sqlx::query("UPDATE split_payments SET updated_at = now() - interval '2 minutes'")
+    sqlx::query("UPDATE split_payments SET succeeded_at = now() - interval '2 minutes'")
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::query("UPDATE split_allocations SET updated_at = now() - interval '2 minutes'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE split_allocations SET next_attempt_at = now() - interval '2 minutes' WHERE status = 'TRANSFERRING'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let report = splitpay::jobs::sweeper::sweep(&db.pool, 60).await.unwrap();
     assert_eq!((report.distributions, report.transfers), (1, 1), "{report:?}");
     let queued: Vec<(String, String)> =
@@ -351,4 +353,15 @@ async fn the_sweeper_requeues_stale_distributions_and_transfers() {
             (Queue::Transfer.name().into(), first.to_string())
         ]
     );
+    // The work now has jobs waiting: another sweep adds none.
+    assert_eq!(
+        splitpay::jobs::sweeper::sweep(&db.pool, 60).await.unwrap(),
+        Default::default(),
+        "a sweep never adds a second job for work that already has one waiting"
+    );
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM apalis.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 2);
 }

@@ -43,7 +43,7 @@ async fn new_payment(pool: &PgPool, amounts: &[i64]) -> SplitPayment {
 
 fn payment_event(event_type: EventType, p: &SplitPaymentRow) -> OutboundEvent {
     let failure = p.failure_code.as_deref().zip(p.failure_message.as_deref());
-    splitpay::events::build::payment(event_type, p, failure, Utc::now())
+    splitpay::events::build::payment(event_type, p, failure, failure.map(|_| "ch_test"), Utc::now())
 }
 
 fn distribution_event(event_type: EventType, a: &SplitAllocationRow, transfer: Option<&str>) -> OutboundEvent {
@@ -568,7 +568,7 @@ async fn money_is_conserved_across_outcomes() {
         .await
         .unwrap();
     let parked = AllocationPatch {
-        failure_code: Some(RETRIES_EXHAUSTED.into()),
+        failure_code: Some(RETRY_WINDOW_ELAPSED.into()),
         ..Default::default()
     };
     transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferFailed, &parked, &[])
@@ -600,11 +600,43 @@ async fn money_is_conserved_across_outcomes() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(outcome, "RETRIES_EXHAUSTED");
+    assert_eq!(outcome, "WINDOW_ELAPSED");
+
+    // The report reads each term from its own record, so it can fail: a transfer recorded for another amount than
+    // the share's net breaks it, and so do fees on the payment that do not match the split.
+    sqlx::query("UPDATE transfer_attempts SET amount_cents = amount_cents + 1 WHERE split_allocation_id = $1")
+        .bind(ids[0].as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert!(
+        !report.is_conserved(),
+        "a cent too many transferred must show: {report:?}"
+    );
+    sqlx::query("UPDATE transfer_attempts SET amount_cents = amount_cents - 1 WHERE split_allocation_id = $1")
+        .bind(ids[0].as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE split_payments SET processing_fee_cents = processing_fee_cents - 1 WHERE id = $1")
+        .bind(pid(&p).as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert!(
+        !report.is_conserved(),
+        "a cent of fee unaccounted for must show: {report:?}"
+    );
 }
 
 #[tokio::test]
-async fn zero_net_allocations_cannot_start_a_transfer() {
+async fn zero_net_allocations_cannot_start_a_transfer_and_are_parked() {
     let db = TestDb::new().await;
     let pool = db.pool.clone();
     // Fees larger than the whole payment: every share is all fee, the excess is recorded as uncollected.
@@ -635,7 +667,7 @@ async fn zero_net_allocations_cannot_start_a_transfer() {
     )
     .await
     .unwrap();
-    assert_eq!(t, Transition::To(AllocationStatus::ZeroNet));
+    assert_eq!(t, Transition::To(AllocationStatus::Parked));
     tx.commit().await.unwrap();
     assert_eq!(count(&pool, "transfer_attempts").await, 0);
 }

@@ -130,6 +130,11 @@ pub fn payment_intent_idempotency_key(payment: &SplitPaymentId) -> String {
     format!("splitpay:payment:{payment}:intent")
 }
 
+/// The key of splitpay's one cancellation of a payment's PaymentIntent (a final failure, an abandonment).
+pub fn payment_intent_cancel_key(payment: &SplitPaymentId) -> String {
+    format!("splitpay:payment:{payment}:cancel")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,9 +54,13 @@ string_enum!(
         Processing => "processing",
         /// `payment_intent.succeeded`.
         Succeeded => "succeeded",
-        /// `payment_intent.payment_failed`, or a terminal error creating the PaymentIntent.
+        /// `payment_intent.payment_failed` when a donor can still try again on the same PaymentIntent (confirmed in
+        /// the browser): Stripe returns it to `requires_payment_method`.
+        AttemptFailed => "attempt_failed",
+        /// Nobody can pay any more: a server-side confirmation failed (splitpay cancels the PaymentIntent), Stripe
+        /// refused to create the PaymentIntent, or intake was abandoned.
         Failed => "failed",
-        /// `payment_intent.canceled`.
+        /// `payment_intent.canceled` (abandoned after `abandon_after`, or canceled at Stripe).
         Canceled => "canceled",
     }
 );
@@ -76,21 +80,28 @@ impl PaymentStatus {
             (S::Created, E::IntentCreated) => S::RequiresPayment,
             (S::Created | S::RequiresPayment, E::Processing) => S::Processing,
             (S::Created | S::RequiresPayment | S::Processing, E::Succeeded) => S::Succeeded,
+            // A failed attempt (a decline, a dishonoured debit) leaves the PaymentIntent payable again. From
+            // REQUIRES_PAYMENT it is a self-loop: the attempt is recorded and announced, the state stays.
+            (S::Created | S::RequiresPayment | S::Processing, E::AttemptFailed) => S::RequiresPayment,
             (S::Created | S::RequiresPayment | S::Processing, E::Failed) => S::Failed,
             (S::Created | S::RequiresPayment, E::Canceled) => S::Canceled,
 
-            // Repeats and late arrivals: webhooks come out of order and more than once.
+            // Repeats and late arrivals: webhooks come out of order and more than once. A failed attempt reported
+            // after the payment ended (the donor's next card succeeded) changes nothing; nor does the
+            // cancellation splitpay itself makes after a final failure, or a failure reported after a cancel.
             (S::RequiresPayment, E::IntentCreated)
             | (S::Processing, E::IntentCreated | E::Processing)
-            | (S::Succeeded, E::IntentCreated | E::Processing | E::Succeeded)
-            | (S::Failed, E::IntentCreated | E::Processing | E::Failed)
-            | (S::Canceled, E::IntentCreated | E::Canceled) => return Ok(Transition::Unchanged),
+            | (S::Succeeded, E::IntentCreated | E::Processing | E::Succeeded | E::AttemptFailed)
+            | (S::Failed, E::IntentCreated | E::Processing | E::AttemptFailed | E::Failed | E::Canceled)
+            | (S::Canceled, E::IntentCreated | E::AttemptFailed | E::Failed | E::Canceled) => {
+                return Ok(Transition::Unchanged)
+            }
 
             // Contradictions: a final state met by a different final outcome, or a debit in flight canceled.
             (S::Processing, E::Canceled)
             | (S::Succeeded, E::Failed | E::Canceled)
-            | (S::Failed, E::Succeeded | E::Canceled)
-            | (S::Canceled, E::Processing | E::Succeeded | E::Failed) => {
+            | (S::Failed, E::Succeeded)
+            | (S::Canceled, E::Processing | E::Succeeded) => {
                 return Err(ForbiddenTransition {
                     machine: "split_payment",
                     from: self.as_str(),
@@ -105,20 +116,21 @@ impl PaymentStatus {
 string_enum!(
     /// Where one recipient's share stands.
     AllocationStatus {
-        /// Waiting for the payment to succeed. Moved on by the payment's outcome.
+        /// Waiting for the payment to succeed. Moved on by the payment's outcome, or by distribution.
         Pending => "PENDING",
-        /// A transfer attempt is written (generation, idempotency key) and being made or retried with the same
-        /// key. Moved on by the transfer job, or by reconcile-transfers when the outcome is unknown.
+        /// A transfer generation is written (generation, idempotency key, frozen parameters) and being made or
+        /// retried with the same key. Moved on by the transfer job or the reconcilers; only Stripe's answer (a
+        /// transfer, or a terminal refusal, or a lookup that proved there is none) moves it on.
         Transferring => "TRANSFERRING",
         /// The Stripe Transfer exists. Final (a later reversal is a separate record).
         Transferred => "TRANSFERRED",
-        /// The transfer failed terminally or ran out of retries; the money sits on the platform balance.
-        /// Moved on by an operator, with `ops retry` (new generation) or `ops refund`.
+        /// Stripe refused the transfer terminally, the retry window ended with proof that no transfer exists, or
+        /// the fees left nothing to transfer. The money sits on the platform balance for an operator (`ops retry`
+        /// with a new generation, or `ops refund`). Stripe's word still wins: a transfer found later moves it to
+        /// TRANSFERRED.
         Parked => "PARKED",
         /// This share was refunded to the donor. Final.
         Refunded => "REFUNDED",
-        /// The fees took the whole share; there is nothing to transfer. Final.
-        ZeroNet => "ZERO_NET",
         /// The payment failed or was canceled; there is nothing to distribute. Final.
         Voided => "VOIDED",
     }
@@ -127,18 +139,18 @@ string_enum!(
 string_enum!(
     /// What happens to a split allocation.
     AllocationEvent {
-        /// The intent to transfer is written (first generation, or the same generation again after a retryable
-        /// error or an unknown outcome).
+        /// The intent to transfer is written (a new generation with its key and parameters).
         TransferStarted => "transfer_started",
-        /// Stripe created the transfer.
+        /// Stripe shows a transfer of the allocation's generation: a create's answer (first or replayed), a
+        /// lookup, or a reconcile. Stripe's word wins, from TRANSFERRING and from PARKED.
         TransferSucceeded => "transfer_succeeded",
-        /// A terminal Stripe error, or retries exhausted.
+        /// A terminal Stripe refusal, or the retry window ended and a lookup proved no transfer exists.
         TransferFailed => "transfer_failed",
         /// An operator retries a parked allocation (a new generation, hence a new idempotency key).
         OpsRetry => "ops_retry",
         /// An operator refunds a parked allocation's share to the donor.
         Refunded => "refunded",
-        /// The fee split left nothing to transfer.
+        /// The fee split left nothing to transfer: parked `net_amount_zero`, for an operator to refund.
         NothingToTransfer => "nothing_to_transfer",
         /// The payment failed or was canceled.
         PaymentVoided => "payment_voided",
@@ -149,10 +161,7 @@ impl AllocationStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            AllocationStatus::Transferred
-                | AllocationStatus::Refunded
-                | AllocationStatus::ZeroNet
-                | AllocationStatus::Voided
+            AllocationStatus::Transferred | AllocationStatus::Refunded | AllocationStatus::Voided
         )
     }
 
@@ -161,9 +170,10 @@ impl AllocationStatus {
         use AllocationStatus as S;
         let next = match (self, event) {
             (S::Pending, E::TransferStarted) => S::Transferring,
-            (S::Pending, E::NothingToTransfer) => S::ZeroNet,
+            (S::Pending, E::NothingToTransfer) => S::Parked,
             (S::Pending, E::PaymentVoided) => S::Voided,
-            (S::Transferring, E::TransferSucceeded) => S::Transferred,
+            // Stripe's word wins: a transfer Stripe shows ends the allocation TRANSFERRED, parked or not.
+            (S::Transferring | S::Parked, E::TransferSucceeded) => S::Transferred,
             (S::Transferring, E::TransferFailed) => S::Parked,
             (S::Parked, E::OpsRetry) => S::Transferring,
             (S::Parked, E::Refunded) => S::Refunded,
@@ -171,9 +181,8 @@ impl AllocationStatus {
             // Repeats: a duplicate job, a second replica, a replayed Stripe response.
             (S::Transferring, E::TransferStarted)
             | (S::Transferred, E::TransferStarted | E::TransferSucceeded)
-            | (S::Parked, E::TransferFailed)
+            | (S::Parked, E::TransferFailed | E::NothingToTransfer)
             | (S::Refunded, E::Refunded)
-            | (S::ZeroNet, E::NothingToTransfer)
             | (S::Voided, E::PaymentVoided) => return Ok(Transition::Unchanged),
 
             _ => {
@@ -289,44 +298,68 @@ mod tests {
             (PS::Created, PE::IntentCreated, T(PS::RequiresPayment)),
             (PS::Created, PE::Processing, T(PS::Processing)),
             (PS::Created, PE::Succeeded, T(PS::Succeeded)),
+            (PS::Created, PE::AttemptFailed, T(PS::RequiresPayment)),
             (PS::Created, PE::Failed, T(PS::Failed)),
             (PS::Created, PE::Canceled, T(PS::Canceled)),
             (PS::RequiresPayment, PE::IntentCreated, U),
             (PS::RequiresPayment, PE::Processing, T(PS::Processing)),
             (PS::RequiresPayment, PE::Succeeded, T(PS::Succeeded)),
+            (PS::RequiresPayment, PE::AttemptFailed, T(PS::RequiresPayment)),
             (PS::RequiresPayment, PE::Failed, T(PS::Failed)),
             (PS::RequiresPayment, PE::Canceled, T(PS::Canceled)),
             (PS::Processing, PE::IntentCreated, U),
             (PS::Processing, PE::Processing, U),
             (PS::Processing, PE::Succeeded, T(PS::Succeeded)),
+            (PS::Processing, PE::AttemptFailed, T(PS::RequiresPayment)),
             (PS::Processing, PE::Failed, T(PS::Failed)),
             (PS::Processing, PE::Canceled, F),
             (PS::Succeeded, PE::IntentCreated, U),
             (PS::Succeeded, PE::Processing, U),
             (PS::Succeeded, PE::Succeeded, U),
+            (PS::Succeeded, PE::AttemptFailed, U),
             (PS::Succeeded, PE::Failed, F),
             (PS::Succeeded, PE::Canceled, F),
             (PS::Failed, PE::IntentCreated, U),
             (PS::Failed, PE::Processing, U),
             (PS::Failed, PE::Succeeded, F),
+            (PS::Failed, PE::AttemptFailed, U),
             (PS::Failed, PE::Failed, U),
-            (PS::Failed, PE::Canceled, F),
+            (PS::Failed, PE::Canceled, U),
             (PS::Canceled, PE::IntentCreated, U),
             (PS::Canceled, PE::Processing, F),
             (PS::Canceled, PE::Succeeded, F),
-            (PS::Canceled, PE::Failed, F),
+            (PS::Canceled, PE::AttemptFailed, U),
+            (PS::Canceled, PE::Failed, U),
             (PS::Canceled, PE::Canceled, U),
         ];
         check(&table, PS::ALL, PE::ALL, PS::apply);
     }
 
     #[test]
+    fn a_declined_attempt_can_still_be_paid() {
+        // Decline, decline again, then success on the same PaymentIntent: distributed.
+        let mut s = PS::Created;
+        for e in [PE::IntentCreated, PE::AttemptFailed, PE::AttemptFailed, PE::Succeeded] {
+            if let Ok(Transition::To(n)) = s.apply(e) {
+                s = n;
+            }
+        }
+        assert_eq!(s, PS::Succeeded);
+        // A dishonoured debit in flight goes back to waiting for payment, not to FAILED.
+        assert_eq!(
+            PS::Processing.apply(PE::AttemptFailed),
+            Ok(Transition::To(PS::RequiresPayment))
+        );
+    }
+
+    #[test]
     fn allocation_transitions_every_pair() {
         let moves = [
             (AS::Pending, AE::TransferStarted, T(AS::Transferring)),
-            (AS::Pending, AE::NothingToTransfer, T(AS::ZeroNet)),
+            (AS::Pending, AE::NothingToTransfer, T(AS::Parked)),
             (AS::Pending, AE::PaymentVoided, T(AS::Voided)),
             (AS::Transferring, AE::TransferSucceeded, T(AS::Transferred)),
+            (AS::Parked, AE::TransferSucceeded, T(AS::Transferred)),
             (AS::Transferring, AE::TransferFailed, T(AS::Parked)),
             (AS::Parked, AE::OpsRetry, T(AS::Transferring)),
             (AS::Parked, AE::Refunded, T(AS::Refunded)),
@@ -334,8 +367,8 @@ mod tests {
             (AS::Transferred, AE::TransferStarted, U),
             (AS::Transferred, AE::TransferSucceeded, U),
             (AS::Parked, AE::TransferFailed, U),
+            (AS::Parked, AE::NothingToTransfer, U),
             (AS::Refunded, AE::Refunded, U),
-            (AS::ZeroNet, AE::NothingToTransfer, U),
             (AS::Voided, AE::PaymentVoided, U),
         ];
         // Every other pair is forbidden: spell the table out in full so a change to `apply` must change it.
@@ -415,5 +448,79 @@ mod tests {
             assert_eq!(AS::parse(s.as_str()), Some(s));
         }
         assert_eq!(PS::parse("succeeded"), None, "statuses are upper case, exactly");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn allocation_event() -> impl Strategy<Value = AE> {
+            proptest::sample::select(AE::ALL.to_vec())
+        }
+
+        fn run(start: AS, events: &[AE]) -> AS {
+            events.iter().fold(start, |s, &e| match s.apply(e) {
+                Ok(Transition::To(n)) => n,
+                _ => s,
+            })
+        }
+
+        proptest! {
+            /// Stripe's word wins: whatever happened before, once Stripe shows a transfer of an allocation that
+            /// was being transferred or was parked, it is TRANSFERRED, and nothing moves it from there.
+            #[test]
+            fn a_transfer_stripe_shows_is_never_left_behind(
+                before in proptest::collection::vec(allocation_event(), 0..12),
+                after in proptest::collection::vec(allocation_event(), 0..12),
+            ) {
+                let s = run(AS::Pending, &before);
+                if matches!(s, AS::Transferring | AS::Parked) {
+                    let paid = run(s, &[AE::TransferSucceeded]);
+                    prop_assert_eq!(paid, AS::Transferred);
+                    prop_assert_eq!(run(paid, &after), AS::Transferred);
+                }
+            }
+
+            /// No sequence of events reaches TRANSFERRED without a transfer Stripe showed, and no sequence moves a
+            /// TRANSFERRED allocation anywhere (a made transfer is never parked, retried or refunded as parked).
+            #[test]
+            fn transferred_only_from_stripe_and_absorbing(events in proptest::collection::vec(allocation_event(), 0..24)) {
+                let mut s = AS::Pending;
+                for &e in &events {
+                    let next = match s.apply(e) {
+                        Ok(Transition::To(n)) => n,
+                        _ => s,
+                    };
+                    if next == AS::Transferred && s != AS::Transferred {
+                        prop_assert_eq!(e, AE::TransferSucceeded);
+                    }
+                    if s == AS::Transferred {
+                        prop_assert_eq!(next, AS::Transferred);
+                    }
+                    s = next;
+                }
+            }
+
+            /// A parked allocation can always still be paid (by Stripe's word), retried or refunded: PARKED is
+            /// never a dead end.
+            #[test]
+            fn parked_always_has_a_way_out(before in proptest::collection::vec(allocation_event(), 0..12)) {
+                if run(AS::Pending, &before) == AS::Parked {
+                    prop_assert_eq!(AS::Parked.apply(AE::TransferSucceeded), Ok(Transition::To(AS::Transferred)));
+                    prop_assert_eq!(AS::Parked.apply(AE::OpsRetry), Ok(Transition::To(AS::Transferring)));
+                    prop_assert_eq!(AS::Parked.apply(AE::Refunded), Ok(Transition::To(AS::Refunded)));
+                }
+            }
+
+            /// A payment that succeeded never ends otherwise, whatever arrives after (late failures, cancels).
+            #[test]
+            fn a_succeeded_payment_stays_succeeded(events in proptest::collection::vec(proptest::sample::select(PE::ALL.to_vec()), 0..16)) {
+                let end = events.iter().fold(PS::Succeeded, |s, &e| match s.apply(e) {
+                    Ok(Transition::To(n)) => n,
+                    _ => s,
+                });
+                prop_assert_eq!(end, PS::Succeeded);
+            }
+        }
     }
 }

@@ -5,11 +5,13 @@ use chrono::{DateTime, Utc};
 use super::{seed_timestamp, DistributionData, DonationData, EventType, OutboundEvent, PaymentData};
 use crate::store::payments::{AllocationContext, DonationRow, SplitPaymentRow};
 
-/// `recommendation_set.payment_succeeded|payment_failed` for the distributing organisation.
+/// `recommendation_set.payment_succeeded|payment_failed` for the distributing organisation. A failure names its
+/// attempt (`attempt_ref`), so each failed attempt is announced once.
 pub fn payment(
     event_type: EventType,
     p: &SplitPaymentRow,
     failure: Option<(&str, &str)>,
+    attempt_ref: Option<&str>,
     at: DateTime<Utc>,
 ) -> OutboundEvent {
     OutboundEvent::payment(
@@ -27,6 +29,7 @@ pub fn payment(
             failure_code: failure.map(|(code, _)| code.to_owned()),
             failure_message: failure.map(|(_, message)| message.to_owned()),
         },
+        attempt_ref,
     )
 }
 

@@ -144,13 +144,24 @@ impl OutboundEvent {
         }
     }
 
-    /// `recommendation_set.payment_succeeded|payment_failed` to the distributing organisation, once per payment.
-    pub fn payment(event_type: EventType, organisation_id: &str, at: DateTime<Utc>, data: PaymentData) -> Self {
+    /// `recommendation_set.payment_succeeded|payment_failed` to the distributing organisation: success once per
+    /// payment; a failure once per failed attempt (`attempt_ref`: the failed charge, or what ended the payment),
+    /// since a donor may fail and try again on the same PaymentIntent.
+    pub fn payment(
+        event_type: EventType,
+        organisation_id: &str,
+        at: DateTime<Utc>,
+        data: PaymentData,
+        attempt_ref: Option<&str>,
+    ) -> Self {
         assert!(matches!(
             event_type,
             EventType::PaymentSucceeded | EventType::PaymentFailed
         ));
-        let key = format!("{}:{}", event_type.as_str(), data.split_payment_id);
+        let key = match attempt_ref {
+            Some(r) => format!("{}:{}:{r}", event_type.as_str(), data.split_payment_id),
+            None => format!("{}:{}", event_type.as_str(), data.split_payment_id),
+        };
         Self::new(event_type, organisation_id, at, key, data)
     }
 
@@ -224,6 +235,7 @@ mod tests {
                     failure_code: None,
                     failure_message: None,
                 },
+                (event_type == EventType::PaymentFailed).then_some("ch_1"),
             ),
             EventType::DistributionSucceeded | EventType::DistributionFailed => OutboundEvent::distribution(
                 event_type,
@@ -326,6 +338,11 @@ mod tests {
 
     #[test]
     fn dedup_keys_are_once_per_subject() {
+        assert_eq!(
+            sample(EventType::PaymentFailed).dedup_key,
+            "recommendation_set.payment_failed:spay_1:ch_1",
+            "a failure is announced once per failed attempt (its charge)"
+        );
         let a = sample(EventType::PaymentSucceeded);
         assert_eq!(a.dedup_key, "recommendation_set.payment_succeeded:spay_1");
         let d = sample(EventType::DistributionFailed);

@@ -14,6 +14,7 @@ use chrono::Utc;
 use sqlx::PgPool;
 
 use super::schedule::Schedule;
+use crate::app::AppContext;
 use crate::store::records::claim_cron_tick;
 
 pub type CronFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -61,8 +62,9 @@ pub async fn run(
     }
 }
 
-/// The periodic jobs splitpay has built so far.
-pub fn jobs(pool: PgPool) -> Vec<(&'static str, CronJob)> {
+/// The periodic jobs of the schedule, over the worker's context.
+pub fn jobs(ctx: AppContext) -> Vec<(&'static str, CronJob)> {
+    let pool = ctx.pool.clone();
     let sweeper: CronJob = Arc::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
@@ -78,5 +80,43 @@ pub fn jobs(pool: PgPool) -> Vec<(&'static str, CronJob)> {
             }
         })
     });
-    vec![("sweeper", sweeper)]
+    let ctx = Arc::new(ctx);
+    let pending_ctx = ctx.clone();
+    let reconcile_pending: CronJob = Arc::new(move || {
+        let ctx = pending_ctx.clone();
+        Box::pin(async move {
+            let opts = super::reconcile::ReconcileOptions::default();
+            match tokio::time::timeout(
+                super::reconcile::RECONCILE_TIMEOUT,
+                super::reconcile::reconcile_pending(&ctx, &opts),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "reconcile-pending failed"),
+                Err(_) => tracing::warn!("reconcile-pending timed out"),
+            }
+        })
+    });
+    let reconcile_transfers: CronJob = Arc::new(move || {
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let opts = super::reconcile::ReconcileOptions::default();
+            match tokio::time::timeout(
+                super::reconcile::RECONCILE_TIMEOUT,
+                super::reconcile::reconcile_transfers(&ctx, &opts),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "reconcile-transfers failed"),
+                Err(_) => tracing::warn!("reconcile-transfers timed out"),
+            }
+        })
+    });
+    vec![
+        ("sweeper", sweeper),
+        ("reconcile-pending", reconcile_pending),
+        ("reconcile-transfers", reconcile_transfers),
+    ]
 }

@@ -1,7 +1,8 @@
 //! Starts a succeeded payment's distribution: reads Stripe's processing fee from the charge's balance transaction
 //! (waiting, with backoff stored on the payment, while it is still null — never guessing), splits it with the
-//! platform fee across the allocations, and in the same transaction marks zero-net allocations and enqueues one
-//! transfer job per allocation that has money to move.
+//! platform fee across the allocations, and in the same transaction starts each share's first transfer generation
+//! (one transfer job each) or parks a share the fees took whole (`net_amount_zero`), and marks the payment
+//! distributed.
 
 use chrono::Utc;
 
@@ -12,8 +13,10 @@ use crate::app::AppContext;
 use crate::domain::fees::split_fees;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus};
+use crate::events::{build, EventType};
 use crate::store::payments::{
-    get_split_payment, transition_allocation, write_fee_split, AllocationPatch, SplitPayment,
+    allocation_context, get_split_payment, transition_allocation, write_fee_split, AllocationPatch, SplitPayment,
+    NET_AMOUNT_ZERO,
 };
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
@@ -29,6 +32,9 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     drop(conn);
     if payment.payment.status != PaymentStatus::Succeeded {
         return Ok(()); // a stray job: only a succeeded payment is distributed
+    }
+    if payment.payment.distributed_at.is_some() {
+        return Ok(()); // a duplicate nudge: every share has already left PENDING
     }
     if payment
         .payment
@@ -67,6 +73,14 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
             .map_err(|e| JobFailure::Retry(e.to_string()))?;
     }
     let payment = get_split_payment(&mut tx, &id).await.map_err(transient)?;
+    if payment.payment.charge_id.is_none() {
+        return Err(JobFailure::Retry(format!("{id}: no charge recorded yet")));
+    }
+    // Every share leaves PENDING here, in one transaction with the fee split: a share with money starts its first
+    // transfer generation (parameters frozen) and gets its job; a share the fees took whole is parked
+    // `net_amount_zero` for an operator to refund. Then the payment is marked distributed, so "succeeded but not
+    // distributed" is one indexed flag for the sweeper and the reconciler.
+    let now = Utc::now();
     for allocation in payment
         .allocations
         .iter()
@@ -74,21 +88,48 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     {
         let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
         if allocation.net_amount_cents == Some(0) {
+            let c = allocation_context(&mut tx, &aid).await.map_err(transient)?;
+            let message = "the fees took the whole share: nothing to transfer; refund it to the donor";
+            let event = build::distribution(
+                EventType::DistributionFailed,
+                &c,
+                None,
+                Some((NET_AMOUNT_ZERO, message)),
+                now,
+            );
+            let patch = AllocationPatch {
+                failure_code: Some(NET_AMOUNT_ZERO.to_owned()),
+                failure_message: Some(message.to_owned()),
+                ..Default::default()
+            };
+            transition_allocation(&mut tx, &aid, AllocationEvent::NothingToTransfer, &patch, &[event])
+                .await
+                .map_err(transient)?;
+        } else {
             transition_allocation(
                 &mut tx,
                 &aid,
-                AllocationEvent::NothingToTransfer,
+                AllocationEvent::TransferStarted,
                 &AllocationPatch::default(),
                 &[],
             )
             .await
             .map_err(transient)?;
-        } else {
             enqueue(&mut tx, Queue::Transfer, aid.as_str(), None)
                 .await
                 .map_err(transient)?;
         }
     }
+    sqlx::query(
+        "UPDATE split_payments
+            SET distributed_at = coalesce(distributed_at, now()),
+                audit_due_at = coalesce(audit_due_at, now() + interval '1 hour')
+          WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| JobFailure::Retry(e.to_string()))?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Background work on apalis-postgres.
 //!
 //! - [`stripe_event`]: applies a stored Stripe event (payment states, their events, the distribution job).
+//! - [`payment_state`]: the one path by which what Stripe says of a PaymentIntent moves a split payment.
+//! - [`reconcile`]: reconcile-pending and reconcile-transfers, what the webhooks and the jobs missed.
 //! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
@@ -13,7 +15,9 @@
 
 pub mod cron;
 pub mod distribute;
+pub mod payment_state;
 pub mod queue;
+pub mod reconcile;
 pub mod runner;
 pub mod schedule;
 pub mod stripe_event;

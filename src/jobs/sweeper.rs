@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use super::queue::{enqueue, Queue};
+use super::queue::{enqueue_missing, Queue};
 use crate::store::StoreError;
 
 /// Work younger than this is left alone: its own job is most likely still on its way.
@@ -25,6 +25,8 @@ pub struct SweepReport {
 /// [`SWEEP_GRACE_SECS`] in production.
 pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreError> {
     let mut tx = pool.begin().await?;
+    // Each query is one index range scan (see migrations): the inbox's unprocessed events, succeeded payments not
+    // yet distributed, TRANSFERRING allocations by due time.
     let events: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM stripe_events
           WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
@@ -35,11 +37,11 @@ pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreE
     .fetch_all(&mut *tx)
     .await?;
     let payments: Vec<(String,)> = sqlx::query_as(
-        "SELECT p.id FROM split_payments p
-          WHERE p.status = 'SUCCEEDED'
-            AND coalesce(p.distribution_next_attempt_at, p.updated_at) < now() - make_interval(secs => $1)
-            AND EXISTS (SELECT 1 FROM split_allocations a WHERE a.split_payment_id = p.id AND a.status = 'PENDING')
-          ORDER BY p.updated_at LIMIT $2",
+        "SELECT id FROM split_payments
+          WHERE status = 'SUCCEEDED' AND distributed_at IS NULL
+            AND succeeded_at < now() - make_interval(secs => $1)
+            AND coalesce(distribution_next_attempt_at, succeeded_at) < now() - make_interval(secs => $1)
+          ORDER BY succeeded_at LIMIT $2",
     )
     .bind(grace_secs as f64)
     .bind(SWEEP_BATCH_MAX)
@@ -47,23 +49,18 @@ pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreE
     .await?;
     let allocations: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM split_allocations
-          WHERE status = 'TRANSFERRING'
-            AND coalesce(next_attempt_at, updated_at) < now() - make_interval(secs => $1)
-          ORDER BY updated_at LIMIT $2",
+          WHERE status = 'TRANSFERRING' AND next_attempt_at < now() - make_interval(secs => $1)
+          ORDER BY next_attempt_at LIMIT $2",
     )
     .bind(grace_secs as f64)
     .bind(SWEEP_BATCH_MAX)
     .fetch_all(&mut *tx)
     .await?;
-    for (id,) in &events {
-        enqueue(&mut tx, Queue::StripeEvent, id, None).await?;
-    }
-    for (id,) in &payments {
-        enqueue(&mut tx, Queue::Distribute, id, None).await?;
-    }
-    for (id,) in &allocations {
-        enqueue(&mut tx, Queue::Transfer, id, None).await?;
-    }
+    let ids = |rows: Vec<(String,)>| rows.into_iter().map(|(id,)| id).collect::<Vec<_>>();
+    // Only work with no job waiting gets one: a sweep never adds a second.
+    let events = enqueue_missing(&mut tx, Queue::StripeEvent, &ids(events)).await?;
+    let payments = enqueue_missing(&mut tx, Queue::Distribute, &ids(payments)).await?;
+    let allocations = enqueue_missing(&mut tx, Queue::Transfer, &ids(allocations)).await?;
     tx.commit().await?;
     let report = SweepReport {
         stripe_events: events.len(),

@@ -1,14 +1,17 @@
 //! Makes one allocation's Stripe Transfer, exactly once per generation.
 //!
-//! The intent (TRANSFERRING, generation, idempotency key, attempt row) is committed before Stripe is called, so a
-//! crash anywhere leaves a row that says what was being attempted with which key. Then:
-//! - success → TRANSFERRED, `distribution_succeeded`, and the recipient's donation CONFIRMED (`donation.succeeded`);
-//! - terminal refusal → PARKED with Stripe's code and message, `distribution_failed` (no `donation.failed`);
-//! - retryable, or unknown outcome → first, for an unknown outcome, look the transfer up by transfer group and our
-//!   metadata (it may exist); otherwise retry later with the *same* key, the delay stored on the row; after
-//!   `transfer_attempts_max` attempts → PARKED `retries_exhausted`.
-
-use std::collections::BTreeMap;
+//! The intent (TRANSFERRING, generation, idempotency key, and the generation's frozen parameters on its
+//! `transfer_attempts` row) is committed before Stripe is called, so a crash anywhere leaves a row that says what
+//! was being attempted with which key. Every attempt of a generation sends exactly the frozen parameters. Then:
+//! - a transfer (created, replayed, or found by a lookup) → TRANSFERRED, `distribution_succeeded`, and the
+//!   recipient's donation CONFIRMED (`donation.succeeded`), from TRANSFERRING or from PARKED: Stripe's word wins;
+//! - a terminal refusal → PARKED with Stripe's code and message, `distribution_failed` (no `donation.failed`);
+//! - a retryable error or an unknown outcome → the *same* key later, with capped full-jitter backoff stored on the
+//!   row, for the retry window (`transfer_retry_window`, 72 h). Throttling (429, 409 in flight) consumes nothing.
+//!   An unknown outcome is looked up at once (the transfer may exist). A key older than 23 h (Stripe may have
+//!   forgotten it) is resent only after a lookup that succeeded and found nothing. When the window has ended, only
+//!   a lookup that succeeded and found nothing parks (`retry_window_elapsed`); a failed lookup leaves the allocation
+//!   TRANSFERRING, marked unresolved for operators, and retried.
 
 use chrono::Utc;
 
@@ -20,23 +23,58 @@ use crate::domain::ids::{DonationId, SplitAllocationId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, PaymentStatus};
 use crate::events::{build, EventType};
 use crate::store::payments::{
-    allocation_context, donation_for_allocation, record_transfer_retry, transition_allocation, transition_donation,
-    AllocationContext, AllocationPatch, DonationPatch, RETRIES_EXHAUSTED,
+    allocation_context, donation_for_allocation, get_transfer_attempt, record_discrepancy, record_transfer_retry,
+    transition_allocation, transition_donation, AllocationContext, AllocationPatch, DonationPatch, RetryKind,
+    TransferAttemptRow, TransferRetry, RETRY_WINDOW_ELAPSED,
 };
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
 use crate::stripe::error::ErrorClass;
-use crate::stripe::{CreateTransferParams, GatewayError};
+use crate::stripe::{CreateTransferParams, GatewayError, PaymentGateway, TransferInfo};
 
-/// Stripe may forget an idempotency key after 24 h; an attempt older than this is looked up before it is resent.
-const KEY_SAFE_AGE_HOURS: i64 = 23;
+/// Stripe may forget an idempotency key after 24 h; a generation older than this is looked up before it is resent.
+pub const KEY_SAFE_AGE_HOURS: i64 = 23;
+
+/// What a lookup of an allocation's generation at Stripe proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Stripe holds this transfer of the generation.
+    Found(TransferInfo),
+    /// The lookup succeeded (every page read) and no transfer names this allocation and generation.
+    NotFound,
+    /// The lookup failed (any gateway error, or more transfers than the page bound): nothing is proven.
+    Unknown(String),
+}
+
+/// Looks for the transfer of `allocation_id`'s `generation` in its transfer group, matched by our metadata.
+pub async fn look_up(
+    gateway: &dyn PaymentGateway,
+    transfer_group: &str,
+    allocation_id: &str,
+    generation: i32,
+) -> Lookup {
+    match gateway.list_transfers(transfer_group).await {
+        Ok(transfers) => transfers
+            .into_iter()
+            .find(|t| {
+                t.metadata.get("split_allocation_id").map(String::as_str) == Some(allocation_id)
+                    && t.metadata.get("generation").map(String::as_str) == Some(generation.to_string().as_str())
+            })
+            .map_or(Lookup::NotFound, Lookup::Found),
+        Err(e) => {
+            tracing::warn!(split_allocation_id = allocation_id, error = %e, "transfer lookup failed: outcome still unknown");
+            Lookup::Unknown(e.to_string())
+        }
+    }
+}
 
 pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(raw_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
     let mut c = load(ctx, &id).await?;
     match c.allocation.status {
         AllocationStatus::Pending => {
-            if c.payment.status != PaymentStatus::Succeeded || c.allocation.net_amount_cents.is_none() {
+            // Distribution starts the first generation; this is the fallback for a row it has not reached.
+            if c.payment.status != PaymentStatus::Succeeded || c.allocation.net_amount_cents.is_none_or(|n| n <= 0) {
                 return Ok(()); // not ready: distribution enqueues it again when it is
             }
             let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
@@ -63,45 +101,107 @@ pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> 
         // Final, or parked for an operator: nothing to do.
         _ => return Ok(()),
     }
-    let generation = c.allocation.generation;
-    let key = c
-        .allocation
-        .idempotency_key
-        .clone()
-        .ok_or_else(|| JobFailure::Abandon(format!("{id} has no key")))?;
+    drive(ctx, &c).await
+}
 
-    if attempt_is_old(ctx, &id, generation).await? {
-        if let Some(found) = look_up(ctx, &c, generation).await {
-            return succeed(ctx, &id, &found).await;
+/// One step of a TRANSFERRING allocation's generation: send (or look up), then record what Stripe said. Also used
+/// in the foreground by `ops reconcile`.
+pub async fn drive(ctx: &AppContext, c: &AllocationContext) -> Result<(), JobFailure> {
+    let id = SplitAllocationId::parse(&c.allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    let generation = c.allocation.generation;
+    let attempt = {
+        let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+        get_transfer_attempt(&mut conn, &id, generation)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => JobFailure::Abandon(e.to_string()),
+                e => transient(e),
+            })?
+    };
+    let group = attempt
+        .transfer_group
+        .clone()
+        .unwrap_or_else(|| c.payment.transfer_group.clone());
+    let age = Utc::now() - attempt.started_at;
+    let window_over = age > chrono::Duration::milliseconds(ctx.distribution.transfer_retry_window_ms as i64);
+    let key_old = age > chrono::Duration::hours(KEY_SAFE_AGE_HOURS);
+
+    if window_over || key_old {
+        match look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
+            Lookup::Found(t) => return succeed(ctx, &id, &t, generation).await,
+            // Throttling consumes nothing: an allocation Stripe only ever throttled is not parked by the window.
+            Lookup::NotFound if window_over && !last_was_throttle(c) => {
+                let message = format!(
+                    "no transfer after the {} h retry window; a lookup at Stripe found none of generation {generation}",
+                    ctx.distribution.transfer_retry_window_ms / 3_600_000
+                );
+                return park(ctx, c, RETRY_WINDOW_ELAPSED, &message).await;
+            }
+            Lookup::NotFound => {} // an old key, proven unused: resending it is safe
+            Lookup::Unknown(reason) => {
+                let e = GatewayError::Unknown {
+                    reason: format!("lookup failed: {reason}"),
+                };
+                return retry_later(ctx, c, RetryKind::Failed, window_over, &e).await;
+            }
         }
     }
-    let params = CreateTransferParams {
-        destination: c.destination_account_id.clone(),
-        amount_cents: c.allocation.net_amount_cents.unwrap_or(0),
-        currency: c.payment.currency.stripe_code().to_owned(),
-        source_transaction: c.payment.charge_id.clone(),
-        transfer_group: c.payment.transfer_group.clone(),
-        metadata: BTreeMap::from([
-            ("split_payment_id".to_owned(), c.payment.id.clone()),
-            ("split_allocation_id".to_owned(), c.allocation.id.clone()),
-            ("generation".to_owned(), generation.to_string()),
-        ]),
-        idempotency_key: key,
-    };
-    match ctx.gateway.create_transfer(&params).await {
-        Ok(t) => succeed(ctx, &id, &t.id).await,
-        Err(e) if e.class() == ErrorClass::Terminal => {
-            park(ctx, &c, e.code().unwrap_or("unknown"), &message_of(&e)).await
+
+    match ctx.gateway.create_transfer(&params_of(&attempt)).await {
+        Ok(t) => succeed(ctx, &id, &t, generation).await,
+        Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
+            park(ctx, c, e.code().unwrap_or("unknown"), &message_of(&e)).await
         }
         Err(e) => {
-            if e.class() == ErrorClass::Unknown {
-                if let Some(found) = look_up(ctx, &c, generation).await {
-                    return succeed(ctx, &id, &found).await;
+            // An unknown outcome may have made the transfer: look before trying again. A misused key cannot happen
+            // with frozen parameters; if it does, it is a bug and the outcome is unknown, never a refusal.
+            if e.class() == ErrorClass::Unknown || e.is_idempotency_misuse() {
+                if e.is_idempotency_misuse() {
+                    tracing::error!(split_allocation_id = %id, error = %e, "idempotency key misuse on a frozen generation");
+                }
+                if let Lookup::Found(t) = look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
+                    return succeed(ctx, &id, &t, generation).await;
                 }
             }
-            retry_later(ctx, &c, &e).await
+            let kind = if is_throttle(&e) {
+                RetryKind::Throttled
+            } else {
+                RetryKind::Failed
+            };
+            retry_later(ctx, c, kind, false, &e).await
         }
     }
+}
+
+/// The create request of a generation, from its frozen row only.
+fn params_of(a: &TransferAttemptRow) -> CreateTransferParams {
+    CreateTransferParams {
+        destination: a.destination_account_id.clone(),
+        amount_cents: a.amount_cents,
+        currency: a.currency.clone(),
+        source_transaction: a.source_transaction.clone(),
+        transfer_group: a.transfer_group.clone().unwrap_or_default(),
+        metadata: a.metadata.0.clone(),
+        idempotency_key: a.idempotency_key.clone(),
+    }
+}
+
+fn last_was_throttle(c: &AllocationContext) -> bool {
+    matches!(
+        c.allocation.failure_code.as_deref(),
+        Some("rate_limit" | "lock_timeout" | "idempotency_key_in_use")
+    )
+}
+
+/// Stripe throttled us: 429 (rate limit, lock timeout) or 409 (the same key is in flight).
+fn is_throttle(e: &GatewayError) -> bool {
+    matches!(
+        e,
+        GatewayError::Retryable {
+            status: Some(429 | 409),
+            ..
+        }
+    ) || matches!(e.code(), Some("rate_limit" | "lock_timeout" | "idempotency_key_in_use"))
 }
 
 async fn load(ctx: &AppContext, id: &SplitAllocationId) -> Result<AllocationContext, JobFailure> {
@@ -120,50 +220,45 @@ fn message_of(e: &GatewayError) -> String {
     }
 }
 
-async fn attempt_is_old(ctx: &AppContext, id: &SplitAllocationId, generation: i32) -> Result<bool, JobFailure> {
-    let (old,): (bool,) = sqlx::query_as(
-        "SELECT started_at < now() - make_interval(hours => $3) FROM transfer_attempts
-          WHERE split_allocation_id = $1 AND generation = $2",
-    )
-    .bind(id.as_str())
-    .bind(generation)
-    .bind(KEY_SAFE_AGE_HOURS as i32)
-    .fetch_one(&ctx.pool)
-    .await
-    .map_err(|e| JobFailure::Retry(e.to_string()))?;
-    Ok(old)
-}
-
-/// The transfer this allocation's generation made, if Stripe has one (matched by our metadata).
-async fn look_up(ctx: &AppContext, c: &AllocationContext, generation: i32) -> Option<String> {
-    let transfers = match ctx.gateway.list_transfers(&c.payment.transfer_group).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(split_allocation_id = %c.allocation.id, error = %e, "could not look the transfer up");
-            return None;
-        }
-    };
-    transfers
-        .into_iter()
-        .find(|t| {
-            t.metadata.get("split_allocation_id") == Some(&c.allocation.id)
-                && t.metadata.get("generation").map(String::as_str) == Some(generation.to_string().as_str())
-        })
-        .map(|t| t.id)
-}
-
-async fn succeed(ctx: &AppContext, id: &SplitAllocationId, transfer_id: &str) -> Result<(), JobFailure> {
+/// Records a transfer Stripe shows for `generation`: TRANSFERRED (from TRANSFERRING or PARKED), the donation
+/// CONFIRMED. A transfer that cannot be applied (the allocation moved to another generation, or is refunded) is a
+/// discrepancy for an operator, never dropped.
+pub async fn succeed(
+    ctx: &AppContext,
+    id: &SplitAllocationId,
+    transfer: &TransferInfo,
+    generation: i32,
+) -> Result<(), JobFailure> {
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     let c = allocation_context(&mut tx, id).await.map_err(transient)?;
     let now = Utc::now();
-    let event = build::distribution(EventType::DistributionSucceeded, &c, Some(transfer_id), None, now);
+    let event = build::distribution(EventType::DistributionSucceeded, &c, Some(&transfer.id), None, now);
     let patch = AllocationPatch {
-        stripe_transfer_id: Some(transfer_id.to_owned()),
+        stripe_transfer_id: Some(transfer.id.clone()),
+        transfer_generation: Some(generation),
         ..Default::default()
     };
-    transition_allocation(&mut tx, id, AllocationEvent::TransferSucceeded, &patch, &[event])
-        .await
-        .map_err(transient)?;
+    match transition_allocation(&mut tx, id, AllocationEvent::TransferSucceeded, &patch, &[event]).await {
+        Ok(_) => {}
+        Err(e @ (StoreError::Forbidden(_) | StoreError::Invalid(_))) => {
+            drop(tx);
+            let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+            let detail = format!("transfer of {id} generation {generation} could not be recorded: {e}");
+            record_discrepancy(
+                &mut conn,
+                &c.payment.id,
+                Some(id.as_str()),
+                &transfer.id,
+                transfer.amount_cents,
+                "second_transfer",
+                &detail,
+            )
+            .await
+            .map_err(transient)?;
+            return Ok(());
+        }
+        Err(e) => return Err(transient(e)),
+    }
     if let Some(donation) = donation_for_allocation(&mut tx, id).await.map_err(transient)? {
         let did = DonationId::parse(&donation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
         let patch = DonationPatch {
@@ -179,7 +274,7 @@ async fn succeed(ctx: &AppContext, id: &SplitAllocationId, transfer_id: &str) ->
         .map_err(transient)?;
     }
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    tracing::info!(split_allocation_id = %id, transfer_id, "transferred");
+    tracing::info!(split_allocation_id = %id, transfer_id = %transfer.id, generation, "transferred");
     Ok(())
 }
 
@@ -207,33 +302,52 @@ async fn park(ctx: &AppContext, c: &AllocationContext, code: &str, message: &str
     Ok(())
 }
 
-async fn retry_later(ctx: &AppContext, c: &AllocationContext, e: &GatewayError) -> Result<(), JobFailure> {
-    let attempt = c.allocation.attempts + 1;
-    if attempt >= ctx.distribution.transfer_attempts_max {
-        return park(
-            ctx,
-            c,
-            RETRIES_EXHAUSTED,
-            &format!("gave up after {attempt} attempts; last: {e}"),
-        )
-        .await;
-    }
+async fn retry_later(
+    ctx: &AppContext,
+    c: &AllocationContext,
+    kind: RetryKind,
+    unresolved: bool,
+    e: &GatewayError,
+) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(&c.allocation.id).map_err(|err| JobFailure::Abandon(err.to_string()))?;
-    let delay_ms = backoff_ms_random(
-        attempt as u32,
-        ctx.distribution.backoff_base_ms,
-        ctx.distribution.backoff_cap_ms,
-    )
-    .max(ctx.distribution.backoff_base_ms / 2);
+    let cap_ms = ctx
+        .distribution
+        .backoff_cap_ms
+        .min(crate::app::TRANSFER_BACKOFF_CAP_MS_MAX);
+    let delay_ms = match kind {
+        // Throttled: a short full-jitter wait that does not grow, at least a quarter of the throttle delay.
+        RetryKind::Throttled => {
+            backoff_ms_random(1, ctx.distribution.throttle_delay_ms, cap_ms).max(ctx.distribution.throttle_delay_ms / 4)
+        }
+        RetryKind::Failed => backoff_ms_random(
+            (c.allocation.attempts + 1) as u32,
+            ctx.distribution.backoff_base_ms,
+            cap_ms,
+        )
+        .max(ctx.distribution.backoff_base_ms / 2),
+    };
     let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
     let mut tx = ctx
         .pool
         .begin()
         .await
         .map_err(|err| JobFailure::Retry(err.to_string()))?;
-    record_transfer_retry(&mut tx, &id, next, e.code(), &e.to_string())
-        .await
-        .map_err(transient)?;
+    let message = e.to_string();
+    let retry = TransferRetry {
+        generation: c.allocation.generation,
+        next_attempt_at: next,
+        kind,
+        unresolved,
+        failure_code: e.code(),
+        failure_message: &message,
+    };
+    let recorded = record_transfer_retry(&mut tx, &id, &retry).await;
+    match recorded {
+        Ok(_) => {}
+        // Another job moved the allocation on meanwhile (transferred, parked, a new generation): its word stands.
+        Err(StoreError::LostRace { .. }) => return Ok(()),
+        Err(err) => return Err(transient(err)),
+    }
     enqueue(
         &mut tx,
         Queue::Transfer,
@@ -243,6 +357,11 @@ async fn retry_later(ctx: &AppContext, c: &AllocationContext, e: &GatewayError) 
     .await
     .map_err(transient)?;
     tx.commit().await.map_err(|err| JobFailure::Retry(err.to_string()))?;
-    tracing::info!(split_allocation_id = %id, attempt, delay_ms, class = ?e.class(), "transfer retried later with the same key");
+    if unresolved {
+        tracing::error!(split_allocation_id = %id, error = %e, "retry window ended and the outcome is still unknown: unresolved, retried");
+        metrics::counter!("splitpay_transfers_unresolved_total").increment(1);
+    } else {
+        tracing::info!(split_allocation_id = %id, delay_ms, ?kind, class = ?e.class(), "transfer retried later with the same key");
+    }
     Ok(())
 }

@@ -57,6 +57,10 @@ pub enum StoreError {
     /// The caller asked for something the data does not allow.
     #[error("{0}")]
     Invalid(String),
+    /// A job could not be enqueued (the job tables refused the insert): transient, never a contradiction; the
+    /// caller's transaction is rolled back and the work is tried again.
+    #[error("enqueue failed: {0}")]
+    Enqueue(String),
 }
 
 impl StoreError {

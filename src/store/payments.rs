@@ -19,8 +19,11 @@ use crate::domain::state::{
 };
 use crate::events::OutboundEvent;
 
-/// `failure_code` recorded when an allocation is parked because its retries ran out.
-pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+/// `failure_code` of an allocation parked because its retry window ended and a lookup that succeeded proved that
+/// Stripe holds no transfer of its generation.
+pub const RETRY_WINDOW_ELAPSED: &str = "retry_window_elapsed";
+/// `failure_code` of an allocation parked because the fees left nothing to transfer (an operator refunds it).
+pub const NET_AMOUNT_ZERO: &str = "net_amount_zero";
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SplitPaymentRow {
@@ -50,6 +53,14 @@ pub struct SplitPaymentRow {
     pub distribution_attempts: i32,
     pub distribution_next_attempt_at: Option<DateTime<Utc>>,
     pub confirm_payment_method: Option<String>,
+    pub next_reconcile_at: Option<DateTime<Utc>>,
+    pub distributed_at: Option<DateTime<Utc>>,
+    /// When the transfer audit next compares this payment with Stripe (NULL once outside the audit window).
+    pub audit_due_at: Option<DateTime<Utc>>,
+    pub stripe_event_at: Option<DateTime<Utc>>,
+    pub failed_attempts: i32,
+    /// The charge of the last failed attempt recorded (each attempt is recorded and announced once).
+    pub last_failed_charge_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -76,6 +87,8 @@ pub struct SplitAllocationRow {
     pub refunded_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Set while TRANSFERRING when the retry window ended without proof either way: shown to operators, retried.
+    pub unresolved_at: Option<DateTime<Utc>>,
 }
 
 /// A split payment with its allocations in the set's order.
@@ -266,29 +279,136 @@ pub async fn donations_for_payment(
     .await?)
 }
 
+/// How a transfer attempt that will be retried with the same key failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryKind {
+    /// Stripe throttled us (429, 409 key in flight): consumes nothing, the backoff does not grow.
+    Throttled,
+    /// A retryable failure or an unknown outcome: counted, the backoff grows.
+    Failed,
+}
+
+/// A failed attempt at an allocation's transfer that will be retried with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRetry<'a> {
+    /// The generation the attempt was of: a row that moved on meanwhile is left alone (`LostRace`).
+    pub generation: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub kind: RetryKind,
+    /// The retry window ended without a proof either way: shown to operators, still retried.
+    pub unresolved: bool,
+    pub failure_code: Option<&'a str>,
+    pub failure_message: &'a str,
+}
+
 /// Records a failed attempt at an allocation's transfer that will be retried with the same key: not a state
 /// change (the allocation stays TRANSFERRING), so it does not go through the state machine.
 pub async fn record_transfer_retry(
     conn: &mut PgConnection,
     id: &SplitAllocationId,
-    next_attempt_at: DateTime<Utc>,
-    failure_code: Option<&str>,
-    failure_message: &str,
+    retry: &TransferRetry<'_>,
 ) -> Result<i32, StoreError> {
     let (attempts,): (i32,) = sqlx::query_as(
         "UPDATE split_allocations
-            SET attempts = attempts + 1, next_attempt_at = $2, failure_code = $3, failure_message = $4, updated_at = now()
-          WHERE id = $1 AND status = 'TRANSFERRING'
+            SET attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END,
+                next_attempt_at = $4, failure_code = $5, failure_message = $6,
+                unresolved_at = CASE WHEN $7 THEN coalesce(unresolved_at, now()) ELSE unresolved_at END,
+                updated_at = now()
+          WHERE id = $1 AND status = 'TRANSFERRING' AND generation = $2
          RETURNING attempts",
     )
     .bind(id.as_str())
-    .bind(next_attempt_at)
-    .bind(failure_code)
-    .bind(failure_message)
+    .bind(retry.generation)
+    .bind(retry.kind == RetryKind::Failed)
+    .bind(retry.next_attempt_at)
+    .bind(retry.failure_code)
+    .bind(retry.failure_message)
+    .bind(retry.unresolved)
     .fetch_optional(conn)
     .await?
-    .ok_or_else(|| StoreError::LostRace { what: "split allocation", id: id.to_string(), expected: "TRANSFERRING".into() })?;
+    .ok_or_else(|| StoreError::LostRace {
+        what: "split allocation",
+        id: id.to_string(),
+        expected: format!("TRANSFERRING at generation {}", retry.generation),
+    })?;
     Ok(attempts)
+}
+
+/// One transfer generation as it was frozen when it started: every attempt of the generation sends exactly this.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TransferAttemptRow {
+    pub split_allocation_id: String,
+    pub generation: i32,
+    pub idempotency_key: String,
+    pub destination_account_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub source_transaction: Option<String>,
+    pub transfer_group: Option<String>,
+    pub metadata: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub stripe_transfer_id: Option<String>,
+}
+
+pub async fn get_transfer_attempt(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+    generation: i32,
+) -> Result<TransferAttemptRow, StoreError> {
+    sqlx::query_as::<_, TransferAttemptRow>(
+        "SELECT split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
+                source_transaction, transfer_group, metadata, started_at, finished_at, outcome, stripe_transfer_id
+           FROM transfer_attempts WHERE split_allocation_id = $1 AND generation = $2",
+    )
+    .bind(id.as_str())
+    .bind(generation)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        what: "transfer attempt",
+        id: format!("{id} generation {generation}"),
+    })
+}
+
+/// Records what the transfer audit (or a transfer job) found at Stripe and could not match to an allocation's
+/// current generation: logged, counted, kept for operators. Once per Stripe transfer.
+pub async fn record_discrepancy(
+    conn: &mut PgConnection,
+    split_payment_id: &str,
+    split_allocation_id: Option<&str>,
+    stripe_transfer_id: &str,
+    amount_cents: i64,
+    kind: &str,
+    detail: &str,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO transfer_discrepancies
+            (split_payment_id, split_allocation_id, stripe_transfer_id, amount_cents, kind, detail)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT ON CONSTRAINT transfer_discrepancies_once DO NOTHING",
+    )
+    .bind(split_payment_id)
+    .bind(split_allocation_id)
+    .bind(stripe_transfer_id)
+    .bind(amount_cents)
+    .bind(kind)
+    .bind(detail)
+    .execute(conn)
+    .await?;
+    let new = inserted.rows_affected() == 1;
+    if new {
+        tracing::error!(
+            split_payment_id,
+            stripe_transfer_id,
+            amount_cents,
+            kind,
+            detail,
+            "transfer discrepancy found at Stripe"
+        );
+        metrics::counter!("splitpay_transfer_discrepancies_total", "kind" => kind.to_owned()).increment(1);
+    }
+    Ok(new)
 }
 
 /// What a failed or canceled payment does to its parts, in the caller's transaction: every allocation VOIDED, every
@@ -338,6 +458,11 @@ pub struct PaymentPatch {
     pub charge_id: Option<String>,
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
+    /// When Stripe created the event (or when splitpay read the PaymentIntent) that caused this change: a webhook
+    /// older than the last one applied is stale (Stripe does not order them).
+    pub stripe_event_at: Option<DateTime<Utc>>,
+    /// With a failed attempt: its charge.
+    pub failed_charge_id: Option<String>,
 }
 
 /// Moves a split payment by `event` and writes `events` to the outbox, in the caller's transaction. Returns
@@ -370,6 +495,9 @@ pub async fn transition_payment(
                 failure_code = coalesce($6, failure_code),
                 failure_message = coalesce($7, failure_message),
                 succeeded_at = CASE WHEN $3 = 'SUCCEEDED' THEN now() ELSE succeeded_at END,
+                stripe_event_at = greatest(stripe_event_at, $8),
+                failed_attempts = failed_attempts + CASE WHEN $9 THEN 1 ELSE 0 END,
+                last_failed_charge_id = coalesce($10, last_failed_charge_id),
                 updated_at = now()
           WHERE id = $1 AND status = $2",
     )
@@ -380,6 +508,9 @@ pub async fn transition_payment(
     .bind(&patch.charge_id)
     .bind(&patch.failure_code)
     .bind(&patch.failure_message)
+    .bind(patch.stripe_event_at)
+    .bind(event == PaymentEvent::AttemptFailed)
+    .bind(&patch.failed_charge_id)
     .execute(&mut **tx)
     .await?;
     if updated.rows_affected() != 1 {
@@ -397,6 +528,9 @@ pub async fn transition_payment(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllocationPatch {
     pub stripe_transfer_id: Option<String>,
+    /// With `TransferSucceeded`: the generation Stripe's transfer names in its metadata. A transfer of another
+    /// generation than the allocation's current one is refused (`Invalid`): it is a discrepancy for an operator.
+    pub transfer_generation: Option<i32>,
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
     pub next_attempt_at: Option<DateTime<Utc>>,
@@ -439,14 +573,20 @@ pub async fn transition_allocation(
             })?;
             generation += 1;
             let key = transfer_idempotency_key(id, generation);
-            sqlx::query(
+            // The generation's parameters, frozen here: destination (the link's account now), amount, currency,
+            // source transaction, transfer group and metadata. Every attempt of this generation sends exactly these;
+            // a link changed later only affects a new generation.
+            let inserted = sqlx::query(
                 "INSERT INTO transfer_attempts
-                    (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency)
-                 SELECT a.id, $2, $3, l.stripe_connect_account_id, $4, p.currency
+                    (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
+                     source_transaction, transfer_group, metadata)
+                 SELECT a.id, $2, $3, l.stripe_connect_account_id, $4, p.currency, p.charge_id, p.transfer_group,
+                        jsonb_build_object('split_payment_id', p.id, 'split_allocation_id', a.id,
+                                           'generation', $2::text)
                    FROM split_allocations a
                    JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
                    JOIN split_payments p ON p.id = a.split_payment_id
-                  WHERE a.id = $1",
+                  WHERE a.id = $1 AND p.charge_id IS NOT NULL",
             )
             .bind(id.as_str())
             .bind(generation)
@@ -454,29 +594,48 @@ pub async fn transition_allocation(
             .bind(net_cents)
             .execute(&mut **tx)
             .await?;
-            idempotency_key = Some(key);
-        }
-        AllocationStatus::Transferred | AllocationStatus::Parked => {
-            let outcome = match (next, patch.failure_code.as_deref()) {
-                (AllocationStatus::Transferred, _) => "TRANSFERRED",
-                (_, Some(RETRIES_EXHAUSTED)) => "RETRIES_EXHAUSTED",
-                _ => "TERMINAL",
-            };
-            if next == AllocationStatus::Transferred && patch.stripe_transfer_id.is_none() {
+            if inserted.rows_affected() != 1 {
                 return Err(StoreError::Invalid(format!(
-                    "split allocation '{id}': a transfer needs its transfer id"
+                    "split allocation '{id}': its payment has no charge to transfer from"
                 )));
             }
+            idempotency_key = Some(key);
+        }
+        AllocationStatus::Transferred => {
+            let transfer_id = patch.stripe_transfer_id.as_deref().ok_or_else(|| {
+                StoreError::Invalid(format!("split allocation '{id}': a transfer needs its transfer id"))
+            })?;
+            if let Some(g) = patch.transfer_generation.filter(|&g| g != generation) {
+                return Err(StoreError::Invalid(format!(
+                    "split allocation '{id}' is at generation {generation}; transfer {transfer_id} is of generation {g}"
+                )));
+            }
+            // From TRANSFERRING or from PARKED (Stripe's word wins): the generation's attempt ends TRANSFERRED.
             sqlx::query(
                 "UPDATE transfer_attempts
-                    SET finished_at = now(), outcome = $3, stripe_transfer_id = $4,
-                        failure_code = $5, failure_message = $6
+                    SET finished_at = now(), outcome = 'TRANSFERRED', stripe_transfer_id = $3,
+                        failure_code = NULL, failure_message = NULL
+                  WHERE split_allocation_id = $1 AND generation = $2",
+            )
+            .bind(id.as_str())
+            .bind(generation)
+            .bind(transfer_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        AllocationStatus::Parked if from == AllocationStatus::Transferring => {
+            let outcome = match patch.failure_code.as_deref() {
+                Some(RETRY_WINDOW_ELAPSED) => "WINDOW_ELAPSED",
+                _ => "TERMINAL",
+            };
+            sqlx::query(
+                "UPDATE transfer_attempts
+                    SET finished_at = now(), outcome = $3, failure_code = $4, failure_message = $5
                   WHERE split_allocation_id = $1 AND generation = $2",
             )
             .bind(id.as_str())
             .bind(generation)
             .bind(outcome)
-            .bind(&patch.stripe_transfer_id)
             .bind(&patch.failure_code)
             .bind(&patch.failure_message)
             .execute(&mut **tx)
@@ -493,7 +652,8 @@ pub async fn transition_allocation(
                 stripe_transfer_id = coalesce($6, stripe_transfer_id),
                 failure_code = coalesce($7, failure_code),
                 failure_message = coalesce($8, failure_message),
-                next_attempt_at = $9,
+                next_attempt_at = CASE WHEN $3 = 'TRANSFERRING' THEN coalesce($9, now()) ELSE NULL END,
+                unresolved_at = NULL,
                 attempts = CASE WHEN $3 = 'TRANSFERRING' AND status <> 'TRANSFERRING' THEN 0 ELSE attempts END,
                 parked_at = CASE WHEN $3 = 'PARKED' THEN now() ELSE NULL END,
                 transferred_at = CASE WHEN $3 = 'TRANSFERRED' THEN now() ELSE transferred_at END,
@@ -600,16 +760,22 @@ pub async fn write_fee_split(
     Ok(())
 }
 
-/// Where a split payment's money is, by allocation status, in minor units. For a succeeded payment:
-/// `charged = transferred + parked + refunded + in_flight + fees_kept` (zero-net shares are all fee).
+/// Where a split payment's money is, in minor units, each term read from its own record (never derived from
+/// another term, so the check can fail): for a succeeded payment,
+/// `charged = transferred + parked + refunded + in_flight + fees_kept`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MoneyReport {
     pub charged_cents: i64,
+    /// The amounts of the transfers recorded on TRANSFERRED allocations' successful generations.
     pub transferred_cents: i64,
+    /// Net shares of PARKED allocations (still on the platform's balance).
     pub parked_cents: i64,
+    /// Net shares of REFUNDED allocations.
     pub refunded_cents: i64,
-    /// PENDING or TRANSFERRING: not yet settled either way.
+    /// PENDING or TRANSFERRING: net once the fee split is written, gross before.
     pub in_flight_cents: i64,
+    /// The fees on the payment row: Stripe's processing fee plus the platform fee, less what could not be
+    /// collected.
     pub fees_kept_cents: i64,
     /// VOIDED allocations (payment failed): nothing was charged for them.
     pub voided_cents: i64,
@@ -630,10 +796,25 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
     let payment = get_split_payment(conn, id).await?;
     // Only a succeeded payment took the donor's money; before that (or after a failure) nothing is the platform's.
     let charged = payment.payment.status == PaymentStatus::Succeeded;
+    let p = &payment.payment;
     let mut report = MoneyReport {
-        charged_cents: if charged { payment.payment.total_amount_cents } else { 0 },
+        charged_cents: if charged { p.total_amount_cents } else { 0 },
+        fees_kept_cents: if charged {
+            p.processing_fee_cents.unwrap_or(0) + p.platform_fee_cents.unwrap_or(0)
+                - p.fee_uncollected_cents.unwrap_or(0)
+        } else {
+            0
+        },
         ..MoneyReport::default()
     };
+    let transferred: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT t.split_allocation_id, t.amount_cents FROM transfer_attempts t
+           JOIN split_allocations a ON a.id = t.split_allocation_id
+          WHERE a.split_payment_id = $1 AND t.outcome = 'TRANSFERRED'",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
     for a in &payment.allocations {
         if a.status == AllocationStatus::Voided {
             report.voided_cents += a.gross_amount_cents;
@@ -641,16 +822,22 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
         if !charged {
             continue;
         }
-        let fee = a.fee_share_cents.unwrap_or(0);
-        let net = a.gross_amount_cents - fee;
+        let net = a.net_amount_cents;
         match a.status {
-            AllocationStatus::Transferred => report.transferred_cents += net,
-            AllocationStatus::Parked => report.parked_cents += net,
-            AllocationStatus::Refunded => report.refunded_cents += net,
-            AllocationStatus::Pending | AllocationStatus::Transferring => report.in_flight_cents += net,
-            AllocationStatus::ZeroNet | AllocationStatus::Voided => {}
+            AllocationStatus::Transferred => {
+                report.transferred_cents += transferred
+                    .iter()
+                    .filter(|(aid, _)| *aid == a.id)
+                    .map(|(_, cents)| cents)
+                    .sum::<i64>()
+            }
+            AllocationStatus::Parked => report.parked_cents += net.unwrap_or(0),
+            AllocationStatus::Refunded => report.refunded_cents += net.unwrap_or(0),
+            AllocationStatus::Pending | AllocationStatus::Transferring => {
+                report.in_flight_cents += net.unwrap_or(a.gross_amount_cents)
+            }
+            AllocationStatus::Voided => {}
         }
-        report.fees_kept_cents += fee;
     }
     Ok(report)
 }

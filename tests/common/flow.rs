@@ -37,6 +37,8 @@ pub struct Flow {
     /// splitpay's API (intake and webhooks), e.g. `http://127.0.0.1:PORT`.
     pub base_url: String,
     pub set: RecommendationSetRow,
+    /// The context the worker runs with (for calling jobs and reconcilers directly).
+    pub ctx: AppContext,
     stop: Option<oneshot::Sender<()>>,
     worker: Option<tokio::task::JoinHandle<()>>,
 }
@@ -81,7 +83,7 @@ impl Flow {
             gateway: gateway.clone(),
             distribution: {
                 let mut settings = DistributionSettings {
-                    transfer_attempts_max: 5,
+                    throttle_delay_ms: 200,
                     backoff_base_ms: 200,
                     backoff_cap_ms: 800,
                     ..DistributionSettings::default()
@@ -90,6 +92,7 @@ impl Flow {
                 settings
             },
         };
+        let flow_ctx = ctx.clone();
         let app = router(HttpState {
             app: ctx.clone(),
             webhook_secrets: Arc::new(vec![Secret::new(WEBHOOK_SECRET)]),
@@ -130,6 +133,7 @@ impl Flow {
             webhook_url,
             base_url,
             set,
+            ctx: flow_ctx,
             stop: Some(stop),
             worker,
         }
@@ -141,6 +145,29 @@ impl Flow {
         &self,
         method: PaymentMethodType,
         payment_method: &str,
+        donor_id: Option<&str>,
+    ) -> (SplitPaymentId, String) {
+        self.pay_with(method, Some(payment_method), donor_id).await
+    }
+
+    /// As [`Flow::pay`], but the PaymentIntent is left for the donor to confirm in the browser (no server-side
+    /// confirmation): confirm it with [`Flow::confirm`].
+    pub async fn pay_in_browser(&self, method: PaymentMethodType, donor_id: Option<&str>) -> (SplitPaymentId, String) {
+        self.pay_with(method, None, donor_id).await
+    }
+
+    /// The donor confirms the PaymentIntent with `payment_method` (attempt number `attempt`, for the key).
+    pub async fn confirm(&self, intent_id: &str, payment_method: &str, attempt: u32) -> Result<(), GatewayError> {
+        self.gateway
+            .confirm_payment_intent(intent_id, payment_method, &format!("browser:{intent_id}:{attempt}"))
+            .await
+            .map(|_| ())
+    }
+
+    async fn pay_with(
+        &self,
+        method: PaymentMethodType,
+        payment_method: Option<&str>,
         donor_id: Option<&str>,
     ) -> (SplitPaymentId, String) {
         let plan = plan_for(&self.set);
@@ -169,6 +196,13 @@ impl Flow {
             .await
             .unwrap();
         }
+        // As intake does: a server-side confirmation is recorded, so its failure is final.
+        sqlx::query("UPDATE split_payments SET confirm_payment_method = $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(payment_method)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
 
         let params = CreatePaymentIntentParams {
@@ -177,7 +211,7 @@ impl Flow {
             payment_method_type: method,
             transfer_group: id.to_string(),
             metadata: BTreeMap::from([("split_payment_id".to_owned(), id.to_string())]),
-            payment_method: Some(payment_method.to_owned()),
+            payment_method: payment_method.map(str::to_owned),
             idempotency_key: payment_intent_idempotency_key(&id),
         };
         let intent_id = match self.gateway.create_payment_intent(&params).await {

@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod flow;
+pub mod money;
 pub mod stripe;
 
 use splitpay::domain::money::Currency;

@@ -1,0 +1,647 @@
+//! The lifecycle rules of issue 7, each against a real PostgreSQL and the simulator over HTTP: transient failures
+//! never park, failed lookups are "unknown", generations keep their parameters, Stripe's word wins, declined
+//! payments can still be paid, transient errors are never contradictions, and reconcile-pending and
+//! reconcile-transfers resolve what the webhooks and the jobs missed.
+
+mod common;
+
+use common::flow::Flow;
+use splitpay::domain::ids::SplitAllocationId;
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::state::{AllocationEvent, AllocationStatus, DonationStatus, PaymentStatus};
+use splitpay::jobs::reconcile::{reconcile_pending, reconcile_transfers, ReconcileOptions};
+use splitpay::store::payments::*;
+use splitpay::stripe::sim::{Fault, FaultKind};
+use splitpay::stripe::{CreatePaymentIntentParams, CreateTransferParams, IntentStatus, PaymentGateway};
+use std::collections::BTreeMap;
+
+fn fault(kind: FaultKind, method: &str, path: &str) -> Fault {
+    Fault {
+        kind,
+        count: 100_000,
+        path_contains: Some(path.into()),
+        method: Some(method.into()),
+    }
+}
+
+async fn count_transfers(flow: &Flow, group: &str) -> usize {
+    flow.gateway.list_transfers(group).await.unwrap().len()
+}
+
+async fn types_about(flow: &Flow, subject: &str) -> Vec<String> {
+    flow.events(subject)
+        .await
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn short_window(s: &mut splitpay::app::DistributionSettings) {
+    s.transfer_retry_window_ms = 1_500;
+}
+
+/// Point 1: an unknown outcome (a 500 Stripe saved for the key, replayed on every retry) is retried with the same
+/// key for the window, then parked only because a lookup succeeded and found no transfer.
+#[tokio::test]
+async fn an_unknown_outcome_parks_only_after_its_window_and_a_lookup_that_found_nothing() {
+    let flow = Flow::start_full(AmountMode::Fixed, &[2_000], &[], true, short_window).await;
+    flow.control
+        .fault(fault(FaultKind::ServerError, "POST", "/v1/transfers"))
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "parked after the window", |p| {
+            p.allocations[0].status == AllocationStatus::Parked
+        })
+        .await;
+    let a = &p.allocations[0];
+    assert_eq!(a.failure_code.as_deref(), Some(RETRY_WINDOW_ELAPSED));
+    assert_eq!(a.generation, 1, "every attempt used the same key");
+    assert!(a.attempts >= 1, "retried before parking: {}", a.attempts);
+    let (outcome,): (String,) = sqlx::query_as("SELECT outcome FROM transfer_attempts WHERE split_allocation_id = $1")
+        .bind(&a.id)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "WINDOW_ELAPSED");
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 0);
+    assert_eq!(
+        types_about(&flow, &a.id).await,
+        vec!["recommendation_set.distribution_failed"]
+    );
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Points 1, 2 and 4: the transfer is applied but every response is lost, and every lookup fails. Past the window
+/// the allocation is not parked: it stays TRANSFERRING, marked unresolved, and is retried. When Stripe answers
+/// lookups again, the transfer it holds makes the allocation TRANSFERRED, once.
+#[tokio::test]
+async fn a_failed_lookup_never_parks_and_the_transfer_is_found_when_stripe_answers() {
+    let flow = Flow::start_full(AmountMode::Fixed, &[2_000], &[], true, short_window).await;
+    // The first create is applied and its response lost; every later attempt loses its connection.
+    flow.control
+        .fault(Fault {
+            count: 1,
+            ..fault(FaultKind::LoseResponse, "POST", "/v1/transfers")
+        })
+        .await
+        .unwrap();
+    flow.control
+        .fault(fault(FaultKind::DropConnection, "POST", "/v1/transfers"))
+        .await
+        .unwrap();
+    flow.control
+        .fault(fault(FaultKind::ServerError, "GET", "/v1/transfers"))
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "unresolved", |p| p.allocations[0].unresolved_at.is_some())
+        .await;
+    assert_eq!(p.allocations[0].status, AllocationStatus::Transferring, "never parked");
+    // Still retried while unresolved: a few more rounds, and it is still TRANSFERRING, never PARKED.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let p = flow.payment(&id).await;
+    assert_eq!(p.allocations[0].status, AllocationStatus::Transferring);
+    let report = reconcile_transfers(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.unresolved, 1, "counted for operators");
+
+    flow.control.clear_faults().await.unwrap();
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations[0].status == AllocationStatus::Transferred
+        })
+        .await;
+    assert!(p.allocations[0].unresolved_at.is_none());
+    let at_stripe = flow.gateway.list_transfers(id.as_str()).await.unwrap();
+    assert_eq!(at_stripe.len(), 1, "exactly one transfer");
+    assert_eq!(Some(&at_stripe[0].id), p.allocations[0].stripe_transfer_id.as_ref());
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// A payment whose first transfer generation was started, on a charge that exists at the simulator.
+async fn started(flow: &Flow) -> (splitpay::domain::ids::SplitPaymentId, SplitAllocationId, String) {
+    let pi = flow
+        .gateway
+        .create_payment_intent(&CreatePaymentIntentParams {
+            amount_cents: flow.set.allocations.iter().map(|a| a.amount_cents).sum(),
+            currency: "aud".into(),
+            payment_method_type: PaymentMethodType::Card,
+            transfer_group: "unused".into(),
+            metadata: BTreeMap::new(),
+            payment_method: Some("pm_card_visa".into()),
+            idempotency_key: format!("k-{}", uuid::Uuid::new_v4()),
+        })
+        .await
+        .unwrap();
+    let charge = pi.latest_charge.clone().unwrap();
+    let (id, first) =
+        common::succeeded_with_first_transfer_started(&flow.db.pool, &flow.set, &pi.id, &charge, 118).await;
+    (id, first, charge)
+}
+
+/// Point 2: a key older than 23 h is resent only after a lookup that succeeded and found nothing.
+#[tokio::test]
+async fn an_old_key_is_resent_only_after_a_lookup_that_found_nothing() {
+    let flow = Flow::start_with(AmountMode::Fixed, &[2_000, 3_000], &[], false).await;
+    let (id, first, _) = started(&flow).await;
+    sqlx::query("UPDATE transfer_attempts SET started_at = now() - interval '24 hours'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    flow.control
+        .fault(fault(FaultKind::ServerError, "GET", "/v1/transfers"))
+        .await
+        .unwrap();
+    splitpay::jobs::transfer::transfer(&flow.ctx, first.as_str())
+        .await
+        .unwrap();
+    let a = get_split_allocation(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    assert_eq!(a.status, AllocationStatus::Transferring);
+    assert_eq!(
+        a.attempts, 1,
+        "the failed lookup counts as an attempt with an unknown outcome"
+    );
+    flow.control.clear_faults().await.unwrap();
+    assert_eq!(
+        count_transfers(&flow, id.as_str()).await,
+        0,
+        "nothing was sent on a failed lookup"
+    );
+
+    // Stripe answers: no transfer of this generation, so the old key is safe to resend.
+    sqlx::query("UPDATE split_allocations SET next_attempt_at = now()")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    splitpay::jobs::transfer::transfer(&flow.ctx, first.as_str())
+        .await
+        .unwrap();
+    let a = get_split_allocation(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    assert_eq!(a.status, AllocationStatus::Transferred);
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 1);
+    flow.stop().await;
+}
+
+/// Point 3: a generation's destination, amount, currency, source transaction and metadata are those frozen when it
+/// started; a link changed afterwards only affects a new generation.
+#[tokio::test]
+async fn a_generation_keeps_its_parameters_when_the_link_changes() {
+    let flow = Flow::start_with(AmountMode::Fixed, &[2_000, 3_000], &[], false).await;
+    let (id, first, charge) = started(&flow).await;
+    let before = allocation_context(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    assert_eq!(before.destination_account_id, "acct_rcp0");
+    // The platform re-points recipient 0's link at another connected account, and the fee split is tampered with.
+    sqlx::query("UPDATE recipient_account_links SET stripe_connect_account_id = 'acct_rcp1' WHERE id = 'cm3lnk0'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    splitpay::jobs::transfer::transfer(&flow.ctx, first.as_str())
+        .await
+        .unwrap();
+    let t = flow.gateway.list_transfers(id.as_str()).await.unwrap();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].destination.as_deref(), Some("acct_rcp0"), "the frozen destination");
+    assert_eq!(t[0].amount_cents, before.allocation.net_amount_cents.unwrap());
+    assert_eq!(t[0].source_transaction.as_deref(), Some(charge.as_str()));
+    assert_eq!(t[0].metadata["generation"], "1");
+    assert_eq!(t[0].metadata["split_allocation_id"], first.as_str());
+    flow.stop().await;
+}
+
+/// Points 4 and 8: a parked allocation whose transfer Stripe holds (made by a request whose answer was lost) is
+/// adopted by the audit and ends TRANSFERRED, with its donation confirmed; a transfer in the group that names none
+/// of our allocations is reported, never ignored.
+#[tokio::test]
+async fn the_audit_adopts_a_transfer_stripe_made_for_a_parked_allocation_and_reports_strangers() {
+    let flow = Flow::start_with(AmountMode::Fixed, &[2_000, 3_000], &[], false).await;
+    let (id, first, charge) = started(&flow).await;
+    let c = allocation_context(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    let key = c.allocation.idempotency_key.clone().unwrap();
+    let make = |metadata: BTreeMap<String, String>, key: String| CreateTransferParams {
+        destination: "acct_rcp0".into(),
+        amount_cents: c.allocation.net_amount_cents.unwrap(),
+        currency: "aud".into(),
+        source_transaction: Some(charge.clone()),
+        transfer_group: id.to_string(),
+        metadata,
+        idempotency_key: key,
+    };
+    let ours = flow
+        .gateway
+        .create_transfer(&make(
+            BTreeMap::from([
+                ("split_payment_id".to_owned(), id.to_string()),
+                ("split_allocation_id".to_owned(), first.to_string()),
+                ("generation".to_owned(), "1".to_owned()),
+            ]),
+            key,
+        ))
+        .await
+        .unwrap();
+    let stranger = flow
+        .gateway
+        .create_transfer(&CreateTransferParams {
+            amount_cents: 100,
+            ..make(BTreeMap::new(), "someone-else".into())
+        })
+        .await
+        .unwrap();
+    // The allocation was parked meanwhile (as a wrongly-read refusal would have).
+    let mut tx = flow.db.pool.begin().await.unwrap();
+    let patch = AllocationPatch {
+        failure_code: Some("account_invalid".into()),
+        failure_message: Some("test".into()),
+        ..Default::default()
+    };
+    transition_allocation(&mut tx, &first, AllocationEvent::TransferFailed, &patch, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let opts = ReconcileOptions {
+        ignore_graces: true,
+        payment: Some(id.clone()),
+        inline: true,
+    };
+    let report = reconcile_transfers(&flow.ctx, &opts).await.unwrap();
+    assert_eq!(
+        (report.audited, report.adopted, report.discrepancies),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    let a = get_split_allocation(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.status,
+        AllocationStatus::Transferred,
+        "Stripe's word wins over PARKED"
+    );
+    assert_eq!(a.stripe_transfer_id.as_deref(), Some(ours.id.as_str()));
+    let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &first)
+        .await
+        .unwrap();
+    assert!(d.is_none() || d.unwrap().status == DonationStatus::Confirmed);
+    let (kind, tid): (String, String) = sqlx::query_as("SELECT kind, stripe_transfer_id FROM transfer_discrepancies")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (kind.as_str(), tid.as_str()),
+        ("unknown_transfer", stranger.id.as_str())
+    );
+    // Run again: nothing new adopted or reported (the discrepancy is kept once).
+    let again = reconcile_transfers(&flow.ctx, &opts).await.unwrap();
+    assert_eq!((again.adopted, again.discrepancies), (0, 0), "{again:?}");
+    flow.stop().await;
+}
+
+/// Point 5: a donor confirming in the browser is declined, then pays with another card on the same PaymentIntent:
+/// the failed attempt is recorded and announced once, donations stay PENDING, and the success distributes once.
+#[tokio::test]
+async fn a_declined_browser_payment_can_still_be_paid_on_the_same_payment_intent() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let (id, pi) = flow.pay_in_browser(PaymentMethodType::Card, Some("cm3donor1")).await;
+    let _ = flow.confirm(&pi, "pm_card_chargeDeclined", 1).await; // declined: an error, as Stripe answers
+    let p = flow
+        .wait_until(&id, "a failed attempt", |p| p.payment.failed_attempts == 1)
+        .await;
+    assert_eq!(p.payment.status, PaymentStatus::RequiresPayment);
+    assert_eq!(p.payment.failure_code.as_deref(), Some("card_declined"));
+    assert!(p.allocations.iter().all(|a| a.status == AllocationStatus::Pending));
+    let donations = donations_for_payment(&mut flow.db.pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert!(donations.iter().all(|d| d.status == DonationStatus::Pending));
+    assert_eq!(flow.count_events("recommendation_set.payment_failed").await, 1);
+    assert_eq!(flow.count_events("donation.failed").await, 0);
+    let intent = flow.gateway.retrieve_payment_intent(&pi).await.unwrap();
+    assert_eq!(
+        intent.status,
+        IntentStatus::RequiresPaymentMethod,
+        "not canceled: the donor may retry"
+    );
+
+    flow.confirm(&pi, "pm_card_visa", 2).await.unwrap();
+    let p = flow
+        .wait_until(&id, "distributed", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    assert_eq!(p.payment.status, PaymentStatus::Succeeded);
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 2);
+    assert_eq!(flow.count_events("recommendation_set.payment_succeeded").await, 1);
+    assert_eq!(flow.count_events("recommendation_set.payment_failed").await, 1);
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Point 5: a PaymentIntent still unpaid after `abandon_after` is canceled by reconcile-pending; the payment ends
+/// CANCELED with `donation.failed` for each donation.
+#[tokio::test]
+async fn an_abandoned_payment_intent_is_canceled_by_reconcile_pending() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let (id, pi) = flow.pay_in_browser(PaymentMethodType::Card, Some("cm3donor1")).await;
+    // Not yet abandoned: checked, left alone.
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.checked, report.canceled), (1, 0), "{report:?}");
+    assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::RequiresPayment);
+    // A day later, and past its next check.
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '25 hours', next_reconcile_at = now()")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.canceled, report.abandoned), (1, 1), "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(p.payment.status, PaymentStatus::Canceled);
+    assert_eq!(
+        flow.gateway.retrieve_payment_intent(&pi).await.unwrap().status,
+        IntentStatus::Canceled
+    );
+    assert!(p.allocations.iter().all(|a| a.status == AllocationStatus::Voided));
+    assert_eq!(flow.count_events("donation.failed").await, 2);
+    flow.stop().await;
+}
+
+/// Point 7: a `payment_intent.succeeded` that never arrived is found by reconcile-pending after the card grace,
+/// and the payment is distributed as its webhook would have done.
+#[tokio::test]
+async fn a_dropped_succeeded_webhook_is_found_by_reconcile_pending() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    flow.control
+        .webhook_mode(serde_json::json!({ "drop_next": 1000 }))
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::RequiresPayment);
+    // Within the grace nothing is asked; after it, Stripe is.
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.checked, 0);
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.checked, report.succeeded), (1, 1), "{report:?}");
+    flow.wait_until(&id, "distributed", |p| {
+        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+    })
+    .await;
+    assert_eq!(flow.count_events("recommendation_set.payment_succeeded").await, 1);
+    // Checked once per interval: an immediate second run asks Stripe nothing.
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.checked, 0);
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Point 7: a BECS dishonour whose webhook never arrived: reconcile-pending reads the PaymentIntent back in
+/// `requires_payment_method` with the bank's error; the payment was confirmed server-side, so it fails for good and
+/// the PaymentIntent is canceled.
+#[tokio::test]
+async fn a_dropped_becs_dishonour_is_found_by_reconcile_pending() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let (id, pi) = flow
+        .pay(PaymentMethodType::AuBecsDebit, "pm_becs_111111113", Some("cm3donor1"))
+        .await;
+    flow.wait_until(&id, "PROCESSING", |p| p.payment.status == PaymentStatus::Processing)
+        .await;
+    flow.control
+        .webhook_mode(serde_json::json!({ "drop_next": 1000 }))
+        .await
+        .unwrap();
+    flow.control.advance_clock(6).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::Processing);
+    // Within the debit grace (1 h) nothing happens; after it, the dishonour is found.
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '30 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+            .await
+            .unwrap()
+            .checked,
+        0
+    );
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '61 minutes', next_reconcile_at = NULL")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.checked, report.failed), (1, 1), "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(p.payment.status, PaymentStatus::Failed);
+    assert_eq!(p.payment.failure_code.as_deref(), Some("account_closed"));
+    assert_eq!(
+        flow.gateway.retrieve_payment_intent(&pi).await.unwrap().status,
+        IntentStatus::Canceled
+    );
+    assert_eq!(flow.count_events("donation.failed").await, 2);
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 0);
+    flow.stop().await;
+}
+
+/// Point 7: intake wrote the payment, then could not reach Stripe (a 503 to the caller), and the caller never came
+/// back. After the grace, reconcile-pending replays the create under the stored key, cancels the PaymentIntent it
+/// learns, and fails the payment `intake_abandoned`.
+#[tokio::test]
+async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    flow.control
+        .fault(fault(FaultKind::DropConnection, "POST", "/v1/payment_intents"))
+        .await
+        .unwrap();
+    let req: splitpay::intake::IntakeRequest = serde_json::from_value(serde_json::json!({
+        "recommendation_set_id": flow.set.id,
+        "donor_id": "cm3donor1",
+        "payment_method_type": "card",
+    }))
+    .unwrap();
+    let payment = splitpay::intake::create(&flow.ctx, &req, None).await.unwrap();
+    let id = splitpay::domain::ids::SplitPaymentId::parse(&payment.payment.id).unwrap();
+    let err = splitpay::intake::create_intent(&flow.ctx, &id).await.unwrap_err();
+    assert!(
+        matches!(err, splitpay::intake::IntakeError::StripeUnavailable(_)),
+        "{err}"
+    );
+    flow.control.clear_faults().await.unwrap();
+    assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::Created);
+
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.checked, report.intake_abandoned), (1, 1), "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(p.payment.status, PaymentStatus::Failed);
+    assert_eq!(p.payment.failure_code.as_deref(), Some("intake_abandoned"));
+    let pi = p
+        .payment
+        .payment_intent_id
+        .clone()
+        .expect("the replay learned the PaymentIntent");
+    assert_eq!(
+        flow.gateway.retrieve_payment_intent(&pi).await.unwrap().status,
+        IntentStatus::Canceled
+    );
+    let failed: Vec<serde_json::Value> = flow
+        .events(id.as_str())
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "recommendation_set.payment_failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["data"]["failure_code"], "intake_abandoned");
+    assert_eq!(flow.count_events("donation.failed").await, 2);
+    flow.stop().await;
+}
+
+/// Point 11 (reconciler side): a CREATED payment older than 23 h is failed without replaying its create (Stripe
+/// may have forgotten the key, and a replay could make a new PaymentIntent).
+#[tokio::test]
+async fn an_intake_older_than_the_key_is_failed_without_calling_stripe() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let req: splitpay::intake::IntakeRequest = serde_json::from_value(serde_json::json!({
+        "recommendation_set_id": flow.set.id,
+        "donor_id": "cm3donor1",
+        "payment_method_type": "card",
+    }))
+    .unwrap();
+    let payment = splitpay::intake::create(&flow.ctx, &req, None).await.unwrap();
+    let id = splitpay::domain::ids::SplitPaymentId::parse(&payment.payment.id).unwrap();
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '24 hours'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.intake_abandoned, 1, "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(
+        (p.payment.status, p.payment.failure_code.as_deref()),
+        (PaymentStatus::Failed, Some("intake_abandoned"))
+    );
+    assert!(
+        flow.control
+            .request_times_ms("/v1/payment_intents")
+            .await
+            .unwrap()
+            .is_empty(),
+        "no PaymentIntent was created or asked for"
+    );
+    flow.stop().await;
+}
+
+/// Point 6: a transient error (here the distribution job's insert fails once) is never recorded as a
+/// contradiction: the event stays unprocessed, is tried again, and the payment is distributed.
+#[tokio::test]
+async fn a_failed_job_insert_is_retried_not_recorded_as_a_contradiction() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    sqlx::raw_sql(
+        "CREATE TABLE fail_next_insert (job_type TEXT PRIMARY KEY);
+         INSERT INTO fail_next_insert VALUES ('splitpay.distribute');
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF EXISTS (SELECT 1 FROM fail_next_insert WHERE job_type = NEW.job_type) THEN
+             -- Every insert of this job type fails until the test removes the marker (it cannot remove itself:
+             -- the failing transaction is rolled back with it).
+             RAISE EXCEPTION 'injected: job insert refused';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_once BEFORE INSERT ON apalis.jobs FOR EACH ROW EXECUTE FUNCTION fail_once();",
+    )
+    .execute(&flow.db.pool)
+    .await
+    .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    // The succeeded event arrives and its processing fails on the insert: it stays unprocessed, with no note.
+    let mut failed_once = false;
+    for _ in 0..100 {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM stripe_events WHERE event_type = 'payment_intent.succeeded' AND processed_at IS NULL",
+        )
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+        if n == 1 {
+            failed_once = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(failed_once, "the event was received and not processed");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        flow.payment(&id).await.payment.status,
+        PaymentStatus::RequiresPayment,
+        "rolled back"
+    );
+    sqlx::raw_sql("DELETE FROM fail_next_insert")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    // The event is tried again (the sweeper's job, run here at once rather than after its minute).
+    sqlx::query("UPDATE stripe_events SET received_at = now() - interval '2 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    splitpay::jobs::sweeper::sweep(&flow.db.pool, 60).await.unwrap();
+    flow.wait_until(&id, "distributed", |p| {
+        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+    })
+    .await;
+    let (notes,): (i64,) = sqlx::query_as("SELECT count(*) FROM stripe_events WHERE process_error IS NOT NULL")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(notes, 0, "no contradiction was recorded");
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
