@@ -5,7 +5,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::domain::fees::{FeeSchedule, PlatformFee, ProcessingFeeEstimate};
-use crate::domain::plan::PaymentMethodType;
+use crate::domain::plan::{PaymentMethodType, PlanLimits};
 use crate::stripe::PaymentGateway;
 
 /// How distribution behaves; every number is a named, bounded setting.
@@ -21,6 +21,9 @@ pub struct DistributionSettings {
     pub backoff_cap_ms: u64,
     /// Stripe's fees as estimated for a donor who covers them (the real fee always comes from the charge).
     pub processing_estimates: ProcessingEstimates,
+    /// What intake accepts so that a payment can be distributed at all: settlement currencies only, and no
+    /// allocation below the minimum (`SPLITPAY_SETTLEMENT_CURRENCIES`, `SPLITPAY_MIN_ALLOCATION_CENTS`).
+    pub plan_limits: PlanLimits,
 }
 
 /// Stripe's published AU pricing, used only to gross up a donor-covers-fees payment. BECS and PayTo are capped at
@@ -71,6 +74,7 @@ impl Default for DistributionSettings {
             fee_wait_attempts_max: 30,
             backoff_base_ms: 2_000,
             backoff_cap_ms: 300_000,
+            plan_limits: PlanLimits::default(),
         }
     }
 }

@@ -1,12 +1,12 @@
 //! Intake: a donor's payment through a recommendation set becomes a split payment and one PaymentIntent.
 //!
 //! Everything is checked before anything is written: the set (exists, active, not archived, not expired), the
-//! links the payment would go to (active, charges enabled), the currency, the payment method, and the amounts (the
-//! domain's plan rules). A refused request writes nothing and creates no PaymentIntent. Then, in one transaction,
-//! the split payment, its allocations and each recipient's PENDING donation (`donation.created`) are written —
-//! before Stripe is called, as the contract asks — and the PaymentIntent is created with a key derived from the
-//! split payment's id, so a retry can never make a second one. From then on the payment moves only on Stripe's
-//! events.
+//! links the payment would go to (active, charges enabled), the currency (one the platform settles in), the payment
+//! method, and the amounts (the domain's plan rules, with the platform's minimum allocation). A refused request
+//! writes nothing and creates no PaymentIntent. Then, in one transaction, the split payment, its allocations and
+//! each recipient's PENDING donation (`donation.created`) are written — before Stripe is called, as the contract
+//! asks — and the PaymentIntent is created with a key derived from the split payment's id, so a retry can never make
+//! a second one. From then on the payment moves only on Stripe's events.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,7 @@ use crate::app::AppContext;
 use crate::domain::fees::gross_up;
 use crate::domain::ids::{check_external_id, payment_intent_idempotency_key, SplitAllocationId, SplitPaymentId};
 use crate::domain::money::Currency;
-use crate::domain::plan::{PaymentMethodType, SplitPlan, Submission, SubmittedAmount};
+use crate::domain::plan::{PaymentMethodType, PlanError, SplitPlan, Submission, SubmittedAmount};
 use crate::domain::state::PaymentEvent;
 use crate::events::{build, EventType};
 use crate::store::catalog::get_recommendation_set;
@@ -53,6 +53,10 @@ pub enum IntakeError {
     /// 400 `validation_failed`: `param` names the field.
     #[error("{message}")]
     Invalid { param: String, message: String },
+    /// 422 `validation_failed`: well-formed, but the platform cannot take it (a currency it does not settle in);
+    /// `param` names the field.
+    #[error("{message}")]
+    Unprocessable { param: String, message: String },
     /// 404 `not_found`.
     #[error("{message}")]
     NotFound { param: String, message: String },
@@ -65,6 +69,17 @@ pub enum IntakeError {
     StripeUnavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A plan refusal as intake reports it: a currency the platform cannot settle is 422, every other rule 400.
+fn plan_refused(e: PlanError) -> IntakeError {
+    match e {
+        PlanError::CurrencyNotSettled { .. } => IntakeError::Unprocessable {
+            param: e.param(),
+            message: e.to_string(),
+        },
+        _ => invalid(&e.param(), e.to_string()),
+    }
 }
 
 fn invalid(param: &str, message: impl Into<String>) -> IntakeError {
@@ -113,18 +128,20 @@ pub async fn create(
         Some(c) => Some(Currency::parse(c).map_err(|e| invalid("currency", e.to_string()))?),
         None => None,
     };
+    let submission = Submission {
+        currency,
+        amounts: req.amounts.clone(),
+    };
+    // The minimum applies to what the donor asked; a gross-up below only raises amounts.
+    let mut plan =
+        SplitPlan::from_submission(&set.rules(), &submission, &ctx.distribution.plan_limits).map_err(plan_refused)?;
+    // After the plan, so a currency the platform does not settle in is reported as that, not as a method problem.
     if !req.payment_method_type.supports(set.currency) {
         return Err(invalid(
             "payment_method_type",
             format!("{} does not support {}", req.payment_method_type, set.currency),
         ));
     }
-    let submission = Submission {
-        currency,
-        amounts: req.amounts.clone(),
-    };
-    let mut plan =
-        SplitPlan::from_submission(&set.rules(), &submission).map_err(|e| invalid(&e.param(), e.to_string()))?;
     let links: Vec<&str> = plan
         .lines()
         .iter()

@@ -90,6 +90,9 @@ fn intake_error(e: IntakeError, rid: &str) -> ApiError {
         IntakeError::Invalid { param, message } => {
             ApiError::new(StatusCode::BAD_REQUEST, "validation_failed", message, rid).with_param(param)
         }
+        IntakeError::Unprocessable { param, message } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message, rid).with_param(param)
+        }
         IntakeError::NotFound { param, message } => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", message, rid).with_param(param)
         }

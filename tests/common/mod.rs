@@ -7,7 +7,7 @@ pub mod flow;
 pub mod stripe;
 
 use splitpay::domain::money::Currency;
-use splitpay::domain::plan::{AmountMode, SplitPlan, Submission};
+use splitpay::domain::plan::{AmountMode, PlanLimits, SplitPlan, Submission};
 use splitpay::store::catalog::{
     create_link, create_organisation, create_recommendation_set, NewLink, NewOrganisation, NewRecommendationSet,
     NewSetAllocation, RecommendationSetRow,
@@ -82,8 +82,9 @@ pub async fn seed_set(pool: &PgPool, mode: AmountMode, amounts: &[i64]) -> Recom
     set
 }
 
+/// The plan intake would make of `set` with no amounts submitted, under the default limits.
 pub fn plan_for(set: &RecommendationSetRow) -> SplitPlan {
-    SplitPlan::from_submission(&set.rules(), &Submission::default()).unwrap()
+    SplitPlan::from_submission(&set.rules(), &Submission::default(), &PlanLimits::default()).unwrap()
 }
 
 pub async fn count(pool: &PgPool, table: &str) -> i64 {
