@@ -108,6 +108,7 @@ fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSetting
         gateway: Arc::new(gateway_from(stripe)?),
         distribution: DistributionSettings {
             platform_fee,
+            plan_limits: process.plan_limits.clone(),
             ..DistributionSettings::default()
         },
     })
