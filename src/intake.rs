@@ -67,9 +67,20 @@ pub enum IntakeError {
     /// Idempotency-Key to resume it.
     #[error("Stripe is unavailable: {0}")]
     StripeUnavailable(String),
+    /// A resume came more than [`RESUME_WINDOW_HOURS`] after the payment was written: Stripe may have forgotten the
+    /// PaymentIntent's idempotency key, so replaying the create could make a second PaymentIntent.
+    #[error(
+        "this Idempotency-Key's payment {payment_id} was created more than {RESUME_WINDOW_HOURS} hours ago and can no \
+         longer be resumed safely; create a new payment with a new Idempotency-Key"
+    )]
+    ResumeExpired { payment_id: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// How long after a payment was written a retry may still resume it. Stripe keeps idempotency keys for at least
+/// 24 hours; an hour's margin covers the retry's own Stripe call (with its retries) and clock differences.
+pub const RESUME_WINDOW_HOURS: i32 = 23;
 
 /// A plan refusal as intake reports it: a currency the platform cannot settle is 422, every other rule 400.
 fn plan_refused(e: PlanError) -> IntakeError {
@@ -209,6 +220,27 @@ pub async fn create(
     }
     tx.commit().await.map_err(StoreError::from)?;
     Ok(payment)
+}
+
+/// Resumes a payment an earlier request wrote but could not take to Stripe: the PaymentIntent create is replayed
+/// under the same key, so Stripe returns the intent it may already have made. Only within [`RESUME_WINDOW_HOURS`]
+/// of the payment's creation (measured on the database's clock, which stamped it): after that Stripe may have
+/// pruned the key and the replay would make a second PaymentIntent, so the retry is refused, nothing is written and
+/// Stripe is not called (the reconciler fails such payments).
+pub async fn resume(ctx: &AppContext, id: &SplitPaymentId) -> Result<(SplitPayment, IntentOutcome), IntakeError> {
+    let (expired,): (bool,) =
+        sqlx::query_as("SELECT now() - created_at >= make_interval(hours => $2) FROM split_payments WHERE id = $1")
+            .bind(id.as_str())
+            .bind(RESUME_WINDOW_HOURS)
+            .fetch_one(&ctx.pool)
+            .await
+            .map_err(StoreError::from)?;
+    if expired {
+        return Err(IntakeError::ResumeExpired {
+            payment_id: id.to_string(),
+        });
+    }
+    create_intent(ctx, id).await
 }
 
 /// Creates (or, on a retry, finds again through the same key) the PaymentIntent of a written split payment and
