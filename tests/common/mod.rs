@@ -82,9 +82,15 @@ pub async fn seed_set(pool: &PgPool, mode: AmountMode, amounts: &[i64]) -> Recom
     set
 }
 
-/// The plan intake would make of `set` with no amounts submitted, under the default limits.
+/// The plan of `set` with no amounts submitted, under the most permissive minimum allocation (1): the store and the
+/// workers must handle any plan a configuration allows (`SPLITPAY_MIN_ALLOCATION_CENTS=1` included), and some
+/// tests need allocations whose net is tiny or zero.
 pub fn plan_for(set: &RecommendationSetRow) -> SplitPlan {
-    SplitPlan::from_submission(&set.rules(), &Submission::default(), &PlanLimits::default()).unwrap()
+    let limits = PlanLimits {
+        min_allocation_cents: 1,
+        ..PlanLimits::default()
+    };
+    SplitPlan::from_submission(&set.rules(), &Submission::default(), &limits).unwrap()
 }
 
 pub async fn count(pool: &PgPool, table: &str) -> i64 {
