@@ -5,7 +5,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::domain::fees::{FeeSchedule, PlatformFee, ProcessingFeeEstimate};
-use crate::domain::plan::PaymentMethodType;
+use crate::domain::plan::{PaymentMethodType, PlanLimits};
 use crate::stripe::PaymentGateway;
 
 /// How distribution behaves; every number is a named, bounded setting.
@@ -25,6 +25,9 @@ pub struct DistributionSettings {
     pub backoff_cap_ms: u64,
     /// Stripe's fees as estimated for a donor who covers them (the real fee always comes from the charge).
     pub processing_estimates: ProcessingEstimates,
+    /// What intake accepts so that a payment can be distributed at all: settlement currencies only, and no
+    /// allocation below the minimum (`SPLITPAY_SETTLEMENT_CURRENCIES`, `SPLITPAY_MIN_ALLOCATION_CENTS`).
+    pub plan_limits: PlanLimits,
     /// The reconcilers' graces and intervals.
     pub reconcile: ReconcileSettings,
 }
@@ -127,6 +130,7 @@ impl Default for DistributionSettings {
             backoff_base_ms: 2_000,
             backoff_cap_ms: TRANSFER_BACKOFF_CAP_MS_MAX,
             reconcile: ReconcileSettings::default(),
+            plan_limits: PlanLimits::default(),
         }
     }
 }

@@ -292,6 +292,46 @@ pub struct ProcessSettings {
     /// apalis heartbeat; a worker silent for `heartbeat × missed` is dead and its jobs run elsewhere.
     pub worker_heartbeat_ms: u64,
     pub worker_missed_heartbeats: usize,
+    /// What intake accepts: `SPLITPAY_SETTLEMENT_CURRENCIES` and `SPLITPAY_MIN_ALLOCATION_CENTS`.
+    pub plan_limits: crate::domain::plan::PlanLimits,
+}
+
+/// `SPLITPAY_SETTLEMENT_CURRENCIES`: comma-separated ISO codes (lowercase by convention, either case accepted), at
+/// least one, each a currency splitpay supports; repeats are ignored.
+fn parse_settlement_currencies(raw: &str) -> Result<Vec<crate::domain::money::Currency>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: "SPLITPAY_SETTLEMENT_CURRENCIES",
+        reason,
+    };
+    let mut currencies = Vec::new();
+    for code in raw.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let currency = crate::domain::money::Currency::parse(code).map_err(|e| invalid(e.to_string()))?;
+        if !currencies.contains(&currency) {
+            currencies.push(currency);
+        }
+    }
+    if currencies.is_empty() {
+        return Err(invalid(format!(
+            "expected comma-separated currency codes such as 'aud' or 'aud,usd', got '{raw}'"
+        )));
+    }
+    Ok(currencies)
+}
+
+/// `SPLITPAY_MIN_ALLOCATION_CENTS`: a positive amount in minor units, at most what one allocation may be.
+fn parse_min_allocation_cents(raw: &str) -> Result<i64, ConfigError> {
+    use crate::domain::plan::ALLOCATION_AMOUNT_MAX_CENTS;
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|n| (1..=ALLOCATION_AMOUNT_MAX_CENTS).contains(n))
+        .ok_or_else(|| ConfigError::Invalid {
+            name: "SPLITPAY_MIN_ALLOCATION_CENTS",
+            reason: format!(
+                "expected an integer amount in minor units from 1 to {ALLOCATION_AMOUNT_MAX_CENTS} (1 accepts any \
+                 positive allocation), got '{raw}'"
+            ),
+        })
 }
 
 impl ProcessSettings {
@@ -352,6 +392,16 @@ impl ProcessSettings {
         let worker_heartbeat_ms = parse(&get, "SPLITPAY_WORKER_HEARTBEAT_MS", 10_000u64, "milliseconds")?.max(200);
         let worker_missed_heartbeats =
             parse(&get, "SPLITPAY_WORKER_MISSED_HEARTBEATS", 6usize, "a positive integer")?.max(2);
+        let plan_limits = crate::domain::plan::PlanLimits {
+            settlement_currencies: match get("SPLITPAY_SETTLEMENT_CURRENCIES") {
+                Some(raw) => parse_settlement_currencies(&raw)?,
+                None => crate::domain::plan::SETTLEMENT_CURRENCIES_DEFAULT.to_vec(),
+            },
+            min_allocation_cents: match get("SPLITPAY_MIN_ALLOCATION_CENTS") {
+                Some(raw) => parse_min_allocation_cents(&raw)?,
+                None => crate::domain::plan::MIN_ALLOCATION_CENTS_DEFAULT,
+            },
+        };
         Ok(Self {
             http_addr,
             service_token,
@@ -360,6 +410,7 @@ impl ProcessSettings {
             worker_concurrency,
             worker_heartbeat_ms,
             worker_missed_heartbeats,
+            plan_limits,
         })
     }
 }
@@ -495,5 +546,62 @@ mod lifecycle_tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("at most 5m"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod process_settings_tests {
+    use super::*;
+    use crate::domain::money::Currency;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<ProcessSettings, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        ProcessSettings::from_lookup(|name| map.get(name).cloned())
+    }
+
+    fn error(vars: &[(&str, &str)]) -> String {
+        settings(vars).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn intake_limits_default_to_aud_and_one_dollar() {
+        let limits = settings(&[]).unwrap().plan_limits;
+        assert_eq!(limits.settlement_currencies, vec![Currency::Aud]);
+        assert_eq!(limits.min_allocation_cents, 100);
+    }
+
+    #[test]
+    fn settlement_currencies_are_a_comma_separated_list() {
+        let parse = |raw: &str| settings(&[("SPLITPAY_SETTLEMENT_CURRENCIES", raw)]).map(|s| s.plan_limits);
+        assert_eq!(
+            parse("aud,usd").unwrap().settlement_currencies,
+            vec![Currency::Aud, Currency::Usd]
+        );
+        assert_eq!(
+            parse(" nzd , AUD ,nzd,").unwrap().settlement_currencies,
+            vec![Currency::Nzd, Currency::Aud],
+            "spaces, either case, repeats and a trailing comma are harmless"
+        );
+        for bad in ["", " , ", "aud,xyz", "aud;usd", "dollars"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("SPLITPAY_SETTLEMENT_CURRENCIES"), "{bad:?}: {err}");
+        }
+        let err = parse("aud,xyz").unwrap_err().to_string();
+        assert!(err.contains("'xyz'"), "names the bad code: {err}");
+    }
+
+    #[test]
+    fn the_minimum_allocation_is_a_positive_integer() {
+        let min =
+            |raw: &str| settings(&[("SPLITPAY_MIN_ALLOCATION_CENTS", raw)]).map(|s| s.plan_limits.min_allocation_cents);
+        assert_eq!(min("250").unwrap(), 250);
+        assert_eq!(min(" 1 ").unwrap(), 1);
+        for bad in ["0", "-100", "1.50", "ten", "", "2147483648"] {
+            let err = min(bad).unwrap_err().to_string();
+            assert!(err.contains("SPLITPAY_MIN_ALLOCATION_CENTS"), "{bad:?}: {err}");
+            assert!(err.contains(&format!("'{bad}'")), "{bad:?}: {err}");
+        }
+        assert!(error(&[("SPLITPAY_MIN_ALLOCATION_CENTS", "0")]).contains("from 1"));
     }
 }

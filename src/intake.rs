@@ -1,12 +1,12 @@
 //! Intake: a donor's payment through a recommendation set becomes a split payment and one PaymentIntent.
 //!
 //! Everything is checked before anything is written: the set (exists, active, not archived, not expired), the
-//! links the payment would go to (active, charges enabled), the currency, the payment method, and the amounts (the
-//! domain's plan rules). A refused request writes nothing and creates no PaymentIntent. Then, in one transaction,
-//! the split payment, its allocations and each recipient's PENDING donation (`donation.created`) are written —
-//! before Stripe is called, as the contract asks — and the PaymentIntent is created with a key derived from the
-//! split payment's id, so a retry can never make a second one. From then on the payment moves only on Stripe's
-//! events.
+//! links the payment would go to (active, charges enabled), the currency (one the platform settles in), the payment
+//! method, and the amounts (the domain's plan rules, with the platform's minimum allocation). A refused request
+//! writes nothing and creates no PaymentIntent. Then, in one transaction, the split payment, its allocations and
+//! each recipient's PENDING donation (`donation.created`) are written — before Stripe is called, as the contract
+//! asks — and the PaymentIntent is created with a key derived from the split payment's id, so a retry can never make
+//! a second one. From then on the payment moves only on Stripe's events.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,7 @@ use crate::app::AppContext;
 use crate::domain::fees::gross_up;
 use crate::domain::ids::{check_external_id, payment_intent_idempotency_key, SplitAllocationId, SplitPaymentId};
 use crate::domain::money::Currency;
-use crate::domain::plan::{PaymentMethodType, SplitPlan, Submission, SubmittedAmount};
+use crate::domain::plan::{PaymentMethodType, PlanError, SplitPlan, Submission, SubmittedAmount};
 use crate::domain::state::PaymentEvent;
 use crate::events::{build, EventType};
 use crate::store::catalog::get_recommendation_set;
@@ -53,6 +53,10 @@ pub enum IntakeError {
     /// 400 `validation_failed`: `param` names the field.
     #[error("{message}")]
     Invalid { param: String, message: String },
+    /// 422 `validation_failed`: well-formed, but the platform cannot take it (a currency it does not settle in);
+    /// `param` names the field.
+    #[error("{message}")]
+    Unprocessable { param: String, message: String },
     /// 404 `not_found`.
     #[error("{message}")]
     NotFound { param: String, message: String },
@@ -63,8 +67,30 @@ pub enum IntakeError {
     /// Idempotency-Key to resume it.
     #[error("Stripe is unavailable: {0}")]
     StripeUnavailable(String),
+    /// A resume came more than [`RESUME_WINDOW_HOURS`] after the payment was written: Stripe may have forgotten the
+    /// PaymentIntent's idempotency key, so replaying the create could make a second PaymentIntent.
+    #[error(
+        "this Idempotency-Key's payment {payment_id} was created more than {RESUME_WINDOW_HOURS} hours ago and can no \
+         longer be resumed safely; create a new payment with a new Idempotency-Key"
+    )]
+    ResumeExpired { payment_id: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How long after a payment was written a retry may still resume it. Stripe keeps idempotency keys for at least
+/// 24 hours; an hour's margin covers the retry's own Stripe call (with its retries) and clock differences.
+pub const RESUME_WINDOW_HOURS: i32 = 23;
+
+/// A plan refusal as intake reports it: a currency the platform cannot settle is 422, every other rule 400.
+fn plan_refused(e: PlanError) -> IntakeError {
+    match e {
+        PlanError::CurrencyNotSettled { .. } => IntakeError::Unprocessable {
+            param: e.param(),
+            message: e.to_string(),
+        },
+        _ => invalid(&e.param(), e.to_string()),
+    }
 }
 
 fn invalid(param: &str, message: impl Into<String>) -> IntakeError {
@@ -113,18 +139,20 @@ pub async fn create(
         Some(c) => Some(Currency::parse(c).map_err(|e| invalid("currency", e.to_string()))?),
         None => None,
     };
+    let submission = Submission {
+        currency,
+        amounts: req.amounts.clone(),
+    };
+    // The minimum applies to what the donor asked; a gross-up below only raises amounts.
+    let mut plan =
+        SplitPlan::from_submission(&set.rules(), &submission, &ctx.distribution.plan_limits).map_err(plan_refused)?;
+    // After the plan, so a currency the platform does not settle in is reported as that, not as a method problem.
     if !req.payment_method_type.supports(set.currency) {
         return Err(invalid(
             "payment_method_type",
             format!("{} does not support {}", req.payment_method_type, set.currency),
         ));
     }
-    let submission = Submission {
-        currency,
-        amounts: req.amounts.clone(),
-    };
-    let mut plan =
-        SplitPlan::from_submission(&set.rules(), &submission).map_err(|e| invalid(&e.param(), e.to_string()))?;
     let links: Vec<&str> = plan
         .lines()
         .iter()
@@ -192,6 +220,27 @@ pub async fn create(
     }
     tx.commit().await.map_err(StoreError::from)?;
     Ok(payment)
+}
+
+/// Resumes a payment an earlier request wrote but could not take to Stripe: the PaymentIntent create is replayed
+/// under the same key, so Stripe returns the intent it may already have made. Only within [`RESUME_WINDOW_HOURS`]
+/// of the payment's creation (measured on the database's clock, which stamped it): after that Stripe may have
+/// pruned the key and the replay would make a second PaymentIntent, so the retry is refused, nothing is written and
+/// Stripe is not called (the reconciler fails such payments).
+pub async fn resume(ctx: &AppContext, id: &SplitPaymentId) -> Result<(SplitPayment, IntentOutcome), IntakeError> {
+    let (expired,): (bool,) =
+        sqlx::query_as("SELECT now() - created_at >= make_interval(hours => $2) FROM split_payments WHERE id = $1")
+            .bind(id.as_str())
+            .bind(RESUME_WINDOW_HOURS)
+            .fetch_one(&ctx.pool)
+            .await
+            .map_err(StoreError::from)?;
+    if expired {
+        return Err(IntakeError::ResumeExpired {
+            payment_id: id.to_string(),
+        });
+    }
+    create_intent(ctx, id).await
 }
 
 /// Creates (or, on a retry, finds again through the same key) the PaymentIntent of a written split payment and

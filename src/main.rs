@@ -115,6 +115,7 @@ fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSetting
     let platform_fee = PlatformFee::new(process.platform_fee_bps, process.platform_fee_fixed_cents)?;
     let mut distribution = DistributionSettings {
         platform_fee,
+        plan_limits: process.plan_limits.clone(),
         ..DistributionSettings::default()
     };
     splitpay::config::lifecycle_from_lookup(|name| std::env::var(name).ok(), &mut distribution)?;

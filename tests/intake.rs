@@ -1,6 +1,7 @@
 //! Intake over HTTP (`POST /v1/split-payments`, `GET /v1/split-payments/{id}`) against a real PostgreSQL, the
 //! simulator and the real job runner: every allocation mode, refusals that write nothing, Idempotency-Key, a retry
-//! after Stripe was unreachable, and the donor covering the fees.
+//! after Stripe was unreachable (and its refusal after 23 hours), the platform's settlement currencies and minimum
+//! allocation, and the donor covering the fees.
 
 mod common;
 
@@ -8,10 +9,12 @@ use common::count;
 use common::flow::{Flow, SERVICE_TOKEN};
 use serde_json::{json, Value};
 use splitpay::domain::ids::SplitPaymentId;
+use splitpay::domain::money::Currency;
 use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::AllocationStatus;
 use splitpay::store::payments::money_report;
 use splitpay::stripe::sim::{Fault, FaultKind};
+use splitpay::stripe::PaymentGateway;
 
 async fn post(flow: &Flow, body: Value, key: Option<&str>) -> (u16, Value) {
     let mut req = reqwest::Client::new()
@@ -34,6 +37,48 @@ fn card(amounts: Value) -> Value {
         "payment_method": "pm_card_visa",
         "amounts": amounts,
     })
+}
+
+/// How many PaymentIntent creates the simulator has received.
+async fn intent_creates(flow: &Flow) -> usize {
+    let log = flow.control.get("requests").await.unwrap();
+    log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"] == "/v1/payment_intents" && r["method"] == "POST")
+        .count()
+}
+
+/// Every row intake writes, as JSON (outbox events without their delivery columns), to compare before and after.
+async fn intake_rows(flow: &Flow) -> Value {
+    let mut rows = json!({});
+    for (table, columns) in [
+        ("split_payments", "t.*"),
+        ("split_allocations", "t.*"),
+        ("donations", "t.*"),
+        ("intake_requests", "t.*"),
+        ("outbox_events", "t.id, t.event_type, t.payload"),
+    ] {
+        // Table names and columns come from this list, never from input.
+        let (value,): (Value,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT coalesce(jsonb_agg(r ORDER BY r::text), '[]'::jsonb) FROM (SELECT {columns} FROM {table} t) r"
+        )))
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+        rows[table] = value;
+    }
+    rows
+}
+
+/// Makes the seeded set `cm3rec1` one in `currency` (the fixture seeds AUD).
+async fn set_currency(flow: &Flow, currency: Currency) {
+    sqlx::query("UPDATE recommendation_sets SET currency = $1 WHERE id = 'cm3rec1'")
+        .bind(currency.stripe_code())
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
 }
 
 /// Nothing of a refused request exists: no payment, allocation, donation, event, or PaymentIntent.
@@ -334,5 +379,213 @@ async fn a_donor_covering_fees_leaves_every_recipient_their_full_amount() {
         .await
         .unwrap()
         .is_conserved());
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_more_than_23_hours_after_the_payment_was_written_is_refused_and_changes_nothing() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    // Two payments whose PaymentIntent create never reached Stripe (the connection broke before it was applied).
+    for key in ["order-old", "order-young"] {
+        flow.control
+            .fault(Fault {
+                kind: FaultKind::DropConnection,
+                count: 1,
+                path_contains: Some("/v1/payment_intents".into()),
+                method: Some("POST".into()),
+            })
+            .await
+            .unwrap();
+        let (status, body) = post(&flow, card(json!([])), Some(key)).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("within 23 hours"),
+            "{body}"
+        );
+    }
+    let payment_of = |key: &'static str| {
+        let pool = flow.db.pool.clone();
+        async move {
+            let (id,): (String,) =
+                sqlx::query_as("SELECT split_payment_id FROM intake_requests WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            id
+        }
+    };
+    let (old, young) = (payment_of("order-old").await, payment_of("order-young").await);
+    // Time passes, as the database sees it: exactly 23 hours for one, a little less for the other.
+    for (id, age) in [(&old, "23 hours"), (&young, "22 hours 50 minutes")] {
+        sqlx::query("UPDATE split_payments SET created_at = now() - $2::interval WHERE id = $1")
+            .bind(id)
+            .bind(age)
+            .execute(&flow.db.pool)
+            .await
+            .unwrap();
+    }
+
+    let (rows_before, intents_before) = (intake_rows(&flow).await, intent_creates(&flow).await);
+    for _ in 0..2 {
+        let (status, body) = post(&flow, card(json!([])), Some("order-old")).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "idempotency_key_expired", "{body}");
+        assert_eq!(body["error"]["param"], "Idempotency-Key", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(old.as_str()) && message.contains("new payment with a new Idempotency-Key"),
+            "{message}"
+        );
+        assert!(body["error"]["request_id"].as_str().unwrap().starts_with("req_"));
+    }
+    assert_eq!(intake_rows(&flow).await, rows_before, "the refusals wrote nothing");
+    assert_eq!(intent_creates(&flow).await, intents_before, "and did not call Stripe");
+
+    // Under 23 hours the same kind of retry still resumes its payment.
+    let (status, body) = post(&flow, card(json!([])), Some("order-young")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["id"], young.as_str());
+    assert_eq!(intent_creates(&flow).await, intents_before + 1);
+    wait_transferred(&flow, &young).await;
+    assert_eq!(count(&flow.db.pool, "split_payments").await, 2);
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_currency_the_platform_does_not_settle_in_is_refused_and_writes_nothing() {
+    // The default settlement currencies: AUD only.
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    set_currency(&flow, Currency::Usd).await;
+    let with = |patch: Value| {
+        let mut body = card(json!([]));
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let cases = [
+        // The currency comes from the set: no currency the donor could send would make it payable.
+        (card(json!([])), "recommendation_set_id"),
+        (with(json!({ "currency": "USD" })), "currency"),
+        (
+            with(json!({ "currency": "usd", "donor_covers_fees": true })),
+            "currency",
+        ),
+        // Refused for its currency before the method's own currency rule (BECS is AUD only) is looked at.
+        (
+            with(json!({ "payment_method_type": "au_becs_debit" })),
+            "recommendation_set_id",
+        ),
+    ];
+    for (body, param) in cases {
+        let (status, response) = post(&flow, body.clone(), Some("usd-order")).await;
+        assert_eq!(status, 422, "{body} → {response}");
+        assert_eq!(response["error"]["code"], "validation_failed", "{response}");
+        assert_eq!(response["error"]["param"], param, "{body} → {response}");
+        let message = response["error"]["message"].as_str().unwrap();
+        assert!(message.contains("USD") && message.contains("AUD"), "{message}");
+    }
+    // A request currency that is not its set's is still a mismatch (400), whatever the platform settles in.
+    let (status, response) = post(&flow, with(json!({ "currency": "AUD" })), None).await;
+    assert_eq!(
+        (status, response["error"]["param"].as_str()),
+        (400, Some("currency")),
+        "{response}"
+    );
+    assert_nothing_written(&flow).await;
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_platform_that_settles_usd_takes_a_usd_payment_and_distributes_it_in_usd() {
+    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000], &[], true, |settings| {
+        settings.plan_limits.settlement_currencies = vec![Currency::Aud, Currency::Usd];
+    })
+    .await;
+    set_currency(&flow, Currency::Usd).await;
+    let mut body = card(json!([]));
+    body["currency"] = json!("usd");
+    let (status, response) = post(&flow, body, None).await;
+    assert_eq!(status, 201, "{response}");
+    assert_eq!(
+        (response["currency"].as_str(), response["total_amount_cents"].as_i64()),
+        (Some("USD"), Some(3_000))
+    );
+    let intent = flow
+        .gateway
+        .retrieve_payment_intent(response["payment_intent_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!((intent.currency.as_str(), intent.amount_cents), ("usd", 3_000));
+    let p = wait_transferred(&flow, response["id"].as_str().unwrap()).await;
+    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
+    assert_eq!(transfers.len(), 2);
+    assert!(transfers.iter().all(|t| t.currency == "usd"), "{transfers:?}");
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_donor_amount_below_the_minimum_is_refused_but_the_minimum_and_zero_are_fine() {
+    let flow = Flow::start(AmountMode::Suggested, &[1_000, 2_000, 3_000], &[]).await;
+    let cases = [
+        (
+            json!([{ "allocation_id": "cm3alc0", "amount_cents": 0 }, { "allocation_id": "cm3alc1", "amount_cents": 99 }]),
+            "amounts[1].amount_cents",
+        ),
+        (
+            json!([{ "allocation_id": "cm3alc2", "amount_cents": 1 }]),
+            "amounts[0].amount_cents",
+        ),
+    ];
+    for (amounts, param) in cases {
+        for covers_fees in [false, true] {
+            // The minimum applies to what the donor asked, before any gross-up for fees.
+            let mut body = card(amounts.clone());
+            body["donor_covers_fees"] = json!(covers_fees);
+            let (status, response) = post(&flow, body, Some("small-gift")).await;
+            assert_eq!(status, 400, "{amounts} → {response}");
+            assert_eq!(response["error"]["code"], "validation_failed", "{response}");
+            assert_eq!(response["error"]["param"], param, "{amounts} → {response}");
+            assert!(
+                response["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("minimum allocation is 100"),
+                "{response}"
+            );
+        }
+    }
+    assert_nothing_written(&flow).await;
+
+    // Exactly the minimum is accepted, and zero still skips a recipient.
+    let amounts =
+        json!([{ "allocation_id": "cm3alc0", "amount_cents": 0 }, { "allocation_id": "cm3alc1", "amount_cents": 100 }]);
+    let (status, response) = post(&flow, card(amounts), None).await;
+    assert_eq!(status, 201, "{response}");
+    let p = wait_transferred(&flow, response["id"].as_str().unwrap()).await;
+    let lines: Vec<(&str, i64)> = p
+        .allocations
+        .iter()
+        .map(|a| (a.recommendation_allocation_id.as_str(), a.gross_amount_cents))
+        .collect();
+    assert_eq!(lines, vec![("cm3alc1", 100), ("cm3alc2", 3_000)]);
+    flow.stop().await;
+}
+
+#[tokio::test]
+async fn a_fixed_set_with_an_allocation_below_the_minimum_cannot_be_paid() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 50], &[]).await;
+    let echoed = json!([{ "allocation_id": "cm3alc0", "amount_cents": 1_000 }, { "allocation_id": "cm3alc1", "amount_cents": 50 }]);
+    for amounts in [json!([]), echoed] {
+        let (status, response) = post(&flow, card(amounts.clone()), None).await;
+        assert_eq!(status, 400, "{amounts} → {response}");
+        assert_eq!(response["error"]["code"], "validation_failed", "{response}");
+        // Only the set can change a FIXED amount, so the set is named, and the message names the allocation.
+        assert_eq!(response["error"]["param"], "recommendation_set_id", "{response}");
+        let message = response["error"]["message"].as_str().unwrap();
+        assert!(message.contains("'cm3alc1'") && message.contains("FIXED"), "{message}");
+    }
+    assert_nothing_written(&flow).await;
     flow.stop().await;
 }

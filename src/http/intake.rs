@@ -1,7 +1,8 @@
 //! `POST /v1/split-payments` and `GET /v1/split-payments/{id}` (bearer service token).
 //!
 //! `Idempotency-Key`: the same key and body get the same response; another body gets 409 `idempotency_conflict`;
-//! a retry after Stripe was unreachable resumes the payment the first attempt wrote.
+//! a retry after Stripe was unreachable resumes the payment the first attempt wrote, within
+//! [`intake::RESUME_WINDOW_HOURS`] of its creation; later it gets 409 `idempotency_key_expired`.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -90,6 +91,13 @@ fn intake_error(e: IntakeError, rid: &str) -> ApiError {
         IntakeError::Invalid { param, message } => {
             ApiError::new(StatusCode::BAD_REQUEST, "validation_failed", message, rid).with_param(param)
         }
+        IntakeError::Unprocessable { param, message } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message, rid).with_param(param)
+        }
+        IntakeError::ResumeExpired { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "idempotency_key_expired", e.to_string(), rid)
+                .with_param("Idempotency-Key")
+        }
         IntakeError::NotFound { param, message } => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", message, rid).with_param(param)
         }
@@ -99,7 +107,10 @@ fn intake_error(e: IntakeError, rid: &str) -> ApiError {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "internal_error",
-                "The payment provider is unavailable; retry with the same Idempotency-Key",
+                format!(
+                    "The payment provider is unavailable; retry with the same Idempotency-Key within {} hours",
+                    intake::RESUME_WINDOW_HOURS
+                ),
                 rid,
             )
         }
@@ -190,7 +201,7 @@ async fn create_inner(
         Some(k) => lookup(state, k).await.map_err(|e| intake_error(e.into(), rid))?,
         None => None,
     };
-    let id = match existing {
+    let (payment, outcome) = match existing {
         Some((stored_hash, _, _)) if stored_hash != hash => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -202,21 +213,25 @@ async fn create_inner(
         Some((_, _, Some((status, body)))) => {
             return Ok((StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK), body));
         }
-        // Written before, but Stripe was not reached: resume that payment.
+        // Written before, but Stripe was not reached: resume that payment (if it is not too old).
         Some((_, id, None)) => {
-            SplitPaymentId::parse(&id).map_err(|e| intake_error(StoreError::Invalid(e.to_string()).into(), rid))?
+            let id =
+                SplitPaymentId::parse(&id).map_err(|e| intake_error(StoreError::Invalid(e.to_string()).into(), rid))?;
+            intake::resume(&state.app, &id)
+                .await
+                .map_err(|e| intake_error(e, rid))?
         }
         None => {
             let payment = intake::create(&state.app, &req, key.as_deref().map(|k| (k, hash.as_str())))
                 .await
                 .map_err(|e| intake_error(e, rid))?;
-            SplitPaymentId::parse(&payment.payment.id)
-                .map_err(|e| intake_error(StoreError::Invalid(e.to_string()).into(), rid))?
+            let id = SplitPaymentId::parse(&payment.payment.id)
+                .map_err(|e| intake_error(StoreError::Invalid(e.to_string()).into(), rid))?;
+            intake::create_intent(&state.app, &id)
+                .await
+                .map_err(|e| intake_error(e, rid))?
         }
     };
-    let (payment, outcome) = intake::create_intent(&state.app, &id)
-        .await
-        .map_err(|e| intake_error(e, rid))?;
     let body = render(&payment, Some(&outcome));
     if let Some(k) = &key {
         sqlx::query("UPDATE intake_requests SET response_status = 201, response_body = $2 WHERE idempotency_key = $1")

@@ -8,7 +8,7 @@ pub mod money;
 pub mod stripe;
 
 use splitpay::domain::money::Currency;
-use splitpay::domain::plan::{AmountMode, SplitPlan, Submission};
+use splitpay::domain::plan::{AmountMode, PlanLimits, SplitPlan, Submission};
 use splitpay::store::catalog::{
     create_link, create_organisation, create_recommendation_set, NewLink, NewOrganisation, NewRecommendationSet,
     NewSetAllocation, RecommendationSetRow,
@@ -83,8 +83,15 @@ pub async fn seed_set(pool: &PgPool, mode: AmountMode, amounts: &[i64]) -> Recom
     set
 }
 
+/// The plan of `set` with no amounts submitted, under the most permissive minimum allocation (1): the store and the
+/// workers must handle any plan a configuration allows (`SPLITPAY_MIN_ALLOCATION_CENTS=1` included), and some
+/// tests need allocations whose net is tiny or zero.
 pub fn plan_for(set: &RecommendationSetRow) -> SplitPlan {
-    SplitPlan::from_submission(&set.rules(), &Submission::default()).unwrap()
+    let limits = PlanLimits {
+        min_allocation_cents: 1,
+        ..PlanLimits::default()
+    };
+    SplitPlan::from_submission(&set.rules(), &Submission::default(), &limits).unwrap()
 }
 
 pub async fn count(pool: &PgPool, table: &str) -> i64 {
