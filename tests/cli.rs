@@ -120,3 +120,60 @@ fn the_demo_runs_the_whole_money_path_and_conserves_every_cent() {
     assert!(stdout.contains("2 × recommendation_set.payment_succeeded"), "{stdout}");
     assert!(!stdout.contains(" INFO "), "logs stay out of the report: {stdout}");
 }
+
+/// `splitpay ops reconcile` (issue 7, point 9): a payment whose webhooks never came is found at Stripe and, with
+/// `--now`, distributed and transferred in the foreground; the report says what was resolved. Bad usage exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_reconcile_resolves_what_the_webhooks_missed_in_the_foreground() {
+    use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+    use splitpay::domain::state::{AllocationStatus, PaymentStatus};
+    let flow = common::flow::Flow::start_with(AmountMode::Fixed, &[2_000, 3_000], &[], false).await;
+    flow.control
+        .webhook_mode(serde_json::json!({ "drop_next": 1000 }))
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::RequiresPayment);
+    let ops = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_splitpay"))
+            .arg("ops")
+            .args(args)
+            .env("DATABASE_URL", &flow.db.url)
+            .env("STRIPE_SECRET_KEY", common::stripe::TEST_KEY)
+            .env("STRIPE_API_BASE", flow.sim.base_url())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("the binary runs")
+    };
+    // Within the card grace nothing is asked of Stripe.
+    let out = ops(&["reconcile", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    assert_eq!(report["pending"]["checked"], 0, "{report}");
+
+    // `--now` ignores the graces: the payment succeeded at Stripe, so it is distributed here.
+    let out = ops(&["reconcile", "--now", "--json", "--payment", id.as_str()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pending"]["succeeded"], 1, "{report}");
+    assert_eq!(report["transfers"]["distributions"], 1, "{report}");
+    // Again: the two transfers the distribution started are driven in the foreground, not left to a worker.
+    let out = ops(&["reconcile", "--now", "--payment", id.as_str()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("reconcile-transfers"), "{table}");
+    assert!(
+        table.contains("transfers driven                  2  (now transferred 2)"),
+        "{table}"
+    );
+    let p = flow.payment(&id).await;
+    assert!(p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred));
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+
+    let out = ops(&["reconcile", "--payment", "not-an-id"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--payment"));
+    flow.stop().await;
+}
