@@ -1,0 +1,128 @@
+//! The simulator's state and Stripe's rules, without HTTP, one file per resource: PaymentIntents (card,
+//! au_becs_debit, payto), their charges and balance transactions, connected accounts, the platform balance,
+//! transfers and reversals, refunds, and the events every state change emits. Times are the simulator's clock
+//! (unix seconds), which tests advance.
+
+mod accounts;
+mod balance;
+mod charges;
+mod config;
+mod error;
+mod events;
+mod payment_intents;
+mod refunds;
+mod transfers;
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+
+use super::form::Form;
+
+pub use config::{FeeRule, SimConfig};
+pub use error::SimError;
+pub use events::Event;
+
+use accounts::Account;
+use balance::BalanceTxn;
+use charges::Charge;
+use payment_intents::PaymentIntent;
+use refunds::Refund;
+use transfers::Transfer;
+
+pub(super) fn random_id(prefix: &str) -> String {
+    let raw = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &raw[..24])
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    pub config: SimConfig,
+    intents: HashMap<String, PaymentIntent>,
+    charges: HashMap<String, Charge>,
+    balance_txns: Vec<BalanceTxn>,
+    accounts: HashMap<String, Account>,
+    transfers: Vec<Transfer>,
+    transfer_index: HashMap<String, usize>,
+    refunds: HashMap<String, Refund>,
+    events: Vec<Event>,
+    /// Events not yet handed to the webhook deliverer.
+    undelivered: Vec<Event>,
+}
+
+impl Model {
+    pub fn new(config: SimConfig) -> Self {
+        Self {
+            config,
+            ..Self::default()
+        }
+    }
+
+    fn emit(&mut self, type_: &str, object: Value, now: i64) {
+        let event = Event {
+            id: random_id("evt"),
+            type_: type_.to_owned(),
+            created: now,
+            object,
+        };
+        self.events.push(event.clone());
+        self.undelivered.push(event);
+    }
+
+    pub fn take_undelivered(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.undelivered)
+    }
+
+    /// Moves time-driven state on: due debits settle, delayed balance transactions appear.
+    pub fn tick(&mut self, now: i64) {
+        let mut due: Vec<String> = self
+            .intents
+            .values()
+            .filter(|pi| pi.settle_at.is_some_and(|at| at <= now))
+            .map(|pi| pi.id.clone())
+            .collect();
+        due.sort();
+        for id in due {
+            let _ = self.settle(&id, None, now);
+        }
+        let mut booked: Vec<String> = self
+            .charges
+            .values()
+            .filter(|c| c.balance_transaction_due.is_some_and(|at| at <= now))
+            .map(|c| c.id.clone())
+            .collect();
+        booked.sort();
+        for id in booked {
+            self.book_charge_balance(&id, now);
+            let charge_json = self.charge_json(&self.charges[&id], &[], now);
+            self.emit("charge.updated", charge_json, now);
+        }
+    }
+}
+
+/// One page of a Stripe list, newest first: `starting_after` (an id in `items`) and `limit` as Stripe reads them.
+pub(super) fn page<T>(
+    items: &[&T],
+    query: &Form,
+    limit: i64,
+    url: &str,
+    id_of: impl Fn(&T) -> &str,
+    render: impl Fn(&T) -> Value,
+) -> Result<Value, SimError> {
+    let start = match query.get("starting_after") {
+        Some(after) => items
+            .iter()
+            .position(|item| id_of(item) == after)
+            .map(|i| i + 1)
+            .ok_or_else(|| SimError::invalid("starting_after", format!("No such object: '{after}'")))?,
+        None => 0,
+    };
+    let data: Vec<Value> = items
+        .iter()
+        .skip(start)
+        .take(limit as usize)
+        .map(|item| render(item))
+        .collect();
+    let has_more = items.len() > start + data.len();
+    Ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": url }))
+}
