@@ -510,7 +510,11 @@ async fn the_same_key_makes_one_transfer_and_other_parameters_are_refused() {
         .await
         .unwrap_err();
     assert!(err.is_idempotency_misuse(), "{err}");
-    assert_eq!(err.class(), ErrorClass::Terminal);
+    // Stripe says so by the error's type; it sends no code with it.
+    assert_eq!(
+        (err.class(), err.error_type(), err.code()),
+        (ErrorClass::Terminal, Some("idempotency_error"), None)
+    );
     assert_eq!(gw.list_transfers("spay_group1").await.unwrap().len(), 1);
 }
 
@@ -989,7 +993,10 @@ async fn replays_say_so_and_validation_failures_are_not_saved() {
     // A request that fails validation is not saved: the key can then carry a valid request.
     let invalid = raw_post(&sim, "transfers", "currency=aud&destination=acct_ok", Some("k-fixed")).await;
     assert_eq!(invalid.status(), 400);
-    assert_eq!(invalid.headers().get("stripe-should-retry").unwrap(), "false");
+    assert!(
+        invalid.headers().get("stripe-should-retry").is_none(),
+        "Stripe sends no Stripe-Should-Retry on an ordinary 400"
+    );
     let body: serde_json::Value = invalid.json().await.unwrap();
     assert_eq!(body["error"]["param"], "amount");
     let valid = raw_post(
@@ -1123,4 +1130,89 @@ async fn the_key_never_shows_in_debug_output_or_errors() {
         .unwrap();
     let err = gw.retrieve_account("acct_x").await.unwrap_err();
     assert!(!format!("{err:?} {err}").contains(TEST_KEY));
+}
+
+#[tokio::test]
+async fn stripe_should_retry_is_sent_only_where_stripe_sends_it_and_a_replay_keeps_the_first_headers() {
+    let (sim, control) = simulator().await;
+    control.create_account("acct_ok", true).await.unwrap();
+    // A decline (402) and a missing object (404): no header; the classifier decides on status and code.
+    let declined = raw_post(
+        &sim,
+        "payment_intents",
+        "amount=1000&currency=aud&payment_method=pm_card_chargeDeclined&confirm=true",
+        Some("k-402"),
+    )
+    .await;
+    assert_eq!(declined.status(), 402);
+    assert!(declined.headers().get("stripe-should-retry").is_none());
+    let first_request = declined.headers()["request-id"].to_str().unwrap().to_owned();
+    assert_eq!(declined.headers()["original-request"].to_str().unwrap(), first_request);
+    let first_body: serde_json::Value = declined.json().await.unwrap();
+    let replay = raw_post(
+        &sim,
+        "payment_intents",
+        "amount=1000&currency=aud&payment_method=pm_card_chargeDeclined&confirm=true",
+        Some("k-402"),
+    )
+    .await;
+    assert_eq!(replay.status(), 402);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert!(replay.headers().get("stripe-should-retry").is_none());
+    assert_eq!(replay.headers()["original-request"].to_str().unwrap(), first_request);
+    assert_ne!(replay.headers()["request-id"].to_str().unwrap(), first_request);
+    assert_eq!(replay.json::<serde_json::Value>().await.unwrap(), first_body);
+    let missing = raw_post(&sim, "transfers/tr_missing/reversals", "", Some("k-404")).await;
+    assert_eq!(missing.status(), 404);
+    assert!(missing.headers().get("stripe-should-retry").is_none());
+
+    // A key in flight: 409 with Stripe-Should-Retry: true.
+    let charge = paid_charge(&gateway(&sim), 10_000, "k-pay").await;
+    control.set_latency(0, 0, 400).await.unwrap();
+    let body = format!("amount=100&currency=aud&destination=acct_ok&source_transaction={charge}");
+    let (first, second) = tokio::join!(raw_post(&sim, "transfers", &body, Some("k-409")), async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        raw_post(&sim, "transfers", &body, Some("k-409")).await
+    });
+    assert_eq!(first.status(), 200);
+    assert_eq!(second.status(), 409);
+    assert_eq!(second.headers()["stripe-should-retry"], "true");
+    control.set_latency(0, 0, 0).await.unwrap();
+
+    // Throttled: a 429 with no header is still retried (and a header saying false would not park it either).
+    control
+        .fault(Fault {
+            kind: FaultKind::RateLimit,
+            count: 1,
+            path_contains: Some("/v1/balance".into()),
+            method: None,
+        })
+        .await
+        .unwrap();
+    let throttled = reqwest::Client::new()
+        .get(format!("{}v1/balance", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), 429);
+    assert!(throttled.headers().get("stripe-should-retry").is_none());
+    assert_eq!(
+        splitpay::stripe::error::classify(429, None, Some("rate_limit")),
+        ErrorClass::Retryable
+    );
+
+    // A key reused with other parameters: type idempotency_error, no code, no header.
+    let misuse = raw_post(
+        &sim,
+        "transfers",
+        &format!("amount=101&currency=aud&destination=acct_ok&source_transaction={charge}"),
+        Some("k-409"),
+    )
+    .await;
+    assert_eq!(misuse.status(), 400);
+    assert!(misuse.headers().get("stripe-should-retry").is_none());
+    let misuse: serde_json::Value = misuse.json().await.unwrap();
+    assert_eq!(misuse["error"]["type"], "idempotency_error");
+    assert!(misuse["error"].get("code").is_none(), "{misuse}");
 }

@@ -14,6 +14,8 @@ pub struct SimError {
     pub message: String,
     pub param: Option<String>,
     pub decline_code: Option<String>,
+    /// `Stripe-Should-Retry`: Stripe sends it only on some answers (a key in use, a lock timeout), never on an
+    /// ordinary 400/402/404.
     pub should_retry: Option<bool>,
     /// Whether Stripe saves this response for the idempotency key (it does once the endpoint began executing;
     /// not for parameter validation).
@@ -30,7 +32,7 @@ impl SimError {
             message: message.into(),
             param: Some(param.to_owned()),
             decline_code: None,
-            should_retry: Some(false),
+            should_retry: None,
             saved: false,
             payment_intent: None,
         }
@@ -44,7 +46,7 @@ impl SimError {
             message: format!("No such {what}: '{id}'"),
             param: param.map(str::to_owned),
             decline_code: None,
-            should_retry: Some(false),
+            should_retry: None,
             saved: true,
             payment_intent: None,
         }
@@ -59,7 +61,7 @@ impl SimError {
             message: message.into(),
             param: param.map(str::to_owned),
             decline_code: None,
-            should_retry: Some(false),
+            should_retry: None,
             saved: true,
             payment_intent: None,
         }

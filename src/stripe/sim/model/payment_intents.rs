@@ -378,7 +378,7 @@ impl Model {
                     message: "Your card was declined.".into(),
                     param: None,
                     decline_code: Some(decline.to_owned()),
-                    should_retry: Some(false),
+                    should_retry: None,
                     saved: true,
                     payment_intent: Some(pi_json),
                 })
