@@ -56,6 +56,40 @@ pub fn classify(status: u16, should_retry: Option<bool>, code: Option<&str>) -> 
 /// Stripe's `error.type` for a key reused with other parameters (Stripe sends no `code` with it).
 pub const IDEMPOTENCY_ERROR_TYPE: &str = "idempotency_error";
 
+/// Stripe's `error.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeErrorType {
+    InvalidRequest,
+    Card,
+    /// The idempotency key was reused with other parameters.
+    Idempotency,
+    Api,
+    /// A type this version of splitpay does not know.
+    Other,
+}
+
+impl StripeErrorType {
+    pub fn parse(raw: &str) -> Self {
+        match raw {
+            "invalid_request_error" => StripeErrorType::InvalidRequest,
+            "card_error" => StripeErrorType::Card,
+            IDEMPOTENCY_ERROR_TYPE => StripeErrorType::Idempotency,
+            "api_error" => StripeErrorType::Api,
+            _ => StripeErrorType::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripeErrorType::InvalidRequest => "invalid_request_error",
+            StripeErrorType::Card => "card_error",
+            StripeErrorType::Idempotency => IDEMPOTENCY_ERROR_TYPE,
+            StripeErrorType::Api => "api_error",
+            StripeErrorType::Other => "other",
+        }
+    }
+}
+
 /// What Stripe said about one failed request, as its error envelope and headers carry it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StripeErrorBody {
@@ -83,7 +117,7 @@ pub enum GatewayError {
         message: String,
         param: Option<String>,
         /// Stripe's `error.type` (`invalid_request_error`, `card_error`, `idempotency_error`, …).
-        error_type: Option<String>,
+        error_type: Option<StripeErrorType>,
         /// A declined confirmation names the PaymentIntent it left behind.
         payment_intent: Option<String>,
     },
@@ -112,9 +146,9 @@ impl GatewayError {
     }
 
     /// Stripe's `error.type`, when Stripe refused with one.
-    pub fn error_type(&self) -> Option<&str> {
+    pub fn error_type(&self) -> Option<&'static str> {
         match self {
-            GatewayError::Terminal { error_type, .. } => error_type.as_deref(),
+            GatewayError::Terminal { error_type, .. } => error_type.map(StripeErrorType::as_str),
             _ => None,
         }
     }
@@ -147,7 +181,7 @@ impl GatewayError {
                 decline_code,
                 message,
                 param,
-                error_type,
+                error_type: error_type.as_deref().map(StripeErrorType::parse),
                 payment_intent: None,
             },
             ErrorClass::Unknown => GatewayError::Unknown {

@@ -101,7 +101,7 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
                 .model
                 .lock()
                 .expect("no panics while held")
-                .create_account(&form, now)
+                .insert_account(&form, now)
         }
         ("POST", ["accounts", id, "capabilities"]) => {
             let status = arg_str(args, "transfers")?;

@@ -314,7 +314,7 @@ pub(super) fn route(shared: &Shared, method: &Method, path: &str, form: &Form) -
         ("POST", ["payment_intents"]) => model.create_intent(form, now),
         ("GET", ["payment_intents", id]) => model.retrieve_intent(id, &expand, now),
         ("POST", ["payment_intents", id, "confirm"]) => model.confirm_intent(id, form, now),
-        ("POST", ["payment_intents", id, "cancel"]) => model.cancel_intent(id, now),
+        ("POST", ["payment_intents", id, "cancel"]) => model.cancel_intent(id, form, now),
         ("GET", ["charges", id]) => model.retrieve_charge(id, &expand, now),
         ("POST", ["transfers"]) => model.create_transfer(form, now),
         ("GET", ["transfers"]) => model.list_transfers(form),

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{random_id, Model, SimError};
+use super::{random_id, with_nulls, Model, SimError};
 use crate::stripe::sim::form::Form;
 
 #[derive(Debug, Clone)]
@@ -12,11 +12,29 @@ pub(super) struct Account {
     pub(super) transfers: String,
     pub(super) deleted: bool,
     pub(super) country: String,
+    pub(super) metadata: std::collections::BTreeMap<String, String>,
 }
+
+const ACCOUNT_CREATE_PARAMS: &[&str] = &[
+    "business_profile",
+    "business_type",
+    "capabilities",
+    "company",
+    "controller",
+    "country",
+    "default_currency",
+    "email",
+    "external_account",
+    "individual",
+    "metadata",
+    "settings",
+    "tos_acceptance",
+    "type",
+];
 
 impl Model {
     pub(super) fn account_json(a: &Account) -> Value {
-        json!({
+        let object = json!({
             "id": a.id,
             "object": "account",
             "type": "custom",
@@ -27,10 +45,34 @@ impl Model {
             "payouts_enabled": a.transfers == "active",
             "details_submitted": true,
             "capabilities": { "transfers": a.transfers },
-        })
+            "metadata": a.metadata,
+        });
+        with_nulls(
+            object,
+            &[
+                "business_profile",
+                "business_type",
+                "controller",
+                "email",
+                "external_accounts",
+                "future_requirements",
+                "requirements",
+                "settings",
+                "tos_acceptance",
+            ],
+        )
     }
 
+    /// `POST /v1/accounts`: Stripe's parameters only.
     pub fn create_account(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(ACCOUNT_CREATE_PARAMS)?;
+        form.one_of("type", &["custom", "express", "standard"])?;
+        self.insert_account(form, now)
+    }
+
+    /// Creates an account; the control API may also choose its `id` and `transfers` capability status.
+    pub(crate) fn insert_account(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
+        let metadata = form.metadata()?;
         let requested = form.get("capabilities[transfers][requested]") == Some("true");
         let id = form.get("id").map(str::to_owned).unwrap_or_else(|| random_id("acct"));
         if self.accounts.contains_key(&id) {
@@ -47,6 +89,7 @@ impl Model {
             transfers: form.get("transfers").unwrap_or(transfers).to_owned(),
             deleted: false,
             country: form.get("country").unwrap_or("AU").to_owned(),
+            metadata,
         };
         let json = Self::account_json(&account);
         self.accounts.insert(id, account);

@@ -33,6 +33,7 @@ impl Model {
             "created": b.created,
             "currency": b.currency,
             "description": null,
+            "exchange_rate": null,
             "fee": b.fee,
             "fee_details": fee_details,
             "net": b.amount - b.fee,
@@ -67,7 +68,7 @@ impl Model {
             available.push(json!({ "amount": a, "currency": c }));
             pending.push(json!({ "amount": p, "currency": c }));
         }
-        json!({ "object": "balance", "available": available, "pending": pending, "livemode": false })
+        json!({ "object": "balance", "available": available, "connect_reserved": [], "pending": pending, "livemode": false })
     }
 
     /// Adds available funds to the platform balance (a top-up), for transfers without a source transaction.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::balance::BalanceTxn;
-use super::{random_id, Model, SimError};
+use super::{random_id, with_nulls, Model, SimError};
 
 #[derive(Debug, Clone)]
 pub(super) struct Charge {
@@ -28,6 +28,7 @@ pub(super) struct Charge {
     pub(super) failure_message: Option<String>,
     pub(super) disputed: bool,
     pub(super) metadata: BTreeMap<String, String>,
+    pub(super) payment_method: String,
 }
 
 impl Model {
@@ -41,7 +42,7 @@ impl Model {
             Some(id) => json!(id),
             None => Value::Null,
         };
-        json!({
+        let object = json!({
             "id": c.id,
             "object": "charge",
             "amount": c.amount,
@@ -63,7 +64,34 @@ impl Model {
             "refunded": c.amount_refunded == c.amount && c.amount > 0,
             "status": c.status,
             "transfer_group": c.transfer_group,
-        })
+            "payment_method": c.payment_method,
+        });
+        with_nulls(
+            object,
+            &[
+                "application",
+                "application_fee",
+                "application_fee_amount",
+                "calculated_statement_descriptor",
+                "customer",
+                "description",
+                "failure_balance_transaction",
+                "fraud_details",
+                "on_behalf_of",
+                "outcome",
+                "receipt_email",
+                "receipt_number",
+                "receipt_url",
+                "refunds",
+                "review",
+                "shipping",
+                "source",
+                "source_transfer",
+                "statement_descriptor",
+                "statement_descriptor_suffix",
+                "transfer_data",
+            ],
+        )
     }
 
     pub(super) fn succeed_charge(&mut self, charge_id: &str, available_after_secs: i64, now: i64) {

@@ -24,11 +24,12 @@ pub struct SimError {
 }
 
 impl SimError {
+    /// A 400 `invalid_request_error` naming `param`, with no code (Stripe gives none to most invalid values).
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         Self {
             status: 400,
             kind: "invalid_request_error",
-            code: Some("parameter_invalid".into()),
+            code: None,
             message: message.into(),
             param: Some(param.to_owned()),
             decline_code: None,
@@ -52,12 +53,12 @@ impl SimError {
         }
     }
 
-    /// A refusal made while executing (saved for the idempotency key).
+    /// A refusal made while executing (saved for the idempotency key). An empty `code`: Stripe sends none.
     pub fn refused(status: u16, code: &str, message: impl Into<String>, param: Option<&str>) -> Self {
         Self {
             status,
             kind: "invalid_request_error",
-            code: Some(code.to_owned()),
+            code: (!code.is_empty()).then(|| code.to_owned()),
             message: message.into(),
             param: param.map(str::to_owned),
             decline_code: None,
@@ -88,6 +89,9 @@ impl SimError {
 
 impl From<ParamError> for SimError {
     fn from(e: ParamError) -> Self {
-        SimError::invalid(&e.param, e.message)
+        SimError {
+            code: e.code.map(str::to_owned),
+            ..SimError::invalid(&e.param, e.message)
+        }
     }
 }

@@ -31,6 +31,15 @@ impl Event {
 
 impl Model {
     pub fn list_events(&self, query: &Form) -> Result<Value, SimError> {
+        query.only(&[
+            "created",
+            "delivery_success",
+            "ending_before",
+            "limit",
+            "starting_after",
+            "type",
+            "types",
+        ])?;
         let limit = query.int("limit")?.unwrap_or(10);
         if !(1..=100).contains(&limit) {
             return Err(SimError::invalid("limit", "limit must be between 1 and 100"));

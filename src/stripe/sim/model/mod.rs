@@ -100,7 +100,19 @@ impl Model {
     }
 }
 
-/// One page of a Stripe list, newest first: `starting_after` (an id in `items`) and `limit` as Stripe reads them.
+/// Adds `fields` as nulls: the top-level fields of Stripe's object that splitpay has no use for. Stripe's clients
+/// expect every field to be present; null is always safe (async-stripe needs a non-null nested object complete).
+pub(super) fn with_nulls(mut object: Value, fields: &[&str]) -> Value {
+    if let Some(map) = object.as_object_mut() {
+        for field in fields {
+            map.entry(*field).or_insert(Value::Null);
+        }
+    }
+    object
+}
+
+/// One page of a Stripe list, newest first, as Stripe reads `limit`, `starting_after` (the page after an object:
+/// older ones) and `ending_before` (the page before it: newer ones, still newest first).
 pub(super) fn page<T>(
     items: &[&T],
     query: &Form,
@@ -109,20 +121,39 @@ pub(super) fn page<T>(
     id_of: impl Fn(&T) -> &str,
     render: impl Fn(&T) -> Value,
 ) -> Result<Value, SimError> {
-    let start = match query.get("starting_after") {
-        Some(after) => items
+    let limit = limit as usize;
+    let position = |cursor: &str, param: &str| {
+        items
             .iter()
-            .position(|item| id_of(item) == after)
-            .map(|i| i + 1)
-            .ok_or_else(|| SimError::invalid("starting_after", format!("No such object: '{after}'")))?,
-        None => 0,
+            .position(|item| id_of(item) == cursor)
+            .ok_or_else(|| SimError::invalid(param, format!("No such object: '{cursor}'")))
     };
-    let data: Vec<Value> = items
-        .iter()
-        .skip(start)
-        .take(limit as usize)
-        .map(|item| render(item))
-        .collect();
-    let has_more = items.len() > start + data.len();
+    let (start, end) = match (query.optional("starting_after")?, query.optional("ending_before")?) {
+        (Some(_), Some(_)) => {
+            return Err(SimError {
+                code: Some("parameters_exclusive".into()),
+                ..SimError::invalid(
+                    "ending_before",
+                    "You may only specify one of these parameters: ending_before, starting_after.",
+                )
+            })
+        }
+        (Some(after), None) => {
+            let start = position(after, "starting_after")? + 1;
+            (start, (start + limit).min(items.len()))
+        }
+        (None, Some(before)) => {
+            let end = position(before, "ending_before")?;
+            (end.saturating_sub(limit), end)
+        }
+        (None, None) => (0, limit.min(items.len())),
+    };
+    let data: Vec<Value> = items[start..end].iter().map(|item| render(item)).collect();
+    // Stripe's has_more: more objects lie in the direction of travel.
+    let has_more = if query.get("ending_before").is_some() {
+        start > 0
+    } else {
+        end < items.len()
+    };
     Ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": url }))
 }

@@ -6,8 +6,48 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::charges::Charge;
-use super::{random_id, Model, SimError};
-use crate::stripe::sim::form::Form;
+use super::{random_id, with_nulls, Model, SimError};
+use crate::stripe::sim::form::{Form, ParamError};
+
+/// The parameters Stripe's create accepts (others are `parameter_unknown`).
+const CREATE_PARAMS: &[&str] = &[
+    "amount",
+    "currency",
+    "allowed_payment_method_types",
+    "automatic_payment_methods",
+    "capture_method",
+    "confirm",
+    "confirmation_method",
+    "customer",
+    "description",
+    "mandate_data",
+    "metadata",
+    "off_session",
+    "on_behalf_of",
+    "payment_method",
+    "payment_method_data",
+    "payment_method_options",
+    "payment_method_types",
+    "receipt_email",
+    "return_url",
+    "setup_future_usage",
+    "statement_descriptor",
+    "statement_descriptor_suffix",
+    "transfer_group",
+];
+const CONFIRM_PARAMS: &[&str] = &[
+    "capture_method",
+    "mandate_data",
+    "off_session",
+    "payment_method",
+    "payment_method_data",
+    "payment_method_options",
+    "receipt_email",
+    "return_url",
+    "setup_future_usage",
+];
+/// `cancellation_reason` values a caller may give (Stripe sets `automatic`, `expired`, … itself).
+const CANCELLATION_REASONS: &[&str] = &["abandoned", "duplicate", "fraudulent", "requested_by_customer"];
 
 /// What a PaymentMethod does when a PaymentIntent is confirmed with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +80,9 @@ pub(super) struct PaymentIntent {
     pub(super) last_error: Option<Value>,
     pub(super) client_secret: String,
     pub(super) settle_at: Option<i64>,
+    /// Null until canceled.
+    pub(super) cancellation_reason: Option<String>,
+    pub(super) canceled_at: Option<i64>,
 }
 
 /// The test BECS account numbers of Stripe's docs (BSB 000-000) and what each does.
@@ -156,18 +199,21 @@ impl Model {
             (Some(id), false) => json!(id),
             (None, _) => Value::Null,
         };
-        json!({
+        // Every top-level field of Stripe's object; nested objects splitpay has no use for are null (async-stripe
+        // needs a non-null nested object to be complete).
+        let object = json!({
             "id": pi.id,
             "object": "payment_intent",
             "amount": pi.amount,
             "amount_capturable": 0,
             "amount_received": if pi.status == "succeeded" { pi.amount } else { 0 },
+            "canceled_at": pi.canceled_at,
+            "cancellation_reason": pi.cancellation_reason,
             "capture_method": "automatic_async",
             "client_secret": pi.client_secret,
             "confirmation_method": "automatic",
             "created": pi.created,
             "currency": pi.currency,
-            "description": null,
             "last_payment_error": pi.last_error,
             "latest_charge": latest_charge,
             "livemode": false,
@@ -176,13 +222,41 @@ impl Model {
             "payment_method_types": pi.allowed_types,
             "status": pi.status,
             "transfer_group": pi.transfer_group,
-        })
+        });
+        with_nulls(
+            object,
+            &[
+                "amount_details",
+                "application",
+                "application_fee_amount",
+                "automatic_payment_methods",
+                "customer",
+                "customer_account",
+                "description",
+                "excluded_payment_method_types",
+                "managed_payments",
+                "next_action",
+                "on_behalf_of",
+                "payment_method_configuration_details",
+                "payment_method_options",
+                "processing",
+                "receipt_email",
+                "review",
+                "setup_future_usage",
+                "shipping",
+                "source",
+                "statement_descriptor",
+                "statement_descriptor_suffix",
+                "transfer_data",
+            ],
+        )
     }
 
+    /// Everything is checked before anything is created: a refused create leaves no PaymentIntent and no event.
+    /// Only a decline at confirmation leaves one behind (`requires_payment_method`), as Stripe does.
     pub fn create_intent(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
-        let amount = form
-            .int("amount")?
-            .ok_or_else(|| SimError::invalid("amount", "Missing required param: amount."))?;
+        form.only(CREATE_PARAMS)?;
+        let amount = form.int("amount")?.ok_or_else(|| ParamError::missing("amount"))?;
         let currency = form.required("currency")?.to_ascii_lowercase();
         let minimum = if currency == "gbp" {
             30
@@ -222,8 +296,16 @@ impl Model {
                 ));
             }
         }
+        let metadata = form.metadata()?;
+        let transfer_group = form.optional("transfer_group")?.map(str::to_owned);
         let confirm = form.bool("confirm")?;
         let payment_method = self.payment_method_from(form)?;
+        if let Some(pm) = &payment_method {
+            check_payment_method(pm, &allowed)?;
+        }
+        if confirm && payment_method.is_none() {
+            return Err(ParamError::missing("payment_method").into());
+        }
         let id = random_id("pi");
         let pi = PaymentIntent {
             client_secret: format!("{id}_secret_{}", &random_id("s")[2..]),
@@ -237,90 +319,93 @@ impl Model {
                 "requires_payment_method"
             },
             allowed_types: allowed,
-            transfer_group: form.get("transfer_group").map(str::to_owned),
-            metadata: form.map("metadata"),
+            transfer_group,
+            metadata,
             payment_method: None,
             behaviour: None,
             latest_charge: None,
             last_error: None,
             settle_at: None,
+            cancellation_reason: None,
+            canceled_at: None,
         };
         self.intents.insert(id.clone(), pi);
         let created = self.intent_json(&self.intents[&id], &[], now);
         self.emit("payment_intent.created", created, now);
         match (confirm, payment_method) {
             (true, Some(pm)) => self.confirm(&id, &pm, now),
-            (true, None) => Err(SimError::invalid(
-                "payment_method",
-                "You must provide a payment_method to confirm.",
-            )),
             (false, Some(pm)) => {
                 self.intents.get_mut(&id).expect("just inserted").payment_method = Some(pm);
                 Ok(self.intent_json(&self.intents[&id], &form.list("expand"), now))
             }
-            (false, None) => Ok(self.intent_json(&self.intents[&id], &form.list("expand"), now)),
+            (_, None) => Ok(self.intent_json(&self.intents[&id], &form.list("expand"), now)),
         }
     }
 
-    /// `payment_method`, or a BECS account given as `payment_method_data`.
+    /// `payment_method`, or a BECS account given as `payment_method_data` (BSB and account number both required).
     pub(super) fn payment_method_from(&self, form: &Form) -> Result<Option<String>, SimError> {
-        if let Some(pm) = form.get("payment_method") {
+        if let Some(pm) = form.optional("payment_method")? {
             return Ok(Some(pm.to_owned()));
         }
-        match form.get("payment_method_data[type]") {
+        match form.one_of("payment_method_data[type]", &["au_becs_debit", "card", "payto"])? {
             None => Ok(None),
             Some("au_becs_debit") => {
+                form.required("payment_method_data[au_becs_debit][bsb_number]")?;
                 let account = form.required("payment_method_data[au_becs_debit][account_number]")?;
                 Ok(Some(format!("pm_becs_{account}")))
             }
             Some(other) => Err(SimError::invalid(
                 "payment_method_data[type]",
-                format!("Unsupported type {other}"),
+                format!(
+                    "The simulator takes {other} PaymentMethods by id (payment_method), not as payment_method_data."
+                ),
             )),
         }
     }
 
     pub fn confirm_intent(&mut self, id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(CONFIRM_PARAMS)?;
         let pi = self
             .intents
             .get(id)
             .ok_or_else(|| SimError::missing("payment_intent", id, Some("intent")))?;
-        let pm = match self.payment_method_from(form)? {
-            Some(pm) => pm,
-            None => pi
-                .payment_method
-                .clone()
-                .ok_or_else(|| SimError::invalid("payment_method", "You must provide a payment_method to confirm."))?,
-        };
-        self.confirm(id, &pm, now)
-    }
-
-    pub(super) fn confirm(&mut self, id: &str, pm: &str, now: i64) -> Result<Value, SimError> {
-        let pi = &self.intents[id];
-        if !["requires_payment_method", "requires_confirmation"].contains(&pi.status) {
+        let given = self.payment_method_from(form)?;
+        self.check_confirmable(pi, now)?;
+        // After a decline Stripe detaches the PaymentMethod: confirming again needs a new one.
+        let Some(pm) = given.or_else(|| pi.payment_method.clone()) else {
             let mut e = SimError::refused(
                 400,
                 "payment_intent_unexpected_state",
-                format!(
-                    "This PaymentIntent's status is {}, so it cannot be confirmed.",
-                    pi.status
-                ),
+                "You cannot confirm this PaymentIntent because it's missing a payment method. Update the PaymentIntent with a payment method and then confirm it again.",
                 None,
             );
             e.payment_intent = Some(self.intent_json(pi, &[], now));
             return Err(e);
-        }
-        let Some((pm_type, behaviour)) = payment_method_behaviour(pm) else {
-            return Err(SimError::missing("PaymentMethod", pm, Some("payment_method")));
         };
-        if !pi.allowed_types.iter().any(|t| t == pm_type) {
-            return Err(SimError::refused(
-                400,
-                "payment_intent_incompatible_payment_method",
-                format!("The PaymentMethod type {pm_type} is not allowed for this PaymentIntent."),
-                Some("payment_method"),
-            ));
+        self.confirm(id, &pm, now)
+    }
+
+    fn check_confirmable(&self, pi: &PaymentIntent, now: i64) -> Result<(), SimError> {
+        if ["requires_payment_method", "requires_confirmation"].contains(&pi.status) {
+            return Ok(());
         }
+        let mut e = SimError::refused(
+            400,
+            "payment_intent_unexpected_state",
+            format!(
+                "This PaymentIntent's status is {}, so it cannot be confirmed.",
+                pi.status
+            ),
+            None,
+        );
+        e.payment_intent = Some(self.intent_json(pi, &[], now));
+        Err(e)
+    }
+
+    pub(super) fn confirm(&mut self, id: &str, pm: &str, now: i64) -> Result<Value, SimError> {
+        let pi = &self.intents[id];
+        self.check_confirmable(pi, now)?;
+        let (pm_type, behaviour) = check_payment_method(pm, &pi.allowed_types)?;
         let charge_id = random_id("ch");
         let (amount, currency, transfer_group) = (pi.amount, pi.currency.clone(), pi.transfer_group.clone());
         let mut charge = Charge {
@@ -341,6 +426,7 @@ impl Model {
             failure_message: None,
             disputed: false,
             metadata: BTreeMap::new(),
+            payment_method: pm.to_owned(),
         };
         {
             let pi = self.intents.get_mut(id).expect("checked above");
@@ -366,6 +452,8 @@ impl Model {
                     let pi = self.intents.get_mut(id).expect("checked above");
                     pi.status = "requires_payment_method";
                     pi.last_error = Some(error);
+                    // Stripe detaches a declined PaymentMethod: the donor retries with another one.
+                    pi.payment_method = None;
                 }
                 let charge_json = self.charge_json(&self.charges[&charge_id], &[], now);
                 self.emit("charge.failed", charge_json, now);
@@ -483,6 +571,7 @@ impl Model {
                 let pi = self.intents.get_mut(id).expect("checked");
                 pi.status = "requires_payment_method";
                 pi.settle_at = None;
+                pi.payment_method = None;
                 // Stripe also nests the PaymentMethod here; async-stripe needs it complete or absent, so absent.
                 pi.last_error = Some(json!({ "type": "invalid_request_error", "code": code, "message": message }));
                 let pi_json = self.intent_json(&self.intents[id], &[], now);
@@ -500,27 +589,56 @@ impl Model {
         Ok(self.intent_json(pi, expand, now))
     }
 
-    pub fn cancel_intent(&mut self, id: &str, now: i64) -> Result<Value, SimError> {
+    /// Cancels a PaymentIntent nobody can pay any more; a succeeded, processing or canceled one is refused.
+    pub fn cancel_intent(&mut self, id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(&["cancellation_reason"])?;
+        let reason = form
+            .one_of("cancellation_reason", CANCELLATION_REASONS)?
+            .map(str::to_owned);
         let pi = self
             .intents
-            .get_mut(id)
+            .get(id)
             .ok_or_else(|| SimError::missing("payment_intent", id, Some("intent")))?;
         if !["requires_payment_method", "requires_confirmation", "requires_action"].contains(&pi.status) {
-            return Err(SimError::refused(
+            let mut e = SimError::refused(
                 400,
                 "payment_intent_unexpected_state",
                 format!(
-                    "You cannot cancel this PaymentIntent because it has a status of {}.",
+                    "You cannot cancel this PaymentIntent because it has a status of {}. Only a PaymentIntent with one of the following statuses may be canceled: requires_payment_method, requires_capture, requires_confirmation, requires_action.",
                     pi.status
                 ),
                 None,
-            ));
+            );
+            e.payment_intent = Some(self.intent_json(pi, &[], now));
+            return Err(e);
         }
+        let pi = self.intents.get_mut(id).expect("checked above");
         pi.status = "canceled";
+        pi.cancellation_reason = reason;
+        pi.canceled_at = Some(now);
         let pi_json = self.intent_json(&self.intents[id], &[], now);
         self.emit("payment_intent.canceled", pi_json.clone(), now);
         Ok(pi_json)
     }
+}
+
+/// The PaymentMethod's type and behaviour, if the simulator knows it and the PaymentIntent allows its type.
+fn check_payment_method(pm: &str, allowed: &[String]) -> Result<(&'static str, Behaviour), SimError> {
+    let Some((pm_type, behaviour)) = payment_method_behaviour(pm) else {
+        return Err(SimError {
+            status: 400,
+            ..SimError::missing("PaymentMethod", pm, Some("payment_method"))
+        });
+    };
+    if !allowed.iter().any(|t| t == pm_type) {
+        return Err(SimError::refused(
+            400,
+            "payment_intent_incompatible_payment_method",
+            format!("The PaymentMethod type {pm_type} is not allowed for this PaymentIntent."),
+            Some("payment_method"),
+        ));
+    }
+    Ok((pm_type, behaviour))
 }
 
 #[cfg(test)]

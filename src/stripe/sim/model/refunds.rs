@@ -5,8 +5,24 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::balance::BalanceTxn;
-use super::{random_id, Model, SimError};
+use super::{random_id, with_nulls, Model, SimError};
 use crate::stripe::sim::form::Form;
+
+const CREATE_PARAMS: &[&str] = &[
+    "amount",
+    "charge",
+    "currency",
+    "customer",
+    "instructions_email",
+    "metadata",
+    "origin",
+    "payment_intent",
+    "reason",
+    "refund_application_fee",
+    "reverse_transfer",
+];
+/// The reasons a caller may give (Stripe sets `expired_uncaptured_charge` itself).
+const REASONS: &[&str] = &["duplicate", "fraudulent", "requested_by_customer"];
 
 #[derive(Debug, Clone)]
 pub(super) struct Refund {
@@ -17,11 +33,16 @@ pub(super) struct Refund {
     pub(super) payment_intent: String,
     pub(super) created: i64,
     pub(super) metadata: BTreeMap<String, String>,
+    pub(super) reason: Option<String>,
+    pub(super) balance_transaction: String,
 }
 
 impl Model {
     pub fn create_refund(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
-        let charge_id = match (form.get("charge"), form.get("payment_intent")) {
+        form.only(CREATE_PARAMS)?;
+        let metadata = form.metadata()?;
+        let reason = form.one_of("reason", REASONS)?.map(str::to_owned);
+        let charge_id = match (form.optional("charge")?, form.optional("payment_intent")?) {
             (Some(ch), _) => ch.to_owned(),
             (None, Some(pi)) => {
                 let intent = self
@@ -85,11 +106,13 @@ impl Model {
             charge: charge_id.clone(),
             payment_intent: charge.payment_intent.clone(),
             created: now,
-            metadata: form.map("metadata"),
+            metadata,
+            reason,
+            balance_transaction: random_id("txn"),
         };
         self.charges.get_mut(&charge_id).expect("exists").amount_refunded += amount;
         self.balance_txns.push(BalanceTxn {
-            id: random_id("txn"),
+            id: refund.balance_transaction.clone(),
             amount: -amount,
             fee: 0,
             currency: refund.currency.clone(),
@@ -108,9 +131,21 @@ impl Model {
 }
 
 pub(super) fn refund_json(r: &Refund) -> Value {
-    json!({
-        "id": r.id, "object": "refund", "amount": r.amount, "balance_transaction": null, "charge": r.charge,
-        "created": r.created, "currency": r.currency, "metadata": r.metadata, "payment_intent": r.payment_intent,
-        "reason": null, "status": "succeeded",
-    })
+    let object = json!({
+        "id": r.id, "object": "refund", "amount": r.amount, "balance_transaction": r.balance_transaction,
+        "charge": r.charge, "created": r.created, "currency": r.currency, "metadata": r.metadata,
+        "payment_intent": r.payment_intent, "reason": r.reason, "status": "succeeded",
+    });
+    with_nulls(
+        object,
+        &[
+            "customer",
+            "customer_account",
+            "destination_details",
+            "payment_method",
+            "receipt_number",
+            "source_transfer_reversal",
+            "transfer_reversal",
+        ],
+    )
 }

@@ -6,7 +6,27 @@ use serde_json::{json, Value};
 
 use super::balance::BalanceTxn;
 use super::{page, random_id, Model, SimError};
-use crate::stripe::sim::form::Form;
+use crate::stripe::sim::form::{Form, ParamError};
+
+const CREATE_PARAMS: &[&str] = &[
+    "amount",
+    "currency",
+    "description",
+    "destination",
+    "metadata",
+    "source_transaction",
+    "source_type",
+    "transfer_group",
+];
+const LIST_PARAMS: &[&str] = &[
+    "created",
+    "destination",
+    "ending_before",
+    "limit",
+    "starting_after",
+    "transfer_group",
+];
+const REVERSAL_PARAMS: &[&str] = &["amount", "description", "metadata", "refund_application_fee"];
 
 #[derive(Debug, Clone)]
 pub(super) struct Reversal {
@@ -28,6 +48,8 @@ pub(super) struct Transfer {
     pub(super) created: i64,
     pub(super) reversals: Vec<Reversal>,
     pub(super) balance_transaction: String,
+    /// The payment (`py_…`) the transfer made on the connected account.
+    pub(super) destination_payment: String,
 }
 
 impl Model {
@@ -44,7 +66,7 @@ impl Model {
             "currency": t.currency,
             "description": null,
             "destination": t.destination,
-            "destination_payment": null,
+            "destination_payment": t.destination_payment,
             "livemode": false,
             "metadata": t.metadata,
             "reversals": { "object": "list", "data": reversals, "has_more": false, "url": format!("/v1/transfers/{}/reversals", t.id) },
@@ -56,9 +78,8 @@ impl Model {
     }
 
     pub fn create_transfer(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
-        let amount = form
-            .int("amount")?
-            .ok_or_else(|| SimError::invalid("amount", "Missing required param: amount."))?;
+        form.only(CREATE_PARAMS)?;
+        let amount = form.int("amount")?.ok_or_else(|| ParamError::missing("amount"))?;
         if amount <= 0 {
             let mut e = SimError::invalid("amount", "Amount must be a positive integer.");
             e.code = Some("amount_too_small".into());
@@ -66,7 +87,9 @@ impl Model {
         }
         let currency = form.required("currency")?.to_ascii_lowercase();
         let destination = form.required("destination")?.to_owned();
-        let source_transaction = form.get("source_transaction").map(str::to_owned);
+        let source_transaction = form.optional("source_transaction")?.map(str::to_owned);
+        let transfer_group = form.optional("transfer_group")?.map(str::to_owned);
+        let metadata = form.metadata()?;
 
         match self.accounts.get(&destination) {
             None => {
@@ -100,7 +123,7 @@ impl Model {
                 if !source.starts_with("ch_") && !source.starts_with("py_") {
                     return Err(SimError::refused(
                         400,
-                        "parameter_invalid",
+                        "",
                         format!("Invalid source_transaction: '{source}' must be a charge id (ch_…)."),
                         Some("source_transaction"),
                     ));
@@ -112,7 +135,7 @@ impl Model {
                 if charge.status != "succeeded" {
                     return Err(SimError::refused(
                         400,
-                        "parameter_invalid",
+                        "",
                         format!(
                             "The source_transaction {source} has not succeeded (status {}).",
                             charge.status
@@ -123,7 +146,7 @@ impl Model {
                 if charge.currency != currency {
                     return Err(SimError::refused(
                         400,
-                        "parameter_invalid",
+                        "",
                         format!(
                             "The currency of source_transaction {source} ({}) does not match {currency}.",
                             charge.currency
@@ -184,11 +207,12 @@ impl Model {
             currency,
             destination,
             source_transaction,
-            transfer_group: form.get("transfer_group").map(str::to_owned),
-            metadata: form.map("metadata"),
+            transfer_group,
+            metadata,
             created: now,
             reversals: Vec::new(),
             balance_transaction: bt.id.clone(),
+            destination_payment: random_id("py"),
         };
         self.balance_txns.push(bt);
         self.transfer_index.insert(id.clone(), self.transfers.len());
@@ -208,6 +232,7 @@ impl Model {
 
     /// Newest first, filtered by `transfer_group` and `destination`, paginated by `limit` and `starting_after`.
     pub fn list_transfers(&self, query: &Form) -> Result<Value, SimError> {
+        query.only(LIST_PARAMS)?;
         let limit = query.int("limit")?.unwrap_or(10);
         if !(1..=100).contains(&limit) {
             return Err(SimError::invalid("limit", "limit must be between 1 and 100"));
@@ -232,6 +257,8 @@ impl Model {
     }
 
     pub fn create_reversal(&mut self, transfer_id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(REVERSAL_PARAMS)?;
+        let metadata = form.metadata()?;
         let index = *self
             .transfer_index
             .get(transfer_id)
@@ -263,7 +290,7 @@ impl Model {
             id: random_id("trr"),
             amount,
             created: now,
-            metadata: form.map("metadata"),
+            metadata,
         };
         let currency = transfer.currency.clone();
         self.transfers[index].reversals.push(reversal.clone());
