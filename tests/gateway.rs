@@ -10,7 +10,7 @@ use splitpay::config::Secret;
 use splitpay::domain::plan::PaymentMethodType;
 use splitpay::stripe::error::ErrorClass;
 use splitpay::stripe::sim::model::SimConfig;
-use splitpay::stripe::sim::{Fault, FaultKind};
+use splitpay::stripe::sim::{Fault, FaultKind, REDELIVERY_DELAYS_SECS};
 use splitpay::stripe::webhook::verify_signature;
 use splitpay::stripe::*;
 
@@ -849,10 +849,12 @@ async fn events_are_signed_listed_and_delivered_with_modes() {
     gw.create_payment_intent(&intent(1_000, PaymentMethodType::Card, Some("pm_card_visa"), "k-e1"))
         .await
         .unwrap();
-    let types = receiver.wait_for("three events", |t| t.len() >= 3).await;
+    let mut types = receiver.wait_for("three events", |t| t.len() >= 3).await;
+    // Each event is delivered on its own, as Stripe does: their order is not guaranteed.
+    types.sort();
     assert_eq!(
         types,
-        vec!["payment_intent.created", "charge.succeeded", "payment_intent.succeeded"]
+        vec!["charge.succeeded", "payment_intent.created", "payment_intent.succeeded"]
     );
     let secret = [Secret::new("whsec_sim_test")];
     for (signature, body) in receiver.received.lock().unwrap().iter() {
@@ -1555,4 +1557,133 @@ async fn ending_before_pages_backwards() {
     let newest = events["data"][0]["id"].as_str().unwrap().to_owned();
     let before_newest = raw_get(&sim, &format!("events?limit=3&ending_before={newest}")).await;
     assert_eq!(page(before_newest), (vec![], false));
+}
+
+/// Waits (bounded) until the simulator's webhook counters satisfy `predicate`.
+async fn wait_for_stats(
+    control: &splitpay::stripe::sim::control::SimControl,
+    what: &str,
+    predicate: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..200 {
+        let stats = control.webhook_stats().await.unwrap();
+        if predicate(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "timed out waiting for {what}: {}",
+        control.webhook_stats().await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_over_days_of_simulator_time_then_given_up() {
+    use std::sync::atomic::Ordering;
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let receiver = Receiver::start().await;
+    control.add_webhook(&receiver.url, "whsec_sim_test").await.unwrap();
+
+    // One refusal: the event waits for its first retry, a minute of simulator time later.
+    receiver.fail_next.store(1, Ordering::SeqCst);
+    gw.create_payment_intent(&intent(1_000, PaymentMethodType::Card, None, "k-r1"))
+        .await
+        .unwrap();
+    let stats = wait_for_stats(&control, "the retry to be scheduled", |s| {
+        s["pending_redeliveries"] == 1
+    })
+    .await;
+    let due = stats["next_redelivery_at"].as_i64().unwrap();
+    let now = sim.now();
+    assert!(
+        (now + REDELIVERY_DELAYS_SECS[0] - 5..=now + REDELIVERY_DELAYS_SECS[0]).contains(&due),
+        "due {due}, now {now}"
+    );
+    // Advance to just before it is due (measured from the attempt, not from now).
+    let before_due = due - now - 1;
+    control.advance_clock(before_due).await.unwrap();
+    let stats = control.webhook_stats().await.unwrap();
+    assert_eq!(
+        (stats["pending_redeliveries"].as_u64(), stats["delivered"].as_u64()),
+        (Some(1), Some(0))
+    );
+    control.advance_clock(2).await.unwrap();
+    assert_eq!(
+        receiver.wait_for("the retried event", |t| !t.is_empty()).await,
+        vec!["payment_intent.created"]
+    );
+    assert_eq!(receiver.refused.load(Ordering::SeqCst), 1);
+
+    // An endpoint that keeps failing: retried on Stripe's backoff for days, then given up.
+    receiver.received.lock().unwrap().clear();
+    receiver.fail_next.store(u32::MAX, Ordering::SeqCst);
+    gw.create_payment_intent(&intent(1_000, PaymentMethodType::Card, None, "k-r2"))
+        .await
+        .unwrap();
+    let mut total = 0;
+    for (retry, delay) in REDELIVERY_DELAYS_SECS.iter().enumerate() {
+        let failed = retry as u64 + 2; // the first refusal above, then this event's attempts
+        wait_for_stats(&control, "a failed attempt", |s| {
+            s["failed_attempts"].as_u64() == Some(failed) && s["pending_redeliveries"] == 1
+        })
+        .await;
+        control.advance_clock(*delay).await.unwrap();
+        total += delay;
+    }
+    let stats = wait_for_stats(&control, "the delivery to be given up", |s| s["given_up"] == 1).await;
+    assert_eq!(stats["pending_redeliveries"], 0);
+    assert_eq!(
+        receiver.refused.load(Ordering::SeqCst),
+        1 + 1 + REDELIVERY_DELAYS_SECS.len() as u32
+    );
+    assert!((2 * 86_400..=3 * 86_400).contains(&total), "retried for {total} s");
+    assert!(receiver.types().is_empty());
+}
+
+#[tokio::test]
+async fn a_past_event_can_be_redelivered_after_newer_ones() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let receiver = Receiver::start().await;
+    control.add_webhook(&receiver.url, "whsec_sim_test").await.unwrap();
+    let becs = gw
+        .create_payment_intent(&intent(
+            2_000,
+            PaymentMethodType::AuBecsDebit,
+            Some("pm_becs_000123456"),
+            "k-redeliver",
+        ))
+        .await
+        .unwrap();
+    control.settle(&becs.id, None).await.unwrap();
+    receiver
+        .wait_for("the succeeded event", |t| {
+            t.contains(&"payment_intent.succeeded".to_owned())
+        })
+        .await;
+    let processing = raw_get(&sim, "events?type=payment_intent.processing").await["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = receiver.types().len();
+    control.redeliver(&processing).await.unwrap();
+    let types = receiver.wait_for("the redelivery", |t| t.len() > before).await;
+    assert_eq!(types.last().map(String::as_str), Some("payment_intent.processing"));
+    let bodies = receiver.received.lock().unwrap().clone();
+    let ids: Vec<String> = bodies
+        .iter()
+        .map(|(_, b)| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ids.iter().filter(|id| **id == processing).count(),
+        2,
+        "the same event id, twice"
+    );
 }

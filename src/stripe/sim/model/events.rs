@@ -54,6 +54,10 @@ impl Model {
         page(&matching, query, limit, "/v1/events", |e| e.id.as_str(), Event::json)
     }
 
+    pub fn event(&self, id: &str) -> Option<Event> {
+        self.events.iter().find(|e| e.id == id).cloned()
+    }
+
     pub fn retrieve_event(&self, id: &str) -> Result<Value, SimError> {
         self.events
             .iter()
