@@ -2,7 +2,6 @@
 //! `idempotency_key_in_use`, expiry), injected faults and latency, and routing to the model. Control calls live
 //! under `/_sim/`, a path Stripe does not use.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -12,42 +11,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::form::Form;
+use super::idempotency::Idem;
 use super::model::SimError;
 use super::{Fault, FaultKind, Shared};
 
 /// Bounds a request body, like any server should.
 pub const BODY_BYTES_MAX: usize = 256 * 1024;
-
-#[derive(Debug, Clone)]
-pub(super) enum Idem {
-    InFlight {
-        fingerprint: Vec<(String, String)>,
-        created: i64,
-    },
-    Done {
-        fingerprint: Vec<(String, String)>,
-        created: i64,
-        status: u16,
-        body: Value,
-        /// The headers of the first response (`Stripe-Should-Retry` where it was sent, `Request-Id`): a replay
-        /// keeps them, as Stripe's does.
-        headers: Vec<(&'static str, String)>,
-    },
-}
-
-impl Idem {
-    fn created(&self) -> i64 {
-        match self {
-            Idem::InFlight { created, .. } | Idem::Done { created, .. } => *created,
-        }
-    }
-
-    fn fingerprint(&self) -> &[(String, String)] {
-        match self {
-            Idem::InFlight { fingerprint, .. } | Idem::Done { fingerprint, .. } => fingerprint,
-        }
-    }
-}
 
 fn new_request_id() -> String {
     format!("req_{}", &uuid::Uuid::new_v4().simple().to_string()[..14])
@@ -357,5 +326,3 @@ pub(super) async fn control(
         Err(e) => error_response(&e),
     }
 }
-
-pub(super) type IdempotencyTable = HashMap<String, Idem>;

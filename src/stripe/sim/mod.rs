@@ -4,7 +4,7 @@
 //!
 //! - [`model`]: the objects and Stripe's rules (no HTTP).
 //! - [`form`]: Stripe's bracketed form encoding.
-//! - `http`: auth, idempotency, faults, routing.
+//! - `http`: auth, faults, routing; `idempotency`: saved and replayed responses per key.
 //! - [`control`]: the `/_sim/` control API and [`control::SimControl`], its client.
 //!
 //! - [`webhooks`]: delivery as Stripe does it: concurrent, unordered, retried over days of simulator time.
@@ -18,6 +18,7 @@
 pub mod control;
 pub mod form;
 mod http;
+mod idempotency;
 pub mod model;
 mod webhooks;
 
@@ -77,7 +78,7 @@ pub struct RequestLogEntry {
 
 pub(crate) struct Shared {
     model: Mutex<Model>,
-    idempotency: Mutex<http::IdempotencyTable>,
+    idempotency: Mutex<idempotency::IdempotencyTable>,
     faults: Mutex<Vec<Fault>>,
     /// (min, max) latency added to every API request.
     latency_ms: Mutex<(u64, u64)>,
