@@ -10,7 +10,7 @@ use splitpay::config::Secret;
 use splitpay::domain::plan::PaymentMethodType;
 use splitpay::stripe::error::ErrorClass;
 use splitpay::stripe::sim::model::SimConfig;
-use splitpay::stripe::sim::{Fault, FaultKind};
+use splitpay::stripe::sim::{Fault, FaultKind, REDELIVERY_DELAYS_SECS};
 use splitpay::stripe::webhook::verify_signature;
 use splitpay::stripe::*;
 
@@ -320,20 +320,31 @@ async fn confirm_and_cancel() {
         .await
         .unwrap();
     assert_eq!(confirmed.status, IntentStatus::Succeeded);
-    let err = gw.cancel_payment_intent(&open.id, "k-open-cancel").await.unwrap_err();
+    let err = gw
+        .cancel_payment_intent(&open.id, None, "k-open-cancel")
+        .await
+        .unwrap_err();
     assert_eq!(terminal_code(&err), "payment_intent_unexpected_state");
 
     let other = gw
         .create_payment_intent(&intent(1_000, PaymentMethodType::Card, None, "k-other"))
         .await
         .unwrap();
+    assert_eq!(other.cancellation_reason, None);
+    let canceled = gw
+        .cancel_payment_intent(&other.id, Some(CancellationReason::Abandoned), "k-other-cancel")
+        .await
+        .unwrap();
     assert_eq!(
-        gw.cancel_payment_intent(&other.id, "k-other-cancel")
-            .await
-            .unwrap()
-            .status,
-        IntentStatus::Canceled
+        (canceled.status, canceled.cancellation_reason.as_deref()),
+        (IntentStatus::Canceled, Some("abandoned"))
     );
+    // Canceled is final: canceling again is refused too.
+    let again = gw
+        .cancel_payment_intent(&other.id, Some(CancellationReason::Abandoned), "k-other-cancel-2")
+        .await
+        .unwrap_err();
+    assert_eq!(terminal_code(&again), "payment_intent_unexpected_state");
     let missing = gw.retrieve_payment_intent("pi_missing").await.unwrap_err();
     assert_eq!(terminal_code(&missing), "resource_missing");
 }
@@ -409,11 +420,7 @@ async fn transfers_follow_stripe_rules() {
             "insufficient_capabilities_for_transfer",
             "transfers",
         ),
-        (
-            transfer("acct_ok", 100, Some("pi_123"), "k-e3"),
-            "parameter_invalid",
-            "must be a charge",
-        ),
+        (transfer("acct_ok", 100, Some("pi_123"), "k-e3"), "", "must be a charge"),
         (
             transfer("acct_ok", 100, Some("ch_missing"), "k-e4"),
             "resource_missing",
@@ -425,11 +432,17 @@ async fn transfers_follow_stripe_rules() {
         assert_eq!(terminal_code(&err), code, "{err}");
         assert!(err.to_string().contains(words), "{err}");
     }
+    // Stripe gives an invalid value no code: the type and the param say what is wrong.
     let mut usd = transfer("acct_ok", 100, Some(&charge), "k-e5");
     usd.currency = "usd".into();
+    let err = gw.create_transfer(&usd).await.unwrap_err();
+    assert_eq!(terminal_code(&err), "");
+    let GatewayError::Terminal { param, .. } = &err else {
+        unreachable!()
+    };
     assert_eq!(
-        terminal_code(&gw.create_transfer(&usd).await.unwrap_err()),
-        "parameter_invalid"
+        (param.as_deref(), err.error_type()),
+        (Some("currency"), Some("invalid_request_error"))
     );
 
     let gone = sim.base_url() + "v1/accounts/acct_gone";
@@ -510,7 +523,11 @@ async fn the_same_key_makes_one_transfer_and_other_parameters_are_refused() {
         .await
         .unwrap_err();
     assert!(err.is_idempotency_misuse(), "{err}");
-    assert_eq!(err.class(), ErrorClass::Terminal);
+    // Stripe says so by the error's type; it sends no code with it.
+    assert_eq!(
+        (err.class(), err.error_type(), err.code()),
+        (ErrorClass::Terminal, Some("idempotency_error"), None)
+    );
     assert_eq!(gw.list_transfers("spay_group1").await.unwrap().len(), 1);
 }
 
@@ -832,10 +849,12 @@ async fn events_are_signed_listed_and_delivered_with_modes() {
     gw.create_payment_intent(&intent(1_000, PaymentMethodType::Card, Some("pm_card_visa"), "k-e1"))
         .await
         .unwrap();
-    let types = receiver.wait_for("three events", |t| t.len() >= 3).await;
+    let mut types = receiver.wait_for("three events", |t| t.len() >= 3).await;
+    // Each event is delivered on its own, as Stripe does: their order is not guaranteed.
+    types.sort();
     assert_eq!(
         types,
-        vec!["payment_intent.created", "charge.succeeded", "payment_intent.succeeded"]
+        vec!["charge.succeeded", "payment_intent.created", "payment_intent.succeeded"]
     );
     let secret = [Secret::new("whsec_sim_test")];
     for (signature, body) in receiver.received.lock().unwrap().iter() {
@@ -870,7 +889,7 @@ async fn events_are_signed_listed_and_delivered_with_modes() {
         .webhook_mode(serde_json::json!({ "duplicate": false, "drop_next": 1 }))
         .await
         .unwrap();
-    gw.cancel_payment_intent(&pi.id, "k-e3").await.unwrap();
+    gw.cancel_payment_intent(&pi.id, None, "k-e3").await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert!(receiver.types().is_empty(), "dropped: {:?}", receiver.types());
 
@@ -989,7 +1008,10 @@ async fn replays_say_so_and_validation_failures_are_not_saved() {
     // A request that fails validation is not saved: the key can then carry a valid request.
     let invalid = raw_post(&sim, "transfers", "currency=aud&destination=acct_ok", Some("k-fixed")).await;
     assert_eq!(invalid.status(), 400);
-    assert_eq!(invalid.headers().get("stripe-should-retry").unwrap(), "false");
+    assert!(
+        invalid.headers().get("stripe-should-retry").is_none(),
+        "Stripe sends no Stripe-Should-Retry on an ordinary 400"
+    );
     let body: serde_json::Value = invalid.json().await.unwrap();
     assert_eq!(body["error"]["param"], "amount");
     let valid = raw_post(
@@ -1123,4 +1145,545 @@ async fn the_key_never_shows_in_debug_output_or_errors() {
         .unwrap();
     let err = gw.retrieve_account("acct_x").await.unwrap_err();
     assert!(!format!("{err:?} {err}").contains(TEST_KEY));
+}
+
+#[tokio::test]
+async fn stripe_should_retry_is_sent_only_where_stripe_sends_it_and_a_replay_keeps_the_first_headers() {
+    let (sim, control) = simulator().await;
+    control.create_account("acct_ok", true).await.unwrap();
+    // A decline (402) and a missing object (404): no header; the classifier decides on status and code.
+    let declined = raw_post(
+        &sim,
+        "payment_intents",
+        "amount=1000&currency=aud&payment_method=pm_card_chargeDeclined&confirm=true",
+        Some("k-402"),
+    )
+    .await;
+    assert_eq!(declined.status(), 402);
+    assert!(declined.headers().get("stripe-should-retry").is_none());
+    let first_request = declined.headers()["request-id"].to_str().unwrap().to_owned();
+    assert_eq!(declined.headers()["original-request"].to_str().unwrap(), first_request);
+    let first_body: serde_json::Value = declined.json().await.unwrap();
+    let replay = raw_post(
+        &sim,
+        "payment_intents",
+        "amount=1000&currency=aud&payment_method=pm_card_chargeDeclined&confirm=true",
+        Some("k-402"),
+    )
+    .await;
+    assert_eq!(replay.status(), 402);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert!(replay.headers().get("stripe-should-retry").is_none());
+    assert_eq!(replay.headers()["original-request"].to_str().unwrap(), first_request);
+    assert_ne!(replay.headers()["request-id"].to_str().unwrap(), first_request);
+    assert_eq!(replay.json::<serde_json::Value>().await.unwrap(), first_body);
+    let missing = raw_post(&sim, "transfers/tr_missing/reversals", "", Some("k-404")).await;
+    assert_eq!(missing.status(), 404);
+    assert!(missing.headers().get("stripe-should-retry").is_none());
+
+    // A key in flight: 409 with Stripe-Should-Retry: true.
+    let charge = paid_charge(&gateway(&sim), 10_000, "k-pay").await;
+    control.set_latency(0, 0, 400).await.unwrap();
+    let body = format!("amount=100&currency=aud&destination=acct_ok&source_transaction={charge}");
+    let (first, second) = tokio::join!(raw_post(&sim, "transfers", &body, Some("k-409")), async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        raw_post(&sim, "transfers", &body, Some("k-409")).await
+    });
+    assert_eq!(first.status(), 200);
+    assert_eq!(second.status(), 409);
+    assert_eq!(second.headers()["stripe-should-retry"], "true");
+    control.set_latency(0, 0, 0).await.unwrap();
+
+    // Throttled: a 429 with no header is still retried (and a header saying false would not park it either).
+    control
+        .fault(Fault {
+            kind: FaultKind::RateLimit,
+            count: 1,
+            path_contains: Some("/v1/balance".into()),
+            method: None,
+        })
+        .await
+        .unwrap();
+    let throttled = reqwest::Client::new()
+        .get(format!("{}v1/balance", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttled.status(), 429);
+    assert!(throttled.headers().get("stripe-should-retry").is_none());
+    assert_eq!(
+        splitpay::stripe::error::classify(429, None, Some("rate_limit")),
+        ErrorClass::Retryable
+    );
+
+    // A key reused with other parameters: type idempotency_error, no code, no header.
+    let misuse = raw_post(
+        &sim,
+        "transfers",
+        &format!("amount=101&currency=aud&destination=acct_ok&source_transaction={charge}"),
+        Some("k-409"),
+    )
+    .await;
+    assert_eq!(misuse.status(), 400);
+    assert!(misuse.headers().get("stripe-should-retry").is_none());
+    let misuse: serde_json::Value = misuse.json().await.unwrap();
+    assert_eq!(misuse["error"]["type"], "idempotency_error");
+    assert!(misuse["error"].get("code").is_none(), "{misuse}");
+}
+
+#[tokio::test]
+async fn a_declined_intent_loses_its_payment_method_and_a_new_card_pays_it() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let receiver = Receiver::start().await;
+    control.add_webhook(&receiver.url, "whsec_sim_test").await.unwrap();
+    let err = gw
+        .create_payment_intent(&intent(
+            2_500,
+            PaymentMethodType::Card,
+            Some("pm_card_chargeDeclined"),
+            "k-donor",
+        ))
+        .await
+        .unwrap_err();
+    let GatewayError::Terminal {
+        payment_intent: Some(pi_id),
+        ..
+    } = &err
+    else {
+        panic!("a decline names its PaymentIntent: {err}");
+    };
+    let declined = gw.retrieve_payment_intent(pi_id).await.unwrap();
+    assert_eq!(
+        (declined.status, declined.payment_method.as_deref()),
+        (IntentStatus::RequiresPaymentMethod, None),
+        "Stripe detaches a declined PaymentMethod"
+    );
+    assert_eq!(
+        declined.last_payment_error.unwrap().code.as_deref(),
+        Some("card_declined")
+    );
+
+    // Confirming again without a new PaymentMethod is refused, not a replay of the decline.
+    let bare = raw_post(&sim, &format!("payment_intents/{pi_id}/confirm"), "", Some("k-bare")).await;
+    assert_eq!(bare.status(), 400);
+    let bare: serde_json::Value = bare.json().await.unwrap();
+    assert_eq!(bare["error"]["code"], "payment_intent_unexpected_state");
+    assert_eq!(bare["error"]["type"], "invalid_request_error");
+
+    // The donor tries another card on the same PaymentIntent: it succeeds.
+    let paid = gw
+        .confirm_payment_intent(pi_id, "pm_card_visa", "k-donor-retry")
+        .await
+        .unwrap();
+    assert_eq!(
+        (paid.status, paid.payment_method.as_deref()),
+        (IntentStatus::Succeeded, Some("pm_card_visa"))
+    );
+    assert!(paid.latest_charge.is_some());
+    let types = receiver
+        .wait_for("the decline then the success", |t| {
+            t.contains(&"payment_intent.payment_failed".to_owned())
+                && t.contains(&"payment_intent.succeeded".to_owned())
+        })
+        .await;
+    assert_eq!(
+        types.iter().filter(|t| t.as_str() == "payment_intent.created").count(),
+        1,
+        "one PaymentIntent: {types:?}"
+    );
+}
+
+#[tokio::test]
+async fn succeeded_and_processing_intents_cannot_be_canceled_and_reasons_are_stripes() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let paid = gw
+        .create_payment_intent(&intent(1_000, PaymentMethodType::Card, Some("pm_card_visa"), "k-paid"))
+        .await
+        .unwrap();
+    let becs = gw
+        .create_payment_intent(&intent(
+            1_000,
+            PaymentMethodType::AuBecsDebit,
+            Some("pm_becs_000123456"),
+            "k-becs",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(becs.status, IntentStatus::Processing);
+    for (id, key) in [(&paid.id, "k-c1"), (&becs.id, "k-c2")] {
+        let err = gw
+            .cancel_payment_intent(id, Some(CancellationReason::RequestedByCustomer), key)
+            .await
+            .unwrap_err();
+        assert_eq!(terminal_code(&err), "payment_intent_unexpected_state");
+        assert_eq!(gw.retrieve_payment_intent(id).await.unwrap().cancellation_reason, None);
+    }
+    // A reason Stripe does not know is refused, naming the parameter; the intent stays open.
+    let open = gw
+        .create_payment_intent(&intent(1_000, PaymentMethodType::Card, None, "k-open"))
+        .await
+        .unwrap();
+    let bogus = raw_post(
+        &sim,
+        &format!("payment_intents/{}/cancel", open.id),
+        "cancellation_reason=bored",
+        Some("k-bogus"),
+    )
+    .await;
+    assert_eq!(bogus.status(), 400);
+    let bogus: serde_json::Value = bogus.json().await.unwrap();
+    assert_eq!(
+        (bogus["error"]["type"].as_str(), bogus["error"]["param"].as_str()),
+        (Some("invalid_request_error"), Some("cancellation_reason"))
+    );
+    let still = gw.retrieve_payment_intent(&open.id).await.unwrap();
+    assert_eq!(still.status, IntentStatus::RequiresPaymentMethod);
+    let canceled = gw
+        .cancel_payment_intent(&open.id, Some(CancellationReason::RequestedByCustomer), "k-c3")
+        .await
+        .unwrap();
+    assert_eq!(canceled.cancellation_reason.as_deref(), Some("requested_by_customer"));
+    let raw = raw_get(&sim, &format!("payment_intents/{}", open.id)).await;
+    assert!(raw["canceled_at"].as_i64().is_some());
+    drop(control);
+}
+
+/// Events of the simulator, newest first.
+async fn event_count(sim: &splitpay::stripe::sim::SimServer) -> usize {
+    raw_get(sim, "events?limit=100").await["data"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn validation_errors_carry_stripes_codes_and_leave_nothing_behind() {
+    let (sim, control) = simulator().await;
+    control.create_account("acct_ok", true).await.unwrap();
+    let charge = paid_charge(&gateway(&sim), 10_000, "k-pay").await;
+    let events_before = event_count(&sim).await;
+    let transfers_before = raw_get(&sim, "transfers?limit=100").await["data"]
+        .as_array()
+        .unwrap()
+        .len();
+    let long_key = "k".repeat(41);
+    let long_value = "v".repeat(501);
+    let fifty_one: String = (0..51).map(|i| format!("&metadata[k{i}]=v")).collect();
+    let cases: Vec<(&str, String, Option<&str>, &str)> = vec![
+        (
+            "payment_intents",
+            "currency=aud".into(),
+            Some("parameter_missing"),
+            "amount",
+        ),
+        (
+            "payment_intents",
+            "amount=12.5&currency=aud".into(),
+            Some("parameter_invalid_integer"),
+            "amount",
+        ),
+        (
+            "payment_intents",
+            "amount=1000&currency=".into(),
+            Some("parameter_invalid_empty"),
+            "currency",
+        ),
+        (
+            "payment_intents",
+            "amount=1000&currency=aud&colour=red".into(),
+            Some("parameter_unknown"),
+            "colour",
+        ),
+        (
+            "payment_intents",
+            "amount=1000&currency=aud&confirm=true".into(),
+            Some("parameter_missing"),
+            "payment_method",
+        ),
+        (
+            "payment_intents",
+            "amount=1000&currency=aud&confirm=true&payment_method=pm_nobody_knows".into(),
+            Some("resource_missing"),
+            "payment_method",
+        ),
+        (
+            "payment_intents",
+            "amount=1000&currency=aud&allowed_payment_method_types[0]=au_becs_debit&confirm=true\
+             &payment_method_data[type]=au_becs_debit&payment_method_data[au_becs_debit][account_number]=000123456"
+                .into(),
+            Some("parameter_missing"),
+            "payment_method_data[au_becs_debit][bsb_number]",
+        ),
+        (
+            "payment_intents",
+            "amount=1000&currency=aud&allowed_payment_method_types[0]=au_becs_debit&confirm=true\
+             &payment_method_data[type]=au_becs_debit&payment_method_data[au_becs_debit][bsb_number]=000000"
+                .into(),
+            Some("parameter_missing"),
+            "payment_method_data[au_becs_debit][account_number]",
+        ),
+        (
+            "payment_intents",
+            format!("amount=1000&currency=aud&metadata[{long_key}]=v"),
+            None,
+            "metadata",
+        ),
+        (
+            "transfers",
+            format!("amount=100&currency=aud&destination=acct_ok&source_transaction={charge}&metadata[k]={long_value}"),
+            None,
+            "metadata[k]",
+        ),
+        (
+            "transfers",
+            format!("amount=100&currency=aud&destination=acct_ok&source_transaction={charge}{fifty_one}"),
+            None,
+            "metadata",
+        ),
+        (
+            "transfers",
+            "amount=100&currency=aud&destination=acct_ok&reverse=true".into(),
+            Some("parameter_unknown"),
+            "reverse",
+        ),
+        (
+            "refunds",
+            format!("charge={charge}&reason=changed_mind"),
+            None,
+            "reason",
+        ),
+    ];
+    for (path, body, code, param) in &cases {
+        let response = raw_post(&sim, path, body, Some(&format!("k-{path}-{param}-{}", body.len()))).await;
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let error = response.json::<serde_json::Value>().await.unwrap()["error"].clone();
+        assert_eq!(error["type"], "invalid_request_error", "{body}: {error}");
+        assert_eq!(error["code"].as_str(), *code, "{body}: {error}");
+        assert!(
+            error["param"].as_str().is_some_and(|p| p.starts_with(param)),
+            "{body}: {error}"
+        );
+    }
+    assert_eq!(event_count(&sim).await, events_before, "a refused create emits nothing");
+    assert_eq!(
+        raw_get(&sim, "transfers?limit=100").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        transfers_before
+    );
+    // The metadata limits are inclusive.
+    let at_limits = format!(
+        "amount=1000&currency=aud&metadata[{}]={}",
+        "k".repeat(40),
+        "v".repeat(500)
+    );
+    assert_eq!(raw_post(&sim, "payment_intents", &at_limits, None).await.status(), 200);
+    // A BECS debit given as payment_method_data with its BSB and account number is accepted.
+    let becs = raw_post(
+        &sim,
+        "payment_intents",
+        "amount=1000&currency=aud&allowed_payment_method_types[0]=au_becs_debit&confirm=true\
+         &payment_method_data[type]=au_becs_debit&payment_method_data[au_becs_debit][bsb_number]=000000\
+         &payment_method_data[au_becs_debit][account_number]=000123456",
+        None,
+    )
+    .await;
+    assert_eq!(becs.json::<serde_json::Value>().await.unwrap()["status"], "processing");
+}
+
+#[tokio::test]
+async fn transfers_name_their_destination_payment() {
+    let (sim, _control, gw, charge) = ready_to_transfer().await;
+    let t = gw
+        .create_transfer(&transfer("acct_ok", 1_000, Some(&charge), "k-py"))
+        .await
+        .unwrap();
+    let raw = raw_get(&sim, &format!("transfers/{}", t.id)).await;
+    assert!(
+        raw["destination_payment"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("py_")),
+        "{raw}"
+    );
+}
+
+#[tokio::test]
+async fn ending_before_pages_backwards() {
+    let (sim, _control, gw, charge) = ready_to_transfer().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = gw
+            .create_transfer(&transfer("acct_ok", 100 + i, Some(&charge), &format!("k-page-{i}")))
+            .await
+            .unwrap();
+        ids.push(t.id);
+    }
+    ids.reverse(); // newest first, as Stripe lists
+    let page = |v: serde_json::Value| -> (Vec<String>, bool) {
+        (
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_owned())
+                .collect(),
+            v["has_more"].as_bool().unwrap(),
+        )
+    };
+    // Forwards from the newest: two pages of two.
+    assert_eq!(
+        page(raw_get(&sim, "transfers?limit=2").await),
+        (ids[0..2].to_vec(), true)
+    );
+    assert_eq!(
+        page(raw_get(&sim, &format!("transfers?limit=2&starting_after={}", ids[1])).await),
+        (ids[2..4].to_vec(), true)
+    );
+    // Backwards from the oldest: the two just newer than it, still newest first, more before them.
+    assert_eq!(
+        page(raw_get(&sim, &format!("transfers?limit=2&ending_before={}", ids[4])).await),
+        (ids[2..4].to_vec(), true)
+    );
+    assert_eq!(
+        page(raw_get(&sim, &format!("transfers?limit=2&ending_before={}", ids[2])).await),
+        (ids[0..2].to_vec(), false)
+    );
+    assert_eq!(
+        page(raw_get(&sim, &format!("transfers?limit=10&ending_before={}", ids[1])).await),
+        (ids[0..1].to_vec(), false)
+    );
+    let events = raw_get(&sim, "events?limit=1").await;
+    let newest = events["data"][0]["id"].as_str().unwrap().to_owned();
+    let before_newest = raw_get(&sim, &format!("events?limit=3&ending_before={newest}")).await;
+    assert_eq!(page(before_newest), (vec![], false));
+}
+
+/// Waits (bounded) until the simulator's webhook counters satisfy `predicate`.
+async fn wait_for_stats(
+    control: &splitpay::stripe::sim::control::SimControl,
+    what: &str,
+    predicate: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..200 {
+        let stats = control.webhook_stats().await.unwrap();
+        if predicate(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "timed out waiting for {what}: {}",
+        control.webhook_stats().await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_over_days_of_simulator_time_then_given_up() {
+    use std::sync::atomic::Ordering;
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let receiver = Receiver::start().await;
+    control.add_webhook(&receiver.url, "whsec_sim_test").await.unwrap();
+
+    // One refusal: the event waits for its first retry, a minute of simulator time later.
+    receiver.fail_next.store(1, Ordering::SeqCst);
+    gw.create_payment_intent(&intent(1_000, PaymentMethodType::Card, None, "k-r1"))
+        .await
+        .unwrap();
+    let stats = wait_for_stats(&control, "the retry to be scheduled", |s| {
+        s["pending_redeliveries"] == 1
+    })
+    .await;
+    let due = stats["next_redelivery_at"].as_i64().unwrap();
+    let now = sim.now();
+    assert!(
+        (now + REDELIVERY_DELAYS_SECS[0] - 5..=now + REDELIVERY_DELAYS_SECS[0]).contains(&due),
+        "due {due}, now {now}"
+    );
+    // Advance to just before it is due (measured from the attempt, not from now).
+    let before_due = due - now - 1;
+    control.advance_clock(before_due).await.unwrap();
+    let stats = control.webhook_stats().await.unwrap();
+    assert_eq!(
+        (stats["pending_redeliveries"].as_u64(), stats["delivered"].as_u64()),
+        (Some(1), Some(0))
+    );
+    control.advance_clock(2).await.unwrap();
+    assert_eq!(
+        receiver.wait_for("the retried event", |t| !t.is_empty()).await,
+        vec!["payment_intent.created"]
+    );
+    assert_eq!(receiver.refused.load(Ordering::SeqCst), 1);
+
+    // An endpoint that keeps failing: retried on Stripe's backoff for days, then given up.
+    receiver.received.lock().unwrap().clear();
+    receiver.fail_next.store(u32::MAX, Ordering::SeqCst);
+    gw.create_payment_intent(&intent(1_000, PaymentMethodType::Card, None, "k-r2"))
+        .await
+        .unwrap();
+    let mut total = 0;
+    for (retry, delay) in REDELIVERY_DELAYS_SECS.iter().enumerate() {
+        let failed = retry as u64 + 2; // the first refusal above, then this event's attempts
+        wait_for_stats(&control, "a failed attempt", |s| {
+            s["failed_attempts"].as_u64() == Some(failed) && s["pending_redeliveries"] == 1
+        })
+        .await;
+        control.advance_clock(*delay).await.unwrap();
+        total += delay;
+    }
+    let stats = wait_for_stats(&control, "the delivery to be given up", |s| s["given_up"] == 1).await;
+    assert_eq!(stats["pending_redeliveries"], 0);
+    assert_eq!(
+        receiver.refused.load(Ordering::SeqCst),
+        1 + 1 + REDELIVERY_DELAYS_SECS.len() as u32
+    );
+    assert!((2 * 86_400..=3 * 86_400).contains(&total), "retried for {total} s");
+    assert!(receiver.types().is_empty());
+}
+
+#[tokio::test]
+async fn a_past_event_can_be_redelivered_after_newer_ones() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let receiver = Receiver::start().await;
+    control.add_webhook(&receiver.url, "whsec_sim_test").await.unwrap();
+    let becs = gw
+        .create_payment_intent(&intent(
+            2_000,
+            PaymentMethodType::AuBecsDebit,
+            Some("pm_becs_000123456"),
+            "k-redeliver",
+        ))
+        .await
+        .unwrap();
+    control.settle(&becs.id, None).await.unwrap();
+    receiver
+        .wait_for("the succeeded event", |t| {
+            t.contains(&"payment_intent.succeeded".to_owned())
+        })
+        .await;
+    let processing = raw_get(&sim, "events?type=payment_intent.processing").await["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = receiver.types().len();
+    control.redeliver(&processing).await.unwrap();
+    let types = receiver.wait_for("the redelivery", |t| t.len() > before).await;
+    assert_eq!(types.last().map(String::as_str), Some("payment_intent.processing"));
+    let bodies = receiver.received.lock().unwrap().clone();
+    let ids: Vec<String> = bodies
+        .iter()
+        .map(|(_, b)| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ids.iter().filter(|id| **id == processing).count(),
+        2,
+        "the same event id, twice"
+    );
 }

@@ -25,9 +25,13 @@ const RETRYABLE_CODES: [&str; 4] = [
     "balance_insufficient",
 ];
 
-/// Classifies an HTTP failure from Stripe. `should_retry` is the `Stripe-Should-Retry` header, which decides when
-/// present — except that a 5xx stays *unknown* (Stripe may have applied the request and saved the 500 for the key;
-/// "do not retry" then means "look it up", not "it failed").
+/// Classifies an HTTP failure from Stripe. `should_retry` is the `Stripe-Should-Retry` header, which Stripe sends
+/// only on some responses (a key in use, a lock timeout); it decides a 4xx when present, with two exceptions:
+/// - a 5xx stays *unknown* (Stripe may have applied the request and saved the 500 for the key; "do not retry" then
+///   means "look it up", not "it failed");
+/// - a 429 (throttled, lock timeout) or 409 (key in use) is always retryable: throttling must never park a transfer.
+///
+/// Without the header — most answers — the status and the code decide.
 pub fn classify(status: u16, should_retry: Option<bool>, code: Option<&str>) -> ErrorClass {
     if status >= 500 {
         return ErrorClass::Unknown;
@@ -35,15 +39,66 @@ pub fn classify(status: u16, should_retry: Option<bool>, code: Option<&str>) -> 
     if matches!(status, 401 | 403) {
         return ErrorClass::Config;
     }
+    if matches!(status, 409 | 429) {
+        return ErrorClass::Retryable;
+    }
     match should_retry {
         Some(true) => return ErrorClass::Retryable,
         Some(false) => return ErrorClass::Terminal,
         None => {}
     }
-    if matches!(status, 409 | 429) || code.is_some_and(|c| RETRYABLE_CODES.contains(&c)) {
+    if code.is_some_and(|c| RETRYABLE_CODES.contains(&c)) {
         return ErrorClass::Retryable;
     }
     ErrorClass::Terminal
+}
+
+/// Stripe's `error.type` for a key reused with other parameters (Stripe sends no `code` with it).
+pub const IDEMPOTENCY_ERROR_TYPE: &str = "idempotency_error";
+
+/// Stripe's `error.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeErrorType {
+    InvalidRequest,
+    Card,
+    /// The idempotency key was reused with other parameters.
+    Idempotency,
+    Api,
+    /// A type this version of splitpay does not know.
+    Other,
+}
+
+impl StripeErrorType {
+    pub fn parse(raw: &str) -> Self {
+        match raw {
+            "invalid_request_error" => StripeErrorType::InvalidRequest,
+            "card_error" => StripeErrorType::Card,
+            IDEMPOTENCY_ERROR_TYPE => StripeErrorType::Idempotency,
+            "api_error" => StripeErrorType::Api,
+            _ => StripeErrorType::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripeErrorType::InvalidRequest => "invalid_request_error",
+            StripeErrorType::Card => "card_error",
+            StripeErrorType::Idempotency => IDEMPOTENCY_ERROR_TYPE,
+            StripeErrorType::Api => "api_error",
+            StripeErrorType::Other => "other",
+        }
+    }
+}
+
+/// What Stripe said about one failed request, as its error envelope and headers carry it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StripeErrorBody {
+    /// `error.type`: `invalid_request_error`, `card_error`, `idempotency_error`, `api_error`.
+    pub error_type: Option<String>,
+    pub code: Option<String>,
+    pub decline_code: Option<String>,
+    pub message: Option<String>,
+    pub param: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +116,8 @@ pub enum GatewayError {
         decline_code: Option<String>,
         message: String,
         param: Option<String>,
+        /// Stripe's `error.type` (`invalid_request_error`, `card_error`, `idempotency_error`, …).
+        error_type: Option<StripeErrorType>,
         /// A declined confirmation names the PaymentIntent it left behind.
         payment_intent: Option<String>,
     },
@@ -88,20 +145,29 @@ impl GatewayError {
         }
     }
 
-    /// The same key was sent with other parameters: keys are derived from immutable rows, so this is a bug.
+    /// Stripe's `error.type`, when Stripe refused with one.
+    pub fn error_type(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::Terminal { error_type, .. } => error_type.map(StripeErrorType::as_str),
+            _ => None,
+        }
+    }
+
+    /// The same key was sent with other parameters (Stripe's `error.type` is `idempotency_error`): keys are derived
+    /// from immutable rows, so this is a bug.
     pub fn is_idempotency_misuse(&self) -> bool {
-        self.code() == Some("idempotency_error")
+        self.error_type() == Some(IDEMPOTENCY_ERROR_TYPE)
     }
 
     /// Builds the error for a Stripe error response.
-    pub fn from_response(
-        status: u16,
-        should_retry: Option<bool>,
-        code: Option<String>,
-        decline_code: Option<String>,
-        message: Option<String>,
-        param: Option<String>,
-    ) -> Self {
+    pub fn from_response(status: u16, should_retry: Option<bool>, body: StripeErrorBody) -> Self {
+        let StripeErrorBody {
+            error_type,
+            code,
+            decline_code,
+            message,
+            param,
+        } = body;
         let message = message.unwrap_or_else(|| format!("HTTP {status}"));
         match classify(status, should_retry, code.as_deref()) {
             ErrorClass::Retryable => GatewayError::Retryable {
@@ -115,6 +181,7 @@ impl GatewayError {
                 decline_code,
                 message,
                 param,
+                error_type: error_type.as_deref().map(StripeErrorType::parse),
                 payment_intent: None,
             },
             ErrorClass::Unknown => GatewayError::Unknown {
@@ -132,7 +199,7 @@ mod tests {
 
     #[test]
     fn classification_table() {
-        let table: [(u16, Option<bool>, Option<&str>, ErrorClass); 18] = [
+        let table: [(u16, Option<bool>, Option<&str>, ErrorClass); 26] = [
             (429, None, Some("rate_limit"), Retryable),
             (429, None, Some("lock_timeout"), Retryable),
             (409, None, Some("idempotency_key_in_use"), Retryable),
@@ -144,14 +211,23 @@ mod tests {
             (400, None, Some("amount_too_small"), Terminal),
             (404, None, Some("resource_missing"), Terminal),
             (402, None, Some("card_declined"), Terminal),
-            (400, None, Some("idempotency_error"), Terminal),
+            (400, None, None, Terminal),
+            (400, None, Some("parameter_missing"), Terminal),
+            (400, None, Some("parameter_unknown"), Terminal),
+            (400, None, Some("payment_intent_unexpected_state"), Terminal),
+            (409, None, None, Retryable),
+            (429, None, None, Retryable),
             (500, None, None, Unknown),
             (503, Some(true), None, Unknown),
             (500, Some(false), Some("api_error"), Unknown),
             (401, None, None, Config),
-            // The header decides on a 4xx.
+            // The header decides on an ordinary 4xx…
             (400, Some(true), Some("account_invalid"), Retryable),
-            (429, Some(false), Some("rate_limit"), Terminal),
+            (400, Some(false), Some("balance_insufficient"), Terminal),
+            // …but throttling and a key in use retry whatever it says.
+            (429, Some(false), Some("rate_limit"), Retryable),
+            (429, Some(false), Some("lock_timeout"), Retryable),
+            (409, Some(false), Some("idempotency_key_in_use"), Retryable),
         ];
         for (status, header, code, want) in table {
             assert_eq!(classify(status, header, code), want, "{status} {header:?} {code:?}");
@@ -163,15 +239,45 @@ mod tests {
         let e = GatewayError::from_response(
             400,
             None,
-            Some("account_invalid".into()),
-            None,
-            Some("No such destination: 'acct_x'".into()),
-            Some("destination".into()),
+            StripeErrorBody {
+                error_type: Some("invalid_request_error".into()),
+                code: Some("account_invalid".into()),
+                message: Some("No such destination: 'acct_x'".into()),
+                param: Some("destination".into()),
+                ..Default::default()
+            },
         );
         assert_eq!(e.class(), Terminal);
         assert_eq!(e.code(), Some("account_invalid"));
+        assert_eq!(e.error_type(), Some("invalid_request_error"));
+        assert!(!e.is_idempotency_misuse());
         assert!(e.to_string().contains("No such destination"));
-        let misuse = GatewayError::from_response(400, None, Some("idempotency_error".into()), None, None, None);
+    }
+
+    #[test]
+    fn a_misused_key_is_recognised_by_the_error_type_stripe_sends() {
+        // Stripe's envelope: `type: idempotency_error`, no code, no Stripe-Should-Retry header.
+        let misuse = GatewayError::from_response(
+            400,
+            None,
+            StripeErrorBody {
+                error_type: Some(IDEMPOTENCY_ERROR_TYPE.into()),
+                message: Some("Keys for idempotent requests can only be used with the same parameters".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!((misuse.class(), misuse.code()), (Terminal, None));
         assert!(misuse.is_idempotency_misuse());
+        // A code of that name is not what Stripe sends, and does not make a misuse.
+        let by_code = GatewayError::from_response(
+            400,
+            None,
+            StripeErrorBody {
+                error_type: Some("invalid_request_error".into()),
+                code: Some("idempotency_error".into()),
+                ..Default::default()
+            },
+        );
+        assert!(!by_code.is_idempotency_misuse());
     }
 }

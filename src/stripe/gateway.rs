@@ -155,6 +155,8 @@ fn intent_info(pi: stripe_shared::PaymentIntent) -> Result<PaymentIntentInfo, Ga
         }),
         transfer_group: pi.transfer_group,
         metadata: sorted(pi.metadata),
+        payment_method: pi.payment_method.as_ref().map(expandable_id),
+        cancellation_reason: pi.cancellation_reason.map(|r| r.as_str().to_owned()),
     })
 }
 
@@ -222,14 +224,25 @@ impl PaymentGateway for StripeGateway {
         )
     }
 
-    async fn cancel_payment_intent(&self, id: &str, key: &str) -> Result<PaymentIntentInfo, GatewayError> {
+    async fn cancel_payment_intent(
+        &self,
+        id: &str,
+        reason: Option<CancellationReason>,
+        key: &str,
+    ) -> Result<PaymentIntentInfo, GatewayError> {
+        use stripe_core::payment_intent::CancelPaymentIntentCancellationReason as Reason;
+        let mut builder = CancelPaymentIntent::new(id);
+        if let Some(reason) = reason {
+            builder = builder.cancellation_reason(match reason {
+                CancellationReason::Abandoned => Reason::Abandoned,
+                CancellationReason::Duplicate => Reason::Duplicate,
+                CancellationReason::Fraudulent => Reason::Fraudulent,
+                CancellationReason::RequestedByCustomer => Reason::RequestedByCustomer,
+            });
+        }
         intent_info(
-            self.send(
-                "cancel_payment_intent",
-                || CancelPaymentIntent::new(id).customize(),
-                Some(key),
-            )
-            .await?,
+            self.send("cancel_payment_intent", || builder.customize(), Some(key))
+                .await?,
         )
     }
 

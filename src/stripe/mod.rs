@@ -71,6 +71,27 @@ impl IntentStatus {
     }
 }
 
+/// Why a PaymentIntent is canceled (the values Stripe lets a caller give).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancellationReason {
+    /// Nobody paid within the time allowed.
+    Abandoned,
+    Duplicate,
+    Fraudulent,
+    RequestedByCustomer,
+}
+
+impl CancellationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancellationReason::Abandoned => "abandoned",
+            CancellationReason::Duplicate => "duplicate",
+            CancellationReason::Fraudulent => "fraudulent",
+            CancellationReason::RequestedByCustomer => "requested_by_customer",
+        }
+    }
+}
+
 /// Why a payment failed, as Stripe reports it (`last_payment_error`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentFailure {
@@ -91,6 +112,10 @@ pub struct PaymentIntentInfo {
     pub last_payment_error: Option<PaymentFailure>,
     pub transfer_group: Option<String>,
     pub metadata: Metadata,
+    /// The PaymentMethod attached; Stripe detaches a declined one (null), so a retry needs a new one.
+    pub payment_method: Option<String>,
+    /// Null until canceled (`abandoned`, `requested_by_customer`, … or one Stripe sets itself).
+    pub cancellation_reason: Option<String>,
 }
 
 impl std::fmt::Debug for PaymentIntentInfo {
@@ -105,6 +130,8 @@ impl std::fmt::Debug for PaymentIntentInfo {
             .field("last_payment_error", &self.last_payment_error)
             .field("transfer_group", &self.transfer_group)
             .field("metadata", &self.metadata)
+            .field("payment_method", &self.payment_method)
+            .field("cancellation_reason", &self.cancellation_reason)
             .finish()
     }
 }
@@ -225,7 +252,12 @@ pub trait PaymentGateway: Send + Sync {
         payment_method: &str,
         idempotency_key: &str,
     ) -> Result<PaymentIntentInfo, GatewayError>;
-    async fn cancel_payment_intent(&self, id: &str, idempotency_key: &str) -> Result<PaymentIntentInfo, GatewayError>;
+    async fn cancel_payment_intent(
+        &self,
+        id: &str,
+        reason: Option<CancellationReason>,
+        idempotency_key: &str,
+    ) -> Result<PaymentIntentInfo, GatewayError>;
     /// The charge with its balance transaction expanded.
     async fn retrieve_charge(&self, id: &str) -> Result<ChargeInfo, GatewayError>;
     async fn create_transfer(&self, params: &CreateTransferParams) -> Result<TransferInfo, GatewayError>;

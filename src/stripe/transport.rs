@@ -14,7 +14,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use stripe_client_core::{CustomizedStripeRequest, RequestStrategy, StripeClient, StripeClientErr, StripeMethod};
 
-use super::error::GatewayError;
+use super::error::{GatewayError, StripeErrorBody};
 use super::keys::StripeKey;
 
 /// Stripe's production API base; tests and the demo use the simulator's.
@@ -66,10 +66,13 @@ impl From<TransportError> for GatewayError {
                 let mut err = GatewayError::from_response(
                     status,
                     should_retry,
-                    code,
-                    error.decline_code,
-                    error.message,
-                    error.param,
+                    StripeErrorBody {
+                        error_type: Some(error.type_.as_str().to_owned()),
+                        code,
+                        decline_code: error.decline_code,
+                        message: error.message,
+                        param: error.param,
+                    },
                 );
                 if let GatewayError::Terminal { payment_intent, .. } = &mut err {
                     *payment_intent = intent;
@@ -77,7 +80,7 @@ impl From<TransportError> for GatewayError {
                 err
             }
             TransportError::NonJsonError { status, should_retry } => {
-                GatewayError::from_response(status, should_retry, None, None, None, None)
+                GatewayError::from_response(status, should_retry, StripeErrorBody::default())
             }
             TransportError::NotSent(reason) => GatewayError::Retryable {
                 status: None,

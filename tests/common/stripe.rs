@@ -38,35 +38,59 @@ pub fn gateway_with(server: &SimServer, tweak: impl FnOnce(&mut GatewayConfig)) 
 /// Each delivery's `Stripe-Signature` header and body, in arrival order.
 pub type Deliveries = Arc<Mutex<Vec<(Option<String>, String)>>>;
 
-/// A webhook endpoint on a free port that records each delivery.
+/// A webhook endpoint on a free port that records each delivery it accepts.
 pub struct Receiver {
     pub url: String,
     pub received: Deliveries,
+    /// The next this many deliveries are answered 500 (and not recorded).
+    pub fail_next: Arc<std::sync::atomic::AtomicU32>,
+    /// Deliveries answered 500 so far.
+    pub refused: Arc<std::sync::atomic::AtomicU32>,
     _server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    received: Deliveries,
+    fail_next: Arc<std::sync::atomic::AtomicU32>,
+    refused: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Receiver {
     pub async fn start() -> Self {
-        use axum::{body::Bytes, extract::State, http::HeaderMap, routing::post, Router};
-        let received: Deliveries = Arc::default();
+        use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, routing::post, Router};
+        use std::sync::atomic::Ordering;
+        let state = ReceiverState {
+            received: Arc::default(),
+            fail_next: Arc::default(),
+            refused: Arc::default(),
+        };
         let app = Router::new()
             .route(
                 "/hook",
                 post(
-                    |State(store): State<Deliveries>, headers: HeaderMap, body: Bytes| async move {
+                    |State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes| async move {
+                        let failing = s
+                            .fail_next
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        if failing {
+                            s.refused.fetch_add(1, Ordering::SeqCst);
+                            return StatusCode::INTERNAL_SERVER_ERROR;
+                        }
                         let signature = headers
                             .get("stripe-signature")
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_owned);
-                        store
+                        s.received
                             .lock()
                             .unwrap()
                             .push((signature, String::from_utf8_lossy(&body).into_owned()));
-                        "ok"
+                        StatusCode::OK
                     },
                 ),
             )
-            .with_state(received.clone());
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
@@ -74,7 +98,9 @@ impl Receiver {
         });
         Self {
             url,
-            received,
+            received: state.received,
+            fail_next: state.fail_next,
+            refused: state.refused,
             _server: server,
         }
     }

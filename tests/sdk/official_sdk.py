@@ -95,6 +95,77 @@ try:
 except stripe.IdempotencyError:
     check(True, "idempotency error")
 
+# Stripe's idempotency error is an error *type*: the SDK raises IdempotencyError, with no code.
+try:
+    client.v1.transfers.create(
+        params={"amount": 6002, "currency": "aud", "destination": account.id, "source_transaction": charge.id},
+        options={"idempotency_key": "sdk-tr-1"},
+    )
+    raise AssertionError("reusing a key with other parameters must raise")
+except stripe.IdempotencyError as e:
+    check(e.error.type == "idempotency_error" and e.code is None, "idempotency error type, no code")
+
+# A decline detaches the PaymentMethod; a bare confirm is refused; another card pays the same PaymentIntent.
+try:
+    client.v1.payment_intents.create(
+        params={"amount": 2000, "currency": "aud", "payment_method": "pm_card_chargeDeclined", "confirm": True}
+    )
+    raise AssertionError("a declined card must raise")
+except stripe.CardError as e:
+    retry_pi = e.error.payment_intent
+check(retry_pi.payment_method is None and retry_pi.cancellation_reason is None, "declined intent has no method")
+try:
+    client.v1.payment_intents.confirm(retry_pi.id)
+    raise AssertionError("a confirm without a payment method must raise")
+except stripe.InvalidRequestError as e:
+    check(e.code == "payment_intent_unexpected_state", "bare confirm refused")
+paid = client.v1.payment_intents.confirm(retry_pi.id, params={"payment_method": "pm_card_visa"})
+check(paid.status == "succeeded" and paid.id == retry_pi.id, "retry with another card")
+
+# Cancel: Stripe's reasons, and a succeeded PaymentIntent cannot be canceled.
+open_pi = client.v1.payment_intents.create(params={"amount": 1000, "currency": "aud"})
+canceled = client.v1.payment_intents.cancel(open_pi.id, params={"cancellation_reason": "abandoned"})
+check(canceled.status == "canceled" and canceled.cancellation_reason == "abandoned", "cancellation reason")
+try:
+    client.v1.payment_intents.cancel(pi.id)
+    raise AssertionError("canceling a succeeded PaymentIntent must raise")
+except stripe.InvalidRequestError as e:
+    check(e.code == "payment_intent_unexpected_state", "succeeded cannot be canceled")
+
+# Validation: Stripe's codes, the parameter named.
+try:
+    client.v1.payment_intents.create(params={"amount": 1000, "currency": "aud", "colour": "red"})
+    raise AssertionError("an unknown parameter must raise")
+except stripe.InvalidRequestError as e:
+    check(e.code == "parameter_unknown" and e.param == "colour", "unknown parameter")
+try:
+    client.v1.payment_intents.create(params={"currency": "aud"})
+    raise AssertionError("a missing amount must raise")
+except stripe.InvalidRequestError as e:
+    check(e.code == "parameter_missing" and e.param == "amount", "missing parameter")
+try:
+    client.v1.refunds.create(params={"payment_intent": pi.id, "amount": 100, "reason": "bored"})
+    raise AssertionError("an unknown refund reason must raise")
+except stripe.InvalidRequestError as e:
+    check(e.param == "reason", "refund reason enum")
+try:
+    client.v1.transfers.create(
+        params={"amount": 100, "currency": "aud", "destination": account.id, "metadata": {"k" * 41: "v"}}
+    )
+    raise AssertionError("a metadata key over 40 characters must raise")
+except stripe.InvalidRequestError as e:
+    check(e.param.startswith("metadata"), "metadata limits")
+
+check(transfer.destination_payment.startswith("py_"), "destination payment")
+
+# ending_before pages backwards.
+second = client.v1.transfers.create(
+    params={"amount": 100, "currency": "aud", "destination": account.id, "source_transaction": charge.id,
+            "transfer_group": "spay_sdk"},
+)
+newer = client.v1.transfers.list(params={"transfer_group": "spay_sdk", "ending_before": transfer.id})
+check([t.id for t in newer.data] == [second.id], "ending_before")
+
 events = client.v1.events.list(params={"limit": 100})
 check(all(isinstance(e, stripe.Event) for e in events.data) and len(events.data) > 5, "events")
 check(any(e.type == "transfer.created" and e.data.object.id == transfer.id for e in events.data), "event payload")

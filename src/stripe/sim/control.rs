@@ -6,14 +6,16 @@
 //! | `POST /_sim/faults` `{kind, count, path_contains?, method?}` | the next `count` matching requests fail (see [`FaultKind`]) |
 //! | `DELETE /_sim/faults` | clears faults |
 //! | `POST /_sim/latency` `{min_ms, max_ms, processing_ms?}` | uniform latency before each request; time a request holds its key |
-//! | `POST /_sim/clock/advance` `{seconds}` | moves the clock on (pending debits settle, delayed balance transactions appear) |
+//! | `POST /_sim/clock/advance` `{seconds}` | moves the clock on (pending debits settle, delayed balance transactions appear, due webhook retries go out) |
 //! | `POST /_sim/payment_intents/{id}/settle` `{outcome: "succeed"\|"fail", failure_code?, failure_message?}` | settles a pending debit now |
 //! | `POST /_sim/accounts` `{id?, transfers?, country?}` | creates a connected account |
 //! | `POST /_sim/accounts/{id}/capabilities` `{transfers}` | sets the `transfers` capability |
 //! | `POST /_sim/balance/top_up` `{currency, amount}` | adds available platform balance |
 //! | `POST /_sim/webhooks` `{url, secret}` | registers a webhook endpoint |
 //! | `POST /_sim/webhooks/mode` `{duplicate?, drop_next?, hold?}` | delivery modes |
-//! | `POST /_sim/webhooks/flush` | releases held events, newest first (reordered) |
+//! | `POST /_sim/webhooks/flush` | releases held events, newest first (reordered), one after the other |
+//! | `POST /_sim/webhooks/redeliver` `{event_id}` | sends a past event again now, after whatever came since |
+//! | `GET /_sim/webhooks` | delivery counters and pending retries (`pending_redeliveries`, `next_redelivery_at`) |
 //! | `GET /_sim/requests` | the API requests received, with arrival times |
 //! | `POST /_sim/config` | replaces the [`SimConfig`] (fees, delays, idempotency TTL, …) |
 
@@ -67,7 +69,13 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
             let seconds = arg_i64(args, "seconds")?;
             shared.clock_offset_secs.fetch_add(seconds, Ordering::SeqCst);
             let now = shared.now();
-            shared.model.lock().expect("no panics while held").tick(now);
+            let events = {
+                let mut model = shared.model.lock().expect("no panics while held");
+                model.tick(now);
+                model.take_undelivered()
+            };
+            super::webhooks::deliver(shared, events);
+            super::webhooks::release_due(shared);
             Ok(json!({ "now": now }))
         }
         ("POST", ["payment_intents", id, "settle"]) => {
@@ -101,7 +109,7 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
                 .model
                 .lock()
                 .expect("no panics while held")
-                .create_account(&form, now)
+                .insert_account(&form, now)
         }
         ("POST", ["accounts", id, "capabilities"]) => {
             let status = arg_str(args, "transfers")?;
@@ -126,7 +134,7 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
                 .lock()
                 .expect("no panics while held")
                 .endpoints
-                .push((url, secret));
+                .push(super::webhooks::Endpoint { url, secret });
             Ok(json!({ "ok": true }))
         }
         ("POST", ["webhooks", "mode"]) => {
@@ -143,22 +151,34 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
             Ok(json!({ "duplicate": hooks.duplicate, "drop_next": hooks.drop_next, "hold": hooks.hold }))
         }
         ("POST", ["webhooks", "flush"]) => {
-            let (mut held, endpoints) = {
-                let mut hooks = shared.webhooks.lock().expect("no panics while held");
-                (std::mem::take(&mut hooks.held), hooks.endpoints.clone())
-            };
+            let mut held = std::mem::take(&mut shared.webhooks.lock().expect("no panics while held").held);
             held.reverse();
             let count = held.len();
             let shared = shared.clone();
-            tokio::spawn(async move {
-                for event in held {
-                    let body = event.json().to_string();
-                    for (url, secret) in &endpoints {
-                        super::send_with_retries(&shared, url, secret, &body).await;
-                    }
-                }
-            });
+            tokio::spawn(async move { super::webhooks::deliver_in_order(&shared, held).await });
             Ok(json!({ "released": count }))
+        }
+        ("POST", ["webhooks", "redeliver"]) => {
+            let id = arg_str(args, "event_id")?;
+            let event = shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .event(id)
+                .ok_or_else(|| SimError::missing("event", id, Some("event_id")))?;
+            let endpoints = super::webhooks::redeliver(shared, event);
+            Ok(json!({ "endpoints": endpoints }))
+        }
+        ("GET", ["webhooks"]) => {
+            let hooks = shared.webhooks.lock().expect("no panics while held");
+            Ok(json!({
+                "delivered": hooks.delivered,
+                "failed_attempts": hooks.failed_attempts,
+                "given_up": hooks.given_up,
+                "pending_redeliveries": hooks.pending_redeliveries(),
+                "next_redelivery_at": hooks.next_redelivery_at(),
+                "held": hooks.held.len(),
+            }))
         }
         ("GET", ["requests"]) => {
             let log: Vec<RequestLogEntry> = shared.requests.lock().expect("no panics while held").clone();
@@ -283,6 +303,18 @@ impl SimControl {
 
     pub async fn webhook_mode(&self, mode: Value) -> Result<(), ControlError> {
         self.post("webhooks/mode", mode).await.map(|_| ())
+    }
+
+    /// Delivery counters and pending retries (see `GET /_sim/webhooks`).
+    pub async fn webhook_stats(&self) -> Result<Value, ControlError> {
+        self.get("webhooks").await
+    }
+
+    /// Sends a past event again, now.
+    pub async fn redeliver(&self, event_id: &str) -> Result<(), ControlError> {
+        self.post("webhooks/redeliver", json!({ "event_id": event_id }))
+            .await
+            .map(|_| ())
     }
 
     pub async fn flush_webhooks(&self) -> Result<u64, ControlError> {

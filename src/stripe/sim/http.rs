@@ -2,7 +2,6 @@
 //! `idempotency_key_in_use`, expiry), injected faults and latency, and routing to the model. Control calls live
 //! under `/_sim/`, a path Stripe does not use.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -12,41 +11,19 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::form::Form;
+use super::idempotency::Idem;
 use super::model::SimError;
 use super::{Fault, FaultKind, Shared};
 
 /// Bounds a request body, like any server should.
 pub const BODY_BYTES_MAX: usize = 256 * 1024;
 
-#[derive(Debug, Clone)]
-pub(super) enum Idem {
-    InFlight {
-        fingerprint: Vec<(String, String)>,
-        created: i64,
-    },
-    Done {
-        fingerprint: Vec<(String, String)>,
-        created: i64,
-        status: u16,
-        body: Value,
-    },
+fn new_request_id() -> String {
+    format!("req_{}", &uuid::Uuid::new_v4().simple().to_string()[..14])
 }
 
-impl Idem {
-    fn created(&self) -> i64 {
-        match self {
-            Idem::InFlight { created, .. } | Idem::Done { created, .. } => *created,
-        }
-    }
-
-    fn fingerprint(&self) -> &[(String, String)] {
-        match self {
-            Idem::InFlight { fingerprint, .. } | Idem::Done { fingerprint, .. } => fingerprint,
-        }
-    }
-}
-
-fn json_response(status: u16, body: &Value, extra: &[(&'static str, &'static str)]) -> Response {
+/// A JSON response with a fresh `Request-Id` and the given headers.
+fn json_response(status: u16, body: &Value, extra: &[(&'static str, String)]) -> Response {
     let mut response = (
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         body.to_string(),
@@ -54,24 +31,24 @@ fn json_response(status: u16, body: &Value, extra: &[(&'static str, &'static str
         .into_response();
     let headers = response.headers_mut();
     headers.insert("content-type", "application/json".parse().expect("static"));
-    headers.insert(
-        "request-id",
-        format!("req_{}", &uuid::Uuid::new_v4().simple().to_string()[..14])
-            .parse()
-            .expect("ascii"),
-    );
+    headers.insert("request-id", new_request_id().parse().expect("ascii"));
     for (name, value) in extra {
-        headers.insert(*name, value.parse().expect("static header values"));
+        if let Ok(value) = value.parse() {
+            headers.insert(*name, value);
+        }
     }
     response
 }
 
+/// The headers Stripe sends with an error: `Stripe-Should-Retry` only where the error says so.
+fn error_headers(e: &SimError) -> Vec<(&'static str, String)> {
+    e.should_retry
+        .map(|r| vec![("stripe-should-retry", r.to_string())])
+        .unwrap_or_default()
+}
+
 fn error_response(e: &SimError) -> Response {
-    let retry = e.should_retry.map(|r| if r { "true" } else { "false" });
-    match retry {
-        Some(value) => json_response(e.status, &e.body(), &[("stripe-should-retry", value)]),
-        None => json_response(e.status, &e.body(), &[]),
-    }
+    json_response(e.status, &e.body(), &error_headers(e))
 }
 
 /// Headers go out, then the connection breaks mid-body: the client cannot tell whether the request was applied.
@@ -132,7 +109,7 @@ pub(super) async fn stripe_api(
     }) = fault
     {
         let mut e = SimError::refused(429, "rate_limit", "Too many requests hit the API too quickly.", None);
-        e.should_retry = Some(true);
+        // Stripe's rate limiter sends no Stripe-Should-Retry (UNCONFIRMED); a 429 is retried on its status.
         e.saved = false;
         return error_response(&e);
     }
@@ -182,9 +159,10 @@ pub(super) async fn stripe_api(
         match idem.get(key) {
             Some(entry) if entry.fingerprint() != fingerprint.as_slice() => {
                 let shown = key.split('\u{0}').nth(1).unwrap_or_default();
+                // Stripe's envelope: `type: idempotency_error`, no code, no param, no Stripe-Should-Retry.
                 let e = SimError {
                     kind: "idempotency_error",
-                    code: Some("idempotency_error".into()),
+                    code: None,
                     ..SimError::invalid(
                         "",
                         format!("Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{shown}' if you meant to execute a different request."),
@@ -203,8 +181,12 @@ pub(super) async fn stripe_api(
                 e.saved = false;
                 return error_response(&e);
             }
-            Some(Idem::Done { status, body, .. }) => {
-                return json_response(*status, body, &[("idempotent-replayed", "true")]);
+            Some(Idem::Done {
+                status, body, headers, ..
+            }) => {
+                let mut replayed = headers.clone();
+                replayed.push(("idempotent-replayed", "true".to_owned()));
+                return json_response(*status, body, &replayed);
             }
             None => {
                 idem.insert(
@@ -243,10 +225,13 @@ pub(super) async fn stripe_api(
         }
         route(&shared, &method, &path, &form)
     };
-    let (status, body, saved) = match &result {
-        Ok(v) => (200, v.clone(), true),
-        Err(e) => (e.status, e.body(), e.saved),
+    let (status, body, saved, mut headers) = match &result {
+        Ok(v) => (200, v.clone(), true, Vec::new()),
+        Err(e) => (e.status, e.body(), e.saved, error_headers(e)),
     };
+    // Stripe names the first request (`Original-Request`): the same id now, the first one's in a replay.
+    let request_id = new_request_id();
+    headers.push(("original-request", request_id.clone()));
     if let Some(key) = &key {
         let mut idem = shared.idempotency.lock().expect("no panics while held");
         if saved {
@@ -258,6 +243,7 @@ pub(super) async fn stripe_api(
                     created,
                     status,
                     body: body.clone(),
+                    headers: headers.clone(),
                 },
             );
         } else {
@@ -272,10 +258,8 @@ pub(super) async fn stripe_api(
     {
         return broken_response();
     }
-    match result {
-        Ok(v) => json_response(200, &v, &[]),
-        Err(e) => error_response(&e),
-    }
+    headers.push(("request-id", request_id));
+    json_response(status, &body, &headers)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -299,7 +283,7 @@ pub(super) fn route(shared: &Shared, method: &Method, path: &str, form: &Form) -
         ("POST", ["payment_intents"]) => model.create_intent(form, now),
         ("GET", ["payment_intents", id]) => model.retrieve_intent(id, &expand, now),
         ("POST", ["payment_intents", id, "confirm"]) => model.confirm_intent(id, form, now),
-        ("POST", ["payment_intents", id, "cancel"]) => model.cancel_intent(id, now),
+        ("POST", ["payment_intents", id, "cancel"]) => model.cancel_intent(id, form, now),
         ("GET", ["charges", id]) => model.retrieve_charge(id, &expand, now),
         ("POST", ["transfers"]) => model.create_transfer(form, now),
         ("GET", ["transfers"]) => model.list_transfers(form),
@@ -342,5 +326,3 @@ pub(super) async fn control(
         Err(e) => error_response(&e),
     }
 }
-
-pub(super) type IdempotencyTable = HashMap<String, Idem>;

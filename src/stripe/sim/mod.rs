@@ -4,11 +4,13 @@
 //!
 //! - [`model`]: the objects and Stripe's rules (no HTTP).
 //! - [`form`]: Stripe's bracketed form encoding.
-//! - `http`: auth, idempotency, faults, routing.
+//! - `http`: auth, faults, routing; `idempotency`: saved and replayed responses per key.
 //! - [`control`]: the `/_sim/` control API and [`control::SimControl`], its client.
 //!
+//! - [`webhooks`]: delivery as Stripe does it: concurrent, unordered, retried over days of simulator time.
+//!
 //! Webhooks: every state change creates an `evt_…` (listable at `/v1/events`) and is POSTed, signed, to each
-//! registered endpoint, with delivery modes for duplicates, held-back (reordered) and dropped events.
+//! registered endpoint, with delivery modes for duplicates, held-back (reordered), dropped and redelivered events.
 
 // A refused simulated request builds one `SimError` (Stripe's whole error envelope); boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -16,7 +18,11 @@
 pub mod control;
 pub mod form;
 mod http;
+mod idempotency;
 pub mod model;
+mod webhooks;
+
+pub use webhooks::REDELIVERY_DELAYS_SECS;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -28,13 +34,10 @@ use axum::Router;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::config::Secret;
-use model::{Event, Model, SimConfig};
+use model::{Model, SimConfig};
 
 /// How often pending debits and delayed balance transactions are checked against the clock.
 const TICK_MS: u64 = 100;
-/// A webhook delivery is tried this many times before it is given up (Stripe tries for days; the tests need less).
-const DELIVERY_ATTEMPTS_MAX: u32 = 5;
 const DELIVERY_TIMEOUT_MS: u64 = 5_000;
 /// Bounds the request log kept for tests.
 const REQUEST_LOG_MAX: usize = 100_000;
@@ -65,15 +68,6 @@ pub struct Fault {
     pub method: Option<String>,
 }
 
-#[derive(Debug, Default)]
-struct WebhookState {
-    endpoints: Vec<(String, Secret)>,
-    duplicate: bool,
-    drop_next: u32,
-    hold: bool,
-    held: Vec<Event>,
-}
-
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RequestLogEntry {
     pub method: String,
@@ -84,14 +78,14 @@ pub struct RequestLogEntry {
 
 pub(crate) struct Shared {
     model: Mutex<Model>,
-    idempotency: Mutex<http::IdempotencyTable>,
+    idempotency: Mutex<idempotency::IdempotencyTable>,
     faults: Mutex<Vec<Fault>>,
     /// (min, max) latency added to every API request.
     latency_ms: Mutex<(u64, u64)>,
     /// How long executing a request takes (holds its idempotency key in flight).
     processing_ms: AtomicU64,
     clock_offset_secs: AtomicI64,
-    webhooks: Mutex<WebhookState>,
+    webhooks: Mutex<webhooks::WebhookState>,
     requests: Mutex<Vec<RequestLogEntry>>,
     started: Instant,
     deliver: Notify,
@@ -208,7 +202,7 @@ pub async fn start_on(config: SimConfig, addr: SocketAddr) -> std::io::Result<Si
         latency_ms: Mutex::new((0, 0)),
         processing_ms: AtomicU64::new(0),
         clock_offset_secs: AtomicI64::new(0),
-        webhooks: Mutex::new(WebhookState::default()),
+        webhooks: Mutex::new(webhooks::WebhookState::default()),
         requests: Mutex::new(Vec::new()),
         started: Instant::now(),
         deliver: Notify::new(),
@@ -268,66 +262,7 @@ async fn tick_and_deliver(shared: Arc<Shared>) {
             model.tick(now);
             model.take_undelivered()
         };
-        deliver(&shared, events).await;
+        webhooks::deliver(&shared, events);
+        webhooks::release_due(&shared);
     }
-}
-
-async fn deliver(shared: &Arc<Shared>, events: Vec<Event>) {
-    if events.is_empty() {
-        return;
-    }
-    let (endpoints, sends) = {
-        let mut hooks = shared.webhooks.lock().expect("no panics while held");
-        if hooks.endpoints.is_empty() {
-            return;
-        }
-        let mut sends = Vec::new();
-        for event in events {
-            if hooks.hold {
-                hooks.held.push(event);
-                continue;
-            }
-            if hooks.drop_next > 0 {
-                hooks.drop_next -= 1;
-                continue;
-            }
-            let copies = if hooks.duplicate { 2 } else { 1 };
-            for _ in 0..copies {
-                sends.push(event.clone());
-            }
-        }
-        (hooks.endpoints.clone(), sends)
-    };
-    for event in sends {
-        let body = event.json().to_string();
-        for (url, secret) in &endpoints {
-            send_with_retries(shared, url, secret, &body).await;
-        }
-    }
-}
-
-/// Posts one event, retrying a few times on failure (as Stripe does, much faster).
-async fn send_with_retries(shared: &Arc<Shared>, url: &str, secret: &Secret, body: &str) {
-    for attempt in 1..=DELIVERY_ATTEMPTS_MAX {
-        // Stripe signs with the real time, not the business clock tests advance.
-        let real_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let signature = crate::stripe::webhook::sign(body.as_bytes(), secret, real_now);
-        let sent = shared
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .header("stripe-signature", signature)
-            .body(body.to_owned())
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::debug!(url, status = %r.status(), attempt, "webhook endpoint refused an event"),
-            Err(e) => tracing::debug!(url, error = %e, attempt, "webhook delivery failed"),
-        }
-        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-    }
-    tracing::warn!(url, "webhook delivery given up");
 }

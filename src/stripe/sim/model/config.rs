@@ -1,0 +1,84 @@
+//! How the simulator behaves: Stripe's fees per payment method, settlement delays, the idempotency TTL. Every
+//! field can be changed at run time through `/_sim/config`.
+
+/// Stripe's fee for a payment method: basis points of the amount (half-up) plus a fixed part, optionally capped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct FeeRule {
+    pub rate_bps: i64,
+    pub fixed_cents: i64,
+    pub cap_cents: Option<i64>,
+}
+
+impl FeeRule {
+    pub fn fee_cents(&self, amount_cents: i64) -> i64 {
+        let fee = (amount_cents * self.rate_bps + 5_000) / 10_000 + self.fixed_cents;
+        self.cap_cents.map_or(fee, |cap| fee.min(cap)).min(amount_cents)
+    }
+}
+
+/// How the simulator behaves; every field can be changed at run time through `/_sim/config`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct SimConfig {
+    /// Domestic AU card pricing by default.
+    pub card_fee: FeeRule,
+    /// BECS: 1% + 30c, capped at A$3.50.
+    pub becs_fee: FeeRule,
+    pub payto_fee: FeeRule,
+    /// How long an ordinary BECS debit stays `processing`.
+    pub becs_settle_secs: i64,
+    /// The "after 3 minutes" BECS test accounts.
+    pub becs_delayed_settle_secs: i64,
+    pub payto_settle_secs: i64,
+    /// Asynchronous capture: a succeeded charge's `balance_transaction` stays null this long (0: at once).
+    pub balance_transaction_delay_secs: i64,
+    /// Pending period of charge funds before they are available.
+    pub available_after_secs: i64,
+    pub idempotency_ttl_secs: i64,
+    /// New connected accounts that request `transfers` get it active at once.
+    pub auto_activate_transfers: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            card_fee: FeeRule {
+                rate_bps: 175,
+                fixed_cents: 30,
+                cap_cents: None,
+            },
+            becs_fee: FeeRule {
+                rate_bps: 100,
+                fixed_cents: 30,
+                cap_cents: Some(350),
+            },
+            payto_fee: FeeRule {
+                rate_bps: 100,
+                fixed_cents: 30,
+                cap_cents: Some(350),
+            },
+            becs_settle_secs: 5,
+            becs_delayed_settle_secs: 180,
+            payto_settle_secs: 3,
+            balance_transaction_delay_secs: 0,
+            available_after_secs: 2 * 86_400,
+            idempotency_ttl_secs: 86_400,
+            auto_activate_transfers: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fee_rules_round_half_up_and_cap() {
+        let card = SimConfig::default().card_fee;
+        assert_eq!(card.fee_cents(10_000), 205); // 1.75% + 30c
+        assert_eq!(card.fee_cents(1_000), 48); // 17.5 → 18, + 30
+        let becs = SimConfig::default().becs_fee;
+        assert_eq!(becs.fee_cents(100_000), 350, "capped at A$3.50");
+        assert_eq!(becs.fee_cents(10), 10, "never more than the amount");
+    }
+}

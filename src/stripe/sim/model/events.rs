@@ -1,0 +1,68 @@
+//! Events: one per state change, kept for `/v1/events` and handed to the webhook deliverer.
+
+use serde_json::{json, Value};
+
+use super::{page, Model, SimError};
+use crate::stripe::sim::form::Form;
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: String,
+    pub type_: String,
+    pub created: i64,
+    pub object: Value,
+}
+
+impl Event {
+    pub fn json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "event",
+            "api_version": stripe_shared::version::VERSION.as_str(),
+            "created": self.created,
+            "data": { "object": self.object },
+            "livemode": false,
+            "pending_webhooks": 1,
+            "request": { "id": null, "idempotency_key": null },
+            "type": self.type_,
+        })
+    }
+}
+
+impl Model {
+    pub fn list_events(&self, query: &Form) -> Result<Value, SimError> {
+        query.only(&[
+            "created",
+            "delivery_success",
+            "ending_before",
+            "limit",
+            "starting_after",
+            "type",
+            "types",
+        ])?;
+        let limit = query.int("limit")?.unwrap_or(10);
+        if !(1..=100).contains(&limit) {
+            return Err(SimError::invalid("limit", "limit must be between 1 and 100"));
+        }
+        let type_ = query.get("type");
+        let matching: Vec<&Event> = self
+            .events
+            .iter()
+            .rev()
+            .filter(|e| type_.is_none_or(|t| e.type_ == t))
+            .collect();
+        page(&matching, query, limit, "/v1/events", |e| e.id.as_str(), Event::json)
+    }
+
+    pub fn event(&self, id: &str) -> Option<Event> {
+        self.events.iter().find(|e| e.id == id).cloned()
+    }
+
+    pub fn retrieve_event(&self, id: &str) -> Result<Value, SimError> {
+        self.events
+            .iter()
+            .find(|e| e.id == id)
+            .map(Event::json)
+            .ok_or_else(|| SimError::missing("event", id, Some("id")))
+    }
+}

@@ -1,0 +1,159 @@
+//! The simulator's state and Stripe's rules, without HTTP, one file per resource: PaymentIntents (card,
+//! au_becs_debit, payto), their charges and balance transactions, connected accounts, the platform balance,
+//! transfers and reversals, refunds, and the events every state change emits. Times are the simulator's clock
+//! (unix seconds), which tests advance.
+
+mod accounts;
+mod balance;
+mod charges;
+mod config;
+mod error;
+mod events;
+mod payment_intents;
+mod refunds;
+mod transfers;
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+
+use super::form::Form;
+
+pub use config::{FeeRule, SimConfig};
+pub use error::SimError;
+pub use events::Event;
+
+use accounts::Account;
+use balance::BalanceTxn;
+use charges::Charge;
+use payment_intents::PaymentIntent;
+use refunds::Refund;
+use transfers::Transfer;
+
+pub(super) fn random_id(prefix: &str) -> String {
+    let raw = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &raw[..24])
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    pub config: SimConfig,
+    intents: HashMap<String, PaymentIntent>,
+    charges: HashMap<String, Charge>,
+    balance_txns: Vec<BalanceTxn>,
+    accounts: HashMap<String, Account>,
+    transfers: Vec<Transfer>,
+    transfer_index: HashMap<String, usize>,
+    refunds: HashMap<String, Refund>,
+    events: Vec<Event>,
+    /// Events not yet handed to the webhook deliverer.
+    undelivered: Vec<Event>,
+}
+
+impl Model {
+    pub fn new(config: SimConfig) -> Self {
+        Self {
+            config,
+            ..Self::default()
+        }
+    }
+
+    fn emit(&mut self, type_: &str, object: Value, now: i64) {
+        let event = Event {
+            id: random_id("evt"),
+            type_: type_.to_owned(),
+            created: now,
+            object,
+        };
+        self.events.push(event.clone());
+        self.undelivered.push(event);
+    }
+
+    pub fn take_undelivered(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.undelivered)
+    }
+
+    /// Moves time-driven state on: due debits settle, delayed balance transactions appear.
+    pub fn tick(&mut self, now: i64) {
+        let mut due: Vec<String> = self
+            .intents
+            .values()
+            .filter(|pi| pi.settle_at.is_some_and(|at| at <= now))
+            .map(|pi| pi.id.clone())
+            .collect();
+        due.sort();
+        for id in due {
+            let _ = self.settle(&id, None, now);
+        }
+        let mut booked: Vec<String> = self
+            .charges
+            .values()
+            .filter(|c| c.balance_transaction_due.is_some_and(|at| at <= now))
+            .map(|c| c.id.clone())
+            .collect();
+        booked.sort();
+        for id in booked {
+            self.book_charge_balance(&id, now);
+            let charge_json = self.charge_json(&self.charges[&id], &[], now);
+            self.emit("charge.updated", charge_json, now);
+        }
+    }
+}
+
+/// Adds `fields` as nulls: the top-level fields of Stripe's object that splitpay has no use for. Stripe's clients
+/// expect every field to be present; null is always safe (async-stripe needs a non-null nested object complete).
+pub(super) fn with_nulls(mut object: Value, fields: &[&str]) -> Value {
+    if let Some(map) = object.as_object_mut() {
+        for field in fields {
+            map.entry(*field).or_insert(Value::Null);
+        }
+    }
+    object
+}
+
+/// One page of a Stripe list, newest first, as Stripe reads `limit`, `starting_after` (the page after an object:
+/// older ones) and `ending_before` (the page before it: newer ones, still newest first).
+pub(super) fn page<T>(
+    items: &[&T],
+    query: &Form,
+    limit: i64,
+    url: &str,
+    id_of: impl Fn(&T) -> &str,
+    render: impl Fn(&T) -> Value,
+) -> Result<Value, SimError> {
+    let limit = limit as usize;
+    let position = |cursor: &str, param: &str| {
+        items
+            .iter()
+            .position(|item| id_of(item) == cursor)
+            .ok_or_else(|| SimError::invalid(param, format!("No such object: '{cursor}'")))
+    };
+    let (start, end) = match (query.optional("starting_after")?, query.optional("ending_before")?) {
+        (Some(_), Some(_)) => {
+            return Err(SimError {
+                code: Some("parameters_exclusive".into()),
+                ..SimError::invalid(
+                    "ending_before",
+                    "You may only specify one of these parameters: ending_before, starting_after.",
+                )
+            })
+        }
+        (Some(after), None) => {
+            let start = position(after, "starting_after")? + 1;
+            (start, (start + limit).min(items.len()))
+        }
+        (None, Some(before)) => {
+            let end = position(before, "ending_before")?;
+            (end.saturating_sub(limit), end)
+        }
+        (None, None) => (0, limit.min(items.len())),
+    };
+    let data: Vec<Value> = items[start..end].iter().map(|item| render(item)).collect();
+    // Stripe's has_more: more objects lie in the direction of travel.
+    let has_more = if query.get("ending_before").is_some() {
+        start > 0
+    } else {
+        end < items.len()
+    };
+    Ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": url }))
+}

@@ -1,0 +1,320 @@
+//! Transfers to connected accounts (with or without `source_transaction`), their listing, and reversals.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::balance::BalanceTxn;
+use super::{page, random_id, Model, SimError};
+use crate::stripe::sim::form::{Form, ParamError};
+
+const CREATE_PARAMS: &[&str] = &[
+    "amount",
+    "currency",
+    "description",
+    "destination",
+    "metadata",
+    "source_transaction",
+    "source_type",
+    "transfer_group",
+];
+const LIST_PARAMS: &[&str] = &[
+    "created",
+    "destination",
+    "ending_before",
+    "limit",
+    "starting_after",
+    "transfer_group",
+];
+const REVERSAL_PARAMS: &[&str] = &["amount", "description", "metadata", "refund_application_fee"];
+
+#[derive(Debug, Clone)]
+pub(super) struct Reversal {
+    pub(super) id: String,
+    pub(super) amount: i64,
+    pub(super) created: i64,
+    pub(super) metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Transfer {
+    pub(super) id: String,
+    pub(super) amount: i64,
+    pub(super) currency: String,
+    pub(super) destination: String,
+    pub(super) source_transaction: Option<String>,
+    pub(super) transfer_group: Option<String>,
+    pub(super) metadata: BTreeMap<String, String>,
+    pub(super) created: i64,
+    pub(super) reversals: Vec<Reversal>,
+    pub(super) balance_transaction: String,
+    /// The payment (`py_…`) the transfer made on the connected account.
+    pub(super) destination_payment: String,
+}
+
+impl Model {
+    pub(super) fn transfer_json(&self, t: &Transfer) -> Value {
+        let reversals: Vec<Value> = t.reversals.iter().rev().map(|r| reversal_json(t, r)).collect();
+        let amount_reversed: i64 = t.reversals.iter().map(|r| r.amount).sum();
+        json!({
+            "id": t.id,
+            "object": "transfer",
+            "amount": t.amount,
+            "amount_reversed": amount_reversed,
+            "balance_transaction": t.balance_transaction,
+            "created": t.created,
+            "currency": t.currency,
+            "description": null,
+            "destination": t.destination,
+            "destination_payment": t.destination_payment,
+            "livemode": false,
+            "metadata": t.metadata,
+            "reversals": { "object": "list", "data": reversals, "has_more": false, "url": format!("/v1/transfers/{}/reversals", t.id) },
+            "reversed": amount_reversed >= t.amount,
+            "source_transaction": t.source_transaction,
+            "source_type": "card",
+            "transfer_group": t.transfer_group,
+        })
+    }
+
+    pub fn create_transfer(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(CREATE_PARAMS)?;
+        let amount = form.int("amount")?.ok_or_else(|| ParamError::missing("amount"))?;
+        if amount <= 0 {
+            let mut e = SimError::invalid("amount", "Amount must be a positive integer.");
+            e.code = Some("amount_too_small".into());
+            return Err(e);
+        }
+        let currency = form.required("currency")?.to_ascii_lowercase();
+        let destination = form.required("destination")?.to_owned();
+        let source_transaction = form.optional("source_transaction")?.map(str::to_owned);
+        let transfer_group = form.optional("transfer_group")?.map(str::to_owned);
+        let metadata = form.metadata()?;
+
+        match self.accounts.get(&destination) {
+            None => {
+                return Err(SimError::refused(
+                    400,
+                    "resource_missing",
+                    format!("No such destination: '{destination}'"),
+                    Some("destination"),
+                ))
+            }
+            Some(a) if a.deleted => {
+                return Err(SimError::refused(
+                    400,
+                    "account_invalid",
+                    format!("The destination account '{destination}' has been deleted."),
+                    Some("destination"),
+                ))
+            }
+            Some(a) if a.transfers != "active" => {
+                return Err(SimError::refused(
+                    400,
+                    "insufficient_capabilities_for_transfer",
+                    "Your destination account needs to have at least one of the following capabilities enabled: transfers, crypto_transfers, legacy_payments",
+                    Some("destination"),
+                ))
+            }
+            Some(_) => {}
+        }
+        let available_on = match &source_transaction {
+            Some(source) => {
+                if !source.starts_with("ch_") && !source.starts_with("py_") {
+                    return Err(SimError::refused(
+                        400,
+                        "",
+                        format!("Invalid source_transaction: '{source}' must be a charge id (ch_…)."),
+                        Some("source_transaction"),
+                    ));
+                }
+                let charge = self
+                    .charges
+                    .get(source)
+                    .ok_or_else(|| SimError::missing("charge", source, Some("source_transaction")))?;
+                if charge.status != "succeeded" {
+                    return Err(SimError::refused(
+                        400,
+                        "",
+                        format!(
+                            "The source_transaction {source} has not succeeded (status {}).",
+                            charge.status
+                        ),
+                        Some("source_transaction"),
+                    ));
+                }
+                if charge.currency != currency {
+                    return Err(SimError::refused(
+                        400,
+                        "",
+                        format!(
+                            "The currency of source_transaction {source} ({}) does not match {currency}.",
+                            charge.currency
+                        ),
+                        Some("currency"),
+                    ));
+                }
+                let already: i64 = self
+                    .transfers
+                    .iter()
+                    .filter(|t| t.source_transaction.as_deref() == Some(source.as_str()))
+                    .map(|t| t.amount)
+                    .sum();
+                if already + amount > charge.amount {
+                    return Err(SimError::refused(
+                        400,
+                        "amount_too_large",
+                        format!(
+                            "The sum of transfers for source_transaction {source} ({}) would exceed the charge amount ({}).",
+                            already + amount,
+                            charge.amount
+                        ),
+                        Some("amount"),
+                    ));
+                }
+                charge.available_on
+            }
+            None => {
+                let (available, _) = self.balance_of(&currency, now);
+                if available < amount {
+                    // Not a final refusal: the same request succeeds once funds are available.
+                    let mut e = SimError::refused(
+                        400,
+                        "balance_insufficient",
+                        "You have insufficient available funds in your Stripe account.",
+                        Some("amount"),
+                    );
+                    e.should_retry = None;
+                    return Err(e);
+                }
+                now
+            }
+        };
+        let id = random_id("tr");
+        let bt = BalanceTxn {
+            id: random_id("txn"),
+            amount: -amount,
+            fee: 0,
+            currency: currency.clone(),
+            created: now,
+            available_on,
+            type_: "transfer",
+            source: id.clone(),
+        };
+        let transfer = Transfer {
+            id: id.clone(),
+            amount,
+            currency,
+            destination,
+            source_transaction,
+            transfer_group,
+            metadata,
+            created: now,
+            reversals: Vec::new(),
+            balance_transaction: bt.id.clone(),
+            destination_payment: random_id("py"),
+        };
+        self.balance_txns.push(bt);
+        self.transfer_index.insert(id.clone(), self.transfers.len());
+        self.transfers.push(transfer);
+        let json = self.transfer_json(&self.transfers[self.transfer_index[&id]]);
+        self.emit("transfer.created", json.clone(), now);
+        Ok(json)
+    }
+
+    pub fn retrieve_transfer(&self, id: &str) -> Result<Value, SimError> {
+        let index = self
+            .transfer_index
+            .get(id)
+            .ok_or_else(|| SimError::missing("transfer", id, Some("id")))?;
+        Ok(self.transfer_json(&self.transfers[*index]))
+    }
+
+    /// Newest first, filtered by `transfer_group` and `destination`, paginated by `limit` and `starting_after`.
+    pub fn list_transfers(&self, query: &Form) -> Result<Value, SimError> {
+        query.only(LIST_PARAMS)?;
+        let limit = query.int("limit")?.unwrap_or(10);
+        if !(1..=100).contains(&limit) {
+            return Err(SimError::invalid("limit", "limit must be between 1 and 100"));
+        }
+        let group = query.get("transfer_group");
+        let destination = query.get("destination");
+        let matching: Vec<&Transfer> = self
+            .transfers
+            .iter()
+            .rev()
+            .filter(|t| group.is_none_or(|g| t.transfer_group.as_deref() == Some(g)))
+            .filter(|t| destination.is_none_or(|d| t.destination == d))
+            .collect();
+        page(
+            &matching,
+            query,
+            limit,
+            "/v1/transfers",
+            |t| t.id.as_str(),
+            |t| self.transfer_json(t),
+        )
+    }
+
+    pub fn create_reversal(&mut self, transfer_id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(REVERSAL_PARAMS)?;
+        let metadata = form.metadata()?;
+        let index = *self
+            .transfer_index
+            .get(transfer_id)
+            .ok_or_else(|| SimError::missing("transfer", transfer_id, Some("id")))?;
+        let transfer = &self.transfers[index];
+        let reversed: i64 = transfer.reversals.iter().map(|r| r.amount).sum();
+        let left = transfer.amount - reversed;
+        if left == 0 {
+            return Err(SimError {
+                code: None,
+                ..SimError::refused(
+                    400,
+                    "",
+                    format!("The transfer {transfer_id} is already fully reversed."),
+                    None,
+                )
+            });
+        }
+        let amount = form.int("amount")?.unwrap_or(left);
+        if amount <= 0 || amount > left {
+            return Err(SimError::refused(
+                400,
+                "amount_too_large",
+                format!("Amount {amount} must be positive and at most the unreversed amount {left}."),
+                Some("amount"),
+            ));
+        }
+        let reversal = Reversal {
+            id: random_id("trr"),
+            amount,
+            created: now,
+            metadata,
+        };
+        let currency = transfer.currency.clone();
+        self.transfers[index].reversals.push(reversal.clone());
+        self.balance_txns.push(BalanceTxn {
+            id: random_id("txn"),
+            amount,
+            fee: 0,
+            currency,
+            created: now,
+            available_on: now,
+            type_: "transfer_cancel",
+            source: reversal.id.clone(),
+        });
+        let json = reversal_json(&self.transfers[index], &reversal);
+        let transfer_json = self.transfer_json(&self.transfers[index]);
+        self.emit("transfer.reversed", transfer_json, now);
+        Ok(json)
+    }
+}
+
+pub(super) fn reversal_json(t: &Transfer, r: &Reversal) -> Value {
+    json!({
+        "id": r.id, "object": "transfer_reversal", "amount": r.amount, "balance_transaction": null,
+        "created": r.created, "currency": t.currency, "destination_payment_refund": null, "metadata": r.metadata,
+        "source_refund": null, "transfer": t.id,
+    })
+}
