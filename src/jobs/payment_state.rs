@@ -25,7 +25,7 @@ use crate::store::payments::{
 };
 use crate::store::records::{finish_stripe_event, insert_outbox_events};
 use crate::store::StoreError;
-use crate::stripe::{GatewayError, IntentStatus, PaymentIntentInfo};
+use crate::stripe::{CancellationReason, GatewayError, IntentStatus, PaymentIntentInfo};
 
 /// What Stripe said about a PaymentIntent at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +65,7 @@ impl IntentView {
             latest_charge: pi.latest_charge.clone(),
             error_code: error.and_then(|e| e.code.clone()),
             error_message: error.and_then(|e| e.message.clone()),
-            cancellation_reason: None,
+            cancellation_reason: pi.cancellation_reason.clone(),
             observed_at: now,
         }
     }
@@ -189,7 +189,13 @@ pub async fn cancel_or_learn(
 ) -> Result<Option<IntentView>, ApplyError> {
     match ctx
         .gateway
-        .cancel_payment_intent(intent_id, &payment_intent_cancel_key(id))
+        // One reason for every cancellation splitpay makes (the key's parameters must never differ): nobody will
+        // pay this PaymentIntent any more.
+        .cancel_payment_intent(
+            intent_id,
+            Some(CancellationReason::Abandoned),
+            &payment_intent_cancel_key(id),
+        )
         .await
     {
         Ok(_) => Ok(None),
