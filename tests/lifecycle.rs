@@ -645,3 +645,69 @@ async fn a_failed_job_insert_is_retried_not_recorded_as_a_contradiction() {
     common::money::assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
+
+/// Point 12: the conservation check reads Stripe, so it fails when a transfer is doubled at Stripe or missing
+/// there, even though splitpay's own rows still add up.
+#[tokio::test]
+async fn conservation_against_stripe_fails_on_a_doubled_or_a_missing_transfer() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "distributed", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let good = common::money::assert_conserved_at_stripe(&flow, &id).await;
+    assert_eq!((good.charged_cents, good.transfers_at_stripe), (5_000, 2));
+    let conserved = || common::money::conserved_at_stripe(flow.gateway.as_ref(), &flow.db.pool, &id);
+
+    // Doubled: a second transfer of the first allocation at Stripe (another key, same metadata; from the platform's
+    // balance, since Stripe refuses more transfers than the charge on one source transaction).
+    flow.control.top_up("aud", 100_000).await.unwrap();
+    let a = &p.allocations[0];
+    let second = flow
+        .gateway
+        .create_transfer(&CreateTransferParams {
+            destination: "acct_rcp0".into(),
+            amount_cents: a.net_amount_cents.unwrap(),
+            currency: "aud".into(),
+            source_transaction: None,
+            transfer_group: id.to_string(),
+            metadata: BTreeMap::from([
+                ("split_payment_id".to_owned(), id.to_string()),
+                ("split_allocation_id".to_owned(), a.id.clone()),
+                ("generation".to_owned(), "1".to_owned()),
+            ]),
+            idempotency_key: "a-second-key".into(),
+        })
+        .await
+        .unwrap();
+    let money = money_report(&mut flow.db.pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert!(money.is_conserved(), "splitpay's rows alone cannot see it");
+    let err = conserved().await.unwrap_err();
+    assert!(err.contains(&second.id), "{err}");
+
+    // Missing: in a fresh payment, an allocation recorded as TRANSFERRED whose transfer Stripe does not hold.
+    let (id2, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p2 = flow
+        .wait_until(&id2, "distributed", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    sqlx::query("UPDATE split_allocations SET stripe_transfer_id = 'tr_never_made' WHERE id = $1")
+        .bind(&p2.allocations[1].id)
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let err = common::money::conserved_at_stripe(flow.gateway.as_ref(), &flow.db.pool, &id2)
+        .await
+        .unwrap_err();
+    assert!(err.contains(&p2.allocations[1].id) || err.contains("tr_"), "{err}");
+    flow.stop().await;
+}
