@@ -14,7 +14,36 @@ ALTER TABLE transfer_attempts
     ADD COLUMN source_transaction TEXT,
     ADD COLUMN transfer_group     TEXT,
     ADD COLUMN metadata           JSONB NOT NULL DEFAULT '{}'::jsonb,
-    DROP CONSTRAINT transfer_attempts_outcome_valid,
+    DROP CONSTRAINT transfer_attempts_outcome_valid;
+
+-- Rows written before this migration: their generation's parameters are what the transfer job sent then.
+UPDATE transfer_attempts t
+   SET source_transaction = p.charge_id,
+       transfer_group = p.transfer_group,
+       metadata = jsonb_build_object('split_payment_id', p.id, 'split_allocation_id', a.id,
+                                     'generation', t.generation::text)
+  FROM split_allocations a JOIN split_payments p ON p.id = a.split_payment_id
+ WHERE a.id = t.split_allocation_id;
+
+-- Allocations parked `retries_exhausted` were parked without Stripe refusing them: back to TRANSFERRING at the same
+-- generation and key, so a lookup (the key is old) decides between adopting a transfer and sending it.
+UPDATE transfer_attempts t SET outcome = NULL, finished_at = NULL, failure_code = NULL, failure_message = NULL
+  FROM split_allocations a
+ WHERE a.id = t.split_allocation_id AND a.status = 'PARKED' AND a.failure_code = 'retries_exhausted'
+   AND t.generation = a.generation;
+UPDATE split_allocations
+   SET status = 'TRANSFERRING', parked_at = NULL, next_attempt_at = now(), updated_at = now()
+ WHERE status = 'PARKED' AND failure_code = 'retries_exhausted';
+UPDATE transfer_attempts SET outcome = 'TERMINAL' WHERE outcome = 'RETRIES_EXHAUSTED';
+-- Zero-net shares were a silent final state: now parked for an operator to refund.
+UPDATE split_allocations
+   SET status = 'PARKED', parked_at = now(), failure_code = 'net_amount_zero',
+       failure_message = 'the fees took the whole share: nothing to transfer; refund it to the donor', updated_at = now()
+ WHERE status = 'ZERO_NET';
+UPDATE split_allocations SET next_attempt_at = now() WHERE status = 'TRANSFERRING' AND next_attempt_at IS NULL;
+
+ALTER TABLE transfer_attempts
+    ALTER COLUMN transfer_group SET NOT NULL,
     ADD CONSTRAINT transfer_attempts_outcome_valid CHECK (
         outcome IS NULL OR outcome IN ('TRANSFERRED', 'TERMINAL', 'WINDOW_ELAPSED', 'SUPERSEDED'));
 
@@ -43,6 +72,14 @@ ALTER TABLE split_payments
     ADD COLUMN failed_attempts   INTEGER NOT NULL DEFAULT 0,
     ADD COLUMN last_failed_charge_id TEXT,
     ADD CONSTRAINT payments_failed_attempts_non_negative CHECK (failed_attempts >= 0);
+
+-- Payments before this migration: distributed when none of their shares is PENDING any more; audited soon when
+-- they succeeded within the default audit window.
+UPDATE split_payments p SET distributed_at = p.succeeded_at
+ WHERE p.status = 'SUCCEEDED'
+   AND NOT EXISTS (SELECT 1 FROM split_allocations a WHERE a.split_payment_id = p.id AND a.status = 'PENDING');
+UPDATE split_payments SET audit_due_at = now()
+ WHERE status = 'SUCCEEDED' AND succeeded_at > now() - interval '7 days';
 
 -- reconcile-pending: non-final payments never looked at (by age), and those due again.
 DROP INDEX split_payments_status_updated;

@@ -249,6 +249,26 @@ pub async fn create_intent(
     ctx: &AppContext,
     id: &SplitPaymentId,
 ) -> Result<(SplitPayment, IntentOutcome), IntakeError> {
+    create_intent_as(ctx, id, Confirmation::AsAsked).await
+}
+
+/// Whether a (re)played create confirms the PaymentIntent server-side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// With the stored `payment_method`, if intake was given one (intake and its resume).
+    AsAsked,
+    /// Never: the reconciler's replay of an abandoned intake learns (or makes) the PaymentIntent only to cancel it,
+    /// and must never charge a donor who was told the payment failed. If the original create did reach Stripe,
+    /// these other parameters meet `idempotency_error`: the PaymentIntent exists, and its webhooks will tell.
+    Never,
+}
+
+/// [`create_intent`], choosing the confirmation.
+pub async fn create_intent_as(
+    ctx: &AppContext,
+    id: &SplitPaymentId,
+    confirmation: Confirmation,
+) -> Result<(SplitPayment, IntentOutcome), IntakeError> {
     let payment = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
     let p = &payment.payment;
     let params = CreatePaymentIntentParams {
@@ -261,7 +281,10 @@ pub async fn create_intent(
             ("recommendation_set_id".to_owned(), p.recommendation_set_id.clone()),
             ("organisation_id".to_owned(), p.organisation_id.clone()),
         ]),
-        payment_method: p.confirm_payment_method.clone(),
+        payment_method: p
+            .confirm_payment_method
+            .clone()
+            .filter(|_| confirmation == Confirmation::AsAsked),
         idempotency_key: payment_intent_idempotency_key(id),
     };
     let (intent_id, outcome) = match ctx.gateway.create_payment_intent(&params).await {
@@ -272,6 +295,13 @@ pub async fn create_intent(
                 failure: None,
             },
         ),
+        // The key was first used with other parameters: a PaymentIntent exists under it that this request cannot
+        // name. Not a refusal of the payment (failing it would strand a charge the original request may make).
+        Err(e) if e.is_idempotency_misuse() => {
+            return Err(IntakeError::StripeUnavailable(format!(
+                "the intake key was used with other parameters; its PaymentIntent is left to its webhooks: {e}"
+            )))
+        }
         Err(GatewayError::Terminal {
             code,
             decline_code,

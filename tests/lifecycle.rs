@@ -539,6 +539,48 @@ async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
     flow.stop().await;
 }
 
+/// Point 7 with a server-side confirmation: the replay of an abandoned intake must not charge the donor, who was
+/// told it failed. It creates the PaymentIntent unconfirmed (the original create never reached Stripe), cancels it
+/// and fails the payment: nothing is charged, nothing transferred.
+#[tokio::test]
+async fn an_abandoned_server_confirmed_intake_is_never_charged_by_the_replay() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    flow.control
+        .fault(fault(FaultKind::DropConnection, "POST", "/v1/payment_intents"))
+        .await
+        .unwrap();
+    let req: splitpay::intake::IntakeRequest = serde_json::from_value(serde_json::json!({
+        "recommendation_set_id": flow.set.id,
+        "donor_id": "cm3donor1",
+        "payment_method_type": "card",
+        "payment_method": "pm_card_visa",
+    }))
+    .unwrap();
+    let payment = splitpay::intake::create(&flow.ctx, &req, None).await.unwrap();
+    let id = splitpay::domain::ids::SplitPaymentId::parse(&payment.payment.id).unwrap();
+    assert!(splitpay::intake::create_intent(&flow.ctx, &id).await.is_err());
+    flow.control.clear_faults().await.unwrap();
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.intake_abandoned, report.succeeded), (1, 0), "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(
+        (p.payment.status, p.payment.failure_code.as_deref()),
+        (PaymentStatus::Failed, Some("intake_abandoned"))
+    );
+    let pi = p.payment.payment_intent_id.clone().unwrap();
+    let intent = flow.gateway.retrieve_payment_intent(&pi).await.unwrap();
+    assert_eq!(intent.status, IntentStatus::Canceled, "canceled, never confirmed");
+    assert!(intent.latest_charge.is_none(), "no charge was ever made");
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 0);
+    flow.stop().await;
+}
+
 /// Point 11 (reconciler side): a CREATED payment older than 23 h is failed without replaying its create (Stripe
 /// may have forgotten the key, and a replay could make a new PaymentIntent).
 #[tokio::test]

@@ -38,6 +38,10 @@ pub struct IntentView {
     pub cancellation_reason: Option<String>,
     /// When Stripe said it: the event's `created`, or when splitpay read the PaymentIntent.
     pub observed_at: DateTime<Utc>,
+    /// A webhook (which may be stale: Stripe does not order them) rather than a read of the PaymentIntent as it is
+    /// now. Only webhooks are checked for staleness and advance `stripe_event_at`: a read is current, and its time
+    /// is splitpay's clock, not Stripe's.
+    pub from_webhook: bool,
 }
 
 impl IntentView {
@@ -53,6 +57,7 @@ impl IntentView {
             error_message: text(&error["message"]),
             cancellation_reason: text(&object["cancellation_reason"]),
             observed_at: created.unwrap_or_else(Utc::now),
+            from_webhook: true,
         }
     }
 
@@ -67,6 +72,7 @@ impl IntentView {
             error_message: error.and_then(|e| e.message.clone()),
             cancellation_reason: pi.cancellation_reason.clone(),
             observed_at: now,
+            from_webhook: false,
         }
     }
 
@@ -159,6 +165,16 @@ pub async fn apply(
     }
     let mut event = event;
     let mut view = view.clone();
+    if event == PaymentEvent::Canceled
+        && payment.payment.confirm_payment_method.is_some()
+        && !payment.payment.status.is_final()
+    {
+        // Stripe never cancels a payment by itself once it is confirmed (and cannot cancel a debit in flight):
+        // a server-confirmed payment's PaymentIntent is canceled only by splitpay, after its final failure. Seen
+        // before that failure was recorded (a crash between the cancel and the transition, or the webhook first),
+        // it is that failure.
+        event = PaymentEvent::Failed;
+    }
     if event == PaymentEvent::AttemptFailed
         && payment.payment.confirm_payment_method.is_some()
         && !payment.payment.status.is_final()
@@ -236,7 +252,8 @@ async fn apply_in_tx(
             .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::from)?;
-    let stale = matches!(event, PaymentEvent::Processing | PaymentEvent::AttemptFailed)
+    let stale = view.from_webhook
+        && matches!(event, PaymentEvent::Processing | PaymentEvent::AttemptFailed)
         && stripe_event_at.is_some_and(|last| view.observed_at < last);
     let transition = if stale {
         tracing::info!(split_payment_id = %id, event = %event, "stale Stripe event: a newer one was applied");
@@ -268,27 +285,35 @@ async fn transition(
         charge_id: view.latest_charge.clone().filter(|_| event == PaymentEvent::Succeeded),
         failure_code: failure.as_ref().map(|f| f.0.clone()),
         failure_message: failure.as_ref().map(|f| f.1.clone()),
-        stripe_event_at: Some(view.observed_at),
+        stripe_event_at: Some(view.observed_at).filter(|_| view.from_webhook),
         failed_charge_id: view
             .latest_charge
             .clone()
             .filter(|_| event == PaymentEvent::AttemptFailed),
     };
-    // The same failed attempt seen again (a reconcile read, a redelivery under a new event id): nothing new.
+    // The same failed attempt seen again (a reconcile read, a redelivery under a new event id): nothing new. An
+    // attempt without a charge (an authentication failure) is recognised by its code and message.
     if event == PaymentEvent::AttemptFailed
-        && view.latest_charge.is_some()
-        && view.latest_charge == payment.payment.last_failed_charge_id
+        && payment.payment.status == crate::domain::state::PaymentStatus::RequiresPayment
     {
-        return Ok(Transition::Unchanged);
+        let same = match &view.latest_charge {
+            Some(charge) => payment.payment.last_failed_charge_id.as_ref() == Some(charge),
+            None => failure.as_ref().is_some_and(|(code, message)| {
+                payment.payment.failure_code.as_ref() == Some(code)
+                    && payment.payment.failure_message.as_ref() == Some(message)
+            }),
+        };
+        if same {
+            return Ok(Transition::Unchanged);
+        }
     }
     let now = Utc::now();
     // Each failed attempt is announced once: keyed by its charge (or, without one, by what ended the payment).
     let attempt_ref = match event {
-        PaymentEvent::AttemptFailed | PaymentEvent::Failed => Some(
-            view.latest_charge
-                .clone()
-                .unwrap_or_else(|| format!("attempt-{}", view.observed_at.timestamp())),
-        ),
+        PaymentEvent::AttemptFailed | PaymentEvent::Failed => Some(view.latest_charge.clone().unwrap_or_else(|| {
+            let (code, message) = failure.clone().unwrap_or_default();
+            format!("{code}-{:016x}", fnv1a(message.as_bytes()))
+        })),
         PaymentEvent::Canceled => Some("canceled".to_owned()),
         _ => None,
     };
@@ -330,4 +355,11 @@ async fn transition(
         PaymentEvent::AttemptFailed | PaymentEvent::IntentCreated => {}
     }
     Ok(transition)
+}
+
+/// A stable short fingerprint (FNV-1a, 64 bits) for dedup keys: the same text gives the same key in every process.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

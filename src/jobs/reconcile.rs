@@ -24,7 +24,7 @@ use super::transfer::{drive, succeed};
 use crate::app::AppContext;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationStatus, PaymentEvent, PaymentStatus, Transition};
-use crate::intake::{create_intent, IntakeError};
+use crate::intake::{create_intent_as, Confirmation, IntakeError};
 use crate::store::payments::{allocation_context, get_split_payment, record_discrepancy, SplitPayment};
 use crate::store::StoreError;
 
@@ -243,6 +243,7 @@ async fn abandon(
                 }),
                 cancellation_reason: Some(code.to_owned()),
                 observed_at: Utc::now(),
+                from_webhook: false,
             },
         ),
         Some(current) => match current.event_of_status() {
@@ -284,6 +285,7 @@ async fn reconcile_created(
             ),
             cancellation_reason: None,
             observed_at: Utc::now(),
+            from_webhook: false,
         };
         let to = apply(ctx, &id, PaymentEvent::Failed, &view, None).await?;
         if matches!(to, Transition::To(_)) {
@@ -292,9 +294,10 @@ async fn reconcile_created(
         count(report, to, PaymentEvent::Failed);
         return Ok(());
     }
-    // Replay the create under the stored key, with the stored parameters: Stripe answers with the PaymentIntent
-    // it made (or makes it now), which is then canceled. A refusal fails the payment at submit, as intake would.
-    let (after, _) = match create_intent(ctx, &id).await {
+    // Replay the create under the stored key: Stripe answers with the PaymentIntent it made (or makes it now,
+    // unconfirmed), which is then canceled. A refusal fails the payment at submit, as intake would.
+    // Never confirmed by this replay: a donor told the payment failed must not be charged now.
+    let (after, _) = match create_intent_as(ctx, &id, Confirmation::Never).await {
         Ok(done) => done,
         Err(IntakeError::StripeUnavailable(reason)) => return Err(reason.into()),
         Err(e) => return Err(Box::new(e)),
@@ -540,7 +543,13 @@ async fn audit_payment(
             );
         }
     }
-    let audit_until = payment.payment.succeeded_at.unwrap_or_else(Utc::now)
+    // The window runs from success, or from the latest park, whichever is later.
+    let last_parked = payment.allocations.iter().filter_map(|a| a.parked_at).max();
+    let audit_until = payment
+        .payment
+        .succeeded_at
+        .unwrap_or_else(Utc::now)
+        .max(last_parked.unwrap_or(DateTime::<Utc>::MIN_UTC))
         + chrono::Duration::days(i64::from(ctx.distribution.reconcile.audit_days));
     sqlx::query(
         "UPDATE split_payments

@@ -118,10 +118,7 @@ pub async fn drive(ctx: &AppContext, c: &AllocationContext) -> Result<(), JobFai
                 e => transient(e),
             })?
     };
-    let group = attempt
-        .transfer_group
-        .clone()
-        .unwrap_or_else(|| c.payment.transfer_group.clone());
+    let group = attempt.transfer_group.clone();
     let age = Utc::now() - attempt.started_at;
     let window_over = age > chrono::Duration::milliseconds(ctx.distribution.transfer_retry_window_ms as i64);
     let key_old = age > chrono::Duration::hours(KEY_SAFE_AGE_HOURS);
@@ -129,8 +126,9 @@ pub async fn drive(ctx: &AppContext, c: &AllocationContext) -> Result<(), JobFai
     if window_over || key_old {
         match look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
             Lookup::Found(t) => return succeed(ctx, &id, &t, generation).await,
-            // Throttling consumes nothing: an allocation Stripe only ever throttled is not parked by the window.
-            Lookup::NotFound if window_over && !last_was_throttle(c) => {
+            // Throttling consumes nothing: an allocation Stripe only ever throttled is not parked by the window; nor
+            // is one that was never sent (a backlog longer than the window): it is sent now.
+            Lookup::NotFound if window_over && c.allocation.attempts > 0 && !last_was_throttle(c) => {
                 let message = format!(
                     "no transfer after the {} h retry window; a lookup at Stripe found none of generation {generation}",
                     ctx.distribution.transfer_retry_window_ms / 3_600_000
@@ -180,7 +178,7 @@ fn params_of(a: &TransferAttemptRow) -> CreateTransferParams {
         amount_cents: a.amount_cents,
         currency: a.currency.clone(),
         source_transaction: a.source_transaction.clone(),
-        transfer_group: a.transfer_group.clone().unwrap_or_default(),
+        transfer_group: a.transfer_group.clone(),
         metadata: a.metadata.0.clone(),
         idempotency_key: a.idempotency_key.clone(),
     }
@@ -239,6 +237,32 @@ pub async fn succeed(
         ..Default::default()
     };
     match transition_allocation(&mut tx, id, AllocationEvent::TransferSucceeded, &patch, &[event]).await {
+        // Already TRANSFERRED with another transfer: Stripe holds two. Never dropped: reported for an operator.
+        Ok(crate::domain::state::Transition::Unchanged)
+            if c.allocation
+                .stripe_transfer_id
+                .as_deref()
+                .is_some_and(|known| known != transfer.id) =>
+        {
+            drop(tx);
+            let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+            let detail = format!(
+                "{id} is TRANSFERRED as {:?}; Stripe also holds {} of generation {generation}",
+                c.allocation.stripe_transfer_id, transfer.id
+            );
+            record_discrepancy(
+                &mut conn,
+                &c.payment.id,
+                Some(id.as_str()),
+                &transfer.id,
+                transfer.amount_cents,
+                "second_transfer",
+                &detail,
+            )
+            .await
+            .map_err(transient)?;
+            return Ok(());
+        }
         Ok(_) => {}
         Err(e @ (StoreError::Forbidden(_) | StoreError::Invalid(_))) => {
             drop(tx);
@@ -293,9 +317,27 @@ async fn park(ctx: &AppContext, c: &AllocationContext, code: &str, message: &str
         ..Default::default()
     };
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    if status == AllocationStatus::Transferred.as_str() {
+        return Ok(()); // another job recorded the transfer meanwhile: Stripe's word stands, nothing to park
+    }
     transition_allocation(&mut tx, &id, AllocationEvent::TransferFailed, &patch, &[event])
         .await
         .map_err(transient)?;
+    // The audit looks at a payment with a parked share soon, and for its audit window from now: a transfer
+    // Stripe made after all is adopted, never left behind.
+    sqlx::query(
+        "UPDATE split_payments SET audit_due_at = least(coalesce(audit_due_at, 'infinity'), now() + interval '1 hour')
+          WHERE id = $1",
+    )
+    .bind(&c.payment.id)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| JobFailure::Retry(e.to_string()))?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     tracing::warn!(split_allocation_id = %id, code, message, "parked for an operator");
     metrics::counter!("splitpay_allocations_parked_total", "code" => code.to_owned()).increment(1);

@@ -344,7 +344,7 @@ pub struct TransferAttemptRow {
     pub amount_cents: i64,
     pub currency: String,
     pub source_transaction: Option<String>,
-    pub transfer_group: Option<String>,
+    pub transfer_group: String,
     pub metadata: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
