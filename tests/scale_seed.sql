@@ -1,6 +1,6 @@
 -- Bulk load: the rows below satisfy every foreign key by construction (checked after the load by
--- `assert_referential_integrity`), so the per-row FK triggers are skipped for speed; CHECK, UNIQUE and NOT NULL
--- constraints still apply to every row.
+-- `assert_referential_integrity`), so the per-row FK triggers are skipped for speed (this needs a superuser, as the
+-- tests' `postgres` role is); CHECK, UNIQUE and NOT NULL constraints still apply to every row.
 SET LOCAL session_replication_role = replica;
 -- One row per payment to seed: what it is and what its allocations are.
 CREATE TEMP TABLE seed_spec (
@@ -8,7 +8,7 @@ CREATE TEMP TABLE seed_spec (
     audit timestamptz, nrec timestamptz, alloc_status text, last_alloc_status text, next_attempt timestamptz,
     unresolved boolean) ON COMMIT DROP;
 -- 200,000 finished payments over 90 days: 93 % succeeded and distributed (of which 2 % with a parked share and 1 %
--- with a refunded one), 4 % failed, 3 % canceled. Those of the last 7 days are due for their audit within a day.
+-- with a refunded one), 4 % failed, 3 % canceled. Those of the last 7 days have their next audit within a day.
 INSERT INTO seed_spec
 SELECT 'spay_f' || lpad(g::text, 7, '0'),
        CASE WHEN g % 10 < 8 THEN 'card' ELSE 'au_becs_debit' END,
