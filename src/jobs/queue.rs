@@ -67,6 +67,15 @@ pub async fn enqueue(
     Ok(())
 }
 
+/// `enqueue_missing`'s check: which of the ids `$2` (with their payloads `$3`) have no job waiting on queue `$1`
+/// (one probe of `splitpay_jobs_waiting_payload` per id). Public so `tests/scale.rs` can `EXPLAIN` it.
+pub const JOBS_MISSING_SQL: &str = "SELECT p.id FROM unnest($2::text[], $3::bytea[]) AS p(id, job)
+          WHERE NOT EXISTS (
+                SELECT 1 FROM apalis.jobs j
+                 WHERE j.job_type = $1 AND j.job = p.job
+                   AND j.status IN ('Pending', 'Queued', 'Failed')
+                   AND (j.status <> 'Failed' OR j.attempts < j.max_attempts))";
+
 /// Enqueues a job for each id of `ids` that has no job waiting on `queue` yet (pending, queued, or failed with
 /// attempts left), in one statement pair on `conn`. Returns the ids enqueued. The sweeper and the reconcilers use
 /// it, so a sweep never adds a second job for work that already has one waiting.
@@ -78,19 +87,12 @@ pub async fn enqueue_missing(conn: &mut PgConnection, queue: Queue, ids: &[Strin
         .iter()
         .map(|id| serde_json::to_vec(&JobRef { id: id.clone() }).expect("a JobRef serialises"))
         .collect();
-    let missing: Vec<(String,)> = sqlx::query_as(
-        "SELECT p.id FROM unnest($2::text[], $3::bytea[]) AS p(id, job)
-          WHERE NOT EXISTS (
-                SELECT 1 FROM apalis.jobs j
-                 WHERE j.job_type = $1 AND j.job = p.job
-                   AND j.status IN ('Pending', 'Queued', 'Failed')
-                   AND (j.status <> 'Failed' OR j.attempts < j.max_attempts))",
-    )
-    .bind(queue.name())
-    .bind(ids)
-    .bind(&payloads)
-    .fetch_all(&mut *conn)
-    .await?;
+    let missing: Vec<(String,)> = sqlx::query_as(JOBS_MISSING_SQL)
+        .bind(queue.name())
+        .bind(ids)
+        .bind(&payloads)
+        .fetch_all(&mut *conn)
+        .await?;
     let missing: Vec<String> = missing.into_iter().map(|(id,)| id).collect();
     if !missing.is_empty() {
         let tasks = missing

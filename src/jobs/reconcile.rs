@@ -34,6 +34,43 @@ pub const INTAKE_KEY_SAFE_AGE_HOURS: i64 = 23;
 /// The failure code of a payment whose intake stopped (Stripe unreachable) and was never resumed.
 pub const INTAKE_ABANDONED: &str = "intake_abandoned";
 
+// The statements a reconcile tick runs over many rows, public so `tests/scale.rs` can `EXPLAIN` exactly what runs.
+// Each is an index range scan on a partial index (see migrations), bounded by `batch_max`.
+
+/// reconcile-pending's candidates: never-checked non-final payments by age (`split_payments_unreconciled`), and
+/// those due again (`split_payments_reconcile_due`), at most `$3` of each. `$1`: created before; `$2`: due by.
+pub const PENDING_CANDIDATES_SQL: &str = "(SELECT id FROM split_payments
+               WHERE status IN ('CREATED', 'REQUIRES_PAYMENT', 'PROCESSING') AND next_reconcile_at IS NULL
+                 AND created_at < $1
+               ORDER BY created_at LIMIT $3)
+             UNION ALL
+             (SELECT id FROM split_payments
+               WHERE status IN ('CREATED', 'REQUIRES_PAYMENT', 'PROCESSING') AND next_reconcile_at IS NOT NULL
+                 AND next_reconcile_at <= $2
+               ORDER BY next_reconcile_at LIMIT $3)";
+/// Paces the next look at one non-final payment (`$1` its id, `$2` when).
+pub const SCHEDULE_RECONCILE_SQL: &str = "UPDATE split_payments SET next_reconcile_at = $2
+          WHERE id = $1 AND status IN ('CREATED', 'REQUIRES_PAYMENT', 'PROCESSING')";
+/// reconcile-transfers: TRANSFERRING allocations due before `$1`, at most `$2` (`split_allocations_transferring_due`).
+pub const OVERDUE_TRANSFERS_SQL: &str =
+    "SELECT id FROM split_allocations WHERE status = 'TRANSFERRING' AND next_attempt_at < $1
+                  ORDER BY next_attempt_at LIMIT $2";
+/// reconcile-transfers: succeeded payments whose distribution has not started and is due before `$1`, at most `$2`
+/// (`split_payments_undistributed`).
+pub const UNDISTRIBUTED_SQL: &str =
+    "SELECT id FROM split_payments WHERE status = 'SUCCEEDED' AND distributed_at IS NULL
+                   AND coalesce(distribution_next_attempt_at, succeeded_at) < $1
+                 ORDER BY succeeded_at LIMIT $2";
+/// The transfer audit: payments due by `$1`, at most `$2` (`split_payments_audit_due`).
+pub const AUDIT_DUE_SQL: &str = "SELECT id FROM split_payments WHERE audit_due_at IS NOT NULL AND audit_due_at <= $1
+                  ORDER BY audit_due_at LIMIT $2";
+/// After auditing payment `$1`: due again in a day, or never once past `$2` (the end of its audit window).
+pub const AUDIT_RESCHEDULE_SQL: &str = "UPDATE split_payments
+            SET audit_due_at = CASE WHEN now() + interval '1 day' <= $2 THEN now() + interval '1 day' END
+          WHERE id = $1";
+/// Allocations left TRANSFERRING with an unknown outcome past the retry window (`split_allocations_unresolved`).
+pub const UNRESOLVED_COUNT_SQL: &str = "SELECT count(*) FROM split_allocations WHERE unresolved_at IS NOT NULL";
+
 /// What to reconcile.
 #[derive(Debug, Clone, Default)]
 pub struct ReconcileOptions {
@@ -93,7 +130,6 @@ pub async fn reconcile_pending(ctx: &AppContext, opts: &ReconcileOptions) -> Res
     let ids: Vec<String> = if let Some(id) = &opts.payment {
         vec![id.to_string()]
     } else {
-        // Two index range scans: never-checked payments by age, and those due again.
         let grace_cutoff = if opts.ignore_graces {
             Utc::now() + chrono::Duration::days(1)
         } else {
@@ -104,22 +140,12 @@ pub async fn reconcile_pending(ctx: &AppContext, opts: &ReconcileOptions) -> Res
         } else {
             Utc::now()
         };
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "(SELECT id FROM split_payments
-               WHERE status IN ('CREATED', 'REQUIRES_PAYMENT', 'PROCESSING') AND next_reconcile_at IS NULL
-                 AND created_at < $1
-               ORDER BY created_at LIMIT $3)
-             UNION ALL
-             (SELECT id FROM split_payments
-               WHERE status IN ('CREATED', 'REQUIRES_PAYMENT', 'PROCESSING') AND next_reconcile_at IS NOT NULL
-                 AND next_reconcile_at <= $2
-               ORDER BY next_reconcile_at LIMIT $3)",
-        )
-        .bind(grace_cutoff)
-        .bind(due_cutoff)
-        .bind(settings.batch_max)
-        .fetch_all(&ctx.pool)
-        .await?;
+        let rows: Vec<(String,)> = sqlx::query_as(PENDING_CANDIDATES_SQL)
+            .bind(grace_cutoff)
+            .bind(due_cutoff)
+            .bind(settings.batch_max)
+            .fetch_all(&ctx.pool)
+            .await?;
         rows.into_iter().map(|(id,)| id).collect()
     };
     let mut report = PendingReport::default();
@@ -148,14 +174,11 @@ async fn load(ctx: &AppContext, id: &SplitPaymentId) -> Result<SplitPayment, Sto
 
 /// Paces the next look at a non-final payment (a final one has left the partial indexes for good).
 async fn schedule(ctx: &AppContext, id: &SplitPaymentId, at: DateTime<Utc>) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE split_payments SET next_reconcile_at = $2
-          WHERE id = $1 AND status IN ('CREATED', 'REQUIRES_PAYMENT', 'PROCESSING')",
-    )
-    .bind(id.as_str())
-    .bind(at)
-    .execute(&ctx.pool)
-    .await?;
+    sqlx::query(SCHEDULE_RECONCILE_SQL)
+        .bind(id.as_str())
+        .bind(at)
+        .execute(&ctx.pool)
+        .await?;
     Ok(())
 }
 
@@ -334,14 +357,11 @@ pub async fn reconcile_transfers(ctx: &AppContext, opts: &ReconcileOptions) -> R
             .await?
         }
         None => {
-            sqlx::query_as(
-                "SELECT id FROM split_allocations WHERE status = 'TRANSFERRING' AND next_attempt_at < $1
-                  ORDER BY next_attempt_at LIMIT $2",
-            )
-            .bind(cutoff)
-            .bind(settings.batch_max)
-            .fetch_all(&ctx.pool)
-            .await?
+            sqlx::query_as(OVERDUE_TRANSFERS_SQL)
+                .bind(cutoff)
+                .bind(settings.batch_max)
+                .fetch_all(&ctx.pool)
+                .await?
         }
     };
     let allocation_ids: Vec<String> = allocations.into_iter().map(|(id,)| id).collect();
@@ -379,15 +399,11 @@ pub async fn reconcile_transfers(ctx: &AppContext, opts: &ReconcileOptions) -> R
             .await?
         }
         None => {
-            sqlx::query_as(
-                "SELECT id FROM split_payments WHERE status = 'SUCCEEDED' AND distributed_at IS NULL
-                   AND coalesce(distribution_next_attempt_at, succeeded_at) < $1
-                 ORDER BY succeeded_at LIMIT $2",
-            )
-            .bind(cutoff)
-            .bind(settings.batch_max)
-            .fetch_all(&ctx.pool)
-            .await?
+            sqlx::query_as(UNDISTRIBUTED_SQL)
+                .bind(cutoff)
+                .bind(settings.batch_max)
+                .fetch_all(&ctx.pool)
+                .await?
         }
     };
     let payment_ids: Vec<String> = payments.into_iter().map(|(id,)| id).collect();
@@ -413,18 +429,15 @@ pub async fn reconcile_transfers(ctx: &AppContext, opts: &ReconcileOptions) -> R
                 .await?
         }
         None => {
-            sqlx::query_as(
-                "SELECT id FROM split_payments WHERE audit_due_at IS NOT NULL AND audit_due_at <= $1
-                  ORDER BY audit_due_at LIMIT $2",
-            )
-            .bind(if opts.ignore_graces {
-                DateTime::<Utc>::MAX_UTC
-            } else {
-                Utc::now()
-            })
-            .bind(settings.batch_max.min(AUDIT_BATCH_MAX))
-            .fetch_all(&ctx.pool)
-            .await?
+            sqlx::query_as(AUDIT_DUE_SQL)
+                .bind(if opts.ignore_graces {
+                    DateTime::<Utc>::MAX_UTC
+                } else {
+                    Utc::now()
+                })
+                .bind(settings.batch_max.min(AUDIT_BATCH_MAX))
+                .fetch_all(&ctx.pool)
+                .await?
         }
     };
     for (raw,) in audit {
@@ -440,10 +453,7 @@ pub async fn reconcile_transfers(ctx: &AppContext, opts: &ReconcileOptions) -> R
         }
     }
 
-    let (unresolved,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM split_allocations WHERE unresolved_at IS NOT NULL")
-            .fetch_one(&ctx.pool)
-            .await?;
+    let (unresolved,): (i64,) = sqlx::query_as(UNRESOLVED_COUNT_SQL).fetch_one(&ctx.pool).await?;
     report.unresolved = unresolved;
     metrics::gauge!("splitpay_transfers_unresolved").set(unresolved as f64);
     metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "transfers").increment(1);
@@ -551,15 +561,11 @@ async fn audit_payment(
         .unwrap_or_else(Utc::now)
         .max(last_parked.unwrap_or(DateTime::<Utc>::MIN_UTC))
         + chrono::Duration::days(i64::from(ctx.distribution.reconcile.audit_days));
-    sqlx::query(
-        "UPDATE split_payments
-            SET audit_due_at = CASE WHEN now() + interval '1 day' <= $2 THEN now() + interval '1 day' END
-          WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .bind(audit_until)
-    .execute(&ctx.pool)
-    .await?;
+    sqlx::query(AUDIT_RESCHEDULE_SQL)
+        .bind(id.as_str())
+        .bind(audit_until)
+        .execute(&ctx.pool)
+        .await?;
     Ok(())
 }
 

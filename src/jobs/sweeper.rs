@@ -14,6 +14,24 @@ pub const SWEEP_GRACE_SECS: i64 = 60;
 /// Rows re-enqueued per kind and sweep; the next sweep takes the rest.
 pub const SWEEP_BATCH_MAX: i64 = 500;
 
+// The sweep's statements, public so `tests/scale.rs` can `EXPLAIN` exactly what runs. Each is one index range scan
+// (see migrations): `$1` is the grace in seconds (float8), `$2` the batch size.
+
+/// Inbox events never processed, oldest first (`stripe_events_unprocessed`).
+pub const SWEEP_EVENTS_SQL: &str = "SELECT id FROM stripe_events
+          WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
+          ORDER BY received_at LIMIT $2";
+/// Succeeded payments whose distribution has not started (`split_payments_undistributed`).
+pub const SWEEP_PAYMENTS_SQL: &str = "SELECT id FROM split_payments
+          WHERE status = 'SUCCEEDED' AND distributed_at IS NULL
+            AND succeeded_at < now() - make_interval(secs => $1)
+            AND coalesce(distribution_next_attempt_at, succeeded_at) < now() - make_interval(secs => $1)
+          ORDER BY succeeded_at LIMIT $2";
+/// TRANSFERRING allocations by due time (`split_allocations_transferring_due`).
+pub const SWEEP_ALLOCATIONS_SQL: &str = "SELECT id FROM split_allocations
+          WHERE status = 'TRANSFERRING' AND next_attempt_at < now() - make_interval(secs => $1)
+          ORDER BY next_attempt_at LIMIT $2";
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub stripe_events: usize,
@@ -25,37 +43,21 @@ pub struct SweepReport {
 /// [`SWEEP_GRACE_SECS`] in production.
 pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreError> {
     let mut tx = pool.begin().await?;
-    // Each query is one index range scan (see migrations): the inbox's unprocessed events, succeeded payments not
-    // yet distributed, TRANSFERRING allocations by due time.
-    let events: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM stripe_events
-          WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
-          ORDER BY received_at LIMIT $2",
-    )
-    .bind(grace_secs as f64)
-    .bind(SWEEP_BATCH_MAX)
-    .fetch_all(&mut *tx)
-    .await?;
-    let payments: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM split_payments
-          WHERE status = 'SUCCEEDED' AND distributed_at IS NULL
-            AND succeeded_at < now() - make_interval(secs => $1)
-            AND coalesce(distribution_next_attempt_at, succeeded_at) < now() - make_interval(secs => $1)
-          ORDER BY succeeded_at LIMIT $2",
-    )
-    .bind(grace_secs as f64)
-    .bind(SWEEP_BATCH_MAX)
-    .fetch_all(&mut *tx)
-    .await?;
-    let allocations: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM split_allocations
-          WHERE status = 'TRANSFERRING' AND next_attempt_at < now() - make_interval(secs => $1)
-          ORDER BY next_attempt_at LIMIT $2",
-    )
-    .bind(grace_secs as f64)
-    .bind(SWEEP_BATCH_MAX)
-    .fetch_all(&mut *tx)
-    .await?;
+    let events: Vec<(String,)> = sqlx::query_as(SWEEP_EVENTS_SQL)
+        .bind(grace_secs as f64)
+        .bind(SWEEP_BATCH_MAX)
+        .fetch_all(&mut *tx)
+        .await?;
+    let payments: Vec<(String,)> = sqlx::query_as(SWEEP_PAYMENTS_SQL)
+        .bind(grace_secs as f64)
+        .bind(SWEEP_BATCH_MAX)
+        .fetch_all(&mut *tx)
+        .await?;
+    let allocations: Vec<(String,)> = sqlx::query_as(SWEEP_ALLOCATIONS_SQL)
+        .bind(grace_secs as f64)
+        .bind(SWEEP_BATCH_MAX)
+        .fetch_all(&mut *tx)
+        .await?;
     let ids = |rows: Vec<(String,)>| rows.into_iter().map(|(id,)| id).collect::<Vec<_>>();
     // Only work with no job waiting gets one: a sweep never adds a second.
     let events = enqueue_missing(&mut tx, Queue::StripeEvent, &ids(events)).await?;

@@ -161,8 +161,15 @@ pub async fn create_split_payment(tx: &mut Tx<'_>, new: &NewSplitPayment<'_>) ->
     Ok(created)
 }
 
+/// One payment by id (a primary-key probe), as [`get_split_payment`] and [`allocation_context`] read it.
+pub const PAYMENT_BY_ID_SQL: &str = "SELECT * FROM split_payments WHERE id = $1";
+/// A payment's allocations in order (`split_allocations_payment`); the reconcilers read each payment they work on
+/// through [`get_split_payment`].
+pub const ALLOCATIONS_OF_PAYMENT_SQL: &str =
+    "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position";
+
 pub async fn get_split_payment(conn: &mut PgConnection, id: &SplitPaymentId) -> Result<SplitPayment, StoreError> {
-    let payment = sqlx::query_as::<_, SplitPaymentRow>("SELECT * FROM split_payments WHERE id = $1")
+    let payment = sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
         .bind(id.as_str())
         .fetch_optional(&mut *conn)
         .await?
@@ -170,12 +177,10 @@ pub async fn get_split_payment(conn: &mut PgConnection, id: &SplitPaymentId) -> 
             what: "split payment",
             id: id.to_string(),
         })?;
-    let allocations = sqlx::query_as::<_, SplitAllocationRow>(
-        "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position",
-    )
-    .bind(id.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    let allocations = sqlx::query_as::<_, SplitAllocationRow>(ALLOCATIONS_OF_PAYMENT_SQL)
+        .bind(id.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(SplitPayment { payment, allocations })
 }
 
@@ -244,7 +249,7 @@ pub async fn allocation_context(
     let allocation = get_split_allocation(conn, id).await?;
     let payment_id =
         SplitPaymentId::parse(&allocation.split_payment_id).map_err(|e| corrupt("split allocation", id.as_str(), e))?;
-    let payment = sqlx::query_as::<_, SplitPaymentRow>("SELECT * FROM split_payments WHERE id = $1")
+    let payment = sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
         .bind(payment_id.as_str())
         .fetch_one(&mut *conn)
         .await?;

@@ -191,6 +191,10 @@ pub async fn audit_for(conn: &mut PgConnection, target_id: &str) -> Result<Vec<A
     )
 }
 
+/// Every cron tick's first statement: the claim of `(name $1, tick $2)` by replica `$3` (a primary-key probe).
+pub const CLAIM_CRON_TICK_SQL: &str = "INSERT INTO cron_claims (name, tick, claimed_by) VALUES ($1, $2, $3)
+         ON CONFLICT ON CONSTRAINT cron_claims_pk DO NOTHING";
+
 /// Claims one cron tick for this replica. True for exactly one caller per (name, tick), across replicas.
 pub async fn claim_cron_tick(
     conn: &mut PgConnection,
@@ -198,14 +202,11 @@ pub async fn claim_cron_tick(
     tick: DateTime<Utc>,
     claimed_by: &str,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "INSERT INTO cron_claims (name, tick, claimed_by) VALUES ($1, $2, $3)
-         ON CONFLICT ON CONSTRAINT cron_claims_pk DO NOTHING",
-    )
-    .bind(name)
-    .bind(tick)
-    .bind(claimed_by)
-    .execute(conn)
-    .await?;
+    let done = sqlx::query(CLAIM_CRON_TICK_SQL)
+        .bind(name)
+        .bind(tick)
+        .bind(claimed_by)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected() == 1)
 }

@@ -1,0 +1,460 @@
+//! Issue 7, point 10 — indexed at scale. On 200,000 finished split payments (600,000 allocations, their transfer
+//! attempts, a history of done jobs and processed Stripe events) plus a little live work, every statement a
+//! periodic tick runs is planned with `EXPLAIN` exactly as the product sends it (the `…_SQL` constants the code
+//! uses), with the parameter types it binds and the values a cron tick binds, under both custom and generic plans:
+//! none may read `split_payments` or `split_allocations` sequentially. Then real ticks run against the simulator:
+//! their durations are printed (never asserted), each takes at most its batch, and a second sweep adds no job for
+//! work whose job is still waiting.
+
+mod common;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use common::flow::Flow;
+use serde_json::Value;
+use splitpay::app::ReconcileSettings;
+use splitpay::domain::plan::AmountMode;
+use splitpay::jobs::queue::{JobRef, Queue, JOBS_MISSING_SQL};
+use splitpay::jobs::reconcile::{
+    reconcile_pending, reconcile_transfers, ReconcileOptions, AUDIT_BATCH_MAX, AUDIT_DUE_SQL, AUDIT_RESCHEDULE_SQL,
+    OVERDUE_TRANSFERS_SQL, PENDING_CANDIDATES_SQL, SCHEDULE_RECONCILE_SQL, UNDISTRIBUTED_SQL, UNRESOLVED_COUNT_SQL,
+};
+use splitpay::jobs::sweeper::{
+    sweep, SWEEP_ALLOCATIONS_SQL, SWEEP_BATCH_MAX, SWEEP_EVENTS_SQL, SWEEP_GRACE_SECS, SWEEP_PAYMENTS_SQL,
+};
+use splitpay::store::payments::{ALLOCATIONS_OF_PAYMENT_SQL, PAYMENT_BY_ID_SQL};
+use splitpay::store::records::CLAIM_CRON_TICK_SQL;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+
+const FINISHED: i64 = 200_000;
+/// Live work (see `SEED_SQL`).
+const OVERDUE_PAYMENTS: i64 = 250; // × 3 TRANSFERRING allocations, overdue
+const AUDIT_DUE: i64 = 60;
+const UNRESOLVED: i64 = 3;
+const UNDISTRIBUTED: i64 = 600;
+const UNPAID_NEVER_CHECKED: i64 = 130;
+const UNPAID_DUE_AGAIN: i64 = 130;
+const STALE_EVENTS: i64 = 5;
+/// Allocations of overdue payments 101..=133 already have a transfer job waiting (99 jobs).
+const WAITING_FROM: i64 = 101;
+const WAITING_TO: i64 = 133;
+/// The test's reconcile batch (production: 200), so a tick's Stripe calls stay few while the bound still bites.
+const TEST_BATCH_MAX: i64 = 50;
+
+/// Builds the data set in one transaction (a few seconds): see the comments in the SQL.
+const SEED_SQL: &str = include_str!("scale_seed.sql");
+
+async fn seed(pool: &PgPool) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::raw_sql(SEED_SQL).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// The load skipped the FK triggers: prove every reference resolves.
+async fn assert_referential_integrity(pool: &PgPool) {
+    let dangling = scalar(
+        pool,
+        "SELECT (SELECT count(*) FROM split_allocations a
+                  WHERE NOT EXISTS (SELECT 1 FROM split_payments p WHERE p.id = a.split_payment_id)
+                     OR NOT EXISTS (SELECT 1 FROM recommendation_allocations r WHERE r.id = a.recommendation_allocation_id)
+                     OR NOT EXISTS (SELECT 1 FROM recipient_account_links l WHERE l.id = a.recipient_org_account_link_id))
+              + (SELECT count(*) FROM transfer_attempts t
+                  WHERE NOT EXISTS (SELECT 1 FROM split_allocations a WHERE a.id = t.split_allocation_id))
+              + (SELECT count(*) FROM split_payments p
+                  WHERE NOT EXISTS (SELECT 1 FROM recommendation_sets s WHERE s.id = p.recommendation_set_id)
+                     OR NOT EXISTS (SELECT 1 FROM organisations o WHERE o.id = p.organisation_id))",
+    )
+    .await;
+    assert_eq!(dangling, 0, "every seeded row's references resolve");
+}
+
+/// One statement a tick runs: its text (the product's constant), the types sqlx binds, and the values a cron tick
+/// binds, as SQL expressions for `EXECUTE`.
+struct TickQuery {
+    name: &'static str,
+    sql: &'static str,
+    types: &'static str,
+    args: String,
+    /// The indexes its plan must use (custom and generic).
+    indexes: &'static [&'static str],
+}
+
+/// Every plan node of an `EXPLAIN (FORMAT JSON)` result, depth first.
+fn nodes(plan: &Value, out: &mut Vec<Value>) {
+    out.push(plan.clone());
+    for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
+        nodes(child, out);
+    }
+}
+
+const BIG_TABLES: [&str; 2] = ["split_payments", "split_allocations"];
+
+/// The big tables that plan nodes `all` read sequentially.
+fn seq_scanned(all: &[Value]) -> Vec<String> {
+    all.iter()
+        .filter(|n| n["Node Type"] == "Seq Scan")
+        .filter_map(|n| n.get("Relation Name")?.as_str())
+        .filter(|relation| BIG_TABLES.contains(relation))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Plans `q` as a prepared statement under `mode` (`force_custom_plan` or `force_generic_plan`) and returns the
+/// plan's nodes; panics, printing the plan, if one reads a big table sequentially.
+async fn check_plan(conn: &mut PgConnection, q: &TickQuery, mode: &str) -> Vec<String> {
+    let run = |sql: String| sqlx::query(AssertSqlSafe(sql)).persistent(false);
+    run(format!("SET plan_cache_mode = {mode}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    run(format!("PREPARE tick_query{} AS {}", q.types, q.sql))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", q.name));
+    let explained: Value = sqlx::query_scalar(AssertSqlSafe(format!(
+        "EXPLAIN (FORMAT JSON) EXECUTE tick_query{}",
+        q.args
+    )))
+    .persistent(false)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap_or_else(|e| panic!("{}: {e}", q.name));
+    run("DEALLOCATE tick_query".into()).execute(&mut *conn).await.unwrap();
+    let mut all = Vec::new();
+    nodes(&explained[0]["Plan"], &mut all);
+    let pretty = serde_json::to_string_pretty(&explained).unwrap();
+    let scanned = seq_scanned(&all);
+    assert!(
+        scanned.is_empty(),
+        "{} ({mode}) scans {scanned:?} sequentially:\n{}\n{pretty}",
+        q.name,
+        q.sql
+    );
+    let used: Vec<&str> = all.iter().filter_map(|n| n.get("Index Name")?.as_str()).collect();
+    for index in q.indexes {
+        assert!(
+            used.contains(index),
+            "{} ({mode}) does not use {index}:\n{}\n{pretty}",
+            q.name,
+            q.sql
+        );
+    }
+    all.iter()
+        .filter_map(|n| {
+            let node = n["Node Type"].as_str().unwrap_or("?");
+            match (
+                n.get("Relation Name").and_then(Value::as_str),
+                n.get("Index Name").and_then(Value::as_str),
+            ) {
+                (Some(relation), Some(index)) => Some(format!("{node} on {relation} using {index}")),
+                (Some(relation), None) => Some(format!("{node} on {relation}")),
+                (None, Some(index)) => Some(format!("{node} using {index}")),
+                (None, None) => None,
+            }
+        })
+        .collect()
+}
+
+fn sql_array<T>(items: &[T], each: impl Fn(&T) -> String, ty: &str) -> String {
+    let parts: Vec<String> = items.iter().map(each).collect();
+    format!("ARRAY[{}]::{ty}", parts.join(", "))
+}
+
+/// The statements of the three periodic jobs, with a cron tick's values (production settings).
+async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
+    let settings = ReconcileSettings::default();
+    let ms = |v: u64| format!("now() - interval '{v} milliseconds'");
+    let min_grace = settings.card_grace_ms.min(settings.debit_grace_ms);
+    // enqueue_missing's input as the sweeper hands it over: the overdue allocations' ids and their job payloads.
+    let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(SWEEP_ALLOCATIONS_SQL))
+        .bind(SWEEP_GRACE_SECS as f64)
+        .bind(SWEEP_BATCH_MAX)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(ids.len() as i64, SWEEP_BATCH_MAX);
+    let payloads: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| serde_json::to_vec(&JobRef { id: id.clone() }).unwrap())
+        .collect();
+    let hex = |bytes: &Vec<u8>| {
+        let mut s = String::from("'\\x");
+        for b in bytes {
+            write!(s, "{b:02x}").unwrap();
+        }
+        s + "'"
+    };
+    let some_payment = "'spay_t0000001'";
+    vec![
+        TickQuery {
+            name: "sweeper: unprocessed events",
+            sql: SWEEP_EVENTS_SQL,
+            types: "(float8, int8)",
+            args: format!("({}, {SWEEP_BATCH_MAX})", SWEEP_GRACE_SECS as f64),
+            indexes: &["stripe_events_unprocessed"],
+        },
+        TickQuery {
+            name: "sweeper: undistributed payments",
+            sql: SWEEP_PAYMENTS_SQL,
+            types: "(float8, int8)",
+            args: format!("({}, {SWEEP_BATCH_MAX})", SWEEP_GRACE_SECS as f64),
+            indexes: &["split_payments_undistributed"],
+        },
+        TickQuery {
+            name: "sweeper: due transfers",
+            sql: SWEEP_ALLOCATIONS_SQL,
+            types: "(float8, int8)",
+            args: format!("({}, {SWEEP_BATCH_MAX})", SWEEP_GRACE_SECS as f64),
+            indexes: &["split_allocations_transferring_due"],
+        },
+        TickQuery {
+            name: "enqueue_missing: jobs waiting",
+            sql: JOBS_MISSING_SQL,
+            types: "(text, text[], bytea[])",
+            args: format!(
+                "('{}', {}, {})",
+                Queue::Transfer.name(),
+                sql_array(&ids, |id| format!("'{id}'"), "text[]"),
+                sql_array(&payloads, hex, "bytea[]")
+            ),
+            indexes: &["splitpay_jobs_waiting_payload"],
+        },
+        TickQuery {
+            name: "reconcile-pending: candidates",
+            sql: PENDING_CANDIDATES_SQL,
+            types: "(timestamptz, timestamptz, int8)",
+            args: format!("({}, now(), {})", ms(min_grace), settings.batch_max),
+            indexes: &["split_payments_unreconciled", "split_payments_reconcile_due"],
+        },
+        TickQuery {
+            name: "reconcile-pending: payment by id",
+            sql: PAYMENT_BY_ID_SQL,
+            types: "(text)",
+            args: format!("({some_payment})"),
+            indexes: &["split_payments_pkey"],
+        },
+        TickQuery {
+            name: "reconcile-pending/-transfers: a payment's allocations",
+            sql: ALLOCATIONS_OF_PAYMENT_SQL,
+            types: "(text)",
+            args: format!("({some_payment})"),
+            indexes: &["split_allocations_payment"],
+        },
+        TickQuery {
+            name: "reconcile-pending: schedule",
+            sql: SCHEDULE_RECONCILE_SQL,
+            types: "(text, timestamptz)",
+            args: format!("({some_payment}, now())"),
+            indexes: &["split_payments_pkey"],
+        },
+        TickQuery {
+            name: "reconcile-transfers: overdue transfers",
+            sql: OVERDUE_TRANSFERS_SQL,
+            types: "(timestamptz, int8)",
+            args: format!("({}, {})", ms(settings.transfer_grace_ms), settings.batch_max),
+            indexes: &["split_allocations_transferring_due"],
+        },
+        TickQuery {
+            name: "reconcile-transfers: undistributed payments",
+            sql: UNDISTRIBUTED_SQL,
+            types: "(timestamptz, int8)",
+            args: format!("({}, {})", ms(settings.transfer_grace_ms), settings.batch_max),
+            indexes: &["split_payments_undistributed"],
+        },
+        TickQuery {
+            name: "reconcile-transfers: audits due",
+            sql: AUDIT_DUE_SQL,
+            types: "(timestamptz, int8)",
+            args: format!("(now(), {})", settings.batch_max.min(AUDIT_BATCH_MAX)),
+            indexes: &["split_payments_audit_due"],
+        },
+        TickQuery {
+            name: "reconcile-transfers: audit rescheduled",
+            sql: AUDIT_RESCHEDULE_SQL,
+            types: "(text, timestamptz)",
+            args: format!("({some_payment}, now() + interval '7 days')"),
+            indexes: &["split_payments_pkey"],
+        },
+        TickQuery {
+            name: "reconcile-transfers: unresolved count",
+            sql: UNRESOLVED_COUNT_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &["split_allocations_unresolved"],
+        },
+        TickQuery {
+            name: "cron: tick claim",
+            sql: CLAIM_CRON_TICK_SQL,
+            types: "(text, timestamptz, text)",
+            args: "('sweeper', date_trunc('minute', now()), 'replica-1')".into(),
+            indexes: &[],
+        },
+    ]
+}
+
+async fn waiting_jobs(pool: &PgPool) -> i64 {
+    scalar(
+        pool,
+        "SELECT count(*) FROM apalis.jobs WHERE status IN ('Pending', 'Queued', 'Failed')",
+    )
+    .await
+}
+
+/// Payloads with more than one job waiting on the same queue.
+async fn doubled_jobs(pool: &PgPool) -> i64 {
+    scalar(
+        pool,
+        "SELECT count(*) FROM (SELECT 1 FROM apalis.jobs WHERE status IN ('Pending', 'Queued', 'Failed')
+                                GROUP BY job_type, job HAVING count(*) > 1) d",
+    )
+    .await
+}
+
+async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f.await;
+    let took = start.elapsed();
+    println!("tick {what}: {took:?}");
+    (out, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tick_query_is_index_backed_at_scale_and_ticks_are_bounded() {
+    let started = Instant::now();
+    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[], false, |s| {
+        s.reconcile.batch_max = TEST_BATCH_MAX;
+    })
+    .await;
+    let pool = flow.db.pool.clone();
+    seed(&pool).await;
+    sqlx::raw_sql("ANALYZE").execute(&pool).await.unwrap();
+    println!("seeded and analysed in {:?}", started.elapsed());
+    assert_referential_integrity(&pool).await;
+    let finished = scalar(
+        &pool,
+        "SELECT count(*) FROM split_payments WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELED')
+            AND (status <> 'SUCCEEDED' OR id NOT IN (SELECT split_payment_id FROM split_allocations
+                                                      WHERE status IN ('PENDING', 'TRANSFERRING')))",
+    )
+    .await;
+    assert_eq!(finished, FINISHED);
+    let live = OVERDUE_PAYMENTS + UNDISTRIBUTED + UNPAID_NEVER_CHECKED + UNPAID_DUE_AGAIN;
+    assert_eq!(common::count(&pool, "split_payments").await, FINISHED + live);
+    assert_eq!(common::count(&pool, "split_allocations").await, 3 * (FINISHED + live));
+
+    // 1. Every tick statement, custom and generic plans: no sequential scan of the big tables. First, the check
+    //    itself sees one where there is one.
+    let mut conn = pool.acquire().await.unwrap();
+    let control: Value =
+        sqlx::query_scalar("EXPLAIN (FORMAT JSON) SELECT count(*) FROM split_allocations WHERE attempts >= 0")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let mut all = Vec::new();
+    nodes(&control[0]["Plan"], &mut all);
+    assert_eq!(seq_scanned(&all), ["split_allocations"], "{control:#}");
+    for q in tick_queries(&pool).await {
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            let scans = check_plan(&mut conn, &q, mode).await;
+            println!("plan {} ({mode}): {}", q.name, scans.join("; "));
+        }
+    }
+    drop(conn);
+
+    // 2. Real ticks against the simulator (jobs only enqueued: no worker runs), timed and bounded.
+    let ctx = &flow.ctx;
+    let waiting_before = waiting_jobs(&pool).await;
+    assert_eq!(waiting_before, 3 * (WAITING_TO - WAITING_FROM + 1));
+
+    // The unpaid payments' PaymentIntents are unknown to the simulator: each check is one Stripe read that fails
+    // (counted in `errors`), the same cost as a real check, and the payment is paced to its next interval.
+    let (pending, _) = timed(
+        "reconcile-pending",
+        reconcile_pending(ctx, &ReconcileOptions::default()),
+    )
+    .await;
+    let pending = pending.unwrap();
+    println!("  {pending:?}");
+    // Two kinds (never checked, due again), at most `batch_max` of each.
+    assert_eq!(pending.checked as i64, 2 * TEST_BATCH_MAX, "{pending:?}");
+
+    let (transfers, _) = timed(
+        "reconcile-transfers",
+        reconcile_transfers(ctx, &ReconcileOptions::default()),
+    )
+    .await;
+    let transfers = transfers.unwrap();
+    println!("  {transfers:?}");
+    assert_eq!(transfers.transfers_driven as i64, TEST_BATCH_MAX, "{transfers:?}");
+    assert_eq!(transfers.distributions as i64, TEST_BATCH_MAX, "{transfers:?}");
+    assert_eq!(
+        transfers.audited as i64,
+        TEST_BATCH_MAX.min(AUDIT_BATCH_MAX),
+        "{transfers:?}"
+    );
+    const { assert!(AUDIT_DUE > TEST_BATCH_MAX && AUDIT_DUE > AUDIT_BATCH_MAX) };
+    assert_eq!(transfers.unresolved, UNRESOLVED);
+    assert_eq!((transfers.discrepancies, transfers.errors), (0, 0), "{transfers:?}");
+
+    let (first, _) = timed("sweeper", sweep(&pool, SWEEP_GRACE_SECS)).await;
+    let first = first.unwrap();
+    println!("  {first:?}");
+    // The 500 most overdue transfers: 50 already enqueued by reconcile-transfers, 99 with a job already waiting.
+    let already = TEST_BATCH_MAX + 3 * (WAITING_TO - WAITING_FROM + 1);
+    const { assert!(3 * OVERDUE_PAYMENTS > SWEEP_BATCH_MAX && UNDISTRIBUTED > SWEEP_BATCH_MAX) };
+    assert_eq!(first.transfers as i64, SWEEP_BATCH_MAX - already, "{first:?}");
+    assert_eq!(
+        first.distributions as i64,
+        SWEEP_BATCH_MAX - TEST_BATCH_MAX,
+        "{first:?}"
+    );
+    assert_eq!(first.stripe_events as i64, STALE_EVENTS, "{first:?}");
+    let waiting = waiting_jobs(&pool).await;
+    assert_eq!(
+        waiting,
+        waiting_before + 2 * TEST_BATCH_MAX + (first.transfers + first.distributions + first.stripe_events) as i64
+    );
+
+    // A second sweep right after: every row it picks has its job waiting, so it adds none.
+    let (second, _) = timed("sweeper (again)", sweep(&pool, SWEEP_GRACE_SECS)).await;
+    let second = second.unwrap();
+    println!("  {second:?}");
+    assert_eq!(second, Default::default());
+    assert_eq!(waiting_jobs(&pool).await, waiting, "the second sweep added no job");
+    assert_eq!(doubled_jobs(&pool).await, 0, "no work has two jobs waiting");
+
+    // The next reconcile ticks take the next batches, still bounded, and add no second job either.
+    let (pending, _) = timed(
+        "reconcile-pending (next)",
+        reconcile_pending(ctx, &ReconcileOptions::default()),
+    )
+    .await;
+    let pending = pending.unwrap();
+    println!("  {pending:?}");
+    assert!(pending.checked as i64 <= 2 * TEST_BATCH_MAX, "{pending:?}");
+    let (transfers, _) = timed(
+        "reconcile-transfers (next)",
+        reconcile_transfers(ctx, &ReconcileOptions::default()),
+    )
+    .await;
+    let transfers = transfers.unwrap();
+    println!("  {transfers:?}");
+    assert_eq!(
+        (transfers.transfers_driven, transfers.distributions),
+        (0, 0),
+        "{transfers:?}"
+    );
+    assert_eq!(
+        transfers.audited as i64,
+        AUDIT_DUE - TEST_BATCH_MAX.min(AUDIT_BATCH_MAX)
+    );
+    assert_eq!(doubled_jobs(&pool).await, 0, "no work has two jobs waiting");
+
+    println!("scale test took {:?}", started.elapsed());
+    flow.stop().await;
+}
