@@ -477,8 +477,8 @@ async fn one_transfer_attempt_per_generation_and_one_allocation_per_transfer() {
 
     // A second attempt row for the same generation is refused by the schema.
     let dup = sqlx::query(
-        "INSERT INTO transfer_attempts (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency)
-         VALUES ($1, 1, 'other-key', 'acct_x', 5, 'aud')",
+        "INSERT INTO transfer_attempts (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency, transfer_group)
+         VALUES ($1, 1, 'other-key', 'acct_x', 5, 'aud', 'spay_x')",
     )
     .bind(a0.as_str())
     .execute(&pool)
@@ -905,4 +905,113 @@ async fn a_set_takes_payments_only_while_it_and_its_links_can() {
             link_id: "cm3lnk0".into()
         })
     );
+}
+
+/// The lifecycle migration carries rows written before it: a ZERO_NET share becomes PARKED `net_amount_zero`, a
+/// share parked `retries_exhausted` goes back to TRANSFERRING at the same generation and key (a lookup decides), a
+/// TRANSFERRING row gets a due time, the attempts get their frozen parameters, and the payment its flags.
+#[tokio::test]
+async fn the_lifecycle_migration_carries_rows_written_before_it() {
+    let db = TestDb::empty().await;
+    let lifecycle = 20261204000001_i64;
+    let migrations: Vec<_> = splitpay::store::MIGRATOR.iter().collect();
+    for m in migrations.iter().filter(|m| m.version < lifecycle) {
+        sqlx::raw_sql(m.sql.clone()).execute(&db.pool).await.unwrap();
+    }
+    sqlx::raw_sql(
+        "INSERT INTO organisations (id, name) VALUES ('o_d', 'D'), ('o_r', 'R');
+         INSERT INTO recipient_account_links (id, distributor_organisation_id, recipient_organisation_id,
+             recipient_org_name, label, stripe_connect_account_id, charges_enabled)
+           VALUES ('l_1', 'o_d', 'o_r', 'R', 'R', 'acct_1', true);
+         INSERT INTO recommendation_sets (id, organisation_id, name, slug, amount_mode, currency)
+           VALUES ('s_1', 'o_d', 'S', 's', 'FIXED', 'aud');
+         INSERT INTO recommendation_allocations (id, recommendation_set_id, position, recipient_org_account_link_id,
+             amount_cents) VALUES ('a_1', 's_1', 0, 'l_1', 30);
+         INSERT INTO split_payments (id, recommendation_set_id, organisation_id, payment_method_type, currency,
+             total_amount_cents, status, payment_intent_id, charge_id, transfer_group, succeeded_at,
+             processing_fee_cents, platform_fee_cents, fee_uncollected_cents)
+           VALUES ('spay_a', 's_1', 'o_d', 'card', 'aud', 30, 'SUCCEEDED', 'pi_a', 'ch_a', 'spay_a',
+                   now() - interval '1 day', 30, 0, 0),
+                  ('spay_b', 's_1', 'o_d', 'card', 'aud', 30, 'SUCCEEDED', 'pi_b', 'ch_b', 'spay_b',
+                   now() - interval '1 day', 1, 0, 0),
+                  ('spay_c', 's_1', 'o_d', 'card', 'aud', 30, 'SUCCEEDED', 'pi_c', 'ch_c', 'spay_c',
+                   now() - interval '1 day', 1, 0, 0);
+         INSERT INTO split_allocations (id, split_payment_id, recommendation_allocation_id,
+             recipient_org_account_link_id, position, gross_amount_cents, fee_share_cents, net_amount_cents, status,
+             generation, idempotency_key, failure_code, parked_at, attempts)
+           VALUES
+             ('salc_zero', 'spay_a', 'a_1', 'l_1', 0, 30, 30, 0, 'ZERO_NET', 0, NULL, NULL, NULL, 0),
+             ('salc_exh', 'spay_b', 'a_1', 'l_1', 0, 30, 1, 29, 'PARKED', 1,
+              'splitpay:alloc:salc_exh:transfer:1', 'retries_exhausted', now(), 8),
+             ('salc_flight', 'spay_c', 'a_1', 'l_1', 0, 30, 1, 29, 'TRANSFERRING', 1,
+              'splitpay:alloc:salc_flight:transfer:1', NULL, NULL, 2);
+         INSERT INTO transfer_attempts (split_allocation_id, generation, idempotency_key, destination_account_id,
+             amount_cents, currency, finished_at, outcome)
+           VALUES ('salc_exh', 1, 'splitpay:alloc:salc_exh:transfer:1', 'acct_1', 29, 'aud', now(),
+                   'RETRIES_EXHAUSTED'),
+                  ('salc_flight', 1, 'splitpay:alloc:salc_flight:transfer:1', 'acct_1', 29, 'aud', NULL, NULL);",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for m in migrations.iter().filter(|m| m.version >= lifecycle) {
+        sqlx::raw_sql(m.sql.clone())
+            .execute(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("migration {} on old rows: {e}", m.version));
+    }
+    let rows: Vec<(String, String, Option<String>, bool, i32)> = sqlx::query_as(
+        "SELECT id, status, failure_code, next_attempt_at IS NOT NULL, generation FROM split_allocations ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "salc_exh".into(),
+                "TRANSFERRING".into(),
+                Some("retries_exhausted".into()),
+                true,
+                1
+            ),
+            ("salc_flight".into(), "TRANSFERRING".into(), None, true, 1),
+            (
+                "salc_zero".into(),
+                "PARKED".into(),
+                Some("net_amount_zero".into()),
+                false,
+                0
+            ),
+        ]
+    );
+    type AttemptRow = (String, Option<String>, String, Option<String>, serde_json::Value);
+    let attempts: Vec<AttemptRow> = sqlx::query_as(
+        "SELECT split_allocation_id, outcome, transfer_group, source_transaction, metadata
+           FROM transfer_attempts ORDER BY split_allocation_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts[0].1, None,
+        "the exhausted generation is open again: a lookup decides"
+    );
+    assert_eq!(
+        (attempts[0].2.as_str(), attempts[0].3.as_deref()),
+        ("spay_b", Some("ch_b"))
+    );
+    assert_eq!(
+        attempts[1].4,
+        serde_json::json!({"split_payment_id": "spay_c", "split_allocation_id": "salc_flight", "generation": "1"})
+    );
+    let (distributed, audit_due): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE distributed_at IS NOT NULL), count(*) FILTER (WHERE audit_due_at IS NOT NULL)
+           FROM split_payments",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((distributed, audit_due), (3, 3));
 }

@@ -130,7 +130,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("splitpay-schedule-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let fast = dir.join("fast.toml");
-        let text = SCHEDULE_TOML.replace("0 */5 * * * *", "*/2 * * * * *");
+        let text = SCHEDULE_TOML.replace("cron = \"0 * * * * *\"", "cron = \"*/2 * * * * *\"");
         std::fs::write(&fast, &text).unwrap();
         let path = fast.to_string_lossy().into_owned();
         let loaded = Schedule::from_lookup(|name| (name == SCHEDULE_ENV).then(|| path.clone())).unwrap();
