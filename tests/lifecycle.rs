@@ -481,22 +481,22 @@ async fn a_dropped_becs_dishonour_is_found_by_reconcile_pending() {
     flow.stop().await;
 }
 
-/// Point 7: intake wrote the payment, then could not reach Stripe (a 503 to the caller), and the caller never came
-/// back. After the grace, reconcile-pending replays the create under the stored key, cancels the PaymentIntent it
-/// learns, and fails the payment `intake_abandoned`.
-#[tokio::test]
-async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
-    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+/// Intake writes a payment (server-confirmed with `payment_method`, or for the browser), then cannot reach Stripe
+/// (a 503 to the caller), and the caller never comes back: the payment stays CREATED, now past the card grace.
+async fn abandoned_intake(flow: &Flow, payment_method: Option<&str>) -> splitpay::domain::ids::SplitPaymentId {
     flow.control
         .fault(fault(FaultKind::DropConnection, "POST", "/v1/payment_intents"))
         .await
         .unwrap();
-    let req: splitpay::intake::IntakeRequest = serde_json::from_value(serde_json::json!({
+    let mut body = serde_json::json!({
         "recommendation_set_id": flow.set.id,
         "donor_id": "cm3donor1",
         "payment_method_type": "card",
-    }))
-    .unwrap();
+    });
+    if let Some(pm) = payment_method {
+        body["payment_method"] = pm.into();
+    }
+    let req: splitpay::intake::IntakeRequest = serde_json::from_value(body).unwrap();
     let payment = splitpay::intake::create(&flow.ctx, &req, None).await.unwrap();
     let id = splitpay::domain::ids::SplitPaymentId::parse(&payment.payment.id).unwrap();
     let err = splitpay::intake::create_intent(&flow.ctx, &id).await.unwrap_err();
@@ -506,11 +506,21 @@ async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
     );
     flow.control.clear_faults().await.unwrap();
     assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::Created);
-
-    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes'")
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes' WHERE id = $1")
+        .bind(id.as_str())
         .execute(&flow.db.pool)
         .await
         .unwrap();
+    id
+}
+
+/// Point 7: intake wrote the payment, then could not reach Stripe (a 503 to the caller), and the caller never came
+/// back. After the grace, reconcile-pending replays the create under the stored key, cancels the PaymentIntent it
+/// learns, and fails the payment `intake_abandoned`.
+#[tokio::test]
+async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let id = abandoned_intake(&flow, None).await;
     let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
         .await
         .unwrap();
@@ -545,25 +555,7 @@ async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
 #[tokio::test]
 async fn an_abandoned_server_confirmed_intake_is_never_charged_by_the_replay() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    flow.control
-        .fault(fault(FaultKind::DropConnection, "POST", "/v1/payment_intents"))
-        .await
-        .unwrap();
-    let req: splitpay::intake::IntakeRequest = serde_json::from_value(serde_json::json!({
-        "recommendation_set_id": flow.set.id,
-        "donor_id": "cm3donor1",
-        "payment_method_type": "card",
-        "payment_method": "pm_card_visa",
-    }))
-    .unwrap();
-    let payment = splitpay::intake::create(&flow.ctx, &req, None).await.unwrap();
-    let id = splitpay::domain::ids::SplitPaymentId::parse(&payment.payment.id).unwrap();
-    assert!(splitpay::intake::create_intent(&flow.ctx, &id).await.is_err());
-    flow.control.clear_faults().await.unwrap();
-    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes'")
-        .execute(&flow.db.pool)
-        .await
-        .unwrap();
+    let id = abandoned_intake(&flow, Some("pm_card_visa")).await;
     let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
         .await
         .unwrap();

@@ -62,61 +62,53 @@ pub async fn run(
     }
 }
 
+/// Runs one tick of a periodic job under `limit`, logging (never propagating) a failure or a timeout: the next
+/// tick does the same work.
+async fn bounded<T, E: std::fmt::Display>(
+    name: &'static str,
+    limit: std::time::Duration,
+    tick: impl Future<Output = Result<T, E>>,
+) {
+    match tokio::time::timeout(limit, tick).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(job = name, error = %e, "periodic job failed"),
+        Err(_) => tracing::warn!(job = name, "periodic job timed out"),
+    }
+}
+
 /// The periodic jobs of the schedule, over the worker's context.
 pub fn jobs(ctx: AppContext) -> Vec<(&'static str, CronJob)> {
-    let pool = ctx.pool.clone();
-    let sweeper: CronJob = Arc::new(move || {
-        let pool = pool.clone();
-        Box::pin(async move {
-            match tokio::time::timeout(
-                super::sweeper::SWEEP_TIMEOUT,
-                super::sweeper::sweep(&pool, super::sweeper::SWEEP_GRACE_SECS),
-            )
-            .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "sweep failed"),
-                Err(_) => tracing::warn!("sweep timed out"),
-            }
-        })
-    });
+    use super::reconcile::{reconcile_pending, reconcile_transfers, ReconcileOptions, RECONCILE_TIMEOUT};
+    use super::sweeper::{sweep, SWEEP_GRACE_SECS, SWEEP_TIMEOUT};
     let ctx = Arc::new(ctx);
+    let sweep_ctx = ctx.clone();
+    let sweeper: CronJob = Arc::new(move || {
+        let ctx = sweep_ctx.clone();
+        Box::pin(async move { bounded("sweeper", SWEEP_TIMEOUT, sweep(&ctx.pool, SWEEP_GRACE_SECS)).await })
+    });
     let pending_ctx = ctx.clone();
-    let reconcile_pending: CronJob = Arc::new(move || {
+    let pending: CronJob = Arc::new(move || {
         let ctx = pending_ctx.clone();
         Box::pin(async move {
-            let opts = super::reconcile::ReconcileOptions::default();
-            match tokio::time::timeout(
-                super::reconcile::RECONCILE_TIMEOUT,
-                super::reconcile::reconcile_pending(&ctx, &opts),
-            )
-            .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "reconcile-pending failed"),
-                Err(_) => tracing::warn!("reconcile-pending timed out"),
-            }
+            let opts = ReconcileOptions::default();
+            bounded("reconcile-pending", RECONCILE_TIMEOUT, reconcile_pending(&ctx, &opts)).await
         })
     });
-    let reconcile_transfers: CronJob = Arc::new(move || {
+    let transfers: CronJob = Arc::new(move || {
         let ctx = ctx.clone();
         Box::pin(async move {
-            let opts = super::reconcile::ReconcileOptions::default();
-            match tokio::time::timeout(
-                super::reconcile::RECONCILE_TIMEOUT,
-                super::reconcile::reconcile_transfers(&ctx, &opts),
+            let opts = ReconcileOptions::default();
+            bounded(
+                "reconcile-transfers",
+                RECONCILE_TIMEOUT,
+                reconcile_transfers(&ctx, &opts),
             )
             .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "reconcile-transfers failed"),
-                Err(_) => tracing::warn!("reconcile-transfers timed out"),
-            }
         })
     });
     vec![
         ("sweeper", sweeper),
-        ("reconcile-pending", reconcile_pending),
-        ("reconcile-transfers", reconcile_transfers),
+        ("reconcile-pending", pending),
+        ("reconcile-transfers", transfers),
     ]
 }

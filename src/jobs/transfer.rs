@@ -245,41 +245,17 @@ pub async fn succeed(
                 .is_some_and(|known| known != transfer.id) =>
         {
             drop(tx);
-            let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
             let detail = format!(
                 "{id} is TRANSFERRED as {:?}; Stripe also holds {} of generation {generation}",
                 c.allocation.stripe_transfer_id, transfer.id
             );
-            record_discrepancy(
-                &mut conn,
-                &c.payment.id,
-                Some(id.as_str()),
-                &transfer.id,
-                transfer.amount_cents,
-                "second_transfer",
-                &detail,
-            )
-            .await
-            .map_err(transient)?;
-            return Ok(());
+            return report_second_transfer(ctx, &c, transfer, &detail).await;
         }
         Ok(_) => {}
         Err(e @ (StoreError::Forbidden(_) | StoreError::Invalid(_))) => {
             drop(tx);
-            let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
             let detail = format!("transfer of {id} generation {generation} could not be recorded: {e}");
-            record_discrepancy(
-                &mut conn,
-                &c.payment.id,
-                Some(id.as_str()),
-                &transfer.id,
-                transfer.amount_cents,
-                "second_transfer",
-                &detail,
-            )
-            .await
-            .map_err(transient)?;
-            return Ok(());
+            return report_second_transfer(ctx, &c, transfer, &detail).await;
         }
         Err(e) => return Err(transient(e)),
     }
@@ -299,6 +275,28 @@ pub async fn succeed(
     }
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     tracing::info!(split_allocation_id = %id, transfer_id = %transfer.id, generation, "transferred");
+    Ok(())
+}
+
+/// A transfer at Stripe that this allocation cannot take: kept in `transfer_discrepancies` for an operator.
+async fn report_second_transfer(
+    ctx: &AppContext,
+    c: &AllocationContext,
+    transfer: &TransferInfo,
+    detail: &str,
+) -> Result<(), JobFailure> {
+    let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    record_discrepancy(
+        &mut conn,
+        &c.payment.id,
+        Some(c.allocation.id.as_str()),
+        &transfer.id,
+        transfer.amount_cents,
+        "second_transfer",
+        detail,
+    )
+    .await
+    .map_err(transient)?;
     Ok(())
 }
 
