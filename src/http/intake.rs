@@ -4,24 +4,19 @@
 //! a retry after Stripe was unreachable resumes the payment the first attempt wrote, within
 //! [`intake::RESUME_WINDOW_HOURS`] of its creation; later it gets 409 `idempotency_key_expired`.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::error::ApiError;
+use super::error::{request_id, ApiError, ApiPath, Body};
 use super::HttpState;
 use crate::domain::ids::SplitPaymentId;
 use crate::events::seed_timestamp;
 use crate::intake::{self, IntakeError, IntakeRequest, IntentOutcome};
 use crate::store::payments::{get_split_payment, SplitPayment};
 use crate::store::StoreError;
-
-fn request_id() -> String {
-    format!("req_{}", uuid::Uuid::new_v4().simple())
-}
 
 /// Constant-time comparison of the bearer token with the configured one.
 fn authorised(state: &HttpState, headers: &HeaderMap) -> bool {
@@ -126,7 +121,7 @@ fn intake_error(e: IntakeError, rid: &str) -> ApiError {
     }
 }
 
-pub async fn create(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn create(State(state): State<HttpState>, headers: HeaderMap, Body(body): Body) -> Response {
     let rid = request_id();
     match create_inner(&state, &headers, &body, &rid).await {
         Ok((status, body)) => {
@@ -256,7 +251,7 @@ async fn lookup(state: &HttpState, key: &str) -> Result<Option<StoredRequest>, S
     Ok(row.map(|(hash, id, status, body)| (hash, id, status.zip(body))))
 }
 
-pub async fn show(State(state): State<HttpState>, headers: HeaderMap, Path(raw): Path<String>) -> Response {
+pub async fn show(State(state): State<HttpState>, headers: HeaderMap, ApiPath(raw): ApiPath<String>) -> Response {
     let rid = request_id();
     if !authorised(&state, &headers) {
         return ApiError::new(

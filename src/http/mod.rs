@@ -30,6 +30,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/split-payments/{id}", get(intake::show))
         .route("/stripe/webhooks", post(webhooks::receive))
         .route("/healthz", get(|| async { "ok" }))
+        // After the routes: it applies to the routes added so far.
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .fallback(error::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::map_response(error::envelope_plain_errors))
         .with_state(state)
 }

@@ -1,24 +1,25 @@
 //! `POST /stripe/webhooks`: verify the signature, store the event in the inbox and enqueue its processing in one
 //! transaction, answer 2xx at once. A bad signature writes nothing (400). A redelivered event id is acknowledged
-//! and ignored. Processing happens in the worker ([`crate::jobs::stripe_event`]).
+//! and ignored. Processing happens in the worker ([`crate::jobs::stripe_event`]). Refusals are the API's error
+//! envelope (Stripe only reads the status).
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{TimeZone, Utc};
 use serde_json::{json, Value};
 
+use super::error::{code_for, request_id, ApiError, Body};
 use super::HttpState;
 use crate::jobs::queue::{enqueue, Queue};
 use crate::store::records::{insert_stripe_event, NewStripeEvent};
 use crate::stripe::webhook::verify_signature;
 
 fn reject(status: StatusCode, message: &str) -> Response {
-    (status, axum::Json(json!({ "error": { "message": message } }))).into_response()
+    ApiError::new(status, code_for(status), message, &request_id()).into_response()
 }
 
-pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, Body(body): Body) -> Response {
     let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
     if let Err(e) = verify_signature(&body, signature, &state.webhook_secrets, Utc::now().timestamp()) {
         tracing::warn!(error = %e, "refused a webhook");
