@@ -430,7 +430,7 @@ async fn a_resume_more_than_23_hours_after_the_payment_was_written_is_refused_an
     for _ in 0..2 {
         let (status, body) = post(&flow, card(json!([])), Some("order-old")).await;
         assert_eq!(status, 409, "{body}");
-        assert_eq!(body["error"]["code"], "idempotency_key_expired", "{body}");
+        assert_eq!(body["error"]["code"], "conflict", "{body}");
         assert_eq!(body["error"]["param"], "Idempotency-Key", "{body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(

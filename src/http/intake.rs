@@ -2,7 +2,8 @@
 //!
 //! `Idempotency-Key`: the same key and body get the same response; another body gets 409 `idempotency_conflict`;
 //! a retry after Stripe was unreachable resumes the payment the first attempt wrote, within
-//! [`intake::RESUME_WINDOW_HOURS`] of its creation; later it gets 409 `idempotency_key_expired`.
+//! [`intake::RESUME_WINDOW_HOURS`] of its creation; later it gets 409 `conflict` (the contract has no code of its own
+//! for it; `param` is `Idempotency-Key` and the message says what to do).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -90,8 +91,7 @@ fn intake_error(e: IntakeError, rid: &str) -> ApiError {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message, rid).with_param(param)
         }
         IntakeError::ResumeExpired { .. } => {
-            ApiError::new(StatusCode::CONFLICT, "idempotency_key_expired", e.to_string(), rid)
-                .with_param("Idempotency-Key")
+            ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string(), rid).with_param("Idempotency-Key")
         }
         IntakeError::NotFound { param, message } => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", message, rid).with_param(param)
