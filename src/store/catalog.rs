@@ -487,7 +487,8 @@ pub struct LinkUpsert {
     pub recipient_org_name: String,
     pub label: String,
     pub stripe_connect_account_id: String,
-    pub charges_enabled: bool,
+    /// `None` keeps the current flag (false for a new link); Stripe's `account.updated` also sets it.
+    pub charges_enabled: Option<bool>,
     pub is_active: Option<bool>,
 }
 
@@ -546,7 +547,7 @@ pub async fn upsert_link(tx: &mut Tx<'_>, link: &LinkUpsert) -> Result<(Upserted
                 recipient_org_name: link.recipient_org_name.clone(),
                 label: link.label.clone(),
                 stripe_connect_account_id: link.stripe_connect_account_id.clone(),
-                charges_enabled: link.charges_enabled,
+                charges_enabled: link.charges_enabled.unwrap_or(false),
                 is_active: link.is_active.unwrap_or(true),
             },
         )
@@ -566,11 +567,12 @@ pub async fn upsert_link(tx: &mut Tx<'_>, link: &LinkUpsert) -> Result<(Upserted
         return Err(conflict("id", format!("link '{}' is archived", link.id)));
     }
     let is_active = link.is_active.unwrap_or(current.is_active);
+    let charges_enabled = link.charges_enabled.unwrap_or(current.charges_enabled);
     let unchanged = current.recipient_organisation_id == link.recipient_organisation_id
         && current.recipient_org_name == link.recipient_org_name
         && current.label == link.label
         && current.stripe_connect_account_id == link.stripe_connect_account_id
-        && current.charges_enabled == link.charges_enabled
+        && current.charges_enabled == charges_enabled
         && current.is_active == is_active;
     if unchanged {
         return Ok((Upserted::Unchanged, current));
@@ -587,7 +589,7 @@ pub async fn upsert_link(tx: &mut Tx<'_>, link: &LinkUpsert) -> Result<(Upserted
     .bind(&link.recipient_org_name)
     .bind(&link.label)
     .bind(&link.stripe_connect_account_id)
-    .bind(link.charges_enabled)
+    .bind(charges_enabled)
     .bind(is_active)
     .fetch_one(&mut **tx)
     .await?;
@@ -603,7 +605,11 @@ pub async fn retire_link(conn: &mut PgConnection, id: &str, archive: bool) -> Re
         "UPDATE recipient_account_links SET is_active = false, updated_at = now()
           WHERE id = $1 AND is_active RETURNING *"
     };
-    match sqlx::query_as::<_, LinkRow>(sql).bind(id).fetch_optional(&mut *conn).await? {
+    match sqlx::query_as::<_, LinkRow>(sql)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
         Some(row) => Ok((Upserted::Updated, row)),
         None => Ok((Upserted::Unchanged, get_link(conn, id).await?)),
     }
@@ -649,7 +655,10 @@ pub fn check_set_amounts(
     if allocations.is_empty() || allocations.len() > ALLOCATIONS_PER_SET_MAX {
         return Err(invalid(
             "allocations",
-            format!("a set needs 1 to {ALLOCATIONS_PER_SET_MAX} allocations, got {}", allocations.len()),
+            format!(
+                "a set needs 1 to {ALLOCATIONS_PER_SET_MAX} allocations, got {}",
+                allocations.len()
+            ),
         ));
     }
     for (i, a) in allocations.iter().enumerate() {
@@ -674,7 +683,10 @@ pub fn check_set_amounts(
             _ => {}
         }
         if allocations[..i].iter().any(|b| b.id == a.id) {
-            return Err(invalid(format!("allocations[{i}].id"), format!("'{}' appears twice", a.id)));
+            return Err(invalid(
+                format!("allocations[{i}].id"),
+                format!("'{}' appears twice", a.id),
+            ));
         }
         if allocations[..i]
             .iter()
