@@ -112,7 +112,8 @@ async fn wait_transferred(flow: &Flow, id: &str) -> splitpay::store::payments::S
 
 #[tokio::test]
 async fn a_fixed_set_paid_by_card_through_intake_is_distributed() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_500, 1_500], &[]).await;
+    // The catalogue comes through the catalogue API, as the platform gives it.
+    let flow = Flow::start_via_api(AmountMode::Fixed, &[1_000, 2_500, 1_500]).await;
     let (status, body) = post(&flow, card(json!([])), None).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(

@@ -20,7 +20,7 @@ use crate::store::payments::{get_split_payment, SplitPayment};
 use crate::store::StoreError;
 
 /// Constant-time comparison of the bearer token with the configured one.
-fn authorised(state: &HttpState, headers: &HeaderMap) -> bool {
+pub(super) fn authorised(state: &HttpState, headers: &HeaderMap) -> bool {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -32,7 +32,7 @@ fn authorised(state: &HttpState, headers: &HeaderMap) -> bool {
     })
 }
 
-fn render(p: &SplitPayment, outcome: Option<&IntentOutcome>) -> Value {
+pub(super) fn render(p: &SplitPayment, outcome: Option<&IntentOutcome>) -> Value {
     let intent = outcome.and_then(|o| o.intent.as_ref());
     let failure = outcome.and_then(|o| o.failure.as_ref());
     json!({

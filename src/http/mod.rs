@@ -1,12 +1,15 @@
-//! The HTTP side of splitpay (axum): intake (`/v1/split-payments`), Stripe's webhook ingress, and health.
+//! The HTTP side of splitpay (axum): intake (`/v1/split-payments`), the catalogue API the platform keeps current
+//! (`/v1/organisations`, `/v1/recipient-account-links`, `/v1/recommendation-sets`), Stripe's webhook ingress, and
+//! health.
 
+pub mod catalog;
 pub mod error;
 pub mod intake;
 pub mod webhooks;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::app::AppContext;
@@ -26,8 +29,27 @@ pub struct HttpState {
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/v1/split-payments", post(intake::create))
+        .route("/v1/split-payments", post(intake::create).get(catalog::list_payments))
         .route("/v1/split-payments/{id}", get(intake::show))
+        .route(
+            "/v1/organisations/{id}",
+            put(catalog::put_organisation).get(catalog::get_organisation_handler),
+        )
+        .route(
+            "/v1/recipient-account-links/{id}",
+            put(catalog::put_link).get(catalog::get_link_handler),
+        )
+        .route(
+            "/v1/recipient-account-links/{id}/deactivate",
+            post(catalog::deactivate_link),
+        )
+        .route("/v1/recipient-account-links/{id}/archive", post(catalog::archive_link))
+        .route(
+            "/v1/recommendation-sets/{id}",
+            put(catalog::put_set).get(catalog::get_set),
+        )
+        .route("/v1/recommendation-sets/{id}/deactivate", post(catalog::deactivate_set))
+        .route("/v1/recommendation-sets/{id}/archive", post(catalog::archive_set))
         .route("/stripe/webhooks", post(webhooks::receive))
         .route("/healthz", get(|| async { "ok" }))
         // After the routes: it applies to the routes added so far.

@@ -184,6 +184,34 @@ pub async fn get_split_payment(conn: &mut PgConnection, id: &SplitPaymentId) -> 
     Ok(SplitPayment { payment, allocations })
 }
 
+/// One page of split payments, newest first (ids are time-ordered), optionally of one set and in one status:
+/// at most `limit` ids after the cursor `starting_after` (exclusive).
+pub async fn list_split_payment_ids(
+    conn: &mut PgConnection,
+    recommendation_set_id: Option<&str>,
+    status: Option<PaymentStatus>,
+    starting_after: Option<&SplitPaymentId>,
+    limit: i64,
+) -> Result<Vec<SplitPaymentId>, StoreError> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM split_payments
+          WHERE ($1::text IS NULL OR recommendation_set_id = $1)
+            AND ($2::text IS NULL OR status = $2)
+            AND ($3::text IS NULL OR id < $3)
+          ORDER BY id DESC
+          LIMIT $4",
+    )
+    .bind(recommendation_set_id)
+    .bind(status.map(|s| s.as_str()))
+    .bind(starting_after.map(|id| id.as_str()))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(raw,)| SplitPaymentId::parse(&raw).map_err(|e| corrupt("split payment", &raw, e)))
+        .collect()
+}
+
 /// The split payment a PaymentIntent belongs to, if any.
 pub async fn find_split_payment_by_intent(
     conn: &mut PgConnection,

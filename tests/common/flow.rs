@@ -59,6 +59,12 @@ impl Flow {
         Self::start_full(mode, amounts, no_transfers, in_process_worker, |_| {}).await
     }
 
+    /// As [`Flow::start`], with the catalogue (the same organisations, links and set) written through the
+    /// catalogue API, as the platform does, rather than through the store.
+    pub async fn start_via_api(mode: AmountMode, amounts: &[i64]) -> Flow {
+        Self::start_inner(mode, amounts, &[], true, |_| {}, true).await
+    }
+
     /// As [`Flow::start_with`], with the distribution settings adjusted by `tweak`.
     pub async fn start_full(
         mode: AmountMode,
@@ -66,6 +72,17 @@ impl Flow {
         no_transfers: &[usize],
         in_process_worker: bool,
         tweak: impl FnOnce(&mut DistributionSettings),
+    ) -> Flow {
+        Self::start_inner(mode, amounts, no_transfers, in_process_worker, tweak, false).await
+    }
+
+    async fn start_inner(
+        mode: AmountMode,
+        amounts: &[i64],
+        no_transfers: &[usize],
+        in_process_worker: bool,
+        tweak: impl FnOnce(&mut DistributionSettings),
+        catalogue_via_api: bool,
     ) -> Flow {
         let db = TestDb::new().await;
         splitpay::jobs::queue::setup(&db.pool).await.unwrap();
@@ -124,7 +141,14 @@ impl Flow {
                 .unwrap();
             })
         });
-        let set = seed_set(&db.pool, mode, amounts).await;
+        let set = if catalogue_via_api {
+            super::seed_set_via_api(&base_url, SERVICE_TOKEN, mode, amounts).await;
+            splitpay::store::catalog::get_recommendation_set(&mut db.pool.acquire().await.unwrap(), "cm3rec1")
+                .await
+                .unwrap()
+        } else {
+            seed_set(&db.pool, mode, amounts).await
+        };
         Flow {
             db,
             sim,

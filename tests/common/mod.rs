@@ -83,6 +83,64 @@ pub async fn seed_set(pool: &PgPool, mode: AmountMode, amounts: &[i64]) -> Recom
     set
 }
 
+/// As [`seed_set`], through the catalogue API at `base_url` (`PUT /v1/organisations/…`,
+/// `/v1/recipient-account-links/…`, `/v1/recommendation-sets/cm3rec1`), as the platform would.
+pub async fn seed_set_via_api(base_url: &str, token: &str, mode: AmountMode, amounts: &[i64]) {
+    let client = reqwest::Client::new();
+    let put = |path: String, body: serde_json::Value| {
+        let request = client.put(format!("{base_url}{path}")).bearer_auth(token).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(status, 201, "{body}");
+        }
+    };
+    put(
+        format!("/v1/organisations/{DISTRIBUTOR}"),
+        serde_json::json!({ "name": "Climate Fund" }),
+    )
+    .await;
+    let mut allocations = Vec::new();
+    for (i, &amount_cents) in amounts.iter().enumerate() {
+        let org = format!("cm3orgrcp{i}");
+        put(
+            format!("/v1/organisations/{org}"),
+            serde_json::json!({ "name": format!("Recipient {i}") }),
+        )
+        .await;
+        put(
+            format!("/v1/recipient-account-links/cm3lnk{i}"),
+            serde_json::json!({
+                "distributor_organisation_id": DISTRIBUTOR,
+                "recipient_organisation_id": org,
+                "recipient_org_name": format!("Recipient {i}"),
+                "label": format!("Recipient {i} main"),
+                "stripe_connect_account_id": format!("acct_rcp{i}"),
+                "charges_enabled": true,
+            }),
+        )
+        .await;
+        allocations.push(serde_json::json!({
+            "id": format!("cm3alc{i}"),
+            "recipient_org_account_link_id": format!("cm3lnk{i}"),
+            "amount_cents": amount_cents,
+        }));
+    }
+    put(
+        "/v1/recommendation-sets/cm3rec1".into(),
+        serde_json::json!({
+            "organisation_id": DISTRIBUTOR,
+            "name": "Climate split",
+            "slug": "climate-split",
+            "amount_mode": mode.as_str(),
+            "currency": "AUD",
+            "allocations": allocations,
+        }),
+    )
+    .await;
+}
+
 /// The plan of `set` with no amounts submitted, under the most permissive minimum allocation (1): the store and the
 /// workers must handle any plan a configuration allows (`SPLITPAY_MIN_ALLOCATION_CENTS=1` included), and some
 /// tests need allocations whose net is tiny or zero.
