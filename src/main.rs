@@ -36,7 +36,8 @@ enum Command {
     /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
     /// print where every cent went.
     Demo,
-    /// Operator commands: `ops reconcile` runs both reconcilers once, in the foreground.
+    /// Operator commands: list parked allocations, show a payment by any of its ids, read the audit log, and run
+    /// both reconcilers once in the foreground.
     Ops(splitpay::ops::OpsArgs),
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {

@@ -1,8 +1,14 @@
 //! The operator commands (`splitpay ops …`): human-readable tables by default, one JSON document with `--json`.
 //! Exit codes: 0 success, 1 refused (wrong state, not ready), 2 bad usage. One file per command family:
 //! - [`reconcile`]: run both reconcilers once, in the foreground.
+//! - [`parked`]: list the parked allocations (read-only).
+//! - [`show`]: everything about one payment, found by any of its ids (read-only).
+//! - [`audit`]: the ops audit log, newest first (read-only).
 
+pub mod audit;
+pub mod parked;
 pub mod reconcile;
+pub mod show;
 
 use std::io::Write;
 
@@ -30,6 +36,73 @@ pub enum OpsCommand {
         #[arg(long)]
         now: bool,
     },
+    /// List the parked allocations (shares Stripe refused to transfer), oldest first: distributor and recipient,
+    /// net amount, reason (failure code and message), age, attempts and generation. Changes nothing.
+    Parked {
+        /// Only allocations whose distributor or recipient is this organisation.
+        #[arg(long, value_parser = parse_organisation)]
+        organisation: Option<String>,
+        /// Only allocations parked at least this long ago: `90s`, `10m`, `72h`, `7d`.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        older_than: Option<u64>,
+    },
+    /// Show one split payment: its status, amounts, fees, PaymentIntent and charge; its allocations with their
+    /// states, transfer attempts and transfer ids; its donations, discrepancies, the events emitted about it and the
+    /// audit entries. Changes nothing.
+    Show {
+        /// Our id (`spay_…`, `salc_…`, `don_…`) or Stripe's (`pi_…`, `ch_…`, `py_…`, `tr_…`).
+        id: String,
+    },
+    /// List the ops audit log (who changed what, and why), newest first. Changes nothing.
+    Audit {
+        /// Only entries about this target (e.g. a `salc_…` or `spay_…` id).
+        #[arg(long, value_parser = parse_target)]
+        target: Option<String>,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
+}
+
+fn parse_organisation(raw: &str) -> Result<String, String> {
+    crate::domain::ids::check_external_id("organisation id", raw)
+        .map(|()| raw.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_target(raw: &str) -> Result<String, String> {
+    crate::domain::ids::check_external_id("target id", raw)
+        .map(|()| raw.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// A positive duration in milliseconds.
+fn parse_duration(raw: &str) -> Result<u64, String> {
+    crate::config::parse_duration_ms(raw)
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| format!("expected a positive duration such as 90s, 10m, 72h or 7d, got '{raw}'"))
+}
+
+/// `12.34 AUD` from minor units and a stored currency code (the code as stored when it is not one we know).
+pub(crate) fn money(minor: Option<i64>, currency: &str) -> String {
+    match (minor, crate::domain::money::Currency::parse(currency)) {
+        (None, _) => "-".to_owned(),
+        (Some(m), Ok(c)) => crate::domain::money::Money::new(m, c)
+            .map(|m| m.to_string())
+            .unwrap_or_else(|_| format!("{m} {currency}")),
+        (Some(m), Err(_)) => format!("{m} {currency}"),
+    }
+}
+
+/// A short age: `45s`, `12m`, `5h 3m`, `3d 4h`.
+pub(crate) fn age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3_599 => format!("{}m", s / 60),
+        3_600..=86_399 => format!("{}h {}m", s / 3_600, s % 3_600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3_600),
+    }
 }
 
 /// How an ops command ended: its exit code, 0, 1 (refused) or 2 (bad usage).
@@ -63,5 +136,11 @@ pub async fn run(
         OpsCommand::Reconcile { payment, now } => {
             reconcile::run(ctx, payment.as_deref(), *now, args.json, out, err).await
         }
+        OpsCommand::Parked {
+            organisation,
+            older_than,
+        } => parked::run(ctx, organisation.as_deref(), *older_than, args.json, out).await,
+        OpsCommand::Show { id } => show::run(ctx, id, args.json, out, err).await,
+        OpsCommand::Audit { target, limit } => audit::run(ctx, target.as_deref(), *limit, args.json, out).await,
     }
 }
