@@ -2,7 +2,7 @@
 //! attempts, a history of done jobs and processed Stripe events) plus a little live work, every statement a
 //! periodic tick runs is planned with `EXPLAIN` exactly as the product sends it (the `…_SQL` constants the code
 //! uses), with the parameter types it binds and the values a cron tick binds, under both custom and generic plans:
-//! none may read `split_payments` or `split_allocations` sequentially. Then real ticks run against the simulator:
+//! none may read `split_payments` or `split_allocations` sequentially (nor may `ops parked`, an operator's listing). Then real ticks run against the simulator:
 //! their durations are printed (never asserted), each takes at most its batch, and a second sweep adds no job for
 //! work whose job is still waiting.
 
@@ -23,6 +23,7 @@ use splitpay::jobs::reconcile::{
 use splitpay::jobs::sweeper::{
     sweep, SWEEP_ALLOCATIONS_SQL, SWEEP_BATCH_MAX, SWEEP_EVENTS_SQL, SWEEP_GRACE_SECS, SWEEP_PAYMENTS_SQL,
 };
+use splitpay::ops::parked::PARKED_SQL;
 use splitpay::store::payments::{ALLOCATIONS_OF_PAYMENT_SQL, PAYMENT_BY_ID_SQL};
 use splitpay::store::records::CLAIM_CRON_TICK_SQL;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
@@ -286,6 +287,21 @@ async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
             types: "",
             args: String::new(),
             indexes: &["split_allocations_unresolved"],
+        },
+        // Not a tick, but an operator's listing that must stay cheap as payments pile up: from the partial index.
+        TickQuery {
+            name: "ops parked: all",
+            sql: PARKED_SQL,
+            types: "(text, int8, int8)",
+            args: "(NULL, NULL, 501)".into(),
+            indexes: &["split_allocations_parked"],
+        },
+        TickQuery {
+            name: "ops parked: one organisation, older than 72h",
+            sql: PARKED_SQL,
+            types: "(text, int8, int8)",
+            args: format!("('cm3orgrcp1', {}, 501)", 72 * 3_600_000),
+            indexes: &["split_allocations_parked"],
         },
         TickQuery {
             name: "cron: tick claim",
