@@ -6,6 +6,7 @@
 //! (`outbox_events.dedup_key` is unique). Signed delivery is a later piece of work; the outbox is the record.
 
 pub mod build;
+pub mod signing;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;

@@ -1,7 +1,13 @@
 //! The operator commands (`splitpay ops …`): human-readable tables by default, one JSON document with `--json`.
 //! Exit codes: 0 success, 1 refused (wrong state, not ready), 2 bad usage. One file per command family:
 //! - [`reconcile`]: run both reconcilers once, in the foreground.
+//! - [`endpoints`]: the webhook endpoints organisations receive their events at.
+//!
+//! Every command that changes something takes [`Change`]: it asks for confirmation unless `--yes`, `--dry-run`
+//! prints what would happen and changes nothing, and the change writes an `ops_audit_log` row in its own
+//! transaction (actor `--actor`, else the OS user). A refused or declined command writes nothing.
 
+pub mod endpoints;
 pub mod reconcile;
 
 use std::io::Write;
@@ -30,6 +36,98 @@ pub enum OpsCommand {
         #[arg(long)]
         now: bool,
     },
+    /// Webhook endpoints: add, list, disable, rotate-secret.
+    Endpoints {
+        #[command(subcommand)]
+        command: endpoints::EndpointsCommand,
+    },
+}
+
+/// The flags of every command that changes something.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Change {
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Print what would happen and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Who is acting, for the audit log (default: the OS user).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+impl Change {
+    pub fn actor(&self) -> String {
+        self.actor
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+            .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    /// The audit row of this change (`details` holds the parameters; never a secret).
+    pub fn audit(
+        &self,
+        command: &str,
+        target_type: &str,
+        target_id: &str,
+        details: serde_json::Value,
+    ) -> crate::store::records::AuditEntry {
+        crate::store::records::AuditEntry {
+            actor: self.actor(),
+            command: command.to_owned(),
+            target_type: target_type.to_owned(),
+            target_id: target_id.to_owned(),
+            reason: self.reason.clone(),
+            details: serde_json::json!({ "parameters": details, "result": "done" }),
+        }
+    }
+}
+
+/// Bad usage: says what was wrong on `err`, exit 2.
+pub(crate) fn usage(err: &mut (dyn Write + Send), message: &str) -> Result<Outcome, OpsError> {
+    writeln!(err, "{message}")?;
+    Ok(Outcome::Usage)
+}
+
+/// `--dry-run`: prints the plan (the same document under `--json`), changes nothing.
+pub(crate) fn print_dry_run(
+    out: &mut (dyn Write + Send),
+    json: bool,
+    plan: &serde_json::Value,
+) -> Result<Outcome, OpsError> {
+    if json {
+        writeln!(out, "{}", serde_json::json!({ "dry_run": plan }))?;
+    } else {
+        writeln!(
+            out,
+            "(dry run) would {}: {plan}",
+            plan["action"].as_str().unwrap_or("change")
+        )?;
+    }
+    Ok(Outcome::Done)
+}
+
+/// Asks on the terminal unless `--yes`; only `yes` confirms. A declined command says so and changes nothing.
+pub(crate) fn confirm(change: &Change, what: &str, err: &mut (dyn Write + Send)) -> Result<bool, OpsError> {
+    if change.yes {
+        return Ok(true);
+    }
+    write!(err, "About to {what}. Type 'yes' to confirm: ")?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() == "yes" {
+        Ok(true)
+    } else {
+        writeln!(err, "not confirmed; nothing changed (pass --yes to skip the question)")?;
+        Ok(false)
+    }
 }
 
 /// How an ops command ended: its exit code, 0, 1 (refused) or 2 (bad usage).
@@ -63,5 +161,6 @@ pub async fn run(
         OpsCommand::Reconcile { payment, now } => {
             reconcile::run(ctx, payment.as_deref(), *now, args.json, out, err).await
         }
+        OpsCommand::Endpoints { command } => endpoints::run(command, ctx, args.json, out, err).await,
     }
 }
