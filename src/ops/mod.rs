@@ -2,11 +2,13 @@
 //! Exit codes: 0 success, 1 refused (wrong state, not ready), 2 bad usage. One file per command family:
 //! - [`reconcile`]: run both reconcilers once, in the foreground.
 //! - [`endpoints`]: the webhook endpoints organisations receive their events at.
+//! - [`deliveries`]: `events` lists webhook deliveries, `redeliver` queues them again.
 //!
 //! Every command that changes something takes [`Change`]: it asks for confirmation unless `--yes`, `--dry-run`
 //! prints what would happen and changes nothing, and the change writes an `ops_audit_log` row in its own
 //! transaction (actor `--actor`, else the OS user). A refused or declined command writes nothing.
 
+pub mod deliveries;
 pub mod endpoints;
 pub mod reconcile;
 
@@ -40,6 +42,25 @@ pub enum OpsCommand {
     Endpoints {
         #[command(subcommand)]
         command: endpoints::EndpointsCommand,
+    },
+    /// Webhook deliveries, newest first: event, endpoint, status, attempts, last error.
+    Events {
+        /// Only deliveries that failed for good.
+        #[arg(long)]
+        failed: bool,
+        #[arg(long)]
+        organisation: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Queue deliveries again: every delivery of one event (`oevt_…`) that did not get a 2xx, or every failed
+    /// delivery created since TIME (RFC 3339). A delivery that got a 2xx is never sent again.
+    Redeliver {
+        event: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        change: Change,
     },
 }
 
@@ -162,5 +183,13 @@ pub async fn run(
             reconcile::run(ctx, payment.as_deref(), *now, args.json, out, err).await
         }
         OpsCommand::Endpoints { command } => endpoints::run(command, ctx, args.json, out, err).await,
+        OpsCommand::Events {
+            failed,
+            organisation,
+            limit,
+        } => deliveries::events(ctx, *failed, organisation.as_deref(), *limit, args.json, out).await,
+        OpsCommand::Redeliver { event, since, change } => {
+            deliveries::redeliver(ctx, event.as_deref(), since.as_deref(), change, args.json, out, err).await
+        }
     }
 }
