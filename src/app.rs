@@ -140,6 +140,8 @@ pub struct AppContext {
     pub pool: PgPool,
     pub gateway: Arc<dyn PaymentGateway>,
     pub distribution: DistributionSettings,
+    /// Outbound webhook delivery (timeout, claims).
+    pub webhooks: crate::jobs::deliver::DeliverySettings,
 }
 
 /// Builds the gateway the settings ask for: Stripe (or another base URL) with the configured key, or the local

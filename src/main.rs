@@ -124,6 +124,7 @@ fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSetting
         pool,
         gateway: Arc::new(gateway_from(stripe)?),
         distribution,
+        webhooks: splitpay::jobs::deliver::DeliverySettings::from_lookup(|name| std::env::var(name).ok())?,
     })
 }
 

@@ -3,9 +3,11 @@
 //! webhook schemas exactly; a test checks each payload against the seed's required fields.
 //!
 //! Every event has a dedup key that makes "fires once per split payment / per allocation" a database rule
-//! (`outbox_events.dedup_key` is unique). Signed delivery is a later piece of work; the outbox is the record.
+//! (`outbox_events.dedup_key` is unique). Each event is delivered to its organisation's webhook endpoints by
+//! `jobs::deliver`, signed per Standard Webhooks ([`signing`]); the outbox is the record.
 
 pub mod build;
+pub mod signing;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;

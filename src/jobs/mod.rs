@@ -5,6 +5,7 @@
 //! - [`reconcile`]: reconcile-pending and reconcile-transfers, what the webhooks and the jobs missed.
 //! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
+//! - [`deliver`]: one outbound event to one webhook endpoint, signed, claimed before it is sent.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
 //! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
 //!   LISTEN/NOTIFY plus a short poll, explicit heartbeats, restart on errors, graceful shutdown, and payloads
@@ -14,6 +15,7 @@
 //! - [`sweeper`]: re-enqueues ready work whose job was lost.
 
 pub mod cron;
+pub mod deliver;
 pub mod distribute;
 pub mod payment_state;
 pub mod queue;
@@ -44,6 +46,7 @@ pub fn handlers(ctx: AppContext) -> Vec<(Queue, Handler)> {
                         Queue::StripeEvent => stripe_event::process(&ctx, &job.id).await,
                         Queue::Distribute => distribute::distribute(&ctx, &job.id).await,
                         Queue::Transfer => transfer::transfer(&ctx, &job.id).await,
+                        Queue::Deliver => deliver::deliver(&ctx.pool, &ctx.webhooks, &job.id).await,
                     }
                 })
             });

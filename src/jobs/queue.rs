@@ -25,16 +25,19 @@ pub enum Queue {
     Distribute,
     /// Make (or resolve) one allocation's transfer (a `salc_…` id).
     Transfer,
+    /// Deliver one outbound event to one webhook endpoint (a `whdl_…` id).
+    Deliver,
 }
 
 impl Queue {
-    pub const ALL: [Queue; 3] = [Queue::StripeEvent, Queue::Distribute, Queue::Transfer];
+    pub const ALL: [Queue; 4] = [Queue::StripeEvent, Queue::Distribute, Queue::Transfer, Queue::Deliver];
 
     pub fn name(self) -> &'static str {
         match self {
             Queue::StripeEvent => "splitpay.stripe_event",
             Queue::Distribute => "splitpay.distribute",
             Queue::Transfer => "splitpay.transfer",
+            Queue::Deliver => "splitpay.deliver",
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The sweeper: re-enqueues ready work whose job was lost — an inbox event never processed, a succeeded payment
-//! whose distribution is not under way, an allocation whose transfer is due. Jobs are nudges and the handlers are
+//! whose distribution is not under way, an allocation whose transfer is due, a webhook delivery due (or whose claim expired). Jobs are nudges and the handlers are
 //! idempotent, so a redundant nudge costs one no-op run; a missing one would leave money unmoved.
 
 use std::time::Duration;
@@ -32,11 +32,20 @@ pub const SWEEP_ALLOCATIONS_SQL: &str = "SELECT id FROM split_allocations
           WHERE status = 'TRANSFERRING' AND next_attempt_at < now() - make_interval(secs => $1)
           ORDER BY next_attempt_at LIMIT $2";
 
+/// Webhook deliveries due (pending past their time, or delivering with an expired claim) on enabled endpoints, by
+/// due time (`webhook_deliveries_open`).
+pub const SWEEP_DELIVERIES_SQL: &str = "SELECT d.id FROM webhook_deliveries d
+           JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.disabled_at IS NULL
+          WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at < now() - make_interval(secs => $1)
+            AND (d.status = 'pending' OR d.claimed_until < now() - make_interval(secs => $1))
+          ORDER BY d.next_attempt_at LIMIT $2";
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub stripe_events: usize,
     pub distributions: usize,
     pub transfers: usize,
+    pub deliveries: usize,
 }
 
 /// One sweep, in one transaction (the jobs exist if and only if it commits). `grace_secs` is
@@ -58,21 +67,28 @@ pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreE
         .bind(SWEEP_BATCH_MAX)
         .fetch_all(&mut *tx)
         .await?;
+    let deliveries: Vec<(String,)> = sqlx::query_as(SWEEP_DELIVERIES_SQL)
+        .bind(grace_secs as f64)
+        .bind(SWEEP_BATCH_MAX)
+        .fetch_all(&mut *tx)
+        .await?;
     let ids = |rows: Vec<(String,)>| rows.into_iter().map(|(id,)| id).collect::<Vec<_>>();
     // Only work with no job waiting gets one: a sweep never adds a second.
     let events = enqueue_missing(&mut tx, Queue::StripeEvent, &ids(events)).await?;
     let payments = enqueue_missing(&mut tx, Queue::Distribute, &ids(payments)).await?;
     let allocations = enqueue_missing(&mut tx, Queue::Transfer, &ids(allocations)).await?;
+    let deliveries = enqueue_missing(&mut tx, Queue::Deliver, &ids(deliveries)).await?;
     tx.commit().await?;
     let report = SweepReport {
         stripe_events: events.len(),
         distributions: payments.len(),
         transfers: allocations.len(),
+        deliveries: deliveries.len(),
     };
     if report != SweepReport::default() {
         tracing::warn!(?report, "sweeper re-enqueued work whose job was lost");
         metrics::counter!("splitpay_sweeper_requeued_total")
-            .increment((events.len() + payments.len() + allocations.len()) as u64);
+            .increment((events.len() + payments.len() + allocations.len() + deliveries.len()) as u64);
     }
     Ok(report)
 }

@@ -4,8 +4,16 @@
 //! - [`parked`]: list the parked allocations (read-only).
 //! - [`show`]: everything about one payment, found by any of its ids (read-only).
 //! - [`audit`]: the ops audit log, newest first (read-only).
+//! - [`endpoints`]: the webhook endpoints organisations receive their events at.
+//! - [`deliveries`]: `events` lists webhook deliveries, `redeliver` queues them again.
+//!
+//! Every command that changes something takes [`Change`]: it asks for confirmation unless `--yes`, `--dry-run`
+//! prints what would happen and changes nothing, and the change writes an `ops_audit_log` row in its own
+//! transaction (actor `--actor`, else the OS user). A refused or declined command writes nothing.
 
 pub mod audit;
+pub mod deliveries;
+pub mod endpoints;
 pub mod parked;
 pub mod reconcile;
 pub mod show;
@@ -62,6 +70,30 @@ pub enum OpsCommand {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
+    /// Webhook endpoints: add, list, disable, rotate-secret.
+    Endpoints {
+        #[command(subcommand)]
+        command: endpoints::EndpointsCommand,
+    },
+    /// Webhook deliveries, newest first: event, endpoint, status, attempts, last error.
+    Events {
+        /// Only deliveries that failed for good.
+        #[arg(long)]
+        failed: bool,
+        #[arg(long)]
+        organisation: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Queue deliveries again: every delivery of one event (`oevt_…`) that did not get a 2xx, or every failed
+    /// delivery created since TIME (RFC 3339). A delivery that got a 2xx is never sent again.
+    Redeliver {
+        event: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        change: Change,
+    },
 }
 
 fn parse_organisation(raw: &str) -> Result<String, String> {
@@ -105,6 +137,93 @@ pub(crate) fn age(seconds: i64) -> String {
     }
 }
 
+/// The flags of every command that changes something.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Change {
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Print what would happen and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Who is acting, for the audit log (default: the OS user).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Why, for the audit log.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+impl Change {
+    pub fn actor(&self) -> String {
+        self.actor
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+            .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    /// The audit row of this change (`details` holds the parameters; never a secret).
+    pub fn audit(
+        &self,
+        command: &str,
+        target_type: &str,
+        target_id: &str,
+        details: serde_json::Value,
+    ) -> crate::store::records::AuditEntry {
+        crate::store::records::AuditEntry {
+            actor: self.actor(),
+            command: command.to_owned(),
+            target_type: target_type.to_owned(),
+            target_id: target_id.to_owned(),
+            reason: self.reason.clone(),
+            details: serde_json::json!({ "parameters": details, "result": "done" }),
+        }
+    }
+}
+
+/// Bad usage: says what was wrong on `err`, exit 2.
+pub(crate) fn usage(err: &mut (dyn Write + Send), message: &str) -> Result<Outcome, OpsError> {
+    writeln!(err, "{message}")?;
+    Ok(Outcome::Usage)
+}
+
+/// `--dry-run`: prints the plan (the same document under `--json`), changes nothing.
+pub(crate) fn print_dry_run(
+    out: &mut (dyn Write + Send),
+    json: bool,
+    plan: &serde_json::Value,
+) -> Result<Outcome, OpsError> {
+    if json {
+        writeln!(out, "{}", serde_json::json!({ "dry_run": plan }))?;
+    } else {
+        writeln!(
+            out,
+            "(dry run) would {}: {plan}",
+            plan["action"].as_str().unwrap_or("change")
+        )?;
+    }
+    Ok(Outcome::Done)
+}
+
+/// Asks on the terminal unless `--yes`; only `yes` confirms. A declined command says so and changes nothing.
+pub(crate) fn confirm(change: &Change, what: &str, err: &mut (dyn Write + Send)) -> Result<bool, OpsError> {
+    if change.yes {
+        return Ok(true);
+    }
+    write!(err, "About to {what}. Type 'yes' to confirm: ")?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() == "yes" {
+        Ok(true)
+    } else {
+        writeln!(err, "not confirmed; nothing changed (pass --yes to skip the question)")?;
+        Ok(false)
+    }
+}
+
 /// How an ops command ended: its exit code, 0, 1 (refused) or 2 (bad usage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -142,5 +261,14 @@ pub async fn run(
         } => parked::run(ctx, organisation.as_deref(), *older_than, args.json, out).await,
         OpsCommand::Show { id } => show::run(ctx, id, args.json, out, err).await,
         OpsCommand::Audit { target, limit } => audit::run(ctx, target.as_deref(), *limit, args.json, out).await,
+        OpsCommand::Endpoints { command } => endpoints::run(command, ctx, args.json, out, err).await,
+        OpsCommand::Events {
+            failed,
+            organisation,
+            limit,
+        } => deliveries::events(ctx, *failed, organisation.as_deref(), *limit, args.json, out).await,
+        OpsCommand::Redeliver { event, since, change } => {
+            deliveries::redeliver(ctx, event.as_deref(), since.as_deref(), change, args.json, out, err).await
+        }
     }
 }

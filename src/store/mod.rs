@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod payments;
 pub mod records;
+pub mod webhooks;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -10,14 +10,17 @@ use crate::domain::ids::OutboxEventId;
 use crate::events::OutboundEvent;
 
 /// Writes outbound events; an event whose dedup key is already present is skipped, which is what makes
-/// "fires once per split payment / allocation" hold under duplicate jobs. Returns how many were new.
+/// "fires once per split payment / allocation" hold under duplicate jobs. Each new event gets a delivery row and a
+/// delivery job per matching enabled webhook endpoint of its organisation, in the caller's transaction. Returns
+/// how many were new.
 pub async fn insert_outbox_events(conn: &mut PgConnection, events: &[OutboundEvent]) -> Result<u64, StoreError> {
     let mut inserted = 0;
     for event in events {
-        let done = sqlx::query(
+        let done: Option<(String,)> = sqlx::query_as(
             "INSERT INTO outbox_events (id, dedup_key, event_type, organisation_id, occurred_at, payload)
              VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT ON CONSTRAINT outbox_dedup_key_unique DO NOTHING",
+             ON CONFLICT ON CONSTRAINT outbox_dedup_key_unique DO NOTHING
+             RETURNING id",
         )
         .bind(OutboxEventId::generate().as_str())
         .bind(&event.dedup_key)
@@ -25,9 +28,17 @@ pub async fn insert_outbox_events(conn: &mut PgConnection, events: &[OutboundEve
         .bind(&event.organisation_id)
         .bind(event.occurred_at)
         .bind(event.envelope())
-        .execute(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await?;
-        inserted += done.rows_affected();
+        if let Some((id,)) = done {
+            inserted += 1;
+            let deliveries =
+                super::webhooks::create_deliveries(conn, &id, &event.organisation_id, event.event_type.as_str())
+                    .await?;
+            for delivery in &deliveries {
+                crate::jobs::queue::enqueue(conn, crate::jobs::queue::Queue::Deliver, delivery, None).await?;
+            }
+        }
     }
     Ok(inserted)
 }

@@ -98,6 +98,7 @@ impl Flow {
         let ctx = AppContext {
             pool: db.pool.clone(),
             gateway: gateway.clone(),
+            webhooks: Default::default(),
             distribution: {
                 let mut settings = DistributionSettings {
                     throttle_delay_ms: 200,

@@ -1,0 +1,268 @@
+//! Delivers one outbound event to one endpoint (a `webhook_deliveries` row, `whdl_…`), signed per Standard Webhooks.
+//!
+//! Claim, send, record:
+//! 1. a conditional UPDATE claims the row (`delivering`, `claimed_until` = now + timeout + margin, attempt + 1);
+//!    a row another worker holds, one not yet due, or one already succeeded or failed is left alone;
+//! 2. one POST: the stored envelope as the body, `webhook-id` = the outbox id (the same on every attempt),
+//!    `webhook-timestamp` = now, `webhook-signature` = one `v1,…` per active secret. Redirects are not followed; any
+//!    2xx is success; anything else, a timeout or a refused connection is a failure;
+//! 3. the outcome is committed at once, before anything else: the attempt row, then the delivery's new state
+//!    (`succeeded`; or `pending` with `next_attempt_at` from the row's schedule and a delayed job; or `failed` after
+//!    the last attempt), in one transaction.
+//!
+//! What is guaranteed: a delivery whose 2xx was recorded is never sent again (by any worker, replica, job rerun,
+//! sweep or `ops redeliver`: every path goes through the claim, which only takes `pending` rows, or `delivering`
+//! rows whose claim expired). What is not: if the worker dies after the receiver answered 2xx but before step 3
+//! commits, the claim expires and the event is sent again, with the same `webhook-id`, which Standard Webhooks
+//! receivers deduplicate on. No HTTP sender can close that window; it is as narrow as one local transaction.
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use super::queue::{enqueue, Queue};
+use super::runner::JobFailure;
+use crate::events::signing::signature_header;
+use crate::store::webhooks::{self, AfterFailure, AttemptOutcome, ClaimedDelivery};
+
+/// The contract's delivery timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Added to the timeout for a claim's lease, so a live worker always records before its claim expires.
+pub const CLAIM_MARGIN: Duration = Duration::from_secs(60);
+/// An endpoint whose deliveries have all failed for this long is disabled.
+pub const DISABLE_AFTER_SECS: i64 = 5 * 86_400;
+/// Response bodies are kept up to this many bytes.
+pub const RESPONSE_BODY_MAX: usize = 1024;
+/// Overrides [`DEFAULT_TIMEOUT`] (milliseconds).
+pub const TIMEOUT_ENV: &str = "SPLITPAY_WEBHOOK_TIMEOUT_MS";
+
+/// Test hooks that stop a delivery at a point, as a crash there would (the job returns an error; what was
+/// committed stays committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// After the receiver answered, before the outcome is recorded.
+    AfterResponse,
+    /// After the outcome is committed, before the job is acknowledged.
+    AfterRecord,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub timeout: Duration,
+    pub claim_margin: Duration,
+    /// Who claims rows: unique per process.
+    pub worker: String,
+    pub disable_after_secs: i64,
+    pub failpoint: Option<Failpoint>,
+    client: reqwest::Client,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self::with_timeout(DEFAULT_TIMEOUT)
+    }
+}
+
+impl DeliverySettings {
+    pub fn with_timeout(timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("splitpay-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client builds");
+        Self {
+            timeout,
+            claim_margin: CLAIM_MARGIN,
+            worker: format!("deliver-{}", uuid::Uuid::new_v4().simple()),
+            disable_after_secs: DISABLE_AFTER_SECS,
+            failpoint: None,
+            client,
+        }
+    }
+
+    /// `SPLITPAY_WEBHOOK_TIMEOUT_MS` through `get` (the environment in production), else 10 s.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, crate::config::ConfigError> {
+        let timeout = match get(TIMEOUT_ENV).filter(|v| !v.trim().is_empty()) {
+            None => DEFAULT_TIMEOUT,
+            Some(raw) => Duration::from_millis(raw.trim().parse::<u64>().ok().filter(|&ms| ms > 0).ok_or(
+                crate::config::ConfigError::Invalid {
+                    name: TIMEOUT_ENV,
+                    reason: format!("expected a positive number of milliseconds, got '{raw}'"),
+                },
+            )?),
+        };
+        Ok(Self::with_timeout(timeout))
+    }
+}
+
+/// What one run of the job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Nothing to do now: not due, held by another worker, already final, or its endpoint disabled.
+    NotClaimed,
+    Succeeded,
+    /// Failed; the next attempt is due after this many seconds.
+    Retry {
+        after_secs: i32,
+    },
+    /// Failed for the last time.
+    Failed,
+    /// Failed, but the claim had expired and been taken over: only the attempt was recorded.
+    ClaimLost,
+}
+
+/// The job handler.
+pub async fn deliver(pool: &PgPool, settings: &DeliverySettings, id: &str) -> Result<(), JobFailure> {
+    deliver_once(pool, settings, id).await.map(|_| ())
+}
+
+fn retry(e: impl std::fmt::Display) -> JobFailure {
+    JobFailure::Retry(e.to_string())
+}
+
+/// Claims delivery `id`, sends it once, and records the outcome.
+pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) -> Result<Delivered, JobFailure> {
+    let lease = (settings.timeout + settings.claim_margin).as_secs_f64();
+    let claimed = {
+        let mut conn = pool.acquire().await.map_err(retry)?;
+        let claimed = webhooks::claim_delivery(&mut conn, id, &settings.worker, lease)
+            .await
+            .map_err(retry)?;
+        if claimed.is_none() && webhooks::fail_exhausted_expired(&mut conn, id).await.map_err(retry)? {
+            tracing::warn!(
+                delivery = id,
+                "webhook delivery failed: its last attempt's worker stopped before recording"
+            );
+        }
+        claimed
+    };
+    let Some(delivery) = claimed else {
+        return Ok(Delivered::NotClaimed);
+    };
+    let outcome = send(settings, &delivery).await?;
+    if settings.failpoint == Some(Failpoint::AfterResponse) {
+        return Err(JobFailure::Retry(
+            "failpoint: stopped after the response, before recording".into(),
+        ));
+    }
+    let result = record(pool, settings, &delivery, &outcome).await?;
+    if settings.failpoint == Some(Failpoint::AfterRecord) {
+        return Err(JobFailure::Retry("failpoint: stopped after recording".into()));
+    }
+    Ok(result)
+}
+
+async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result<AttemptOutcome, JobFailure> {
+    let body = serde_json::to_vec(&delivery.payload).expect("a stored JSON payload serialises");
+    let timestamp = delivery.now.timestamp();
+    let signature = signature_header(&delivery.signing_secrets(), &delivery.outbox_event_id, timestamp, &body)
+        .map_err(|e| JobFailure::Abandon(format!("endpoint {}: {e}", delivery.endpoint_id)))?;
+    let started = Instant::now();
+    let sent = settings
+        .client
+        .post(&delivery.url)
+        .timeout(settings.timeout)
+        .header("content-type", "application/json")
+        .header("webhook-id", &delivery.outbox_event_id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let outcome = match sent {
+        Ok(mut response) => {
+            let status = response.status();
+            let mut kept: Vec<u8> = Vec::new();
+            // Read at most 1 KiB; a body still arriving when the timeout ends does not undo the status.
+            while kept.len() < RESPONSE_BODY_MAX {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => {
+                        kept.extend_from_slice(&chunk[..chunk.len().min(RESPONSE_BODY_MAX - kept.len())])
+                    }
+                    _ => break,
+                }
+            }
+            let mut text = String::from_utf8_lossy(&kept).into_owned();
+            while text.len() > RESPONSE_BODY_MAX {
+                text.pop();
+            }
+            AttemptOutcome {
+                status_code: Some(i32::from(status.as_u16())),
+                duration_ms: started.elapsed().as_millis() as i64,
+                error: (!status.is_success()).then(|| format!("HTTP {}", status.as_u16())),
+                response_body: (!text.is_empty()).then_some(text),
+            }
+        }
+        Err(e) => {
+            let error = if e.is_timeout() {
+                format!("timed out after {} ms", settings.timeout.as_millis())
+            } else if e.is_connect() {
+                "could not connect".to_owned()
+            } else {
+                format!("request failed: {}", e.without_url())
+            };
+            AttemptOutcome {
+                status_code: None,
+                duration_ms: started.elapsed().as_millis() as i64,
+                error: Some(error),
+                response_body: None,
+            }
+        }
+    };
+    Ok(outcome)
+}
+
+async fn record(
+    pool: &PgPool,
+    settings: &DeliverySettings,
+    delivery: &ClaimedDelivery,
+    outcome: &AttemptOutcome,
+) -> Result<Delivered, JobFailure> {
+    let mut tx = pool.begin().await.map_err(retry)?;
+    webhooks::insert_attempt(&mut tx, delivery, outcome)
+        .await
+        .map_err(retry)?;
+    let result = if outcome.succeeded() {
+        webhooks::record_success(&mut tx, delivery).await.map_err(retry)?;
+        Delivered::Succeeded
+    } else {
+        let error = outcome.error.as_deref().unwrap_or("failed");
+        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, &settings.worker, error)
+            .await
+            .map_err(retry)?;
+        if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {
+            let reason = format!(
+                "every delivery failed for {} days (since {})",
+                settings.disable_after_secs / 86_400,
+                failing_since.to_rfc3339()
+            );
+            if webhooks::disable_endpoint(&mut tx, &delivery.endpoint_id, &reason)
+                .await
+                .map_err(retry)?
+            {
+                tracing::warn!(endpoint = %delivery.endpoint_id, %reason, "webhook endpoint disabled");
+            }
+        }
+        match after {
+            AfterFailure::Retry { after_secs } => {
+                enqueue(
+                    &mut tx,
+                    Queue::Deliver,
+                    &delivery.id,
+                    Some(Duration::from_secs(after_secs.max(0) as u64)),
+                )
+                .await
+                .map_err(retry)?;
+                Delivered::Retry { after_secs }
+            }
+            AfterFailure::Failed => {
+                tracing::warn!(delivery = %delivery.id, endpoint = %delivery.endpoint_id, attempts = delivery.attempts,
+                    "webhook delivery failed after its last attempt");
+                Delivered::Failed
+            }
+            AfterFailure::ClaimLost => Delivered::ClaimLost,
+        }
+    };
+    tx.commit().await.map_err(retry)?;
+    Ok(result)
+}
