@@ -45,7 +45,7 @@ UPDATE split_allocations SET next_attempt_at = now() WHERE status = 'TRANSFERRIN
 ALTER TABLE transfer_attempts
     ALTER COLUMN transfer_group SET NOT NULL,
     ADD CONSTRAINT transfer_attempts_outcome_valid CHECK (
-        outcome IS NULL OR outcome IN ('TRANSFERRED', 'TERMINAL', 'WINDOW_ELAPSED', 'SUPERSEDED'));
+        outcome IS NULL OR outcome IN ('TRANSFERRED', 'TERMINAL', 'WINDOW_ELAPSED'));
 
 ALTER TABLE split_allocations
     ADD COLUMN unresolved_at TIMESTAMPTZ,

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -108,41 +107,13 @@ async fn sigkilled_workers_never_move_money_twice() {
         let p = get_split_payment(&mut flow.db.pool.acquire().await.unwrap(), id)
             .await
             .unwrap();
-        let at_stripe = flow.gateway.list_transfers(id.as_str()).await.unwrap();
-        let mut per_allocation: HashMap<String, Vec<(String, i64)>> = HashMap::new();
-        for t in at_stripe {
-            per_allocation
-                .entry(t.metadata["split_allocation_id"].clone())
-                .or_default()
-                .push((t.id, t.amount_cents));
-        }
-        for a in &p.allocations {
-            let made = per_allocation.get(&a.id).cloned().unwrap_or_default();
-            match a.status {
-                AllocationStatus::Transferred => {
-                    transferred += 1;
-                    assert_eq!(
-                        made.len(),
-                        1,
-                        "allocation {} has {} transfers (seed {seed})",
-                        a.id,
-                        made.len()
-                    );
-                    assert_eq!(Some(&made[0].0), a.stripe_transfer_id.as_ref());
-                    assert_eq!(made[0].1, a.net_amount_cents.unwrap());
-                }
-                other => {
-                    assert!(made.is_empty(), "{} is {other} but Stripe has {made:?}", a.id);
-                }
-            }
-        }
-        assert_eq!(
-            per_allocation.len(),
-            p.allocations
-                .iter()
-                .filter(|a| a.status == AllocationStatus::Transferred)
-                .count()
-        );
+        // Exactly one transfer at Stripe per TRANSFERRED allocation (of its net, its id recorded) and none for any
+        // other: `common::money` checks each, against the simulator.
+        transferred += p
+            .allocations
+            .iter()
+            .filter(|a| a.status == AllocationStatus::Transferred)
+            .count();
         let money = common::money::conserved_at_stripe(flow.gateway.as_ref(), &flow.db.pool, id)
             .await
             .unwrap_or_else(|e| panic!("{id}: {e} (seed {seed})"));

@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{request_id, ApiError};
-use super::intake::{authorised, render};
+use super::intake::render;
+use super::request::{parse_json_body, require_token, respond};
 use super::HttpState;
 use crate::domain::ids::{check_external_id, SplitPaymentId};
 use crate::domain::money::Currency;
@@ -38,64 +38,6 @@ use crate::store::StoreError;
 /// Page size of `GET /v1/split-payments` when none is asked for, and the largest allowed (the contract's).
 const LIST_LIMIT_DEFAULT: i64 = 10;
 const LIST_LIMIT_MAX: i64 = 100;
-
-type ApiResult = Result<(StatusCode, Value), ApiError>;
-
-fn respond(rid: &str, result: ApiResult) -> Response {
-    match result {
-        Ok((status, body)) => {
-            let mut response = (status, axum::Json(body)).into_response();
-            if let Ok(v) = rid.parse() {
-                response.headers_mut().insert("request-id", v);
-            }
-            response
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
-fn require_token(state: &HttpState, headers: &HeaderMap, rid: &str) -> Result<(), ApiError> {
-    if authorised(state, headers) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Missing or invalid bearer token",
-            rid,
-        ))
-    }
-}
-
-/// JSON only, unknown fields refused, a type error names its field.
-fn parse_body<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8], rid: &str) -> Result<T, ApiError> {
-    let json_body = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !json_body {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Content-Type must be application/json",
-            rid,
-        ));
-    }
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.inner().to_string(), rid);
-        if path == "." {
-            err
-        } else {
-            err.with_param(path)
-        }
-    })
-}
 
 /// The path's id: the platform's id form; a body may repeat it but not contradict it.
 fn path_id(raw: &str, body_id: Option<&str>, rid: &str) -> Result<(), ApiError> {
@@ -196,7 +138,7 @@ pub async fn put_organisation(
     let rid = request_id();
     let result = async {
         require_token(&state, &headers, &rid)?;
-        let body: OrganisationBody = parse_body(&headers, &body, &rid)?;
+        let body: OrganisationBody = parse_json_body(&headers, &body, &rid)?;
         path_id(&id, body.id.as_deref(), &rid)?;
         let mut conn = state.app.pool.acquire().await.map_err(|e| internal(&e, &rid))?;
         let outcome = upsert_organisation(
@@ -280,7 +222,7 @@ pub async fn put_link(
     let rid = request_id();
     let result = async {
         require_token(&state, &headers, &rid)?;
-        let body: LinkBody = parse_body(&headers, &body, &rid)?;
+        let body: LinkBody = parse_json_body(&headers, &body, &rid)?;
         path_id(&id, body.id.as_deref(), &rid)?;
         let upsert = LinkUpsert {
             id: id.clone(),
@@ -459,7 +401,7 @@ pub async fn put_set(
     let rid = request_id();
     let result = async {
         require_token(&state, &headers, &rid)?;
-        let body: SetBody = parse_body(&headers, &body, &rid)?;
+        let body: SetBody = parse_json_body(&headers, &body, &rid)?;
         let upsert = set_from_body(&state, &id, body, &rid)?;
         let mut tx = state.app.pool.begin().await.map_err(|e| internal(&e, &rid))?;
         let (outcome, set) = upsert_recommendation_set(&mut tx, &upsert)

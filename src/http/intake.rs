@@ -12,25 +12,13 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::{request_id, ApiError, ApiPath, Body};
+use super::request::{parse_json_body, require_token, respond};
 use super::HttpState;
 use crate::domain::ids::SplitPaymentId;
 use crate::events::seed_timestamp;
 use crate::intake::{self, IntakeError, IntakeRequest, IntentOutcome};
 use crate::store::payments::{get_split_payment, SplitPayment};
 use crate::store::StoreError;
-
-/// Constant-time comparison of the bearer token with the configured one.
-pub(super) fn authorised(state: &HttpState, headers: &HeaderMap) -> bool {
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let expected = state.service_token.expose().as_bytes();
-    given.is_some_and(|g| {
-        let g = g.as_bytes();
-        g.len() == expected.len() && g.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    })
-}
 
 pub(super) fn render(p: &SplitPayment, outcome: Option<&IntentOutcome>) -> Value {
     let intent = outcome.and_then(|o| o.intent.as_ref());
@@ -123,16 +111,7 @@ fn intake_error(e: IntakeError, rid: &str) -> ApiError {
 
 pub async fn create(State(state): State<HttpState>, headers: HeaderMap, Body(body): Body) -> Response {
     let rid = request_id();
-    match create_inner(&state, &headers, &body, &rid).await {
-        Ok((status, body)) => {
-            let mut response = (status, axum::Json(body)).into_response();
-            if let Ok(v) = rid.parse() {
-                response.headers_mut().insert("request-id", v);
-            }
-            response
-        }
-        Err(e) => e.into_response(),
-    }
+    respond(&rid, create_inner(&state, &headers, &body, &rid).await)
 }
 
 async fn create_inner(
@@ -141,40 +120,8 @@ async fn create_inner(
     body: &[u8],
     rid: &str,
 ) -> Result<(StatusCode, Value), ApiError> {
-    if !authorised(state, headers) {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Missing or invalid bearer token",
-            rid,
-        ));
-    }
-    let json_body = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !json_body {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Content-Type must be application/json",
-            rid,
-        ));
-    }
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let req: IntakeRequest = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.inner().to_string(), rid);
-        if path == "." {
-            err
-        } else {
-            err.with_param(path)
-        }
-    })?;
+    require_token(state, headers, rid)?;
+    let req: IntakeRequest = parse_json_body(headers, body, rid)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255) {
@@ -253,14 +200,8 @@ async fn lookup(state: &HttpState, key: &str) -> Result<Option<StoredRequest>, S
 
 pub async fn show(State(state): State<HttpState>, headers: HeaderMap, ApiPath(raw): ApiPath<String>) -> Response {
     let rid = request_id();
-    if !authorised(&state, &headers) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Missing or invalid bearer token",
-            &rid,
-        )
-        .into_response();
+    if let Err(e) = require_token(&state, &headers, &rid) {
+        return e.into_response();
     }
     let not_found =
         || ApiError::new(StatusCode::NOT_FOUND, "not_found", "Split payment not found", &rid).with_param("id");

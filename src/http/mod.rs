@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod error;
 pub mod intake;
+mod request;
 pub mod webhooks;
 
 use std::sync::Arc;

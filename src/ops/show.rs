@@ -142,7 +142,7 @@ struct Attempt {
     currency: String,
     started_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
-    /// NULL while in flight; TRANSFERRED, TERMINAL, WINDOW_ELAPSED or SUPERSEDED once ended.
+    /// NULL while in flight; TRANSFERRED, TERMINAL or WINDOW_ELAPSED once ended.
     outcome: Option<String>,
     stripe_transfer_id: Option<String>,
     failure_code: Option<String>,
