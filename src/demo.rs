@@ -21,7 +21,8 @@ use crate::store::catalog::{
     create_link, create_organisation, create_recommendation_set, NewLink, NewOrganisation, NewRecommendationSet,
     NewSetAllocation,
 };
-use crate::store::payments::{get_split_payment, money_report, SplitPayment};
+use crate::store::money_report::money_report;
+use crate::store::payments::{get_split_payment, SplitPayment};
 use crate::stripe::keys::StripeKey;
 use crate::stripe::sim::{self, model::SimConfig};
 use crate::stripe::{GatewayConfig, StripeGateway};

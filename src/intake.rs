@@ -18,11 +18,13 @@ use crate::domain::ids::{check_external_id, payment_intent_idempotency_key, Spli
 use crate::domain::money::Currency;
 use crate::domain::plan::{PaymentMethodType, PlanError, SplitPlan, Submission, SubmittedAmount};
 use crate::domain::state::PaymentEvent;
-use crate::events::{build, EventType};
+use crate::events::EventType;
+use crate::store::announce;
 use crate::store::catalog::get_recommendation_set;
+use crate::store::donations::create_donation_for_allocation;
 use crate::store::payments::{
-    create_donation_for_allocation, create_split_payment, get_split_payment, transition_payment, void_payment_parts,
-    NewSplitPayment, PaymentPatch, SplitPayment,
+    create_split_payment, get_split_payment, transition_payment, void_payment_parts, NewSplitPayment, PaymentPatch,
+    SplitPayment,
 };
 use crate::store::{StoreError, Tx};
 use crate::stripe::{CreatePaymentIntentParams, GatewayError, PaymentIntentInfo};
@@ -197,7 +199,7 @@ pub async fn create(
     for allocation in &payment.allocations {
         let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
         create_donation_for_allocation(&mut tx, &aid, payment.payment.created_at, |d| {
-            build::donation(EventType::DonationCreated, d, now)
+            announce::donation(EventType::DonationCreated, d, now)
                 .into_iter()
                 .collect()
         })
@@ -336,7 +338,7 @@ pub async fn create_intent_as(
 async fn fail_at_submit(tx: &mut Tx<'_>, payment: &SplitPayment, code: &str, message: &str) -> Result<(), StoreError> {
     let id = SplitPaymentId::parse(&payment.payment.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
     let now = Utc::now();
-    let event = build::payment(
+    let event = announce::payment(
         EventType::PaymentFailed,
         &payment.payment,
         Some((code, message)),

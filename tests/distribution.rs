@@ -8,7 +8,9 @@ use common::flow::{Flow, WEBHOOK_SECRET};
 use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::{AllocationStatus, DonationStatus, PaymentStatus};
-use splitpay::store::payments::{donations_for_payment, money_report, SplitPayment};
+use splitpay::store::donations::donations_for_payment;
+use splitpay::store::money_report::money_report;
+use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::sim::{Fault, FaultKind};
 use splitpay::stripe::PaymentGateway;
 
@@ -569,7 +571,7 @@ async fn fees_that_take_everything_park_the_shares_net_amount_zero_with_no_trans
 #[tokio::test]
 async fn a_day_old_unrecorded_transfer_is_found_not_resent() {
     use splitpay::app::{AppContext, DistributionSettings};
-    use splitpay::store::payments::*;
+    use splitpay::store::allocations::*;
     use splitpay::stripe::{CreatePaymentIntentParams, CreateTransferParams};
     use std::collections::BTreeMap;
 

@@ -12,7 +12,7 @@ use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::money::Currency;
 use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::AllocationStatus;
-use splitpay::store::payments::money_report;
+use splitpay::store::money_report::money_report;
 use splitpay::stripe::sim::{Fault, FaultKind};
 use splitpay::stripe::PaymentGateway;
 

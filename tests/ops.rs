@@ -158,7 +158,7 @@ async fn ops_show_finds_the_payment_by_any_of_its_ids_with_allocations_attempts_
     let transfer = delivered.stripe_transfer_id.clone().expect("a transfer id");
     let intent = p.payment.payment_intent_id.clone().expect("a PaymentIntent");
     let charge = p.payment.charge_id.clone().expect("a charge");
-    let donations = splitpay::store::payments::donations_for_payment(
+    let donations = splitpay::store::donations::donations_for_payment(
         &mut flow.db.pool.acquire().await.unwrap(),
         &splitpay::domain::ids::SplitPaymentId::parse(&p.payment.id).unwrap(),
     )

@@ -12,9 +12,12 @@ use splitpay::domain::state::{
     AllocationEvent, AllocationStatus, DonationEvent, PaymentEvent, PaymentStatus, Transition,
 };
 use splitpay::events::{DistributionData, EventType, OutboundEvent};
+use splitpay::store::allocations::*;
 use splitpay::store::catalog::{
     create_recommendation_set, get_recommendation_set, NewRecommendationSet, NewSetAllocation,
 };
+use splitpay::store::donations::*;
+use splitpay::store::money_report::*;
 use splitpay::store::payments::*;
 use splitpay::store::records::*;
 use splitpay::store::StoreError;
@@ -43,7 +46,7 @@ async fn new_payment(pool: &PgPool, amounts: &[i64]) -> SplitPayment {
 
 fn payment_event(event_type: EventType, p: &SplitPaymentRow) -> OutboundEvent {
     let failure = p.failure_code.as_deref().zip(p.failure_message.as_deref());
-    splitpay::events::build::payment(event_type, p, failure, failure.map(|_| "ch_test"), Utc::now())
+    splitpay::store::announce::payment(event_type, p, failure, failure.map(|_| "ch_test"), Utc::now())
 }
 
 fn distribution_event(event_type: EventType, a: &SplitAllocationRow, transfer: Option<&str>) -> OutboundEvent {
@@ -680,7 +683,7 @@ async fn donations_are_created_once_and_move_with_their_events() {
     let id = aid(&p.allocations[1]);
     let created = |d: &DonationRow| {
         vec![
-            splitpay::events::build::donation(EventType::DonationCreated, d, Utc::now())
+            splitpay::store::announce::donation(EventType::DonationCreated, d, Utc::now())
                 .expect("the donation has a donor"),
         ]
     };
@@ -719,7 +722,7 @@ async fn donations_are_created_once_and_move_with_their_events() {
         },
         |d| {
             vec![
-                splitpay::events::build::donation(EventType::DonationSucceeded, d, Utc::now())
+                splitpay::store::announce::donation(EventType::DonationSucceeded, d, Utc::now())
                     .expect("the donation has a donor"),
             ]
         },

@@ -6,7 +6,6 @@
 //! (`outbox_events.dedup_key` is unique). Each event is delivered to its organisation's webhook endpoints by
 //! `jobs::deliver`, signed per Standard Webhooks ([`signing`]); the outbox is the record.
 
-pub mod build;
 pub mod signing;
 
 use chrono::{DateTime, SecondsFormat, Utc};

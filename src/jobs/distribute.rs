@@ -13,11 +13,10 @@ use crate::app::AppContext;
 use crate::domain::fees::split_fees;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus};
-use crate::events::{build, EventType};
-use crate::store::payments::{
-    allocation_context, get_split_payment, transition_allocation, write_fee_split, AllocationPatch, SplitPayment,
-    NET_AMOUNT_ZERO,
-};
+use crate::events::EventType;
+use crate::store::allocations::{allocation_context, transition_allocation, AllocationPatch, NET_AMOUNT_ZERO};
+use crate::store::announce;
+use crate::store::payments::{get_split_payment, write_fee_split, SplitPayment};
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
 
@@ -90,7 +89,7 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
         if allocation.net_amount_cents == Some(0) {
             let c = allocation_context(&mut tx, &aid).await.map_err(transient)?;
             let message = "the fees took the whole share: nothing to transfer; refund it to the donor";
-            let event = build::distribution(
+            let event = announce::distribution(
                 EventType::DistributionFailed,
                 &c,
                 None,

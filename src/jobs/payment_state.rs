@@ -19,10 +19,10 @@ use super::queue::{enqueue, Queue};
 use crate::app::AppContext;
 use crate::domain::ids::{payment_intent_cancel_key, SplitPaymentId};
 use crate::domain::state::{PaymentEvent, PaymentStatus, Transition};
-use crate::events::{build, EventType};
-use crate::store::payments::{
-    donations_for_payment, get_split_payment, transition_payment, void_payment_parts, PaymentPatch, SplitPayment,
-};
+use crate::events::EventType;
+use crate::store::announce;
+use crate::store::donations::donations_for_payment;
+use crate::store::payments::{get_split_payment, transition_payment, void_payment_parts, PaymentPatch, SplitPayment};
 use crate::store::records::{finish_stripe_event, insert_outbox_events};
 use crate::store::StoreError;
 use crate::stripe::{CancellationReason, GatewayError, IntentStatus, PaymentIntentInfo};
@@ -318,14 +318,14 @@ async fn transition(
         _ => None,
     };
     let outbound = match (event, &failure) {
-        (PaymentEvent::Succeeded, _) => vec![build::payment(
+        (PaymentEvent::Succeeded, _) => vec![announce::payment(
             EventType::PaymentSucceeded,
             &payment.payment,
             None,
             None,
             now,
         )],
-        (_, Some((code, message))) => vec![build::payment(
+        (_, Some((code, message))) => vec![announce::payment(
             EventType::PaymentFailed,
             &payment.payment,
             Some((code, message)),
@@ -341,7 +341,7 @@ async fn transition(
     match event {
         PaymentEvent::Processing => {
             for donation in donations_for_payment(tx, id).await? {
-                if let Some(e) = build::donation(EventType::DonationProcessing, &donation, now) {
+                if let Some(e) = announce::donation(EventType::DonationProcessing, &donation, now) {
                     insert_outbox_events(tx, &[e]).await?;
                 }
             }

@@ -25,7 +25,9 @@ use crate::app::AppContext;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationStatus, PaymentEvent, PaymentStatus, Transition};
 use crate::intake::{create_intent_as, Confirmation, IntakeError};
-use crate::store::payments::{allocation_context, get_split_payment, record_discrepancy, SplitPayment};
+use crate::store::allocations::allocation_context;
+use crate::store::payments::{get_split_payment, SplitPayment};
+use crate::store::transfer_attempts::record_discrepancy;
 use crate::store::StoreError;
 
 /// A CREATED payment older than this is failed without replaying its create: Stripe may have forgotten the intake

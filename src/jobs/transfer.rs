@@ -21,11 +21,14 @@ use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::ids::{DonationId, SplitAllocationId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, PaymentStatus};
-use crate::events::{build, EventType};
-use crate::store::payments::{
-    allocation_context, donation_for_allocation, get_transfer_attempt, record_discrepancy, record_transfer_retry,
-    transition_allocation, transition_donation, AllocationContext, AllocationPatch, DonationPatch, RetryKind,
-    TransferAttemptRow, TransferRetry, RETRY_WINDOW_ELAPSED,
+use crate::events::EventType;
+use crate::store::allocations::{
+    allocation_context, transition_allocation, AllocationContext, AllocationPatch, RETRY_WINDOW_ELAPSED,
+};
+use crate::store::announce;
+use crate::store::donations::{donation_for_allocation, transition_donation, DonationPatch};
+use crate::store::transfer_attempts::{
+    get_transfer_attempt, record_discrepancy, record_transfer_retry, RetryKind, TransferAttemptRow, TransferRetry,
 };
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
@@ -230,7 +233,7 @@ pub async fn succeed(
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     let c = allocation_context(&mut tx, id).await.map_err(transient)?;
     let now = Utc::now();
-    let event = build::distribution(EventType::DistributionSucceeded, &c, Some(&transfer.id), None, now);
+    let event = announce::distribution(EventType::DistributionSucceeded, &c, Some(&transfer.id), None, now);
     let patch = AllocationPatch {
         stripe_transfer_id: Some(transfer.id.clone()),
         transfer_generation: Some(generation),
@@ -266,7 +269,7 @@ pub async fn succeed(
             ..Default::default()
         };
         transition_donation(&mut tx, &did, DonationEvent::Confirmed, &patch, |d| {
-            build::donation(EventType::DonationSucceeded, d, now)
+            announce::donation(EventType::DonationSucceeded, d, now)
                 .into_iter()
                 .collect()
         })
@@ -302,7 +305,7 @@ async fn report_second_transfer(
 
 async fn park(ctx: &AppContext, c: &AllocationContext, code: &str, message: &str) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(&c.allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
-    let event = build::distribution(
+    let event = announce::distribution(
         EventType::DistributionFailed,
         c,
         None,

@@ -3,12 +3,18 @@
 //! state machines, so an impossible transition changes nothing.
 //!
 //! - [`catalog`]: organisations, recipient account links, recommendation sets (the platform's data we read).
-//! - [`payments`]: split payments, split allocations, transfer attempts, donations, and their transitions.
+//! - [`payments`], [`allocations`], [`donations`]: the three aggregates a payment is made of, and their transitions.
+//! - [`transfer_attempts`]: transfer generations, retries and discrepancies; [`money_report`]: conservation terms.
 //! - [`records`]: the Stripe event inbox, the outbound event outbox, the ops audit log, cron tick claims.
 
+pub mod allocations;
+pub mod announce;
 pub mod catalog;
+pub mod donations;
+pub mod money_report;
 pub mod payments;
 pub mod records;
+pub mod transfer_attempts;
 pub mod webhooks;
 
 use std::str::FromStr;
@@ -109,4 +115,25 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+pub(crate) fn corrupt(what: &'static str, id: &str, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        id: id.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+pub(crate) fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
+    tracing::error!(
+        machine = err.machine,
+        from = err.from,
+        event = err.event,
+        id,
+        "forbidden transition refused"
+    );
+    metrics::counter!("splitpay_forbidden_transitions_total", "machine" => err.machine, "event" => err.event)
+        .increment(1);
+    StoreError::Forbidden(err)
 }

@@ -12,10 +12,12 @@ use splitpay::config::Secret;
 use splitpay::domain::ids::{payment_intent_idempotency_key, SplitAllocationId, SplitPaymentId};
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::PaymentEvent;
-use splitpay::events::{build, EventType};
+use splitpay::events::EventType;
 use splitpay::http::{router, HttpState};
 use splitpay::jobs::runner::{run, RunnerSettings};
+use splitpay::store::announce;
 use splitpay::store::catalog::RecommendationSetRow;
+use splitpay::store::donations::*;
 use splitpay::store::payments::*;
 use splitpay::stripe::sim::control::SimControl;
 use splitpay::stripe::sim::SimServer;
@@ -214,7 +216,7 @@ impl Flow {
         for a in &payment.allocations {
             let aid = SplitAllocationId::parse(&a.id).unwrap();
             create_donation_for_allocation(&mut tx, &aid, payment.payment.created_at, |d| {
-                build::donation(EventType::DonationCreated, d, Utc::now())
+                announce::donation(EventType::DonationCreated, d, Utc::now())
                     .into_iter()
                     .collect()
             })

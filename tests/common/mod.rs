@@ -175,6 +175,7 @@ pub async fn succeeded_with_first_transfer_started(
     use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
     use splitpay::domain::plan::PaymentMethodType;
     use splitpay::domain::state::{AllocationEvent, PaymentEvent};
+    use splitpay::store::allocations::*;
     use splitpay::store::payments::*;
     let plan = plan_for(set);
     let id = SplitPaymentId::generate();

@@ -5,7 +5,8 @@
 
 use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::state::{AllocationStatus, PaymentStatus};
-use splitpay::store::payments::{get_split_payment, money_report};
+use splitpay::store::money_report::money_report;
+use splitpay::store::payments::get_split_payment;
 use splitpay::stripe::PaymentGateway;
 
 use super::flow::Flow;

@@ -1,9 +1,12 @@
-//! Outbound events built from stored rows, so every emitter fills the seed's fields the same way.
+//! Outbound events built from stored rows, so every emitter fills the seed's fields the same way. It lives in the
+//! store (which depends on `events`, never the reverse): the event types know nothing of rows.
 
 use chrono::{DateTime, Utc};
 
-use super::{seed_timestamp, DistributionData, DonationData, EventType, OutboundEvent, PaymentData};
-use crate::store::payments::{AllocationContext, DonationRow, SplitPaymentRow};
+use super::allocations::AllocationContext;
+use super::donations::DonationRow;
+use super::payments::SplitPaymentRow;
+use crate::events::{seed_timestamp, DistributionData, DonationData, EventType, OutboundEvent, PaymentData};
 
 /// `recommendation_set.payment_succeeded|payment_failed` for the distributing organisation. A failure names its
 /// attempt (`attempt_ref`), so each failed attempt is announced once.

@@ -1,0 +1,258 @@
+//! Split allocations (one recipient's share of a payment): reads, the context their events and transfers need, and
+//! their transitions. Entering TRANSFERRING starts a new transfer generation with its frozen parameters; leaving it
+//! closes that generation's attempt. Runs inside the caller's transaction, like every transition.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::payments::{SplitPaymentRow, PAYMENT_BY_ID_SQL};
+use super::records::insert_outbox_events;
+use super::{corrupt, forbidden, StoreError, Tx};
+use crate::domain::ids::{transfer_idempotency_key, SplitAllocationId, SplitPaymentId};
+use crate::domain::state::{AllocationEvent, AllocationStatus, Transition};
+use crate::events::OutboundEvent;
+
+/// `failure_code` of an allocation parked because its retry window ended and a lookup that succeeded proved that
+/// Stripe holds no transfer of its generation.
+pub const RETRY_WINDOW_ELAPSED: &str = "retry_window_elapsed";
+/// `failure_code` of an allocation parked because the fees left nothing to transfer (an operator refunds it).
+pub const NET_AMOUNT_ZERO: &str = "net_amount_zero";
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SplitAllocationRow {
+    pub id: String,
+    pub split_payment_id: String,
+    pub recommendation_allocation_id: String,
+    pub recipient_org_account_link_id: String,
+    pub position: i32,
+    pub gross_amount_cents: i64,
+    pub fee_share_cents: Option<i64>,
+    pub net_amount_cents: Option<i64>,
+    #[sqlx(try_from = "String")]
+    pub status: AllocationStatus,
+    pub generation: i32,
+    pub idempotency_key: Option<String>,
+    pub stripe_transfer_id: Option<String>,
+    pub attempts: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    pub parked_at: Option<DateTime<Utc>>,
+    pub transferred_at: Option<DateTime<Utc>>,
+    pub refunded_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Set while TRANSFERRING when the retry window ended without proof either way: shown to operators, retried.
+    pub unresolved_at: Option<DateTime<Utc>>,
+}
+
+pub async fn get_split_allocation(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+) -> Result<SplitAllocationRow, StoreError> {
+    sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1")
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split allocation",
+            id: id.to_string(),
+        })
+}
+
+/// An allocation with what its events and its transfer need: the payment and the recipient's link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationContext {
+    pub allocation: SplitAllocationRow,
+    pub payment: SplitPaymentRow,
+    pub recipient_organisation_id: String,
+    pub recipient_org_name: String,
+    pub destination_account_id: String,
+}
+
+pub async fn allocation_context(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+) -> Result<AllocationContext, StoreError> {
+    let allocation = get_split_allocation(conn, id).await?;
+    let payment_id =
+        SplitPaymentId::parse(&allocation.split_payment_id).map_err(|e| corrupt("split allocation", id.as_str(), e))?;
+    let payment = sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
+        .bind(payment_id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    let (recipient_organisation_id, recipient_org_name, destination_account_id): (String, String, String) =
+        sqlx::query_as(
+            "SELECT recipient_organisation_id, recipient_org_name, stripe_connect_account_id
+               FROM recipient_account_links WHERE id = $1",
+        )
+        .bind(&allocation.recipient_org_account_link_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(AllocationContext {
+        allocation,
+        payment,
+        recipient_organisation_id,
+        recipient_org_name,
+        destination_account_id,
+    })
+}
+
+/// Data recorded with an allocation transition (`None` keeps what is stored).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllocationPatch {
+    pub stripe_transfer_id: Option<String>,
+    /// With `TransferSucceeded`: the generation Stripe's transfer names in its metadata. A transfer of another
+    /// generation than the allocation's current one is refused (`Invalid`): it is a discrepancy for an operator.
+    pub transfer_generation: Option<i32>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// Moves a split allocation by `event` and writes `events` to the outbox, in the caller's transaction.
+///
+/// Entering TRANSFERRING (first attempt or an operator's retry) starts a new generation: the generation number,
+/// its idempotency key and a `transfer_attempts` row (destination, amount, currency) are written here, so the
+/// intent is committed before anyone calls Stripe. Leaving TRANSFERRING closes that attempt with its outcome.
+pub async fn transition_allocation(
+    tx: &mut Tx<'_>,
+    id: &SplitAllocationId,
+    event: AllocationEvent,
+    patch: &AllocationPatch,
+    events: &[OutboundEvent],
+) -> Result<Transition<AllocationStatus>, StoreError> {
+    let current = sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split allocation",
+            id: id.to_string(),
+        })?;
+    let from = current.status;
+    let next = match from.apply(event).map_err(|e| forbidden(e, id.as_str()))? {
+        Transition::Unchanged => return Ok(Transition::Unchanged),
+        Transition::To(next) => next,
+    };
+
+    let mut generation = current.generation;
+    let mut idempotency_key = current.idempotency_key.clone();
+    match next {
+        AllocationStatus::Transferring => {
+            let net_cents = current.net_amount_cents.filter(|&n| n > 0).ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "split allocation '{id}' has no positive net amount to transfer"
+                ))
+            })?;
+            generation += 1;
+            let key = transfer_idempotency_key(id, generation);
+            // The generation's parameters, frozen here: destination (the link's account now), amount, currency,
+            // source transaction, transfer group and metadata. Every attempt of this generation sends exactly these;
+            // a link changed later only affects a new generation.
+            let inserted = sqlx::query(
+                "INSERT INTO transfer_attempts
+                    (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
+                     source_transaction, transfer_group, metadata)
+                 SELECT a.id, $2, $3, l.stripe_connect_account_id, $4, p.currency, p.charge_id, p.transfer_group,
+                        jsonb_build_object('split_payment_id', p.id, 'split_allocation_id', a.id,
+                                           'generation', $2::text)
+                   FROM split_allocations a
+                   JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
+                   JOIN split_payments p ON p.id = a.split_payment_id
+                  WHERE a.id = $1 AND p.charge_id IS NOT NULL",
+            )
+            .bind(id.as_str())
+            .bind(generation)
+            .bind(&key)
+            .bind(net_cents)
+            .execute(&mut **tx)
+            .await?;
+            if inserted.rows_affected() != 1 {
+                return Err(StoreError::Invalid(format!(
+                    "split allocation '{id}': its payment has no charge to transfer from"
+                )));
+            }
+            idempotency_key = Some(key);
+        }
+        AllocationStatus::Transferred => {
+            let transfer_id = patch.stripe_transfer_id.as_deref().ok_or_else(|| {
+                StoreError::Invalid(format!("split allocation '{id}': a transfer needs its transfer id"))
+            })?;
+            if let Some(g) = patch.transfer_generation.filter(|&g| g != generation) {
+                return Err(StoreError::Invalid(format!(
+                    "split allocation '{id}' is at generation {generation}; transfer {transfer_id} is of generation {g}"
+                )));
+            }
+            // From TRANSFERRING or from PARKED (Stripe's word wins): the generation's attempt ends TRANSFERRED.
+            sqlx::query(
+                "UPDATE transfer_attempts
+                    SET finished_at = now(), outcome = 'TRANSFERRED', stripe_transfer_id = $3,
+                        failure_code = NULL, failure_message = NULL
+                  WHERE split_allocation_id = $1 AND generation = $2",
+            )
+            .bind(id.as_str())
+            .bind(generation)
+            .bind(transfer_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        AllocationStatus::Parked if from == AllocationStatus::Transferring => {
+            let outcome = match patch.failure_code.as_deref() {
+                Some(RETRY_WINDOW_ELAPSED) => "WINDOW_ELAPSED",
+                _ => "TERMINAL",
+            };
+            sqlx::query(
+                "UPDATE transfer_attempts
+                    SET finished_at = now(), outcome = $3, failure_code = $4, failure_message = $5
+                  WHERE split_allocation_id = $1 AND generation = $2",
+            )
+            .bind(id.as_str())
+            .bind(generation)
+            .bind(outcome)
+            .bind(&patch.failure_code)
+            .bind(&patch.failure_message)
+            .execute(&mut **tx)
+            .await?;
+        }
+        _ => {}
+    }
+
+    let updated = sqlx::query(
+        "UPDATE split_allocations
+            SET status = $3,
+                generation = $4,
+                idempotency_key = $5,
+                stripe_transfer_id = coalesce($6, stripe_transfer_id),
+                failure_code = coalesce($7, failure_code),
+                failure_message = coalesce($8, failure_message),
+                next_attempt_at = CASE WHEN $3 = 'TRANSFERRING' THEN coalesce($9, now()) ELSE NULL END,
+                unresolved_at = NULL,
+                attempts = CASE WHEN $3 = 'TRANSFERRING' AND status <> 'TRANSFERRING' THEN 0 ELSE attempts END,
+                parked_at = CASE WHEN $3 = 'PARKED' THEN now() ELSE NULL END,
+                transferred_at = CASE WHEN $3 = 'TRANSFERRED' THEN now() ELSE transferred_at END,
+                refunded_at = CASE WHEN $3 = 'REFUNDED' THEN now() ELSE refunded_at END,
+                updated_at = now()
+          WHERE id = $1 AND status = $2",
+    )
+    .bind(id.as_str())
+    .bind(from.as_str())
+    .bind(next.as_str())
+    .bind(generation)
+    .bind(&idempotency_key)
+    .bind(&patch.stripe_transfer_id)
+    .bind(&patch.failure_code)
+    .bind(&patch.failure_message)
+    .bind(patch.next_attempt_at)
+    .execute(&mut **tx)
+    .await?;
+    if updated.rows_affected() != 1 {
+        return Err(StoreError::LostRace {
+            what: "split allocation",
+            id: id.to_string(),
+            expected: from.to_string(),
+        });
+    }
+    insert_outbox_events(tx, events).await?;
+    Ok(Transition::To(next))
+}
