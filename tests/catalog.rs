@@ -116,7 +116,7 @@ fn assert_refused(got: &(u16, Value), status: u16, code: &str, param: Option<&st
 
 #[tokio::test]
 async fn each_validation_rule_is_refused_naming_the_field_and_writes_nothing() {
-    let flow = Flow::start_via_api(AmountMode::Fixed, &[1_000, 2_500]).await;
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_500], &[]).await;
     // Another distributor with a link of its own: foreign to cm3orgdist0001's sets.
     assert_eq!(
         put(&flow, "/v1/organisations/cm3orgother", json!({"name": "Other"}))
@@ -336,7 +336,7 @@ async fn each_validation_rule_is_refused_naming_the_field_and_writes_nothing() {
 
 #[tokio::test]
 async fn an_upsert_repeated_unchanged_answers_200_and_changes_nothing_and_gets_show_it() {
-    let flow = Flow::start_via_api(AmountMode::Suggested, &[1_000, 0]).await;
+    let flow = Flow::start(AmountMode::Suggested, &[1_000, 0], &[]).await;
     let before = rows(&flow).await;
     // The fixture's own calls, again: 200, nothing changes (not even a link's updated_at).
     assert_eq!(
@@ -423,7 +423,7 @@ async fn an_upsert_repeated_unchanged_answers_200_and_changes_nothing_and_gets_s
 
 #[tokio::test]
 async fn a_set_changed_after_a_payment_leaves_the_payment_as_it_was() {
-    let flow = Flow::start_via_api(AmountMode::Fixed, &[1_000, 2_500, 1_500]).await;
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_500, 1_500], &[]).await;
     let (status, paid) = pay(&flow).await;
     assert_eq!(status, 201, "{paid}");
     let payment_id = paid["id"].as_str().unwrap().to_owned();
@@ -524,7 +524,7 @@ async fn a_set_changed_after_a_payment_leaves_the_payment_as_it_was() {
 
 #[tokio::test]
 async fn retired_sets_and_links_refuse_intake() {
-    let flow = Flow::start_via_api(AmountMode::Fixed, &[1_000, 2_500]).await;
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_500], &[]).await;
     let refused = |got: (u16, Value)| {
         assert_refused(&got, 400, "validation_failed", Some("recommendation_set_id"));
     };

@@ -25,7 +25,7 @@ use splitpay::stripe::{CreatePaymentIntentParams, GatewayError, PaymentGateway, 
 use tokio::sync::oneshot;
 
 use super::db::TestDb;
-use super::{plan_for, seed_set};
+use super::plan_for;
 
 pub const WEBHOOK_SECRET: &str = "whsec_flow_tests";
 pub const SERVICE_TOKEN: &str = "svc_flow_tests_token";
@@ -45,6 +45,14 @@ pub struct Flow {
     worker: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// How a flow writes its catalogue.
+enum Catalogue {
+    /// Through the catalogue API, as the platform does.
+    Api,
+    /// Through the store.
+    Store,
+}
+
 impl Flow {
     /// A set of `amounts` (recipient i's account `acct_rcp{i}` can receive transfers unless listed in `no_transfers`).
     pub async fn start(mode: AmountMode, amounts: &[i64], no_transfers: &[usize]) -> Flow {
@@ -61,12 +69,6 @@ impl Flow {
         Self::start_full(mode, amounts, no_transfers, in_process_worker, |_| {}).await
     }
 
-    /// As [`Flow::start`], with the catalogue (the same organisations, links and set) written through the
-    /// catalogue API, as the platform does, rather than through the store.
-    pub async fn start_via_api(mode: AmountMode, amounts: &[i64]) -> Flow {
-        Self::start_inner(mode, amounts, &[], true, |_| {}, true).await
-    }
-
     /// As [`Flow::start_with`], with the distribution settings adjusted by `tweak`.
     pub async fn start_full(
         mode: AmountMode,
@@ -75,16 +77,25 @@ impl Flow {
         in_process_worker: bool,
         tweak: impl FnOnce(&mut DistributionSettings),
     ) -> Flow {
-        Self::start_inner(mode, amounts, no_transfers, in_process_worker, tweak, false).await
+        Self::start_inner(mode, amounts, no_transfers, in_process_worker, tweak, Catalogue::Api).await
     }
 
+    /// As [`Flow::start`], with the catalogue written through the store: only for a set the catalogue API would now
+    /// refuse (one written under older rules, e.g. before the minimum allocation was raised).
+    pub async fn start_with_stored_catalogue(mode: AmountMode, amounts: &[i64]) -> Flow {
+        Self::start_inner(mode, amounts, &[], true, |_| {}, Catalogue::Store).await
+    }
+
+    /// The catalogue (organisations, links, set) is written through the catalogue API, as the platform does: every
+    /// flow goes through intake's API path, so its catalogue does too (`seed_set` writes through the store for the
+    /// tests of the store itself).
     async fn start_inner(
         mode: AmountMode,
         amounts: &[i64],
         no_transfers: &[usize],
         in_process_worker: bool,
         tweak: impl FnOnce(&mut DistributionSettings),
-        catalogue_via_api: bool,
+        catalogue: Catalogue,
     ) -> Flow {
         let db = TestDb::new().await;
         splitpay::jobs::queue::setup(&db.pool).await.unwrap();
@@ -144,13 +155,14 @@ impl Flow {
                 .unwrap();
             })
         });
-        let set = if catalogue_via_api {
-            super::seed_set_via_api(&base_url, SERVICE_TOKEN, mode, amounts).await;
-            splitpay::store::catalog::get_recommendation_set(&mut db.pool.acquire().await.unwrap(), "cm3rec1")
-                .await
-                .unwrap()
-        } else {
-            seed_set(&db.pool, mode, amounts).await
+        let set = match catalogue {
+            Catalogue::Api => {
+                super::seed_set_via_api(&base_url, SERVICE_TOKEN, mode, amounts).await;
+                splitpay::store::catalog::get_recommendation_set(&mut db.pool.acquire().await.unwrap(), "cm3rec1")
+                    .await
+                    .unwrap()
+            }
+            Catalogue::Store => super::seed_set(&db.pool, mode, amounts).await,
         };
         Flow {
             db,
