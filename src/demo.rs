@@ -17,10 +17,6 @@ use crate::domain::ids::SplitPaymentId;
 use crate::domain::money::{Currency, Money};
 use crate::domain::plan::AmountMode;
 use crate::domain::state::{AllocationStatus, PaymentStatus};
-use crate::store::catalog::{
-    create_link, create_organisation, create_recommendation_set, NewLink, NewOrganisation, NewRecommendationSet,
-    NewSetAllocation,
-};
 use crate::store::money_report::money_report;
 use crate::store::payments::{get_split_payment, SplitPayment};
 use crate::stripe::keys::StripeKey;
@@ -67,77 +63,6 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
     let control = simulator.control();
     writeln!(out, "stripe        local simulator at {}", simulator.base_url())?;
 
-    // The catalogue: a distributor and three recipients; Ocean Watch has not finished Stripe onboarding.
-    let recipients = [
-        ("acf", "Australian Conservation Foundation", 2_500, true),
-        ("rft", "Rainforest Trust", 1_500, true),
-        ("ocw", "Ocean Watch", 1_000, false),
-    ];
-    let mut tx = pool.begin().await?;
-    create_organisation(
-        &mut tx,
-        &NewOrganisation {
-            id: "cm3orgclimatefund".into(),
-            name: "Climate Fund".into(),
-        },
-    )
-    .await?;
-    let mut allocations = Vec::new();
-    for (slug, name, cents, onboarded) in recipients {
-        create_organisation(
-            &mut tx,
-            &NewOrganisation {
-                id: format!("cm3org{slug}"),
-                name: name.into(),
-            },
-        )
-        .await?;
-        let account = format!("acct_demo{slug}");
-        control.create_account(&account, onboarded).await?;
-        create_link(
-            &mut tx,
-            &NewLink {
-                id: format!("cm3lnk{slug}"),
-                distributor_organisation_id: "cm3orgclimatefund".into(),
-                recipient_organisation_id: format!("cm3org{slug}"),
-                recipient_org_name: name.into(),
-                label: format!("{name} main donations"),
-                stripe_connect_account_id: account,
-                charges_enabled: true,
-                is_active: true,
-            },
-        )
-        .await?;
-        allocations.push(NewSetAllocation {
-            id: format!("cm3alc{slug}"),
-            recipient_org_account_link_id: format!("cm3lnk{slug}"),
-            amount_cents: cents,
-        });
-    }
-    create_recommendation_set(
-        &mut tx,
-        &NewRecommendationSet {
-            id: "cm3recclimate".into(),
-            organisation_id: "cm3orgclimatefund".into(),
-            name: "Climate split".into(),
-            slug: "climate-split".into(),
-            amount_mode: AmountMode::Fixed,
-            currency: Currency::Aud,
-            expires_at: None,
-            donor_prefill: None,
-            allocations,
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    writeln!(
-        out,
-        "set           Climate split (FIXED): ACF {}, Rainforest Trust {}, Ocean Watch {} (not onboarded)",
-        money(2_500),
-        money(1_500),
-        money(1_000)
-    )?;
-
     // splitpay itself: API and worker, with a 1% platform fee.
     let key = StripeKey::parse(SIM_KEY, false)?;
     let gateway = StripeGateway::new(
@@ -182,9 +107,74 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
             let _ = stopped.await;
         },
     ));
-    writeln!(out, "splitpay      API at {api}, worker running, platform fee 1%\n")?;
+    writeln!(out, "splitpay      API at {api}, worker running, platform fee 1%")?;
 
+    // The catalogue, through the catalogue API as the platform writes it: a distributor and three recipients;
+    // Ocean Watch has not finished Stripe onboarding.
+    let recipients = [
+        ("acf", "Australian Conservation Foundation", 2_500, true),
+        ("rft", "Rainforest Trust", 1_500, true),
+        ("ocw", "Ocean Watch", 1_000, false),
+    ];
     let client = reqwest::Client::new();
+    let put = |path: String, body: Value| {
+        let request = client.put(format!("{api}{path}")).bearer_auth(TOKEN).json(&body);
+        async move {
+            let response = request.send().await?;
+            let status = response.status();
+            if !status.is_success() {
+                let body: Value = response.json().await?;
+                return Err::<(), Failure>(format!("catalogue API answered {status} to {path}: {body}").into());
+            }
+            Ok(())
+        }
+    };
+    put("/v1/organisations/cm3orgclimatefund".into(), json!({ "name": "Climate Fund" })).await?;
+    let mut allocations = Vec::new();
+    for (slug, name, cents, onboarded) in recipients {
+        let account = format!("acct_demo{slug}");
+        control.create_account(&account, onboarded).await?;
+        put(format!("/v1/organisations/cm3org{slug}"), json!({ "name": name })).await?;
+        put(
+            format!("/v1/recipient-account-links/cm3lnk{slug}"),
+            json!({
+                "distributor_organisation_id": "cm3orgclimatefund",
+                "recipient_organisation_id": format!("cm3org{slug}"),
+                "recipient_org_name": name,
+                "label": format!("{name} main donations"),
+                "stripe_connect_account_id": account,
+                "charges_enabled": true,
+            }),
+        )
+        .await?;
+        allocations.push(json!({
+            "id": format!("cm3alc{slug}"),
+            "recipient_org_account_link_id": format!("cm3lnk{slug}"),
+            "amount_cents": cents,
+        }));
+    }
+    put(
+        "/v1/recommendation-sets/cm3recclimate".into(),
+        json!({
+            "organisation_id": "cm3orgclimatefund",
+            "name": "Climate split",
+            "slug": "climate-split",
+            "amount_mode": AmountMode::Fixed.as_str(),
+            "currency": "AUD",
+            "allocations": allocations,
+        }),
+    )
+    .await?;
+    writeln!(
+        out,
+        "set           Climate split (FIXED): ACF {}, Rainforest Trust {}, Ocean Watch {} (not onboarded)",
+        money(2_500),
+        money(1_500),
+        money(1_000)
+    )?;
+    writeln!(out)?;
+
+
     let pay = |body: Value| {
         let client = client.clone();
         let api = api.clone();
