@@ -240,6 +240,14 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
     let balance = sim_get(&base, "balance").await;
     let events = sim_get(&base, "events?limit=100").await;
     let event = events["data"][0].clone();
+    let refunded_charge = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "charge.refunded")
+        .map(|e| e["data"]["object"].clone())
+        .unwrap();
+    assert_eq!(refunded_charge["refunds"]["data"][0]["id"], refund["id"]);
 
     let objects = [
         ("payment_intent", pi.clone()),
@@ -247,6 +255,7 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
         ("payment_intent", declined["error"]["payment_intent"].clone()),
         ("payment_intent", canceled.clone()),
         ("charge", charge.clone()),
+        ("charge", refunded_charge.clone()),
         ("balance_transaction", balance_transaction.clone()),
         ("transfer", transfer.clone()),
         ("transfer_reversal", reversal.clone()),

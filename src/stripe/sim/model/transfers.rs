@@ -336,6 +336,8 @@ impl Model {
         self.balance_txns.push(taken);
         let json = reversal_json(&self.transfers[index], &reversal);
         let transfer_json = self.transfer_json(&self.transfers[index]);
+        // Stripe's `transfer.updated` is for description and metadata changes; a reversal, partial or full, emits
+        // `transfer.reversed` alone.
         self.emit("transfer.reversed", transfer_json, now);
         Ok(json)
     }
