@@ -730,3 +730,33 @@ async fn concurrent_and_repeated_refunds_never_spend_the_balance_twice() {
     let refunded = get(&sim, &format!("payment_intents/{pi}?expand[]=latest_charge")).await;
     assert_eq!(refunded["latest_charge"]["amount_refunded"], 3_000);
 }
+
+#[tokio::test]
+async fn a_dispute_fails_the_charges_pending_refunds_and_takes_the_whole_amount() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    control
+        .set_config(&SimConfig {
+            refunds_start_pending: true,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    let (_, charge) = card_payment(&gw, 4_000, "pm_card_visa", "k-pay").await;
+    control.top_up("aud", 1_000).await.unwrap();
+    let (_, pending) = post(&sim, "refunds", &format!("charge={charge}&amount=1000")).await;
+    assert_eq!(platform(&sim).await.0, 0);
+
+    let dispute = control.open_dispute(&charge).await.unwrap();
+    let refund = get(&sim, &format!("refunds/{}", pending["id"].as_str().unwrap())).await;
+    assert_eq!(
+        (refund["status"].as_str(), refund["failure_reason"].as_str()),
+        (Some("failed"), Some("charge_for_pending_refund_disputed"))
+    );
+    assert_eq!(
+        dispute["amount"], 4_000,
+        "the failed refund no longer reduces what is disputed"
+    );
+    assert_eq!(platform(&sim).await.0, 1_000 - 4_000 - 2_500);
+    assert_eq!(get(&sim, &format!("charges/{charge}")).await["amount_refunded"], 0);
+}

@@ -93,6 +93,18 @@ impl Model {
                 format!("Charge {charge_id} is already disputed."),
             ));
         }
+        // Stripe: "a charge with a pending refund [that] is disputed by the cardholder's bank, the refund will
+        // fail and a dispute will be created". The failed refunds' money is back before the dispute takes it.
+        let pending: Vec<String> = self
+            .refunds
+            .iter()
+            .filter(|r| r.charge == charge_id && r.status == "pending")
+            .map(|r| r.id.clone())
+            .collect();
+        for refund in pending {
+            self.settle_refund(&refund, Err(Some("charge_for_pending_refund_disputed")), now)?;
+        }
+        let charge = &self.charges[charge_id];
         let amount = charge.amount - charge.amount_refunded;
         if amount <= 0 {
             return Err(SimError::invalid(
