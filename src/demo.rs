@@ -129,7 +129,11 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
             Ok(())
         }
     };
-    put("/v1/organisations/cm3orgclimatefund".into(), json!({ "name": "Climate Fund" })).await?;
+    put(
+        "/v1/organisations/cm3orgclimatefund".into(),
+        json!({ "name": "Climate Fund" }),
+    )
+    .await?;
     let mut allocations = Vec::new();
     for (slug, name, cents, onboarded) in recipients {
         let account = format!("acct_demo{slug}");
@@ -173,7 +177,6 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
         money(1_000)
     )?;
     writeln!(out)?;
-
 
     let pay = |body: Value| {
         let client = client.clone();

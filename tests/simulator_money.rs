@@ -760,3 +760,81 @@ async fn a_dispute_fails_the_charges_pending_refunds_and_takes_the_whole_amount(
     assert_eq!(platform(&sim).await.0, 1_000 - 4_000 - 2_500);
     assert_eq!(get(&sim, &format!("charges/{charge}")).await["amount_refunded"], 0);
 }
+
+/// As at Stripe, an account created through the API with the `transfers` capability requested cannot receive
+/// transfers until it has accepted the ToS and has a bank account (a token from `POST /v1/tokens`); when the
+/// details arrive by update, the capability turns active with `capability.updated` and `account.updated`.
+#[tokio::test]
+async fn an_api_account_receives_transfers_only_once_onboarded() {
+    let (sim, _control) = simulator().await;
+    let (status, body) = post(&sim, "accounts", "type=custom&country=AU&external_account=btok_forged").await;
+    assert_eq!((status, error_of(&body).2), (400, "external_account"), "{body}");
+
+    let (status, token) = post(
+        &sim,
+        "tokens",
+        "bank_account[country]=AU&bank_account[currency]=aud&bank_account[routing_number]=110000&bank_account[account_number]=000123456",
+    )
+    .await;
+    assert_eq!(status, 200, "{token}");
+    let token_id = token["id"].as_str().unwrap();
+    assert!(
+        token_id.starts_with("btok_") && token["bank_account"]["last4"] == "3456",
+        "{token}"
+    );
+
+    let (status, bare) = post(
+        &sim,
+        "accounts",
+        "type=custom&country=AU&capabilities[transfers][requested]=true",
+    )
+    .await;
+    assert_eq!(status, 200, "{bare}");
+    assert_eq!(bare["capabilities"]["transfers"], "inactive", "{bare}");
+    let id = bare["id"].as_str().unwrap().to_owned();
+    let gw = gateway(&sim);
+    assert_eq!(
+        gw.retrieve_account(&id).await.unwrap().transfers_capability.as_deref(),
+        Some("inactive")
+    );
+
+    // The ToS alone is not enough; the bank account completes it.
+    let (_, partial) = post(
+        &sim,
+        &format!("accounts/{id}"),
+        "tos_acceptance[date]=1700000000&tos_acceptance[ip]=127.0.0.1",
+    )
+    .await;
+    assert_eq!(partial["capabilities"]["transfers"], "inactive", "{partial}");
+    let before = event_types(&sim, Some(&id)).await.len();
+    let (status, done) = post(&sim, &format!("accounts/{id}"), &format!("external_account={token_id}")).await;
+    assert_eq!(
+        (status, &done["capabilities"]["transfers"]),
+        (200, &json!("active")),
+        "{done}"
+    );
+    let types = event_types(&sim, Some(&id)).await;
+    assert_eq!(types[before..], ["account.updated".to_owned()], "{types:?}");
+    assert_eq!(
+        gw.retrieve_account(&id).await.unwrap().transfers_capability.as_deref(),
+        Some("active")
+    );
+
+    // Onboarded at creation: active at once.
+    let (_, token) = post(
+        &sim,
+        "tokens",
+        "bank_account[country]=AU&bank_account[currency]=aud&bank_account[routing_number]=110000&bank_account[account_number]=000123456",
+    )
+    .await;
+    let (_, ready) = post(
+        &sim,
+        "accounts",
+        &format!(
+            "type=custom&country=AU&capabilities[transfers][requested]=true&tos_acceptance[date]=1700000000&external_account={}",
+            token["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(ready["capabilities"]["transfers"], "active", "{ready}");
+}
