@@ -618,10 +618,10 @@ async fn a_slow_answer_a_redirect_and_a_refused_connection_are_failures() {
     );
 }
 
-/// The guarantee, exactly: once a 2xx is recorded (the step right after the response), nothing sends that delivery
-/// again: not a rerun of the job, not the sweeper, not an expired claim, not `ops redeliver`. The window left: a
-/// crash between the response and that record; the claim then expires and the event is sent again with the same
-/// `webhook-id` (receivers deduplicate on it). Both are shown here.
+/// The guarantee: an event that got a 2xx is never sent to that endpoint again. Once the 2xx is recorded nothing
+/// sends it again: not a rerun of the job, not the sweeper, not `ops redeliver`. If the worker crashes between the
+/// response and the record, the expired claim is never re-sent automatically: the row ends `failed` with its outcome
+/// unknown, and only an operator's `ops redeliver` (which warns of the duplicate) sends it again.
 #[tokio::test]
 async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
     let hook = Hook::start().await;
@@ -636,32 +636,26 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
         "the worker 'crashed'"
     );
     assert_eq!(hook.got().len(), 1);
-    // The job runs again (apalis at-least-once), on another worker, after any claim would have expired.
-    sqlx::query("UPDATE webhook_deliveries SET claimed_until = NULL, next_attempt_at = now() - interval '1 day'")
+    // The job runs again (apalis at-least-once), on another worker, long after.
+    sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = now() - interval '1 day'")
         .execute(&db.pool)
         .await
         .unwrap();
     let other = DeliverySettings::default();
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
-    assert_eq!(swept.deliveries, 0);
+    assert_eq!((swept.deliveries, swept.deliveries_ended), (0, 0));
     let out = ops(&db, &["redeliver", &event_id, "--yes"], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 1, "the 2xx was not repeated");
-    assert_eq!(
-        wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-            .await
-            .unwrap()
-            .status,
-        "succeeded"
-    );
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert_eq!(row.status, "succeeded");
 
-    // The window: a crash after the response but before the record. The claim holds off every other worker
-    // while it lasts; once it expires, the event is sent again, with the same webhook-id.
+    // A crash after the response, before the record: the claim holds off every other worker while it lasts.
     let mut crashing = DeliverySettings::default();
     crashing.failpoint = Some(Failpoint::AfterResponse);
-    let (_, deliveries) = emit(&db, 2).await;
+    let (event_id, deliveries) = emit(&db, 2).await;
     let id = &deliveries[0];
     assert!(deliver_once(&db.pool, &crashing, id).await.is_err());
     assert_eq!(hook.got().len(), 2);
@@ -670,25 +664,58 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
         Delivered::NotClaimed,
         "the claim holds"
     );
+    // Once it expired, neither the sweeper nor a rerun of the job sends it again: the sweeper ends it.
     sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
         .bind(id)
         .execute(&db.pool)
         .await
         .unwrap();
     drop_jobs(&db).await; // the crashed worker's job is gone
+    let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
+    assert_eq!((swept.deliveries, swept.deliveries_ended), (0, 1), "ended, not re-enqueued");
+    assert_eq!(jobs_waiting(&db, id).await, 0);
+    assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
+    assert_eq!(hook.got().len(), 2, "exactly one request for the crashed delivery");
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    let error = row.last_error.clone().unwrap();
+    assert_eq!((row.status.as_str(), row.attempts), ("failed", 1));
+    assert!(error.starts_with(wh::OUTCOME_UNKNOWN), "{error}");
+    assert!(error.contains(&format!("`splitpay ops redeliver {event_id}`")), "{error}");
+    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
     assert_eq!(
-        splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap().deliveries,
-        1,
-        "the sweeper sees it"
+        (attempts[0].status_code, attempts[0].duration_ms, attempts[0].error.as_deref()),
+        (None, None, Some(error.as_str()))
     );
+    let listed = json(&ops(&db, &["events", "--failed", "--json"], &[]));
+    assert_eq!(listed["deliveries"][0]["last_error"], error.as_str(), "{listed}");
+
+    // The operator sends it again, warned of the duplicate; the receiver gets it once more, same webhook-id.
+    let out = ops(&db, &["redeliver", &event_id, "--yes"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(warning.contains("outcome unknown") && warning.contains("twice"), "{warning}");
+    assert_eq!(jobs_waiting(&db, id).await, 1);
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::Succeeded);
     let got = hook.got();
     assert_eq!(got.len(), 3);
-    assert_eq!(got[1].id, got[2].id, "a resend carries the same webhook-id");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+    assert_eq!((got[1].id.as_str(), got[2].id.as_str()), (event_id.as_str(), event_id.as_str()));
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert_eq!((row.status.as_str(), row.trigger.as_str()), ("succeeded", "manual"));
+
+    // The job's own rerun ends an expired claim too (no sweeper needed), and sends nothing.
+    let (_, deliveries) = emit(&db, 3).await;
+    let id = &deliveries[0];
+    assert!(deliver_once(&db.pool, &crashing, id).await.is_err());
+    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
         .await
         .unwrap();
-    assert_eq!((row.status.as_str(), row.attempts), ("succeeded", 2));
+    assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
+    assert_eq!(hook.got().len(), 4);
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
 }
 
 #[tokio::test]

@@ -10,11 +10,16 @@
 //!    (`succeeded`; or `pending` with `next_attempt_at` from the row's schedule and a delayed job; or `failed` after
 //!    the last attempt), in one transaction.
 //!
-//! What is guaranteed: a delivery whose 2xx was recorded is never sent again (by any worker, replica, job rerun,
-//! sweep or `ops redeliver`: every path goes through the claim, which only takes `pending` rows, or `delivering`
-//! rows whose claim expired). What is not: if the worker dies after the receiver answered 2xx but before step 3
-//! commits, the claim expires and the event is sent again, with the same `webhook-id`, which Standard Webhooks
-//! receivers deduplicate on. No HTTP sender can close that window; it is as narrow as one local transaction.
+//! What is guaranteed: a delivery is sent at most once per claim, and a claim is only ever taken on a `pending` row.
+//! So an event that got a 2xx is never sent to that endpoint again by any worker, replica, job rerun or sweep:
+//! - once the 2xx is recorded, the row is `succeeded` and nothing claims it;
+//! - if the worker dies after the receiver answered but before the record commits, the row stays `delivering`
+//!   until its claim expires; it is then never re-claimed: the sweeper (or the next run of its job) ends it
+//!   `failed` with its outcome unknown (last error and an attempt row say so, and the log warns).
+//!
+//! This is at-most-once after the claim: a delivery whose worker stopped mid-flight may not have reached the
+//! receiver and is not retried automatically. Only an operator's `splitpay ops redeliver` sends it again, with the
+//! same `webhook-id`; the operator accepts that the receiver may get it twice (the command says so).
 
 use std::time::{Duration, Instant};
 
@@ -128,11 +133,9 @@ pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) 
         let claimed = webhooks::claim_delivery(&mut conn, id, &settings.worker, lease)
             .await
             .map_err(retry)?;
-        if claimed.is_none() && webhooks::fail_exhausted_expired(&mut conn, id).await.map_err(retry)? {
-            tracing::warn!(
-                delivery = id,
-                "webhook delivery failed: its last attempt's worker stopped before recording"
-            );
+        if claimed.is_none() {
+            // A row of ours whose worker stopped mid-flight: end it now rather than wait for the sweeper.
+            webhooks::end_expired_claims(&mut conn, Some(id), 0, 1).await.map_err(retry)?;
         }
         claimed
     };

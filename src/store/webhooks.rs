@@ -207,16 +207,16 @@ impl ClaimedDelivery {
     }
 }
 
-/// Claims delivery `$1` for worker `$2` for `$3` seconds: a pending row that is due, or a delivering row whose
-/// claim expired (its worker died), with attempts left, on an enabled endpoint. At most one worker wins.
+/// Claims delivery `$1` for worker `$2` for `$3` seconds: a pending row that is due, with attempts left, on an enabled
+/// endpoint. At most one worker wins. A `delivering` row is never claimed again, even once its claim expired: its
+/// worker may have sent it and got a 2xx (see [`END_EXPIRED_CLAIMS_SQL`]).
 pub const CLAIM_DELIVERY_SQL: &str = "UPDATE webhook_deliveries d
         SET status = 'delivering', attempts = d.attempts + 1, claimed_by = $2,
             claimed_until = now() + make_interval(secs => $3)
        FROM webhook_endpoints e, outbox_events o
       WHERE d.id = $1 AND e.id = d.endpoint_id AND o.id = d.outbox_event_id AND e.disabled_at IS NULL
         AND d.attempts < cardinality(d.schedule_secs) + 1
-        AND ((d.status = 'pending' AND d.next_attempt_at <= now())
-             OR (d.status = 'delivering' AND d.claimed_until < now()))
+        AND d.status = 'pending' AND d.next_attempt_at <= now()
      RETURNING d.id, d.attempts, d.schedule_secs, d.trigger, o.id AS outbox_event_id, o.payload,
                e.id AS endpoint_id, e.url, e.secret, e.previous_secret, e.previous_secret_expires_at, now() AS now";
 
@@ -234,20 +234,51 @@ pub async fn claim_delivery(
         .await?)
 }
 
-/// A delivering row whose claim expired on its last attempt: its worker died with the outcome unknown and no attempt
-/// is left, so it ends failed. True when this call ended it.
-pub async fn fail_exhausted_expired(conn: &mut PgConnection, id: &str) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "UPDATE webhook_deliveries
-            SET status = 'failed', failed_at = now(), claimed_by = NULL, claimed_until = NULL,
-                last_error = 'the worker of the last attempt stopped before recording its outcome'
-          WHERE id = $1 AND status = 'delivering' AND claimed_until < now()
-            AND attempts >= cardinality(schedule_secs) + 1",
-    )
-    .bind(id)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+/// How `last_error` of a delivery ended by [`END_EXPIRED_CLAIMS_SQL`] starts.
+pub const OUTCOME_UNKNOWN: &str = "outcome unknown";
+
+/// Ends delivering rows whose claim expired more than `$1` seconds ago (only row `$3` when given), at most `$2`:
+/// their worker stopped between claiming and recording, so the receiver may or may not have answered 2xx. Such a
+/// row is never sent again automatically (an event that got a 2xx is never sent again); it ends `failed` with its
+/// outcome unknown, an attempt row says so, and only an operator's `ops redeliver` sends it again. Returns the ids.
+pub const END_EXPIRED_CLAIMS_SQL: &str = "WITH ended AS (
+        UPDATE webhook_deliveries d
+           SET status = 'failed', failed_at = now(), claimed_by = NULL, claimed_until = NULL,
+               last_error = 'outcome unknown: the worker stopped while delivering; `splitpay ops redeliver '
+                            || d.outbox_event_id || '` sends it again'
+         WHERE d.id IN (SELECT id FROM webhook_deliveries
+                         WHERE status = 'delivering' AND claimed_until < now() - make_interval(secs => $1)
+                           AND ($3::text IS NULL OR id = $3)
+                         ORDER BY claimed_until LIMIT $2 FOR UPDATE SKIP LOCKED)
+           AND d.status = 'delivering'
+     RETURNING d.id, d.attempts, d.trigger, d.last_error),
+     logged AS (
+        INSERT INTO webhook_delivery_attempts (delivery_id, attempt_number, trigger, status_code, duration_ms, error)
+        SELECT id, attempts, trigger, NULL, NULL, last_error FROM ended)
+     SELECT id FROM ended ORDER BY id";
+
+/// Runs [`END_EXPIRED_CLAIMS_SQL`]: `only` one row, or up to `limit` rows whose claim expired `grace_secs` ago.
+pub async fn end_expired_claims(
+    conn: &mut PgConnection,
+    only: Option<&str>,
+    grace_secs: i64,
+    limit: i64,
+) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<(String,)> = sqlx::query_as(END_EXPIRED_CLAIMS_SQL)
+        .bind(grace_secs as f64)
+        .bind(limit)
+        .bind(only)
+        .fetch_all(conn)
+        .await?;
+    let ended: Vec<String> = rows.into_iter().map(|(id,)| id).collect();
+    for id in &ended {
+        tracing::warn!(
+            delivery = %id,
+            "webhook delivery failed with its outcome unknown: its worker stopped while delivering; not sent again \
+             unless an operator runs `splitpay ops redeliver`"
+        );
+    }
+    Ok(ended)
 }
 
 /// What one attempt got.
@@ -420,7 +451,8 @@ pub struct AttemptRow {
     pub attempt_number: i32,
     pub trigger: String,
     pub status_code: Option<i32>,
-    pub duration_ms: i64,
+    /// NULL when no attempt was measured (its worker stopped: outcome unknown).
+    pub duration_ms: Option<i64>,
     pub error: Option<String>,
     pub response_body: Option<String>,
     pub at: DateTime<Utc>,
