@@ -5,3 +5,10 @@
 -- flight are few.
 ALTER TABLE webhook_delivery_attempts ALTER COLUMN duration_ms DROP NOT NULL;
 CREATE INDEX webhook_deliveries_delivering ON webhook_deliveries (claimed_until) WHERE status = 'delivering';
+
+-- A per-claim token: every record of an outcome matches the claim it was made under, so a stale task (even in the
+-- same process) never overwrites a later claim. Each claim records at most one attempt (a record retried after an
+-- ambiguous commit error adds nothing).
+ALTER TABLE webhook_deliveries ADD COLUMN claim_token UUID;
+ALTER TABLE webhook_delivery_attempts ADD COLUMN claim_token UUID;
+CREATE UNIQUE INDEX webhook_delivery_attempts_claim ON webhook_delivery_attempts (claim_token);

@@ -718,6 +718,47 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
     assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
 }
 
+/// A stale task never records over a later claim of the same row, even in the same process (same worker name): each
+/// claim has its own token.
+#[tokio::test]
+async fn a_stale_claim_never_records_over_a_later_claim() {
+    let hook = Hook::start().await;
+    let (db, _) = setup(&hook.url("/ok")).await;
+    let (_, deliveries) = emit(&db, 1).await;
+    let id = &deliveries[0];
+    let worker = "deliver-same-process";
+    let mut conn = db.pool.acquire().await.unwrap();
+    let stale = wh::claim_delivery(&mut conn, id, worker, 60.0).await.unwrap().unwrap();
+    // Its claim expires and ends; an operator queues it again; the same process claims it again.
+    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(wh::end_expired_claims(&mut conn, Some(id), 0, 1).await.unwrap(), [id.clone()]);
+    assert!(wh::requeue_delivery(&mut conn, id).await.unwrap());
+    let live = wh::claim_delivery(&mut conn, id, worker, 60.0).await.unwrap().unwrap();
+    assert_ne!(stale.claim_token, live.claim_token);
+    // The stale task's failure and success both leave the live claim alone.
+    let (after, _) = wh::record_failure(&mut conn, &stale, "HTTP 500").await.unwrap();
+    assert_eq!(after, wh::AfterFailure::ClaimLost);
+    wh::record_success(&mut conn, &stale).await.unwrap();
+    let row = wh::get_delivery(&mut conn, id).await.unwrap();
+    assert_eq!((row.status.as_str(), row.attempts), ("delivering", 1));
+    // The live claim records; a second record of the same claim adds nothing.
+    let (after, _) = wh::record_failure(&mut conn, &live, "HTTP 500").await.unwrap();
+    assert_eq!(after, wh::AfterFailure::Retry { after_secs: DEFAULT_SCHEDULE_SECS[0] });
+    let outcome = wh::AttemptOutcome {
+        status_code: Some(500),
+        duration_ms: 1,
+        error: Some("HTTP 500".into()),
+        response_body: None,
+    };
+    assert!(wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
+    assert!(!wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
+}
+
+
 #[tokio::test]
 async fn ops_events_and_redeliver() {
     let hook = Hook::start().await;

@@ -112,8 +112,10 @@ pub enum Delivered {
     },
     /// Failed for the last time.
     Failed,
-    /// Failed, but the claim had expired and been taken over: only the attempt was recorded.
+    /// Failed, but the claim was no longer this one's (ended or requeued meanwhile): only the attempt was recorded.
     ClaimLost,
+    /// This claim's outcome had already been recorded (an earlier record committed though it reported an error).
+    AlreadyRecorded,
 }
 
 /// The job handler.
@@ -222,15 +224,18 @@ async fn record(
     outcome: &AttemptOutcome,
 ) -> Result<Delivered, JobFailure> {
     let mut tx = pool.begin().await.map_err(retry)?;
-    webhooks::insert_attempt(&mut tx, delivery, outcome)
+    if !webhooks::insert_attempt(&mut tx, delivery, outcome)
         .await
-        .map_err(retry)?;
+        .map_err(retry)?
+    {
+        return Ok(Delivered::AlreadyRecorded);
+    }
     let result = if outcome.succeeded() {
         webhooks::record_success(&mut tx, delivery).await.map_err(retry)?;
         Delivered::Succeeded
     } else {
         let error = outcome.error.as_deref().unwrap_or("failed");
-        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, &settings.worker, error)
+        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, error)
             .await
             .map_err(retry)?;
         if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {

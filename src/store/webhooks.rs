@@ -189,6 +189,9 @@ pub struct ClaimedDelivery {
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
+    /// This claim's token: every record of its outcome must match it (a later claim of the same row, even by the
+    /// same process, has another).
+    pub claim_token: uuid::Uuid,
 }
 
 impl ClaimedDelivery {
@@ -212,13 +215,14 @@ impl ClaimedDelivery {
 /// worker may have sent it and got a 2xx (see [`END_EXPIRED_CLAIMS_SQL`]).
 pub const CLAIM_DELIVERY_SQL: &str = "UPDATE webhook_deliveries d
         SET status = 'delivering', attempts = d.attempts + 1, claimed_by = $2,
-            claimed_until = now() + make_interval(secs => $3)
+            claimed_until = now() + make_interval(secs => $3), claim_token = gen_random_uuid()
        FROM webhook_endpoints e, outbox_events o
       WHERE d.id = $1 AND e.id = d.endpoint_id AND o.id = d.outbox_event_id AND e.disabled_at IS NULL
         AND d.attempts < cardinality(d.schedule_secs) + 1
         AND d.status = 'pending' AND d.next_attempt_at <= now()
      RETURNING d.id, d.attempts, d.schedule_secs, d.trigger, o.id AS outbox_event_id, o.payload,
-               e.id AS endpoint_id, e.url, e.secret, e.previous_secret, e.previous_secret_expires_at, now() AS now";
+               e.id AS endpoint_id, e.url, e.secret, e.previous_secret, e.previous_secret_expires_at, now() AS now,
+               d.claim_token";
 
 pub async fn claim_delivery(
     conn: &mut PgConnection,
@@ -308,15 +312,18 @@ pub enum AfterFailure {
     ClaimLost,
 }
 
+/// Records the attempt of `delivery`'s claim. False when that claim's attempt is already recorded (an earlier
+/// record whose commit was reported as failed but went through): the caller then records nothing else.
 pub async fn insert_attempt(
     conn: &mut PgConnection,
     delivery: &ClaimedDelivery,
     outcome: &AttemptOutcome,
-) -> Result<(), StoreError> {
-    sqlx::query(
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
         "INSERT INTO webhook_delivery_attempts
-                (delivery_id, attempt_number, trigger, status_code, duration_ms, error, response_body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                (delivery_id, attempt_number, trigger, status_code, duration_ms, error, response_body, claim_token)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (claim_token) DO NOTHING",
     )
     .bind(&delivery.id)
     .bind(delivery.attempts)
@@ -325,19 +332,24 @@ pub async fn insert_attempt(
     .bind(outcome.duration_ms)
     .bind(&outcome.error)
     .bind(&outcome.response_body)
+    .bind(delivery.claim_token)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
-/// Records a 2xx: the delivery is succeeded for good (whoever holds the claim), and the endpoint is healthy.
+/// Records a 2xx under `delivery`'s claim: the delivery is succeeded for good, and the endpoint is healthy. Also
+/// when the claim expired and the sweeper ended the row with its outcome unknown meanwhile (the truth is now known),
+/// but never over a later claim or an operator's requeue (the token differs).
 pub async fn record_success(conn: &mut PgConnection, delivery: &ClaimedDelivery) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE webhook_deliveries
-            SET status = 'succeeded', succeeded_at = now(), claimed_by = NULL, claimed_until = NULL, last_error = NULL
-          WHERE id = $1 AND status <> 'succeeded'",
+            SET status = 'succeeded', succeeded_at = now(), failed_at = NULL, claimed_by = NULL,
+                claimed_until = NULL, last_error = NULL
+          WHERE id = $1 AND claim_token = $2 AND status IN ('delivering', 'failed')",
     )
     .bind(&delivery.id)
+    .bind(delivery.claim_token)
     .execute(&mut *conn)
     .await?;
     sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = $1")
@@ -347,13 +359,12 @@ pub async fn record_success(conn: &mut PgConnection, delivery: &ClaimedDelivery)
     Ok(())
 }
 
-/// Records a failed attempt under `worker`'s claim: schedules the next attempt from the row's schedule, or ends the
+/// Records a failed attempt under `delivery`'s claim (its token): schedules the next attempt from the row's schedule, or ends the
 /// delivery failed after the last one. Marks the endpoint failing since now if it was not already, and returns
 /// when it started failing.
 pub async fn record_failure(
     conn: &mut PgConnection,
     delivery: &ClaimedDelivery,
-    worker: &str,
     error: &str,
 ) -> Result<(AfterFailure, DateTime<Utc>), StoreError> {
     let row: Option<(String, Option<i32>)> = sqlx::query_as(
@@ -363,11 +374,11 @@ pub async fn record_failure(
                 next_attempt_at = CASE WHEN attempts >= cardinality(schedule_secs) + 1 THEN next_attempt_at
                                        ELSE now() + make_interval(secs => schedule_secs[attempts]) END,
                 claimed_by = NULL, claimed_until = NULL, last_error = $3
-          WHERE id = $1 AND status = 'delivering' AND claimed_by = $2
+          WHERE id = $1 AND status = 'delivering' AND claim_token = $2
       RETURNING status, CASE WHEN status = 'pending' THEN schedule_secs[attempts] END",
     )
     .bind(&delivery.id)
-    .bind(worker)
+    .bind(delivery.claim_token)
     .bind(error)
     .fetch_optional(&mut *conn)
     .await?;
@@ -472,7 +483,8 @@ pub async fn attempts_of(conn: &mut PgConnection, delivery_id: &str) -> Result<V
 pub async fn requeue_delivery(conn: &mut PgConnection, id: &str) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE webhook_deliveries
-            SET status = 'pending', attempts = 0, next_attempt_at = now(), failed_at = NULL, trigger = 'manual'
+            SET status = 'pending', attempts = 0, next_attempt_at = now(), failed_at = NULL, trigger = 'manual',
+                claim_token = NULL
           WHERE id = $1 AND status IN ('pending', 'failed')",
     )
     .bind(id)
