@@ -758,6 +758,69 @@ async fn a_stale_claim_never_records_over_a_later_claim() {
     assert!(!wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
 }
 
+/// Installs a trigger that makes the next `failures` inserts of an attempt row fail, as a database error would
+/// (a real PostgreSQL error; the counter is a sequence, so a rolled-back record still counts).
+async fn fail_next_records(db: &TestDb, failures: i64) {
+    for sql in [
+        "CREATE SEQUENCE IF NOT EXISTS record_faults".to_owned(),
+        "CREATE TABLE IF NOT EXISTS record_fault_limit (n BIGINT NOT NULL)".to_owned(),
+        "DELETE FROM record_fault_limit".to_owned(),
+        format!("INSERT INTO record_fault_limit SELECT last_value + {failures} - CASE WHEN is_called THEN 0 ELSE 1 END FROM record_faults"),
+        "CREATE OR REPLACE FUNCTION record_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF nextval('record_faults') <= (SELECT n FROM record_fault_limit) THEN
+             RAISE EXCEPTION 'injected fault: the database refused the record';
+           END IF;
+           RETURN NEW;
+         END $$"
+            .to_owned(),
+        "CREATE OR REPLACE TRIGGER record_fault BEFORE INSERT ON webhook_delivery_attempts
+         FOR EACH ROW EXECUTE FUNCTION record_fault()"
+            .to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    }
+}
+
+/// A database error while recording a 2xx is retried in-process; a record that never succeeds ends the delivery
+/// with its outcome unknown once the claim expires, and it is not sent again.
+#[tokio::test]
+async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_a_resend() {
+    let hook = Hook::start().await;
+    let (db, _) = setup(&hook.url("/ok")).await;
+    let settings = DeliverySettings::default();
+    fail_next_records(&db, 2).await;
+    let (_, deliveries) = emit(&db, 1).await;
+    let id = &deliveries[0];
+    assert_eq!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::Succeeded);
+    assert_eq!(hook.got().len(), 1);
+    assert_eq!(count(&db, "SELECT last_value FROM record_faults").await, 3, "two refused, the third recorded");
+    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert_eq!((attempts.len(), attempts[0].status_code), (1, Some(200)));
+
+    // The database refuses every record until the (short) claim's deadline: the job gives up, nothing re-sends.
+    let mut short = DeliverySettings::with_timeout(Duration::from_secs(2));
+    short.claim_margin = Duration::from_secs(1);
+    fail_next_records(&db, 1_000_000).await;
+    let (_, deliveries) = emit(&db, 2).await;
+    let id = &deliveries[0];
+    assert!(deliver_once(&db.pool, &short, id).await.is_err());
+    assert_eq!(hook.got().len(), 2);
+    assert!(count(&db, "SELECT last_value FROM record_faults").await > 4, "retried");
+    sqlx::query("DROP TRIGGER record_fault ON webhook_delivery_attempts").execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    drop_jobs(&db).await;
+    let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
+    assert_eq!((swept.deliveries, swept.deliveries_ended), (0, 1));
+    assert_eq!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::NotClaimed);
+    assert_eq!(hook.got().len(), 2, "the unrecorded 2xx was not repeated");
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
+}
 
 #[tokio::test]
 async fn ops_events_and_redeliver() {

@@ -32,8 +32,13 @@ use crate::store::webhooks::{self, AfterFailure, AttemptOutcome, ClaimedDelivery
 
 /// The contract's delivery timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Added to the timeout for a claim's lease, so a live worker always records before its claim expires.
+/// Added to the timeout for a claim's lease. After the send (at most the timeout), a failed record is retried for the
+/// first three quarters of the margin (45 s: a pool acquire is bounded by 5 s, the record is three short
+/// statements); the last quarter (15 s) is left so a record under way commits before the claim expires.
 pub const CLAIM_MARGIN: Duration = Duration::from_secs(60);
+/// The first pause between record retries; it doubles up to [`RECORD_PAUSE_MAX`].
+const RECORD_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RECORD_PAUSE_MAX: Duration = Duration::from_secs(2);
 /// An endpoint whose deliveries have all failed for this long is disabled.
 pub const DISABLE_AFTER_SECS: i64 = 5 * 86_400;
 /// Response bodies are kept up to this many bytes.
@@ -130,6 +135,8 @@ fn retry(e: impl std::fmt::Display) -> JobFailure {
 /// Claims delivery `id`, sends it once, and records the outcome.
 pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) -> Result<Delivered, JobFailure> {
     let lease = (settings.timeout + settings.claim_margin).as_secs_f64();
+    // Measured before the claim, so the record deadline is earlier than the claim's expiry in the database.
+    let record_deadline = Instant::now() + settings.timeout + settings.claim_margin * 3 / 4;
     let claimed = {
         let mut conn = pool.acquire().await.map_err(retry)?;
         let claimed = webhooks::claim_delivery(&mut conn, id, &settings.worker, lease)
@@ -150,7 +157,7 @@ pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) 
             "failpoint: stopped after the response, before recording".into(),
         ));
     }
-    let result = record(pool, settings, &delivery, &outcome).await?;
+    let result = record_until(pool, settings, &delivery, &outcome, record_deadline).await?;
     if settings.failpoint == Some(Failpoint::AfterRecord) {
         return Err(JobFailure::Retry("failpoint: stopped after recording".into()));
     }
@@ -217,6 +224,41 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
     Ok(outcome)
 }
 
+/// Records the outcome, retrying with backoff on errors (a database restart, a full pool) until `deadline`, shortly
+/// before the claim expires. A record that never succeeds leaves the row `delivering`; once the claim expires it
+/// ends with its outcome unknown (never sent again automatically), so a 2xx that could not be recorded is not
+/// repeated.
+async fn record_until(
+    pool: &PgPool,
+    settings: &DeliverySettings,
+    delivery: &ClaimedDelivery,
+    outcome: &AttemptOutcome,
+    deadline: Instant,
+) -> Result<Delivered, JobFailure> {
+    let mut pause = RECORD_PAUSE_MIN;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tried = match tokio::time::timeout(left, record(pool, settings, delivery, outcome)).await {
+            Ok(tried) => tried,
+            Err(_) => Err(retry("recording did not finish before the claim's deadline")),
+        };
+        match tried {
+            Ok(done) => return Ok(done),
+            Err(e) if Instant::now() + pause < deadline => {
+                tracing::warn!(delivery = %delivery.id, error = %e, "recording a webhook attempt failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECORD_PAUSE_MAX);
+            }
+            Err(e) => {
+                tracing::error!(delivery = %delivery.id, error = %e, succeeded = outcome.succeeded(),
+                    "could not record a webhook attempt before its claim expires; it will end with its outcome unknown");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// One try at recording the outcome, in one transaction.
 async fn record(
     pool: &PgPool,
     settings: &DeliverySettings,
