@@ -534,13 +534,26 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         .execute(&db.pool)
         .await
         .unwrap();
-    let (_, deliveries) = emit(&db, 2).await;
-    deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap();
+    let (_, waiting) = emit(&db, 2).await;
+    let (_, deliveries) = emit(&db, 3).await;
+    drop_jobs(&db).await;
+    assert_eq!(
+        deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
+        Delivered::Failed,
+        "the failure that disables the endpoint ends its delivery"
+    );
+    assert_eq!(jobs_waiting(&db, &deliveries[0]).await, 0);
     let endpoint = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id)
         .await
         .unwrap();
     assert!(endpoint.disabled_at.is_some());
     assert!(endpoint.disabled_reason.unwrap().contains("5 days"));
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0]).await.unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.last_error.as_deref()),
+        ("failed", Some(wh::ENDPOINT_DISABLED)),
+        "its pending deliveries are not stranded"
+    );
     // A disabled endpoint gets no new deliveries.
     let mut tx = db.pool.begin().await.unwrap();
     let none = wh::create_deliveries(&mut tx, "oevt_x", common::DISTRIBUTOR, "donation.created")
@@ -820,6 +833,74 @@ async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_
     assert_eq!(hook.got().len(), 2, "the unrecorded 2xx was not repeated");
     let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
     assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
+}
+
+/// Disabling an endpoint (by an operator here; automatically in the schedule test) ends its pending deliveries; one
+/// in flight finishes its attempt and its record still works. `ops endpoints enable` brings the endpoint back
+/// without resending anything by itself.
+#[tokio::test]
+async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_back() {
+    let hook = Hook::start().await;
+    let (db, endpoint) = setup(&hook.url("/fail")).await;
+    let (_, pending) = emit(&db, 1).await;
+    let (_, in_flight) = emit(&db, 2).await;
+    drop_jobs(&db).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let claimed = wh::claim_delivery(&mut conn, &in_flight[0], "deliver-test", 60.0)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let out = ops(&db, &["endpoints", "disable", &endpoint.id, "--yes"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = wh::get_delivery(&mut conn, &pending[0]).await.unwrap();
+    assert_eq!((row.status.as_str(), row.last_error.as_deref()), ("failed", Some(wh::ENDPOINT_DISABLED)));
+    assert_eq!(wh::get_delivery(&mut conn, &in_flight[0]).await.unwrap().status, "delivering");
+    // The attempt in flight finishes: its record works and ends the delivery (it would never be claimed again).
+    let outcome = wh::AttemptOutcome {
+        status_code: Some(500),
+        duration_ms: 3,
+        error: Some("HTTP 500".into()),
+        response_body: None,
+    };
+    assert!(wh::insert_attempt(&mut conn, &claimed, &outcome).await.unwrap());
+    let (after, _) = wh::record_failure(&mut conn, &claimed, "HTTP 500").await.unwrap();
+    assert_eq!(after, wh::AfterFailure::Failed);
+    let row = wh::get_delivery(&mut conn, &in_flight[0]).await.unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.last_error.as_deref()),
+        ("failed", Some("HTTP 500; endpoint disabled"))
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'").await, 0);
+    assert_eq!(splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap().deliveries, 0);
+
+    // Enable: a dry run changes nothing; then the endpoint is back, with an audit row, and nothing is resent.
+    let dry = json(&ops(&db, &["endpoints", "enable", &endpoint.id, "--dry-run", "--json"], &[]));
+    assert_eq!(dry["dry_run"]["action"], "endpoints enable", "{dry}");
+    assert!(wh::get_endpoint(&mut conn, &endpoint.id).await.unwrap().disabled_at.is_some());
+    let out = ops(
+        &db,
+        &["endpoints", "enable", &endpoint.id, "--yes", "--actor", "carol", "--reason", "receiver fixed"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("splitpay ops redeliver --since"));
+    let enabled = wh::get_endpoint(&mut conn, &endpoint.id).await.unwrap();
+    assert_eq!((enabled.disabled_at, enabled.failing_since), (None, None));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ops_audit_log WHERE command = 'endpoints enable' AND actor = 'carol'").await,
+        1
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_deliveries WHERE status = 'failed'").await, 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'splitpay.deliver'").await, 0);
+    let out = ops(&db, &["endpoints", "enable", &endpoint.id, "--yes"], &[]);
+    assert_eq!(out.status.code(), Some(1), "enabling twice is refused");
+    // New events are delivered to it again; `redeliver --since` sends the old failures.
+    let (_, fresh) = emit(&db, 3).await;
+    assert_eq!(jobs_waiting(&db, &fresh[0]).await, 1);
+    let out = ops(&db, &["redeliver", "--since", "2000-01-01T00:00:00Z", "--yes"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(jobs_waiting(&db, &pending[0]).await + jobs_waiting(&db, &in_flight[0]).await, 2);
 }
 
 #[tokio::test]

@@ -280,20 +280,23 @@ async fn record(
         let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, error)
             .await
             .map_err(retry)?;
+        let mut disabled = false;
         if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {
             let reason = format!(
                 "every delivery failed for {} days (since {})",
                 settings.disable_after_secs / 86_400,
                 failing_since.to_rfc3339()
             );
-            if webhooks::disable_endpoint(&mut tx, &delivery.endpoint_id, &reason)
+            // Also ends the endpoint's pending deliveries, this one included.
+            disabled = webhooks::disable_endpoint(&mut tx, &delivery.endpoint_id, &reason)
                 .await
-                .map_err(retry)?
-            {
+                .map_err(retry)?;
+            if disabled {
                 tracing::warn!(endpoint = %delivery.endpoint_id, %reason, "webhook endpoint disabled");
             }
         }
         match after {
+            AfterFailure::Retry { .. } if disabled => Delivered::Failed,
             AfterFailure::Retry { after_secs } => {
                 enqueue(
                     &mut tx,

@@ -1,5 +1,6 @@
-//! `splitpay ops endpoints add|list|disable|rotate-secret`: the webhook endpoints organisations receive their events
-//! at. A secret (`whsec_` + base64 of 32 random bytes) is printed once, when made, and never again (not in `list`,
+//! `splitpay ops endpoints add|list|disable|enable|rotate-secret`: the webhook endpoints organisations receive their
+//! events at. Disabling an endpoint ends its pending deliveries (`failed`, "endpoint disabled"); enabling it again
+//! resends nothing by itself (`splitpay ops redeliver --since TIME` does). A secret (`whsec_` + base64 of 32 random bytes) is printed once, when made, and never again (not in `list`,
 //! not in the audit log, not in logs). After `rotate-secret` the old secret keeps signing for 24 h beside the new one.
 
 use std::io::Write;
@@ -37,6 +38,13 @@ pub enum EndpointsCommand {
     },
     /// Stop delivering to an endpoint.
     Disable {
+        id: String,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Deliver to a disabled endpoint again (once its receiver is fixed). Deliveries that failed meanwhile are not
+    /// resent by this: `splitpay ops redeliver --since TIME` does.
+    Enable {
         id: String,
         #[command(flatten)]
         change: Change,
@@ -227,6 +235,44 @@ pub async fn run(
                 writeln!(out, "{}", serde_json::json!({ "disabled": id }))?;
             } else {
                 writeln!(out, "endpoint {id} disabled")?;
+            }
+            Ok(Outcome::Done)
+        }
+        EndpointsCommand::Enable { id, change } => {
+            let mut tx = ctx.pool.begin().await?;
+            let Some(endpoint) = find(&mut tx, id, err).await? else {
+                return Ok(Outcome::Refused);
+            };
+            let Some(disabled_at) = endpoint.disabled_at else {
+                writeln!(err, "endpoint {id} is enabled; nothing to do")?;
+                return Ok(Outcome::Refused);
+            };
+            let plan = serde_json::json!({
+                "action": "endpoints enable", "endpoint_id": id, "url": endpoint.url,
+                "disabled_at": disabled_at, "disabled_reason": endpoint.disabled_reason,
+            });
+            if change.dry_run {
+                return super::print_dry_run(out, json, &plan);
+            }
+            if !super::confirm(change, &format!("enable endpoint {id} ({})", endpoint.url), err)? {
+                return Ok(Outcome::Refused);
+            }
+            webhooks::enable_endpoint(&mut tx, id).await?;
+            insert_audit(&mut tx, &change.audit("endpoints enable", "webhook_endpoint", id, plan)).await?;
+            tx.commit().await?;
+            // Deliveries failed from when it started failing (or, for a manual disable, from the disable).
+            let since = endpoint
+                .failing_since
+                .unwrap_or(disabled_at)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "enabled": id, "disabled_since": since }))?;
+            } else {
+                writeln!(out, "endpoint {id} enabled; new events are delivered to it")?;
+                writeln!(
+                    out,
+                    "failed deliveries are not resent by this: `splitpay ops redeliver --since {since}` sends them; events that came while it was disabled have no delivery to it: `splitpay ops redeliver <oevt_…>` creates one"
+                )?;
             }
             Ok(Outcome::Done)
         }

@@ -70,7 +70,7 @@ pub enum OpsCommand {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
-    /// Webhook endpoints: add, list, disable, rotate-secret.
+    /// Webhook endpoints: add, list, disable, enable, rotate-secret.
     Endpoints {
         #[command(subcommand)]
         command: endpoints::EndpointsCommand,

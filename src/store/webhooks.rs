@@ -110,13 +110,42 @@ pub async fn list_endpoints(
     .await?)
 }
 
-/// Disables an endpoint (no-op when it already is). True when this call disabled it.
+/// `last_error` of a delivery that was pending when its endpoint was disabled.
+pub const ENDPOINT_DISABLED: &str = "endpoint disabled";
+
+/// Disables an endpoint (no-op when it already is), and ends its pending deliveries `failed` ("endpoint disabled"),
+/// on `conn` (the caller's transaction): nothing would ever claim them. Deliveries in flight finish their attempt;
+/// its record then ends them failed too. True when this call disabled it.
 pub async fn disable_endpoint(conn: &mut PgConnection, id: &str, reason: &str) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = $2 WHERE id = $1 AND disabled_at IS NULL",
     )
     .bind(id)
     .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'failed', failed_at = now(), last_error = $2
+          WHERE endpoint_id = $1 AND status = 'pending'",
+    )
+    .bind(id)
+    .bind(ENDPOINT_DISABLED)
+    .execute(conn)
+    .await?;
+    Ok(true)
+}
+
+/// Enables a disabled endpoint again, with a clean failure record. Its failed deliveries stay failed (`ops redeliver
+/// --since` sends them). True when this call enabled it.
+pub async fn enable_endpoint(conn: &mut PgConnection, id: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL, failing_since = NULL
+          WHERE id = $1 AND disabled_at IS NOT NULL",
+    )
+    .bind(id)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -368,14 +397,19 @@ pub async fn record_failure(
     error: &str,
 ) -> Result<(AfterFailure, DateTime<Utc>), StoreError> {
     let row: Option<(String, Option<i32>)> = sqlx::query_as(
-        "UPDATE webhook_deliveries
-            SET status = CASE WHEN attempts >= cardinality(schedule_secs) + 1 THEN 'failed' ELSE 'pending' END,
-                failed_at = CASE WHEN attempts >= cardinality(schedule_secs) + 1 THEN now() END,
-                next_attempt_at = CASE WHEN attempts >= cardinality(schedule_secs) + 1 THEN next_attempt_at
-                                       ELSE now() + make_interval(secs => schedule_secs[attempts]) END,
-                claimed_by = NULL, claimed_until = NULL, last_error = $3
-          WHERE id = $1 AND status = 'delivering' AND claim_token = $2
-      RETURNING status, CASE WHEN status = 'pending' THEN schedule_secs[attempts] END",
+        "WITH d AS (
+            SELECT d.id, d.attempts >= cardinality(d.schedule_secs) + 1 AS last, e.disabled_at IS NOT NULL AS disabled
+              FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id WHERE d.id = $1)
+         UPDATE webhook_deliveries w
+            SET status = CASE WHEN d.last OR d.disabled THEN 'failed' ELSE 'pending' END,
+                failed_at = CASE WHEN d.last OR d.disabled THEN now() END,
+                next_attempt_at = CASE WHEN d.last OR d.disabled THEN w.next_attempt_at
+                                       ELSE now() + make_interval(secs => w.schedule_secs[w.attempts]) END,
+                claimed_by = NULL, claimed_until = NULL,
+                last_error = CASE WHEN d.disabled AND NOT d.last THEN $3 || '; endpoint disabled' ELSE $3 END
+           FROM d
+          WHERE w.id = d.id AND w.status = 'delivering' AND w.claim_token = $2
+      RETURNING w.status, CASE WHEN w.status = 'pending' THEN w.schedule_secs[w.attempts] END",
     )
     .bind(&delivery.id)
     .bind(delivery.claim_token)
