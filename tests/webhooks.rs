@@ -903,6 +903,37 @@ async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_
     assert_eq!(jobs_waiting(&db, &pending[0]).await + jobs_waiting(&db, &in_flight[0]).await, 2);
 }
 
+/// A failed attempt's retry is claimed by its own delayed job when that job runs (apalis schedules it in whole
+/// seconds, so up to a second before `next_attempt_at`), not left for the sweeper. The clock is moved to the job's
+/// `run_at` by moving the row's time back by the same amount.
+#[tokio::test]
+async fn a_retry_is_claimed_by_its_own_job_at_its_run_time() {
+    let hook = Hook::start().await;
+    let (db, _) = setup(&hook.url("/fail")).await;
+    let settings = DeliverySettings::default();
+    let (_, deliveries) = emit(&db, 1).await;
+    let id = &deliveries[0];
+    drop_jobs(&db).await;
+    assert!(matches!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::Retry { .. }));
+    assert_eq!(jobs_waiting(&db, id).await, 1);
+    let (early,): (f64,) = sqlx::query_as(
+        "WITH job AS (SELECT run_at FROM apalis.jobs WHERE job_type = 'splitpay.deliver' AND status = 'Pending'
+                        AND convert_from(job, 'UTF8')::jsonb->>'id' = $1)
+         UPDATE webhook_deliveries d SET next_attempt_at = now() + (d.next_attempt_at - job.run_at) FROM job
+          WHERE d.id = $1 RETURNING extract(epoch FROM d.next_attempt_at - now())::float8",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(early < 1.0, "the job runs at most a second early: {early}");
+    assert!(
+        matches!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::Retry { .. }),
+        "the job's own run sends the retry"
+    );
+    assert_eq!(hook.got().len(), 2);
+}
+
 #[tokio::test]
 async fn ops_events_and_redeliver() {
     let hook = Hook::start().await;

@@ -240,7 +240,9 @@ impl ClaimedDelivery {
 }
 
 /// Claims delivery `$1` for worker `$2` for `$3` seconds: a pending row that is due, with attempts left, on an enabled
-/// endpoint. At most one worker wins. A `delivering` row is never claimed again, even once its claim expired: its
+/// endpoint. At most one worker wins. "Due" allows one second early: a retry's job is scheduled by apalis in whole
+/// seconds (its `run_after` truncates `now + delay`), so it may run up to a second before `next_attempt_at`, and it
+/// must not find its row not yet due (it would then wait for the sweeper). A `delivering` row is never claimed again, even once its claim expired: its
 /// worker may have sent it and got a 2xx (see [`END_EXPIRED_CLAIMS_SQL`]).
 pub const CLAIM_DELIVERY_SQL: &str = "UPDATE webhook_deliveries d
         SET status = 'delivering', attempts = d.attempts + 1, claimed_by = $2,
@@ -248,7 +250,7 @@ pub const CLAIM_DELIVERY_SQL: &str = "UPDATE webhook_deliveries d
        FROM webhook_endpoints e, outbox_events o
       WHERE d.id = $1 AND e.id = d.endpoint_id AND o.id = d.outbox_event_id AND e.disabled_at IS NULL
         AND d.attempts < cardinality(d.schedule_secs) + 1
-        AND d.status = 'pending' AND d.next_attempt_at <= now()
+        AND d.status = 'pending' AND d.next_attempt_at <= now() + interval '1 second'
      RETURNING d.id, d.attempts, d.schedule_secs, d.trigger, o.id AS outbox_event_id, o.payload,
                e.id AS endpoint_id, e.url, e.secret, e.previous_secret, e.previous_secret_expires_at, now() AS now,
                d.claim_token";
