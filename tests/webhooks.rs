@@ -181,6 +181,25 @@ async fn ops_endpoints_add_list_rotate_and_disable_with_audit() {
         overlap_secs > 23.0 * 3600.0 && overlap_secs <= 24.0 * 3600.0,
         "{overlap_secs}"
     );
+    // A second rotation while the previous secret still signs is refused (it would drop that secret early).
+    let out = ops(&db, &["endpoints", "rotate-secret", &id, "--yes", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let refusal = String::from_utf8_lossy(&out.stderr);
+    assert!(refusal.contains("still signs until") && refusal.contains("Rotate again after"), "{refusal}");
+    let (unchanged,): (String,) = sqlx::query_as("SELECT previous_secret FROM webhook_endpoints WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(unchanged, secret, "the first secret still signs");
+    // Once the overlap is over (the clock moved past it), rotating again is allowed.
+    sqlx::query("UPDATE webhook_endpoints SET previous_secret_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(&id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let again = json(&ops(&db, &["endpoints", "rotate-secret", &id, "--yes", "--json"], &[]));
+    assert_ne!(again["secret"], new_secret);
 
     let out = ops(
         &db,
@@ -190,7 +209,7 @@ async fn ops_endpoints_add_list_rotate_and_disable_with_audit() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let out = ops(&db, &["endpoints", "disable", &id, "--yes"], &[]);
     assert_eq!(out.status.code(), Some(1), "disabling twice is refused");
-    assert_eq!(count(&db, "SELECT count(*) FROM ops_audit_log").await, 4);
+    assert_eq!(count(&db, "SELECT count(*) FROM ops_audit_log").await, 5);
     let out = ops(&db, &["endpoints", "disable", "whep_nope", "--yes"], &[]);
     assert_eq!(out.status.code(), Some(1));
 }

@@ -49,7 +49,8 @@ pub enum EndpointsCommand {
         #[command(flatten)]
         change: Change,
     },
-    /// Make a new secret; the old one keeps signing for 24 h beside it. Prints the new secret once.
+    /// Make a new secret; the old one keeps signing for 24 h beside it. Prints the new secret once. Refused while
+    /// the secret before keeps signing (within 24 h of the last rotation).
     RotateSecret {
         id: String,
         #[command(flatten)]
@@ -281,6 +282,19 @@ pub async fn run(
             let Some(endpoint) = find(&mut tx, id, err).await? else {
                 return Ok(Outcome::Refused);
             };
+            let still_signing = |err: &mut (dyn Write + Send), until: chrono::DateTime<chrono::Utc>| {
+                writeln!(
+                    err,
+                    "the previous secret of {id} still signs until {}: rotating again now would stop it early, and \
+                     receivers still verifying with it would reject deliveries. Rotate again after that time (make \
+                     sure the receiver uses the current secret by then)",
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            };
+            if let Some(until) = endpoint.previous_secret_expires_at.filter(|u| *u > chrono::Utc::now()) {
+                still_signing(err, until)?;
+                return Ok(Outcome::Refused);
+            }
             let plan = serde_json::json!({
                 "action": "endpoints rotate-secret", "endpoint_id": id, "url": endpoint.url,
                 "old_secret_signs_for_secs": SECRET_OVERLAP_SECS,
@@ -292,7 +306,11 @@ pub async fn run(
                 return Ok(Outcome::Refused);
             }
             let secret = generate_secret();
-            let endpoint = webhooks::rotate_secret(&mut tx, id, &secret, SECRET_OVERLAP_SECS).await?;
+            let Some(endpoint) = webhooks::rotate_secret(&mut tx, id, &secret, SECRET_OVERLAP_SECS).await? else {
+                // The database's clock says the previous secret still signs.
+                still_signing(err, endpoint.previous_secret_expires_at.unwrap_or_else(chrono::Utc::now))?;
+                return Ok(Outcome::Refused);
+            };
             insert_audit(
                 &mut tx,
                 &change.audit("endpoints rotate-secret", "webhook_endpoint", id, plan),

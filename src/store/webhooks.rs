@@ -151,28 +151,27 @@ pub async fn enable_endpoint(conn: &mut PgConnection, id: &str) -> Result<bool, 
     Ok(done.rows_affected() == 1)
 }
 
-/// Makes `new_secret` the endpoint's secret; the old one keeps signing for `overlap_secs`.
+/// Makes `new_secret` the endpoint's secret; the old one keeps signing for `overlap_secs`. `None` (nothing changed)
+/// while the previous secret still signs: a second rotation then would drop it before its overlap ends, and
+/// receivers still verifying with it would reject every delivery.
 pub async fn rotate_secret(
     conn: &mut PgConnection,
     id: &str,
     new_secret: &str,
     overlap_secs: i64,
-) -> Result<EndpointRow, StoreError> {
-    sqlx::query_as::<_, EndpointRow>(sqlx::AssertSqlSafe(format!(
+) -> Result<Option<EndpointRow>, StoreError> {
+    Ok(sqlx::query_as::<_, EndpointRow>(sqlx::AssertSqlSafe(format!(
         "UPDATE webhook_endpoints
             SET previous_secret = secret, previous_secret_expires_at = now() + make_interval(secs => $3),
                 secret = $2
-          WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
+          WHERE id = $1 AND (previous_secret_expires_at IS NULL OR previous_secret_expires_at <= now())
+      RETURNING {ENDPOINT_COLUMNS}"
     )))
     .bind(id)
     .bind(new_secret)
     .bind(overlap_secs as f64)
     .fetch_optional(conn)
-    .await?
-    .ok_or_else(|| StoreError::NotFound {
-        what: "webhook endpoint",
-        id: id.to_owned(),
-    })
+    .await?)
 }
 
 /// Creates the deliveries of outbox event `$1` (of type `$3`, for organisation `$2`) to each enabled endpoint of the
