@@ -12,3 +12,7 @@ CREATE INDEX webhook_deliveries_delivering ON webhook_deliveries (claimed_until)
 ALTER TABLE webhook_deliveries ADD COLUMN claim_token UUID;
 ALTER TABLE webhook_delivery_attempts ADD COLUMN claim_token UUID;
 CREATE UNIQUE INDEX webhook_delivery_attempts_claim ON webhook_delivery_attempts (claim_token);
+
+-- The endpoint's last failed attempt: a failure after a quiet longer than a schedule's span restarts failing_since,
+-- so an old failure, a quiet week and one failure do not disable the endpoint at once.
+ALTER TABLE webhook_endpoints ADD COLUMN last_failure_at TIMESTAMPTZ;

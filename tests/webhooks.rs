@@ -953,6 +953,51 @@ async fn a_retry_is_claimed_by_its_own_job_at_its_run_time() {
     assert_eq!(hook.got().len(), 2);
 }
 
+/// The 5-day disable counts a continuous failing period: a failure after a quiet longer than the schedule's span
+/// (~28 h) starts a new one, so an old failure, a quiet week and one failure do not disable the endpoint at once.
+/// The clock is simulated by moving the endpoint's timestamps back.
+#[tokio::test]
+async fn a_failure_after_a_quiet_spell_starts_a_new_failing_period() {
+    let hook = Hook::start().await;
+    let (db, endpoint) = setup(&hook.url("/fail")).await;
+    let settings = DeliverySettings::default();
+    let set_clock = |failing: &'static str, last: &'static str| {
+        let db = &db;
+        let id = endpoint.id.clone();
+        async move {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET failing_since = now() - $2::interval, last_failure_at = now() - $3::interval
+                  WHERE id = $1",
+            )
+            .bind(id)
+            .bind(failing)
+            .bind(last)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+    };
+    // A failure 8 days ago (the period started then), then a quiet week, then one failure.
+    set_clock("8 days", "7 days").await;
+    let (_, deliveries) = emit(&db, 1).await;
+    assert!(matches!(deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(), Delivered::Retry { .. }));
+    let after = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert!(after.disabled_at.is_none(), "not disabled at once");
+    let (restarted,): (bool,) =
+        sqlx::query_as("SELECT failing_since > now() - interval '1 hour' AND last_failure_at = failing_since FROM webhook_endpoints WHERE id = $1")
+            .bind(&endpoint.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(restarted, "the failing period starts again: {after:?}");
+    // Failing continuously for 5 days (the last failure within the span): the next failure disables it.
+    set_clock("5 days 1 minute", "20 hours").await;
+    let (_, deliveries) = emit(&db, 2).await;
+    assert_eq!(deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(), Delivered::Failed);
+    let after = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert!(after.disabled_at.is_some());
+}
+
 #[tokio::test]
 async fn ops_events_and_redeliver() {
     let hook = Hook::start().await;

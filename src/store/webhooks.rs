@@ -28,6 +28,9 @@ pub struct EndpointRow {
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<DateTime<Utc>>,
     pub failing_since: Option<DateTime<Utc>>,
+    /// The endpoint's last failed attempt; a failure after a longer quiet than a schedule's span starts a new
+    /// failing period.
+    pub last_failure_at: Option<DateTime<Utc>>,
     pub disabled_at: Option<DateTime<Utc>>,
     pub disabled_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -62,7 +65,7 @@ impl EndpointRow {
 }
 
 const ENDPOINT_COLUMNS: &str = "id, organisation_id, url, event_types, secret, previous_secret,
-    previous_secret_expires_at, failing_since, disabled_at, disabled_reason, created_at";
+    previous_secret_expires_at, failing_since, last_failure_at, disabled_at, disabled_reason, created_at";
 
 pub async fn insert_endpoint(
     conn: &mut PgConnection,
@@ -142,7 +145,8 @@ pub async fn disable_endpoint(conn: &mut PgConnection, id: &str, reason: &str) -
 /// --since` sends them). True when this call enabled it.
 pub async fn enable_endpoint(conn: &mut PgConnection, id: &str) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL, failing_since = NULL
+        "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL, failing_since = NULL,
+                last_failure_at = NULL
           WHERE id = $1 AND disabled_at IS NOT NULL",
     )
     .bind(id)
@@ -382,7 +386,7 @@ pub async fn record_success(conn: &mut PgConnection, delivery: &ClaimedDelivery)
     .bind(delivery.claim_token)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = $1")
+    sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL, last_failure_at = NULL WHERE id = $1")
         .bind(&delivery.endpoint_id)
         .execute(conn)
         .await?;
@@ -390,8 +394,9 @@ pub async fn record_success(conn: &mut PgConnection, delivery: &ClaimedDelivery)
 }
 
 /// Records a failed attempt under `delivery`'s claim (its token): schedules the next attempt from the row's schedule, or ends the
-/// delivery failed after the last one. Marks the endpoint failing since now if it was not already, and returns
-/// when it started failing.
+/// delivery failed after the last one. Marks the endpoint failing since now if it was not already, or if its
+/// previous failure is older than the delivery's whole schedule (a quiet spell in between: an old failure, a quiet
+/// week and one failure must not disable it at once), and returns when it started failing.
 pub async fn record_failure(
     conn: &mut PgConnection,
     delivery: &ClaimedDelivery,
@@ -424,11 +429,18 @@ pub async fn record_failure(
             after_secs: after.unwrap_or(0),
         },
     };
+    let span: i64 = delivery.schedule_secs.iter().map(|&s| i64::from(s)).sum();
     let (since,): (DateTime<Utc>,) = sqlx::query_as(
-        "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()) WHERE id = $1
-         RETURNING failing_since",
+        "UPDATE webhook_endpoints
+            SET failing_since = CASE WHEN failing_since IS NULL OR last_failure_at IS NULL
+                                          OR last_failure_at < now() - make_interval(secs => $2)
+                                     THEN now() ELSE failing_since END,
+                last_failure_at = now()
+          WHERE id = $1
+      RETURNING failing_since",
     )
     .bind(&delivery.endpoint_id)
+    .bind(span as f64)
     .fetch_one(conn)
     .await?;
     Ok((after, since))
