@@ -998,6 +998,47 @@ async fn a_failure_after_a_quiet_spell_starts_a_new_failing_period() {
     assert!(after.disabled_at.is_some());
 }
 
+/// A success on a healthy endpoint does not update (or lock) the endpoint row; one on a failing endpoint clears it.
+#[tokio::test]
+async fn a_success_touches_the_endpoint_row_only_when_it_was_failing() {
+    let hook = Hook::start().await;
+    let (db, endpoint) = setup(&hook.url("/ok")).await;
+    // Whether recording a success rewrote the endpoint row (an UPDATE writes a new row version: a new xmin).
+    let rewrites_endpoint = |failing: bool| {
+        let db = &db;
+        let endpoint_id = endpoint.id.clone();
+        async move {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET failing_since = CASE WHEN $2 THEN now() END,
+                        last_failure_at = CASE WHEN $2 THEN now() END WHERE id = $1",
+            )
+            .bind(&endpoint_id)
+            .bind(failing)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+            let version = || async {
+                let (xmin,): (String,) = sqlx::query_as("SELECT xmin::text FROM webhook_endpoints WHERE id = $1")
+                    .bind(&endpoint_id)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+                xmin
+            };
+            let before = version().await;
+            let (_, deliveries) = emit(db, u32::from(failing)).await;
+            let mut conn = db.pool.acquire().await.unwrap();
+            let claimed = wh::claim_delivery(&mut conn, &deliveries[0], "deliver-test", 60.0).await.unwrap().unwrap();
+            wh::record_success(&mut conn, &claimed).await.unwrap();
+            before != version().await
+        }
+    };
+    assert!(!rewrites_endpoint(false).await, "a healthy endpoint's row is left alone");
+    assert!(rewrites_endpoint(true).await, "a failing endpoint is healthy again");
+    let healthy = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert_eq!((healthy.failing_since, healthy.last_failure_at), (None, None));
+}
+
 #[tokio::test]
 async fn ops_events_and_redeliver() {
     let hook = Hook::start().await;

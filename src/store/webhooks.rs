@@ -386,7 +386,11 @@ pub async fn record_success(conn: &mut PgConnection, delivery: &ClaimedDelivery)
     .bind(delivery.claim_token)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE webhook_endpoints SET failing_since = NULL, last_failure_at = NULL WHERE id = $1")
+    // Only when it was failing: most successes change nothing, and take no lock on the endpoint row.
+    sqlx::query(
+        "UPDATE webhook_endpoints SET failing_since = NULL, last_failure_at = NULL
+          WHERE id = $1 AND failing_since IS NOT NULL",
+    )
         .bind(&delivery.endpoint_id)
         .execute(conn)
         .await?;
