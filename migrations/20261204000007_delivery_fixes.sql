@@ -16,3 +16,8 @@ CREATE UNIQUE INDEX webhook_delivery_attempts_claim ON webhook_delivery_attempts
 -- The endpoint's last failed attempt: a failure after a quiet longer than a schedule's span restarts failing_since,
 -- so an old failure, a quiet week and one failure do not disable the endpoint at once.
 ALTER TABLE webhook_endpoints ADD COLUMN last_failure_at TIMESTAMPTZ;
+
+-- `ops events` (newest first, optionally only failed) and `ops redeliver --since` (failed since a time) read these
+-- instead of the whole table.
+CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created_at, id);
+CREATE INDEX webhook_deliveries_failed_created ON webhook_deliveries (created_at, id) WHERE status = 'failed';

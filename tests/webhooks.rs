@@ -1039,6 +1039,45 @@ async fn a_success_touches_the_endpoint_row_only_when_it_was_failing() {
     assert_eq!((healthy.failing_since, healthy.last_failure_at), (None, None));
 }
 
+/// `ops events` (all, or only failed) and `ops redeliver --since` read their indexes, not the whole table. The
+/// statements are planned exactly as the code sends them, with sequential scans priced out (the table is small
+/// here; tests/scale.rs shows the same plans hold at size for the tick queries).
+#[tokio::test]
+async fn listing_and_redelivering_deliveries_are_index_backed() {
+    let (db, _) = setup("https://example.org/hook").await;
+    for n in 0..3 {
+        emit(&db, n).await;
+    }
+    sqlx::query("UPDATE webhook_deliveries SET status = 'failed', failed_at = now() WHERE id IN (SELECT min(id) FROM webhook_deliveries)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    for sql in ["ANALYZE webhook_deliveries", "SET enable_seqscan = off"] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    let checks: [(String, &str); 3] = [
+        (wh::list_deliveries_sql(false), "webhook_deliveries_created"),
+        (wh::list_deliveries_sql(true), "webhook_deliveries_failed_created"),
+        (splitpay::ops::deliveries::REDELIVER_SINCE_SQL.to_owned(), "webhook_deliveries_failed_created"),
+    ];
+    for (i, (sql, index)) in checks.iter().enumerate() {
+        let explain = sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(format!("EXPLAIN (FORMAT JSON) {sql}")));
+        let plan = if i < 2 {
+            explain.bind(Option::<String>::None).bind(100_i64)
+        } else {
+            explain.bind(since).bind(10_000_i64)
+        }
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+        .to_string();
+        assert!(plan.contains(&format!("\"Index Name\":\"{index}\"")), "{index} not used: {plan}");
+        assert!(!plan.contains("\"Seq Scan\""), "{plan}");
+    }
+}
+
 #[tokio::test]
 async fn ops_events_and_redeliver() {
     let hook = Hook::start().await;

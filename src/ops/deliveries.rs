@@ -21,8 +21,19 @@ pub const REDELIVER_MAX: i64 = 10_000;
 /// A candidate for redelivery: id, status, and whether it ended with its outcome unknown.
 type Candidate = (String, String, bool);
 
-const CANDIDATE_SELECT: &str = "SELECT id, status, coalesce(status = 'failed' AND last_error LIKE 'outcome unknown%', false)
-   FROM webhook_deliveries";
+macro_rules! candidate_select {
+    () => {
+        "SELECT id, status, coalesce(status = 'failed' AND last_error LIKE 'outcome unknown%', false)
+           FROM webhook_deliveries"
+    };
+}
+const CANDIDATE_SELECT: &str = candidate_select!();
+/// `redeliver --since`'s candidates: failed deliveries created since `$1`, at most `$2`, oldest first
+/// (`webhook_deliveries_failed_created`). Public so tests can `EXPLAIN` it.
+pub const REDELIVER_SINCE_SQL: &str = concat!(
+    candidate_select!(),
+    " WHERE status = 'failed' AND created_at >= $1 ORDER BY created_at, id LIMIT $2"
+);
 
 /// What an operator is told before deliveries whose outcome is unknown are sent again.
 fn duplicate_warning(ids: &[String]) -> String {
@@ -141,9 +152,7 @@ pub async fn redeliver(
                     &format!("--since '{raw}' is not an RFC 3339 time (2026-12-04T10:00:00Z)"),
                 );
             };
-            let existing: Vec<Candidate> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "{CANDIDATE_SELECT} WHERE status = 'failed' AND created_at >= $1 ORDER BY created_at, id LIMIT $2"
-            )))
+            let existing: Vec<Candidate> = sqlx::query_as(REDELIVER_SINCE_SQL)
             .bind(since)
             .bind(REDELIVER_MAX)
             .fetch_all(&mut *tx)
