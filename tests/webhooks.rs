@@ -235,7 +235,7 @@ struct Received {
 }
 
 /// An HTTP receiver on 127.0.0.1:0: `/ok` answers 200, `/fail` 500 with a 2 KiB body, `/slow` 200 after 30 s,
-/// `/redirect` 307 to `/ok`. Every request is recorded.
+/// `/redirect` 307 to `/ok`, `/gone` 410, `/busy/<s>` 429 with `Retry-After: <s>`. Every request is recorded.
 struct Hook {
     base: String,
     received: Arc<Mutex<Vec<Received>>>,
@@ -271,6 +271,11 @@ impl Hook {
                             StatusCode::OK.into_response()
                         }
                         "/redirect" => (StatusCode::TEMPORARY_REDIRECT, [("location", "/ok")]).into_response(),
+                        "/gone" => StatusCode::GONE.into_response(),
+                        p if p.starts_with("/busy/") => {
+                            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", p["/busy/".len()..].to_owned())])
+                                .into_response()
+                        }
                         _ => StatusCode::OK.into_response(),
                     }
                 },
@@ -489,10 +494,19 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         27 * 3600 + 35 * 60,
         "6 attempts over ~28 h"
     );
+    // The stored schedule is the default with jitter, over the same total.
+    let schedule = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap().schedule_secs;
+    assert_eq!(schedule.len(), 5);
+    assert_eq!(schedule.iter().sum::<i32>(), DEFAULT_SCHEDULE_SECS.iter().sum::<i32>());
+    for (stored, default) in schedule.iter().zip(DEFAULT_SCHEDULE_SECS) {
+        assert!((f64::from(*stored) / f64::from(default) - 1.0).abs() <= 0.2, "{schedule:?}");
+    }
+    let others: Vec<Vec<i32>> = (0..8).map(|_| wh::jittered_schedule()).collect();
+    assert!(others.iter().any(|o| *o != schedule), "jittered: {others:?}");
     for attempt in 1..=6usize {
         let result = deliver_once(&db.pool, &settings, id).await.unwrap();
         if attempt < 6 {
-            let delay = DEFAULT_SCHEDULE_SECS[attempt - 1];
+            let delay = schedule[attempt - 1];
             assert_eq!(result, Delivered::Retry { after_secs: delay }, "attempt {attempt}");
             let (gap,): (f64,) = sqlx::query_as(
                 "SELECT extract(epoch FROM d.next_attempt_at - a.at)::float8 FROM webhook_deliveries d
@@ -588,12 +602,7 @@ async fn a_slow_answer_a_redirect_and_a_refused_connection_are_failures() {
     let settings = DeliverySettings::with_timeout(Duration::from_millis(300));
     let (_, deliveries) = emit(&db, 1).await;
     let result = deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap();
-    assert_eq!(
-        result,
-        Delivered::Retry {
-            after_secs: DEFAULT_SCHEDULE_SECS[0]
-        }
-    );
+    assert!(matches!(result, Delivered::Retry { .. }), "{result:?}");
     let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
         .await
         .unwrap();
@@ -772,20 +781,21 @@ async fn a_stale_claim_never_records_over_a_later_claim() {
     let live = wh::claim_delivery(&mut conn, id, worker, 60.0).await.unwrap().unwrap();
     assert_ne!(stale.claim_token, live.claim_token);
     // The stale task's failure and success both leave the live claim alone.
-    let (after, _) = wh::record_failure(&mut conn, &stale, "HTTP 500").await.unwrap();
-    assert_eq!(after, wh::AfterFailure::ClaimLost);
-    wh::record_success(&mut conn, &stale).await.unwrap();
-    let row = wh::get_delivery(&mut conn, id).await.unwrap();
-    assert_eq!((row.status.as_str(), row.attempts), ("delivering", 1));
-    // The live claim records; a second record of the same claim adds nothing.
-    let (after, _) = wh::record_failure(&mut conn, &live, "HTTP 500").await.unwrap();
-    assert_eq!(after, wh::AfterFailure::Retry { after_secs: DEFAULT_SCHEDULE_SECS[0] });
     let outcome = wh::AttemptOutcome {
         status_code: Some(500),
         duration_ms: 1,
         error: Some("HTTP 500".into()),
         response_body: None,
+        retry_after_secs: None,
     };
+    let (after, _) = wh::record_failure(&mut conn, &stale, &outcome).await.unwrap();
+    assert_eq!(after, wh::AfterFailure::ClaimLost);
+    wh::record_success(&mut conn, &stale).await.unwrap();
+    let row = wh::get_delivery(&mut conn, id).await.unwrap();
+    assert_eq!((row.status.as_str(), row.attempts), ("delivering", 1));
+    // The live claim records; a second record of the same claim adds nothing.
+    let (after, _) = wh::record_failure(&mut conn, &live, &outcome).await.unwrap();
+    assert_eq!(after, wh::AfterFailure::Retry { after_secs: live.schedule_secs[0] });
     assert!(wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
     assert!(!wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
 }
@@ -881,9 +891,10 @@ async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_
         duration_ms: 3,
         error: Some("HTTP 500".into()),
         response_body: None,
+        retry_after_secs: None,
     };
     assert!(wh::insert_attempt(&mut conn, &claimed, &outcome).await.unwrap());
-    let (after, _) = wh::record_failure(&mut conn, &claimed, "HTTP 500").await.unwrap();
+    let (after, _) = wh::record_failure(&mut conn, &claimed, &outcome).await.unwrap();
     assert_eq!(after, wh::AfterFailure::Failed);
     let row = wh::get_delivery(&mut conn, &in_flight[0]).await.unwrap();
     assert_eq!(
@@ -1078,6 +1089,63 @@ async fn listing_and_redelivering_deliveries_are_index_backed() {
     }
 }
 
+/// A 429 (or 503) with `Retry-After` waits that long, but at least the scheduled delay and at most twice it; a 410
+/// Gone disables the endpoint (its reason says so) and ends its pending deliveries.
+#[tokio::test]
+async fn retry_after_is_honoured_within_bounds_and_410_disables_the_endpoint() {
+    let hook = Hook::start().await;
+    let (db, endpoint) = setup(&hook.url("/busy/1")).await;
+    let settings = DeliverySettings::default();
+    let set_url = |path: &'static str| {
+        let db = &db;
+        let (id, url) = (endpoint.id.clone(), hook.url(path));
+        async move {
+            sqlx::query("UPDATE webhook_endpoints SET url = $2 WHERE id = $1")
+                .bind(id)
+                .bind(url)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+    };
+    let mut n = 0;
+    // Asked: 1 s (below the schedule: the schedule wins), 400 s (within), 100000 s (capped at twice the delay).
+    for (path, asked) in [("/busy/1", 1), ("/busy/400", 400), ("/busy/100000", 100_000)] {
+        set_url(path).await;
+        n += 1;
+        let (_, deliveries) = emit(&db, n).await;
+        let base = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
+            .await
+            .unwrap()
+            .schedule_secs[0];
+        assert_eq!(
+            deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
+            Delivered::Retry { after_secs: asked.clamp(base, 2 * base) },
+            "{path}"
+        );
+    }
+
+    set_url("/gone").await;
+    let (_, waiting) = emit(&db, 10).await;
+    let (_, deliveries) = emit(&db, 11).await;
+    assert_eq!(deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(), Delivered::Failed);
+    let gone = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert!(gone.disabled_at.is_some());
+    assert!(gone.disabled_reason.unwrap().contains("410 Gone"));
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0]).await.unwrap();
+    assert_eq!(row.status, "failed");
+
+    // `ops endpoints add` refuses a URL carrying credentials, without echoing them.
+    let out = ops(
+        &db,
+        &["endpoints", "add", "--organisation", common::DISTRIBUTOR, "--url", "https://u:s3cret@example.org/h", "--yes"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("--url") && !message.contains("s3cret"), "{message}");
+}
+
 #[tokio::test]
 async fn ops_events_and_redeliver() {
     let hook = Hook::start().await;
@@ -1120,7 +1188,8 @@ async fn ops_events_and_redeliver() {
         &["redeliver", &event_id, "--yes", "--json", "--actor", "bob"],
         &[],
     ));
-    assert_eq!(done["redelivered"]["requeue"][0], id.as_str());
+    assert_eq!(done["redelivered"]["requeued"][0], id.as_str(), "{done}");
+    assert_eq!(done["redelivered"]["changed_meanwhile"], serde_json::json!([]));
     assert_eq!(jobs_waiting(&db, id).await, 1);
     assert_eq!(
         deliver_once(&db.pool, &settings, id).await.unwrap(),

@@ -184,6 +184,14 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
     let outcome = match sent {
         Ok(mut response) => {
             let status = response.status();
+            let retry_after = match status.as_u16() {
+                429 | 503 => response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after_secs(v, delivery.now)),
+                _ => None,
+            };
             let mut kept: Vec<u8> = Vec::new();
             // Read at most 1 KiB; a body still arriving when the timeout ends does not undo the status.
             while kept.len() < RESPONSE_BODY_MAX {
@@ -199,6 +207,7 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
                 text.pop();
             }
             AttemptOutcome {
+                retry_after_secs: retry_after,
                 status_code: Some(i32::from(status.as_u16())),
                 duration_ms: started.elapsed().as_millis() as i64,
                 error: (!status.is_success()).then(|| format!("HTTP {}", status.as_u16())),
@@ -218,6 +227,7 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
                 duration_ms: started.elapsed().as_millis() as i64,
                 error: Some(error),
                 response_body: None,
+                retry_after_secs: None,
             }
         }
     };
@@ -258,6 +268,19 @@ async fn record_until(
     }
 }
 
+/// `Retry-After`: seconds, or an HTTP date (seconds from `now`, at least 0).
+fn retry_after_secs(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<i64> {
+    let value = value.trim();
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|s| *s >= 0)
+        .or_else(|| {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            Some((at.with_timezone(&chrono::Utc) - now).num_seconds().max(0))
+        })
+}
+
 /// One try at recording the outcome, in one transaction.
 async fn record(
     pool: &PgPool,
@@ -276,17 +299,23 @@ async fn record(
         webhooks::record_success(&mut tx, delivery).await.map_err(retry)?;
         Delivered::Succeeded
     } else {
-        let error = outcome.error.as_deref().unwrap_or("failed");
-        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, error)
+        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, outcome)
             .await
             .map_err(retry)?;
         let mut disabled = false;
-        if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {
-            let reason = format!(
+        let disable_because = if outcome.status_code == Some(410) {
+            // Standard Webhooks: 410 Gone means the receiver wants no more deliveries.
+            Some("the receiver answered 410 Gone".to_owned())
+        } else if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {
+            Some(format!(
                 "every delivery failed for {} days (since {})",
                 settings.disable_after_secs / 86_400,
                 failing_since.to_rfc3339()
-            );
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = disable_because {
             // Also ends the endpoint's pending deliveries, this one included.
             disabled = webhooks::disable_endpoint(&mut tx, &delivery.endpoint_id, &reason)
                 .await

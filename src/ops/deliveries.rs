@@ -198,30 +198,48 @@ pub async fn redeliver(
     )? {
         return Ok(Outcome::Refused);
     }
+    // A row can change between the read and here (a worker claimed it): only what was requeued is reported so.
+    let mut requeued = Vec::new();
+    let mut changed = Vec::new();
     for id in &requeue {
         if webhooks::requeue_delivery(&mut tx, id).await? {
             enqueue(&mut tx, Queue::Deliver, id, None).await?;
+            requeued.push(id.clone());
+        } else {
+            changed.push(id.clone());
         }
     }
     for id in &created {
         enqueue(&mut tx, Queue::Deliver, id, None).await?;
     }
+    let done = serde_json::json!({
+        "action": "redeliver", "target": target, "requeued": requeued, "created": created, "skipped": skipped,
+        "changed_meanwhile": changed, "outcome_unknown": outcome_unknown,
+    });
     insert_audit(
         &mut tx,
-        &change.audit("redeliver", "webhook_delivery", &target, plan.clone()),
+        &change.audit("redeliver", "webhook_delivery", &target, done.clone()),
     )
     .await?;
     tx.commit().await?;
     if json {
-        writeln!(out, "{}", serde_json::json!({ "redelivered": plan }))?;
+        writeln!(out, "{}", serde_json::json!({ "redelivered": done }))?;
     } else {
         writeln!(
             out,
             "queued {} deliveries again and {} new ones for {target}; {} left alone (succeeded or in flight)",
-            requeue.len(),
+            requeued.len(),
             created.len(),
             skipped.len()
         )?;
+        if !changed.is_empty() {
+            writeln!(
+                out,
+                "{} changed meanwhile (a worker took them) and were not queued: {}",
+                changed.len(),
+                changed.join(", ")
+            )?;
+        }
     }
     Ok(Outcome::Done)
 }

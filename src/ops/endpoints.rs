@@ -61,6 +61,14 @@ pub enum EndpointsCommand {
 /// Checks an endpoint URL: https, or http for loopback hosts (or anywhere with `allow_http`).
 pub fn check_url(raw: &str, allow_http: bool) -> Result<String, String> {
     let url = reqwest::Url::parse(raw).map_err(|e| format!("'{raw}' is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Not echoed: it holds a credential.
+        return Err(
+            "--url must not carry a user name or password (https://user:pass@host/…): the URL is stored and listed \
+             in the clear; have the receiver authenticate deliveries by their webhook-signature"
+                .to_owned(),
+        );
+    }
     let host = url.host_str().unwrap_or_default().to_owned();
     if host.is_empty() {
         return Err(format!("'{raw}' has no host"));
@@ -368,6 +376,10 @@ mod tests {
         assert!(check_url("http://example.org/hook", true).is_ok());
         assert!(check_url("ftp://example.org/", true).is_err());
         assert!(check_url("not a url", true).is_err());
+        for with_credentials in ["https://user:pass@example.org/hook", "https://user@example.org/hook"] {
+            let err = check_url(with_credentials, true).unwrap_err();
+            assert!(err.contains("--url") && !err.contains("pass@"), "{err}");
+        }
     }
 
     #[test]

@@ -14,6 +14,24 @@ use crate::domain::ids::new_id;
 /// Seconds between attempts after failed attempt 1..5: 5 min, 30 min, 2 h, 5 h, 20 h. With the first attempt at
 /// once that is 6 attempts over 27 h 35 min (Svix's spacing, cut to the contract's 6 attempts over ~28 h).
 pub const DEFAULT_SCHEDULE_SECS: [i32; 5] = [300, 1_800, 7_200, 18_000, 72_000];
+/// Each stored delay but the last is the default ± up to this fraction, at random; the last takes up the
+/// difference, so every delivery keeps 6 attempts over exactly 27 h 35 min while retries of deliveries that failed
+/// together spread out (the last delay moves by at most ±7.6 %).
+pub const SCHEDULE_JITTER: f64 = 0.2;
+
+/// A schedule to store on a new delivery: [`DEFAULT_SCHEDULE_SECS`] with jitter ([`SCHEDULE_JITTER`]).
+pub fn jittered_schedule() -> Vec<i32> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let total: i32 = DEFAULT_SCHEDULE_SECS.iter().sum();
+    let first = &DEFAULT_SCHEDULE_SECS[..DEFAULT_SCHEDULE_SECS.len() - 1];
+    let mut schedule: Vec<i32> = first
+        .iter()
+        .map(|&d| (f64::from(d) * (1.0 + rng.random_range(-SCHEDULE_JITTER..=SCHEDULE_JITTER))).round() as i32)
+        .collect();
+    schedule.push(total - schedule.iter().sum::<i32>());
+    schedule
+}
 
 /// How long the previous secret keeps signing after a rotation.
 pub const SECRET_OVERLAP_SECS: i64 = 24 * 3_600;
@@ -199,7 +217,7 @@ pub async fn create_deliveries(
         .bind(outbox_event_id)
         .bind(organisation_id)
         .bind(event_type)
-        .bind(&DEFAULT_SCHEDULE_SECS[..])
+        .bind(jittered_schedule())
         .fetch_all(conn)
         .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
@@ -327,6 +345,8 @@ pub struct AttemptOutcome {
     pub error: Option<String>,
     /// At most 1 KiB.
     pub response_body: Option<String>,
+    /// What a 429 or 503 asked for in `Retry-After`, in seconds.
+    pub retry_after_secs: Option<i64>,
 }
 
 impl AttemptOutcome {
@@ -397,15 +417,17 @@ pub async fn record_success(conn: &mut PgConnection, delivery: &ClaimedDelivery)
     Ok(())
 }
 
-/// Records a failed attempt under `delivery`'s claim (its token): schedules the next attempt from the row's schedule, or ends the
+/// Records a failed attempt under `delivery`'s claim (its token): schedules the next attempt from the row's schedule
+/// (a `Retry-After` of `outcome` is honoured between the scheduled delay and twice it), or ends the
 /// delivery failed after the last one. Marks the endpoint failing since now if it was not already, or if its
 /// previous failure is older than the delivery's whole schedule (a quiet spell in between: an old failure, a quiet
 /// week and one failure must not disable it at once), and returns when it started failing.
 pub async fn record_failure(
     conn: &mut PgConnection,
     delivery: &ClaimedDelivery,
-    error: &str,
+    outcome: &AttemptOutcome,
 ) -> Result<(AfterFailure, DateTime<Utc>), StoreError> {
+    let error = outcome.error.as_deref().unwrap_or("failed");
     let row: Option<(String, Option<i32>)> = sqlx::query_as(
         "WITH d AS (
             SELECT d.id, d.attempts >= cardinality(d.schedule_secs) + 1 AS last, e.disabled_at IS NOT NULL AS disabled
@@ -414,16 +436,19 @@ pub async fn record_failure(
             SET status = CASE WHEN d.last OR d.disabled THEN 'failed' ELSE 'pending' END,
                 failed_at = CASE WHEN d.last OR d.disabled THEN now() END,
                 next_attempt_at = CASE WHEN d.last OR d.disabled THEN w.next_attempt_at
-                                       ELSE now() + make_interval(secs => w.schedule_secs[w.attempts]) END,
+                                       ELSE now() + make_interval(secs => greatest(w.schedule_secs[w.attempts],
+                                                 least(coalesce($4, 0), 2 * w.schedule_secs[w.attempts]))) END,
                 claimed_by = NULL, claimed_until = NULL,
                 last_error = CASE WHEN d.disabled AND NOT d.last THEN $3 || '; endpoint disabled' ELSE $3 END
            FROM d
           WHERE w.id = d.id AND w.status = 'delivering' AND w.claim_token = $2
-      RETURNING w.status, CASE WHEN w.status = 'pending' THEN w.schedule_secs[w.attempts] END",
+      RETURNING w.status,
+                CASE WHEN w.status = 'pending' THEN extract(epoch FROM w.next_attempt_at - now())::int4 END",
     )
     .bind(&delivery.id)
     .bind(delivery.claim_token)
     .bind(error)
+    .bind(outcome.retry_after_secs.map(|s| s.clamp(0, i64::from(i32::MAX)) as i32))
     .fetch_optional(&mut *conn)
     .await?;
     let after = match row {
