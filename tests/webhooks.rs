@@ -185,7 +185,10 @@ async fn ops_endpoints_add_list_rotate_and_disable_with_audit() {
     let out = ops(&db, &["endpoints", "rotate-secret", &id, "--yes", "--json"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let refusal = String::from_utf8_lossy(&out.stderr);
-    assert!(refusal.contains("still signs until") && refusal.contains("Rotate again after"), "{refusal}");
+    assert!(
+        refusal.contains("still signs until") && refusal.contains("Rotate again after"),
+        "{refusal}"
+    );
     let (unchanged,): (String,) = sqlx::query_as("SELECT previous_secret FROM webhook_endpoints WHERE id = $1")
         .bind(&id)
         .fetch_one(&db.pool)
@@ -272,10 +275,11 @@ impl Hook {
                         }
                         "/redirect" => (StatusCode::TEMPORARY_REDIRECT, [("location", "/ok")]).into_response(),
                         "/gone" => StatusCode::GONE.into_response(),
-                        p if p.starts_with("/busy/") => {
-                            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", p["/busy/".len()..].to_owned())])
-                                .into_response()
-                        }
+                        p if p.starts_with("/busy/") => (
+                            StatusCode::TOO_MANY_REQUESTS,
+                            [("retry-after", p["/busy/".len()..].to_owned())],
+                        )
+                            .into_response(),
                         _ => StatusCode::OK.into_response(),
                     }
                 },
@@ -495,11 +499,17 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         "6 attempts over ~28 h"
     );
     // The stored schedule is the default with jitter, over the same total.
-    let schedule = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap().schedule_secs;
+    let schedule = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap()
+        .schedule_secs;
     assert_eq!(schedule.len(), 5);
     assert_eq!(schedule.iter().sum::<i32>(), DEFAULT_SCHEDULE_SECS.iter().sum::<i32>());
     for (stored, default) in schedule.iter().zip(DEFAULT_SCHEDULE_SECS) {
-        assert!((f64::from(*stored) / f64::from(default) - 1.0).abs() <= 0.2, "{schedule:?}");
+        assert!(
+            (f64::from(*stored) / f64::from(default) - 1.0).abs() <= 0.2,
+            "{schedule:?}"
+        );
     }
     let others: Vec<Vec<i32>> = (0..8).map(|_| wh::jittered_schedule()).collect();
     assert!(others.iter().any(|o| *o != schedule), "jittered: {others:?}");
@@ -581,7 +591,9 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         .unwrap();
     assert!(endpoint.disabled_at.is_some());
     assert!(endpoint.disabled_reason.unwrap().contains("5 days"));
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0]).await.unwrap();
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0])
+        .await
+        .unwrap();
     assert_eq!(
         (row.status.as_str(), row.last_error.as_deref()),
         ("failed", Some(wh::ENDPOINT_DISABLED)),
@@ -690,7 +702,9 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 1, "the 2xx was not repeated");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     assert_eq!(row.status, "succeeded");
 
     // A crash after the response, before the record: the claim holds off every other worker while it lasts.
@@ -713,19 +727,34 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
         .unwrap();
     drop_jobs(&db).await; // the crashed worker's job is gone
     let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
-    assert_eq!((swept.deliveries, swept.deliveries_ended), (0, 1), "ended, not re-enqueued");
+    assert_eq!(
+        (swept.deliveries, swept.deliveries_ended),
+        (0, 1),
+        "ended, not re-enqueued"
+    );
     assert_eq!(jobs_waiting(&db, id).await, 0);
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 2, "exactly one request for the crashed delivery");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     let error = row.last_error.clone().unwrap();
     assert_eq!((row.status.as_str(), row.attempts), ("failed", 1));
     assert!(error.starts_with(wh::OUTCOME_UNKNOWN), "{error}");
-    assert!(error.contains(&format!("`splitpay ops redeliver {event_id}`")), "{error}");
-    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert!(
+        error.contains(&format!("`splitpay ops redeliver {event_id}`")),
+        "{error}"
+    );
+    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(
-        (attempts[0].status_code, attempts[0].duration_ms, attempts[0].error.as_deref()),
+        (
+            attempts[0].status_code,
+            attempts[0].duration_ms,
+            attempts[0].error.as_deref()
+        ),
         (None, None, Some(error.as_str()))
     );
     let listed = json(&ops(&db, &["events", "--failed", "--json"], &[]));
@@ -735,13 +764,21 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
     let out = ops(&db, &["redeliver", &event_id, "--yes"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let warning = String::from_utf8_lossy(&out.stderr);
-    assert!(warning.contains("outcome unknown") && warning.contains("twice"), "{warning}");
+    assert!(
+        warning.contains("outcome unknown") && warning.contains("twice"),
+        "{warning}"
+    );
     assert_eq!(jobs_waiting(&db, id).await, 1);
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::Succeeded);
     let got = hook.got();
     assert_eq!(got.len(), 3);
-    assert_eq!((got[1].id.as_str(), got[2].id.as_str()), (event_id.as_str(), event_id.as_str()));
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert_eq!(
+        (got[1].id.as_str(), got[2].id.as_str()),
+        (event_id.as_str(), event_id.as_str())
+    );
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     assert_eq!((row.status.as_str(), row.trigger.as_str()), ("succeeded", "manual"));
 
     // The job's own rerun ends an expired claim too (no sweeper needed), and sends nothing.
@@ -755,7 +792,9 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
         .unwrap();
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 4);
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
 }
 
@@ -776,7 +815,10 @@ async fn a_stale_claim_never_records_over_a_later_claim() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    assert_eq!(wh::end_expired_claims(&mut conn, Some(id), 0, 1).await.unwrap(), [id.clone()]);
+    assert_eq!(
+        wh::end_expired_claims(&mut conn, Some(id), 0, 1).await.unwrap(),
+        [id.as_str()]
+    );
     assert!(wh::requeue_delivery(&mut conn, id).await.unwrap());
     let live = wh::claim_delivery(&mut conn, id, worker, 60.0).await.unwrap().unwrap();
     assert_ne!(stale.claim_token, live.claim_token);
@@ -795,7 +837,12 @@ async fn a_stale_claim_never_records_over_a_later_claim() {
     assert_eq!((row.status.as_str(), row.attempts), ("delivering", 1));
     // The live claim records; a second record of the same claim adds nothing.
     let (after, _) = wh::record_failure(&mut conn, &live, &outcome).await.unwrap();
-    assert_eq!(after, wh::AfterFailure::Retry { after_secs: live.schedule_secs[0] });
+    assert_eq!(
+        after,
+        wh::AfterFailure::Retry {
+            after_secs: live.schedule_secs[0]
+        }
+    );
     assert!(wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
     assert!(!wh::insert_attempt(&mut conn, &live, &outcome).await.unwrap());
 }
@@ -834,10 +881,19 @@ async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_
     fail_next_records(&db, 2).await;
     let (_, deliveries) = emit(&db, 1).await;
     let id = &deliveries[0];
-    assert_eq!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::Succeeded);
+    assert_eq!(
+        deliver_once(&db.pool, &settings, id).await.unwrap(),
+        Delivered::Succeeded
+    );
     assert_eq!(hook.got().len(), 1);
-    assert_eq!(count(&db, "SELECT last_value FROM record_faults").await, 3, "two refused, the third recorded");
-    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    assert_eq!(
+        count(&db, "SELECT last_value FROM record_faults").await,
+        3,
+        "two refused, the third recorded"
+    );
+    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     assert_eq!((attempts.len(), attempts[0].status_code), (1, Some(200)));
 
     // The database refuses every record until the (short) claim's deadline: the job gives up, nothing re-sends.
@@ -849,7 +905,10 @@ async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_
     assert!(deliver_once(&db.pool, &short, id).await.is_err());
     assert_eq!(hook.got().len(), 2);
     assert!(count(&db, "SELECT last_value FROM record_faults").await > 4, "retried");
-    sqlx::query("DROP TRIGGER record_fault ON webhook_delivery_attempts").execute(&db.pool).await.unwrap();
+    sqlx::query("DROP TRIGGER record_fault ON webhook_delivery_attempts")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
         .bind(id)
         .execute(&db.pool)
@@ -858,9 +917,14 @@ async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_
     drop_jobs(&db).await;
     let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
     assert_eq!((swept.deliveries, swept.deliveries_ended), (0, 1));
-    assert_eq!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::NotClaimed);
+    assert_eq!(
+        deliver_once(&db.pool, &settings, id).await.unwrap(),
+        Delivered::NotClaimed
+    );
     assert_eq!(hook.got().len(), 2, "the unrecorded 2xx was not repeated");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id).await.unwrap();
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap();
     assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
 }
 
@@ -883,8 +947,14 @@ async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_
     let out = ops(&db, &["endpoints", "disable", &endpoint.id, "--yes"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let row = wh::get_delivery(&mut conn, &pending[0]).await.unwrap();
-    assert_eq!((row.status.as_str(), row.last_error.as_deref()), ("failed", Some(wh::ENDPOINT_DISABLED)));
-    assert_eq!(wh::get_delivery(&mut conn, &in_flight[0]).await.unwrap().status, "delivering");
+    assert_eq!(
+        (row.status.as_str(), row.last_error.as_deref()),
+        ("failed", Some(wh::ENDPOINT_DISABLED))
+    );
+    assert_eq!(
+        wh::get_delivery(&mut conn, &in_flight[0]).await.unwrap().status,
+        "delivering"
+    );
     // The attempt in flight finishes: its record works and ends the delivery (it would never be claimed again).
     let outcome = wh::AttemptOutcome {
         status_code: Some(500),
@@ -901,16 +971,36 @@ async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_
         (row.status.as_str(), row.last_error.as_deref()),
         ("failed", Some("HTTP 500; endpoint disabled"))
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'").await, 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'").await,
+        0
+    );
     assert_eq!(splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap().deliveries, 0);
 
     // Enable: a dry run changes nothing; then the endpoint is back, with an audit row, and nothing is resent.
-    let dry = json(&ops(&db, &["endpoints", "enable", &endpoint.id, "--dry-run", "--json"], &[]));
+    let dry = json(&ops(
+        &db,
+        &["endpoints", "enable", &endpoint.id, "--dry-run", "--json"],
+        &[],
+    ));
     assert_eq!(dry["dry_run"]["action"], "endpoints enable", "{dry}");
-    assert!(wh::get_endpoint(&mut conn, &endpoint.id).await.unwrap().disabled_at.is_some());
+    assert!(wh::get_endpoint(&mut conn, &endpoint.id)
+        .await
+        .unwrap()
+        .disabled_at
+        .is_some());
     let out = ops(
         &db,
-        &["endpoints", "enable", &endpoint.id, "--yes", "--actor", "carol", "--reason", "receiver fixed"],
+        &[
+            "endpoints",
+            "enable",
+            &endpoint.id,
+            "--yes",
+            "--actor",
+            "carol",
+            "--reason",
+            "receiver fixed",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -918,11 +1008,25 @@ async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_
     let enabled = wh::get_endpoint(&mut conn, &endpoint.id).await.unwrap();
     assert_eq!((enabled.disabled_at, enabled.failing_since), (None, None));
     assert_eq!(
-        count(&db, "SELECT count(*) FROM ops_audit_log WHERE command = 'endpoints enable' AND actor = 'carol'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM ops_audit_log WHERE command = 'endpoints enable' AND actor = 'carol'"
+        )
+        .await,
         1
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM webhook_deliveries WHERE status = 'failed'").await, 2);
-    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'splitpay.deliver'").await, 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM webhook_deliveries WHERE status = 'failed'").await,
+        2
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM apalis.jobs WHERE job_type = 'splitpay.deliver'"
+        )
+        .await,
+        0
+    );
     let out = ops(&db, &["endpoints", "enable", &endpoint.id, "--yes"], &[]);
     assert_eq!(out.status.code(), Some(1), "enabling twice is refused");
     // New events are delivered to it again; `redeliver --since` sends the old failures.
@@ -930,7 +1034,10 @@ async fn disabling_an_endpoint_ends_its_pending_deliveries_and_enable_brings_it_
     assert_eq!(jobs_waiting(&db, &fresh[0]).await, 1);
     let out = ops(&db, &["redeliver", "--since", "2000-01-01T00:00:00Z", "--yes"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(jobs_waiting(&db, &pending[0]).await + jobs_waiting(&db, &in_flight[0]).await, 2);
+    assert_eq!(
+        jobs_waiting(&db, &pending[0]).await + jobs_waiting(&db, &in_flight[0]).await,
+        2
+    );
 }
 
 /// A failed attempt's retry is claimed by its own delayed job when that job runs (apalis schedules it in whole
@@ -944,7 +1051,10 @@ async fn a_retry_is_claimed_by_its_own_job_at_its_run_time() {
     let (_, deliveries) = emit(&db, 1).await;
     let id = &deliveries[0];
     drop_jobs(&db).await;
-    assert!(matches!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::Retry { .. }));
+    assert!(matches!(
+        deliver_once(&db.pool, &settings, id).await.unwrap(),
+        Delivered::Retry { .. }
+    ));
     assert_eq!(jobs_waiting(&db, id).await, 1);
     let (early,): (f64,) = sqlx::query_as(
         "WITH job AS (SELECT run_at FROM apalis.jobs WHERE job_type = 'splitpay.deliver' AND status = 'Pending'
@@ -958,7 +1068,10 @@ async fn a_retry_is_claimed_by_its_own_job_at_its_run_time() {
     .unwrap();
     assert!(early < 1.0, "the job runs at most a second early: {early}");
     assert!(
-        matches!(deliver_once(&db.pool, &settings, id).await.unwrap(), Delivered::Retry { .. }),
+        matches!(
+            deliver_once(&db.pool, &settings, id).await.unwrap(),
+            Delivered::Retry { .. }
+        ),
         "the job's own run sends the retry"
     );
     assert_eq!(hook.got().len(), 2);
@@ -991,8 +1104,13 @@ async fn a_failure_after_a_quiet_spell_starts_a_new_failing_period() {
     // A failure 8 days ago (the period started then), then a quiet week, then one failure.
     set_clock("8 days", "7 days").await;
     let (_, deliveries) = emit(&db, 1).await;
-    assert!(matches!(deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(), Delivered::Retry { .. }));
-    let after = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert!(matches!(
+        deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
+        Delivered::Retry { .. }
+    ));
+    let after = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id)
+        .await
+        .unwrap();
     assert!(after.disabled_at.is_none(), "not disabled at once");
     let (restarted,): (bool,) =
         sqlx::query_as("SELECT failing_since > now() - interval '1 hour' AND last_failure_at = failing_since FROM webhook_endpoints WHERE id = $1")
@@ -1004,8 +1122,13 @@ async fn a_failure_after_a_quiet_spell_starts_a_new_failing_period() {
     // Failing continuously for 5 days (the last failure within the span): the next failure disables it.
     set_clock("5 days 1 minute", "20 hours").await;
     let (_, deliveries) = emit(&db, 2).await;
-    assert_eq!(deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(), Delivered::Failed);
-    let after = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert_eq!(
+        deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
+        Delivered::Failed
+    );
+    let after = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id)
+        .await
+        .unwrap();
     assert!(after.disabled_at.is_some());
 }
 
@@ -1039,14 +1162,22 @@ async fn a_success_touches_the_endpoint_row_only_when_it_was_failing() {
             let before = version().await;
             let (_, deliveries) = emit(db, u32::from(failing)).await;
             let mut conn = db.pool.acquire().await.unwrap();
-            let claimed = wh::claim_delivery(&mut conn, &deliveries[0], "deliver-test", 60.0).await.unwrap().unwrap();
+            let claimed = wh::claim_delivery(&mut conn, &deliveries[0], "deliver-test", 60.0)
+                .await
+                .unwrap()
+                .unwrap();
             wh::record_success(&mut conn, &claimed).await.unwrap();
             before != version().await
         }
     };
-    assert!(!rewrites_endpoint(false).await, "a healthy endpoint's row is left alone");
+    assert!(
+        !rewrites_endpoint(false).await,
+        "a healthy endpoint's row is left alone"
+    );
     assert!(rewrites_endpoint(true).await, "a failing endpoint is healthy again");
-    let healthy = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    let healthy = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id)
+        .await
+        .unwrap();
     assert_eq!((healthy.failing_since, healthy.last_failure_at), (None, None));
 }
 
@@ -1071,10 +1202,14 @@ async fn listing_and_redelivering_deliveries_are_index_backed() {
     let checks: [(String, &str); 3] = [
         (wh::list_deliveries_sql(false), "webhook_deliveries_created"),
         (wh::list_deliveries_sql(true), "webhook_deliveries_failed_created"),
-        (splitpay::ops::deliveries::REDELIVER_SINCE_SQL.to_owned(), "webhook_deliveries_failed_created"),
+        (
+            splitpay::ops::deliveries::REDELIVER_SINCE_SQL.to_owned(),
+            "webhook_deliveries_failed_created",
+        ),
     ];
     for (i, (sql, index)) in checks.iter().enumerate() {
-        let explain = sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(format!("EXPLAIN (FORMAT JSON) {sql}")));
+        let explain =
+            sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(format!("EXPLAIN (FORMAT JSON) {sql}")));
         let plan = if i < 2 {
             explain.bind(Option::<String>::None).bind(100_i64)
         } else {
@@ -1084,7 +1219,10 @@ async fn listing_and_redelivering_deliveries_are_index_backed() {
         .await
         .unwrap()
         .to_string();
-        assert!(plan.contains(&format!("\"Index Name\":\"{index}\"")), "{index} not used: {plan}");
+        assert!(
+            plan.contains(&format!("\"Index Name\":\"{index}\"")),
+            "{index} not used: {plan}"
+        );
         assert!(!plan.contains("\"Seq Scan\""), "{plan}");
     }
 }
@@ -1120,7 +1258,9 @@ async fn retry_after_is_honoured_within_bounds_and_410_disables_the_endpoint() {
             .schedule_secs[0];
         assert_eq!(
             deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
-            Delivered::Retry { after_secs: asked.clamp(base, 2 * base) },
+            Delivered::Retry {
+                after_secs: asked.clamp(base, 2 * base)
+            },
             "{path}"
         );
     }
@@ -1128,17 +1268,32 @@ async fn retry_after_is_honoured_within_bounds_and_410_disables_the_endpoint() {
     set_url("/gone").await;
     let (_, waiting) = emit(&db, 10).await;
     let (_, deliveries) = emit(&db, 11).await;
-    assert_eq!(deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(), Delivered::Failed);
-    let gone = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id).await.unwrap();
+    assert_eq!(
+        deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
+        Delivered::Failed
+    );
+    let gone = wh::get_endpoint(&mut db.pool.acquire().await.unwrap(), &endpoint.id)
+        .await
+        .unwrap();
     assert!(gone.disabled_at.is_some());
     assert!(gone.disabled_reason.unwrap().contains("410 Gone"));
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0]).await.unwrap();
+    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0])
+        .await
+        .unwrap();
     assert_eq!(row.status, "failed");
 
     // `ops endpoints add` refuses a URL carrying credentials, without echoing them.
     let out = ops(
         &db,
-        &["endpoints", "add", "--organisation", common::DISTRIBUTOR, "--url", "https://u:s3cret@example.org/h", "--yes"],
+        &[
+            "endpoints",
+            "add",
+            "--organisation",
+            common::DISTRIBUTOR,
+            "--url",
+            "https://u:s3cret@example.org/h",
+            "--yes",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(2));

@@ -144,7 +144,9 @@ pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) 
             .map_err(retry)?;
         if claimed.is_none() {
             // A row of ours whose worker stopped mid-flight: end it now rather than wait for the sweeper.
-            webhooks::end_expired_claims(&mut conn, Some(id), 0, 1).await.map_err(retry)?;
+            webhooks::end_expired_claims(&mut conn, Some(id), 0, 1)
+                .await
+                .map_err(retry)?;
         }
         claimed
     };
@@ -271,14 +273,10 @@ async fn record_until(
 /// `Retry-After`: seconds, or an HTTP date (seconds from `now`, at least 0).
 fn retry_after_secs(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<i64> {
     let value = value.trim();
-    value
-        .parse::<i64>()
-        .ok()
-        .filter(|s| *s >= 0)
-        .or_else(|| {
-            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-            Some((at.with_timezone(&chrono::Utc) - now).num_seconds().max(0))
-        })
+    value.parse::<i64>().ok().filter(|s| *s >= 0).or_else(|| {
+        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+        Some((at.with_timezone(&chrono::Utc) - now).num_seconds().max(0))
+    })
 }
 
 /// One try at recording the outcome, in one transaction.

@@ -153,10 +153,10 @@ pub async fn redeliver(
                 );
             };
             let existing: Vec<Candidate> = sqlx::query_as(REDELIVER_SINCE_SQL)
-            .bind(since)
-            .bind(REDELIVER_MAX)
-            .fetch_all(&mut *tx)
-            .await?;
+                .bind(since)
+                .bind(REDELIVER_MAX)
+                .fetch_all(&mut *tx)
+                .await?;
             (format!("since:{}", since.to_rfc3339()), existing, Vec::new())
         }
         _ => return super::usage(err, "name one outbox event (oevt_…) or --since TIME, not both"),

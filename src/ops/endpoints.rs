@@ -316,7 +316,10 @@ pub async fn run(
             let secret = generate_secret();
             let Some(endpoint) = webhooks::rotate_secret(&mut tx, id, &secret, SECRET_OVERLAP_SECS).await? else {
                 // The database's clock says the previous secret still signs.
-                still_signing(err, endpoint.previous_secret_expires_at.unwrap_or_else(chrono::Utc::now))?;
+                still_signing(
+                    err,
+                    endpoint.previous_secret_expires_at.unwrap_or_else(chrono::Utc::now),
+                )?;
                 return Ok(Outcome::Refused);
             };
             insert_audit(
