@@ -10,11 +10,16 @@
 //!    (`succeeded`; or `pending` with `next_attempt_at` from the row's schedule and a delayed job; or `failed` after
 //!    the last attempt), in one transaction.
 //!
-//! What is guaranteed: a delivery whose 2xx was recorded is never sent again (by any worker, replica, job rerun,
-//! sweep or `ops redeliver`: every path goes through the claim, which only takes `pending` rows, or `delivering`
-//! rows whose claim expired). What is not: if the worker dies after the receiver answered 2xx but before step 3
-//! commits, the claim expires and the event is sent again, with the same `webhook-id`, which Standard Webhooks
-//! receivers deduplicate on. No HTTP sender can close that window; it is as narrow as one local transaction.
+//! What is guaranteed: a delivery is sent at most once per claim, and a claim is only ever taken on a `pending` row.
+//! So an event that got a 2xx is never sent to that endpoint again by any worker, replica, job rerun or sweep:
+//! - once the 2xx is recorded, the row is `succeeded` and nothing claims it;
+//! - if the worker dies after the receiver answered but before the record commits, the row stays `delivering`
+//!   until its claim expires; it is then never re-claimed: the sweeper (or the next run of its job) ends it
+//!   `failed` with its outcome unknown (last error and an attempt row say so, and the log warns).
+//!
+//! This is at-most-once after the claim: a delivery whose worker stopped mid-flight may not have reached the
+//! receiver and is not retried automatically. Only an operator's `splitpay ops redeliver` sends it again, with the
+//! same `webhook-id`; the operator accepts that the receiver may get it twice (the command says so).
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +32,13 @@ use crate::store::webhooks::{self, AfterFailure, AttemptOutcome, ClaimedDelivery
 
 /// The contract's delivery timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Added to the timeout for a claim's lease, so a live worker always records before its claim expires.
+/// Added to the timeout for a claim's lease. After the send (at most the timeout), a failed record is retried for the
+/// first three quarters of the margin (45 s: a pool acquire is bounded by 5 s, the record is three short
+/// statements); the last quarter (15 s) is left so a record under way commits before the claim expires.
 pub const CLAIM_MARGIN: Duration = Duration::from_secs(60);
+/// The first pause between record retries; it doubles up to [`RECORD_PAUSE_MAX`].
+const RECORD_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RECORD_PAUSE_MAX: Duration = Duration::from_secs(2);
 /// An endpoint whose deliveries have all failed for this long is disabled.
 pub const DISABLE_AFTER_SECS: i64 = 5 * 86_400;
 /// Response bodies are kept up to this many bytes.
@@ -107,8 +117,10 @@ pub enum Delivered {
     },
     /// Failed for the last time.
     Failed,
-    /// Failed, but the claim had expired and been taken over: only the attempt was recorded.
+    /// Failed, but the claim was no longer this one's (ended or requeued meanwhile): only the attempt was recorded.
     ClaimLost,
+    /// This claim's outcome had already been recorded (an earlier record committed though it reported an error).
+    AlreadyRecorded,
 }
 
 /// The job handler.
@@ -123,16 +135,18 @@ fn retry(e: impl std::fmt::Display) -> JobFailure {
 /// Claims delivery `id`, sends it once, and records the outcome.
 pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) -> Result<Delivered, JobFailure> {
     let lease = (settings.timeout + settings.claim_margin).as_secs_f64();
+    // Measured before the claim, so the record deadline is earlier than the claim's expiry in the database.
+    let record_deadline = Instant::now() + settings.timeout + settings.claim_margin * 3 / 4;
     let claimed = {
         let mut conn = pool.acquire().await.map_err(retry)?;
         let claimed = webhooks::claim_delivery(&mut conn, id, &settings.worker, lease)
             .await
             .map_err(retry)?;
-        if claimed.is_none() && webhooks::fail_exhausted_expired(&mut conn, id).await.map_err(retry)? {
-            tracing::warn!(
-                delivery = id,
-                "webhook delivery failed: its last attempt's worker stopped before recording"
-            );
+        if claimed.is_none() {
+            // A row of ours whose worker stopped mid-flight: end it now rather than wait for the sweeper.
+            webhooks::end_expired_claims(&mut conn, Some(id), 0, 1)
+                .await
+                .map_err(retry)?;
         }
         claimed
     };
@@ -145,7 +159,7 @@ pub async fn deliver_once(pool: &PgPool, settings: &DeliverySettings, id: &str) 
             "failpoint: stopped after the response, before recording".into(),
         ));
     }
-    let result = record(pool, settings, &delivery, &outcome).await?;
+    let result = record_until(pool, settings, &delivery, &outcome, record_deadline).await?;
     if settings.failpoint == Some(Failpoint::AfterRecord) {
         return Err(JobFailure::Retry("failpoint: stopped after recording".into()));
     }
@@ -172,6 +186,14 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
     let outcome = match sent {
         Ok(mut response) => {
             let status = response.status();
+            let retry_after = match status.as_u16() {
+                429 | 503 => response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after_secs(v, delivery.now)),
+                _ => None,
+            };
             let mut kept: Vec<u8> = Vec::new();
             // Read at most 1 KiB; a body still arriving when the timeout ends does not undo the status.
             while kept.len() < RESPONSE_BODY_MAX {
@@ -187,6 +209,7 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
                 text.pop();
             }
             AttemptOutcome {
+                retry_after_secs: retry_after,
                 status_code: Some(i32::from(status.as_u16())),
                 duration_ms: started.elapsed().as_millis() as i64,
                 error: (!status.is_success()).then(|| format!("HTTP {}", status.as_u16())),
@@ -206,12 +229,57 @@ async fn send(settings: &DeliverySettings, delivery: &ClaimedDelivery) -> Result
                 duration_ms: started.elapsed().as_millis() as i64,
                 error: Some(error),
                 response_body: None,
+                retry_after_secs: None,
             }
         }
     };
     Ok(outcome)
 }
 
+/// Records the outcome, retrying with backoff on errors (a database restart, a full pool) until `deadline`, shortly
+/// before the claim expires. A record that never succeeds leaves the row `delivering`; once the claim expires it
+/// ends with its outcome unknown (never sent again automatically), so a 2xx that could not be recorded is not
+/// repeated.
+async fn record_until(
+    pool: &PgPool,
+    settings: &DeliverySettings,
+    delivery: &ClaimedDelivery,
+    outcome: &AttemptOutcome,
+    deadline: Instant,
+) -> Result<Delivered, JobFailure> {
+    let mut pause = RECORD_PAUSE_MIN;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tried = match tokio::time::timeout(left, record(pool, settings, delivery, outcome)).await {
+            Ok(tried) => tried,
+            Err(_) => Err(retry("recording did not finish before the claim's deadline")),
+        };
+        match tried {
+            Ok(done) => return Ok(done),
+            Err(e) if Instant::now() + pause < deadline => {
+                tracing::warn!(delivery = %delivery.id, error = %e, "recording a webhook attempt failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECORD_PAUSE_MAX);
+            }
+            Err(e) => {
+                tracing::error!(delivery = %delivery.id, error = %e, succeeded = outcome.succeeded(),
+                    "could not record a webhook attempt before its claim expires; it will end with its outcome unknown");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// `Retry-After`: seconds, or an HTTP date (seconds from `now`, at least 0).
+fn retry_after_secs(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<i64> {
+    let value = value.trim();
+    value.parse::<i64>().ok().filter(|s| *s >= 0).or_else(|| {
+        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+        Some((at.with_timezone(&chrono::Utc) - now).num_seconds().max(0))
+    })
+}
+
+/// One try at recording the outcome, in one transaction.
 async fn record(
     pool: &PgPool,
     settings: &DeliverySettings,
@@ -219,31 +287,43 @@ async fn record(
     outcome: &AttemptOutcome,
 ) -> Result<Delivered, JobFailure> {
     let mut tx = pool.begin().await.map_err(retry)?;
-    webhooks::insert_attempt(&mut tx, delivery, outcome)
+    if !webhooks::insert_attempt(&mut tx, delivery, outcome)
         .await
-        .map_err(retry)?;
+        .map_err(retry)?
+    {
+        return Ok(Delivered::AlreadyRecorded);
+    }
     let result = if outcome.succeeded() {
         webhooks::record_success(&mut tx, delivery).await.map_err(retry)?;
         Delivered::Succeeded
     } else {
-        let error = outcome.error.as_deref().unwrap_or("failed");
-        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, &settings.worker, error)
+        let (after, failing_since) = webhooks::record_failure(&mut tx, delivery, outcome)
             .await
             .map_err(retry)?;
-        if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {
-            let reason = format!(
+        let mut disabled = false;
+        let disable_because = if outcome.status_code == Some(410) {
+            // Standard Webhooks: 410 Gone means the receiver wants no more deliveries.
+            Some("the receiver answered 410 Gone".to_owned())
+        } else if (delivery.now - failing_since).num_seconds() >= settings.disable_after_secs {
+            Some(format!(
                 "every delivery failed for {} days (since {})",
                 settings.disable_after_secs / 86_400,
                 failing_since.to_rfc3339()
-            );
-            if webhooks::disable_endpoint(&mut tx, &delivery.endpoint_id, &reason)
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = disable_because {
+            // Also ends the endpoint's pending deliveries, this one included.
+            disabled = webhooks::disable_endpoint(&mut tx, &delivery.endpoint_id, &reason)
                 .await
-                .map_err(retry)?
-            {
+                .map_err(retry)?;
+            if disabled {
                 tracing::warn!(endpoint = %delivery.endpoint_id, %reason, "webhook endpoint disabled");
             }
         }
         match after {
+            AfterFailure::Retry { .. } if disabled => Delivered::Failed,
             AfterFailure::Retry { after_secs } => {
                 enqueue(
                     &mut tx,

@@ -1,6 +1,8 @@
 //! The sweeper: re-enqueues ready work whose job was lost — an inbox event never processed, a succeeded payment
-//! whose distribution is not under way, an allocation whose transfer is due, a webhook delivery due (or whose claim expired). Jobs are nudges and the handlers are
-//! idempotent, so a redundant nudge costs one no-op run; a missing one would leave money unmoved.
+//! whose distribution is not under way, an allocation whose transfer is due, a webhook delivery due. Jobs are nudges
+//! and the handlers are idempotent, so a redundant nudge costs one no-op run; a missing one would leave money unmoved.
+//! A webhook delivery whose claim expired is not re-enqueued but ended with its outcome unknown (see
+//! `jobs::deliver`): it may have got a 2xx, so only an operator sends it again.
 
 use std::time::Duration;
 
@@ -32,12 +34,11 @@ pub const SWEEP_ALLOCATIONS_SQL: &str = "SELECT id FROM split_allocations
           WHERE status = 'TRANSFERRING' AND next_attempt_at < now() - make_interval(secs => $1)
           ORDER BY next_attempt_at LIMIT $2";
 
-/// Webhook deliveries due (pending past their time, or delivering with an expired claim) on enabled endpoints, by
-/// due time (`webhook_deliveries_open`).
+/// Webhook deliveries pending past their time on enabled endpoints, by due time (`webhook_deliveries_open`).
 pub const SWEEP_DELIVERIES_SQL: &str = "SELECT d.id FROM webhook_deliveries d
            JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.disabled_at IS NULL
           WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at < now() - make_interval(secs => $1)
-            AND (d.status = 'pending' OR d.claimed_until < now() - make_interval(secs => $1))
+            AND d.status = 'pending'
           ORDER BY d.next_attempt_at LIMIT $2";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct SweepReport {
     pub distributions: usize,
     pub transfers: usize,
     pub deliveries: usize,
+    /// Webhook deliveries whose claim expired, ended `failed` with their outcome unknown (not re-enqueued).
+    pub deliveries_ended: usize,
 }
 
 /// One sweep, in one transaction (the jobs exist if and only if it commits). `grace_secs` is
@@ -72,6 +75,7 @@ pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreE
         .bind(SWEEP_BATCH_MAX)
         .fetch_all(&mut *tx)
         .await?;
+    let ended = crate::store::webhooks::end_expired_claims(&mut tx, None, grace_secs, SWEEP_BATCH_MAX).await?;
     let ids = |rows: Vec<(String,)>| rows.into_iter().map(|(id,)| id).collect::<Vec<_>>();
     // Only work with no job waiting gets one: a sweep never adds a second.
     let events = enqueue_missing(&mut tx, Queue::StripeEvent, &ids(events)).await?;
@@ -84,6 +88,7 @@ pub async fn sweep(pool: &PgPool, grace_secs: i64) -> Result<SweepReport, StoreE
         distributions: payments.len(),
         transfers: allocations.len(),
         deliveries: deliveries.len(),
+        deliveries_ended: ended.len(),
     };
     if report != SweepReport::default() {
         tracing::warn!(?report, "sweeper re-enqueued work whose job was lost");

@@ -1,7 +1,9 @@
 //! `splitpay ops events [--failed] [--organisation ID]` lists webhook deliveries; `splitpay ops redeliver
 //! <oevt_…|--since TIME>` queues them again. Redelivery never touches a delivery that got a 2xx (the contract: an
 //! event that got a 2xx is never sent to that endpoint again) nor one in flight; it also creates deliveries for
-//! endpoints registered after the event.
+//! endpoints registered after the event. A delivery that ended with its outcome unknown (its worker stopped between
+//! sending and recording) is sent again only here: the receiver may already have it, and the operator who
+//! redelivers accepts that it may get it twice (with the same `webhook-id`, to deduplicate on); the command says so.
 
 use std::io::Write;
 
@@ -15,6 +17,34 @@ use crate::store::webhooks;
 
 /// At most this many deliveries are queued again by one `--since`.
 pub const REDELIVER_MAX: i64 = 10_000;
+
+/// A candidate for redelivery: id, status, and whether it ended with its outcome unknown.
+type Candidate = (String, String, bool);
+
+macro_rules! candidate_select {
+    () => {
+        "SELECT id, status, coalesce(status = 'failed' AND last_error LIKE 'outcome unknown%', false)
+           FROM webhook_deliveries"
+    };
+}
+const CANDIDATE_SELECT: &str = candidate_select!();
+/// `redeliver --since`'s candidates: failed deliveries created since `$1`, at most `$2`, oldest first
+/// (`webhook_deliveries_failed_created`). Public so tests can `EXPLAIN` it.
+pub const REDELIVER_SINCE_SQL: &str = concat!(
+    candidate_select!(),
+    " WHERE status = 'failed' AND created_at >= $1 ORDER BY created_at, id LIMIT $2"
+);
+
+/// What an operator is told before deliveries whose outcome is unknown are sent again.
+fn duplicate_warning(ids: &[String]) -> String {
+    format!(
+        "warning: {} of these deliveries ended with their outcome unknown (the worker stopped while delivering: {}); \
+         the receiver may already have them, and redelivering sends them again with the same webhook-id, so it may \
+         get them twice",
+        ids.len(),
+        ids.join(", ")
+    )
+}
 
 pub async fn events(
     ctx: &AppContext,
@@ -102,11 +132,12 @@ pub async fn redeliver(
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
-            let existing: Vec<(String, String)> =
-                sqlx::query_as("SELECT id, status FROM webhook_deliveries WHERE outbox_event_id = $1 ORDER BY id")
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await?;
+            let existing: Vec<Candidate> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{CANDIDATE_SELECT} WHERE outbox_event_id = $1 ORDER BY id"
+            )))
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
             let created = if change.dry_run || missing.is_empty() {
                 missing.into_iter().map(|(e,)| format!("new delivery to {e}")).collect()
             } else {
@@ -121,29 +152,35 @@ pub async fn redeliver(
                     &format!("--since '{raw}' is not an RFC 3339 time (2026-12-04T10:00:00Z)"),
                 );
             };
-            let existing: Vec<(String, String)> = sqlx::query_as(
-                "SELECT id, status FROM webhook_deliveries WHERE status = 'failed' AND created_at >= $1
-                  ORDER BY created_at, id LIMIT $2",
-            )
-            .bind(since)
-            .bind(REDELIVER_MAX)
-            .fetch_all(&mut *tx)
-            .await?;
+            let existing: Vec<Candidate> = sqlx::query_as(REDELIVER_SINCE_SQL)
+                .bind(since)
+                .bind(REDELIVER_MAX)
+                .fetch_all(&mut *tx)
+                .await?;
             (format!("since:{}", since.to_rfc3339()), existing, Vec::new())
         }
         _ => return super::usage(err, "name one outbox event (oevt_…) or --since TIME, not both"),
     };
     let (requeue, skipped): (Vec<_>, Vec<_>) = candidates
         .into_iter()
-        .partition(|(_, status)| status == "failed" || status == "pending");
-    let requeue: Vec<String> = requeue.into_iter().map(|(id, _)| id).collect();
+        .partition(|(_, status, _)| status == "failed" || status == "pending");
+    let outcome_unknown: Vec<String> = requeue
+        .iter()
+        .filter(|(_, _, unknown)| *unknown)
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    let requeue: Vec<String> = requeue.into_iter().map(|(id, _, _)| id).collect();
     let skipped: Vec<serde_json::Value> = skipped
         .into_iter()
-        .map(|(id, status)| serde_json::json!({ "id": id, "status": status }))
+        .map(|(id, status, _)| serde_json::json!({ "id": id, "status": status }))
         .collect();
     let plan = serde_json::json!({
         "action": "redeliver", "target": target, "requeue": requeue, "create": created, "skipped": skipped,
+        "outcome_unknown": outcome_unknown,
     });
+    if !outcome_unknown.is_empty() {
+        writeln!(err, "{}", duplicate_warning(&outcome_unknown))?;
+    }
     if change.dry_run {
         return super::print_dry_run(out, json, &plan);
     }
@@ -161,30 +198,48 @@ pub async fn redeliver(
     )? {
         return Ok(Outcome::Refused);
     }
+    // A row can change between the read and here (a worker claimed it): only what was requeued is reported so.
+    let mut requeued = Vec::new();
+    let mut changed = Vec::new();
     for id in &requeue {
         if webhooks::requeue_delivery(&mut tx, id).await? {
             enqueue(&mut tx, Queue::Deliver, id, None).await?;
+            requeued.push(id.clone());
+        } else {
+            changed.push(id.clone());
         }
     }
     for id in &created {
         enqueue(&mut tx, Queue::Deliver, id, None).await?;
     }
+    let done = serde_json::json!({
+        "action": "redeliver", "target": target, "requeued": requeued, "created": created, "skipped": skipped,
+        "changed_meanwhile": changed, "outcome_unknown": outcome_unknown,
+    });
     insert_audit(
         &mut tx,
-        &change.audit("redeliver", "webhook_delivery", &target, plan.clone()),
+        &change.audit("redeliver", "webhook_delivery", &target, done.clone()),
     )
     .await?;
     tx.commit().await?;
     if json {
-        writeln!(out, "{}", serde_json::json!({ "redelivered": plan }))?;
+        writeln!(out, "{}", serde_json::json!({ "redelivered": done }))?;
     } else {
         writeln!(
             out,
             "queued {} deliveries again and {} new ones for {target}; {} left alone (succeeded or in flight)",
-            requeue.len(),
+            requeued.len(),
             created.len(),
             skipped.len()
         )?;
+        if !changed.is_empty() {
+            writeln!(
+                out,
+                "{} changed meanwhile (a worker took them) and were not queued: {}",
+                changed.len(),
+                changed.join(", ")
+            )?;
+        }
     }
     Ok(Outcome::Done)
 }

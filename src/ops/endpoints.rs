@@ -1,5 +1,6 @@
-//! `splitpay ops endpoints add|list|disable|rotate-secret`: the webhook endpoints organisations receive their events
-//! at. A secret (`whsec_` + base64 of 32 random bytes) is printed once, when made, and never again (not in `list`,
+//! `splitpay ops endpoints add|list|disable|enable|rotate-secret`: the webhook endpoints organisations receive their
+//! events at. Disabling an endpoint ends its pending deliveries (`failed`, "endpoint disabled"); enabling it again
+//! resends nothing by itself (`splitpay ops redeliver --since TIME` does). A secret (`whsec_` + base64 of 32 random bytes) is printed once, when made, and never again (not in `list`,
 //! not in the audit log, not in logs). After `rotate-secret` the old secret keeps signing for 24 h beside the new one.
 
 use std::io::Write;
@@ -41,7 +42,15 @@ pub enum EndpointsCommand {
         #[command(flatten)]
         change: Change,
     },
-    /// Make a new secret; the old one keeps signing for 24 h beside it. Prints the new secret once.
+    /// Deliver to a disabled endpoint again (once its receiver is fixed). Deliveries that failed meanwhile are not
+    /// resent by this: `splitpay ops redeliver --since TIME` does.
+    Enable {
+        id: String,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Make a new secret; the old one keeps signing for 24 h beside it. Prints the new secret once. Refused while
+    /// the secret before keeps signing (within 24 h of the last rotation).
     RotateSecret {
         id: String,
         #[command(flatten)]
@@ -52,6 +61,14 @@ pub enum EndpointsCommand {
 /// Checks an endpoint URL: https, or http for loopback hosts (or anywhere with `allow_http`).
 pub fn check_url(raw: &str, allow_http: bool) -> Result<String, String> {
     let url = reqwest::Url::parse(raw).map_err(|e| format!("'{raw}' is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Not echoed: it holds a credential.
+        return Err(
+            "--url must not carry a user name or password (https://user:pass@host/…): the URL is stored and listed \
+             in the clear; have the receiver authenticate deliveries by their webhook-signature"
+                .to_owned(),
+        );
+    }
     let host = url.host_str().unwrap_or_default().to_owned();
     if host.is_empty() {
         return Err(format!("'{raw}' has no host"));
@@ -230,11 +247,62 @@ pub async fn run(
             }
             Ok(Outcome::Done)
         }
+        EndpointsCommand::Enable { id, change } => {
+            let mut tx = ctx.pool.begin().await?;
+            let Some(endpoint) = find(&mut tx, id, err).await? else {
+                return Ok(Outcome::Refused);
+            };
+            let Some(disabled_at) = endpoint.disabled_at else {
+                writeln!(err, "endpoint {id} is enabled; nothing to do")?;
+                return Ok(Outcome::Refused);
+            };
+            let plan = serde_json::json!({
+                "action": "endpoints enable", "endpoint_id": id, "url": endpoint.url,
+                "disabled_at": disabled_at, "disabled_reason": endpoint.disabled_reason,
+            });
+            if change.dry_run {
+                return super::print_dry_run(out, json, &plan);
+            }
+            if !super::confirm(change, &format!("enable endpoint {id} ({})", endpoint.url), err)? {
+                return Ok(Outcome::Refused);
+            }
+            webhooks::enable_endpoint(&mut tx, id).await?;
+            insert_audit(&mut tx, &change.audit("endpoints enable", "webhook_endpoint", id, plan)).await?;
+            tx.commit().await?;
+            // Deliveries failed from when it started failing (or, for a manual disable, from the disable).
+            let since = endpoint
+                .failing_since
+                .unwrap_or(disabled_at)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "enabled": id, "disabled_since": since }))?;
+            } else {
+                writeln!(out, "endpoint {id} enabled; new events are delivered to it")?;
+                writeln!(
+                    out,
+                    "failed deliveries are not resent by this: `splitpay ops redeliver --since {since}` sends them; events that came while it was disabled have no delivery to it: `splitpay ops redeliver <oevt_…>` creates one"
+                )?;
+            }
+            Ok(Outcome::Done)
+        }
         EndpointsCommand::RotateSecret { id, change } => {
             let mut tx = ctx.pool.begin().await?;
             let Some(endpoint) = find(&mut tx, id, err).await? else {
                 return Ok(Outcome::Refused);
             };
+            let still_signing = |err: &mut (dyn Write + Send), until: chrono::DateTime<chrono::Utc>| {
+                writeln!(
+                    err,
+                    "the previous secret of {id} still signs until {}: rotating again now would stop it early, and \
+                     receivers still verifying with it would reject deliveries. Rotate again after that time (make \
+                     sure the receiver uses the current secret by then)",
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            };
+            if let Some(until) = endpoint.previous_secret_expires_at.filter(|u| *u > chrono::Utc::now()) {
+                still_signing(err, until)?;
+                return Ok(Outcome::Refused);
+            }
             let plan = serde_json::json!({
                 "action": "endpoints rotate-secret", "endpoint_id": id, "url": endpoint.url,
                 "old_secret_signs_for_secs": SECRET_OVERLAP_SECS,
@@ -246,7 +314,14 @@ pub async fn run(
                 return Ok(Outcome::Refused);
             }
             let secret = generate_secret();
-            let endpoint = webhooks::rotate_secret(&mut tx, id, &secret, SECRET_OVERLAP_SECS).await?;
+            let Some(endpoint) = webhooks::rotate_secret(&mut tx, id, &secret, SECRET_OVERLAP_SECS).await? else {
+                // The database's clock says the previous secret still signs.
+                still_signing(
+                    err,
+                    endpoint.previous_secret_expires_at.unwrap_or_else(chrono::Utc::now),
+                )?;
+                return Ok(Outcome::Refused);
+            };
             insert_audit(
                 &mut tx,
                 &change.audit("endpoints rotate-secret", "webhook_endpoint", id, plan),
@@ -304,6 +379,16 @@ mod tests {
         assert!(check_url("http://example.org/hook", true).is_ok());
         assert!(check_url("ftp://example.org/", true).is_err());
         assert!(check_url("not a url", true).is_err());
+        for with_credentials in [
+            "https://someone:s3cret@example.org/hook",
+            "https://someone@example.org/hook",
+        ] {
+            let err = check_url(with_credentials, true).unwrap_err();
+            assert!(
+                err.contains("--url") && !err.contains("s3cret") && !err.contains("someone"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

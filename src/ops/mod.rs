@@ -70,7 +70,7 @@ pub enum OpsCommand {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
-    /// Webhook endpoints: add, list, disable, rotate-secret.
+    /// Webhook endpoints: add, list, disable, enable, rotate-secret.
     Endpoints {
         #[command(subcommand)]
         command: endpoints::EndpointsCommand,
@@ -86,7 +86,9 @@ pub enum OpsCommand {
         limit: i64,
     },
     /// Queue deliveries again: every delivery of one event (`oevt_…`) that did not get a 2xx, or every failed
-    /// delivery created since TIME (RFC 3339). A delivery that got a 2xx is never sent again.
+    /// delivery created since TIME (RFC 3339). A delivery that got a 2xx is never sent again. A delivery that failed
+    /// with its outcome unknown (its worker stopped while delivering) may have reached the receiver: redelivering
+    /// it risks a duplicate (same webhook-id), which you accept by running this.
     Redeliver {
         event: Option<String>,
         #[arg(long)]

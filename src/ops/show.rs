@@ -182,10 +182,10 @@ struct Event {
     /// The payment, allocation or donation the event is about.
     subject_id: Option<String>,
     occurred_at: DateTime<Utc>,
+    /// Every webhook delivery of the event (one per endpoint) succeeded, and there is at least one.
     delivered: bool,
-    delivered_at: Option<DateTime<Utc>>,
-    delivery_attempts: i32,
-    last_error: Option<String>,
+    /// Its webhook deliveries, one per endpoint: `whdl_… status (attempts n[, last error])`.
+    deliveries: Vec<String>,
 }
 
 pub async fn run(
@@ -300,8 +300,13 @@ pub async fn run(
         "SELECT id, event_type, organisation_id,
                 coalesce(payload->'data'->>'split_allocation_id', payload->'data'->>'split_payment_id',
                          payload->'data'->>'id') AS subject_id,
-                occurred_at, delivered_at IS NOT NULL AS delivered, delivered_at, delivery_attempts, last_error
-           FROM outbox_events
+                occurred_at,
+                coalesce((SELECT bool_and(d.status = 'succeeded') FROM webhook_deliveries d
+                           WHERE d.outbox_event_id = o.id), false) AS delivered,
+                array(SELECT d.id || ' ' || d.status || ' (attempts ' || d.attempts
+                             || coalesce(', ' || d.last_error, '') || ')'
+                        FROM webhook_deliveries d WHERE d.outbox_event_id = o.id ORDER BY d.id) AS deliveries
+           FROM outbox_events o
           WHERE payload->'data'->>'split_payment_id' = $1 OR payload->'data'->>'id' = ANY($2)
           ORDER BY occurred_at, created_at, id",
     )
@@ -474,10 +479,10 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> 
             time(&Some(e.occurred_at)),
             e.event_type,
             opt(&e.subject_id),
-            if e.delivered {
-                "delivered".to_owned()
+            if e.deliveries.is_empty() {
+                "no webhook endpoint".to_owned()
             } else {
-                format!("not delivered ({} attempts)", e.delivery_attempts)
+                e.deliveries.join("; ")
             }
         )?;
     }
