@@ -11,6 +11,8 @@ use splitpay::config::{
     LOCAL_SIMULATOR_PORT,
 };
 use splitpay::domain::fees::PlatformFee;
+use splitpay::observability::logging::LogFormat;
+use splitpay::observability::scrape::MetricsState;
 use splitpay::store;
 
 #[derive(Parser)]
@@ -28,10 +30,11 @@ struct Cli {
 enum Command {
     /// Create the database if it is missing and apply the schema (safe to run again).
     Migrate,
-    /// Serve intake (`/v1/split-payments`) and Stripe's webhooks. Without a Stripe key it also starts the local
+    /// Serve intake (`/v1/split-payments`), the catalogue API, Stripe's webhooks and `/metrics`. Without a Stripe key it also starts the local
     /// Stripe simulator on 127.0.0.1:12111 and registers its webhook endpoint with it.
     Serve,
-    /// Run the background workers: Stripe events, fee splits and transfers.
+    /// Run the background workers: Stripe events, fee splits, transfers and webhook deliveries, and the periodic
+    /// jobs. Serves `/metrics` on SPLITPAY_METRICS_ADDR (default 127.0.0.1:9464).
     Worker,
     /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
     /// print where every cent went.
@@ -64,12 +67,14 @@ async fn main() -> std::process::ExitCode {
         "info,sqlx=warn"
     };
     // Logs go to stderr: stdout is for what a command prints (reports, `--json` documents).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
-        )
-        .init();
+    let log_format = match LogFormat::from_lookup(|name| std::env::var(name).ok()) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("splitpay: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    splitpay::observability::logging::init(log_format, default_filter);
     if let Err(e) = dotenv {
         if !e.not_found() {
             tracing::warn!(error = %e, ".env could not be read");
@@ -135,6 +140,7 @@ async fn serve() -> Result<(), Failure> {
         name: "SPLITPAY_SERVICE_TOKEN",
         reason: "serve needs the bearer token intake callers present (16 characters or more)".into(),
     })?;
+    let metrics = splitpay::observability::install()?;
     let pool = migrate().await?;
     let mut webhook_secrets = stripe.webhook_secrets.clone();
     let _simulator = match stripe.target {
@@ -157,12 +163,15 @@ async fn serve() -> Result<(), Failure> {
         StripeTarget::Api { .. } => None,
     };
     let app = splitpay::http::router(splitpay::http::HttpState {
-        app: context(pool, &stripe, &process)?,
+        app: context(pool.clone(), &stripe, &process)?,
         webhook_secrets: Arc::new(webhook_secrets),
         service_token,
-    });
+    })
+    .merge(splitpay::observability::scrape::router(MetricsState::new(
+        metrics, pool,
+    )));
     let listener = tokio::net::TcpListener::bind(process.http_addr).await?;
-    tracing::info!(addr = %process.http_addr, "serving intake and Stripe webhooks");
+    tracing::info!(addr = %process.http_addr, "serving intake, Stripe webhooks and /metrics");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -172,8 +181,22 @@ async fn serve() -> Result<(), Failure> {
 async fn worker() -> Result<(), Failure> {
     let stripe = StripeSettings::from_env()?;
     let process = ProcessSettings::from_env()?;
+    let metrics = splitpay::observability::install()?;
     let pool = migrate().await?;
     let ctx = context(pool.clone(), &stripe, &process)?;
+    // Bound before the jobs start, so a taken port fails the start rather than leaving a worker nobody can see.
+    let metrics_listener = tokio::net::TcpListener::bind(process.metrics_addr)
+        .await
+        .map_err(|e| format!("SPLITPAY_METRICS_ADDR {}: {e}", process.metrics_addr))?;
+    tracing::info!(addr = %process.metrics_addr, "serving /metrics");
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(splitpay::observability::scrape::serve(
+        metrics_listener,
+        MetricsState::new(metrics, pool.clone()),
+        async move {
+            let _ = metrics_stopped.await;
+        },
+    ));
     let settings = splitpay::jobs::runner::RunnerSettings {
         concurrency: process.worker_concurrency,
         heartbeat_interval: std::time::Duration::from_millis(process.worker_heartbeat_ms),
@@ -196,6 +219,8 @@ async fn worker() -> Result<(), Failure> {
     splitpay::jobs::runner::run(pool, splitpay::jobs::handlers(ctx), settings, shutdown_signal()).await?;
     let _ = stop_cron.send(());
     let _ = cron.await;
+    let _ = stop_metrics.send(());
+    let _ = metrics_server.await;
     tracing::info!("worker stopped");
     Ok(())
 }

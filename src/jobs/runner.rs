@@ -20,6 +20,7 @@ use apalis_postgres::{Config, PostgresStorage};
 use sqlx::PgPool;
 
 use super::queue::{JobRef, Queue};
+use tracing::Instrument;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), JobFailure>> + Send>>;
 
@@ -78,17 +79,23 @@ async fn dispatch(queue: Queue, handler: Handler, payload: serde_json::Value) ->
             return Err(AbortError::new(format!("undecodable payload: {e}")).into());
         }
     };
-    match handler(job.clone()).await {
-        Ok(()) => Ok(()),
-        Err(JobFailure::Retry(reason)) => {
-            tracing::warn!(queue = queue.name(), id = %job.id, %reason, "job failed; apalis will run it again");
-            Err(reason.into())
-        }
-        Err(JobFailure::Abandon(reason)) => {
-            tracing::error!(queue = queue.name(), id = %job.id, %reason, "job abandoned");
-            Err(AbortError::new(reason).into())
+    // Every line the handler logs carries the job's ids (see `observability::logging::job_span`).
+    let span = crate::observability::logging::job_span(queue, &job.id);
+    async move {
+        match handler(job.clone()).await {
+            Ok(()) => Ok(()),
+            Err(JobFailure::Retry(reason)) => {
+                tracing::warn!(queue = queue.name(), id = %job.id, %reason, "job failed; apalis will run it again");
+                Err(reason.into())
+            }
+            Err(JobFailure::Abandon(reason)) => {
+                tracing::error!(queue = queue.name(), id = %job.id, %reason, "job abandoned");
+                Err(AbortError::new(reason).into())
+            }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// Runs one worker per `(queue, handler)` until `shutdown` resolves, then lets in-flight jobs finish.

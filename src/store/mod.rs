@@ -7,6 +7,7 @@
 //! - [`records`]: the Stripe event inbox, the outbound event outbox, the ops audit log, cron tick claims.
 
 pub mod catalog;
+pub mod gauges;
 pub mod payments;
 pub mod records;
 pub mod webhooks;

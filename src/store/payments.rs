@@ -554,6 +554,7 @@ pub async fn transition_payment(
         });
     }
     insert_outbox_events(tx, events).await?;
+    metrics::counter!("splitpay_split_payment_transitions_total", "to" => next.as_str()).increment(1);
     Ok(Transition::To(next))
 }
 
@@ -713,6 +714,7 @@ pub async fn transition_allocation(
         });
     }
     insert_outbox_events(tx, events).await?;
+    metrics::counter!("splitpay_split_allocation_transitions_total", "to" => next.as_str()).increment(1);
     Ok(Transition::To(next))
 }
 
