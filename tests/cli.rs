@@ -121,6 +121,36 @@ fn the_demo_runs_the_whole_money_path_and_conserves_every_cent() {
     assert!(stdout.contains("PROCESSING — the bank debit is in flight"), "{stdout}");
     assert!(stdout.contains("2 × recommendation_set.payment_succeeded"), "{stdout}");
     assert!(!stdout.contains(" INFO "), "logs stay out of the report: {stdout}");
+
+    // It ends with how to look further, with ids from this run; the commands it prints work as printed.
+    let demo_url = url_with_database(&server_url(), "splitpay_demo");
+    assert!(stdout.contains(&format!("export DATABASE_URL={demo_url}")), "{stdout}");
+    assert!(stdout.contains(" ops parked "), "{stdout}");
+    assert!(
+        stdout.contains("/metrics (serve)") && stdout.contains("/metrics (worker)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nothing serves them now"), "{stdout}");
+    let shown: Vec<&str> = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "show")
+        .skip(1)
+        .filter(|w| w.starts_with("salc_") || w.starts_with("spay_"))
+        .collect();
+    assert_eq!(shown.len(), 2, "a parked share and the card payment: {stdout}");
+    let out = splitpay(&demo_url, &["ops", "show", shown[0]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PARKED"));
+    let out = splitpay(&demo_url, &["ops", "parked", "--json"]);
+    let parked: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert!(
+        parked["parked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["split_allocation_id"] == shown[0]),
+        "{parked}"
+    );
 }
 
 /// `splitpay ops reconcile` (issue 7, point 9): a payment whose webhooks never came is found at Stripe and, with
