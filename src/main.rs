@@ -50,6 +50,18 @@ enum Command {
         /// Address to listen on; keep the loopback default outside containers.
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// Register this webhook endpoint at start (e.g. `http://api:8080/stripe/webhooks` in docker compose), as
+        /// `POST /_sim/webhooks` would; registrations live as long as the simulator.
+        #[arg(long, env = "SPLITPAY_SIM_WEBHOOK_URL", requires = "webhook_secret")]
+        webhook_url: Option<String>,
+        /// The signing secret of that endpoint (the `STRIPE_WEBHOOK_SECRET` the API verifies with).
+        #[arg(
+            long,
+            env = "SPLITPAY_SIM_WEBHOOK_SECRET",
+            hide_env_values = true,
+            requires = "webhook_url"
+        )]
+        webhook_secret: Option<String>,
     },
 }
 
@@ -87,7 +99,15 @@ async fn main() -> std::process::ExitCode {
         Command::Demo => splitpay::demo::run(&mut std::io::stdout())
             .await
             .map_err(|e| e as Failure),
-        Command::StripeSim { port, host } => stripe_sim(std::net::SocketAddr::new(host, port)).await,
+        Command::StripeSim {
+            port,
+            host,
+            webhook_url,
+            webhook_secret,
+        } => {
+            let webhook = webhook_url.zip(webhook_secret.map(Secret::new));
+            stripe_sim(std::net::SocketAddr::new(host, port), webhook).await
+        }
         Command::Ops(args) => match ops(&args).await {
             Ok(outcome) => return std::process::ExitCode::from(outcome.code()),
             Err(e) => Err(e),
@@ -237,9 +257,17 @@ async fn ops(args: &splitpay::ops::OpsArgs) -> Result<splitpay::ops::Outcome, Fa
     Ok(outcome)
 }
 
-async fn stripe_sim(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+/// Serves the simulator on `addr` until SIGINT/SIGTERM, with `webhook` (url, secret) registered first if given.
+async fn stripe_sim(addr: std::net::SocketAddr, webhook: Option<(String, Secret)>) -> Result<(), Failure> {
     let config = splitpay::stripe::sim::model::SimConfig::default();
-    splitpay::stripe::sim::serve(config, addr, shutdown_signal()).await?;
+    let sim = splitpay::stripe::sim::start_on(config, addr).await?;
+    tracing::info!(base_url = %sim.base_url(), "Stripe simulator listening");
+    if let Some((url, secret)) = webhook {
+        sim.control().add_webhook(&url, secret.expose()).await?;
+        tracing::info!(%url, "webhook endpoint registered");
+    }
+    shutdown_signal().await;
+    sim.shutdown().await;
     Ok(())
 }
 
