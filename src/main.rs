@@ -204,19 +204,26 @@ async fn worker() -> Result<(), Failure> {
     let metrics = splitpay::observability::install()?;
     let pool = migrate().await?;
     let ctx = context(pool.clone(), &stripe, &process)?;
-    // Bound before the jobs start, so a taken port fails the start rather than leaving a worker nobody can see.
-    let metrics_listener = tokio::net::TcpListener::bind(process.metrics_addr)
-        .await
-        .map_err(|e| format!("SPLITPAY_METRICS_ADDR {}: {e}", process.metrics_addr))?;
-    tracing::info!(addr = %process.metrics_addr, "serving /metrics");
+    // Moving money matters more than watching it: a worker whose metrics address is taken (another worker on the
+    // same host with the default) still runs its jobs, and says loudly that it has no /metrics.
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = tokio::spawn(splitpay::observability::scrape::serve(
-        metrics_listener,
-        MetricsState::new(metrics, pool.clone()),
-        async move {
-            let _ = metrics_stopped.await;
-        },
-    ));
+    let metrics_server = match tokio::net::TcpListener::bind(process.metrics_addr).await {
+        Ok(listener) => {
+            tracing::info!(addr = %process.metrics_addr, "serving /metrics");
+            Some(tokio::spawn(splitpay::observability::scrape::serve(
+                listener,
+                MetricsState::new(metrics, pool.clone()),
+                async move {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        Err(e) => {
+            tracing::error!(addr = %process.metrics_addr, error = %e,
+                "SPLITPAY_METRICS_ADDR cannot be bound: this worker runs without /metrics (give each worker its own)");
+            None
+        }
+    };
     let settings = splitpay::jobs::runner::RunnerSettings {
         concurrency: process.worker_concurrency,
         heartbeat_interval: std::time::Duration::from_millis(process.worker_heartbeat_ms),
@@ -240,7 +247,9 @@ async fn worker() -> Result<(), Failure> {
     let _ = stop_cron.send(());
     let _ = cron.await;
     let _ = stop_metrics.send(());
-    let _ = metrics_server.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

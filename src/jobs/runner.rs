@@ -79,23 +79,21 @@ async fn dispatch(queue: Queue, handler: Handler, payload: serde_json::Value) ->
             return Err(AbortError::new(format!("undecodable payload: {e}")).into());
         }
     };
-    // Every line the handler logs carries the job's ids (see `observability::logging::job_span`).
+    // Every line the job logs, here too, carries its ids (see `observability::logging::job_span`).
     let span = crate::observability::logging::job_span(queue, &job.id);
-    async move {
-        match handler(job.clone()).await {
-            Ok(()) => Ok(()),
-            Err(JobFailure::Retry(reason)) => {
-                tracing::warn!(queue = queue.name(), id = %job.id, %reason, "job failed; apalis will run it again");
-                Err(reason.into())
-            }
-            Err(JobFailure::Abandon(reason)) => {
-                tracing::error!(queue = queue.name(), id = %job.id, %reason, "job abandoned");
-                Err(AbortError::new(reason).into())
-            }
+    let outcome = handler(job.clone()).instrument(span.clone()).await;
+    let _in_span = span.enter(); // no await below
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(JobFailure::Retry(reason)) => {
+            tracing::warn!(queue = queue.name(), id = %job.id, %reason, "job failed; apalis will run it again");
+            Err(reason.into())
+        }
+        Err(JobFailure::Abandon(reason)) => {
+            tracing::error!(queue = queue.name(), id = %job.id, %reason, "job abandoned");
+            Err(AbortError::new(reason).into())
         }
     }
-    .instrument(span)
-    .await
 }
 
 /// Runs one worker per `(queue, handler)` until `shutdown` resolves, then lets in-flight jobs finish.
