@@ -284,6 +284,8 @@ pub const LOCAL_SIMULATOR_KEY: &str = "sk_test_splitpay_local_simulator";
 #[derive(Debug, Clone)]
 pub struct ProcessSettings {
     pub http_addr: std::net::SocketAddr,
+    /// Where `worker` serves `/metrics` (`SPLITPAY_METRICS_ADDR`); `serve` serves it on `http_addr`.
+    pub metrics_addr: std::net::SocketAddr,
     /// Required by `serve`: the bearer token intake callers present.
     pub service_token: Option<Secret>,
     pub platform_fee_bps: u32,
@@ -360,6 +362,14 @@ impl ProcessSettings {
             HTTP_ADDR_DEFAULT.parse().expect("valid default"),
             "host:port",
         )?;
+        let metrics_addr = parse(
+            &get,
+            "SPLITPAY_METRICS_ADDR",
+            crate::observability::METRICS_ADDR_DEFAULT
+                .parse()
+                .expect("valid default"),
+            "host:port",
+        )?;
         let service_token = get("SPLITPAY_SERVICE_TOKEN")
             .filter(|t| !t.trim().is_empty())
             .map(Secret::new);
@@ -404,6 +414,7 @@ impl ProcessSettings {
         };
         Ok(Self {
             http_addr,
+            metrics_addr,
             service_token,
             platform_fee_bps,
             platform_fee_fixed_cents,

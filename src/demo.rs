@@ -242,7 +242,62 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
     let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
     server.abort();
     simulator.shutdown().await;
+    let parked = card_payment
+        .allocations
+        .iter()
+        .find(|a| a.status == AllocationStatus::Parked)
+        .map_or("salc_…", |a| a.id.as_str());
+    hints(out, config.url.expose(), parked, card_id.as_str())?;
     pool.close().await;
+    Ok(())
+}
+
+/// How to look further once the demo has stopped: the operator commands on the demo's database, with ids from this
+/// run, and where `/metrics` is served (only while `serve` and `worker` run: the demo stops everything it started).
+fn hints(out: &mut dyn std::io::Write, database_url: &str, parked_id: &str, payment_id: &str) -> Result<(), Failure> {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let relative = exe.strip_prefix(std::env::current_dir().ok()?).ok()?.to_owned();
+            Some(format!("./{}", relative.display()))
+        })
+        .unwrap_or_else(|| "splitpay".to_owned());
+    let process = crate::config::ProcessSettings::from_env().ok();
+    let http_addr = process
+        .as_ref()
+        .map_or(crate::config::HTTP_ADDR_DEFAULT.to_owned(), |p| p.http_addr.to_string());
+    let metrics_addr = process
+        .as_ref()
+        .map_or(crate::observability::METRICS_ADDR_DEFAULT.to_owned(), |p| {
+            p.metrics_addr.to_string()
+        });
+    writeln!(
+        out,
+        "
+Look further (the demo has stopped everything it started; its database stays):"
+    )?;
+    writeln!(
+        out,
+        "   export DATABASE_URL={}",
+        crate::config::redact_url(database_url)
+    )?;
+    writeln!(
+        out,
+        "   {binary} ops parked                      # the parked shares, oldest first"
+    )?;
+    writeln!(
+        out,
+        "   {binary} ops show {parked_id}   # a parked share: its payment, attempts, events"
+    )?;
+    writeln!(out, "   {binary} ops show {payment_id}   # the card payment")?;
+    writeln!(
+        out,
+        "   Metrics: http://{http_addr}/metrics (serve) and http://{metrics_addr}/metrics (worker), served while"
+    )?;
+    writeln!(
+        out,
+        "   `splitpay serve` and `splitpay worker` run (README.md, \"Metrics\"); nothing serves them now."
+    )?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //! - [`jobs`]: the workers on apalis-postgres: Stripe events → payment states → fee split → one transfer per
 //!   allocation, with retries stored on our rows; and the cron schedule (`jobs/schedule.toml`).
 //! - [`ops`]: the operator commands (`splitpay ops …`).
+//! - [`observability`]: Prometheus metrics (`/metrics` on `serve` and `worker`) and log output (text or JSON).
 //! - [`app`]: what the API and the workers share.
 //! - [`config`]: configuration from the environment; secrets that cannot be printed.
 //!
@@ -27,6 +28,7 @@ pub mod events;
 pub mod http;
 pub mod intake;
 pub mod jobs;
+pub mod observability;
 pub mod ops;
 pub mod store;
 pub mod stripe;

@@ -11,6 +11,8 @@ use splitpay::config::{
     LOCAL_SIMULATOR_PORT,
 };
 use splitpay::domain::fees::PlatformFee;
+use splitpay::observability::logging::LogFormat;
+use splitpay::observability::scrape::MetricsState;
 use splitpay::store;
 
 #[derive(Parser)]
@@ -28,10 +30,11 @@ struct Cli {
 enum Command {
     /// Create the database if it is missing and apply the schema (safe to run again).
     Migrate,
-    /// Serve intake (`/v1/split-payments`) and Stripe's webhooks. Without a Stripe key it also starts the local
+    /// Serve intake (`/v1/split-payments`), the catalogue API, Stripe's webhooks and `/metrics`. Without a Stripe key it also starts the local
     /// Stripe simulator on 127.0.0.1:12111 and registers its webhook endpoint with it.
     Serve,
-    /// Run the background workers: Stripe events, fee splits and transfers.
+    /// Run the background workers: Stripe events, fee splits, transfers and webhook deliveries, and the periodic
+    /// jobs. Serves `/metrics` on SPLITPAY_METRICS_ADDR (default 127.0.0.1:9464).
     Worker,
     /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
     /// print where every cent went.
@@ -47,6 +50,18 @@ enum Command {
         /// Address to listen on; keep the loopback default outside containers.
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// Register this webhook endpoint at start (e.g. `http://api:8080/stripe/webhooks` in docker compose), as
+        /// `POST /_sim/webhooks` would; registrations live as long as the simulator.
+        #[arg(long, env = "SPLITPAY_SIM_WEBHOOK_URL", requires = "webhook_secret")]
+        webhook_url: Option<String>,
+        /// The signing secret of that endpoint (the `STRIPE_WEBHOOK_SECRET` the API verifies with).
+        #[arg(
+            long,
+            env = "SPLITPAY_SIM_WEBHOOK_SECRET",
+            hide_env_values = true,
+            requires = "webhook_url"
+        )]
+        webhook_secret: Option<String>,
     },
 }
 
@@ -64,12 +79,14 @@ async fn main() -> std::process::ExitCode {
         "info,sqlx=warn"
     };
     // Logs go to stderr: stdout is for what a command prints (reports, `--json` documents).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
-        )
-        .init();
+    let log_format = match LogFormat::from_lookup(|name| std::env::var(name).ok()) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("splitpay: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    splitpay::observability::logging::init(log_format, default_filter);
     if let Err(e) = dotenv {
         if !e.not_found() {
             tracing::warn!(error = %e, ".env could not be read");
@@ -82,7 +99,15 @@ async fn main() -> std::process::ExitCode {
         Command::Demo => splitpay::demo::run(&mut std::io::stdout())
             .await
             .map_err(|e| e as Failure),
-        Command::StripeSim { port, host } => stripe_sim(std::net::SocketAddr::new(host, port)).await,
+        Command::StripeSim {
+            port,
+            host,
+            webhook_url,
+            webhook_secret,
+        } => {
+            let webhook = webhook_url.zip(webhook_secret.map(Secret::new));
+            stripe_sim(std::net::SocketAddr::new(host, port), webhook).await
+        }
         Command::Ops(args) => match ops(&args).await {
             Ok(outcome) => return std::process::ExitCode::from(outcome.code()),
             Err(e) => Err(e),
@@ -135,6 +160,7 @@ async fn serve() -> Result<(), Failure> {
         name: "SPLITPAY_SERVICE_TOKEN",
         reason: "serve needs the bearer token intake callers present (16 characters or more)".into(),
     })?;
+    let metrics = splitpay::observability::install()?;
     let pool = migrate().await?;
     let mut webhook_secrets = stripe.webhook_secrets.clone();
     let _simulator = match stripe.target {
@@ -157,12 +183,15 @@ async fn serve() -> Result<(), Failure> {
         StripeTarget::Api { .. } => None,
     };
     let app = splitpay::http::router(splitpay::http::HttpState {
-        app: context(pool, &stripe, &process)?,
+        app: context(pool.clone(), &stripe, &process)?,
         webhook_secrets: Arc::new(webhook_secrets),
         service_token,
-    });
+    })
+    .merge(splitpay::observability::scrape::router(MetricsState::new(
+        metrics, pool,
+    )));
     let listener = tokio::net::TcpListener::bind(process.http_addr).await?;
-    tracing::info!(addr = %process.http_addr, "serving intake and Stripe webhooks");
+    tracing::info!(addr = %process.http_addr, "serving intake, Stripe webhooks and /metrics");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -172,8 +201,29 @@ async fn serve() -> Result<(), Failure> {
 async fn worker() -> Result<(), Failure> {
     let stripe = StripeSettings::from_env()?;
     let process = ProcessSettings::from_env()?;
+    let metrics = splitpay::observability::install()?;
     let pool = migrate().await?;
     let ctx = context(pool.clone(), &stripe, &process)?;
+    // Moving money matters more than watching it: a worker whose metrics address is taken (another worker on the
+    // same host with the default) still runs its jobs, and says loudly that it has no /metrics.
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match tokio::net::TcpListener::bind(process.metrics_addr).await {
+        Ok(listener) => {
+            tracing::info!(addr = %process.metrics_addr, "serving /metrics");
+            Some(tokio::spawn(splitpay::observability::scrape::serve(
+                listener,
+                MetricsState::new(metrics, pool.clone()),
+                async move {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        Err(e) => {
+            tracing::error!(addr = %process.metrics_addr, error = %e,
+                "SPLITPAY_METRICS_ADDR cannot be bound: this worker runs without /metrics (give each worker its own)");
+            None
+        }
+    };
     let settings = splitpay::jobs::runner::RunnerSettings {
         concurrency: process.worker_concurrency,
         heartbeat_interval: std::time::Duration::from_millis(process.worker_heartbeat_ms),
@@ -196,6 +246,10 @@ async fn worker() -> Result<(), Failure> {
     splitpay::jobs::runner::run(pool, splitpay::jobs::handlers(ctx), settings, shutdown_signal()).await?;
     let _ = stop_cron.send(());
     let _ = cron.await;
+    let _ = stop_metrics.send(());
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -212,9 +266,17 @@ async fn ops(args: &splitpay::ops::OpsArgs) -> Result<splitpay::ops::Outcome, Fa
     Ok(outcome)
 }
 
-async fn stripe_sim(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+/// Serves the simulator on `addr` until SIGINT/SIGTERM, with `webhook` (url, secret) registered first if given.
+async fn stripe_sim(addr: std::net::SocketAddr, webhook: Option<(String, Secret)>) -> Result<(), Failure> {
     let config = splitpay::stripe::sim::model::SimConfig::default();
-    splitpay::stripe::sim::serve(config, addr, shutdown_signal()).await?;
+    let sim = splitpay::stripe::sim::start_on(config, addr).await?;
+    tracing::info!(base_url = %sim.base_url(), "Stripe simulator listening");
+    if let Some((url, secret)) = webhook {
+        sim.control().add_webhook(&url, secret.expose()).await?;
+        tracing::info!(%url, "webhook endpoint registered");
+    }
+    shutdown_signal().await;
+    sim.shutdown().await;
     Ok(())
 }
 

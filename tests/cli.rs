@@ -121,6 +121,36 @@ fn the_demo_runs_the_whole_money_path_and_conserves_every_cent() {
     assert!(stdout.contains("PROCESSING — the bank debit is in flight"), "{stdout}");
     assert!(stdout.contains("2 × recommendation_set.payment_succeeded"), "{stdout}");
     assert!(!stdout.contains(" INFO "), "logs stay out of the report: {stdout}");
+
+    // It ends with how to look further, with ids from this run; the commands it prints work as printed.
+    let demo_url = url_with_database(&server_url(), "splitpay_demo");
+    assert!(stdout.contains(&format!("export DATABASE_URL={demo_url}")), "{stdout}");
+    assert!(stdout.contains(" ops parked "), "{stdout}");
+    assert!(
+        stdout.contains("/metrics (serve)") && stdout.contains("/metrics (worker)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nothing serves them now"), "{stdout}");
+    let shown: Vec<&str> = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "show")
+        .skip(1)
+        .filter(|w| w.starts_with("salc_") || w.starts_with("spay_"))
+        .collect();
+    assert_eq!(shown.len(), 2, "a parked share and the card payment: {stdout}");
+    let out = splitpay(&demo_url, &["ops", "show", shown[0]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PARKED"));
+    let out = splitpay(&demo_url, &["ops", "parked", "--json"]);
+    let parked: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert!(
+        parked["parked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["split_allocation_id"] == shown[0]),
+        "{parked}"
+    );
 }
 
 /// `splitpay ops reconcile` (issue 7, point 9): a payment whose webhooks never came is found at Stripe and, with
@@ -178,4 +208,78 @@ async fn ops_reconcile_resolves_what_the_webhooks_missed_in_the_foreground() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--payment"));
     flow.stop().await;
+}
+
+/// `splitpay stripe-sim --webhook-url … --webhook-secret …` (what docker compose runs) registers the endpoint at
+/// start: a payment made on it arrives there, signed with that secret, with no control call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_sim_registers_its_webhook_endpoint_at_start() {
+    use splitpay::config::Secret;
+    use splitpay::domain::plan::PaymentMethodType;
+    use splitpay::stripe::{CreatePaymentIntentParams, PaymentGateway};
+    let receiver = common::stripe::Receiver::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "whsec_cli_registered";
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_splitpay"))
+        .args([
+            "stripe-sim",
+            "--port",
+            &port.to_string(),
+            "--webhook-url",
+            &receiver.url,
+        ])
+        .env("SPLITPAY_SIM_WEBHOOK_SECRET", secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base_url = format!("http://127.0.0.1:{port}/");
+    let control = splitpay::stripe::sim::control::SimControl::new(&base_url);
+    let mut up = false;
+    for _ in 0..100 {
+        if control.webhook_stats().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(up, "stripe-sim did not start on {port}");
+    let key = splitpay::stripe::keys::StripeKey::parse(common::stripe::TEST_KEY, false).unwrap();
+    let config = splitpay::stripe::GatewayConfig {
+        api_base: base_url,
+        ..Default::default()
+    };
+    let gateway = splitpay::stripe::StripeGateway::new(&key, config).unwrap();
+    gateway
+        .create_payment_intent(&CreatePaymentIntentParams {
+            amount_cents: 1_000,
+            currency: "aud".into(),
+            payment_method_type: PaymentMethodType::Card,
+            transfer_group: "spay_cli".into(),
+            metadata: Default::default(),
+            payment_method: Some("pm_card_visa".into()),
+            idempotency_key: "cli-sim-webhook".into(),
+        })
+        .await
+        .unwrap();
+    receiver
+        .wait_for("payment_intent.succeeded", |types| {
+            types.iter().any(|t| t == "payment_intent.succeeded")
+        })
+        .await;
+    let now = chrono::Utc::now().timestamp();
+    for (signature, body) in receiver.received.lock().unwrap().iter() {
+        splitpay::stripe::webhook::verify_signature(body.as_bytes(), signature.as_deref(), &[Secret::new(secret)], now)
+            .expect("signed with the secret given at start");
+    }
+    let _ = Command::new("kill").args(["-TERM", &sim.id().to_string()]).status();
+    let status = sim.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(sim.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains(secret), "the secret stays out of the logs: {stderr}");
 }

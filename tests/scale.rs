@@ -24,6 +24,7 @@ use splitpay::jobs::sweeper::{
     sweep, SWEEP_ALLOCATIONS_SQL, SWEEP_BATCH_MAX, SWEEP_EVENTS_SQL, SWEEP_GRACE_SECS, SWEEP_PAYMENTS_SQL,
 };
 use splitpay::ops::parked::PARKED_SQL;
+use splitpay::store::gauges;
 use splitpay::store::payments::{ALLOCATIONS_OF_PAYMENT_SQL, PAYMENT_BY_ID_SQL};
 use splitpay::store::records::CLAIM_CRON_TICK_SQL;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
@@ -93,7 +94,8 @@ fn nodes(plan: &Value, out: &mut Vec<Value>) {
     }
 }
 
-const BIG_TABLES: [&str; 2] = ["split_payments", "split_allocations"];
+/// `jobs` is apalis's table, with a done job per finished payment.
+const BIG_TABLES: [&str; 3] = ["split_payments", "split_allocations", "jobs"];
 
 /// The big tables that plan nodes `all` read sequentially.
 fn seq_scanned(all: &[Value]) -> Vec<String> {
@@ -310,6 +312,62 @@ async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
             args: "('sweeper', date_trunc('minute', now()), 'replica-1')".into(),
             indexes: &[],
         },
+        // Not a tick either: what every `/metrics` scrape reads (src/store/gauges.rs).
+        TickQuery {
+            name: "metrics: open payments",
+            sql: gauges::OPEN_PAYMENTS_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &["split_payments_unreconciled", "split_payments_reconcile_due"],
+        },
+        TickQuery {
+            name: "metrics: undistributed payments",
+            sql: gauges::UNDISTRIBUTED_PAYMENTS_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &["split_payments_undistributed"],
+        },
+        TickQuery {
+            name: "metrics: open allocations",
+            sql: gauges::OPEN_ALLOCATIONS_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &[
+                "split_allocations_transferring_due",
+                "split_allocations_payment",
+                "split_payments_unreconciled",
+                "split_payments_reconcile_due",
+                "split_payments_undistributed",
+            ],
+        },
+        TickQuery {
+            name: "metrics: parked allocations",
+            sql: gauges::PARKED_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &["split_allocations_parked"],
+        },
+        TickQuery {
+            name: "metrics: job queues",
+            sql: gauges::JOB_QUEUES_SQL,
+            types: "(text[])",
+            args: format!("({})", sql_array(&Queue::ALL, |q| format!("'{}'", q.name()), "text[]")),
+            indexes: &["splitpay_jobs_waiting_payload"],
+        },
+        TickQuery {
+            name: "metrics: open webhook deliveries",
+            sql: gauges::OPEN_DELIVERIES_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &[],
+        },
+        TickQuery {
+            name: "metrics: failed webhook deliveries",
+            sql: gauges::FAILED_DELIVERIES_SQL,
+            types: "",
+            args: String::new(),
+            indexes: &[],
+        },
     ]
 }
 
@@ -380,6 +438,17 @@ async fn every_tick_query_is_index_backed_at_scale_and_ticks_are_bounded() {
             println!("plan {} ({mode}): {}", q.name, scans.join("; "));
         }
     }
+    // A scrape's reading of the open work, at scale: its duration printed, its queue depth the jobs waiting.
+    let names: Vec<&str> = Queue::ALL.iter().map(|q| q.name()).collect();
+    let (open, _) = timed("metrics: open work", gauges::open_work(&mut conn, &names)).await;
+    let open = open.unwrap();
+    let transfer_depth = open
+        .queues
+        .iter()
+        .find(|(q, _, _)| q == Queue::Transfer.name())
+        .map(|(_, n, _)| *n);
+    assert_eq!(transfer_depth, Some(3 * (WAITING_TO - WAITING_FROM + 1)), "{open:?}");
+    assert_eq!(open.unresolved, UNRESOLVED, "{open:?}");
     drop(conn);
 
     // 2. Real ticks against the simulator (jobs only enqueued: no worker runs), timed and bounded.

@@ -166,7 +166,7 @@ pub async fn reconcile_pending(ctx: &AppContext, opts: &ReconcileOptions) -> Res
     if report != PendingReport::default() {
         tracing::info!(?report, "reconcile-pending");
     }
-    metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "pending").increment(1);
+    crate::observability::reconcile_pending_ran(&report);
     Ok(report)
 }
 
@@ -458,7 +458,7 @@ pub async fn reconcile_transfers(ctx: &AppContext, opts: &ReconcileOptions) -> R
     let (unresolved,): (i64,) = sqlx::query_as(UNRESOLVED_COUNT_SQL).fetch_one(&ctx.pool).await?;
     report.unresolved = unresolved;
     metrics::gauge!("splitpay_transfers_unresolved").set(unresolved as f64);
-    metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "transfers").increment(1);
+    crate::observability::reconcile_transfers_ran(&report);
     if report.transfers_driven + report.distributions + report.adopted + report.discrepancies + report.errors > 0 {
         tracing::info!(?report, "reconcile-transfers");
     }

@@ -20,6 +20,7 @@ use apalis_postgres::{Config, PostgresStorage};
 use sqlx::PgPool;
 
 use super::queue::{JobRef, Queue};
+use tracing::Instrument;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), JobFailure>> + Send>>;
 
@@ -78,7 +79,11 @@ async fn dispatch(queue: Queue, handler: Handler, payload: serde_json::Value) ->
             return Err(AbortError::new(format!("undecodable payload: {e}")).into());
         }
     };
-    match handler(job.clone()).await {
+    // Every line the job logs, here too, carries its ids (see `observability::logging::job_span`).
+    let span = crate::observability::logging::job_span(queue, &job.id);
+    let outcome = handler(job.clone()).instrument(span.clone()).await;
+    let _in_span = span.enter(); // no await below
+    match outcome {
         Ok(()) => Ok(()),
         Err(JobFailure::Retry(reason)) => {
             tracing::warn!(queue = queue.name(), id = %job.id, %reason, "job failed; apalis will run it again");

@@ -38,6 +38,7 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
     let Some(split_payment_id) = split_payment_of(ctx, intent).await.map_err(transient)? else {
         return mark(ctx, event_id, None).await; // a PaymentIntent that is not splitpay's
     };
+    crate::observability::logging::record_payment(split_payment_id.as_str());
     let view = IntentView::from_object(intent, event.stripe_created);
     match apply(ctx, &split_payment_id, machine_event, &view, Some(event_id)).await {
         Ok(_) => Ok(()),

@@ -74,6 +74,7 @@ pub async fn look_up(
 pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(raw_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
     let mut c = load(ctx, &id).await?;
+    crate::observability::logging::record_payment(&c.payment.id);
     match c.allocation.status {
         AllocationStatus::Pending => {
             // Distribution starts the first generation; this is the fallback for a row it has not reached.
@@ -239,7 +240,9 @@ pub async fn succeed(
         transfer_generation: Some(generation),
         ..Default::default()
     };
-    match transition_allocation(&mut tx, id, AllocationEvent::TransferSucceeded, &patch, &[event]).await {
+    let transition = transition_allocation(&mut tx, id, AllocationEvent::TransferSucceeded, &patch, &[event]).await;
+    let recorded = matches!(transition, Ok(crate::domain::state::Transition::To(_)));
+    match transition {
         // Already TRANSFERRED with another transfer: Stripe holds two. Never dropped: reported for an operator.
         Ok(crate::domain::state::Transition::Unchanged)
             if c.allocation
@@ -277,6 +280,9 @@ pub async fn succeed(
         .map_err(transient)?;
     }
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    if recorded {
+        crate::observability::transfer_recorded(c.payment.succeeded_at);
+    }
     tracing::info!(split_allocation_id = %id, transfer_id = %transfer.id, generation, "transferred");
     Ok(())
 }

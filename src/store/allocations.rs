@@ -254,5 +254,6 @@ pub async fn transition_allocation(
         });
     }
     insert_outbox_events(tx, events).await?;
+    metrics::counter!("splitpay_split_allocation_transitions_total", "to" => next.as_str()).increment(1);
     Ok(Transition::To(next))
 }

@@ -11,6 +11,7 @@ pub mod allocations;
 pub mod announce;
 pub mod catalog;
 pub mod donations;
+pub mod gauges;
 pub mod money_report;
 pub mod payments;
 pub mod records;

@@ -300,6 +300,7 @@ pub async fn transition_payment(
         });
     }
     insert_outbox_events(tx, events).await?;
+    metrics::counter!("splitpay_split_payment_transitions_total", "to" => next.as_str()).increment(1);
     Ok(Transition::To(next))
 }
 

@@ -47,6 +47,7 @@ impl RateLimiter {
             *tat = Some(slot + self.interval);
             slot.checked_sub(self.tolerance).map_or(now, |start| start.max(now))
         };
+        crate::observability::rate_limiter_waited(ready_at.saturating_duration_since(Instant::now()));
         tokio::time::sleep_until(ready_at).await;
     }
 }

@@ -16,6 +16,7 @@ use stripe_client_core::{CustomizedStripeRequest, RequestStrategy, StripeClient,
 
 use super::error::{GatewayError, StripeErrorBody};
 use super::keys::StripeKey;
+use crate::observability::StripeOutcome;
 
 /// Stripe's production API base; tests and the demo use the simulator's.
 pub const STRIPE_API_BASE: &str = "https://api.stripe.com/";
@@ -174,10 +175,10 @@ impl StripeClient for HttpTransport {
             url.push('?');
             url.push_str(query);
         }
-        let method = match req.method {
-            StripeMethod::Get => reqwest::Method::GET,
-            StripeMethod::Post => reqwest::Method::POST,
-            StripeMethod::Delete => reqwest::Method::DELETE,
+        let (method, method_name) = match req.method {
+            StripeMethod::Get => (reqwest::Method::GET, "GET"),
+            StripeMethod::Post => (reqwest::Method::POST, "POST"),
+            StripeMethod::Delete => (reqwest::Method::DELETE, "DELETE"),
         };
         let mut builder = self
             .http
@@ -196,19 +197,31 @@ impl StripeClient for HttpTransport {
                 .body(body);
         }
 
-        let response = builder.send().await.map_err(classify_send_error)?;
+        let started = std::time::Instant::now();
+        let counted =
+            |outcome| crate::observability::stripe_request(method_name, &req.path, outcome, started.elapsed());
+        let response = match builder.send().await.map_err(classify_send_error) {
+            Ok(response) => response,
+            Err(e) => {
+                counted(outcome_of(&e));
+                return Err(e);
+            }
+        };
         let status = response.status();
         let should_retry = header_bool(response.headers(), "stripe-should-retry");
         if header_bool(response.headers(), "idempotent-replayed") == Some(true) {
             tracing::debug!(path = %req.path, "Stripe replayed a saved response for this idempotency key");
         }
         let body = response.bytes().await.map_err(|e| {
-            if e.is_timeout() {
+            let e = if e.is_timeout() {
                 TransportError::Timeout
             } else {
                 TransportError::Lost(e.to_string())
-            }
+            };
+            counted(outcome_of(&e));
+            e
         })?;
+        counted(StripeOutcome::of_status(status.as_u16()));
         if status.is_success() {
             return Ok(body);
         }
@@ -226,6 +239,15 @@ impl StripeClient for HttpTransport {
                 should_retry,
             },
         })
+    }
+}
+
+/// The metrics' outcome class of a request that got no complete answer.
+fn outcome_of(e: &TransportError) -> StripeOutcome {
+    match e {
+        TransportError::NotSent(_) | TransportError::Config(_) => StripeOutcome::NotSent,
+        TransportError::Timeout => StripeOutcome::Timeout,
+        _ => StripeOutcome::ConnectionLost,
     }
 }
 
