@@ -328,9 +328,14 @@ pub async fn account_updated(ctx: &AppContext, event: &StripeEventRow) -> Result
     let Some(account_id) = activated_account(&mut conn, &event.id).await.map_err(transient)? else {
         return mark(ctx, &event.id, None).await;
     };
-    let batch = parked_for_account(&mut conn, &account_id, ctx.distribution.auto_retry_batch.max(1))
-        .await
-        .map_err(transient)?;
+    let batch = parked_for_account(
+        &mut conn,
+        &account_id,
+        event.received_at,
+        ctx.distribution.auto_retry_batch.max(1),
+    )
+    .await
+    .map_err(transient)?;
     drop(conn);
     if batch.is_empty() {
         return mark(ctx, &event.id, None).await;

@@ -111,10 +111,12 @@ pub async fn activated_account(conn: &mut PgConnection, event_id: &str) -> Resul
     Ok(row.map(|(id,)| id))
 }
 
-/// Up to `limit` allocations of `account_id`'s links parked for account reasons, oldest first.
+/// Up to `limit` allocations of `account_id`'s links parked for account reasons before `parked_before` (the event's
+/// arrival: a share parked again after it was retried with this event's knowledge is not taken again), oldest first.
 pub async fn parked_for_account(
     conn: &mut PgConnection,
     account_id: &str,
+    parked_before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<String>, StoreError> {
     let codes: Vec<String> = ACCOUNT_PARK_CODES.iter().map(|c| (*c).to_owned()).collect();
@@ -122,13 +124,14 @@ pub async fn parked_for_account(
         "SELECT a.id FROM split_allocations a
            JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
           WHERE l.stripe_connect_account_id = $1 AND a.status = 'PARKED' AND a.failure_code = ANY($2)
-            AND a.net_amount_cents > 0
+            AND a.net_amount_cents > 0 AND a.parked_at < $4
           ORDER BY a.parked_at, a.id
           LIMIT $3",
     )
     .bind(account_id)
     .bind(&codes)
     .bind(limit)
+    .bind(parked_before)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
