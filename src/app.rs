@@ -30,6 +30,11 @@ pub struct DistributionSettings {
     pub plan_limits: PlanLimits,
     /// The reconcilers' graces and intervals.
     pub reconcile: ReconcileSettings,
+    /// When a connected account becomes able to receive transfers (`account.updated`), retry its shares parked for
+    /// account reasons (`SPLITPAY_AUTO_RETRY_PARKED`, default on). The link's flags are refreshed either way.
+    pub auto_retry_parked: bool,
+    /// Shares one pass of that retry takes; the event's job continues with the rest in a next pass.
+    pub auto_retry_batch: i64,
 }
 
 /// The cap on any retry delay of a transfer: never more than 5 minutes between attempts.
@@ -131,6 +136,8 @@ impl Default for DistributionSettings {
             backoff_cap_ms: TRANSFER_BACKOFF_CAP_MS_MAX,
             reconcile: ReconcileSettings::default(),
             plan_limits: PlanLimits::default(),
+            auto_retry_parked: true,
+            auto_retry_batch: 100,
         }
     }
 }

@@ -164,6 +164,9 @@ pub struct StripeSettings {
     pub rate_per_sec: Option<u32>,
     /// Webhook signing secrets; several while one rolls.
     pub webhook_secrets: Vec<Secret>,
+    /// Signing secrets of the Connect webhook endpoint (events about connected accounts, such as
+    /// `account.updated`), `STRIPE_CONNECT_WEBHOOK_SECRET`; several while one rolls. Never logged.
+    pub connect_webhook_secrets: Vec<Secret>,
 }
 
 pub const STRIPE_TIMEOUT_MS_DEFAULT: u64 = 20_000;
@@ -201,20 +204,23 @@ impl StripeSettings {
         };
         let timeout_ms = number("STRIPE_TIMEOUT_MS")?.unwrap_or(STRIPE_TIMEOUT_MS_DEFAULT);
         let rate_per_sec = number("STRIPE_RATE_PER_SEC")?.map(|n| n.min(u64::from(u32::MAX)) as u32);
-        let webhook_secrets = get("STRIPE_WEBHOOK_SECRET")
-            .map(|raw| {
-                raw.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(Secret::new)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let secrets = |name: &str| -> Vec<Secret> {
+            get(name)
+                .map(|raw| {
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(Secret::new)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         Ok(Self {
             target,
             timeout_ms,
             rate_per_sec,
-            webhook_secrets,
+            webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
+            connect_webhook_secrets: secrets("STRIPE_CONNECT_WEBHOOK_SECRET"),
         })
     }
 }
@@ -266,6 +272,13 @@ mod stripe_settings_tests {
             vec!["whsec_new", "whsec_old"]
         );
         assert_eq!(s.rate_per_sec, Some(10));
+        assert!(s.connect_webhook_secrets.is_empty());
+        let s = settings(&[("STRIPE_CONNECT_WEBHOOK_SECRET", "whsec_connect")]).unwrap();
+        assert_eq!(
+            s.connect_webhook_secrets.iter().map(Secret::expose).collect::<Vec<_>>(),
+            vec!["whsec_connect"]
+        );
+        assert!(!format!("{s:?}").contains("whsec_connect"), "never printed");
         assert!(settings(&[("STRIPE_TIMEOUT_MS", "soon")])
             .unwrap_err()
             .to_string()
@@ -454,6 +467,7 @@ pub fn parse_duration_ms(raw: &str) -> Option<u64> {
 /// | `SPLITPAY_RECONCILE_DEBIT_GRACE` / `_INTERVAL` | `1h` / `6h` | the same for BECS and PayTo |
 /// | `SPLITPAY_RECONCILE_TRANSFER_GRACE` | `2m` | a TRANSFERRING allocation overdue by this is driven again |
 /// | `SPLITPAY_AUDIT_DAYS` | `7` | the transfer audit covers payments of the last N days |
+/// | `SPLITPAY_AUTO_RETRY_PARKED` | `1` | `0` turns off retrying shares parked for account reasons on `account.updated` |
 pub fn lifecycle_from_lookup(
     get: impl Fn(&str) -> Option<String>,
     settings: &mut crate::app::DistributionSettings,
@@ -495,6 +509,20 @@ pub fn lifecycle_from_lookup(
                 name: "SPLITPAY_AUDIT_DAYS",
                 reason: format!("expected a positive number of days, got '{raw}'"),
             })?;
+    }
+    if let Some(raw) = get("SPLITPAY_AUTO_RETRY_PARKED") {
+        settings.auto_retry_parked = match raw.trim() {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "SPLITPAY_AUTO_RETRY_PARKED",
+                    reason: format!(
+                        "expected 1 (retry parked shares when an account is fixed) or 0 (off), got '{raw}'"
+                    ),
+                })
+            }
+        };
     }
     Ok(())
 }
@@ -538,6 +566,15 @@ mod lifecycle_tests {
             (s.reconcile.debit_grace_ms, s.reconcile.debit_interval_ms),
             (3_600_000, 6 * 3_600_000)
         );
+    }
+
+    #[test]
+    fn auto_retry_is_on_unless_turned_off() {
+        assert!(read(&[]).unwrap().auto_retry_parked);
+        assert!(!read(&[("SPLITPAY_AUTO_RETRY_PARKED", "0")]).unwrap().auto_retry_parked);
+        assert!(read(&[("SPLITPAY_AUTO_RETRY_PARKED", "1")]).unwrap().auto_retry_parked);
+        let err = read(&[("SPLITPAY_AUTO_RETRY_PARKED", "no")]).unwrap_err().to_string();
+        assert!(err.contains("SPLITPAY_AUTO_RETRY_PARKED"), "{err}");
     }
 
     #[test]

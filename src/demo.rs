@@ -28,6 +28,7 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 const DEMO_DATABASE: &str = "splitpay_demo";
 const TOKEN: &str = "demo-service-token-0123456789";
 const WEBHOOK_SECRET: &str = "whsec_demo_local";
+const CONNECT_WEBHOOK_SECRET: &str = "whsec_demo_local_connect";
 const SIM_KEY: &str = "sk_test_splitpay_demo";
 /// Bounds the wait for the workers; the demo takes a few seconds.
 const WAIT_MS_MAX: u64 = 60_000;
@@ -86,6 +87,7 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
     let app = crate::http::router(crate::http::HttpState {
         app: ctx.clone(),
         webhook_secrets: Arc::new(vec![Secret::new(WEBHOOK_SECRET)]),
+        connect_webhook_secrets: Arc::new(vec![Secret::new(CONNECT_WEBHOOK_SECRET)]),
         service_token: Secret::new(TOKEN),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -93,6 +95,9 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     control
         .add_webhook(&format!("{api}/stripe/webhooks"), WEBHOOK_SECRET)
+        .await?;
+    control
+        .add_connect_webhook(&format!("{api}/stripe/webhooks/connect"), CONNECT_WEBHOOK_SECRET)
         .await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let settings = crate::jobs::runner::RunnerSettings {

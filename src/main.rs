@@ -39,8 +39,8 @@ enum Command {
     /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
     /// print where every cent went.
     Demo,
-    /// Operator commands: list parked allocations, show a payment by any of its ids, read the audit log, and run
-    /// both reconcilers once in the foreground.
+    /// Operator commands: list parked allocations, show a payment by any of its ids, retry a parked share, read the
+    /// audit log, and run both reconcilers once in the foreground.
     Ops(splitpay::ops::OpsArgs),
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {
@@ -163,6 +163,7 @@ async fn serve() -> Result<(), Failure> {
     let metrics = splitpay::observability::install()?;
     let pool = migrate().await?;
     let mut webhook_secrets = stripe.webhook_secrets.clone();
+    let mut connect_webhook_secrets = stripe.connect_webhook_secrets.clone();
     let _simulator = match stripe.target {
         StripeTarget::Simulator => {
             let sim = splitpay::stripe::sim::start(Default::default(), LOCAL_SIMULATOR_PORT).await?;
@@ -170,6 +171,10 @@ async fn serve() -> Result<(), Failure> {
             let url = format!("http://{}/stripe/webhooks", process.http_addr);
             sim.control().add_webhook(&url, &secret).await?;
             webhook_secrets.push(Secret::new(secret));
+            let secret = format!("whsec_local_connect_{}", uuid::Uuid::new_v4().simple());
+            let url = format!("http://{}/stripe/webhooks/connect", process.http_addr);
+            sim.control().add_connect_webhook(&url, &secret).await?;
+            connect_webhook_secrets.push(Secret::new(secret));
             tracing::warn!(base_url = %sim.base_url(), "no STRIPE_SECRET_KEY: using the local Stripe simulator");
             Some(sim)
         }
@@ -185,6 +190,7 @@ async fn serve() -> Result<(), Failure> {
     let app = splitpay::http::router(splitpay::http::HttpState {
         app: context(pool.clone(), &stripe, &process)?,
         webhook_secrets: Arc::new(webhook_secrets),
+        connect_webhook_secrets: Arc::new(connect_webhook_secrets),
         service_token,
     })
     .merge(splitpay::observability::scrape::router(MetricsState::new(

@@ -24,6 +24,8 @@ pub struct HttpState {
     pub app: AppContext,
     /// Signing secrets of the webhook endpoint (several while one rolls).
     pub webhook_secrets: Arc<Vec<Secret>>,
+    /// Signing secrets of the Connect webhook endpoint (`/stripe/webhooks/connect`); empty refuses every request.
+    pub connect_webhook_secrets: Arc<Vec<Secret>>,
     /// The bearer token intake callers present.
     pub service_token: Secret,
 }
@@ -52,6 +54,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/recommendation-sets/{id}/deactivate", post(catalog::deactivate_set))
         .route("/v1/recommendation-sets/{id}/archive", post(catalog::archive_set))
         .route("/stripe/webhooks", post(webhooks::receive))
+        .route("/stripe/webhooks/connect", post(webhooks::receive_connect))
         .route("/healthz", get(|| async { "ok" }))
         // After the routes: it applies to the routes added so far.
         .method_not_allowed_fallback(error::method_not_allowed)

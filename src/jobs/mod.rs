@@ -4,6 +4,7 @@
 //! - [`payment_state`]: the one path by which what Stripe says of a PaymentIntent moves a split payment.
 //! - [`reconcile`]: reconcile-pending and reconcile-transfers, what the webhooks and the jobs missed.
 //! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
+//! - [`accounts`]: retrying a parked share (for `ops retry`), and `account.updated`: link flags, automatic retries.
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
 //! - [`deliver`]: one outbound event to one webhook endpoint, signed, claimed before it is sent.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
@@ -14,6 +15,7 @@
 //!   tick across replicas.
 //! - [`sweeper`]: re-enqueues ready work whose job was lost.
 
+pub mod accounts;
 pub mod cron;
 pub mod deliver;
 pub mod distribute;

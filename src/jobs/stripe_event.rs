@@ -3,7 +3,7 @@
 //! each change calls for, in one transaction with marking the event processed. Idempotent (a processed event is
 //! skipped; a repeated outcome is `Unchanged`) and tolerant of order (a late `processing` changes nothing). Only a
 //! transition the state machine forbids is recorded as a contradiction; a database, enqueue or Stripe error leaves
-//! the event unprocessed, to be retried.
+//! the event unprocessed, to be retried. `account.updated` (Connect) is handled by [`super::accounts`].
 
 use serde_json::Value;
 
@@ -29,6 +29,10 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
     drop(conn);
     if event.processed_at.is_some() {
         return Ok(());
+    }
+    // A Connect event about a recipient's account: its links' flags, then retries of its parked shares.
+    if event.event_type == "account.updated" {
+        return super::accounts::account_updated(ctx, &event).await;
     }
     let Some(machine_event) = event_of_webhook(&event.event_type) else {
         // Not an event that moves a split payment (yet): recorded, nothing to do.

@@ -231,6 +231,18 @@ pub async fn succeed(
     transfer: &TransferInfo,
     generation: i32,
 ) -> Result<(), JobFailure> {
+    succeed_audited(ctx, id, transfer, generation, None).await
+}
+
+/// As [`succeed`], with an ops audit row written in the same transaction when the transfer is recorded (`ops retry`
+/// finding the parked generation's transfer at Stripe).
+pub async fn succeed_audited(
+    ctx: &AppContext,
+    id: &SplitAllocationId,
+    transfer: &TransferInfo,
+    generation: i32,
+    audit: Option<&crate::store::records::AuditEntry>,
+) -> Result<(), JobFailure> {
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     let c = allocation_context(&mut tx, id).await.map_err(transient)?;
     let now = Utc::now();
@@ -278,6 +290,11 @@ pub async fn succeed(
         })
         .await
         .map_err(transient)?;
+    }
+    if let Some(entry) = audit {
+        crate::store::records::insert_audit(&mut tx, entry)
+            .await
+            .map_err(transient)?;
     }
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     if recorded {

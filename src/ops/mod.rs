@@ -3,6 +3,7 @@
 //! - [`reconcile`]: run both reconcilers once, in the foreground.
 //! - [`parked`]: list the parked allocations (read-only).
 //! - [`show`]: everything about one payment, found by any of its ids (read-only).
+//! - [`retry`]: retry a parked share on a new transfer generation, once Stripe says its account is ready.
 //! - [`audit`]: the ops audit log, newest first (read-only).
 //! - [`endpoints`]: the webhook endpoints organisations receive their events at.
 //! - [`deliveries`]: `events` lists webhook deliveries, `redeliver` queues them again.
@@ -16,6 +17,7 @@ pub mod deliveries;
 pub mod endpoints;
 pub mod parked;
 pub mod reconcile;
+pub mod retry;
 pub mod show;
 
 use std::io::Write;
@@ -60,6 +62,23 @@ pub enum OpsCommand {
     Show {
         /// Our id (`spay_…`, `salc_…`, `don_…`) or Stripe's (`pi_…`, `ch_…`, `py_…`, `tr_…`).
         id: String,
+    },
+    /// Retry a PARKED share on a new transfer generation (a new idempotency key). First asks Stripe whether the
+    /// recipient's account can receive transfers now (the `transfers` capability active, the account not deleted)
+    /// and looks up the parked generation at Stripe: a transfer found there is recorded instead of making a second.
+    /// Exits 1 and changes nothing when the share is not PARKED, the account is not ready, or Stripe cannot be
+    /// asked. With --wait, exits 1 if the new generation is parked again.
+    Retry {
+        /// The parked allocation (`salc_…`, see `ops parked`).
+        id: String,
+        /// Wait for the new generation's outcome and print it: transferred, parked again, or still in progress.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits at most: `30s`, `2m`.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        wait_timeout: u64,
+        #[command(flatten)]
+        change: Change,
     },
     /// List the ops audit log (who changed what, and why), newest first. Changes nothing.
     Audit {
@@ -262,6 +281,15 @@ pub async fn run(
             older_than,
         } => parked::run(ctx, organisation.as_deref(), *older_than, args.json, out).await,
         OpsCommand::Show { id } => show::run(ctx, id, args.json, out, err).await,
+        OpsCommand::Retry {
+            id,
+            wait,
+            wait_timeout,
+            change,
+        } => {
+            let wait = wait.then(|| std::time::Duration::from_millis(*wait_timeout));
+            retry::run(ctx, id, wait, change, args.json, out, err).await
+        }
         OpsCommand::Audit { target, limit } => audit::run(ctx, target.as_deref(), *limit, args.json, out).await,
         OpsCommand::Endpoints { command } => endpoints::run(command, ctx, args.json, out, err).await,
         OpsCommand::Events {

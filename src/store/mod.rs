@@ -5,6 +5,7 @@
 //! - [`catalog`]: organisations, recipient account links, recommendation sets (the platform's data we read).
 //! - [`payments`], [`allocations`], [`donations`]: the three aggregates a payment is made of, and their transitions.
 //! - [`transfer_attempts`]: transfer generations, retries and discrepancies; [`money_report`]: conservation terms.
+//! - [`readiness`]: connected accounts' flags from `account.updated`, and the shares parked for account reasons.
 //! - [`records`]: the Stripe event inbox, the outbound event outbox, the ops audit log, cron tick claims.
 
 pub mod allocations;
@@ -14,6 +15,7 @@ pub mod donations;
 pub mod gauges;
 pub mod money_report;
 pub mod payments;
+pub mod readiness;
 pub mod records;
 pub mod transfer_attempts;
 pub mod webhooks;

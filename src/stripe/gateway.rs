@@ -366,6 +366,12 @@ impl PaymentGateway for StripeGateway {
         let account: stripe_shared::Account = self
             .send("retrieve_account", || RetrieveAccount::new(id).customize(), None)
             .await?;
+        let requirements = account.requirements.as_ref();
+        let mut requirements_due: Vec<String> = requirements
+            .into_iter()
+            .flat_map(|r| r.past_due.iter().chain(r.currently_due.iter()).flatten().cloned())
+            .collect();
+        requirements_due.dedup();
         Ok(AccountInfo {
             id: account.id.as_str().to_owned(),
             charges_enabled: account.charges_enabled.unwrap_or(false),
@@ -374,6 +380,10 @@ impl PaymentGateway for StripeGateway {
                 .capabilities
                 .and_then(|c| c.transfers)
                 .map(|status| status.as_str().to_owned()),
+            requirements_due,
+            disabled_reason: requirements
+                .and_then(|r| r.disabled_reason.as_ref())
+                .map(|d| d.as_str().to_owned()),
         })
     }
 }

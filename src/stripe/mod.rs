@@ -229,6 +229,10 @@ pub struct AccountInfo {
     pub payouts_enabled: bool,
     /// The `transfers` capability's status (`active`, `inactive`, `pending`), if requested.
     pub transfers_capability: Option<String>,
+    /// `requirements.currently_due` and `past_due` (what the account still has to provide), when Stripe says.
+    pub requirements_due: Vec<String>,
+    /// `requirements.disabled_reason`, when Stripe gives one.
+    pub disabled_reason: Option<String>,
 }
 
 impl AccountInfo {

@@ -28,6 +28,8 @@ use super::db::TestDb;
 use super::plan_for;
 
 pub const WEBHOOK_SECRET: &str = "whsec_flow_tests";
+/// The Connect endpoint's secret (`/stripe/webhooks/connect`).
+pub const CONNECT_WEBHOOK_SECRET: &str = "whsec_flow_tests_connect";
 pub const SERVICE_TOKEN: &str = "svc_flow_tests_token";
 
 pub struct Flow {
@@ -127,6 +129,7 @@ impl Flow {
         let app = router(HttpState {
             app: ctx.clone(),
             webhook_secrets: Arc::new(vec![Secret::new(WEBHOOK_SECRET)]),
+            connect_webhook_secrets: Arc::new(vec![Secret::new(CONNECT_WEBHOOK_SECRET)]),
             service_token: Secret::new(SERVICE_TOKEN),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -136,6 +139,10 @@ impl Flow {
             axum::serve(listener, app).await.unwrap();
         });
         control.add_webhook(&webhook_url, WEBHOOK_SECRET).await.unwrap();
+        control
+            .add_connect_webhook(&format!("{base_url}/stripe/webhooks/connect"), CONNECT_WEBHOOK_SECRET)
+            .await
+            .unwrap();
 
         let settings = RunnerSettings {
             heartbeat_interval: Duration::from_secs(1),
