@@ -30,6 +30,18 @@ pub struct DistributionSettings {
     pub plan_limits: PlanLimits,
     /// The reconcilers' graces and intervals.
     pub reconcile: ReconcileSettings,
+    /// What a refund of a transferred share takes back from the recipient (`SPLITPAY_REVERSE_ON_REFUND`).
+    pub reverse_on_refund: ReversePolicy,
+}
+
+/// What a refund of a transferred share takes back from its recipient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReversePolicy {
+    /// Reverse the recipient's share of the refunded part, `round(part × net / gross)`; the rest is platform loss.
+    #[default]
+    Proportional,
+    /// Reverse nothing: the platform bears the whole refund (recorded as platform loss).
+    None,
 }
 
 /// The cap on any retry delay of a transfer: never more than 5 minutes between attempts.
@@ -131,6 +143,7 @@ impl Default for DistributionSettings {
             backoff_cap_ms: TRANSFER_BACKOFF_CAP_MS_MAX,
             reconcile: ReconcileSettings::default(),
             plan_limits: PlanLimits::default(),
+            reverse_on_refund: ReversePolicy::default(),
         }
     }
 }

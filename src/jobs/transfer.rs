@@ -276,6 +276,10 @@ pub async fn succeed(
         .await
         .map_err(transient)?;
     }
+    // Refunds that arrived while the transfer was in flight are covered now: by a reversal (policy).
+    super::refunds::settle_waiting_parts(ctx, &mut tx, id)
+        .await
+        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     tracing::info!(split_allocation_id = %id, transfer_id = %transfer.id, generation, "transferred");
     Ok(())
@@ -339,6 +343,10 @@ async fn park(ctx: &AppContext, c: &AllocationContext, code: &str, message: &str
     .execute(&mut *tx)
     .await
     .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    // Refunds that arrived while the transfer was in flight are covered now: from the parked net.
+    super::refunds::settle_waiting_parts(ctx, &mut tx, &id)
+        .await
+        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     tracing::warn!(split_allocation_id = %id, code, message, "parked for an operator");
     metrics::counter!("splitpay_allocations_parked_total", "code" => code.to_owned()).increment(1);

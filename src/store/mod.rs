@@ -5,6 +5,7 @@
 //! - [`catalog`]: organisations, recipient account links, recommendation sets (the platform's data we read).
 //! - [`payments`], [`allocations`], [`donations`]: the three aggregates a payment is made of, and their transitions.
 //! - [`transfer_attempts`]: transfer generations, retries and discrepancies; [`money_report`]: conservation terms.
+//! - [`refunds`], [`reversals`]: refunds to donors, their parts per allocation, and the transfer reversals they cause.
 //! - [`records`]: the Stripe event inbox, the outbound event outbox, the ops audit log, cron tick claims.
 
 pub mod allocations;
@@ -14,6 +15,8 @@ pub mod donations;
 pub mod money_report;
 pub mod payments;
 pub mod records;
+pub mod refunds;
+pub mod reversals;
 pub mod transfer_attempts;
 pub mod webhooks;
 
