@@ -179,7 +179,7 @@ mod tests {
     fn examples() {
         assert_eq!(spread(100, &shares(&[50, 50])), Ok(vec![50, 50]));
         // 1/3 each, one cent left over: the earlier position gets it.
-        assert_eq!(spread(100, &shares(&[10, 10, 10])), Ok(vec![34, 33, 33]));
+        assert_eq!(spread(10, &shares(&[10, 10, 10])), Ok(vec![4, 3, 3]));
         assert_eq!(spread(10, &shares(&[700, 300])), Ok(vec![7, 3]));
         // A capped share's excess goes to the others.
         let capped = [
