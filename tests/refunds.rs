@@ -337,3 +337,70 @@ async fn a_lost_refund_response_is_resent_with_the_same_key_and_refunds_once() {
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
     flow.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key() {
+    let (flow, p) = settled(&[]).await;
+    let a0 = allocation(&flow, &p, 0).await;
+    let net0 = a0.net_amount_cents.unwrap();
+    // Every reversal request breaks before Stripe applies it.
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::DropConnection,
+            count: 10_000,
+            path_contains: Some("/reversals".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let out = refund(&flow, &a0.id, &["--reverse-transfer"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("retried automatically"), "{}", stderr(&out));
+    assert_eq!(charge_refunded_cents(&flow, &p).await, 0, "no refund before the reversal");
+    let mut conn = flow.db.pool.acquire().await.unwrap();
+    let reversals = reversals_for_payment(&mut conn, &p.payment.id).await.unwrap();
+    assert_eq!(reversals.len(), 1);
+    assert_eq!(reversals[0].status, "PENDING");
+    assert!(reversals[0].attempts >= 1 && reversals[0].failure_message.is_some(), "{:?}", reversals[0]);
+    let refunds = refunds_for_payment(&mut conn, &p.payment.id).await.unwrap();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0].status, "REQUESTED");
+    drop(conn);
+
+    // Shown to operators, never dropped.
+    let show = ops(&flow, &["show", &a0.id, "--json"]);
+    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["reversals"][0]["status"], "PENDING", "{show}");
+    assert_eq!(show["refunds"][0]["status"], "REQUESTED", "{show}");
+    let parked = ops(&flow, &["parked", "--json"]);
+    let parked: Value = serde_json::from_slice(&parked.stdout).unwrap();
+    assert_eq!(parked["reversals_pending"].as_array().unwrap().len(), 1, "{parked}");
+    let table = String::from_utf8_lossy(&ops(&flow, &["parked"]).stdout).into_owned();
+    assert!(table.contains("reversals not made yet: 1"), "{table}");
+
+    // Stripe answers again; the sweep takes the overdue reversal (made due here instead of waiting its backoff)
+    // and sends it with the same key.
+    flow.control.clear_faults().await.unwrap();
+    sqlx::query("UPDATE transfer_reversals SET next_attempt_at = now()")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+    let mut conn = flow.db.pool.acquire().await.unwrap();
+    let reversals = reversals_for_payment(&mut conn, &p.payment.id).await.unwrap();
+    assert_eq!(reversals[0].status, "SUCCEEDED", "{:?}", reversals[0]);
+    drop(conn);
+    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
+    let reversed: i64 = transfers.iter().map(|t| t.amount_reversed_cents).sum();
+    assert_eq!(reversed, net0, "reversed exactly once");
+
+    // The operator runs the command again: the refund follows, with the intent's key.
+    let out = refund(&flow, &a0.id, &["--reverse-transfer"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(charge_refunded_cents(&flow, &p).await, net0);
+    assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 1);
+    let (status, refunded, _, events) = donation_refunds(&flow, &a0).await;
+    assert_eq!((status, refunded, events.len()), (DonationStatus::Refunded, net0, 1));
+    assert_conserved_at_stripe(&flow, &pid(&p)).await;
+    flow.stop().await;
+}

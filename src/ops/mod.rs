@@ -3,6 +3,7 @@
 //! - [`reconcile`]: run both reconcilers once, in the foreground.
 //! - [`refund`]: refund one parked or transferred share to the donor (with the transfer reversed first).
 //! - [`parked`]: list the parked allocations (read-only).
+//! - [`money_back`]: refunds and transfer reversals, as `show` and `parked` print them.
 //! - [`show`]: everything about one payment, found by any of its ids (read-only).
 //! - [`audit`]: the ops audit log, newest first (read-only).
 //! - [`endpoints`]: the webhook endpoints organisations receive their events at.
@@ -15,6 +16,7 @@
 pub mod audit;
 pub mod deliveries;
 pub mod endpoints;
+pub mod money_back;
 pub mod parked;
 pub mod reconcile;
 pub mod refund;

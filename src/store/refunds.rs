@@ -28,7 +28,7 @@ use crate::stripe::RefundInfo;
 /// process crashed before it stored Stripe's id.
 pub const REFUND_REF_KEY: &str = "splitpay_refund_ref";
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct RefundRow {
     pub id: i64,
     pub stripe_refund_id: Option<String>,
@@ -50,7 +50,7 @@ pub struct RefundRow {
     pub attributed_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct RefundPartRow {
     pub refund_id: i64,
     pub split_allocation_id: String,

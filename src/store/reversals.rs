@@ -10,7 +10,7 @@ use super::allocations::SplitAllocationRow;
 use super::{corrupt, StoreError, Tx};
 use crate::domain::ids::{reversal_idempotency_key, SplitAllocationId};
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct ReversalRow {
     pub id: i64,
     pub split_allocation_id: String,
