@@ -732,8 +732,10 @@ async fn reversals_partial_full_and_already_reversed() {
 
 #[tokio::test]
 async fn refunds_partial_and_never_above_what_is_refundable() {
-    let (sim, _) = simulator().await;
+    let (sim, control) = simulator().await;
     let gw = gateway(&sim);
+    // Refunds are paid from the platform's available balance; the card payment's own funds are still pending.
+    control.top_up("aud", 5_000).await.unwrap();
     let pi = gw
         .create_payment_intent(&intent(5_000, PaymentMethodType::Card, Some("pm_card_visa"), "k-pay"))
         .await
@@ -1048,6 +1050,13 @@ async fn a_becs_success_can_be_disputed_later() {
         gw.retrieve_payment_intent(&pi.id).await.unwrap().status,
         IntentStatus::Succeeded
     );
+    // As with real BECS, the dispute comes after the debit succeeded: a minute later on the simulator's clock.
+    let none_yet = raw_get(&sim, "events?type=charge.dispute.created").await;
+    assert_eq!(none_yet["data"].as_array().unwrap().len(), 0, "{none_yet}");
+    control
+        .advance_clock(SimConfig::default().becs_dispute_after_secs)
+        .await
+        .unwrap();
     let disputes = raw_get(&sim, "events?type=charge.dispute.created").await;
     let dispute = &disputes["data"][0]["data"]["object"];
     assert_eq!(

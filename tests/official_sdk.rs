@@ -197,6 +197,8 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
     .await;
     let transfer_id = transfer["id"].as_str().unwrap().to_owned();
     let reversal = sim_post(&base, &format!("transfers/{transfer_id}/reversals"), "amount=100").await;
+    // Refunds are paid from the available balance; the card payment's own funds are still pending.
+    control.top_up("aud", 500).await.unwrap();
     let refund = sim_post(
         &base,
         "refunds",
@@ -212,9 +214,40 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
         )
         .await
     };
+    // pm_card_createDispute: the payment succeeds, then a dispute opens with its funds withdrawn.
+    let disputed_pi = sim_post(
+        &base,
+        "payment_intents",
+        "amount=2000&currency=aud&payment_method=pm_card_createDispute&confirm=true",
+    )
+    .await;
+    let disputes = sim_get(
+        &base,
+        &format!("disputes?payment_intent={}", disputed_pi["id"].as_str().unwrap()),
+    )
+    .await;
+    let dispute = disputes["data"][0].clone();
+    let withdrawal = dispute["balance_transactions"][0].clone();
+    // A dispute opened by the control API on the first charge, then won: the funds come back.
+    control.open_dispute(&charge_id).await.unwrap();
+    let won = control.close_dispute(&charge_id, true).await.unwrap();
+    let reinstatement = won["balance_transactions"][1].clone();
+    let refund_again = sim_get(&base, &format!("refunds/{}", refund["id"].as_str().unwrap())).await;
+    // The transferred funds become available on the connected account, which pays some out.
+    control.advance_clock(3 * 86_400).await.unwrap();
+    let payout = control.payout(&account_id, "aud", 100).await.unwrap();
+    control.set_transfers_capability(&account_id, "active").await.unwrap();
     let balance = sim_get(&base, "balance").await;
     let events = sim_get(&base, "events?limit=100").await;
     let event = events["data"][0].clone();
+    let refunded_charge = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "charge.refunded")
+        .map(|e| e["data"]["object"].clone())
+        .unwrap();
+    assert_eq!(refunded_charge["refunds"]["data"][0]["id"], refund["id"]);
 
     let objects = [
         ("payment_intent", pi.clone()),
@@ -222,10 +255,17 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
         ("payment_intent", declined["error"]["payment_intent"].clone()),
         ("payment_intent", canceled.clone()),
         ("charge", charge.clone()),
+        ("charge", refunded_charge.clone()),
         ("balance_transaction", balance_transaction.clone()),
         ("transfer", transfer.clone()),
         ("transfer_reversal", reversal.clone()),
         ("refund", refund.clone()),
+        ("refund", refund_again.clone()),
+        ("dispute", dispute.clone()),
+        ("dispute", won.clone()),
+        ("balance_transaction", withdrawal.clone()),
+        ("balance_transaction", reinstatement.clone()),
+        ("payout", payout.clone()),
         ("account", account.clone()),
         ("balance", balance),
         ("event", event.clone()),
@@ -250,6 +290,28 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
     assert_eq!(canceled["cancellation_reason"], "abandoned");
     assert_eq!(pi["cancellation_reason"], serde_json::Value::Null);
     assert_eq!(refund["reason"], "duplicate");
+    assert_eq!(refund_again, refund, "a refund reads back as it was created");
+    assert!(dispute["id"].as_str().unwrap().starts_with("dp_"), "{dispute}");
+    assert_eq!(
+        (
+            dispute["status"].as_str(),
+            dispute["amount"].as_i64(),
+            dispute["reason"].as_str()
+        ),
+        (Some("needs_response"), Some(2_000), Some("fraudulent"))
+    );
+    assert_eq!(
+        (
+            withdrawal["type"].as_str(),
+            withdrawal["amount"].as_i64(),
+            withdrawal["fee"].as_i64()
+        ),
+        (Some("adjustment"), Some(-2_000), Some(2_500))
+    );
+    assert_eq!(
+        (won["status"].as_str(), reinstatement["amount"].as_i64()),
+        (Some("won"), Some(9_500))
+    );
     assert!(transfer["destination_payment"].as_str().unwrap().starts_with("py_"));
     assert_eq!(
         declined["error"]["payment_intent"]["payment_method"],
@@ -265,6 +327,8 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
             "transfer" => parses_as::<stripe_shared::Transfer>(resource, object),
             "transfer_reversal" => parses_as::<stripe_shared::TransferReversal>(resource, object),
             "refund" => parses_as::<stripe_shared::Refund>(resource, object),
+            "dispute" => parses_as::<stripe_shared::Dispute>(resource, object),
+            "payout" => parses_as::<stripe_shared::Payout>(resource, object),
             "account" => parses_as::<stripe_shared::Account>(resource, object),
             _ => {}
         }

@@ -4,7 +4,9 @@ Usage: official_sdk.py BASE_URL   (e.g. http://127.0.0.1:12111)
 Exits 0 and prints "official SDK: N checks passed" when every response parses into the SDK's typed objects with
 the expected values; raises otherwise.
 """
+import json
 import sys
+import urllib.request
 
 import stripe
 
@@ -68,6 +70,16 @@ check([t.id for t in listed.data] == [transfer.id] and listed.has_more is False,
 reversal = client.v1.transfers.reversals.create(transfer.id, params={"amount": 1000})
 check(isinstance(reversal, stripe.TransferReversal) and reversal.amount == 1000, "reversal")
 
+# Refunds are paid from the platform's available balance, and the card payment's funds are still pending: top up
+# through the simulator's control API, as a platform would top up its Stripe balance.
+urllib.request.urlopen(
+    urllib.request.Request(
+        base + "/_sim/balance/top_up",
+        data=json.dumps({"currency": "aud", "amount": 500}).encode(),
+        headers={"content-type": "application/json"},
+        method="POST",
+    )
+).read()
 refund = client.v1.refunds.create(params={"payment_intent": pi.id, "amount": 500})
 check(isinstance(refund, stripe.Refund) and refund.amount == 500 and refund.status == "succeeded", "refund")
 

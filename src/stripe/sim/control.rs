@@ -9,9 +9,14 @@
 //! | `POST /_sim/clock/advance` `{seconds}` | moves the clock on (pending debits settle, delayed balance transactions appear, due webhook retries go out) |
 //! | `POST /_sim/payment_intents/{id}/settle` `{outcome: "succeed"\|"fail", failure_code?, failure_message?}` | settles a pending debit now |
 //! | `POST /_sim/accounts` `{id?, transfers?, country?}` | creates a connected account |
-//! | `POST /_sim/accounts/{id}/capabilities` `{transfers}` | sets the `transfers` capability |
+//! | `POST /_sim/accounts/{id}/capabilities` `{transfers, activate_after_secs?}` | sets the `transfers` capability; with `activate_after_secs` it turns `active` once the clock passes that (`capability.updated` + `account.updated` each time) |
+//! | `POST /_sim/accounts/{id}/payout` `{currency, amount}` | pays a connected account's available balance out (`balance_insufficient` above it) |
+//! | `GET /_sim/accounts/{id}/balance` | that connected account's balance (as `GET /v1/balance` with `Stripe-Account`) |
 //! | `POST /_sim/balance/top_up` `{currency, amount}` | adds available platform balance |
-//! | `POST /_sim/webhooks` `{url, secret}` | registers a webhook endpoint |
+//! | `POST /_sim/charges/{ch}/dispute` `{reason?}` | opens a dispute on a succeeded charge now (funds withdrawn at once); returns the dispute |
+//! | `POST /_sim/charges/{ch}/dispute/close` `{outcome: "won"\|"lost"}` | decides the charge's dispute; returns it |
+//! | `POST /_sim/refunds/{re}/settle` `{outcome: "succeeded"\|"failed", failure_reason?}` | settles a `pending` refund (`charge.refund.updated`) |
+//! | `POST /_sim/webhooks` `{url, secret, connect?}` | registers a webhook endpoint; `connect: true` for Connect events only (default: platform events only) |
 //! | `POST /_sim/webhooks/mode` `{duplicate?, drop_next?, hold?}` | delivery modes |
 //! | `POST /_sim/webhooks/flush` | releases held events, newest first (reordered), one after the other |
 //! | `POST /_sim/webhooks/redeliver` `{event_id}` | sends a past event again now, after whatever came since |
@@ -113,11 +118,72 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
         }
         ("POST", ["accounts", id, "capabilities"]) => {
             let status = arg_str(args, "transfers")?;
+            let activate_after_secs = match &args["activate_after_secs"] {
+                Value::Null => None,
+                _ => Some(arg_i64(args, "activate_after_secs")?),
+            };
             shared
                 .model
                 .lock()
                 .expect("no panics while held")
-                .set_transfers_capability(id, status, now)
+                .set_transfers_capability(id, status, activate_after_secs, now)
+        }
+        ("POST", ["accounts", id, "payout"]) => {
+            let currency = arg_str(args, "currency")?.to_ascii_lowercase();
+            let amount = arg_i64(args, "amount")?;
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .payout(id, &currency, amount, now)
+        }
+        ("GET", ["accounts", id, "balance"]) => shared
+            .model
+            .lock()
+            .expect("no panics while held")
+            .connected_balance_json(id, now),
+        ("POST", ["charges", id, "dispute"]) => {
+            let reason = match &args["reason"] {
+                Value::Null => "general",
+                _ => arg_str(args, "reason")?,
+            };
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .open_dispute(id, reason, now)
+        }
+        ("POST", ["charges", id, "dispute", "close"]) => {
+            let won = match arg_str(args, "outcome")? {
+                "won" => true,
+                "lost" => false,
+                other => return Err(SimError::invalid("outcome", format!("won or lost, not {other}"))),
+            };
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .close_dispute(id, won, now)
+        }
+        ("POST", ["refunds", id, "settle"]) => {
+            let outcome = match arg_str(args, "outcome")? {
+                "succeeded" => Ok(()),
+                "failed" => Err(match &args["failure_reason"] {
+                    Value::Null => None,
+                    _ => Some(arg_str(args, "failure_reason")?),
+                }),
+                other => {
+                    return Err(SimError::invalid(
+                        "outcome",
+                        format!("succeeded or failed, not {other}"),
+                    ))
+                }
+            };
+            shared
+                .model
+                .lock()
+                .expect("no panics while held")
+                .settle_refund(id, outcome, now)
         }
         ("POST", ["balance", "top_up"]) => {
             let currency = arg_str(args, "currency")?.to_ascii_lowercase();
@@ -129,12 +195,18 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
         ("POST", ["webhooks"]) => {
             let url = arg_str(args, "url")?.to_owned();
             let secret = Secret::new(arg_str(args, "secret")?);
+            let connect = match &args["connect"] {
+                Value::Null => false,
+                v => v
+                    .as_bool()
+                    .ok_or_else(|| SimError::invalid("connect", "connect must be true or false"))?,
+            };
             shared
                 .webhooks
                 .lock()
                 .expect("no panics while held")
                 .endpoints
-                .push(super::webhooks::Endpoint { url, secret });
+                .push(super::webhooks::Endpoint { url, secret, connect });
             Ok(json!({ "ok": true }))
         }
         ("POST", ["webhooks", "mode"]) => {
@@ -263,10 +335,62 @@ impl SimControl {
             .map(|_| ())
     }
 
+    /// Sets the `transfers` capability now (`capability.updated` and `account.updated` follow).
     pub async fn set_transfers_capability(&self, id: &str, status: &str) -> Result<(), ControlError> {
         self.post(&format!("accounts/{id}/capabilities"), json!({ "transfers": status }))
             .await
             .map(|_| ())
+    }
+
+    /// Sets the `transfers` capability to `status` now and makes it turn `active` after `activate_after_secs`
+    /// of simulator time.
+    pub async fn activate_transfers_later(
+        &self,
+        id: &str,
+        status: &str,
+        activate_after_secs: i64,
+    ) -> Result<Value, ControlError> {
+        self.post(
+            &format!("accounts/{id}/capabilities"),
+            json!({ "transfers": status, "activate_after_secs": activate_after_secs }),
+        )
+        .await
+    }
+
+    /// Pays `amount_cents` of a connected account's available balance out to its bank.
+    pub async fn payout(&self, account_id: &str, currency: &str, amount_cents: i64) -> Result<Value, ControlError> {
+        self.post(
+            &format!("accounts/{account_id}/payout"),
+            json!({ "currency": currency, "amount": amount_cents }),
+        )
+        .await
+    }
+
+    /// A connected account's balance (Stripe's balance object).
+    pub async fn connected_balance(&self, account_id: &str) -> Result<Value, ControlError> {
+        self.get(&format!("accounts/{account_id}/balance")).await
+    }
+
+    /// Opens a dispute on a succeeded charge now; returns the dispute (funds already withdrawn).
+    pub async fn open_dispute(&self, charge_id: &str) -> Result<Value, ControlError> {
+        self.post(&format!("charges/{charge_id}/dispute"), json!({})).await
+    }
+
+    /// Decides the charge's open dispute; returns the closed dispute.
+    pub async fn close_dispute(&self, charge_id: &str, won: bool) -> Result<Value, ControlError> {
+        let outcome = if won { "won" } else { "lost" };
+        self.post(
+            &format!("charges/{charge_id}/dispute/close"),
+            json!({ "outcome": outcome }),
+        )
+        .await
+    }
+
+    /// Settles a `pending` refund (failed ones with failure_reason `unknown`); returns the refund.
+    pub async fn settle_refund(&self, refund_id: &str, succeeded: bool) -> Result<Value, ControlError> {
+        let outcome = if succeeded { "succeeded" } else { "failed" };
+        self.post(&format!("refunds/{refund_id}/settle"), json!({ "outcome": outcome }))
+            .await
     }
 
     pub async fn advance_clock(&self, seconds: i64) -> Result<i64, ControlError> {
@@ -297,6 +421,13 @@ impl SimControl {
 
     pub async fn add_webhook(&self, url: &str, secret: &str) -> Result<(), ControlError> {
         self.post("webhooks", json!({ "url": url, "secret": secret }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Registers a Connect endpoint: it receives only events about connected accounts.
+    pub async fn add_connect_webhook(&self, url: &str, secret: &str) -> Result<(), ControlError> {
+        self.post("webhooks", json!({ "url": url, "secret": secret, "connect": true }))
             .await
             .map(|_| ())
     }

@@ -223,7 +223,8 @@ pub(super) async fn stripe_api(
         if hold_ms > 0 {
             tokio::time::sleep(Duration::from_millis(hold_ms)).await;
         }
-        route(&shared, &method, &path, &form)
+        let stripe_account = headers.get("stripe-account").and_then(|v| v.to_str().ok());
+        route(&shared, &method, &path, &form, stripe_account)
     };
     let (status, body, saved, mut headers) = match &result {
         Ok(v) => (200, v.clone(), true, Vec::new()),
@@ -268,8 +269,15 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     (key.starts_with("sk_test_") || key.starts_with("rk_test_")).then(|| key.to_owned())
 }
 
-/// Routes `/v1/…` to the model.
-pub(super) fn route(shared: &Shared, method: &Method, path: &str, form: &Form) -> Result<Value, SimError> {
+/// Routes `/v1/…` to the model. `stripe_account` is the `Stripe-Account` header (a request made as a connected
+/// account); only `GET /v1/balance` reads it.
+pub(super) fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    form: &Form,
+    stripe_account: Option<&str>,
+) -> Result<Value, SimError> {
     let now = shared.now();
     let segments: Vec<&str> = path
         .trim_start_matches("/v1/")
@@ -290,10 +298,18 @@ pub(super) fn route(shared: &Shared, method: &Method, path: &str, form: &Form) -
         ("GET", ["transfers", id]) => model.retrieve_transfer(id),
         ("POST", ["transfers", id, "reversals"]) => model.create_reversal(id, form, now),
         ("POST", ["refunds"]) => model.create_refund(form, now),
+        ("GET", ["refunds"]) => model.list_refunds(form),
+        ("GET", ["refunds", id]) => model.retrieve_refund(id),
+        ("GET", ["disputes"]) => model.list_disputes(form, now),
+        ("GET", ["disputes", id]) => model.retrieve_dispute(id, now),
         ("POST", ["accounts"]) => model.create_account(form, now),
         ("GET", ["accounts", id]) => model.retrieve_account(id),
         ("DELETE", ["accounts", id]) => model.delete_account(id, now),
-        ("GET", ["balance"]) => Ok(model.balance_json(now)),
+        ("GET", ["balance_transactions", id]) => model.retrieve_balance_txn(id, now),
+        ("GET", ["balance"]) => match stripe_account {
+            Some(account) => model.connected_balance_json(account, now),
+            None => Ok(model.balance_json(now)),
+        },
         ("GET", ["events"]) => model.list_events(form),
         ("GET", ["events", id]) => model.retrieve_event(id),
         _ => Err(SimError {

@@ -11,6 +11,10 @@
 //!
 //! Webhooks: every state change creates an `evt_…` (listable at `/v1/events`) and is POSTed, signed, to each
 //! registered endpoint, with delivery modes for duplicates, held-back (reordered), dropped and redelivered events.
+//! Events about a connected account carry `account` and go only to endpoints registered with `connect: true`.
+//!
+//! Money is booked as balance transactions on the platform and on each connected account: charges, transfers,
+//! reversals, refunds, disputes, top-ups and payouts, so tests can check that balances add up.
 
 // A refused simulated request builds one `SimError` (Stripe's whole error envelope); boxing it would only add noise.
 #![allow(clippy::result_large_err)]

@@ -2,7 +2,8 @@
 //! concurrently, so there is no ordering guarantee; a failed delivery is retried with backoff over about three days
 //! of *simulator* time (advancing `/_sim/clock` makes due retries go out), then given up. Control modes on top:
 //! duplicate every event, drop the next N, hold events back and flush them newest first, and redeliver any past
-//! event on demand (a late `processing` after `succeeded`).
+//! event on demand (a late `processing` after `succeeded`). Connect events (about a connected account) go only
+//! to Connect endpoints, the platform's own events only to the other endpoints.
 
 use std::sync::Arc;
 
@@ -27,6 +28,15 @@ pub const REDELIVERY_DELAYS_SECS: [i64; 8] = [
 pub(super) struct Endpoint {
     pub url: String,
     pub secret: Secret,
+    /// A Connect endpoint: it receives the events about connected accounts (those with a top-level `account`)
+    /// and only those; a platform endpoint receives only the platform's own events, as Stripe separates them.
+    pub connect: bool,
+}
+
+impl Endpoint {
+    fn wants(&self, event: &Event) -> bool {
+        self.connect == event.account.is_some()
+    }
 }
 
 /// A failed delivery waiting for its next attempt.
@@ -92,7 +102,7 @@ pub(super) fn deliver(shared: &Arc<Shared>, events: Vec<Event>) {
         (hooks.endpoints.clone(), sends)
     };
     for event in sends {
-        for endpoint in &endpoints {
+        for endpoint in endpoints.iter().filter(|e| e.wants(&event)) {
             spawn_attempt(shared, event.clone(), endpoint.clone(), 0);
         }
     }
@@ -103,7 +113,7 @@ pub(super) fn deliver(shared: &Arc<Shared>, events: Vec<Event>) {
 pub(super) async fn deliver_in_order(shared: &Arc<Shared>, events: Vec<Event>) {
     let endpoints = shared.webhooks.lock().expect("no panics while held").endpoints.clone();
     for event in events {
-        for endpoint in &endpoints {
+        for endpoint in endpoints.iter().filter(|e| e.wants(&event)) {
             attempt(shared, event.clone(), endpoint.clone(), 0).await;
         }
     }
@@ -111,7 +121,10 @@ pub(super) async fn deliver_in_order(shared: &Arc<Shared>, events: Vec<Event>) {
 
 /// Sends a past event again to every endpoint, now (Stripe redelivers; a redelivery can arrive after newer events).
 pub(super) fn redeliver(shared: &Arc<Shared>, event: Event) -> usize {
-    let endpoints = shared.webhooks.lock().expect("no panics while held").endpoints.clone();
+    let endpoints: Vec<Endpoint> = {
+        let hooks = shared.webhooks.lock().expect("no panics while held");
+        hooks.endpoints.iter().filter(|e| e.wants(&event)).cloned().collect()
+    };
     for endpoint in &endpoints {
         spawn_attempt(shared, event.clone(), endpoint.clone(), 0);
     }

@@ -1,4 +1,6 @@
-//! Connected accounts: creation with the `transfers` capability, retrieval, deletion, capability changes.
+//! Connected accounts: creation with the `transfers` capability, retrieval, deletion, capability changes (at once
+//! or later on the simulator's clock). Their events are Connect events (top-level `account`): `account.updated`
+//! and `capability.updated` whenever a capability changes.
 
 use serde_json::{json, Value};
 
@@ -10,6 +12,8 @@ pub(super) struct Account {
     pub(super) id: String,
     pub(super) created: i64,
     pub(super) transfers: String,
+    /// When a pending `transfers` capability turns active on its own (simulator clock).
+    pub(super) transfers_activate_at: Option<i64>,
     pub(super) deleted: bool,
     pub(super) country: String,
     pub(super) metadata: std::collections::BTreeMap<String, String>,
@@ -87,13 +91,14 @@ impl Model {
             id: id.clone(),
             created: now,
             transfers: form.get("transfers").unwrap_or(transfers).to_owned(),
+            transfers_activate_at: None,
             deleted: false,
             country: form.get("country").unwrap_or("AU").to_owned(),
             metadata,
         };
         let json = Self::account_json(&account);
-        self.accounts.insert(id, account);
-        self.emit("account.updated", json.clone(), now);
+        self.accounts.insert(id.clone(), account);
+        self.emit_for(Some(&id), "account.updated", json.clone(), now);
         Ok(json)
     }
 
@@ -117,21 +122,69 @@ impl Model {
             .ok_or_else(|| SimError::missing("account", id, None))?;
         account.deleted = true;
         let json = json!({ "id": id, "object": "account", "deleted": true });
-        self.emit("account.application.deauthorized", json.clone(), now);
+        self.emit_for(Some(id), "account.application.deauthorized", json.clone(), now);
         Ok(json)
     }
 
-    pub fn set_transfers_capability(&mut self, id: &str, status: &str, now: i64) -> Result<Value, SimError> {
+    /// Sets the `transfers` capability now; with `activate_after_secs`, it also turns `active` on its own once
+    /// the simulator's clock has moved that far (as Stripe activates capabilities asynchronously).
+    pub fn set_transfers_capability(
+        &mut self,
+        id: &str,
+        status: &str,
+        activate_after_secs: Option<i64>,
+        now: i64,
+    ) -> Result<Value, SimError> {
         if !["active", "inactive", "pending"].contains(&status) {
             return Err(SimError::invalid("transfers", "active, inactive or pending"));
+        }
+        if activate_after_secs.is_some_and(|secs| secs < 0) {
+            return Err(SimError::invalid(
+                "activate_after_secs",
+                "activate_after_secs must not be negative",
+            ));
         }
         let account = self
             .accounts
             .get_mut(id)
             .ok_or_else(|| SimError::missing("account", id, None))?;
         account.transfers = status.to_owned();
+        account.transfers_activate_at = activate_after_secs.map(|secs| now + secs);
+        Ok(self.capability_changed(id, now))
+    }
+
+    /// Pending capabilities whose time has come turn active.
+    pub(super) fn activate_due_capabilities(&mut self, now: i64) {
+        let mut due: Vec<String> = self
+            .accounts
+            .values()
+            .filter(|a| a.transfers_activate_at.is_some_and(|at| at <= now))
+            .map(|a| a.id.clone())
+            .collect();
+        due.sort();
+        for id in due {
+            let account = self.accounts.get_mut(&id).expect("listed above");
+            account.transfers = "active".to_owned();
+            account.transfers_activate_at = None;
+            self.capability_changed(&id, now);
+        }
+    }
+
+    /// Emits `capability.updated` and `account.updated` (Connect events) and returns the account.
+    fn capability_changed(&mut self, id: &str, now: i64) -> Value {
+        let account = &self.accounts[id];
         let json = Self::account_json(account);
-        self.emit("account.updated", json.clone(), now);
-        Ok(json)
+        let requirements = json!({
+            "alternatives": [], "current_deadline": null, "currently_due": [], "disabled_reason": null,
+            "errors": [], "eventually_due": [], "past_due": [], "pending_verification": [],
+        });
+        let capability = json!({
+            "id": "transfers", "object": "capability", "account": id, "future_requirements": requirements,
+            "requested": true, "requested_at": account.created, "requirements": requirements,
+            "status": account.transfers,
+        });
+        self.emit_for(Some(id), "capability.updated", capability, now);
+        self.emit_for(Some(id), "account.updated", json.clone(), now);
+        json
     }
 }

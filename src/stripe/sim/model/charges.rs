@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::balance::BalanceTxn;
-use super::{random_id, with_nulls, Model, SimError};
+use super::{with_nulls, Model, SimError};
 
 #[derive(Debug, Clone)]
 pub(super) struct Charge {
@@ -27,6 +27,8 @@ pub(super) struct Charge {
     pub(super) failure_code: Option<String>,
     pub(super) failure_message: Option<String>,
     pub(super) disputed: bool,
+    /// When a dispute opens on its own (the BECS `666666660` test account), on the simulator's clock.
+    pub(super) dispute_due: Option<i64>,
     pub(super) metadata: BTreeMap<String, String>,
     pub(super) payment_method: String,
 }
@@ -62,6 +64,7 @@ impl Model {
             "payment_intent": c.payment_intent,
             "payment_method_details": { "type": c.method_type },
             "refunded": c.amount_refunded == c.amount && c.amount > 0,
+            "refunds": self.charge_refunds_json(&c.id),
             "status": c.status,
             "transfer_group": c.transfer_group,
             "payment_method": c.payment_method,
@@ -82,7 +85,6 @@ impl Model {
                 "receipt_email",
                 "receipt_number",
                 "receipt_url",
-                "refunds",
                 "review",
                 "shipping",
                 "source",
@@ -116,16 +118,9 @@ impl Model {
 
     pub(super) fn book_charge_balance(&mut self, charge_id: &str, now: i64) {
         let charge = self.charges.get_mut(charge_id).expect("caller holds a real charge");
-        let bt = BalanceTxn {
-            id: random_id("txn"),
-            amount: charge.amount,
-            fee: charge.fee,
-            currency: charge.currency.clone(),
-            created: now,
-            available_on: charge.available_on,
-            type_: "charge",
-            source: charge.id.clone(),
-        };
+        let mut bt = BalanceTxn::platform("charge", charge.amount, &charge.currency, &charge.id, now);
+        bt.fee = charge.fee;
+        bt.available_on = charge.available_on;
         charge.balance_transaction = Some(bt.id.clone());
         charge.balance_transaction_due = None;
         self.balance_txns.push(bt);

@@ -1,4 +1,5 @@
-//! How the simulator behaves: Stripe's fees per payment method, settlement delays, the idempotency TTL. Every
+//! How the simulator behaves: Stripe's fees per payment method and for disputes, settlement delays, the
+//! idempotency TTL. Every
 //! field can be changed at run time through `/_sim/config`.
 
 /// Stripe's fee for a payment method: basis points of the amount (half-up) plus a fixed part, optionally capped.
@@ -37,6 +38,14 @@ pub struct SimConfig {
     pub idempotency_ttl_secs: i64,
     /// New connected accounts that request `transfers` get it active at once.
     pub auto_activate_transfers: bool,
+    /// The dispute fee withdrawn with a dispute's amount: A$25.00 in Australia (Stripe's AU pricing).
+    pub dispute_fee_cents: i64,
+    /// Stripe's dispute-fee FAQ: "if you win the dispute, Stripe will refund this dispute fee to you".
+    pub dispute_fee_returned_if_won: bool,
+    /// The `666666660` BECS test account: how long after the debit succeeds its dispute opens.
+    pub becs_dispute_after_secs: i64,
+    /// New refunds start `pending` and wait for `/_sim/refunds/{id}/settle` (off: they succeed at once).
+    pub refunds_start_pending: bool,
 }
 
 impl Default for SimConfig {
@@ -64,6 +73,10 @@ impl Default for SimConfig {
             available_after_secs: 2 * 86_400,
             idempotency_ttl_secs: 86_400,
             auto_activate_transfers: true,
+            dispute_fee_cents: 2_500,
+            dispute_fee_returned_if_won: true,
+            becs_dispute_after_secs: 60,
+            refunds_start_pending: false,
         }
     }
 }

@@ -11,11 +11,14 @@ pub struct Event {
     pub type_: String,
     pub created: i64,
     pub object: Value,
+    /// The connected account the event is about (Stripe's top-level `account` of Connect events); `None` for
+    /// the platform's own events. Connect events go only to Connect endpoints, platform events only to the others.
+    pub account: Option<String>,
 }
 
 impl Event {
     pub fn json(&self) -> Value {
-        json!({
+        let mut event = json!({
             "id": self.id,
             "object": "event",
             "api_version": stripe_shared::version::VERSION.as_str(),
@@ -25,7 +28,11 @@ impl Event {
             "pending_webhooks": 1,
             "request": { "id": null, "idempotency_key": null },
             "type": self.type_,
-        })
+        });
+        if let Some(account) = &self.account {
+            event["account"] = json!(account);
+        }
+        event
     }
 }
 

@@ -1,12 +1,14 @@
 //! The simulator's state and Stripe's rules, without HTTP, one file per resource: PaymentIntents (card,
 //! au_becs_debit, payto), their charges and balance transactions, connected accounts, the platform balance,
-//! transfers and reversals, refunds, and the events every state change emits. Times are the simulator's clock
+//! transfers and reversals, connected accounts' balances and payouts, refunds, disputes, and the events every
+//! state change emits. Times are the simulator's clock
 //! (unix seconds), which tests advance.
 
 mod accounts;
 mod balance;
 mod charges;
 mod config;
+mod disputes;
 mod error;
 mod events;
 mod payment_intents;
@@ -26,6 +28,7 @@ pub use events::Event;
 use accounts::Account;
 use balance::BalanceTxn;
 use charges::Charge;
+use disputes::Dispute;
 use payment_intents::PaymentIntent;
 use refunds::Refund;
 use transfers::Transfer;
@@ -44,7 +47,10 @@ pub struct Model {
     accounts: HashMap<String, Account>,
     transfers: Vec<Transfer>,
     transfer_index: HashMap<String, usize>,
-    refunds: HashMap<String, Refund>,
+    /// In creation order.
+    refunds: Vec<Refund>,
+    /// In creation order; at most one per charge.
+    disputes: Vec<Dispute>,
     events: Vec<Event>,
     /// Events not yet handed to the webhook deliverer.
     undelivered: Vec<Event>,
@@ -59,11 +65,17 @@ impl Model {
     }
 
     fn emit(&mut self, type_: &str, object: Value, now: i64) {
+        self.emit_for(None, type_, object, now);
+    }
+
+    /// Emits an event about `account` (a Connect event) or, with `None`, a platform event.
+    fn emit_for(&mut self, account: Option<&str>, type_: &str, object: Value, now: i64) {
         let event = Event {
             id: random_id("evt"),
             type_: type_.to_owned(),
             created: now,
             object,
+            account: account.map(str::to_owned),
         };
         self.events.push(event.clone());
         self.undelivered.push(event);
@@ -97,6 +109,19 @@ impl Model {
             let charge_json = self.charge_json(&self.charges[&id], &[], now);
             self.emit("charge.updated", charge_json, now);
         }
+        let mut disputed: Vec<String> = self
+            .charges
+            .values()
+            .filter(|c| c.dispute_due.is_some_and(|at| at <= now))
+            .map(|c| c.id.clone())
+            .collect();
+        disputed.sort();
+        for id in disputed {
+            self.charges.get_mut(&id).expect("listed above").dispute_due = None;
+            // A charge refunded in full meanwhile cannot be disputed any more.
+            let _ = self.open_dispute(&id, "debit_not_authorized", now);
+        }
+        self.activate_due_capabilities(now);
     }
 }
 

@@ -55,6 +55,8 @@ pub(super) enum Behaviour {
     Card {
         decline_code: Option<&'static str>,
         bypass_pending: bool,
+        /// `pm_card_createDispute`: the payment succeeds, then a dispute opens at once.
+        dispute: bool,
     },
     /// A bank debit (BECS, PayTo): `processing` until `after_secs`, then success or failure.
     Debit {
@@ -144,20 +146,22 @@ pub(super) fn becs_behaviour(account_number: &str) -> Option<Behaviour> {
 /// PaymentMethod ids the simulator knows. Cards use Stripe's test ids; BECS uses `pm_becs_{account number}` (or
 /// `payment_method_data` with the account number); PayTo uses `pm_payto_success` / `pm_payto_declined`.
 pub(super) fn payment_method_behaviour(pm: &str) -> Option<(&'static str, Behaviour)> {
-    let card = |decline_code, bypass_pending| {
+    let card = |decline_code, bypass_pending, dispute| {
         (
             "card",
             Behaviour::Card {
                 decline_code,
                 bypass_pending,
+                dispute,
             },
         )
     };
     Some(match pm {
-        "pm_card_visa" | "pm_card_mastercard" | "pm_card_au" => card(None, false),
-        "pm_card_bypassPending" => card(None, true),
-        "pm_card_chargeDeclined" => card(Some("generic_decline"), false),
-        "pm_card_chargeDeclinedInsufficientFunds" => card(Some("insufficient_funds"), false),
+        "pm_card_visa" | "pm_card_mastercard" | "pm_card_au" => card(None, false, false),
+        "pm_card_bypassPending" => card(None, true, false),
+        "pm_card_createDispute" => card(None, false, true),
+        "pm_card_chargeDeclined" => card(Some("generic_decline"), false, false),
+        "pm_card_chargeDeclinedInsufficientFunds" => card(Some("insufficient_funds"), false, false),
         "pm_payto_success" => (
             "payto",
             Behaviour::Debit {
@@ -425,6 +429,7 @@ impl Model {
             failure_code: None,
             failure_message: None,
             disputed: false,
+            dispute_due: None,
             metadata: BTreeMap::new(),
             payment_method: pm.to_owned(),
         };
@@ -474,6 +479,7 @@ impl Model {
             Behaviour::Card {
                 decline_code: None,
                 bypass_pending,
+                dispute,
             } => {
                 self.charges.insert(charge_id.clone(), charge);
                 self.succeed_charge(
@@ -488,6 +494,9 @@ impl Model {
                 self.intents.get_mut(id).expect("checked above").status = "succeeded";
                 let pi_json = self.intent_json(&self.intents[id], &[], now);
                 self.emit("payment_intent.succeeded", pi_json.clone(), now);
+                if dispute {
+                    self.open_dispute(&charge_id, "fraudulent", now)?;
+                }
                 Ok(pi_json)
             }
             Behaviour::Debit { after_secs, .. } => {
@@ -552,13 +561,13 @@ impl Model {
                 let pi_json = self.intent_json(&self.intents[id], &[], now);
                 self.emit("payment_intent.succeeded", pi_json, now);
                 if dispute {
-                    self.charges.get_mut(&charge_id).expect("exists").disputed = true;
-                    let dispute = json!({
-                        "id": random_id("du"), "object": "dispute", "amount": self.charges[&charge_id].amount,
-                        "charge": charge_id, "currency": self.charges[&charge_id].currency, "payment_intent": id,
-                        "reason": "debit_not_authorized", "status": "lost", "created": now,
-                    });
-                    self.emit("charge.dispute.created", dispute, now);
+                    // As with real BECS: the debit succeeds, the dispute comes later.
+                    let after_secs = self.config.becs_dispute_after_secs;
+                    if after_secs > 0 {
+                        self.charges.get_mut(&charge_id).expect("exists").dispute_due = Some(now + after_secs);
+                    } else {
+                        self.open_dispute(&charge_id, "debit_not_authorized", now)?;
+                    }
                 }
             }
             Err((code, message)) => {

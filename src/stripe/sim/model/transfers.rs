@@ -1,4 +1,5 @@
-//! Transfers to connected accounts (with or without `source_transaction`), their listing, and reversals.
+//! Transfers to connected accounts (with or without `source_transaction`), their listing, and reversals; each moves
+//! money between the platform's balance and the connected account's.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +33,10 @@ const REVERSAL_PARAMS: &[&str] = &["amount", "description", "metadata", "refund_
 pub(super) struct Reversal {
     pub(super) id: String,
     pub(super) amount: i64,
+    /// The platform's balance transaction (the money coming back).
+    pub(super) balance_transaction: String,
+    /// The refund (`pyr_…`) of the destination payment on the connected account.
+    pub(super) destination_payment_refund: String,
     pub(super) created: i64,
     pub(super) metadata: BTreeMap<String, String>,
 }
@@ -50,6 +55,9 @@ pub(super) struct Transfer {
     pub(super) balance_transaction: String,
     /// The payment (`py_…`) the transfer made on the connected account.
     pub(super) destination_payment: String,
+    /// When the transferred funds become available on both sides (later than `created` with a pending
+    /// source_transaction).
+    pub(super) available_on: i64,
 }
 
 impl Model {
@@ -191,16 +199,14 @@ impl Model {
             }
         };
         let id = random_id("tr");
-        let bt = BalanceTxn {
-            id: random_id("txn"),
-            amount: -amount,
-            fee: 0,
-            currency: currency.clone(),
-            created: now,
-            available_on,
-            type_: "transfer",
-            source: id.clone(),
-        };
+        let destination_payment = random_id("py");
+        let mut bt = BalanceTxn::platform("transfer", -amount, &currency, &id, now);
+        bt.available_on = available_on;
+        // The connected account receives a payment (`py_…`) of the same amount, available when the platform's
+        // funds are: with a source_transaction, when the charge's funds become available.
+        let mut received = BalanceTxn::platform("payment", amount, &currency, &destination_payment, now);
+        received.account = Some(destination.clone());
+        received.available_on = available_on;
         let transfer = Transfer {
             id: id.clone(),
             amount,
@@ -212,9 +218,11 @@ impl Model {
             created: now,
             reversals: Vec::new(),
             balance_transaction: bt.id.clone(),
-            destination_payment: random_id("py"),
+            destination_payment,
+            available_on,
         };
         self.balance_txns.push(bt);
+        self.balance_txns.push(received);
         self.transfer_index.insert(id.clone(), self.transfers.len());
         self.transfers.push(transfer);
         let json = self.transfer_json(&self.transfers[self.transfer_index[&id]]);
@@ -286,26 +294,50 @@ impl Model {
                 Some("amount"),
             ));
         }
+        let currency = transfer.currency.clone();
+        let destination = transfer.destination.clone();
+        // A reversal takes the money back out of the connected account's balance. While the transfer's own funds
+        // are still pending there (a source_transaction not yet available), they cannot have been paid out: the
+        // reversal cancels part of them, pending on both sides. Otherwise it needs the connected account's
+        // available balance, and Stripe refuses one it cannot cover. Code `balance_insufficient` as for any
+        // balance shortfall (the exact wording of Stripe's message for reversals is UNCONFIRMED).
+        let still_pending = transfer.available_on > now;
+        let available_on = if still_pending { transfer.available_on } else { now };
+        let (connected_available, _) = self.balance_of_account(Some(&destination), &currency, now);
+        if !still_pending && connected_available < amount {
+            return Err(SimError::refused(
+                400,
+                "balance_insufficient",
+                format!(
+                    "Insufficient funds in the destination account {destination} to reverse {amount} {currency} (available: {connected_available})."
+                ),
+                Some("amount"),
+            ));
+        }
+        let id = random_id("trr");
+        let destination_payment_refund = random_id("pyr");
+        let mut back = BalanceTxn::platform("transfer_refund", amount, &currency, &id, now);
+        back.reporting_category = "transfer_reversal";
+        back.available_on = available_on;
+        let mut taken = BalanceTxn::platform("payment_refund", -amount, &currency, &destination_payment_refund, now);
+        taken.account = Some(destination);
+        taken.reporting_category = "transfer_reversal";
+        taken.available_on = available_on;
         let reversal = Reversal {
-            id: random_id("trr"),
+            id,
             amount,
+            balance_transaction: back.id.clone(),
+            destination_payment_refund,
             created: now,
             metadata,
         };
-        let currency = transfer.currency.clone();
         self.transfers[index].reversals.push(reversal.clone());
-        self.balance_txns.push(BalanceTxn {
-            id: random_id("txn"),
-            amount,
-            fee: 0,
-            currency,
-            created: now,
-            available_on: now,
-            type_: "transfer_cancel",
-            source: reversal.id.clone(),
-        });
+        self.balance_txns.push(back);
+        self.balance_txns.push(taken);
         let json = reversal_json(&self.transfers[index], &reversal);
         let transfer_json = self.transfer_json(&self.transfers[index]);
+        // Stripe's `transfer.updated` is for description and metadata changes; a reversal, partial or full, emits
+        // `transfer.reversed` alone.
         self.emit("transfer.reversed", transfer_json, now);
         Ok(json)
     }
@@ -313,8 +345,9 @@ impl Model {
 
 pub(super) fn reversal_json(t: &Transfer, r: &Reversal) -> Value {
     json!({
-        "id": r.id, "object": "transfer_reversal", "amount": r.amount, "balance_transaction": null,
-        "created": r.created, "currency": t.currency, "destination_payment_refund": null, "metadata": r.metadata,
+        "id": r.id, "object": "transfer_reversal", "amount": r.amount, "balance_transaction": r.balance_transaction,
+        "created": r.created, "currency": t.currency, "destination_payment_refund": r.destination_payment_refund,
+        "metadata": r.metadata,
         "source_refund": null, "transfer": t.id,
     })
 }
