@@ -89,6 +89,8 @@ async fn untouched(flow: &Flow) -> Untouched {
 /// settled.
 async fn settled(parked: &[usize]) -> (Flow, SplitPayment) {
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], parked).await;
+    // Stripe pays refunds out of the platform's available balance; the charge's own funds are still pending.
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
     let (id, _) = flow
         .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
         .await;
@@ -112,7 +114,11 @@ async fn allocation(flow: &Flow, p: &SplitPayment, i: usize) -> SplitAllocationR
 
 async fn charge_refunded_cents(flow: &Flow, p: &SplitPayment) -> i64 {
     let charge = p.payment.charge_id.clone().unwrap();
-    flow.gateway.retrieve_charge(&charge).await.unwrap().amount_refunded_cents
+    flow.gateway
+        .retrieve_charge(&charge)
+        .await
+        .unwrap()
+        .amount_refunded_cents
 }
 
 /// The donation of `a`: its status, refunded amount, whether deleted, and its `donation.refunded` payloads (each
@@ -139,7 +145,10 @@ async fn donation_refunds(flow: &Flow, a: &SplitAllocationRow) -> (DonationStatu
 async fn ops_refund_of_parked_shares_net_and_gross() {
     let (flow, p) = settled(&[0, 1]).await;
     let (a0, a1) = (allocation(&flow, &p, 0).await, allocation(&flow, &p, 1).await);
-    assert_eq!((a0.status, a1.status), (AllocationStatus::Parked, AllocationStatus::Parked));
+    assert_eq!(
+        (a0.status, a1.status),
+        (AllocationStatus::Parked, AllocationStatus::Parked)
+    );
     let (net0, net1) = (a0.net_amount_cents.unwrap(), a1.net_amount_cents.unwrap());
     let fee1 = a1.fee_share_cents.unwrap();
     assert!(fee1 > 0, "the card's fee is shared");
@@ -167,32 +176,66 @@ async fn ops_refund_of_parked_shares_net_and_gross() {
     let refunds = refunds_for_payment(&mut conn, &p.payment.id).await.unwrap();
     let summary: Vec<_> = refunds
         .iter()
-        .map(|r| (r.amount_cents, r.fee_refunded_cents, r.status.as_str(), r.source.as_str()))
+        .map(|r| {
+            (
+                r.amount_cents,
+                r.fee_refunded_cents,
+                r.status.as_str(),
+                r.source.as_str(),
+            )
+        })
         .collect();
-    assert_eq!(summary, [(net0, 0, "SUCCEEDED", "ops"), (net1 + fee1, fee1, "SUCCEEDED", "ops")]);
-    assert_eq!(refunds[0].idempotency_key.as_deref(), Some(format!("splitpay:refund:{}:1", a0.id).as_str()));
-    assert!(refunds.iter().all(|r| r.stripe_refund_id.as_deref().is_some_and(|s| s.starts_with("re_"))));
+    assert_eq!(
+        summary,
+        [(net0, 0, "SUCCEEDED", "ops"), (net1 + fee1, fee1, "SUCCEEDED", "ops")]
+    );
+    assert_eq!(
+        refunds[0].idempotency_key.as_deref(),
+        Some(format!("splitpay:refund:{}:1", a0.id).as_str())
+    );
+    assert!(refunds
+        .iter()
+        .all(|r| r.stripe_refund_id.as_deref().is_some_and(|s| s.starts_with("re_"))));
     let parts: Vec<_> = parts_for_payment(&mut conn, &p.payment.id)
         .await
         .unwrap()
         .into_iter()
-        .map(|x| (x.split_allocation_id, x.amount_cents, x.from_parked_cents, x.platform_loss_cents))
+        .map(|x| {
+            (
+                x.split_allocation_id,
+                x.amount_cents,
+                x.from_parked_cents,
+                x.platform_loss_cents,
+            )
+        })
         .collect();
-    assert_eq!(parts, [(a0.id.clone(), net0, net0, 0), (a1.id.clone(), net1 + fee1, net1, fee1)]);
+    assert_eq!(
+        parts,
+        [(a0.id.clone(), net0, net0, 0), (a1.id.clone(), net1 + fee1, net1, fee1)]
+    );
 
     // Audit rows, one per refund, in the effect's transaction.
     for (a, amount) in [(&a0, "net"), (&a1, "gross")] {
         let audit = splitpay::store::records::audit_for(&mut conn, &a.id).await.unwrap();
         assert_eq!(audit.len(), 1, "{audit:?}");
-        assert_eq!((audit[0].actor.as_str(), audit[0].command.as_str()), ("alice", "refund"));
+        assert_eq!(
+            (audit[0].actor.as_str(), audit[0].command.as_str()),
+            ("alice", "refund")
+        );
         assert_eq!(audit[0].reason.as_deref(), Some("the donor asked"));
         assert_eq!(audit[0].details["parameters"]["amount"], amount);
     }
     // Each donation is refunded once, with one contract-valid event.
     let (status, refunded, deleted, events) = donation_refunds(&flow, &a0).await;
-    assert_eq!((status, refunded, deleted, events.len()), (DonationStatus::Refunded, net0, true, 1));
+    assert_eq!(
+        (status, refunded, deleted, events.len()),
+        (DonationStatus::Refunded, net0, true, 1)
+    );
     let (status, refunded, deleted, events) = donation_refunds(&flow, &a1).await;
-    assert_eq!((status, refunded, deleted, events.len()), (DonationStatus::Refunded, net1 + fee1, true, 1));
+    assert_eq!(
+        (status, refunded, deleted, events.len()),
+        (DonationStatus::Refunded, net1 + fee1, true, 1)
+    );
     assert_eq!(events[0]["data"]["refunded_amount_cents"], net1 + fee1);
 
     // The platform loss is on the payment and conservation counts it.
@@ -228,7 +271,10 @@ async fn ops_refund_of_a_transferred_share_needs_reverse_transfer_and_reverses_f
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     // At Stripe: the transfer reversed by the net, then the charge refunded by it, in that order.
     let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    let t0 = transfers.iter().find(|t| Some(&t.id) == a0.stripe_transfer_id.as_ref()).unwrap();
+    let t0 = transfers
+        .iter()
+        .find(|t| Some(&t.id) == a0.stripe_transfer_id.as_ref())
+        .unwrap();
     assert_eq!(t0.amount_reversed_cents, net0);
     assert_eq!(charge_refunded_cents(&flow, &p).await, net0);
     let log = flow.control.get("requests").await.unwrap();
@@ -241,12 +287,18 @@ async fn ops_refund_of_a_transferred_share_needs_reverse_transfer_and_reverses_f
         .filter(|path| path.contains("/reversals") || path.contains("/v1/refunds"))
         .collect();
     assert_eq!(order.len(), 2, "{order:?}");
-    assert!(order[0].contains("/reversals") && order[1].contains("/v1/refunds"), "{order:?}");
+    assert!(
+        order[0].contains("/reversals") && order[1].contains("/v1/refunds"),
+        "{order:?}"
+    );
 
     let mut conn = flow.db.pool.acquire().await.unwrap();
     let reversals = reversals_for_payment(&mut conn, &p.payment.id).await.unwrap();
     assert_eq!(reversals.len(), 1);
-    assert_eq!((reversals[0].amount_cents, reversals[0].status.as_str()), (net0, "SUCCEEDED"));
+    assert_eq!(
+        (reversals[0].amount_cents, reversals[0].status.as_str()),
+        (net0, "SUCCEEDED")
+    );
     assert_eq!(
         reversals[0].idempotency_key,
         format!("splitpay:alloc:{}:reversal:1:1", a0.id)
@@ -258,7 +310,10 @@ async fn ops_refund_of_a_transferred_share_needs_reverse_transfer_and_reverses_f
     // The transfer exists, so the allocation stays TRANSFERRED; the donation is refunded.
     assert_eq!(allocation(&flow, &p, 0).await.status, AllocationStatus::Transferred);
     let (status, refunded, deleted, events) = donation_refunds(&flow, &a0).await;
-    assert_eq!((status, refunded, deleted, events.len()), (DonationStatus::Refunded, net0, true, 1));
+    assert_eq!(
+        (status, refunded, deleted, events.len()),
+        (DonationStatus::Refunded, net0, true, 1)
+    );
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
     flow.stop().await;
 }
@@ -273,7 +328,11 @@ async fn ops_refund_refuses_bad_usage_and_unsettled_shares_and_changes_nothing()
     let before = untouched(&flow).await;
     let out = refund(&flow, pending, &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("PENDING") && stderr(&out).contains("Wait"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("PENDING") && stderr(&out).contains("Wait"),
+        "{}",
+        stderr(&out)
+    );
     // Bad usage: exit 2, naming what is wrong.
     let out = ops(&flow, &["refund", "spay_nope", "--reason", "x", "--yes"]);
     assert_eq!(out.status.code(), Some(2));
@@ -287,13 +346,16 @@ async fn ops_refund_refuses_bad_usage_and_unsettled_shares_and_changes_nothing()
     // The rule is stated in --help.
     let help = ops(&flow, &["refund", "--help"]);
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("--amount gross refunds the donor's whole share"), "{help}");
+    assert!(
+        help.contains("--amount gross refunds the donor's whole share"),
+        "{help}"
+    );
     assert!(help.contains("platform loss"), "{help}");
     flow.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_refund_response_is_resent_with_the_same_key_and_refunds_once() {
+async fn a_lost_refund_response_is_recognised_from_its_webhook_and_refunds_once() {
     let (flow, p) = settled(&[1]).await;
     let a1 = allocation(&flow, &p, 1).await;
     let net1 = a1.net_amount_cents.unwrap();
@@ -314,24 +376,34 @@ async fn a_lost_refund_response_is_resent_with_the_same_key_and_refunds_once() {
     let mut conn = flow.db.pool.acquire().await.unwrap();
     let refunds = refunds_for_payment(&mut conn, &p.payment.id).await.unwrap();
     assert_eq!(refunds.len(), 1);
-    assert_eq!(refunds[0].status, "REQUESTED", "the intent was committed before the call");
+    assert_eq!(
+        refunds[0].status, "REQUESTED",
+        "the intent was committed before the call"
+    );
     drop(conn);
-    assert_eq!(allocation(&flow, &p, 1).await.status, AllocationStatus::Parked);
 
-    // Re-run: the same key, the same refund; recorded once, the share REFUNDED.
+    // The refund's own `charge.refunded` names our intent in its metadata: the worker records Stripe's refund on
+    // that row (once), and the share ends REFUNDED. A re-run then finds nothing left and sends nothing.
     flow.control.clear_faults().await.unwrap();
+    flow.wait_until(&pid(&p), "the webhook recorded the refund", |q| {
+        q.allocations[1].status == AllocationStatus::Refunded
+    })
+    .await;
+    let posts = stripe_requests(&flow, "POST", "/v1/refunds").await;
     let out = refund(&flow, &a1.id, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, posts);
     assert_eq!(charge_refunded_cents(&flow, &p).await, net1, "never a second refund");
     let mut conn = flow.db.pool.acquire().await.unwrap();
     let refunds = refunds_for_payment(&mut conn, &p.payment.id).await.unwrap();
     assert_eq!(refunds.len(), 1);
-    assert_eq!(refunds[0].status, "SUCCEEDED");
+    assert_eq!(
+        (refunds[0].status.as_str(), refunds[0].source.as_str()),
+        ("SUCCEEDED", "ops")
+    );
     let audit = splitpay::store::records::audit_for(&mut conn, &a1.id).await.unwrap();
     assert_eq!(audit.len(), 1, "one change, one audit row");
     drop(conn);
-    assert_eq!(allocation(&flow, &p, 1).await.status, AllocationStatus::Refunded);
     let (_, refunded, _, events) = donation_refunds(&flow, &a1).await;
     assert_eq!((refunded, events.len()), (net1, 1));
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
@@ -356,12 +428,20 @@ async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key(
     let out = refund(&flow, &a0.id, &["--reverse-transfer"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("retried automatically"), "{}", stderr(&out));
-    assert_eq!(charge_refunded_cents(&flow, &p).await, 0, "no refund before the reversal");
+    assert_eq!(
+        charge_refunded_cents(&flow, &p).await,
+        0,
+        "no refund before the reversal"
+    );
     let mut conn = flow.db.pool.acquire().await.unwrap();
     let reversals = reversals_for_payment(&mut conn, &p.payment.id).await.unwrap();
     assert_eq!(reversals.len(), 1);
     assert_eq!(reversals[0].status, "PENDING");
-    assert!(reversals[0].attempts >= 1 && reversals[0].failure_message.is_some(), "{:?}", reversals[0]);
+    assert!(
+        reversals[0].attempts >= 1 && reversals[0].failure_message.is_some(),
+        "{:?}",
+        reversals[0]
+    );
     let refunds = refunds_for_payment(&mut conn, &p.payment.id).await.unwrap();
     assert_eq!(refunds.len(), 1);
     assert_eq!(refunds[0].status, "REQUESTED");

@@ -197,7 +197,10 @@ mod tests {
         assert_eq!(net_of(500, 970, 1_000), 485);
         assert_eq!(net_of(1, 1, 2), 1, "half rounds up");
         assert_eq!(Cover::transferred(1_000, 970, 1_000, 100, true).reversal_cents, 100);
-        assert_eq!(Cover::transferred(1_000, 970, 1_000, 5_000, false).platform_loss_cents, 1_000);
+        assert_eq!(
+            Cover::transferred(1_000, 970, 1_000, 5_000, false).platform_loss_cents,
+            1_000
+        );
     }
 
     fn case() -> impl Strategy<Value = (Vec<Share>, i64)> {

@@ -24,7 +24,7 @@ use crate::store::refunds::{
 use crate::store::reversals::{due_reversals, get_reversal, record_reversal_retry, record_reversal_success};
 use crate::store::{StoreError, Tx};
 use crate::stripe::backoff::backoff_ms_random;
-use crate::stripe::{ReversalOutcome, RefundInfo};
+use crate::stripe::{RefundInfo, ReversalOutcome};
 
 /// The Stripe events that say something about a charge's refunds.
 pub fn is_refund_event(event_type: &str) -> bool {
@@ -110,7 +110,10 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
         Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no reversal {id}"))),
         Err(e) => return Err(transient(e)),
     };
-    if r.status != "PENDING" || r.next_attempt_at.is_some_and(|at| at > Utc::now() + chrono::Duration::seconds(1)) {
+    if r.status != "PENDING"
+        || r.next_attempt_at
+            .is_some_and(|at| at > Utc::now() + chrono::Duration::seconds(1))
+    {
         return Ok(()); // done, or an early duplicate: the scheduled attempt will come
     }
     let outcome = ctx
@@ -181,7 +184,9 @@ pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreE
     let mut report = RefundsReport::default();
     let waiting = allocations_with_waiting_parts(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await?;
     for raw in waiting {
-        let Ok(id) = SplitAllocationId::parse(&raw) else { continue };
+        let Ok(id) = SplitAllocationId::parse(&raw) else {
+            continue;
+        };
         let mut tx = ctx.pool.begin().await?;
         settle_waiting_parts(ctx, &mut tx, &id).await?;
         tx.commit().await?;

@@ -35,7 +35,10 @@ pub fn print(m: &MoneyBack, currency: &str, out: &mut (dyn Write + Send)) -> std
             money(Some(r.amount_cents), currency),
             r.source,
             r.split_allocation_id.as_deref().unwrap_or("spread over the shares"),
-            r.failure_message.as_deref().map(|m| format!("  {m}")).unwrap_or_default()
+            r.failure_message
+                .as_deref()
+                .map(|m| format!("  {m}"))
+                .unwrap_or_default()
         )?;
         for p in m.refund_parts.iter().filter(|p| p.refund_id == r.id) {
             writeln!(

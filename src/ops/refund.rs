@@ -60,13 +60,19 @@ pub async fn run(
         return super::usage(err, &format!("'{raw_id}' is not a split allocation id (salc_…)"));
     };
     let Some(reason) = change.reason.clone().filter(|r| !r.trim().is_empty()) else {
-        return super::usage(err, "--reason is required: say why the donor is refunded (it goes to the audit log)");
+        return super::usage(
+            err,
+            "--reason is required: say why the donor is refunded (it goes to the audit log)",
+        );
     };
     let mut conn = ctx.pool.acquire().await?;
     let c = match allocation_context(&mut conn, &id).await {
         Ok(c) => c,
         Err(StoreError::NotFound { .. }) => {
-            writeln!(err, "no split allocation {id}; find it with `splitpay ops show <pi_…|spay_…>`")?;
+            writeln!(
+                err,
+                "no split allocation {id}; find it with `splitpay ops show <pi_…|spay_…>`"
+            )?;
             return Ok(Outcome::Refused);
         }
         Err(e) => return Err(e.into()),
@@ -107,7 +113,11 @@ pub async fn run(
         &format!(
             "refund {} to the donor of {id}{}",
             super::money(Some(plan.refund_cents), &c.payment.currency.iso_code()),
-            if plan.reversal_cents > 0 { " after reversing the transfer" } else { "" }
+            if plan.reversal_cents > 0 {
+                " after reversing the transfer"
+            } else {
+                ""
+            }
         ),
         err,
     )? {
@@ -121,7 +131,10 @@ pub async fn run(
         .fetch_optional(&mut *tx)
         .await?;
     if locked.as_deref() != Some(c.allocation.status.as_str()) {
-        writeln!(err, "refused: {id} changed meanwhile (now {locked:?}); run the command again")?;
+        writeln!(
+            err,
+            "refused: {id} changed meanwhile (now {locked:?}); run the command again"
+        )?;
         return Ok(Outcome::Refused);
     }
     let currency = c.payment.currency.iso_code().to_lowercase();
@@ -143,7 +156,11 @@ pub async fn run(
     let mut details = document.clone();
     details["refund"] = refund.id.into();
     details["idempotency_key"] = refund.idempotency_key.clone().into();
-    insert_audit(&mut tx, &change.audit("refund", "split_allocation", id.as_str(), details)).await?;
+    insert_audit(
+        &mut tx,
+        &change.audit("refund", "split_allocation", id.as_str(), details),
+    )
+    .await?;
     tx.commit().await?;
     send(ctx, &c, &refund, json, out, err).await
 }
@@ -254,7 +271,10 @@ async fn send(
         writeln!(err, "refused: payment {} has no PaymentIntent", c.payment.id)?;
         return Ok(Outcome::Refused);
     };
-    let key = refund.idempotency_key.clone().ok_or("an ops refund always has its key")?;
+    let key = refund
+        .idempotency_key
+        .clone()
+        .ok_or("an ops refund always has its key")?;
     let metadata = [
         ("split_allocation_id", c.allocation.id.clone()),
         ("split_payment_id", c.payment.id.clone()),
@@ -296,7 +316,11 @@ async fn send(
                     info.id,
                     super::money(Some(info.amount_cents), &c.payment.currency.iso_code()),
                     c.allocation.id,
-                    if status == "succeeded" { "" } else { " (Stripe finishes it; its webhook records the outcome)" }
+                    if status == "succeeded" {
+                        ""
+                    } else {
+                        " (Stripe finishes it; its webhook records the outcome)"
+                    }
                 )?;
             }
             Ok(Outcome::Done)
@@ -304,6 +328,14 @@ async fn send(
         Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
             fail_refund_intent(&mut *ctx.pool.acquire().await?, refund.id, &e.to_string()).await?;
             writeln!(err, "Stripe refused the refund: {e}. Nothing was refunded.")?;
+            Ok(Outcome::Refused)
+        }
+        Err(e) if e.class() == ErrorClass::Retryable => {
+            writeln!(
+                err,
+                "Stripe did not make the refund now ({e}); nothing was refunded. The intent is kept: run the same \
+                 command again later (e.g. once the platform's available balance covers it); it re-sends the same key"
+            )?;
             Ok(Outcome::Refused)
         }
         Err(e) => {

@@ -166,13 +166,13 @@ pub async fn record_stripe_refund(
         .and_then(|raw| SplitAllocationId::parse(raw).ok());
     // A named allocation must be one of this payment's; otherwise the refund is spread like any other.
     let named = match named {
-        Some(a) => sqlx::query_scalar::<_, String>(
-            "SELECT id FROM split_allocations WHERE id = $1 AND split_payment_id = $2",
-        )
-        .bind(a.as_str())
-        .bind(payment.as_str())
-        .fetch_optional(&mut **tx)
-        .await?,
+        Some(a) => {
+            sqlx::query_scalar::<_, String>("SELECT id FROM split_allocations WHERE id = $1 AND split_payment_id = $2")
+                .bind(a.as_str())
+                .bind(payment.as_str())
+                .fetch_optional(&mut **tx)
+                .await?
+        }
         None => None,
     };
     sqlx::query(
@@ -206,7 +206,11 @@ pub async fn record_stripe_refund(
 
 /// Writes a SUCCEEDED refund's parts, once (a refund already attributed writes nothing), then covers each
 /// allocation's waiting parts. Returns the reversal ids the caller enqueues after commit.
-pub async fn attribute_refund(tx: &mut Tx<'_>, refund: &RefundRow, policy: ReversePolicy) -> Result<Vec<i64>, StoreError> {
+pub async fn attribute_refund(
+    tx: &mut Tx<'_>,
+    refund: &RefundRow,
+    policy: ReversePolicy,
+) -> Result<Vec<i64>, StoreError> {
     if refund.status != "SUCCEEDED" || refund.attributed_at.is_some() {
         return Ok(Vec::new());
     }
@@ -431,8 +435,13 @@ async fn refund_donation(
         false
     };
     if !moved {
-        insert_outbox_events(tx, &announce::donation_refunded(&row, &refund_ref, now).into_iter().collect::<Vec<_>>())
-            .await?;
+        insert_outbox_events(
+            tx,
+            &announce::donation_refunded(&row, &refund_ref, now)
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )
+        .await?;
     }
     Ok(())
 }

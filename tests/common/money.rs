@@ -137,13 +137,10 @@ pub async fn conserved_at_stripe(
             charge.amount_refunded_cents, report.refunded_cents
         ));
     }
-    let sum = transferred
-        + report.parked_cents
-        + report.refunded_cents
-        + report.in_flight_cents
-        + report.fees_kept_cents
-        - report.platform_loss_cents
-        - report.unsettled_cents;
+    let sum =
+        transferred + report.parked_cents + report.refunded_cents + report.in_flight_cents + report.fees_kept_cents
+            - report.platform_loss_cents
+            - report.unsettled_cents;
     if sum != charge.amount_cents {
         return Err(format!(
             "charged {} ≠ transferred − reversed at Stripe {transferred} + parked {} + refunded {} + in flight {} + \
