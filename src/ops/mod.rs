@@ -293,7 +293,14 @@ pub async fn run(
             amount,
             reverse_transfer,
             change,
-        } => refund::run(ctx, allocation, *amount, *reverse_transfer, change, args.json, out, err).await,
+        } => {
+            let request = refund::RefundRequest {
+                allocation,
+                amount: *amount,
+                reverse_transfer: *reverse_transfer,
+            };
+            refund::run(ctx, request, change, args.json, out, err).await
+        }
         OpsCommand::Endpoints { command } => endpoints::run(command, ctx, args.json, out, err).await,
         OpsCommand::Events {
             failed,

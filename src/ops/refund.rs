@@ -46,16 +46,28 @@ struct Plan {
     reversal_cents: i64,
 }
 
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefundRequest<'a> {
+    /// The share (`salc_…`), as typed.
+    pub allocation: &'a str,
+    pub amount: RefundAmount,
+    pub reverse_transfer: bool,
+}
+
 pub async fn run(
     ctx: &AppContext,
-    raw_id: &str,
-    amount: RefundAmount,
-    reverse_transfer: bool,
+    request: RefundRequest<'_>,
     change: &Change,
     json: bool,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Outcome, OpsError> {
+    let RefundRequest {
+        allocation: raw_id,
+        amount,
+        reverse_transfer,
+    } = request;
     let Ok(id) = SplitAllocationId::parse(raw_id) else {
         return super::usage(err, &format!("'{raw_id}' is not a split allocation id (salc_…)"));
     };
