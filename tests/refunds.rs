@@ -484,3 +484,126 @@ async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key(
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
     flow.stop().await;
 }
+
+/// A partial refund made at Stripe without our metadata (as in the dashboard), after every share was transferred:
+/// spread over the shares by gross, and each part reversed proportionally (`proportional`) or borne by the platform
+/// (`none`). Its `charge.refunded` is then delivered again: recorded once.
+async fn dashboard_refund_after_distribution(policy: splitpay::app::ReversePolicy) {
+    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[], true, |s| {
+        s.reverse_on_refund = policy
+    })
+    .await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let params = splitpay::stripe::CreateRefundParams {
+        target: splitpay::stripe::RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
+        amount_cents: Some(3_000),
+        reason: None,
+        metadata: Default::default(),
+        idempotency_key: "dashboard-refund-1".into(),
+    };
+    flow.gateway.create_refund(&params).await.unwrap();
+    let proportional = policy == splitpay::app::ReversePolicy::Proportional;
+    let settled = |flow: &Flow| {
+        let pool = flow.db.pool.clone();
+        async move {
+            let (attributed, open): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM refunds WHERE attributed_at IS NOT NULL),
+                        (SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            attributed == 1 && open == 0
+        }
+    };
+    for _ in 0..900 {
+        if settled(&flow).await {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(settled(&flow).await, "the refund was attributed and its reversals made");
+    let mut conn = flow.db.pool.acquire().await.unwrap();
+    let parts = parts_for_payment(&mut conn, &p.payment.id).await.unwrap();
+    let gross: Vec<i64> = p.allocations.iter().map(|a| a.gross_amount_cents).collect();
+    let by_allocation: Vec<i64> = p
+        .allocations
+        .iter()
+        .map(|a| {
+            parts
+                .iter()
+                .find(|x| x.split_allocation_id == a.id)
+                .unwrap()
+                .amount_cents
+        })
+        .collect();
+    assert_eq!(by_allocation, [500, 1_000, 1_500], "in proportion to {gross:?}");
+    for (a, part) in p.allocations.iter().zip(&by_allocation) {
+        let x = parts.iter().find(|x| x.split_allocation_id == a.id).unwrap();
+        let (net, g) = (a.net_amount_cents.unwrap(), a.gross_amount_cents);
+        let want = if proportional {
+            (part * net * 2 + g) / (2 * g)
+        } else {
+            0
+        };
+        assert_eq!(
+            (x.reversal_cents, x.platform_loss_cents),
+            (want, part - want),
+            "{}",
+            a.id
+        );
+    }
+    let reversals = reversals_for_payment(&mut conn, &p.payment.id).await.unwrap();
+    assert_eq!(reversals.len(), if proportional { 3 } else { 0 });
+    drop(conn);
+    for (i, part) in by_allocation.iter().enumerate() {
+        let (status, refunded, deleted, events) = donation_refunds(&flow, &p.allocations[i]).await;
+        assert_eq!(
+            (status, refunded, deleted, events.len()),
+            (DonationStatus::Confirmed, *part, false, 1)
+        );
+    }
+    assert_conserved_at_stripe(&flow, &pid(&p)).await;
+
+    // The same webhook again (Stripe redelivers): processed, and nothing recorded twice.
+    let (event_id,): (String,) = sqlx::query_as(
+        "SELECT id FROM stripe_events WHERE event_type = 'charge.refunded' ORDER BY received_at LIMIT 1",
+    )
+    .fetch_one(&flow.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE stripe_events SET processed_at = NULL WHERE id = $1")
+        .bind(&event_id)
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        splitpay::jobs::stripe_event::process(&flow.ctx, &event_id),
+        splitpay::jobs::stripe_event::process(&flow.ctx, &event_id)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(common::count(&flow.db.pool, "refunds").await, 1);
+    assert_eq!(common::count(&flow.db.pool, "refund_parts").await, 3);
+    assert_eq!(flow.count_events("donation.refunded").await, 3);
+    assert_conserved_at_stripe(&flow, &pid(&p)).await;
+    flow.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_refund_after_distribution_is_reversed_proportionally() {
+    dashboard_refund_after_distribution(splitpay::app::ReversePolicy::Proportional).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_refund_after_distribution_under_policy_none_is_platform_loss() {
+    dashboard_refund_after_distribution(splitpay::app::ReversePolicy::None).await;
+}
