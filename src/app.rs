@@ -35,6 +35,18 @@ pub struct DistributionSettings {
     pub auto_retry_parked: bool,
     /// Shares one pass of that retry takes; the event's job continues with the rest in a next pass.
     pub auto_retry_batch: i64,
+    /// What a refund of a transferred share takes back from the recipient (`SPLITPAY_REVERSE_ON_REFUND`).
+    pub reverse_on_refund: ReversePolicy,
+}
+
+/// What a refund of a transferred share takes back from its recipient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReversePolicy {
+    /// Reverse the recipient's share of the refunded part, `round(part × net / gross)`; the rest is platform loss.
+    #[default]
+    Proportional,
+    /// Reverse nothing: the platform bears the whole refund (recorded as platform loss).
+    None,
 }
 
 /// The cap on any retry delay of a transfer: never more than 5 minutes between attempts.
@@ -138,6 +150,7 @@ impl Default for DistributionSettings {
             plan_limits: PlanLimits::default(),
             auto_retry_parked: true,
             auto_retry_batch: 100,
+            reverse_on_refund: ReversePolicy::default(),
         }
     }
 }

@@ -483,6 +483,18 @@ pub fn lifecycle_from_lookup(
         }
         Ok(())
     };
+    if let Some(raw) = get("SPLITPAY_REVERSE_ON_REFUND") {
+        settings.reverse_on_refund = match raw.trim() {
+            "proportional" => crate::app::ReversePolicy::Proportional,
+            "none" => crate::app::ReversePolicy::None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "SPLITPAY_REVERSE_ON_REFUND",
+                    reason: format!("expected 'proportional' or 'none', got '{raw}'"),
+                })
+            }
+        };
+    }
     duration("SPLITPAY_TRANSFER_RETRY_WINDOW", &mut settings.transfer_retry_window_ms)?;
     duration("SPLITPAY_TRANSFER_BACKOFF_BASE", &mut settings.backoff_base_ms)?;
     duration("SPLITPAY_TRANSFER_BACKOFF_CAP", &mut settings.backoff_cap_ms)?;

@@ -744,6 +744,7 @@ async fn refunds_partial_and_never_above_what_is_refundable() {
     let refund = |target, amount, key: &str| CreateRefundParams {
         target,
         amount_cents: amount,
+        reason: None,
         metadata: BTreeMap::new(),
         idempotency_key: key.into(),
     };

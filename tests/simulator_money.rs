@@ -393,6 +393,7 @@ async fn a_refund_is_paid_from_available_platform_balance_and_keeps_its_metadata
     let refund = |amount: i64, key: &str| CreateRefundParams {
         target: RefundTarget::PaymentIntent(pi.clone()),
         amount_cents: Some(amount),
+        reason: None,
         metadata: BTreeMap::from([("split_allocation_id".to_owned(), "alloc_7".to_owned())]),
         idempotency_key: key.into(),
     };
@@ -699,6 +700,7 @@ async fn concurrent_and_repeated_refunds_never_spend_the_balance_twice() {
     let refund = |amount: i64, key: &str| CreateRefundParams {
         target: RefundTarget::PaymentIntent(pi.clone()),
         amount_cents: Some(amount),
+        reason: None,
         metadata: BTreeMap::new(),
         idempotency_key: key.into(),
     };

@@ -125,6 +125,18 @@ pub fn transfer_idempotency_key(allocation: &SplitAllocationId, generation: i32)
     format!("splitpay:alloc:{allocation}:transfer:{generation}")
 }
 
+/// The idempotency key of the `seq`-th refund splitpay makes of an allocation's share (`ops refund`).
+pub fn refund_idempotency_key(allocation: &SplitAllocationId, seq: i64) -> String {
+    assert!(seq > 0, "sequences start at 1");
+    format!("splitpay:refund:{allocation}:{seq}")
+}
+
+/// The idempotency key of the `seq`-th reversal of an allocation's transfer of `generation`.
+pub fn reversal_idempotency_key(allocation: &SplitAllocationId, generation: i32, seq: i32) -> String {
+    assert!(generation > 0 && seq > 0, "generations and sequences start at 1");
+    format!("splitpay:alloc:{allocation}:reversal:{generation}:{seq}")
+}
+
 /// The idempotency key of a split payment's PaymentIntent: one PaymentIntent per split payment, ever.
 pub fn payment_intent_idempotency_key(payment: &SplitPaymentId) -> String {
     format!("splitpay:payment:{payment}:intent")

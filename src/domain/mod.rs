@@ -5,12 +5,14 @@
 //!   submission becomes.
 //! - [`fees`]: the fee split by largest remainder, and the donor-covers-fees gross-up.
 //! - [`state`]: the state machines of a split payment, a split allocation and a donation.
+//! - [`refund_split`]: a refund spread over allocations by largest remainder, and how each part is covered.
 //! - [`ids`]: prefixed random identifiers and the idempotency keys derived from them.
 
 pub mod fees;
 pub mod ids;
 pub mod money;
 pub mod plan;
+pub mod refund_split;
 pub mod state;
 
 /// A stored or received string that names no variant of a closed enum.

@@ -129,7 +129,8 @@ string_enum!(
         /// with a new generation, or `ops refund`). Stripe's word still wins: a transfer found later moves it to
         /// TRANSFERRED.
         Parked => "PARKED",
-        /// This share was refunded to the donor. Final.
+        /// This share was refunded to the donor (its net, or what was left of it to transfer). Final: a later
+        /// refund attributed to it is the platform's loss.
         Refunded => "REFUNDED",
         /// The payment failed or was canceled; there is nothing to distribute. Final.
         Voided => "VOIDED",
@@ -148,8 +149,10 @@ string_enum!(
         TransferFailed => "transfer_failed",
         /// An operator retries a parked allocation (a new generation, hence a new idempotency key).
         OpsRetry => "ops_retry",
-        /// An operator refunds a parked allocation's share to the donor.
+        /// A parked allocation's net is fully refunded to the donor (`ops refund`, or a refund made at Stripe).
         Refunded => "refunded",
+        /// Refunds took the whole share before its transfer started: nothing is left to transfer.
+        RefundedBeforeTransfer => "refunded_before_transfer",
         /// The fee split left nothing to transfer: parked `net_amount_zero`, for an operator to refund.
         NothingToTransfer => "nothing_to_transfer",
         /// The payment failed or was canceled.
@@ -172,6 +175,7 @@ impl AllocationStatus {
             (S::Pending, E::TransferStarted) => S::Transferring,
             (S::Pending, E::NothingToTransfer) => S::Parked,
             (S::Pending, E::PaymentVoided) => S::Voided,
+            (S::Pending, E::RefundedBeforeTransfer) => S::Refunded,
             // Stripe's word wins: a transfer Stripe shows ends the allocation TRANSFERRED, parked or not.
             (S::Transferring | S::Parked, E::TransferSucceeded) => S::Transferred,
             (S::Transferring, E::TransferFailed) => S::Parked,
@@ -182,7 +186,7 @@ impl AllocationStatus {
             (S::Transferring, E::TransferStarted)
             | (S::Transferred, E::TransferStarted | E::TransferSucceeded)
             | (S::Parked, E::TransferFailed | E::NothingToTransfer)
-            | (S::Refunded, E::Refunded)
+            | (S::Refunded, E::Refunded | E::RefundedBeforeTransfer)
             | (S::Voided, E::PaymentVoided) => return Ok(Transition::Unchanged),
 
             _ => {
@@ -358,6 +362,7 @@ mod tests {
             (AS::Pending, AE::TransferStarted, T(AS::Transferring)),
             (AS::Pending, AE::NothingToTransfer, T(AS::Parked)),
             (AS::Pending, AE::PaymentVoided, T(AS::Voided)),
+            (AS::Pending, AE::RefundedBeforeTransfer, T(AS::Refunded)),
             (AS::Transferring, AE::TransferSucceeded, T(AS::Transferred)),
             (AS::Parked, AE::TransferSucceeded, T(AS::Transferred)),
             (AS::Transferring, AE::TransferFailed, T(AS::Parked)),
@@ -369,6 +374,7 @@ mod tests {
             (AS::Parked, AE::TransferFailed, U),
             (AS::Parked, AE::NothingToTransfer, U),
             (AS::Refunded, AE::Refunded, U),
+            (AS::Refunded, AE::RefundedBeforeTransfer, U),
             (AS::Voided, AE::PaymentVoided, U),
         ];
         // Every other pair is forbidden: spell the table out in full so a change to `apply` must change it.
@@ -496,6 +502,23 @@ mod tests {
                     }
                     if s == AS::Transferred {
                         prop_assert_eq!(next, AS::Transferred);
+                    }
+                    s = next;
+                }
+            }
+
+            /// Only a refund reaches REFUNDED, and only from PENDING (nothing transferred yet) or PARKED: a share
+            /// being transferred or transferred is never marked refunded (its refund waits, or is a reversal).
+            #[test]
+            fn refunded_only_by_a_refund_before_any_transfer(events in proptest::collection::vec(allocation_event(), 0..24)) {
+                let mut s = AS::Pending;
+                for &e in &events {
+                    let next = match s.apply(e) {
+                        Ok(Transition::To(n)) => n,
+                        _ => s,
+                    };
+                    if next == AS::Refunded && s != AS::Refunded {
+                        prop_assert!(matches!((s, e), (AS::Pending, AE::RefundedBeforeTransfer) | (AS::Parked, AE::Refunded)));
                     }
                     s = next;
                 }

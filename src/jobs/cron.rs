@@ -103,6 +103,13 @@ pub fn jobs(ctx: AppContext) -> Vec<(&'static str, CronJob)> {
                 RECONCILE_TIMEOUT,
                 reconcile_transfers(&ctx, &opts),
             )
+            .await;
+            // The refunds sweep rides on the transfers tick: parts whose transfer settled, overdue reversals.
+            bounded(
+                "reconcile-refunds",
+                RECONCILE_TIMEOUT,
+                super::refunds::reconcile_refunds(&ctx),
+            )
             .await
         })
     });

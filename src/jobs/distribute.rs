@@ -71,6 +71,14 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
             .await
             .map_err(|e| JobFailure::Retry(e.to_string()))?;
     }
+    // Refunds that arrived before the fee split are covered now, so they reduce what is transferred (a share they
+    // took whole ends REFUNDED and is not transferred).
+    for allocation in &payment.allocations {
+        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+        super::refunds::settle_waiting_parts(ctx, &mut tx, &aid)
+            .await
+            .map_err(transient)?;
+    }
     let payment = get_split_payment(&mut tx, &id).await.map_err(transient)?;
     if payment.payment.charge_id.is_none() {
         return Err(JobFailure::Retry(format!("{id}: no charge recorded yet")));

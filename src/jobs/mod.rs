@@ -6,6 +6,7 @@
 //! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
 //! - [`accounts`]: retrying a parked share (for `ops retry`), and `account.updated`: link flags, automatic retries.
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
+//! - [`refunds`]: refunds made at Stripe taken through to allocations and donations; transfer reversals.
 //! - [`deliver`]: one outbound event to one webhook endpoint, signed, claimed before it is sent.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
 //! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
@@ -22,6 +23,7 @@ pub mod distribute;
 pub mod payment_state;
 pub mod queue;
 pub mod reconcile;
+pub mod refunds;
 pub mod runner;
 pub mod schedule;
 pub mod stripe_event;
@@ -49,6 +51,7 @@ pub fn handlers(ctx: AppContext) -> Vec<(Queue, Handler)> {
                         Queue::Distribute => distribute::distribute(&ctx, &job.id).await,
                         Queue::Transfer => transfer::transfer(&ctx, &job.id).await,
                         Queue::Deliver => deliver::deliver(&ctx.pool, &ctx.webhooks, &job.id).await,
+                        Queue::Reversal => refunds::reverse(&ctx, &job.id).await,
                     }
                 })
             });

@@ -27,10 +27,18 @@ pub enum Queue {
     Transfer,
     /// Deliver one outbound event to one webhook endpoint (a `whdl_…` id).
     Deliver,
+    /// Make (or retry) one transfer reversal (a `transfer_reversals` id).
+    Reversal,
 }
 
 impl Queue {
-    pub const ALL: [Queue; 4] = [Queue::StripeEvent, Queue::Distribute, Queue::Transfer, Queue::Deliver];
+    pub const ALL: [Queue; 5] = [
+        Queue::StripeEvent,
+        Queue::Distribute,
+        Queue::Transfer,
+        Queue::Deliver,
+        Queue::Reversal,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,6 +46,7 @@ impl Queue {
             Queue::Distribute => "splitpay.distribute",
             Queue::Transfer => "splitpay.transfer",
             Queue::Deliver => "splitpay.deliver",
+            Queue::Reversal => "splitpay.reversal",
         }
     }
 }

@@ -296,6 +296,10 @@ pub async fn succeed_audited(
             .await
             .map_err(transient)?;
     }
+    // Refunds that arrived while the transfer was in flight are covered now: by a reversal (policy).
+    super::refunds::settle_waiting_parts(ctx, &mut tx, id)
+        .await
+        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     if recorded {
         crate::observability::transfer_recorded(c.payment.succeeded_at);
@@ -362,6 +366,10 @@ async fn park(ctx: &AppContext, c: &AllocationContext, code: &str, message: &str
     .execute(&mut *tx)
     .await
     .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    // Refunds that arrived while the transfer was in flight are covered now: from the parked net.
+    super::refunds::settle_waiting_parts(ctx, &mut tx, &id)
+        .await
+        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     tracing::warn!(split_allocation_id = %id, code, message, "parked for an operator");
     metrics::counter!("splitpay_allocations_parked_total", "code" => code.to_owned()).increment(1);

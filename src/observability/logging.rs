@@ -57,7 +57,7 @@ pub fn job_span(queue: crate::jobs::queue::Queue, id: &str) -> tracing::Span {
         Queue::Transfer => {
             span.record("split_allocation_id", id);
         }
-        Queue::StripeEvent | Queue::Deliver => {}
+        Queue::StripeEvent | Queue::Deliver | Queue::Reversal => {}
     }
     span
 }

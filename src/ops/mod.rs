@@ -1,7 +1,9 @@
 //! The operator commands (`splitpay ops …`): human-readable tables by default, one JSON document with `--json`.
 //! Exit codes: 0 success, 1 refused (wrong state, not ready), 2 bad usage. One file per command family:
 //! - [`reconcile`]: run both reconcilers once, in the foreground.
+//! - [`refund`]: refund one parked or transferred share to the donor (with the transfer reversed first).
 //! - [`parked`]: list the parked allocations (read-only).
+//! - [`money_back`]: refunds and transfer reversals, as `show` and `parked` print them.
 //! - [`show`]: everything about one payment, found by any of its ids (read-only).
 //! - [`retry`]: retry a parked share on a new transfer generation, once Stripe says its account is ready.
 //! - [`audit`]: the ops audit log, newest first (read-only).
@@ -15,8 +17,10 @@
 pub mod audit;
 pub mod deliveries;
 pub mod endpoints;
+pub mod money_back;
 pub mod parked;
 pub mod reconcile;
+pub mod refund;
 pub mod retry;
 pub mod show;
 
@@ -88,6 +92,29 @@ pub enum OpsCommand {
         /// At most this many entries.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
+    },
+    /// Refund one share to the donor, on the payment's PaymentIntent (requires --reason).
+    ///
+    /// A PARKED share is refunded from the parked net and ends REFUNDED. A TRANSFERRED share is refunded only with
+    /// --reverse-transfer: the transfer is reversed first, then the donor is refunded. Any other state is refused.
+    ///
+    /// --amount net (the default) refunds what the recipient would have received (the share's net); the platform
+    /// keeps the share's fees. --amount gross refunds the donor's whole share, fees included; the platform bears
+    /// those fees, recorded as platform loss on the payment.
+    ///
+    /// Safe to re-run: the refund is written with its idempotency key before Stripe is called, and a re-run after a
+    /// crash or an unknown outcome re-sends the same key (Stripe answers with the same refund, never a second one).
+    Refund {
+        /// The share to refund (`salc_…`).
+        allocation: String,
+        /// net: what the recipient would have received; gross: the whole share, fees borne by the platform.
+        #[arg(long, value_enum, default_value_t = refund::RefundAmount::Net)]
+        amount: refund::RefundAmount,
+        /// Required for a TRANSFERRED share: reverse the transfer first, then refund.
+        #[arg(long)]
+        reverse_transfer: bool,
+        #[command(flatten)]
+        change: Change,
     },
     /// Webhook endpoints: add, list, disable, enable, rotate-secret.
     Endpoints {
@@ -291,6 +318,19 @@ pub async fn run(
             retry::run(ctx, id, wait, change, args.json, out, err).await
         }
         OpsCommand::Audit { target, limit } => audit::run(ctx, target.as_deref(), *limit, args.json, out).await,
+        OpsCommand::Refund {
+            allocation,
+            amount,
+            reverse_transfer,
+            change,
+        } => {
+            let request = refund::RefundRequest {
+                allocation,
+                amount: *amount,
+                reverse_transfer: *reverse_transfer,
+            };
+            refund::run(ctx, request, change, args.json, out, err).await
+        }
         OpsCommand::Endpoints { command } => endpoints::run(command, ctx, args.json, out, err).await,
         OpsCommand::Events {
             failed,

@@ -17,6 +17,9 @@ struct Report {
     parked: Vec<Parked>,
     /// True when more than [`LIMIT`] allocations matched (the oldest are listed).
     truncated: bool,
+    /// Transfer reversals Stripe has not made yet (refused for a low balance, or not answered): retried on their
+    /// schedule, listed here until made.
+    reversals_pending: Vec<crate::store::reversals::ReversalRow>,
 }
 
 #[derive(Debug, serde::Serialize, sqlx::FromRow)]
@@ -73,7 +76,12 @@ pub async fn run(
         .await?;
     let truncated = parked.len() as i64 > LIMIT;
     parked.truncate(LIMIT as usize);
-    let report = Report { parked, truncated };
+    let reversals_pending = super::money_back::owed(&mut *ctx.pool.acquire().await?).await?;
+    let report = Report {
+        parked,
+        truncated,
+        reversals_pending,
+    };
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
@@ -83,6 +91,7 @@ pub async fn run(
 }
 
 fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+    super::money_back::print_owed(&r.reversals_pending, out)?;
     writeln!(out, "parked allocations: {}", r.parked.len())?;
     if r.parked.is_empty() {
         return Ok(());

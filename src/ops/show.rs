@@ -68,6 +68,8 @@ struct Report {
     allocations: Vec<Allocation>,
     donations: Vec<Donation>,
     discrepancies: Vec<Discrepancy>,
+    #[serde(flatten)]
+    money_back: super::money_back::MoneyBack,
     events: Vec<Event>,
     audit: Vec<AuditEntry>,
 }
@@ -285,6 +287,7 @@ pub async fn run(
     .bind(&payment_id)
     .fetch_all(&mut *conn)
     .await?;
+    let money_back = super::money_back::for_payment(&mut conn, &payment_id).await?;
     // Every id the payment is known by: events name the payment, an allocation or a donation; audit entries may
     // name any of them, or a Stripe id.
     let mut ids: Vec<String> = vec![payment_id.clone()];
@@ -331,6 +334,7 @@ pub async fn run(
         allocations,
         donations,
         discrepancies,
+        money_back,
         events,
         audit,
     };
@@ -471,6 +475,7 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> 
             d.detail
         )?;
     }
+    super::money_back::print(&r.money_back, c, out)?;
     writeln!(out, "events emitted: {}", r.events.len())?;
     for e in &r.events {
         writeln!(

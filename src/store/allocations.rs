@@ -140,11 +140,17 @@ pub async fn transition_allocation(
     let mut idempotency_key = current.idempotency_key.clone();
     match next {
         AllocationStatus::Transferring => {
-            let net_cents = current.net_amount_cents.filter(|&n| n > 0).ok_or_else(|| {
-                StoreError::Invalid(format!(
-                    "split allocation '{id}' has no positive net amount to transfer"
-                ))
-            })?;
+            // What refunds already took from the share (before its transfer, or from its parked net) is not sent.
+            let taken = super::refunds::taken(tx, id.as_str()).await?.taken_net_cents;
+            let net_cents = current
+                .net_amount_cents
+                .map(|n| n - taken)
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "split allocation '{id}' has no positive net amount to transfer"
+                    ))
+                })?;
             generation += 1;
             let key = transfer_idempotency_key(id, generation);
             // The generation's parameters, frozen here: destination (the link's account now), amount, currency,

@@ -65,6 +65,14 @@ pub fn distribution(
     )
 }
 
+/// `donation.refunded` for one refund of a donation (once per refund id and donation), with the donation as it is
+/// after the refund. `None` when the donation has no donor (see [`donation`]).
+pub fn donation_refunded(d: &DonationRow, refund_ref: &str, at: DateTime<Utc>) -> Option<OutboundEvent> {
+    let mut event = donation(EventType::DonationRefunded, d, at)?;
+    event.dedup_key = format!("{}:{}:{refund_ref}", EventType::DonationRefunded.as_str(), d.id);
+    Some(event)
+}
+
 /// A `donation.*` event on the recipient organisation. `None` when the donation has no donor: the seed's
 /// `Donation.donor_id` is required, so such a donation cannot be announced faithfully.
 pub fn donation(event_type: EventType, d: &DonationRow, at: DateTime<Utc>) -> Option<OutboundEvent> {

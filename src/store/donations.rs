@@ -103,6 +103,28 @@ pub async fn donation_for_allocation(
     )
 }
 
+/// Adds a refunded part to a donation that stays where it is (a partial refund changes the amount, not the status),
+/// never beyond the donation's amount. Returns the updated row for its `donation.refunded` event.
+pub async fn add_refunded_amount(
+    conn: &mut PgConnection,
+    id: &DonationId,
+    part_cents: i64,
+) -> Result<DonationRow, StoreError> {
+    assert!(part_cents > 0, "a refunded part is positive");
+    sqlx::query_as::<_, DonationRow>(
+        "UPDATE donations SET refunded_amount_cents = least(amount_cents, refunded_amount_cents + $2), updated_at = now()
+          WHERE id = $1 RETURNING *",
+    )
+    .bind(id.as_str())
+    .bind(part_cents)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        what: "donation",
+        id: id.to_string(),
+    })
+}
+
 /// Data recorded with a donation transition (`None` keeps what is stored).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DonationPatch {
@@ -138,8 +160,8 @@ pub async fn transition_donation(
         "UPDATE donations
             SET status = $3,
                 received_date = coalesce($4, received_date),
-                refunded_amount_cents = CASE WHEN $3 = 'REFUNDED' THEN amount_cents
-                                             ELSE coalesce($5, refunded_amount_cents) END,
+                refunded_amount_cents = coalesce($5, CASE WHEN $3 = 'REFUNDED' THEN amount_cents
+                                                          ELSE refunded_amount_cents END),
                 deleted_at = CASE WHEN $3 = 'REFUNDED' THEN now() ELSE deleted_at END,
                 failure_code = coalesce($6, failure_code),
                 failure_message = coalesce($7, failure_message),

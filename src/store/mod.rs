@@ -6,6 +6,7 @@
 //! - [`payments`], [`allocations`], [`donations`]: the three aggregates a payment is made of, and their transitions.
 //! - [`transfer_attempts`]: transfer generations, retries and discrepancies; [`money_report`]: conservation terms.
 //! - [`readiness`]: connected accounts' flags from `account.updated`, and the shares parked for account reasons.
+//! - [`refunds`], [`reversals`]: refunds to donors, their parts per allocation, and the transfer reversals they cause.
 //! - [`records`]: the Stripe event inbox, the outbound event outbox, the ops audit log, cron tick claims.
 
 pub mod allocations;
@@ -17,6 +18,8 @@ pub mod money_report;
 pub mod payments;
 pub mod readiness;
 pub mod records;
+pub mod refunds;
+pub mod reversals;
 pub mod transfer_attempts;
 pub mod webhooks;
 

@@ -9,21 +9,30 @@ use crate::domain::state::{AllocationStatus, PaymentStatus};
 
 /// Where a split payment's money is, in minor units, each term read from its own record (never derived from
 /// another term, so the check can fail): for a succeeded payment,
-/// `charged = transferred + parked + refunded + in_flight + fees_kept`.
+/// `charged = transferred − reversed + parked + refunded + in_flight + fees_kept − platform_loss − unsettled`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MoneyReport {
     pub charged_cents: i64,
     /// The amounts of the transfers recorded on TRANSFERRED allocations' successful generations.
     pub transferred_cents: i64,
-    /// Net shares of PARKED allocations (still on the platform's balance).
+    /// Reversals Stripe made (`transfer_reversals` SUCCEEDED): back on the platform's balance.
+    pub reversed_cents: i64,
+    /// Net left on PARKED allocations (their net less what refunds took from it), still on the platform's balance.
     pub parked_cents: i64,
-    /// Net shares of REFUNDED allocations.
+    /// Refunds to the donor Stripe made (`refunds` SUCCEEDED), plus the net left on a REFUNDED allocation that
+    /// has no refund record (refunded before refunds were recorded).
     pub refunded_cents: i64,
-    /// PENDING or TRANSFERRING: net once the fee split is written, gross before.
+    /// PENDING or TRANSFERRING: net less what refunds took, once the fee split is written; gross before.
     pub in_flight_cents: i64,
     /// The fees on the payment row: Stripe's processing fee plus the platform fee, less what could not be
     /// collected.
     pub fees_kept_cents: i64,
+    /// What the platform bore of the refunds (`refund_parts.platform_loss_cents`): fees refunded, `none` policy,
+    /// shares already gone.
+    pub platform_loss_cents: i64,
+    /// Refunded money whose cover is not decided yet: parts waiting for a transfer to settle, succeeded refunds not
+    /// attributed, and reversals still to be made.
+    pub unsettled_cents: i64,
     /// VOIDED allocations (payment failed): nothing was charged for them.
     pub voided_cents: i64,
 }
@@ -31,11 +40,13 @@ pub struct MoneyReport {
 impl MoneyReport {
     pub fn is_conserved(&self) -> bool {
         self.charged_cents
-            == self.transferred_cents
+            == self.transferred_cents - self.reversed_cents
                 + self.parked_cents
                 + self.refunded_cents
                 + self.in_flight_cents
                 + self.fees_kept_cents
+                - self.platform_loss_cents
+                - self.unsettled_cents
     }
 }
 
@@ -62,6 +73,47 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
     .bind(id.as_str())
     .fetch_all(&mut *conn)
     .await?;
+    // Per allocation: what refunds took from its net (parked or not yet transferred), and whether any refund names it.
+    let taken: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT a.id, coalesce(sum(p.from_parked_cents + p.from_pending_cents), 0)::bigint,
+                count(p.refund_id)::bigint
+           FROM split_allocations a LEFT JOIN refund_parts p ON p.split_allocation_id = a.id
+          WHERE a.split_payment_id = $1 GROUP BY a.id",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let (refunded, unattributed): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(amount_cents), 0)::bigint,
+                coalesce(sum(amount_cents) FILTER (WHERE attributed_at IS NULL), 0)::bigint
+           FROM refunds WHERE split_payment_id = $1 AND status = 'SUCCEEDED'",
+    )
+    .bind(id.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    let (loss, waiting): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(p.platform_loss_cents), 0)::bigint,
+                coalesce(sum(p.amount_cents) FILTER (WHERE p.covered_at IS NULL), 0)::bigint
+           FROM refund_parts p JOIN refunds r ON r.id = p.refund_id WHERE r.split_payment_id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    let (reversed, reversing): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(r.amount_cents) FILTER (WHERE r.status = 'SUCCEEDED'), 0)::bigint,
+                coalesce(sum(r.amount_cents) FILTER (WHERE r.status = 'PENDING'), 0)::bigint
+           FROM transfer_reversals r JOIN split_allocations a ON a.id = r.split_allocation_id
+          WHERE a.split_payment_id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    if charged {
+        report.refunded_cents = refunded;
+        report.platform_loss_cents = loss;
+        report.reversed_cents = reversed;
+        report.unsettled_cents = waiting + unattributed + reversing;
+    }
     for a in &payment.allocations {
         if a.status == AllocationStatus::Voided {
             report.voided_cents += a.gross_amount_cents;
@@ -69,7 +121,11 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
         if !charged {
             continue;
         }
-        let net = a.net_amount_cents;
+        let (taken_cents, parts) = taken
+            .iter()
+            .find(|(aid, _, _)| *aid == a.id)
+            .map_or((0, 0), |(_, t, n)| (*t, *n));
+        let net_left = a.net_amount_cents.map(|n| n - taken_cents);
         match a.status {
             AllocationStatus::Transferred => {
                 report.transferred_cents += transferred
@@ -78,10 +134,11 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
                     .map(|(_, cents)| cents)
                     .sum::<i64>()
             }
-            AllocationStatus::Parked => report.parked_cents += net.unwrap_or(0),
-            AllocationStatus::Refunded => report.refunded_cents += net.unwrap_or(0),
+            AllocationStatus::Parked => report.parked_cents += net_left.unwrap_or(0),
+            AllocationStatus::Refunded if parts == 0 => report.refunded_cents += net_left.unwrap_or(0),
+            AllocationStatus::Refunded => {}
             AllocationStatus::Pending | AllocationStatus::Transferring => {
-                report.in_flight_cents += net.unwrap_or(a.gross_amount_cents)
+                report.in_flight_cents += net_left.unwrap_or(a.gross_amount_cents)
             }
             AllocationStatus::Voided => {}
         }

@@ -16,7 +16,7 @@ use stripe_core::charge::RetrieveCharge;
 use stripe_core::payment_intent::{
     CancelPaymentIntent, ConfirmPaymentIntent, CreatePaymentIntent, RetrievePaymentIntent,
 };
-use stripe_core::refund::CreateRefund;
+use stripe_core::refund::{CreateRefund, CreateRefundReason, ListRefund};
 use stripe_types::Expandable;
 
 use super::backoff::backoff_ms_random;
@@ -171,6 +171,19 @@ fn transfer_info(t: stripe_shared::Transfer) -> TransferInfo {
         transfer_group: t.transfer_group,
         reversed: t.reversed,
         metadata: sorted(t.metadata),
+    }
+}
+
+fn refund_info(refund: stripe_shared::Refund) -> RefundInfo {
+    RefundInfo {
+        id: refund.id.as_str().to_owned(),
+        amount_cents: refund.amount,
+        currency: refund.currency.to_string(),
+        status: refund.status,
+        charge: refund.charge.as_ref().map(expandable_id),
+        payment_intent: refund.payment_intent.as_ref().map(expandable_id),
+        metadata: refund.metadata.map(sorted).unwrap_or_default(),
+        reason: refund.reason.map(|r| r.as_str().to_owned()),
     }
 }
 
@@ -349,16 +362,37 @@ impl PaymentGateway for StripeGateway {
         if let Some(amount) = p.amount_cents {
             builder = builder.amount(amount);
         }
+        if let Some(reason) = p.reason {
+            builder = builder.reason(match reason {
+                RefundReason::Duplicate => CreateRefundReason::Duplicate,
+                RefundReason::Fraudulent => CreateRefundReason::Fraudulent,
+                RefundReason::RequestedByCustomer => CreateRefundReason::RequestedByCustomer,
+            });
+        }
         let refund: stripe_shared::Refund = self
             .send("create_refund", || builder.customize(), Some(&p.idempotency_key))
             .await?;
-        Ok(RefundInfo {
-            id: refund.id.as_str().to_owned(),
-            amount_cents: refund.amount,
-            currency: refund.currency.to_string(),
-            status: refund.status,
-            charge: refund.charge.as_ref().map(expandable_id),
-            payment_intent: refund.payment_intent.as_ref().map(expandable_id),
+        Ok(refund_info(refund))
+    }
+
+    async fn list_refunds(&self, charge_id: &str) -> Result<Vec<RefundInfo>, GatewayError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..LIST_PAGES_MAX {
+            let mut builder = ListRefund::new().charge(charge_id.to_owned()).limit(LIST_PAGE_SIZE);
+            if let Some(last) = &after {
+                builder = builder.starting_after(last.clone());
+            }
+            let page: stripe_types::List<stripe_shared::Refund> =
+                self.send("list_refunds", || builder.customize(), None).await?;
+            after = page.data.last().map(|r| r.id.as_str().to_owned());
+            all.extend(page.data.into_iter().map(refund_info));
+            if !page.has_more || after.is_none() {
+                return Ok(all);
+            }
+        }
+        Err(GatewayError::Unknown {
+            reason: format!("charge {charge_id} has more than {LIST_PAGES_MAX} pages of refunds"),
         })
     }
 

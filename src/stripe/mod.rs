@@ -208,8 +208,18 @@ pub struct CreateRefundParams {
     pub target: RefundTarget,
     /// `None` refunds everything still refundable.
     pub amount_cents: Option<i64>,
+    /// Stripe's `reason`; `ops refund` sends `requested_by_customer`.
+    pub reason: Option<RefundReason>,
     pub metadata: Metadata,
     pub idempotency_key: String,
+}
+
+/// The reasons a caller may give a refund (Stripe sets `expired_uncaptured_charge` itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundReason {
+    Duplicate,
+    Fraudulent,
+    RequestedByCustomer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,9 +227,13 @@ pub struct RefundInfo {
     pub id: String,
     pub amount_cents: i64,
     pub currency: String,
+    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
     pub status: Option<String>,
     pub charge: Option<String>,
     pub payment_intent: Option<String>,
+    /// Ours when splitpay made the refund: `split_allocation_id`, `split_payment_id`, `refund_ref`.
+    pub metadata: Metadata,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,5 +289,7 @@ pub trait PaymentGateway: Send + Sync {
         idempotency_key: &str,
     ) -> Result<ReversalOutcome, GatewayError>;
     async fn create_refund(&self, params: &CreateRefundParams) -> Result<RefundInfo, GatewayError>;
+    /// Every refund of a charge (all pages, bounded): the truth a `charge.refunded` webhook may truncate.
+    async fn list_refunds(&self, charge_id: &str) -> Result<Vec<RefundInfo>, GatewayError>;
     async fn retrieve_account(&self, id: &str) -> Result<AccountInfo, GatewayError>;
 }

@@ -1,7 +1,8 @@
 //! Conservation checked against Stripe: the simulator's own transfers and charge, not splitpay's rows alone.
-//! `charged = Σ transfers Stripe holds + Σ parked nets + Σ refunded nets + in flight + fees kept`, and each
-//! TRANSFERRED allocation has exactly one transfer at Stripe, of its net amount, with its id. A missing or doubled
-//! transfer fails the check.
+//! `charged = Σ (transfers − reversals) Stripe holds + Σ parked + Σ refunded + in flight + fees kept − platform loss
+//! − unsettled`, and each TRANSFERRED allocation has exactly one transfer at Stripe, of its generation's amount,
+//! with its id; the reversals Stripe holds are the ones splitpay recorded, and the charge's refunded amount is the
+//! refunds splitpay recorded. A missing or doubled transfer, reversal or refund fails the check.
 
 use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::state::{AllocationStatus, PaymentStatus};
@@ -51,10 +52,19 @@ pub async fn conserved_at_stripe(
                 t.id, a.id, a.status, a.stripe_transfer_id
             ));
         }
-        if Some(t.amount_cents) != a.net_amount_cents {
+        // The generation's frozen amount: the net, less what refunds took before the transfer started.
+        let (frozen,): (i64,) = sqlx::query_as(
+            "SELECT amount_cents FROM transfer_attempts WHERE split_allocation_id = $1 AND generation = $2",
+        )
+        .bind(&a.id)
+        .bind(a.generation)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        if t.amount_cents != frozen {
             return Err(format!(
-                "transfer {} is {} but {}'s net is {:?}",
-                t.id, t.amount_cents, a.id, a.net_amount_cents
+                "transfer {} is {} but {}'s generation {} froze {frozen} (net {:?})",
+                t.id, t.amount_cents, a.id, a.generation, a.net_amount_cents
             ));
         }
     }
@@ -107,12 +117,41 @@ pub async fn conserved_at_stripe(
             return Err(format!("Stripe's fee is {} but splitpay split {fee}", bt.fee_cents));
         }
     }
+    let reversed_at_stripe: i64 = transfers.iter().map(|t| t.amount_reversed_cents).sum();
+    if reversed_at_stripe != report.reversed_cents {
+        return Err(format!(
+            "Stripe holds {reversed_at_stripe} reversed but splitpay recorded {}",
+            report.reversed_cents
+        ));
+    }
+    let (open_refunds,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM refunds WHERE split_payment_id = $1 AND status IN ('REQUESTED', 'PENDING')",
+    )
+    .bind(id.as_str())
+    .fetch_one(pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    if open_refunds == 0 && charge.amount_refunded_cents != report.refunded_cents {
+        return Err(format!(
+            "Stripe refunded {} of the charge but splitpay recorded {}",
+            charge.amount_refunded_cents, report.refunded_cents
+        ));
+    }
     let sum =
-        transferred + report.parked_cents + report.refunded_cents + report.in_flight_cents + report.fees_kept_cents;
+        transferred + report.parked_cents + report.refunded_cents + report.in_flight_cents + report.fees_kept_cents
+            - report.platform_loss_cents
+            - report.unsettled_cents;
     if sum != charge.amount_cents {
         return Err(format!(
-            "charged {} ≠ transferred at Stripe {transferred} + parked {} + refunded {} + in flight {} + fees {} = {sum}",
-            charge.amount_cents, report.parked_cents, report.refunded_cents, report.in_flight_cents, report.fees_kept_cents
+            "charged {} ≠ transferred − reversed at Stripe {transferred} + parked {} + refunded {} + in flight {} + \
+             fees {} − platform loss {} − unsettled {} = {sum}",
+            charge.amount_cents,
+            report.parked_cents,
+            report.refunded_cents,
+            report.in_flight_cents,
+            report.fees_kept_cents,
+            report.platform_loss_cents,
+            report.unsettled_cents
         ));
     }
     Ok(StripeMoney {

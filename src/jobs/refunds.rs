@@ -1,0 +1,212 @@
+//! Refunds made at Stripe, taken through to allocations and donations, and the transfer reversals they cause.
+//!
+//! - [`process_charge_event`]: `charge.refunded`, `charge.refund.updated` and `refund.*`. The webhook's own
+//!   `refunds` list may be truncated, so the charge's refunds are read from Stripe (`GET /v1/refunds?charge=`) and
+//!   each one not yet recorded is recorded once (unique Stripe id), attributed and covered in one transaction with
+//!   marking the event processed. Only a SUCCEEDED refund moves money; a pending one waits for its update; a
+//!   failed one reverses nothing and emits nothing.
+//! - [`reverse`]: one reversal, with the key written when its intent was; a refusal (the recipient's balance is
+//!   too low) or an unknown outcome is retried with the same key on a stored, growing schedule. Never dropped.
+//! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, and drives overdue reversals.
+
+use chrono::Utc;
+
+use super::queue::{enqueue, Queue};
+use super::runner::JobFailure;
+use super::stripe_event::transient;
+use crate::app::AppContext;
+use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
+use crate::store::payments::find_split_payment_by_intent;
+use crate::store::records::{finish_stripe_event, StripeEventRow};
+use crate::store::refunds::{
+    allocations_with_waiting_parts, attribute_refund, cover_waiting_parts, record_stripe_refund, RefundRow,
+};
+use crate::store::reversals::{due_reversals, get_reversal, record_reversal_retry, record_reversal_success};
+use crate::store::{StoreError, Tx};
+use crate::stripe::backoff::backoff_ms_random;
+use crate::stripe::{RefundInfo, ReversalOutcome};
+
+/// The Stripe events that say something about a charge's refunds.
+pub fn is_refund_event(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        "charge.refunded" | "charge.refund.updated" | "refund.created" | "refund.updated" | "refund.failed"
+    )
+}
+
+/// A reversal refused for a low balance waits for the recipient's next payments: retried at most this far apart.
+pub const REVERSAL_BACKOFF_CAP_MS: u64 = 3_600_000;
+/// Rows one reconcile tick takes per kind; the next tick takes the rest.
+pub const RECONCILE_BATCH_MAX: i64 = 200;
+
+pub async fn process_charge_event(ctx: &AppContext, event: &StripeEventRow) -> Result<(), JobFailure> {
+    let object = &event.payload["data"]["object"];
+    let charge_id = match object["object"].as_str() {
+        Some("charge") => object["id"].as_str(),
+        _ => object["charge"].as_str(),
+    };
+    let intent_id = object["payment_intent"].as_str();
+    let payment = match intent_id {
+        Some(pi) => find_split_payment_by_intent(&mut *acquire(ctx).await?, pi)
+            .await
+            .map_err(transient)?,
+        None => None,
+    };
+    let (Some(charge_id), Some(payment)) = (charge_id, payment) else {
+        return mark(ctx, &event.id, None).await; // not a charge of splitpay's
+    };
+    let refunds = ctx
+        .gateway
+        .list_refunds(charge_id)
+        .await
+        .map_err(|e| JobFailure::Retry(format!("listing the refunds of {charge_id}: {e}")))?;
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let mut reversals = Vec::new();
+    for refund in &refunds {
+        reversals.extend(apply_refund(ctx, &mut tx, &payment, refund, "external").await?);
+    }
+    for id in &reversals {
+        enqueue(&mut tx, Queue::Reversal, &id.to_string(), None)
+            .await
+            .map_err(transient)?;
+    }
+    finish_stripe_event(&mut tx, &event.id, None).await.map_err(transient)?;
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    tracing::info!(split_payment_id = %payment, charge_id, refunds = refunds.len(), reversals = reversals.len(), "refunds applied");
+    Ok(())
+}
+
+/// Records one refund Stripe shows and, once it succeeded, attributes and covers it. Returns the reversal intents
+/// to enqueue. A refund larger than what the allocations have left to refund is kept unattributed for an operator
+/// (the money report shows it unsettled), never guessed.
+pub async fn apply_refund(
+    ctx: &AppContext,
+    tx: &mut Tx<'_>,
+    payment: &SplitPaymentId,
+    refund: &RefundInfo,
+    source: &str,
+) -> Result<Vec<i64>, JobFailure> {
+    let row: RefundRow = record_stripe_refund(tx, payment, refund, source)
+        .await
+        .map_err(transient)?;
+    match attribute_refund(tx, &row, ctx.distribution.reverse_on_refund).await {
+        Ok(reversals) => Ok(reversals),
+        Err(StoreError::Invalid(why)) => {
+            tracing::error!(split_payment_id = %payment, refund_id = %refund.id, why, "refund left unattributed");
+            metrics::counter!("splitpay_refunds_unattributed_total").increment(1);
+            Ok(Vec::new())
+        }
+        Err(e) => Err(transient(e)),
+    }
+}
+
+/// Makes one reversal (a `transfer_reversals` id) with its stored key; see the module doc.
+pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
+    let id: i64 = raw_id
+        .parse()
+        .map_err(|_| JobFailure::Abandon(format!("'{raw_id}' is not a reversal id")))?;
+    let r = match get_reversal(&mut *acquire(ctx).await?, id).await {
+        Ok(r) => r,
+        Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no reversal {id}"))),
+        Err(e) => return Err(transient(e)),
+    };
+    if r.status != "PENDING"
+        || r.next_attempt_at
+            .is_some_and(|at| at > Utc::now() + chrono::Duration::seconds(1))
+    {
+        return Ok(()); // done, or an early duplicate: the scheduled attempt will come
+    }
+    let outcome = ctx
+        .gateway
+        .reverse_transfer(&r.stripe_transfer_id, Some(r.amount_cents), &r.idempotency_key)
+        .await;
+    let mut conn = acquire(ctx).await?;
+    match outcome {
+        Ok(ReversalOutcome::Reversed { reversal_id, .. }) => {
+            record_reversal_success(&mut conn, id, Some(&reversal_id))
+                .await
+                .map_err(transient)?;
+            tracing::info!(reversal = id, transfer_id = %r.stripe_transfer_id, amount_cents = r.amount_cents, "reversed");
+        }
+        Ok(ReversalOutcome::AlreadyFullyReversed) => {
+            record_reversal_success(&mut conn, id, None).await.map_err(transient)?;
+            tracing::warn!(reversal = id, transfer_id = %r.stripe_transfer_id, "transfer already fully reversed");
+        }
+        Err(e) => {
+            // Low balance, throttling, a timeout: all the same to us. The key never changes, so an attempt that
+            // reached Stripe is answered with its first result.
+            let delay_ms = backoff_ms_random(
+                (r.attempts + 1) as u32,
+                ctx.distribution.backoff_base_ms,
+                REVERSAL_BACKOFF_CAP_MS,
+            )
+            .max(ctx.distribution.backoff_base_ms / 2);
+            let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
+            let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+            record_reversal_retry(&mut tx, id, next, e.code(), &e.to_string())
+                .await
+                .map_err(transient)?;
+            enqueue(
+                &mut tx,
+                Queue::Reversal,
+                raw_id,
+                Some(std::time::Duration::from_millis(delay_ms)),
+            )
+            .await
+            .map_err(transient)?;
+            tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+            tracing::warn!(reversal = id, error = %e, delay_ms, "reversal refused or unanswered: retried later with the same key");
+            metrics::counter!("splitpay_reversals_retried_total").increment(1);
+        }
+    }
+    Ok(())
+}
+
+/// Covers an allocation's waiting parts now (its transfer settled) and enqueues the reversals that calls for, in
+/// the caller's transaction.
+pub async fn settle_waiting_parts(ctx: &AppContext, tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<(), StoreError> {
+    for reversal in cover_waiting_parts(tx, id, ctx.distribution.reverse_on_refund).await? {
+        enqueue(tx, Queue::Reversal, &reversal.to_string(), None).await?;
+    }
+    Ok(())
+}
+
+/// What one refunds reconcile tick did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RefundsReport {
+    pub parts_covered_for: Vec<String>,
+    pub reversals_driven: Vec<i64>,
+}
+
+/// The cron sweep: parts whose allocation has settled are covered, and overdue reversals are tried again (with
+/// their own key). Bounded per tick.
+pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreError> {
+    let mut report = RefundsReport::default();
+    let waiting = allocations_with_waiting_parts(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await?;
+    for raw in waiting {
+        let Ok(id) = SplitAllocationId::parse(&raw) else {
+            continue;
+        };
+        let mut tx = ctx.pool.begin().await?;
+        settle_waiting_parts(ctx, &mut tx, &id).await?;
+        tx.commit().await?;
+        report.parts_covered_for.push(raw);
+    }
+    for id in due_reversals(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await? {
+        if let Err(e) = reverse(ctx, &id.to_string()).await {
+            tracing::warn!(reversal = id, error = ?e, "reversal sweep");
+        }
+        report.reversals_driven.push(id);
+    }
+    Ok(report)
+}
+
+async fn acquire(ctx: &AppContext) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, JobFailure> {
+    ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))
+}
+
+async fn mark(ctx: &AppContext, event_id: &str, note: Option<&str>) -> Result<(), JobFailure> {
+    finish_stripe_event(&mut *acquire(ctx).await?, event_id, note)
+        .await
+        .map_err(transient)
+}

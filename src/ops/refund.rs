@@ -1,0 +1,362 @@
+//! `splitpay ops refund <salc_…> --reason TEXT [--amount net|gross] [--reverse-transfer]`: refund one share to the
+//! donor on the payment's PaymentIntent.
+//!
+//! - PARKED: the share is refunded from the parked net; the allocation ends REFUNDED.
+//! - TRANSFERRED: only with `--reverse-transfer`: the transfer is reversed first, then the share is refunded.
+//! - Anything else is refused (exit 1) with what to do next; a refused command writes nothing and calls nobody.
+//!
+//! Crash safety: the intent (a REQUESTED refund row with its key `splitpay:refund:{salc}:{seq}`, the reversal
+//! intent with its own key, and the audit row) is committed before Stripe is called. Re-run after a crash or an
+//! unknown outcome, the command finds the intent and re-sends the *same* key, so Stripe answers with the same refund.
+//! Stripe's `charge.refunded` for it later finds the refund recorded and changes nothing.
+
+use std::io::Write;
+
+use super::{Change, OpsError, Outcome};
+use crate::app::AppContext;
+use crate::domain::ids::SplitAllocationId;
+use crate::domain::state::AllocationStatus;
+use crate::jobs::refunds::{apply_refund, reverse};
+use crate::store::allocations::{allocation_context, AllocationContext};
+use crate::store::records::insert_audit;
+use crate::store::refunds::{
+    fail_refund_intent, insert_refund_intent, open_refund_intent, taken, RefundIntent, RefundRow, REFUND_REF_KEY,
+};
+use crate::store::reversals::{get_reversal, insert_reversal};
+use crate::store::StoreError;
+use crate::stripe::error::ErrorClass;
+use crate::stripe::{CreateRefundParams, RefundReason, RefundTarget};
+
+/// What is refunded to the donor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefundAmount {
+    /// What the recipient would have received (the share's net): the platform keeps the share's fees.
+    #[default]
+    Net,
+    /// The donor's whole gross share, fees included: the platform bears the fees (recorded as platform loss).
+    Gross,
+}
+
+/// The plan for one share, before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    refund_cents: i64,
+    fee_refunded_cents: i64,
+    reversal_cents: i64,
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefundRequest<'a> {
+    /// The share (`salc_…`), as typed.
+    pub allocation: &'a str,
+    pub amount: RefundAmount,
+    pub reverse_transfer: bool,
+}
+
+pub async fn run(
+    ctx: &AppContext,
+    request: RefundRequest<'_>,
+    change: &Change,
+    json: bool,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Outcome, OpsError> {
+    let RefundRequest {
+        allocation: raw_id,
+        amount,
+        reverse_transfer,
+    } = request;
+    let Ok(id) = SplitAllocationId::parse(raw_id) else {
+        return super::usage(err, &format!("'{raw_id}' is not a split allocation id (salc_…)"));
+    };
+    let Some(reason) = change.reason.clone().filter(|r| !r.trim().is_empty()) else {
+        return super::usage(
+            err,
+            "--reason is required: say why the donor is refunded (it goes to the audit log)",
+        );
+    };
+    let mut conn = ctx.pool.acquire().await?;
+    let c = match allocation_context(&mut conn, &id).await {
+        Ok(c) => c,
+        Err(StoreError::NotFound { .. }) => {
+            writeln!(
+                err,
+                "no split allocation {id}; find it with `splitpay ops show <pi_…|spay_…>`"
+            )?;
+            return Ok(Outcome::Refused);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(open) = open_refund_intent(&mut conn, &id).await? {
+        drop(conn);
+        writeln!(
+            err,
+            "resuming refund {} of {id} ({} cents) with its key: Stripe answers a resent key with the same refund",
+            open.id, open.amount_cents
+        )?;
+        if change.dry_run {
+            let plan = serde_json::json!({ "action": "resend refund", "target": id.as_str(), "refund": open.id,
+                                            "amount_cents": open.amount_cents });
+            return super::print_dry_run(out, json, &plan);
+        }
+        return send(ctx, &c, &open, json, out, err).await;
+    }
+    let plan = match plan_for(&mut conn, &c, amount, reverse_transfer).await? {
+        Ok(plan) => plan,
+        Err(refusal) => {
+            writeln!(err, "refused: {refusal}")?;
+            return Ok(Outcome::Refused);
+        }
+    };
+    drop(conn);
+    let document = serde_json::json!({
+        "action": "refund", "target": id.as_str(), "status": c.allocation.status.as_str(),
+        "amount": amount, "refund_cents": plan.refund_cents, "fee_refunded_cents": plan.fee_refunded_cents,
+        "reversal_cents": plan.reversal_cents, "currency": c.payment.currency.iso_code(),
+        "payment_intent": c.payment.payment_intent_id,
+    });
+    if change.dry_run {
+        return super::print_dry_run(out, json, &document);
+    }
+    if !super::confirm(
+        change,
+        &format!(
+            "refund {} to the donor of {id}{}",
+            super::money(Some(plan.refund_cents), &c.payment.currency.iso_code()),
+            if plan.reversal_cents > 0 {
+                " after reversing the transfer"
+            } else {
+                ""
+            }
+        ),
+        err,
+    )? {
+        return Ok(Outcome::Refused);
+    }
+
+    // The intent, the reversal intent and the audit row, committed before Stripe is called.
+    let mut tx = ctx.pool.begin().await?;
+    let locked: Option<String> = sqlx::query_scalar("SELECT status FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    if locked.as_deref() != Some(c.allocation.status.as_str()) {
+        writeln!(
+            err,
+            "refused: {id} changed meanwhile (now {locked:?}); run the command again"
+        )?;
+        return Ok(Outcome::Refused);
+    }
+    let currency = c.payment.currency.iso_code().to_lowercase();
+    let refund = insert_refund_intent(
+        &mut tx,
+        &RefundIntent {
+            split_payment_id: &c.payment.id,
+            split_allocation_id: &id,
+            amount_cents: plan.refund_cents,
+            fee_refunded_cents: plan.fee_refunded_cents,
+            currency: &currency,
+            reason: &reason,
+        },
+    )
+    .await?;
+    if plan.reversal_cents > 0 {
+        insert_reversal(&mut tx, &c.allocation, plan.reversal_cents, Some(refund.id)).await?;
+    }
+    let mut details = document.clone();
+    details["refund"] = refund.id.into();
+    details["idempotency_key"] = refund.idempotency_key.clone().into();
+    insert_audit(
+        &mut tx,
+        &change.audit("refund", "split_allocation", id.as_str(), details),
+    )
+    .await?;
+    tx.commit().await?;
+    send(ctx, &c, &refund, json, out, err).await
+}
+
+/// What refunding this share means, or why it is refused (and what to do instead).
+async fn plan_for(
+    conn: &mut sqlx::PgConnection,
+    c: &AllocationContext,
+    amount: RefundAmount,
+    reverse_transfer: bool,
+) -> Result<Result<Plan, String>, OpsError> {
+    let a = &c.allocation;
+    let so_far = taken(conn, &a.id).await?;
+    let net = a.net_amount_cents.unwrap_or(0);
+    let gross_left = a.gross_amount_cents - so_far.parts_cents;
+    let (net_left, reversal_cents) = match a.status {
+        AllocationStatus::Parked => (net - so_far.taken_net_cents, 0),
+        AllocationStatus::Transferred if !reverse_transfer => {
+            return Ok(Err(format!(
+                "{} is TRANSFERRED: the recipient has the money. Add --reverse-transfer to take it back from the \
+                 recipient first, then refund the donor",
+                a.id
+            )))
+        }
+        AllocationStatus::Transferred => {
+            let (transferred, reversed): (i64, i64) = sqlx::query_as(
+                "SELECT coalesce((SELECT amount_cents FROM transfer_attempts
+                                   WHERE split_allocation_id = $1 AND generation = $2 AND outcome = 'TRANSFERRED'), 0),
+                        coalesce((SELECT sum(amount_cents) FROM transfer_reversals WHERE split_allocation_id = $1), 0)::bigint",
+            )
+            .bind(&a.id)
+            .bind(a.generation)
+            .fetch_one(&mut *conn)
+            .await?;
+            let left = transferred - reversed;
+            (left, left)
+        }
+        AllocationStatus::Pending | AllocationStatus::Transferring => {
+            return Ok(Err(format!(
+                "{} is {}: its transfer has not settled. Wait until it is TRANSFERRED or PARKED (`splitpay ops show \
+                 {}`), or refund the donor at Stripe and let splitpay attribute it",
+                a.id, a.status, a.id
+            )))
+        }
+        AllocationStatus::Refunded | AllocationStatus::Voided => {
+            return Ok(Err(format!(
+                "{} is {}: there is nothing left to refund (see `splitpay ops show {}`)",
+                a.id, a.status, a.id
+            )))
+        }
+    };
+    let refund_cents = match amount {
+        RefundAmount::Net => net_left,
+        RefundAmount::Gross => gross_left.max(net_left),
+    };
+    if refund_cents <= 0 {
+        return Ok(Err(format!(
+            "{}: its net share is already refunded or was 0 (the fees took it); use --amount gross to refund the \
+             fees too",
+            a.id
+        )));
+    }
+    Ok(Ok(Plan {
+        refund_cents,
+        fee_refunded_cents: refund_cents - net_left.max(0),
+        reversal_cents: reversal_cents.max(0),
+    }))
+}
+
+/// Makes the intent's reversal (if any) and then its refund, with their stored keys, and records what Stripe said.
+async fn send(
+    ctx: &AppContext,
+    c: &AllocationContext,
+    refund: &RefundRow,
+    json: bool,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+) -> Result<Outcome, OpsError> {
+    let pending: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM transfer_reversals WHERE cause_refund_id = $1 AND status = 'PENDING' ORDER BY id",
+    )
+    .bind(refund.id)
+    .fetch_all(&ctx.pool)
+    .await?;
+    for reversal in pending {
+        // Due now for the operator, whatever the schedule said: the same key, so never a second reversal.
+        sqlx::query("UPDATE transfer_reversals SET next_attempt_at = now() WHERE id = $1 AND status = 'PENDING'")
+            .bind(reversal)
+            .execute(&ctx.pool)
+            .await?;
+        reverse(ctx, &reversal.to_string())
+            .await
+            .map_err(|e| format!("reversal {reversal}: {e}"))?;
+        let r = get_reversal(&mut *ctx.pool.acquire().await?, reversal).await?;
+        if r.status != "SUCCEEDED" {
+            writeln!(
+                err,
+                "the reversal of {} was not made: {}. It is retried automatically with the same key; the donor is \
+                 refunded when you run this command again after it succeeds (`splitpay ops show {}`)",
+                r.stripe_transfer_id,
+                r.failure_message.as_deref().unwrap_or("no answer"),
+                c.allocation.id
+            )?;
+            return Ok(Outcome::Refused);
+        }
+    }
+    let Some(intent) = c.payment.payment_intent_id.clone() else {
+        writeln!(err, "refused: payment {} has no PaymentIntent", c.payment.id)?;
+        return Ok(Outcome::Refused);
+    };
+    let key = refund
+        .idempotency_key
+        .clone()
+        .ok_or("an ops refund always has its key")?;
+    let metadata = [
+        ("split_allocation_id", c.allocation.id.clone()),
+        ("split_payment_id", c.payment.id.clone()),
+        (REFUND_REF_KEY, refund.id.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let params = CreateRefundParams {
+        target: RefundTarget::PaymentIntent(intent),
+        amount_cents: Some(refund.amount_cents),
+        reason: Some(RefundReason::RequestedByCustomer),
+        metadata,
+        idempotency_key: key,
+    };
+    match ctx.gateway.create_refund(&params).await {
+        Ok(info) => {
+            let payment = crate::domain::ids::SplitPaymentId::parse(&c.payment.id)?;
+            let mut tx = ctx.pool.begin().await?;
+            let reversals = apply_refund(ctx, &mut tx, &payment, &info, "ops")
+                .await
+                .map_err(|e| e.to_string())?;
+            for r in reversals {
+                crate::jobs::queue::enqueue(&mut tx, crate::jobs::queue::Queue::Reversal, &r.to_string(), None).await?;
+            }
+            tx.commit().await?;
+            let status = info.status.clone().unwrap_or_default();
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "refunded": { "target": c.allocation.id, "refund": info.id,
+                        "amount_cents": info.amount_cents, "status": status } })
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "refund {} of {} for {}: {status}{}",
+                    info.id,
+                    super::money(Some(info.amount_cents), &c.payment.currency.iso_code()),
+                    c.allocation.id,
+                    if status == "succeeded" {
+                        ""
+                    } else {
+                        " (Stripe finishes it; its webhook records the outcome)"
+                    }
+                )?;
+            }
+            Ok(Outcome::Done)
+        }
+        Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
+            fail_refund_intent(&mut *ctx.pool.acquire().await?, refund.id, &e.to_string()).await?;
+            writeln!(err, "Stripe refused the refund: {e}. Nothing was refunded.")?;
+            Ok(Outcome::Refused)
+        }
+        Err(e) if e.class() == ErrorClass::Retryable => {
+            writeln!(
+                err,
+                "Stripe did not make the refund now ({e}); nothing was refunded. The intent is kept: run the same \
+                 command again later (e.g. once the platform's available balance covers it); it re-sends the same key"
+            )?;
+            Ok(Outcome::Refused)
+        }
+        Err(e) => {
+            writeln!(
+                err,
+                "the refund's outcome is unknown ({e}). Run the same command again: it re-sends the same key, so \
+                 Stripe answers with the same refund and never makes a second one"
+            )?;
+            Ok(Outcome::Refused)
+        }
+    }
+}

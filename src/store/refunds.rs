@@ -1,0 +1,490 @@
+//! Refunds to donors: the record of each Stripe refund of a split payment's charge (once per refund id), its
+//! attribution to allocations (`refund_parts`), and the covering of each part by the allocation's state, in the
+//! caller's transaction and through the state machines. Reversals a part calls for are written here as intents
+//! ([`super::reversals`]) and made by the reversal job.
+//!
+//! A part is covered when its allocation's money is where it will stay: PENDING (with its fee split written) takes
+//! it from what will be transferred, PARKED from the parked net, TRANSFERRED by a reversal (policy), REFUNDED or
+//! VOIDED as platform loss. While a transfer is in flight (TRANSFERRING, or PENDING before the fee split) the part
+//! waits; [`cover_waiting_parts`] is called when the transfer settles, after the fee split, and by the refunds
+//! reconciler, so a waiting part is always picked up.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::allocations::{get_split_allocation, transition_allocation, AllocationPatch, SplitAllocationRow};
+use super::announce;
+use super::donations::{add_refunded_amount, donation_for_allocation, transition_donation, DonationPatch};
+use super::records::insert_outbox_events;
+use super::reversals::{insert_reversal, reversed_by_refund};
+use super::{corrupt, StoreError, Tx};
+use crate::app::ReversePolicy;
+use crate::domain::ids::{DonationId, SplitAllocationId, SplitPaymentId};
+use crate::domain::refund_split::{spread, Cover, Share};
+use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent};
+use crate::stripe::RefundInfo;
+
+/// Metadata key naming our refund row on a refund splitpay makes, so its webhook finds the intent even when the
+/// process crashed before it stored Stripe's id.
+pub const REFUND_REF_KEY: &str = "splitpay_refund_ref";
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct RefundRow {
+    pub id: i64,
+    pub stripe_refund_id: Option<String>,
+    pub split_payment_id: String,
+    pub charge_id: Option<String>,
+    pub amount_cents: i64,
+    pub currency: String,
+    /// REQUESTED (intent written, no answer yet), PENDING, SUCCEEDED, FAILED, CANCELED.
+    pub status: String,
+    pub reason: Option<String>,
+    /// `ops`, `external` or `dispute`.
+    pub source: String,
+    pub split_allocation_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub fee_refunded_cents: i64,
+    pub failure_message: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub attributed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct RefundPartRow {
+    pub refund_id: i64,
+    pub split_allocation_id: String,
+    pub amount_cents: i64,
+    pub from_parked_cents: i64,
+    pub from_pending_cents: i64,
+    pub reversal_cents: i64,
+    pub platform_loss_cents: i64,
+    pub created_at: DateTime<Utc>,
+    pub covered_at: Option<DateTime<Utc>>,
+}
+
+/// Our status for Stripe's refund status. `requires_action` waits like `pending`.
+pub fn status_of(stripe_status: Option<&str>) -> &'static str {
+    match stripe_status {
+        Some("succeeded") => "SUCCEEDED",
+        Some("failed") => "FAILED",
+        Some("canceled") => "CANCELED",
+        _ => "PENDING",
+    }
+}
+
+/// What `ops refund` writes before it calls Stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundIntent<'a> {
+    pub split_payment_id: &'a str,
+    pub split_allocation_id: &'a SplitAllocationId,
+    pub amount_cents: i64,
+    pub fee_refunded_cents: i64,
+    pub currency: &'a str,
+    pub reason: &'a str,
+}
+
+/// Writes an `ops refund` intent (REQUESTED) with its key `splitpay:refund:{salc}:{seq}`, the sequence being one
+/// more than the allocation's earlier ops refunds. Commit it before calling Stripe.
+pub async fn insert_refund_intent(tx: &mut Tx<'_>, intent: &RefundIntent<'_>) -> Result<RefundRow, StoreError> {
+    let (seq,): (i64,) =
+        sqlx::query_as("SELECT count(*) + 1 FROM refunds WHERE split_allocation_id = $1 AND source = 'ops'")
+            .bind(intent.split_allocation_id.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
+    let key = crate::domain::ids::refund_idempotency_key(intent.split_allocation_id, seq);
+    Ok(sqlx::query_as::<_, RefundRow>(
+        "INSERT INTO refunds (split_payment_id, amount_cents, currency, status, reason, source, split_allocation_id,
+                              idempotency_key, fee_refunded_cents)
+         VALUES ($1, $2, $3, 'REQUESTED', $4, 'ops', $5, $6, $7) RETURNING *",
+    )
+    .bind(intent.split_payment_id)
+    .bind(intent.amount_cents)
+    .bind(intent.currency)
+    .bind(intent.reason)
+    .bind(intent.split_allocation_id.as_str())
+    .bind(&key)
+    .bind(intent.fee_refunded_cents)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// The allocation's `ops refund` still waiting for Stripe's answer (a crash or an unknown outcome): re-run, it
+/// re-sends the same key.
+pub async fn open_refund_intent(
+    conn: &mut PgConnection,
+    allocation: &SplitAllocationId,
+) -> Result<Option<RefundRow>, StoreError> {
+    Ok(sqlx::query_as::<_, RefundRow>(
+        "SELECT * FROM refunds WHERE split_allocation_id = $1 AND source = 'ops' AND status = 'REQUESTED'
+          ORDER BY id LIMIT 1",
+    )
+    .bind(allocation.as_str())
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Marks an `ops refund` intent that Stripe refused for good: FAILED, nothing moved.
+pub async fn fail_refund_intent(conn: &mut PgConnection, id: i64, message: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE refunds SET status = 'FAILED', failure_message = $2, updated_at = now()
+          WHERE id = $1 AND status = 'REQUESTED'",
+    )
+    .bind(id)
+    .bind(message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records what Stripe shows of one refund of `payment`'s charge, once: an intent of ours named in its metadata
+/// gets Stripe's id; any other refund is inserted (`external`, or `source`), a repeat changes nothing but a status
+/// that moved on (PENDING → SUCCEEDED/FAILED). Returns the row, locked for the caller's transaction.
+pub async fn record_stripe_refund(
+    tx: &mut Tx<'_>,
+    payment: &SplitPaymentId,
+    info: &RefundInfo,
+    source: &str,
+) -> Result<RefundRow, StoreError> {
+    let status = status_of(info.status.as_deref());
+    if let Some(our_id) = info.metadata.get(REFUND_REF_KEY).and_then(|r| r.parse::<i64>().ok()) {
+        sqlx::query(
+            "UPDATE refunds SET stripe_refund_id = $3, charge_id = $4, status = $5, updated_at = now()
+              WHERE id = $1 AND split_payment_id = $2 AND stripe_refund_id IS NULL",
+        )
+        .bind(our_id)
+        .bind(payment.as_str())
+        .bind(&info.id)
+        .bind(&info.charge)
+        .bind(status)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let named = info
+        .metadata
+        .get("split_allocation_id")
+        .and_then(|raw| SplitAllocationId::parse(raw).ok());
+    // A named allocation must be one of this payment's; otherwise the refund is spread like any other.
+    let named = match named {
+        Some(a) => {
+            sqlx::query_scalar::<_, String>("SELECT id FROM split_allocations WHERE id = $1 AND split_payment_id = $2")
+                .bind(a.as_str())
+                .bind(payment.as_str())
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+        None => None,
+    };
+    sqlx::query(
+        "INSERT INTO refunds (stripe_refund_id, split_payment_id, charge_id, amount_cents, currency, status, reason,
+                              source, split_allocation_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT ON CONSTRAINT refunds_stripe_id_once DO NOTHING",
+    )
+    .bind(&info.id)
+    .bind(payment.as_str())
+    .bind(&info.charge)
+    .bind(info.amount_cents)
+    .bind(&info.currency)
+    .bind(status)
+    .bind(&info.reason)
+    .bind(source)
+    .bind(&named)
+    .execute(&mut **tx)
+    .await?;
+    // A status moves on only from a waiting one: a SUCCEEDED refund's money has moved and stays accounted.
+    Ok(sqlx::query_as::<_, RefundRow>(
+        "UPDATE refunds SET status = CASE WHEN status IN ('REQUESTED', 'PENDING') THEN $2 ELSE status END,
+                updated_at = now()
+          WHERE stripe_refund_id = $1 RETURNING *",
+    )
+    .bind(&info.id)
+    .bind(status)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// Writes a SUCCEEDED refund's parts, once (a refund already attributed writes nothing), then covers each
+/// allocation's waiting parts. Returns the reversal ids the caller enqueues after commit.
+pub async fn attribute_refund(
+    tx: &mut Tx<'_>,
+    refund: &RefundRow,
+    policy: ReversePolicy,
+) -> Result<Vec<i64>, StoreError> {
+    if refund.status != "SUCCEEDED" || refund.attributed_at.is_some() {
+        return Ok(Vec::new());
+    }
+    // Locks the refund row: two processors of the same refund attribute it once.
+    let attributed: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT attributed_at FROM refunds WHERE id = $1 FOR UPDATE")
+            .bind(refund.id)
+            .fetch_one(&mut **tx)
+            .await?;
+    if attributed.is_some() {
+        return Ok(Vec::new());
+    }
+    let allocations = sqlx::query_as::<_, SplitAllocationRow>(
+        "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
+    )
+    .bind(&refund.split_payment_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let already: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT split_allocation_id, sum(amount_cents)::bigint FROM refund_parts
+          WHERE split_allocation_id IN (SELECT id FROM split_allocations WHERE split_payment_id = $1)
+          GROUP BY split_allocation_id",
+    )
+    .bind(&refund.split_payment_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let attributed_to = |id: &str| already.iter().find(|(a, _)| a == id).map_or(0, |(_, c)| *c);
+    let parts: Vec<i64> = match refund.split_allocation_id.as_deref() {
+        Some(named) => allocations
+            .iter()
+            .map(|a| if a.id == named { refund.amount_cents } else { 0 })
+            .collect(),
+        None => {
+            let shares: Vec<Share> = allocations
+                .iter()
+                .map(|a| Share {
+                    gross_cents: a.gross_amount_cents,
+                    refundable_cents: if a.status == AllocationStatus::Voided {
+                        0
+                    } else {
+                        a.gross_amount_cents - attributed_to(&a.id)
+                    },
+                })
+                .collect();
+            spread(refund.amount_cents, &shares)
+                .map_err(|e| StoreError::Invalid(format!("refund {:?}: {e}", refund.stripe_refund_id)))?
+        }
+    };
+    for (a, &part) in allocations.iter().zip(&parts).filter(|(_, &p)| p > 0) {
+        sqlx::query("INSERT INTO refund_parts (refund_id, split_allocation_id, amount_cents) VALUES ($1, $2, $3)")
+            .bind(refund.id)
+            .bind(&a.id)
+            .bind(part)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("UPDATE refunds SET attributed_at = now(), updated_at = now() WHERE id = $1")
+        .bind(refund.id)
+        .execute(&mut **tx)
+        .await?;
+    let mut reversals = Vec::new();
+    for (a, _) in allocations.iter().zip(&parts).filter(|(_, &p)| p > 0) {
+        let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
+        reversals.extend(cover_waiting_parts(tx, &id, policy).await?);
+    }
+    Ok(reversals)
+}
+
+/// What an allocation's covered parts have taken so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct Taken {
+    /// From the parked net and from what would have been transferred: the net left is `net − taken_net_cents`.
+    pub taken_net_cents: i64,
+    pub reversal_cents: i64,
+    pub parts_cents: i64,
+}
+
+pub async fn taken(conn: &mut PgConnection, allocation: &str) -> Result<Taken, StoreError> {
+    Ok(sqlx::query_as::<_, Taken>(
+        "SELECT coalesce(sum(from_parked_cents + from_pending_cents), 0)::bigint AS taken_net_cents,
+                coalesce(sum(reversal_cents), 0)::bigint AS reversal_cents,
+                coalesce(sum(amount_cents) FILTER (WHERE covered_at IS NOT NULL), 0)::bigint AS parts_cents
+           FROM refund_parts WHERE split_allocation_id = $1",
+    )
+    .bind(allocation)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Covers the allocation's waiting parts by its state now (see the module doc), moving the allocation and its
+/// donation on and emitting `donation.refunded` once per part. Parts of a transfer in flight keep waiting. Returns
+/// the reversal intents written, for the caller to enqueue.
+pub async fn cover_waiting_parts(
+    tx: &mut Tx<'_>,
+    id: &SplitAllocationId,
+    policy: ReversePolicy,
+) -> Result<Vec<i64>, StoreError> {
+    let waiting = sqlx::query_as::<_, RefundPartRow>(
+        "SELECT * FROM refund_parts WHERE split_allocation_id = $1 AND covered_at IS NULL ORDER BY refund_id",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    if waiting.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .execute(&mut **tx)
+        .await?;
+    let mut reversals = Vec::new();
+    for part in waiting {
+        let a = get_split_allocation(tx, id).await?;
+        let so_far = taken(tx, id.as_str()).await?;
+        let net_left = a.net_amount_cents.map(|n| n - so_far.taken_net_cents);
+        let cover = match (a.status, a.net_amount_cents) {
+            (AllocationStatus::Transferring, _) | (AllocationStatus::Pending, None) => break,
+            (AllocationStatus::Pending, Some(net)) => {
+                Cover::pending(part.amount_cents, net, a.gross_amount_cents, net_left.unwrap_or(0))
+            }
+            (AllocationStatus::Parked, _) => Cover::parked(part.amount_cents, net_left.unwrap_or(0)),
+            (AllocationStatus::Transferred, net) => {
+                let premade = reversed_by_refund(tx, part.refund_id, id.as_str()).await?;
+                if premade > 0 {
+                    // `ops refund --reverse-transfer` reversed before it refunded: that reversal is this part's.
+                    let reversal_cents = premade.min(part.amount_cents);
+                    Cover {
+                        reversal_cents,
+                        platform_loss_cents: part.amount_cents - reversal_cents,
+                        ..Cover::default()
+                    }
+                } else {
+                    let transferred = transferred_cents(tx, &a).await?;
+                    Cover::transferred(
+                        part.amount_cents,
+                        net.unwrap_or(0),
+                        a.gross_amount_cents,
+                        transferred - so_far.reversal_cents,
+                        policy == ReversePolicy::Proportional,
+                    )
+                }
+            }
+            (AllocationStatus::Refunded | AllocationStatus::Voided, _) => Cover::loss(part.amount_cents),
+        };
+        assert_eq!(cover.total(), part.amount_cents, "a part is covered exactly");
+        sqlx::query(
+            "UPDATE refund_parts SET from_parked_cents = $3, from_pending_cents = $4, reversal_cents = $5,
+                    platform_loss_cents = $6, covered_at = now()
+              WHERE refund_id = $1 AND split_allocation_id = $2 AND covered_at IS NULL",
+        )
+        .bind(part.refund_id)
+        .bind(id.as_str())
+        .bind(cover.from_parked_cents)
+        .bind(cover.from_pending_cents)
+        .bind(cover.reversal_cents)
+        .bind(cover.platform_loss_cents)
+        .execute(&mut **tx)
+        .await?;
+        if cover.reversal_cents > 0 && reversed_by_refund(tx, part.refund_id, id.as_str()).await? == 0 {
+            reversals.push(insert_reversal(tx, &a, cover.reversal_cents, Some(part.refund_id)).await?);
+        }
+        let left = net_left.unwrap_or(0) - cover.from_parked_cents - cover.from_pending_cents;
+        let event = match a.status {
+            AllocationStatus::Pending if left <= 0 => Some(AllocationEvent::RefundedBeforeTransfer),
+            AllocationStatus::Parked if left <= 0 => Some(AllocationEvent::Refunded),
+            _ => None,
+        };
+        if let Some(event) = event {
+            transition_allocation(tx, id, event, &AllocationPatch::default(), &[]).await?;
+        }
+        let fully = event.is_some() || so_far.parts_cents + part.amount_cents >= a.net_amount_cents.unwrap_or(i64::MAX);
+        refund_donation(tx, id, part.refund_id, part.amount_cents, fully).await?;
+    }
+    Ok(reversals)
+}
+
+/// The amount of the allocation's transfer (its current generation's, as frozen).
+async fn transferred_cents(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT amount_cents FROM transfer_attempts
+          WHERE split_allocation_id = $1 AND generation = $2 AND outcome = 'TRANSFERRED'",
+    )
+    .bind(&a.id)
+    .bind(a.generation)
+    .fetch_optional(conn)
+    .await?
+    .unwrap_or(0))
+}
+
+/// The donation grows by the part and gets its `donation.refunded` (once per refund id); fully refunded (the
+/// recipient's whole net share went back, or the share ended REFUNDED), it ends REFUNDED with `deleted_at`.
+async fn refund_donation(
+    tx: &mut Tx<'_>,
+    allocation: &SplitAllocationId,
+    refund_id: i64,
+    part_cents: i64,
+    fully: bool,
+) -> Result<(), StoreError> {
+    let Some(donation) = donation_for_allocation(tx, allocation).await? else {
+        return Ok(());
+    };
+    let did = DonationId::parse(&donation.id).map_err(|e| corrupt("donation", &donation.id, e))?;
+    let refund_ref = refund_ref(tx, refund_id).await?;
+    let now = Utc::now();
+    let row = add_refunded_amount(tx, &did, part_cents).await?;
+    let moved = if fully {
+        let patch = DonationPatch {
+            refunded_amount_cents: Some(row.refunded_amount_cents),
+            ..Default::default()
+        };
+        // A FAILED donation (a voided share) is never refunded: its payment took nothing.
+        match transition_donation(tx, &did, DonationEvent::Refunded, &patch, |d| {
+            announce::donation_refunded(d, &refund_ref, now).into_iter().collect()
+        })
+        .await
+        {
+            Ok(crate::domain::state::Transition::To(_)) => true,
+            Ok(_) | Err(StoreError::Forbidden(_)) => false,
+            Err(e) => return Err(e),
+        }
+    } else {
+        false
+    };
+    if !moved {
+        insert_outbox_events(
+            tx,
+            &announce::donation_refunded(&row, &refund_ref, now)
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The refund's name in events: Stripe's id (our row id while Stripe has not answered).
+async fn refund_ref(conn: &mut PgConnection, refund_id: i64) -> Result<String, StoreError> {
+    let stripe: Option<String> = sqlx::query_scalar("SELECT stripe_refund_id FROM refunds WHERE id = $1")
+        .bind(refund_id)
+        .fetch_one(conn)
+        .await?;
+    Ok(stripe.unwrap_or_else(|| format!("refund_{refund_id}")))
+}
+
+/// Allocations with parts still waiting (oldest first, bounded): the refunds reconciler covers them once settled.
+pub async fn allocations_with_waiting_parts(conn: &mut PgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar::<_, String>(
+        "SELECT p.split_allocation_id FROM refund_parts p
+           JOIN split_allocations a ON a.id = p.split_allocation_id
+          WHERE p.covered_at IS NULL AND a.status NOT IN ('TRANSFERRING')
+          GROUP BY p.split_allocation_id ORDER BY min(p.created_at) LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// SUCCEEDED refunds not attributed yet (a crash between recording and attributing cannot happen, they share a
+/// transaction; an unattributable refund stays here for an operator).
+pub async fn refunds_for_payment(conn: &mut PgConnection, payment: &str) -> Result<Vec<RefundRow>, StoreError> {
+    Ok(
+        sqlx::query_as::<_, RefundRow>("SELECT * FROM refunds WHERE split_payment_id = $1 ORDER BY id")
+            .bind(payment)
+            .fetch_all(conn)
+            .await?,
+    )
+}
+
+pub async fn parts_for_payment(conn: &mut PgConnection, payment: &str) -> Result<Vec<RefundPartRow>, StoreError> {
+    Ok(sqlx::query_as::<_, RefundPartRow>(
+        "SELECT p.* FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
+          WHERE r.split_payment_id = $1 ORDER BY p.refund_id, p.split_allocation_id",
+    )
+    .bind(payment)
+    .fetch_all(conn)
+    .await?)
+}
