@@ -483,7 +483,7 @@ async fn with_auto_retry_off_account_updated_refreshes_the_flags_and_leaves_shar
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(link_flags(&flow).await, (false, false));
+    assert_eq!(link_flags(&flow).await, (true, false));
     flow.stop().await;
 }
 
@@ -582,6 +582,6 @@ async fn the_connect_endpoint_takes_its_own_secret_and_applies_account_events_in
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(link_flags(&flow).await, (false, false));
+    assert_eq!(link_flags(&flow).await, (true, false));
     flow.stop().await;
 }

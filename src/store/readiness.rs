@@ -1,6 +1,7 @@
 //! Whether a recipient's connected account can receive transfers, as Stripe's `account.updated` events tell it:
-//! the flags on every link of that account (`charges_enabled`, `transfers_active`), applied in the order Stripe
-//! made the events (an older event never overwrites newer state), and the shares parked for account reasons that
+//! the `transfers_active` flag on every link of that account, applied in the order Stripe made the events
+//! (`charges_enabled` stays the platform's: at Stripe it says whether the connected account can take charges
+//! itself, which splitpay never asks of a recipient — a transfers-only account is always `false` there) (an older event never overwrites newer state), and the shares parked for account reasons that
 //! become retryable when the account is fixed.
 
 use chrono::{DateTime, Utc};
@@ -53,12 +54,11 @@ pub async fn apply_account_flags(
     let (links, ties): (i64, i64) = sqlx::query_as(
         "SELECT count(*),
                 count(*) FILTER (WHERE account_event_created = $2
-                                   AND (charges_enabled, transfers_active) IS DISTINCT FROM ($3, $4))
+                                   AND transfers_active IS DISTINCT FROM $3)
            FROM recipient_account_links WHERE stripe_connect_account_id = $1",
     )
     .bind(account_id)
     .bind(created)
-    .bind(flags.charges_enabled)
     .bind(flags.transfers_active)
     .fetch_one(&mut *conn)
     .await?;
@@ -72,18 +72,17 @@ pub async fn apply_account_flags(
     // account leave the newer one's flags.
     let changed: Vec<(bool,)> = sqlx::query_as(
         "UPDATE recipient_account_links
-            SET charges_enabled = $3, transfers_active = $4, account_event_created = $2,
-                transfers_activated_by = CASE WHEN NOT transfers_active AND $4 THEN $5 ELSE transfers_activated_by END,
+            SET transfers_active = $3, account_event_created = $2,
+                transfers_activated_by = CASE WHEN NOT transfers_active AND $3 THEN $4 ELSE transfers_activated_by END,
                 updated_at = now()
           WHERE stripe_connect_account_id = $1
             AND (account_event_created IS NULL OR account_event_created < $2
-                 OR (account_event_created = $2 AND $6))
-            AND (charges_enabled, transfers_active, account_event_created) IS DISTINCT FROM ($3, $4, $2)
-         RETURNING transfers_activated_by IS NOT DISTINCT FROM $5",
+                 OR (account_event_created = $2 AND $5))
+            AND (transfers_active, account_event_created) IS DISTINCT FROM ($3, $2)
+         RETURNING transfers_activated_by IS NOT DISTINCT FROM $4",
     )
     .bind(account_id)
     .bind(created)
-    .bind(flags.charges_enabled)
     .bind(flags.transfers_active)
     .bind(event_id)
     .bind(authoritative)

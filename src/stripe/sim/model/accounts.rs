@@ -17,11 +17,6 @@ pub(super) struct Account {
     pub(super) deleted: bool,
     pub(super) country: String,
     pub(super) metadata: std::collections::BTreeMap<String, String>,
-    /// For accounts created through the API: the `transfers` capability was requested, and it turns active only
-    /// once Stripe's onboarding requirements that the simulator models are met (ToS accepted, a bank account).
-    pub(super) transfers_requested: bool,
-    pub(super) tos_accepted: bool,
-    pub(super) has_external_account: bool,
 }
 
 const ACCOUNT_CREATE_PARAMS: &[&str] = &[
@@ -72,92 +67,11 @@ impl Model {
         )
     }
 
-    /// `POST /v1/accounts`: Stripe's parameters only. As at Stripe, a requested `transfers` capability is
-    /// `inactive` until the account has accepted the ToS and has an external account (a `btok_` from
-    /// `POST /v1/tokens`); then it is active (at once here; Stripe takes up to about a minute).
+    /// `POST /v1/accounts`: Stripe's parameters only.
     pub fn create_account(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
         form.only(ACCOUNT_CREATE_PARAMS)?;
         form.one_of("type", &["custom", "express", "standard"])?;
-        self.check_external_account(form)?;
-        let json = self.insert_account(form, now)?;
-        let id = json["id"].as_str().unwrap_or_default().to_owned();
-        let account = self.accounts.get_mut(&id).expect("just inserted");
-        account.transfers_requested = form.get("capabilities[transfers][requested]") == Some("true");
-        account.tos_accepted = form.get("tos_acceptance[date]").is_some();
-        account.has_external_account = form.get("external_account").is_some();
-        let ready = account.transfers_requested && account.tos_accepted && account.has_external_account;
-        if account.transfers == "active" && !ready {
-            account.transfers = "inactive".to_owned();
-            return Ok(Self::account_json(account));
-        }
-        Ok(json)
-    }
-
-    /// `POST /v1/accounts/{id}`: onboarding details arrive later; when the requirements are met, the requested
-    /// `transfers` capability turns active (`capability.updated`, `account.updated`).
-    pub fn update_account(&mut self, id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
-        form.only(&[
-            "business_profile",
-            "business_type",
-            "capabilities",
-            "email",
-            "external_account",
-            "individual",
-            "metadata",
-            "settings",
-            "tos_acceptance",
-        ])?;
-        self.check_external_account(form)?;
-        let metadata = form.metadata()?;
-        let auto_activate = self.config.auto_activate_transfers;
-        let account = self
-            .accounts
-            .get_mut(id)
-            .filter(|a| !a.deleted)
-            .ok_or_else(|| SimError::missing("account", id, None))?;
-        account.metadata.extend(metadata);
-        account.transfers_requested |= form.get("capabilities[transfers][requested]") == Some("true");
-        account.tos_accepted |= form.get("tos_acceptance[date]").is_some();
-        account.has_external_account |= form.get("external_account").is_some();
-        let ready = account.transfers_requested && account.tos_accepted && account.has_external_account;
-        if ready && auto_activate && account.transfers != "active" {
-            account.transfers = "active".to_owned();
-            return Ok(self.capability_changed(id, now));
-        }
-        Ok(Self::account_json(account))
-    }
-
-    /// An `external_account` must be a bank account token the simulator issued.
-    fn check_external_account(&self, form: &Form) -> Result<(), SimError> {
-        match form.get("external_account") {
-            Some(token) if !self.bank_tokens.contains(token) => Err(SimError::invalid(
-                "external_account",
-                format!("No such token: '{token}'"),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// `POST /v1/tokens` with `bank_account[…]`: a single-use bank account token for an account's
-    /// `external_account`.
-    pub fn create_bank_token(&mut self, form: &Form, now: i64) -> Result<Value, SimError> {
-        form.only(&["bank_account"])?;
-        let country = form.required("bank_account[country]")?.to_owned();
-        let currency = form.required("bank_account[currency]")?.to_owned();
-        let routing = form.required("bank_account[routing_number]")?.to_owned();
-        let number = form.required("bank_account[account_number]")?.to_owned();
-        let id = random_id("btok");
-        self.bank_tokens.insert(id.clone());
-        let last4 = &number[number.len().saturating_sub(4)..];
-        Ok(json!({
-            "id": id, "object": "token", "type": "bank_account", "created": now, "livemode": false,
-            "used": false, "client_ip": null,
-            "bank_account": {
-                "id": random_id("ba"), "object": "bank_account", "country": country, "currency": currency,
-                "routing_number": routing, "last4": last4, "status": "new", "account_holder_name": null,
-                "account_holder_type": null, "bank_name": "STRIPE TEST BANK", "fingerprint": random_id("fp"),
-            },
-        }))
+        self.insert_account(form, now)
     }
 
     /// Creates an account; the control API may also choose its `id` and `transfers` capability status.
@@ -181,11 +95,6 @@ impl Model {
             deleted: false,
             country: form.get("country").unwrap_or("AU").to_owned(),
             metadata,
-            // The control API makes onboarded accounts (their capability is what it says); `create_account` sets
-            // these from Stripe's parameters.
-            transfers_requested: true,
-            tos_accepted: true,
-            has_external_account: true,
         };
         let json = Self::account_json(&account);
         self.accounts.insert(id.clone(), account);

@@ -54,8 +54,6 @@ pub struct Model {
     events: Vec<Event>,
     /// Events not yet handed to the webhook deliverer.
     undelivered: Vec<Event>,
-    /// Bank account tokens issued by `POST /v1/tokens`, usable as an account's `external_account`.
-    bank_tokens: std::collections::HashSet<String>,
 }
 
 impl Model {
