@@ -104,6 +104,8 @@ pub enum NotRetried {
     GenerationMoved { expected: i32, found: i32 },
     /// The lookup of the parked generation failed: whether Stripe holds its transfer is unknown.
     LookupUnknown(String),
+    /// A refund of this share is still open at Stripe: it settles first.
+    RefundOpen,
 }
 
 impl std::fmt::Display for NotRetried {
@@ -124,6 +126,10 @@ impl std::fmt::Display for NotRetried {
             NotRetried::NotParked { status, .. } => {
                 write!(f, "the allocation is {status}, not PARKED: nothing to retry; see ops show")
             }
+            NotRetried::RefundOpen => write!(
+                f,
+                "a refund of this share is still open at Stripe; once it settles, see ops show (a refunded share is not retried)"
+            ),
             NotRetried::NothingToTransfer => write!(
                 f,
                 "the fees left nothing to transfer (net amount 0): refund the share to the donor instead"
@@ -207,6 +213,19 @@ pub async fn apply_retry(
                     expected: *from,
                     found: generation,
                 }));
+            }
+            // A refund of this share still open at Stripe (REQUESTED or PENDING) must settle first, or the donor
+            // and the recipient could both be paid the same money. Checked under the row lock the refund's own
+            // attribution takes too.
+            let (open_refunds,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM refunds WHERE split_allocation_id = $1 AND status IN ('REQUESTED', 'PENDING')",
+            )
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| JobFailure::Retry(e.to_string()))?;
+            if open_refunds > 0 {
+                return Ok(Err(NotRetried::RefundOpen));
             }
             match transition_allocation(
                 &mut tx,

@@ -345,13 +345,17 @@ async fn park(ctx: &AppContext, c: &AllocationContext, code: &str, message: &str
         ..Default::default()
     };
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let (status,): (String,) = sqlx::query_as("SELECT status FROM split_allocations WHERE id = $1 FOR UPDATE")
-        .bind(id.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| JobFailure::Retry(e.to_string()))?;
-    if status == AllocationStatus::Transferred.as_str() {
-        return Ok(()); // another job recorded the transfer meanwhile: Stripe's word stands, nothing to park
+    let (status, generation): (String, i32) =
+        sqlx::query_as("SELECT status, generation FROM split_allocations WHERE id = $1 FOR UPDATE")
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    // Only the generation this refusal is about may be parked by it: another job recorded the transfer meanwhile
+    // (Stripe's word stands), or an operator's retry started a newer generation that this stale refusal must not
+    // close.
+    if status != AllocationStatus::Transferring.as_str() || generation != c.allocation.generation {
+        return Ok(());
     }
     transition_allocation(&mut tx, &id, AllocationEvent::TransferFailed, &patch, &[event])
         .await

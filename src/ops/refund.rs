@@ -149,6 +149,21 @@ pub async fn run(
         )?;
         return Ok(Outcome::Refused);
     }
+    // Two operators (or a script run twice) must not both write a refund: any refund of this share still open at
+    // Stripe is found here, under the row lock, and the second command is refused.
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM refunds WHERE split_allocation_id = $1 AND status IN ('REQUESTED', 'PENDING')",
+    )
+    .bind(id.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    if open > 0 {
+        writeln!(
+            err,
+            "refused: a refund of {id} is already open at Stripe; see splitpay ops show {id}, or run the command again to resend it"
+        )?;
+        return Ok(Outcome::Refused);
+    }
     let currency = c.payment.currency.iso_code().to_lowercase();
     let refund = insert_refund_intent(
         &mut tx,
