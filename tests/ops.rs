@@ -12,23 +12,11 @@ use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
 use splitpay::store::records::{insert_audit, AuditEntry};
 
-fn ops(flow: &Flow, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_splitpay"))
-        .arg("ops")
-        .args(args)
-        .env("DATABASE_URL", &flow.db.url)
-        .env("STRIPE_SECRET_KEY", common::stripe::TEST_KEY)
-        .env("STRIPE_API_BASE", flow.sim.base_url())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the binary runs")
-}
-
 /// Runs `ops ARGS --json`, asserts exit 0, and parses stdout as one JSON document.
 fn ops_json(flow: &Flow, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.push("--json");
-    let out = ops(flow, &all);
+    let out = flow.ops(&all);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -107,7 +95,7 @@ async fn ops_parked_lists_the_parked_share_with_its_amount_and_reason_and_filter
     assert_eq!(report["truncated"], false);
 
     // The table names the same allocation, its net amount in the currency and its reason.
-    let out = ops(&flow, &["parked"]);
+    let out = flow.ops(&["parked"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let table = stdout(&out);
     assert!(table.contains("parked allocations: 1"), "{table}");
@@ -141,11 +129,11 @@ async fn ops_parked_lists_the_parked_share_with_its_amount_and_reason_and_filter
         &["parked", "--older-than", "0s"],
         &["parked", "--organisation", "no spaces"],
     ] {
-        let out = ops(&flow, bad);
+        let out = flow.ops(bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
         assert!(out.stdout.is_empty(), "{bad:?}");
     }
-    let out = ops(&flow, &["parked", "--older-than", "5x"]);
+    let out = flow.ops(&["parked", "--older-than", "5x"]);
     assert!(stderr(&out).contains("90s, 10m, 72h or 7d"), "{}", stderr(&out));
     flow.stop().await;
 }
@@ -269,7 +257,7 @@ async fn ops_show_finds_the_payment_by_any_of_its_ids_with_allocations_attempts_
     assert_eq!(report["audit"].as_array().unwrap().len(), 0);
 
     // The table says the same things.
-    let out = ops(&flow, &["show", &parked.id]);
+    let out = flow.ops(&["show", &parked.id]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let table = stdout(&out);
     for needle in [
@@ -299,7 +287,7 @@ async fn ops_show_refuses_unknown_ids_with_a_next_step_and_malformed_ones_as_bad
         "ch_nothere",
         "tr_nothere",
     ] {
-        let out = ops(&flow, &["show", unknown, "--json"]);
+        let out = flow.ops(&["show", unknown, "--json"]);
         assert_eq!(out.status.code(), Some(1), "{unknown}: {}", stderr(&out));
         assert!(out.stdout.is_empty(), "{unknown}: nothing on stdout");
         let err = stderr(&out);
@@ -307,11 +295,11 @@ async fn ops_show_refuses_unknown_ids_with_a_next_step_and_malformed_ones_as_bad
         assert!(err.contains("splitpay ops parked"), "{err}");
     }
     for malformed in ["hello", "spay_", "cus_123", "spay_a b", "_x"] {
-        let out = ops(&flow, &["show", malformed]);
+        let out = flow.ops(&["show", malformed]);
         assert_eq!(out.status.code(), Some(2), "{malformed}: {}", stderr(&out));
         assert!(stderr(&out).contains("spay_"), "{}", stderr(&out));
     }
-    let out = ops(&flow, &["show"]);
+    let out = flow.ops(&["show"]);
     assert_eq!(out.status.code(), Some(2), "a missing id is bad usage");
     flow.stop().await;
 }
@@ -377,7 +365,7 @@ async fn ops_audit_lists_the_log_newest_first_and_by_target_and_show_includes_it
     assert_eq!(audit.len(), 1, "{report}");
     assert_eq!(audit[0]["id"], first);
 
-    let out = ops(&flow, &["audit"]);
+    let out = flow.ops(&["audit"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let table = stdout(&out);
     assert!(table.contains("audit entries: 2"), "{table}");
@@ -386,9 +374,9 @@ async fn ops_audit_lists_the_log_newest_first_and_by_target_and_show_includes_it
         "{table}"
     );
 
-    let out = ops(&flow, &["audit", "--target", "bad id"]);
+    let out = flow.ops(&["audit", "--target", "bad id"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let out = ops(&flow, &["audit", "--limit", "0"]);
+    let out = flow.ops(&["audit", "--limit", "0"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     flow.stop().await;
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::contract::validate_against_contract;
 use common::flow::Flow;
@@ -23,18 +23,6 @@ use splitpay::store::reversals::reversals_for_payment;
 use splitpay::stripe::sim::{Fault, FaultKind};
 use splitpay::stripe::PaymentGateway;
 
-fn ops(flow: &Flow, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_splitpay"))
-        .arg("ops")
-        .args(args)
-        .env("DATABASE_URL", &flow.db.url)
-        .env("STRIPE_SECRET_KEY", common::stripe::TEST_KEY)
-        .env("STRIPE_API_BASE", flow.sim.base_url())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the binary runs")
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -51,7 +39,7 @@ fn refund(flow: &Flow, allocation: &str, extra: &[&str]) -> Output {
         "alice",
     ];
     args.extend_from_slice(extra);
-    ops(flow, &args)
+    flow.ops(&args)
 }
 
 /// How many requests of `method` whose path contains `path` the simulator received.
@@ -334,17 +322,17 @@ async fn ops_refund_refuses_bad_usage_and_unsettled_shares_and_changes_nothing()
         stderr(&out)
     );
     // Bad usage: exit 2, naming what is wrong.
-    let out = ops(&flow, &["refund", "spay_nope", "--reason", "x", "--yes"]);
+    let out = flow.ops(&["refund", "spay_nope", "--reason", "x", "--yes"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("salc_"), "{}", stderr(&out));
-    let out = ops(&flow, &["refund", pending, "--yes"]);
+    let out = flow.ops(&["refund", pending, "--yes"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--reason"), "{}", stderr(&out));
-    let out = ops(&flow, &["refund", pending, "--reason", "x", "--amount", "all", "--yes"]);
+    let out = flow.ops(&["refund", pending, "--reason", "x", "--amount", "all", "--yes"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(untouched(&flow).await, before);
     // The rule is stated in --help.
-    let help = ops(&flow, &["refund", "--help"]);
+    let help = flow.ops(&["refund", "--help"]);
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(
         help.contains("--amount gross refunds the donor's whole share"),
@@ -448,14 +436,14 @@ async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key(
     drop(conn);
 
     // Shown to operators, never dropped.
-    let show = ops(&flow, &["show", &a0.id, "--json"]);
+    let show = flow.ops(&["show", &a0.id, "--json"]);
     let show: Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(show["reversals"][0]["status"], "PENDING", "{show}");
     assert_eq!(show["refunds"][0]["status"], "REQUESTED", "{show}");
-    let parked = ops(&flow, &["parked", "--json"]);
+    let parked = flow.ops(&["parked", "--json"]);
     let parked: Value = serde_json::from_slice(&parked.stdout).unwrap();
     assert_eq!(parked["reversals_pending"].as_array().unwrap().len(), 1, "{parked}");
-    let table = String::from_utf8_lossy(&ops(&flow, &["parked"]).stdout).into_owned();
+    let table = String::from_utf8_lossy(&flow.ops(&["parked"]).stdout).into_owned();
     assert!(table.contains("reversals not made yet: 1"), "{table}");
 
     // Stripe answers again; the sweep takes the overdue reversal (made due here instead of waiting its backoff)

@@ -56,6 +56,19 @@ enum Catalogue {
 }
 
 impl Flow {
+    /// Runs `splitpay ops ARGS` as an operator would: the binary, against this flow's database and simulator.
+    pub fn ops(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_splitpay"))
+            .arg("ops")
+            .args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("STRIPE_SECRET_KEY", super::stripe::TEST_KEY)
+            .env("STRIPE_API_BASE", self.sim.base_url())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("the binary runs")
+    }
+
     /// A set of `amounts` (recipient i's account `acct_rcp{i}` can receive transfers unless listed in `no_transfers`).
     pub async fn start(mode: AmountMode, amounts: &[i64], no_transfers: &[usize]) -> Flow {
         Self::start_with(mode, amounts, no_transfers, true).await
