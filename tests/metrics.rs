@@ -262,13 +262,30 @@ async fn both_metrics_endpoints_match_the_database_and_the_simulator() {
     }
 
     // The simulator's log is read before and after the scrapes: equal, no request slipped in between.
+    // The database gauges are a reading at most REFRESH_INTERVAL_MIN (1 s) old: a scrape that does not yet show
+    // PARKED as the table does is taken again after that interval (bounded), then asserted in full below.
+    let mut rescrapes = 0;
     let (serve_samples, worker_samples, requests) = loop {
         let before = simulator_requests(&http, &sim_base).await;
         let serve_samples = scrape(&http, &format!("{base_url}/metrics")).await;
         let worker_samples = scrape(&http, &worker_url).await;
-        if simulator_requests(&http, &sim_base).await == before {
+        if simulator_requests(&http, &sim_base).await != before {
+            continue;
+        }
+        let parked = counts(
+            &db.pool,
+            "SELECT status, count(*) FROM split_allocations GROUP BY status",
+        )
+        .await;
+        let parked = parked.get("PARKED").copied().unwrap_or(0) as f64;
+        let current = [&serve_samples, &worker_samples]
+            .iter()
+            .all(|s| value(s, "splitpay_split_allocations", &[("status", "PARKED")]) == parked);
+        if current || rescrapes == 5 {
             break (serve_samples, worker_samples, before);
         }
+        rescrapes += 1;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
     };
     let both = [serve_samples.as_slice(), worker_samples.as_slice()];
 
