@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sqlx::Connection;
 
 use crate::app::{AppContext, DistributionSettings};
 use crate::config::{url_with_database, DatabaseConfig, Secret};
@@ -26,6 +27,8 @@ use crate::stripe::{GatewayConfig, StripeGateway};
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 const DEMO_DATABASE: &str = "splitpay_demo";
+/// The advisory lock (on the server's `postgres` database) that lets one demo run at a time.
+const DEMO_LOCK_KEY: i64 = 0x5350_4c49_5444_454d; // "SPLITDEM"
 const TOKEN: &str = "demo-service-token-0123456789";
 const WEBHOOK_SECRET: &str = "whsec_demo_local";
 const CONNECT_WEBHOOK_SECRET: &str = "whsec_demo_local_connect";
@@ -47,13 +50,28 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
         url: Secret::new(url_with_database(base.url.expose(), DEMO_DATABASE)),
         pool_max: 10,
     };
-    let admin = sqlx::PgPool::connect(&url_with_database(base.url.expose(), "postgres")).await?;
+    // Two demos on one server would drop each other's database mid-run: a session-level advisory lock, held on
+    // this connection until the demo returns, makes a second demo wait for the first.
+    let mut admin = sqlx::PgConnection::connect(&url_with_database(base.url.expose(), "postgres")).await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(DEMO_LOCK_KEY)
+        .fetch_one(&mut admin)
+        .await?;
+    if !free {
+        writeln!(
+            out,
+            "waiting       another demo is running on this server; this one starts when it ends"
+        )?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(DEMO_LOCK_KEY)
+            .execute(&mut admin)
+            .await?;
+    }
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)"
     )))
-    .execute(&admin)
+    .execute(&mut admin)
     .await?;
-    admin.close().await;
     crate::store::ensure_database(&config).await?;
     let pool = crate::store::connect(&config).await?;
     crate::store::migrate(&pool).await?;

@@ -91,20 +91,35 @@ fn help_lists_only_working_subcommands() {
     }
 }
 
+/// Two demos started together on one server both finish (the second waits for the first instead of dropping its
+/// database mid-run); the one that finished last left its database for the `ops` commands it prints.
 #[test]
 fn the_demo_runs_the_whole_money_path_and_conserves_every_cent() {
-    let out = Command::new(env!("CARGO_BIN_EXE_splitpay"))
-        .arg("demo")
-        .env("DATABASE_URL", server_url())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let demo = || {
+        std::thread::spawn(|| {
+            let out = Command::new(env!("CARGO_BIN_EXE_splitpay"))
+                .arg("demo")
+                .env("DATABASE_URL", server_url())
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            (std::time::Instant::now(), out)
+        })
+    };
+    let (first, second) = (demo(), demo());
+    let mut runs = [first.join().unwrap(), second.join().unwrap()];
+    runs.sort_by_key(|(finished, _)| *finished);
+    for (_, out) in &runs {
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let earlier = String::from_utf8_lossy(&runs[0].1.stdout);
+    assert_eq!(earlier.matches("conserved to the cent").count(), 2, "{earlier}");
+    let stdout = String::from_utf8_lossy(&runs[1].1.stdout);
     assert_eq!(stdout.matches("conserved to the cent").count(), 2, "{stdout}");
     assert_eq!(stdout.matches("TRANSFERRED tr_").count(), 4, "{stdout}");
     assert_eq!(
