@@ -5,6 +5,7 @@
 pub mod contract;
 pub mod db;
 pub mod flow;
+pub mod hooks;
 pub mod money;
 pub mod stripe;
 
