@@ -12,6 +12,7 @@ mod disputes;
 mod error;
 mod events;
 mod payment_intents;
+mod payment_methods;
 mod refunds;
 mod transfers;
 
