@@ -137,6 +137,18 @@ pub fn reversal_idempotency_key(allocation: &SplitAllocationId, generation: i32,
     format!("splitpay:alloc:{allocation}:reversal:{generation}:{seq}")
 }
 
+/// The key actually sent for attempt `key_attempt` of a stored refund or reversal key: the stored key itself at
+/// attempt 1 (so rows written before attempts existed keep their key), `{key}:k{n}` after. Stripe saves a coded 4xx
+/// refusal under a key and replays it, so only such a refusal moves a row to its next attempt.
+pub fn attempt_key(key: &str, key_attempt: i32) -> String {
+    assert!(key_attempt > 0, "key attempts start at 1");
+    if key_attempt == 1 {
+        key.to_owned()
+    } else {
+        format!("{key}:k{key_attempt}")
+    }
+}
+
 /// The idempotency key of a split payment's PaymentIntent: one PaymentIntent per split payment, ever.
 pub fn payment_intent_idempotency_key(payment: &SplitPaymentId) -> String {
     format!("splitpay:payment:{payment}:intent")
@@ -178,6 +190,18 @@ mod tests {
             transfer_idempotency_key(&long, i32::MAX).len() <= 255,
             "Stripe keys are at most 255 chars"
         );
+    }
+
+    #[test]
+    fn attempt_keys_keep_the_first_key_and_differ_after() {
+        let id = SplitAllocationId::parse("salc_01abc").unwrap();
+        let base = reversal_idempotency_key(&id, 1, 1);
+        assert_eq!(attempt_key(&base, 1), base);
+        assert_eq!(attempt_key(&base, 2), format!("{base}:k2"));
+        assert_ne!(attempt_key(&base, 2), attempt_key(&base, 3));
+        let long = SplitAllocationId::generate();
+        assert!(attempt_key(&reversal_idempotency_key(&long, i32::MAX, i32::MAX), i32::MAX).len() <= 255);
+        assert!(attempt_key(&refund_idempotency_key(&long, i64::MAX), i32::MAX).len() <= 255);
     }
 
     #[test]

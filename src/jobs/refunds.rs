@@ -6,7 +6,9 @@
 //!   marking the event processed. Only a SUCCEEDED refund moves money; a pending one waits for its update; a
 //!   failed one reverses nothing and emits nothing.
 //! - [`reverse`]: one reversal, with the key written when its intent was; a refusal (the recipient's balance is
-//!   too low) or an unknown outcome is retried with the same key on a stored, growing schedule. Never dropped.
+//!   too low) or an unknown outcome is retried on a stored, growing schedule: with the same key, except after a
+//!   coded 4xx refusal, which Stripe saves under the key, when the row moves to its next key attempt. Never
+//!   dropped.
 //! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, and drives overdue reversals.
 
 use chrono::Utc;
@@ -118,7 +120,7 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     }
     let outcome = ctx
         .gateway
-        .reverse_transfer(&r.stripe_transfer_id, Some(r.amount_cents), &r.idempotency_key)
+        .reverse_transfer(&r.stripe_transfer_id, Some(r.amount_cents), &r.key())
         .await;
     let mut conn = acquire(ctx).await?;
     match outcome {
@@ -133,8 +135,10 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             tracing::warn!(reversal = id, transfer_id = %r.stripe_transfer_id, "transfer already fully reversed");
         }
         Err(e) => {
-            // Low balance, throttling, a timeout: all the same to us. The key never changes, so an attempt that
-            // reached Stripe is answered with its first result.
+            // Low balance, throttling, a timeout: retried on the schedule. A coded 4xx refusal (low balance) is
+            // saved by Stripe under the key, so the next attempt takes the next key; anything else may have been
+            // (or may yet be) applied, and keeps the key.
+            let saved_refusal_of = e.is_saved_refusal().then_some(r.key_attempt);
             let delay_ms = backoff_ms_random(
                 (r.attempts + 1) as u32,
                 ctx.distribution.backoff_base_ms,
@@ -143,7 +147,7 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             .max(ctx.distribution.backoff_base_ms / 2);
             let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
             let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-            record_reversal_retry(&mut tx, id, next, e.code(), &e.to_string())
+            record_reversal_retry(&mut tx, id, next, e.code(), &e.to_string(), saved_refusal_of)
                 .await
                 .map_err(transient)?;
             enqueue(

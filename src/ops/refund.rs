@@ -8,6 +8,8 @@
 //! Crash safety: the intent (a REQUESTED refund row with its key `splitpay:refund:{salc}:{seq}`, the reversal
 //! intent with its own key, and the audit row) is committed before Stripe is called. Re-run after a crash or an
 //! unknown outcome, the command finds the intent and re-sends the *same* key, so Stripe answers with the same refund.
+//! Only a coded refusal Stripe saved under the key (the platform's balance was short) moves the intent to its next
+//! key attempt (`{key}:k{n}`), since the same key would be refused again forever.
 //! Stripe's `charge.refunded` for it later finds the refund recorded and changes nothing.
 
 use std::io::Write;
@@ -20,7 +22,8 @@ use crate::jobs::refunds::{apply_refund, reverse};
 use crate::store::allocations::{allocation_context, AllocationContext};
 use crate::store::records::insert_audit;
 use crate::store::refunds::{
-    fail_refund_intent, insert_refund_intent, open_refund_intent, taken, RefundIntent, RefundRow, REFUND_REF_KEY,
+    fail_refund_intent, insert_refund_intent, next_refund_key_attempt, open_refund_intent, taken, RefundIntent,
+    RefundRow, REFUND_REF_KEY,
 };
 use crate::store::reversals::{get_reversal, insert_reversal};
 use crate::store::StoreError;
@@ -298,10 +301,7 @@ async fn send(
         writeln!(err, "refused: payment {} has no PaymentIntent", c.payment.id)?;
         return Ok(Outcome::Refused);
     };
-    let key = refund
-        .idempotency_key
-        .clone()
-        .ok_or("an ops refund always has its key")?;
+    let key = refund.key().ok_or("an ops refund always has its key")?;
     let metadata = [
         ("split_allocation_id", c.allocation.id.clone()),
         ("split_payment_id", c.payment.id.clone()),
@@ -358,6 +358,11 @@ async fn send(
             Ok(Outcome::Refused)
         }
         Err(e) if e.class() == ErrorClass::Retryable => {
+            // Stripe saved a coded refusal (the platform's balance was short) under this key and would replay it:
+            // the intent's next send takes the next key attempt. Nothing was refunded under this one.
+            if e.is_saved_refusal() {
+                next_refund_key_attempt(&mut *ctx.pool.acquire().await?, refund.id, refund.key_attempt).await?;
+            }
             writeln!(
                 err,
                 "Stripe did not make the refund now ({e}); nothing was refunded. The intent is kept: run the same \

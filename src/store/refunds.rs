@@ -48,6 +48,17 @@ pub struct RefundRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub attributed_at: Option<DateTime<Utc>>,
+    /// Which key an `ops refund` intent sends: `idempotency_key` at 1, `{key}:k{n}` after ([`RefundRow::key`]).
+    pub key_attempt: i32,
+}
+
+impl RefundRow {
+    /// The idempotency key the next request for this intent sends (refunds splitpay makes only).
+    pub fn key(&self) -> Option<String> {
+        self.idempotency_key
+            .as_deref()
+            .map(|k| crate::domain::ids::attempt_key(k, self.key_attempt))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
@@ -122,6 +133,25 @@ pub async fn open_refund_intent(
     .bind(allocation.as_str())
     .fetch_optional(conn)
     .await?)
+}
+
+/// Stripe answered key attempt `refused_attempt` of a REQUESTED intent with a saved, coded 4xx refusal it will
+/// replay for that key (e.g. the platform's balance was short): the intent moves to its next key attempt, once.
+/// Returns whether it moved.
+pub async fn next_refund_key_attempt(
+    conn: &mut PgConnection,
+    id: i64,
+    refused_attempt: i32,
+) -> Result<bool, StoreError> {
+    let moved = sqlx::query(
+        "UPDATE refunds SET key_attempt = key_attempt + 1, updated_at = now()
+          WHERE id = $1 AND status = 'REQUESTED' AND key_attempt = $2",
+    )
+    .bind(id)
+    .bind(refused_attempt)
+    .execute(conn)
+    .await?;
+    Ok(moved.rows_affected() == 1)
 }
 
 /// Marks an `ops refund` intent that Stripe refused for good: FAILED, nothing moved.

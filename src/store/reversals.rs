@@ -30,6 +30,15 @@ pub struct ReversalRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub succeeded_at: Option<DateTime<Utc>>,
+    /// Which key is sent: `idempotency_key` at 1, `{key}:k{n}` after (see [`ReversalRow::key`]).
+    pub key_attempt: i32,
+}
+
+impl ReversalRow {
+    /// The idempotency key the next request sends.
+    pub fn key(&self) -> String {
+        crate::domain::ids::attempt_key(&self.idempotency_key, self.key_attempt)
+    }
 }
 
 /// Writes a reversal intent of `amount_cents` of the allocation's transfer, due now. Returns its id.
@@ -110,16 +119,21 @@ pub async fn record_reversal_success(
 }
 
 /// Stripe refused or did not answer: kept PENDING with what it said, tried again at `next_attempt_at`.
+/// `saved_refusal_of`: the key attempt that Stripe answered with a saved, coded 4xx refusal; the row then moves to
+/// the next key attempt, once (a late answer about an older attempt moves nothing). `None` (a timeout, a 5xx,
+/// throttling) keeps the key.
 pub async fn record_reversal_retry(
     conn: &mut PgConnection,
     id: i64,
     next_attempt_at: DateTime<Utc>,
     code: Option<&str>,
     message: &str,
+    saved_refusal_of: Option<i32>,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE transfer_reversals
             SET attempts = attempts + 1, next_attempt_at = $2, failure_code = $3, failure_message = $4,
+                key_attempt = CASE WHEN key_attempt = $5 THEN key_attempt + 1 ELSE key_attempt END,
                 updated_at = now()
           WHERE id = $1 AND status = 'PENDING'",
     )
@@ -127,6 +141,7 @@ pub async fn record_reversal_retry(
     .bind(next_attempt_at)
     .bind(code)
     .bind(message)
+    .bind(saved_refusal_of)
     .execute(conn)
     .await?;
     Ok(())

@@ -159,6 +159,26 @@ impl GatewayError {
         self.error_type() == Some(IDEMPOTENCY_ERROR_TYPE)
     }
 
+    /// Stripe answered with a coded 4xx refusal that it saves under the idempotency key (e.g. `balance_insufficient`,
+    /// `amount_too_large`): the request was not applied, and the same key is answered with the same refusal until
+    /// it expires. Only then may a refund or reversal move to its next key attempt. Not one: a 409 (the key's other
+    /// request may still succeed), a 429 (not saved), 401/403, a misused key, an answer without a code, and every
+    /// unknown outcome.
+    pub fn is_saved_refusal(&self) -> bool {
+        let (status, code) = match self {
+            GatewayError::Retryable {
+                status: Some(status),
+                code,
+                ..
+            } => (*status, code),
+            GatewayError::Terminal { status, code, .. } if !self.is_idempotency_misuse() => (*status, code),
+            _ => return false,
+        };
+        (400..500).contains(&status)
+            && !matches!(status, 401 | 403 | 409 | 429)
+            && code.as_deref().is_some_and(|c| !c.is_empty())
+    }
+
     /// Builds the error for a Stripe error response.
     pub fn from_response(status: u16, should_retry: Option<bool>, body: StripeErrorBody) -> Self {
         let StripeErrorBody {
@@ -232,6 +252,40 @@ mod tests {
         for (status, header, code, want) in table {
             assert_eq!(classify(status, header, code), want, "{status} {header:?} {code:?}");
         }
+    }
+
+    #[test]
+    fn only_coded_4xx_refusals_are_saved_refusals() {
+        let answer = |status: u16, code: Option<&str>, error_type: Option<&str>| {
+            GatewayError::from_response(
+                status,
+                None,
+                StripeErrorBody {
+                    error_type: error_type.map(str::to_owned),
+                    code: code.map(str::to_owned),
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(answer(400, Some("balance_insufficient"), None).is_saved_refusal());
+        assert!(answer(400, Some("amount_too_large"), None).is_saved_refusal());
+        assert!(answer(404, Some("resource_missing"), None).is_saved_refusal());
+        assert!(!answer(409, Some("idempotency_key_in_use"), None).is_saved_refusal());
+        assert!(!answer(429, Some("rate_limit"), None).is_saved_refusal());
+        assert!(!answer(401, Some("api_key_expired"), None).is_saved_refusal());
+        assert!(!answer(400, None, None).is_saved_refusal());
+        assert!(!answer(400, None, Some(IDEMPOTENCY_ERROR_TYPE)).is_saved_refusal());
+        assert!(!answer(500, Some("api_error"), None).is_saved_refusal());
+        let unsent = GatewayError::Retryable {
+            status: None,
+            code: None,
+            message: "connection refused".into(),
+        };
+        assert!(!unsent.is_saved_refusal());
+        assert!(!GatewayError::Unknown {
+            reason: "timeout".into()
+        }
+        .is_saved_refusal());
     }
 
     #[test]

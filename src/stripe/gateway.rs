@@ -104,7 +104,10 @@ impl StripeGateway {
                 Ok(value) => return Ok(value),
                 Err(e) => GatewayError::from(e),
             };
-            if err.class() != ErrorClass::Retryable || attempt >= self.config.attempts_max {
+            // A coded refusal Stripe saved under the key (e.g. `balance_insufficient`) would only be replayed: the
+            // caller decides whether to try again under its next key attempt.
+            let replayed_if_resent = key.is_some() && err.is_saved_refusal();
+            if err.class() != ErrorClass::Retryable || replayed_if_resent || attempt >= self.config.attempts_max {
                 tracing::warn!(op, attempt, class = ?err.class(), code = err.code(), error = %err, "Stripe call failed");
                 return Err(err);
             }

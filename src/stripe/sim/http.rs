@@ -75,7 +75,11 @@ pub(super) async fn stripe_api(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    shared.log_request(method.as_str(), &path);
+    shared.log_request(
+        method.as_str(),
+        &path,
+        headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+    );
     let latency_ms = shared.pick_latency_ms();
     if latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;

@@ -78,6 +78,8 @@ pub struct RequestLogEntry {
     pub path: String,
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
+    /// The request's `Idempotency-Key` header, as sent (tests check which key each attempt used).
+    pub idempotency_key: Option<String>,
 }
 
 pub(crate) struct Shared {
@@ -105,13 +107,14 @@ impl Shared {
         real + self.clock_offset_secs.load(Ordering::SeqCst)
     }
 
-    fn log_request(&self, method: &str, path: &str) {
+    fn log_request(&self, method: &str, path: &str, idempotency_key: Option<&str>) {
         let mut log = self.requests.lock().expect("no panics while held");
         if log.len() < REQUEST_LOG_MAX {
             log.push(RequestLogEntry {
                 method: method.to_owned(),
                 path: path.to_owned(),
                 at_ms: self.started.elapsed().as_millis() as u64,
+                idempotency_key: idempotency_key.map(str::to_owned),
             });
         }
     }
