@@ -762,3 +762,110 @@ async fn a_dispute_fails_the_charges_pending_refunds_and_takes_the_whole_amount(
     assert_eq!(platform(&sim).await.0, 1_000 - 4_000 - 2_500);
     assert_eq!(get(&sim, &format!("charges/{charge}")).await["amount_refunded"], 0);
 }
+
+/// With `onboarding_required` (Stripe's rule, which the end-to-end suite runs under), an account created through the
+/// API receives transfers only once its terms are accepted and it has a bank account; both may come later, by
+/// `POST /v1/accounts/{id}`, which then activates `transfers` with `capability.updated` and `account.updated`.
+#[tokio::test]
+async fn under_the_onboarding_rule_transfers_activate_only_once_terms_and_bank_account_are_given() {
+    let config = SimConfig {
+        onboarding_required: true,
+        ..SimConfig::default()
+    };
+    let sim = splitpay::stripe::sim::start(config, 0).await.unwrap();
+    let gw = gateway(&sim);
+    let bare = "type=custom&country=AU&capabilities[transfers][requested]=true";
+    let (status, account) = post(&sim, "accounts", bare).await;
+    assert_eq!(status, 200, "{account}");
+    let id = account["id"].as_str().unwrap().to_owned();
+    assert_eq!(account["capabilities"]["transfers"], "inactive");
+
+    // Terms alone are not enough: the account cannot receive a transfer, and the refusal is Stripe's.
+    let (status, _) = post(&sim, &format!("accounts/{id}"), "tos_acceptance[date]=1700000000").await;
+    assert_eq!(status, 200);
+    let (_, charge) = card_payment(&gw, 5_000, "pm_card_bypassPending", "onb-pay").await;
+    let mut t = transfer(1_000, Some(&charge), "onb-t1");
+    t.destination = id.clone();
+    match gw.create_transfer(&t).await {
+        Err(GatewayError::Terminal { code, .. }) => {
+            assert_eq!(code.as_deref(), Some("insufficient_capabilities_for_transfer"))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // The bank account (Stripe's inline form: BSB 110000, account 000123456) completes onboarding.
+    let bank = "external_account[object]=bank_account&external_account[country]=AU&external_account[currency]=aud\
+                &external_account[routing_number]=110000&external_account[account_number]=000123456";
+    let (status, updated) = post(&sim, &format!("accounts/{id}"), bank).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["capabilities"]["transfers"], "active");
+    let events = get(&sim, "events?limit=100").await;
+    let mut types: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["account"] == id.as_str())
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    types.reverse();
+    assert_eq!(
+        types,
+        [
+            "account.updated",
+            "account.updated",
+            "capability.updated",
+            "account.updated"
+        ],
+        "created, terms, then the capability change"
+    );
+    let mut t = transfer(1_000, Some(&charge), "onb-t2");
+    t.destination = id.clone();
+    assert_eq!(gw.create_transfer(&t).await.unwrap().amount_cents, 1_000);
+
+    // Onboarded in one call: active at once. A country or type cannot be changed by an update.
+    let full = format!(
+        "type=custom&country=AU&capabilities[transfers][requested]=true&tos_acceptance[date]=1700000000&{bank}"
+    );
+    let (_, ready) = post(&sim, "accounts", &full).await;
+    assert_eq!(ready["capabilities"]["transfers"], "active");
+    let (status, refused) = post(&sim, &format!("accounts/{id}"), "country=NZ").await;
+    assert_eq!((status, error_of(&refused).2), (400, "country"), "{refused}");
+    let (status, _) = post(&sim, "accounts/acct_nosuch", "tos_acceptance[date]=1").await;
+    assert_eq!(status, 404);
+}
+
+/// Without the rule (the default every other test relies on), requesting `transfers` activates it at once.
+#[tokio::test]
+async fn by_default_a_requested_transfers_capability_is_active_at_once() {
+    let (sim, _) = simulator().await;
+    let (_, account) = post(
+        &sim,
+        "accounts",
+        "type=custom&country=AU&capabilities[transfers][requested]=true",
+    )
+    .await;
+    assert_eq!(account["capabilities"]["transfers"], "active");
+    let (_, account) = post(&sim, "accounts", "type=custom&country=AU").await;
+    assert_eq!(account["capabilities"]["transfers"], "inactive");
+}
+
+/// `GET /v1/events` filters on `created` as Stripe does (`created[gte]`, `[gt]`, `[lt]`, `[lte]`, or exact).
+#[tokio::test]
+async fn events_are_listed_by_creation_time() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    card_payment(&gw, 1_000, "pm_card_visa", "ev-1").await;
+    let before = get(&sim, "events?limit=100").await["data"].as_array().unwrap().len();
+    assert!(before > 0);
+    let now = control.advance_clock(3_600).await.unwrap();
+    card_payment(&gw, 2_000, "pm_card_visa", "ev-2").await;
+    let all = get(&sim, "events?limit=100").await["data"].as_array().unwrap().len();
+    let later = get(&sim, &format!("events?limit=100&created[gte]={now}")).await;
+    let later = later["data"].as_array().unwrap();
+    assert_eq!(later.len(), all - before, "only the second payment's events");
+    assert!(later.iter().all(|e| e["created"].as_i64().unwrap() >= now));
+    let earlier = get(&sim, &format!("events?limit=100&created[lt]={now}")).await;
+    assert_eq!(earlier["data"].as_array().unwrap().len(), before);
+    let (status, body) = api(&sim, reqwest::Method::GET, "events?created[gte]=soon", "", None).await;
+    assert_eq!((status, error_of(&body).2), (400, "created[gte]"), "{body}");
+}

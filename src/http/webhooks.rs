@@ -52,8 +52,48 @@ async fn ingest(state: &HttpState, headers: &HeaderMap, body: &[u8], secrets: &[
     let Ok(payload) = serde_json::from_slice::<Value>(body) else {
         return reject(StatusCode::BAD_REQUEST, "the body is not JSON");
     };
+    match ingest_event(&state.app.pool, payload).await {
+        Ok(Ingested::Stored) => (StatusCode::OK, axum::Json(json!({ "received": true }))).into_response(),
+        Ok(Ingested::Duplicate) => (
+            StatusCode::OK,
+            axum::Json(json!({ "received": true, "duplicate": true })),
+        )
+            .into_response(),
+        Err(IngestError::NoEventId) => reject(StatusCode::BAD_REQUEST, "the event has no evt_ id"),
+        Err(IngestError::Store { event_id, error }) => {
+            // 5xx: Stripe delivers it again later.
+            tracing::error!(%event_id, %error, "could not store a webhook");
+            reject(StatusCode::SERVICE_UNAVAILABLE, "try again")
+        }
+    }
+}
+
+/// What [`ingest_event`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// New: in the inbox, its processing job queued.
+    Stored,
+    /// Its id was already in the inbox: nothing written.
+    Duplicate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the event has no evt_ id")]
+    NoEventId,
+    #[error("could not store event {event_id}: {error}")]
+    Store {
+        event_id: String,
+        error: crate::store::StoreError,
+    },
+}
+
+/// The ingress behind both webhook routes, for an event already known to be Stripe's (its signature verified, or
+/// read from Stripe's own `GET /v1/events` over an authenticated connection, as the end-to-end suite's polling
+/// mode does): the inbox row, deduplicated by event id, and its processing job, in one transaction.
+pub async fn ingest_event(pool: &sqlx::PgPool, payload: Value) -> Result<Ingested, IngestError> {
     let Some(id) = payload["id"].as_str().filter(|id| id.starts_with("evt_")) else {
-        return reject(StatusCode::BAD_REQUEST, "the event has no evt_ id");
+        return Err(IngestError::NoEventId);
     };
     let event = NewStripeEvent {
         id: id.to_owned(),
@@ -65,24 +105,19 @@ async fn ingest(state: &HttpState, headers: &HeaderMap, body: &[u8], secrets: &[
             .and_then(|t| Utc.timestamp_opt(t, 0).single()),
         payload: payload.clone(),
     };
-    match store(state, &event).await {
-        Ok(true) => (StatusCode::OK, axum::Json(json!({ "received": true }))).into_response(),
-        Ok(false) => (
-            StatusCode::OK,
-            axum::Json(json!({ "received": true, "duplicate": true })),
-        )
-            .into_response(),
-        Err(e) => {
-            // 5xx: Stripe delivers it again later.
-            tracing::error!(event_id = %event.id, error = %e, "could not store a webhook");
-            reject(StatusCode::SERVICE_UNAVAILABLE, "try again")
-        }
+    match store(pool, &event).await {
+        Ok(true) => Ok(Ingested::Stored),
+        Ok(false) => Ok(Ingested::Duplicate),
+        Err(error) => Err(IngestError::Store {
+            event_id: event.id,
+            error,
+        }),
     }
 }
 
 /// Inbox row and processing job, together. Returns false for a redelivery.
-async fn store(state: &HttpState, event: &NewStripeEvent) -> Result<bool, crate::store::StoreError> {
-    let mut tx = state.app.pool.begin().await?;
+async fn store(pool: &sqlx::PgPool, event: &NewStripeEvent) -> Result<bool, crate::store::StoreError> {
+    let mut tx = pool.begin().await?;
     if !insert_stripe_event(&mut tx, event).await? {
         return Ok(false);
     }

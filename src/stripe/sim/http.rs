@@ -308,6 +308,7 @@ pub(super) fn route(
         ("GET", ["disputes", id]) => model.retrieve_dispute(id, now),
         ("POST", ["accounts"]) => model.create_account(form, now),
         ("GET", ["accounts", id]) => model.retrieve_account(id),
+        ("POST", ["accounts", id]) => model.update_account(id, form, now),
         ("DELETE", ["accounts", id]) => model.delete_account(id, now),
         ("GET", ["balance_transactions", id]) => model.retrieve_balance_txn(id, now),
         ("GET", ["balance"]) => match stripe_account {

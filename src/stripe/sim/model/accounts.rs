@@ -1,5 +1,5 @@
-//! Connected accounts: creation with the `transfers` capability, retrieval, deletion, capability changes (at once
-//! or later on the simulator's clock). Their events are Connect events (top-level `account`): `account.updated`
+//! Connected accounts: creation with the `transfers` capability, onboarding (terms and bank account, at creation or
+//! by an update), retrieval, deletion, capability changes (at once or later on the simulator's clock). Their events are Connect events (top-level `account`): `account.updated`
 //! and `capability.updated` whenever a capability changes.
 
 use serde_json::{json, Value};
@@ -15,6 +15,12 @@ pub(super) struct Account {
     /// When a pending `transfers` capability turns active on its own (simulator clock).
     pub(super) transfers_activate_at: Option<i64>,
     pub(super) deleted: bool,
+    /// `capabilities[transfers][requested]=true` was asked, at creation or since.
+    pub(super) transfers_requested: bool,
+    /// Terms accepted (`tos_acceptance[date]`), at creation or since (see `SimConfig::onboarding_required`).
+    pub(super) tos_accepted: bool,
+    /// A bank account given (`external_account`), at creation or since.
+    pub(super) bank_account: bool,
     pub(super) country: String,
     pub(super) metadata: std::collections::BTreeMap<String, String>,
 }
@@ -35,6 +41,31 @@ const ACCOUNT_CREATE_PARAMS: &[&str] = &[
     "tos_acceptance",
     "type",
 ];
+
+/// `POST /v1/accounts/{id}`: what an update may change (not `type` or `country`).
+const ACCOUNT_UPDATE_PARAMS: &[&str] = &[
+    "business_profile",
+    "business_type",
+    "capabilities",
+    "company",
+    "email",
+    "external_account",
+    "individual",
+    "metadata",
+    "settings",
+    "tos_acceptance",
+];
+
+/// Whether `form` accepts the terms, and whether it gives a bank account (a token or Stripe's inline
+/// `external_account[…]`).
+fn onboarding(form: &Form) -> (bool, bool) {
+    let tos = form.get("tos_acceptance[date]").is_some_and(|d| !d.is_empty());
+    let bank = form.get("external_account").is_some_and(|t| !t.is_empty())
+        || form
+            .get("external_account[account_number]")
+            .is_some_and(|n| !n.is_empty());
+    (tos, bank)
+}
 
 impl Model {
     pub(super) fn account_json(a: &Account) -> Value {
@@ -82,7 +113,8 @@ impl Model {
         if self.accounts.contains_key(&id) {
             return Err(SimError::invalid("id", format!("Account {id} already exists")));
         }
-        let transfers = if requested && self.config.auto_activate_transfers {
+        let (tos_accepted, bank_account) = onboarding(form);
+        let transfers = if requested && self.transfers_may_activate(tos_accepted && bank_account) {
             "active"
         } else {
             "inactive"
@@ -93,12 +125,52 @@ impl Model {
             transfers: form.get("transfers").unwrap_or(transfers).to_owned(),
             transfers_activate_at: None,
             deleted: false,
+            transfers_requested: requested,
+            tos_accepted,
+            bank_account,
             country: form.get("country").unwrap_or("AU").to_owned(),
             metadata,
         };
         let json = Self::account_json(&account);
         self.accounts.insert(id.clone(), account);
         self.emit_for(Some(&id), "account.updated", json.clone(), now);
+        Ok(json)
+    }
+
+    fn transfers_may_activate(&self, onboarded: bool) -> bool {
+        self.config.auto_activate_transfers && (onboarded || !self.config.onboarding_required)
+    }
+
+    /// `POST /v1/accounts/{id}`: onboarding given later (terms, bank account) or the capability requested now turns
+    /// `transfers` active when the rules allow, with `capability.updated` and `account.updated`; any other update
+    /// emits `account.updated`.
+    pub fn update_account(&mut self, id: &str, form: &Form, now: i64) -> Result<Value, SimError> {
+        form.only(ACCOUNT_UPDATE_PARAMS)?;
+        let metadata = form.metadata()?;
+        let (tos_now, bank_now) = onboarding(form);
+        let requested_now = form.get("capabilities[transfers][requested]") == Some("true");
+        let account = self
+            .accounts
+            .get_mut(id)
+            .filter(|a| !a.deleted)
+            .ok_or_else(|| SimError::missing("account", id, None))?;
+        account.tos_accepted |= tos_now;
+        account.bank_account |= bank_now;
+        account.transfers_requested |= requested_now;
+        account.metadata.extend(metadata);
+        let (requested, onboarded, active) = (
+            account.transfers_requested,
+            account.tos_accepted && account.bank_account,
+            account.transfers == "active",
+        );
+        if !active && requested && self.transfers_may_activate(onboarded) {
+            let account = self.accounts.get_mut(id).expect("found above");
+            account.transfers = "active".to_owned();
+            account.transfers_activate_at = None;
+            return Ok(self.capability_changed(id, now));
+        }
+        let json = Self::account_json(&self.accounts[id]);
+        self.emit_for(Some(id), "account.updated", json.clone(), now);
         Ok(json)
     }
 

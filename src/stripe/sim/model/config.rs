@@ -38,6 +38,11 @@ pub struct SimConfig {
     pub idempotency_ttl_secs: i64,
     /// New connected accounts that request `transfers` get it active at once.
     pub auto_activate_transfers: bool,
+    /// Stripe's rule for accounts created through the API (`POST /v1/accounts`): `transfers` turns active only once
+    /// the account is onboarded, with its terms accepted (`tos_acceptance[date]`) and a bank account
+    /// (`external_account`), at creation or by a later `POST /v1/accounts/{id}`. Off by default: most tests create
+    /// ready recipients in one call; the end-to-end suite turns it on.
+    pub onboarding_required: bool,
     /// The dispute fee withdrawn with a dispute's amount: A$25.00 in Australia (Stripe's AU pricing).
     pub dispute_fee_cents: i64,
     /// Stripe's dispute-fee FAQ: "if you win the dispute, Stripe will refund this dispute fee to you".
@@ -73,6 +78,7 @@ impl Default for SimConfig {
             available_after_secs: 2 * 86_400,
             idempotency_ttl_secs: 86_400,
             auto_activate_transfers: true,
+            onboarding_required: false,
             dispute_fee_cents: 2_500,
             dispute_fee_returned_if_won: true,
             becs_dispute_after_secs: 60,

@@ -36,6 +36,36 @@ impl Event {
     }
 }
 
+/// Stripe's `created` filter on lists: `created=T`, or any of `created[gt|gte|lt|lte]=T` (unix seconds).
+#[derive(Debug, Default)]
+struct CreatedRange {
+    exact: Option<i64>,
+    gt: Option<i64>,
+    gte: Option<i64>,
+    lt: Option<i64>,
+    lte: Option<i64>,
+}
+
+impl CreatedRange {
+    fn from_query(query: &Form) -> Result<Self, SimError> {
+        Ok(Self {
+            exact: query.int("created")?,
+            gt: query.int("created[gt]")?,
+            gte: query.int("created[gte]")?,
+            lt: query.int("created[lt]")?,
+            lte: query.int("created[lte]")?,
+        })
+    }
+
+    fn contains(&self, t: i64) -> bool {
+        self.exact.is_none_or(|x| t == x)
+            && self.gt.is_none_or(|x| t > x)
+            && self.gte.is_none_or(|x| t >= x)
+            && self.lt.is_none_or(|x| t < x)
+            && self.lte.is_none_or(|x| t <= x)
+    }
+}
+
 impl Model {
     pub fn list_events(&self, query: &Form) -> Result<Value, SimError> {
         query.only(&[
@@ -52,11 +82,13 @@ impl Model {
             return Err(SimError::invalid("limit", "limit must be between 1 and 100"));
         }
         let type_ = query.get("type");
+        let created = CreatedRange::from_query(query)?;
         let matching: Vec<&Event> = self
             .events
             .iter()
             .rev()
             .filter(|e| type_.is_none_or(|t| e.type_ == t))
+            .filter(|e| created.contains(e.created))
             .collect();
         page(&matching, query, limit, "/v1/events", |e| e.id.as_str(), Event::json)
     }
