@@ -17,10 +17,12 @@
 //! - [`observability`]: Prometheus metrics (`/metrics` on `serve` and `worker`) and log output (text or JSON).
 //! - [`app`]: what the API and the workers share.
 //! - [`config`]: configuration from the environment; secrets that cannot be printed.
+//! - [`bench`]: `splitpay bench`, the end-to-end benchmark with its correctness check.
 //!
 //! Still to come (see the issues): outbound delivery, and the rest of the operator commands.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod domain;

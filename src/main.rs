@@ -42,6 +42,9 @@ enum Command {
     /// Operator commands: list parked allocations, show a payment by any of its ids, retry a parked share, read the
     /// audit log, and run both reconcilers once in the foreground.
     Ops(splitpay::ops::OpsArgs),
+    /// Measure splitpay on this machine (fresh database, simulator, `serve` + N workers as child processes, payments
+    /// through intake) and check the run was correct: exit 1 when it was not.
+    Bench(splitpay::bench::BenchArgs),
     /// Serve the local Stripe simulator (for tests and demos; never a substitute for Stripe in production).
     StripeSim {
         /// Port to listen on (0 picks a free one).
@@ -71,7 +74,7 @@ async fn main() -> std::process::ExitCode {
     let dotenv = dotenvy::dotenv();
     let cli = Cli::parse();
     // The demo prints a report; its logs would only interleave with it.
-    let default_filter = if matches!(cli.command, Command::Demo) {
+    let default_filter = if matches!(cli.command, Command::Demo | Command::Bench(_)) {
         "error"
     } else if matches!(cli.command, Command::Ops(_)) {
         "warn,sqlx=warn"
@@ -108,6 +111,11 @@ async fn main() -> std::process::ExitCode {
             let webhook = webhook_url.zip(webhook_secret.map(Secret::new));
             stripe_sim(std::net::SocketAddr::new(host, port), webhook).await
         }
+        Command::Bench(args) => match splitpay::bench::run(&args, &mut std::io::stdout()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e as Failure),
+        },
         Command::Ops(args) => match ops(&args).await {
             Ok(outcome) => return std::process::ExitCode::from(outcome.code()),
             Err(e) => Err(e),
