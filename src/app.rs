@@ -165,9 +165,11 @@ pub struct AppContext {
 }
 
 /// Builds the gateway the settings ask for: Stripe (or another base URL) with the configured key, or the local
-/// simulator at `127.0.0.1:LOCAL_SIMULATOR_PORT` when no key is configured.
+/// simulator at `127.0.0.1:LOCAL_SIMULATOR_PORT` when no key is configured. Its rate budget is shared through the
+/// database `pool` points at by every process with the same key.
 pub fn gateway_from(
     settings: &crate::config::StripeSettings,
+    pool: &PgPool,
 ) -> Result<crate::stripe::StripeGateway, crate::stripe::GatewayError> {
     use crate::config::{StripeTarget, LOCAL_SIMULATOR_KEY, LOCAL_SIMULATOR_PORT};
     use crate::stripe::keys::StripeKey;
@@ -182,7 +184,9 @@ pub fn gateway_from(
         api_base,
         timeout_ms: settings.timeout_ms,
         rate_per_sec: settings.rate_per_sec,
+        burst: settings.burst,
+        lease_slots: settings.lease_slots,
         ..crate::stripe::GatewayConfig::default()
     };
-    crate::stripe::StripeGateway::new(&key, config)
+    Ok(crate::stripe::StripeGateway::new(&key, config)?.share_budget(pool))
 }

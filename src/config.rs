@@ -160,8 +160,13 @@ pub enum StripeTarget {
 pub struct StripeSettings {
     pub target: StripeTarget,
     pub timeout_ms: u64,
-    /// `None`: Stripe's own limit for the key's mode.
+    /// `None`: Stripe's own limit for the key's mode. One budget for the whole deployment, shared through PostgreSQL.
     pub rate_per_sec: Option<u32>,
+    /// Requests that may start at once when the budget has been idle (`STRIPE_RATE_BURST`, default 1).
+    pub burst: u32,
+    /// Slots of the shared budget one process may hold reserved and unstarted (`STRIPE_RATE_LEASE`; `None`: 100 ms of
+    /// the rate, 1 to 100). The worst-case overshoot across N processes is N × this.
+    pub lease_slots: Option<u32>,
     /// Webhook signing secrets; several while one rolls.
     pub webhook_secrets: Vec<Secret>,
     /// Signing secrets of the Connect webhook endpoint (events about connected accounts, such as
@@ -204,6 +209,20 @@ impl StripeSettings {
         };
         let timeout_ms = number("STRIPE_TIMEOUT_MS")?.unwrap_or(STRIPE_TIMEOUT_MS_DEFAULT);
         let rate_per_sec = number("STRIPE_RATE_PER_SEC")?.map(|n| n.min(u64::from(u32::MAX)) as u32);
+        let burst = number("STRIPE_RATE_BURST")?.map_or(1, |n| n.min(u64::from(u32::MAX)) as u32);
+        let lease_slots = number("STRIPE_RATE_LEASE")?
+            .map(|n| {
+                let max = u64::from(crate::stripe::shared_limiter::LEASE_SLOTS_MAX);
+                if n > max {
+                    Err(ConfigError::Invalid {
+                        name: "STRIPE_RATE_LEASE",
+                        reason: format!("at most {max} slots, got {n}"),
+                    })
+                } else {
+                    Ok(n as u32)
+                }
+            })
+            .transpose()?;
         let secrets = |name: &str| -> Vec<Secret> {
             get(name)
                 .map(|raw| {
@@ -219,6 +238,8 @@ impl StripeSettings {
             target,
             timeout_ms,
             rate_per_sec,
+            burst,
+            lease_slots,
             webhook_secrets: secrets("STRIPE_WEBHOOK_SECRET"),
             connect_webhook_secrets: secrets("STRIPE_CONNECT_WEBHOOK_SECRET"),
         })
@@ -272,6 +293,18 @@ mod stripe_settings_tests {
             vec!["whsec_new", "whsec_old"]
         );
         assert_eq!(s.rate_per_sec, Some(10));
+        assert_eq!((s.burst, s.lease_slots), (1, None));
+        let s = settings(&[("STRIPE_RATE_BURST", "5"), ("STRIPE_RATE_LEASE", "20")]).unwrap();
+        assert_eq!((s.burst, s.lease_slots), (5, Some(20)));
+        for (name, bad) in [
+            ("STRIPE_RATE_BURST", "0"),
+            ("STRIPE_RATE_LEASE", "-1"),
+            ("STRIPE_RATE_LEASE", "1001"),
+            ("STRIPE_RATE_PER_SEC", "fast"),
+        ] {
+            let err = settings(&[(name, bad)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
         assert!(s.connect_webhook_secrets.is_empty());
         let s = settings(&[("STRIPE_CONNECT_WEBHOOK_SECRET", "whsec_connect")]).unwrap();
         assert_eq!(

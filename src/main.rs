@@ -154,8 +154,8 @@ fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSetting
     };
     splitpay::config::lifecycle_from_lookup(|name| std::env::var(name).ok(), &mut distribution)?;
     Ok(AppContext {
+        gateway: Arc::new(gateway_from(stripe, &pool)?),
         pool,
-        gateway: Arc::new(gateway_from(stripe)?),
         distribution,
         webhooks: splitpay::jobs::deliver::DeliverySettings::from_lookup(|name| std::env::var(name).ok())?,
     })

@@ -16,6 +16,7 @@ pub mod donations;
 pub mod gauges;
 pub mod money_report;
 pub mod payments;
+pub mod rate_limits;
 pub mod readiness;
 pub mod records;
 pub mod refunds;

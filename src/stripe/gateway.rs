@@ -22,7 +22,8 @@ use stripe_types::Expandable;
 use super::backoff::backoff_ms_random;
 use super::error::{ErrorClass, GatewayError};
 use super::keys::{KeyMode, StripeKey};
-use super::limiter::{RateLimiter, LIVE_MODE_RATE_PER_SEC, TEST_MODE_RATE_PER_SEC};
+use super::limiter::{Limiter, RateLimiter, LIVE_MODE_RATE_PER_SEC, TEST_MODE_RATE_PER_SEC};
+use super::shared_limiter::{default_lease_slots, key_fingerprint, SharedLimiter, SharedLimiterConfig};
 use super::transport::{HttpTransport, TransportError};
 use super::*;
 
@@ -38,6 +39,9 @@ pub struct GatewayConfig {
     /// `None`: 25/s for test keys, 100/s for live keys.
     pub rate_per_sec: Option<u32>,
     pub burst: u32,
+    /// Slots one process may hold from the shared budget (`None`: 100 ms of the rate); see
+    /// [`StripeGateway::share_budget`].
+    pub lease_slots: Option<u32>,
     /// Attempts for one call when Stripe says "retry" (the first included).
     pub attempts_max: u32,
     pub backoff_base_ms: u64,
@@ -51,6 +55,7 @@ impl Default for GatewayConfig {
             timeout_ms: 20_000,
             rate_per_sec: None,
             burst: 1,
+            lease_slots: None,
             attempts_max: 4,
             backoff_base_ms: 250,
             backoff_cap_ms: 4_000,
@@ -61,7 +66,11 @@ impl Default for GatewayConfig {
 #[derive(Debug)]
 pub struct StripeGateway {
     transport: HttpTransport,
-    limiter: RateLimiter,
+    limiter: Limiter,
+    /// The key's fingerprint (never the key): names the shared budget.
+    account_fingerprint: String,
+    /// The rate in force, per second: the configured one, or the key mode's default.
+    rate_per_sec: u32,
     config: GatewayConfig,
 }
 
@@ -73,12 +82,37 @@ impl StripeGateway {
             KeyMode::Test => TEST_MODE_RATE_PER_SEC,
             KeyMode::Live => LIVE_MODE_RATE_PER_SEC,
         };
-        let limiter = RateLimiter::new(config.rate_per_sec.unwrap_or(default_rate).max(1), config.burst.max(1));
+        let rate_per_sec = config.rate_per_sec.unwrap_or(default_rate).max(1);
         Ok(Self {
             transport,
-            limiter,
+            limiter: Limiter::Local(RateLimiter::new(rate_per_sec, config.burst.max(1))),
+            account_fingerprint: key_fingerprint(key.secret().expose()),
+            rate_per_sec,
             config,
         })
+    }
+
+    /// Replaces the per-process limiter with one budget shared through the database `pool` points at, by every
+    /// process that uses the same key (see [`SharedLimiter`]). `serve`, `worker` and `ops` run with it.
+    pub fn share_budget(mut self, pool: &sqlx::PgPool) -> Self {
+        let config = SharedLimiterConfig {
+            rate_per_sec: self.rate_per_sec,
+            burst: self.config.burst.max(1),
+            lease_slots: self
+                .config
+                .lease_slots
+                .unwrap_or_else(|| default_lease_slots(self.rate_per_sec)),
+        };
+        self.limiter = Limiter::Shared(SharedLimiter::new(pool, self.account_fingerprint.clone(), config));
+        self
+    }
+
+    /// The shared limiter, when [`Self::share_budget`] installed one.
+    pub fn shared_limiter(&self) -> Option<&SharedLimiter> {
+        match &self.limiter {
+            Limiter::Shared(limiter) => Some(limiter),
+            Limiter::Local(_) => None,
+        }
     }
 
     /// Sends one request (limited, retried while retryable), with `key` as its idempotency key if given.
@@ -104,6 +138,10 @@ impl StripeGateway {
                 Ok(value) => return Ok(value),
                 Err(e) => GatewayError::from(e),
             };
+            if err.code() == Some("rate_limit") {
+                // Stripe's budget is the account's: every replica slows down, not only this request.
+                self.limiter.throttled().await;
+            }
             // A coded refusal Stripe saved under the key (e.g. `balance_insufficient`) would only be replayed: the
             // caller decides whether to try again under its next key attempt.
             let replayed_if_resent = key.is_some() && err.is_saved_refusal();

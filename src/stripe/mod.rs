@@ -4,7 +4,8 @@
 //! - [`error`]: every failure classified by what the caller does next: retry, park, or reconcile (unknown).
 //! - [`transport`]: the HTTP transport behind async-stripe's request builders (fills gaps of async-stripe's own).
 //! - [`gateway`]: [`StripeGateway`], the port over async-stripe, with the rate limiter and bounded retries.
-//! - [`limiter`], [`backoff`]: the token bucket and the retry delay policy.
+//! - [`limiter`], [`shared_limiter`], [`backoff`]: the token bucket (per process, or one budget for every replica
+//!   through PostgreSQL) and the retry delay policy.
 //! - [`keys`]: secret keys; live keys refused unless allowed.
 //! - [`webhook`]: `Stripe-Signature` verification.
 //! - [`sim`]: the simulator, served over HTTP like Stripe.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod gateway;
 pub mod keys;
 pub mod limiter;
+pub mod shared_limiter;
 pub mod sim;
 pub mod transport;
 pub mod webhook;

@@ -27,6 +27,7 @@ pub fn gateway_with(server: &SimServer, tweak: impl FnOnce(&mut GatewayConfig)) 
         timeout_ms: 5_000,
         rate_per_sec: Some(1_000),
         burst: 50,
+        lease_slots: None,
         attempts_max: 4,
         backoff_base_ms: 5,
         backoff_cap_ms: 20,

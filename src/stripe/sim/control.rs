@@ -22,7 +22,9 @@
 //! | `POST /_sim/webhooks/redeliver` `{event_id}` | sends a past event again now, after whatever came since |
 //! | `GET /_sim/webhooks` | delivery counters and pending retries (`pending_redeliveries`, `next_redelivery_at`) |
 //! | `GET /_sim/requests` | the API requests received, with arrival times |
-//! | `POST /_sim/config` | replaces the [`SimConfig`] (fees, delays, idempotency TTL, …) |
+//! | `POST /_sim/config` | replaces the [`SimConfig`] (fees, delays, idempotency TTL, the per-key rate limit, …) |
+//! | `GET /_sim/config` | the current [`SimConfig`] |
+//! | `GET /_sim/rate_limit` | `{rate_limited}`: requests refused with 429 `rate_limit` by the per-key limiter so far |
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -256,6 +258,10 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
             let log: Vec<RequestLogEntry> = shared.requests.lock().expect("no panics while held").clone();
             Ok(json!({ "requests": log }))
         }
+        ("GET", ["config"]) => {
+            Ok(serde_json::to_value(&shared.model.lock().expect("no panics while held").config).expect("plain data"))
+        }
+        ("GET", ["rate_limit"]) => Ok(json!({ "rate_limited": shared.rate_limited_total() })),
         ("POST", ["config"]) => {
             let config: SimConfig =
                 serde_json::from_value(args.clone()).map_err(|e| SimError::invalid("config", e.to_string()))?;
@@ -452,6 +458,21 @@ impl SimControl {
         Ok(self.post("webhooks/flush", json!({})).await?["released"]
             .as_u64()
             .unwrap_or(0))
+    }
+
+    /// Turns Stripe's per-key rate limit on (`Some(rate)`, with `burst`; 0: one second's worth) or off, keeping the
+    /// rest of the configuration.
+    pub async fn set_rate_limit(&self, rate_per_sec: Option<u32>, burst: u32) -> Result<(), ControlError> {
+        let mut config: SimConfig = serde_json::from_value(self.get("config").await?)
+            .map_err(|e| ControlError(format!("GET /_sim/config: {e}")))?;
+        config.rate_limit_per_sec = rate_per_sec;
+        config.rate_limit_burst = burst;
+        self.set_config(&config).await
+    }
+
+    /// How many requests the per-key rate limiter refused with 429 so far.
+    pub async fn rate_limited_count(&self) -> Result<u64, ControlError> {
+        Ok(self.get("rate_limit").await?["rate_limited"].as_u64().unwrap_or(0))
     }
 
     pub async fn set_latency(&self, min_ms: u64, max_ms: u64, processing_ms: u64) -> Result<(), ControlError> {

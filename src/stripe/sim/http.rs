@@ -97,6 +97,22 @@ pub(super) async fn stripe_api(
         };
         return error_response(&SimError { param: None, ..e });
     };
+    if !shared.admit(&api_key) {
+        // Stripe's shape (UNCONFIRMED word for word): `invalid_request_error` with code `rate_limit`, the reason in
+        // `Stripe-Rate-Limited-Reason`, no Retry-After and no Stripe-Should-Retry. Nothing applied, nothing saved.
+        let mut e = SimError::refused(
+            429,
+            "rate_limit",
+            "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+            None,
+        );
+        e.saved = false;
+        return json_response(
+            429,
+            &e.body(),
+            &[("stripe-rate-limited-reason", "global-rate".to_owned())],
+        );
+    }
     if body.len() > BODY_BYTES_MAX {
         return error_response(&SimError::invalid("", "Request body too large."));
     }

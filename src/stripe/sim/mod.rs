@@ -24,6 +24,7 @@ pub mod form;
 mod http;
 mod idempotency;
 pub mod model;
+mod rate_limit;
 mod webhooks;
 
 pub use webhooks::REDELIVERY_DELAYS_SECS;
@@ -93,6 +94,8 @@ pub(crate) struct Shared {
     clock_offset_secs: AtomicI64,
     webhooks: Mutex<webhooks::WebhookState>,
     requests: Mutex<Vec<RequestLogEntry>>,
+    /// Stripe's per-key rate limiter (used only when `SimConfig::rate_limit_per_sec` is set).
+    rate_buckets: Mutex<rate_limit::RateBuckets>,
     started: Instant,
     deliver: Notify,
     http: reqwest::Client,
@@ -145,6 +148,27 @@ impl Shared {
             faults.remove(index);
         }
         Some(fault)
+    }
+
+    /// Takes a token from `api_key`'s bucket; `false` when the request must be refused with 429. Always `true`
+    /// while the limiter is off.
+    fn admit(&self, api_key: &str) -> bool {
+        let (rate_per_sec, burst) = {
+            let model = self.model.lock().expect("no panics while held");
+            match model.config.rate_limit_per_sec {
+                None => return true,
+                Some(rate) => (rate, model.config.rate_limit_burst),
+            }
+        };
+        let now_ns = self.started.elapsed().as_nanos() as u64;
+        self.rate_buckets
+            .lock()
+            .expect("no panics while held")
+            .admit(api_key, now_ns, rate_per_sec, burst)
+    }
+
+    fn rate_limited_total(&self) -> u64 {
+        self.rate_buckets.lock().expect("no panics while held").refused_total
     }
 
     fn wake_deliverer(&self) {
@@ -211,6 +235,7 @@ pub async fn start_on(config: SimConfig, addr: SocketAddr) -> std::io::Result<Si
         clock_offset_secs: AtomicI64::new(0),
         webhooks: Mutex::new(webhooks::WebhookState::default()),
         requests: Mutex::new(Vec::new()),
+        rate_buckets: Mutex::new(Default::default()),
         started: Instant::now(),
         deliver: Notify::new(),
         http: reqwest::Client::builder()

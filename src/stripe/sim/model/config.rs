@@ -51,6 +51,13 @@ pub struct SimConfig {
     pub becs_dispute_after_secs: i64,
     /// New refunds start `pending` and wait for `/_sim/refunds/{id}/settle` (off: they succeed at once).
     pub refunds_start_pending: bool,
+    /// Stripe's per-key rate limiter: requests per second per API key, over every `/v1/` endpoint (`None`, the
+    /// default: off). Above it a request gets 429 `rate_limit` with `Stripe-Rate-Limited-Reason: global-rate` and is
+    /// not applied.
+    pub rate_limit_per_sec: Option<u32>,
+    /// How many requests the per-key bucket lets through at once (a token bucket of this size, refilled at
+    /// `rate_limit_per_sec`). How much burst Stripe tolerates is UNCONFIRMED; 0 means one second's worth.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for SimConfig {
@@ -83,6 +90,8 @@ impl Default for SimConfig {
             dispute_fee_returned_if_won: true,
             becs_dispute_after_secs: 60,
             refunds_start_pending: false,
+            rate_limit_per_sec: None,
+            rate_limit_burst: 0,
         }
     }
 }
