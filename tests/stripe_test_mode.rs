@@ -466,3 +466,113 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
         );
     }
 }
+
+/// The simulator's events created at or after `since`: (platform event ids, sorted; Connect event count).
+async fn events_since(sim: &SimServer, since: i64) -> (Vec<String>, usize) {
+    let listed: Value = reqwest::Client::new()
+        .get(format!("{}v1/events?limit=100&created[gte]={since}", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["has_more"], false, "the test keeps to one page of 100");
+    let data = listed["data"].as_array().unwrap();
+    let mut platform: Vec<String> = data
+        .iter()
+        .filter(|e| e.get("account").is_none())
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    platform.sort();
+    (platform, data.iter().filter(|e| e.get("account").is_some()).count())
+}
+
+async fn stripe_event_jobs(db: &TestDb) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM apalis.jobs WHERE job_type = 'splitpay.stripe_event'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    n
+}
+
+/// Polling reads every page (three events a page here), feeds each platform event since the run began into the
+/// webhook ingress exactly once (one inbox row, one processing job), leaves older events and Connect events out,
+/// picks up events made while it runs, and a second poller (or a forwarder) finds them all already in the inbox.
+#[tokio::test]
+async fn polling_feeds_every_page_of_events_into_the_webhook_ingress_once() {
+    use splitpay::e2e::events::Poller;
+    use splitpay::stripe::PaymentGateway;
+    let db = TestDb::new().await;
+    splitpay::jobs::queue::setup(&db.pool).await.unwrap();
+    let (sim, control) = common::stripe::simulator().await;
+    let gateway = std::sync::Arc::new(common::stripe::gateway(&sim));
+    let pay = |key: &str| {
+        let params = splitpay::stripe::CreatePaymentIntentParams {
+            amount_cents: 2_000,
+            currency: "aud".into(),
+            payment_method_type: splitpay::domain::plan::PaymentMethodType::Card,
+            transfer_group: "spay_poll".into(),
+            metadata: Default::default(),
+            payment_method: Some("pm_card_visa".into()),
+            idempotency_key: key.to_owned(),
+        };
+        let gateway = gateway.clone();
+        async move { gateway.create_payment_intent(&params).await.unwrap() }
+    };
+    // Before the run began: never polled.
+    pay("poll-old").await;
+    let since = control.advance_clock(600).await.unwrap();
+    for key in ["poll-0", "poll-1", "poll-2"] {
+        pay(key).await;
+    }
+    control.create_account("acct_poll", true).await.unwrap();
+    let (first, _) = events_since(&sim, since).await;
+    assert!(first.len() > 6, "more than two pages: {}", first.len());
+
+    let poller = Poller::start(gateway.clone(), db.pool.clone(), since, 3);
+    let deadline = Instant::now() + READY_MAX;
+    while (poller.stats().ingested as usize) < first.len() {
+        assert!(Instant::now() < deadline, "{:?}", poller.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Events made while the poller runs come in on a later pass (or the last one, at finish).
+    pay("poll-late").await;
+    let stats = poller.finish().await;
+    let (expected, connect) = events_since(&sim, since).await;
+    assert!(expected.len() > first.len(), "the late payment made events");
+    let inbox: Vec<(String,)> = sqlx::query_as("SELECT id FROM stripe_events ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let inbox: Vec<String> = inbox.into_iter().map(|(id,)| id).collect();
+    assert_eq!(
+        inbox, expected,
+        "every platform event since the run began, and nothing older"
+    );
+    assert_eq!(stats.ingested as usize, expected.len());
+    assert_eq!(stats.duplicates, 0);
+    assert!(connect > 0);
+    assert_eq!(stats.skipped_connect as usize, connect, "account events are left out");
+    assert_eq!(stats.failure, None);
+    assert_eq!(
+        stripe_event_jobs(&db).await,
+        expected.len() as i64,
+        "one processing job each"
+    );
+
+    // A second poller over the same window: every event is already in the inbox; nothing is queued again.
+    let again = Poller::start(gateway.clone(), db.pool.clone(), since, 100)
+        .finish()
+        .await;
+    assert_eq!((again.ingested, again.duplicates as usize), (0, expected.len()));
+    assert_eq!(common::count(&db.pool, "stripe_events").await, expected.len() as i64);
+    assert_eq!(stripe_event_jobs(&db).await, expected.len() as i64);
+
+    // An event without an evt_ id is refused by the ingress and writes nothing.
+    let refused =
+        splitpay::http::webhooks::ingest_event(&db.pool, serde_json::json!({ "type": "charge.succeeded" })).await;
+    assert!(matches!(refused, Err(splitpay::http::webhooks::IngestError::NoEventId)));
+    assert_eq!(common::count(&db.pool, "stripe_events").await, expected.len() as i64);
+}

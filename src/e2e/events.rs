@@ -16,7 +16,7 @@ use crate::stripe::gateway::RawMethod;
 use crate::stripe::StripeGateway;
 
 /// Stripe's largest page.
-const PAGE_SIZE: &str = "100";
+pub const PAGE_SIZE_MAX: u32 = 100;
 /// Pages read at most per poll: a run makes a few hundred events; more means someone else's traffic.
 const PAGES_PER_POLL_MAX: usize = 20;
 pub const POLL_INTERVAL_MS: u64 = 1_000;
@@ -45,8 +45,10 @@ pub struct Poller {
 }
 
 impl Poller {
-    /// Polls every [`POLL_INTERVAL_MS`] for events created at or after `since_unix`.
-    pub fn start(gateway: Arc<StripeGateway>, pool: sqlx::PgPool, since_unix: i64) -> Self {
+    /// Polls every [`POLL_INTERVAL_MS`] for events created at or after `since_unix`, `page_size` (1 to
+    /// [`PAGE_SIZE_MAX`]) per request.
+    pub fn start(gateway: Arc<StripeGateway>, pool: sqlx::PgPool, since_unix: i64, page_size: u32) -> Self {
+        let page_size = page_size.clamp(1, PAGE_SIZE_MAX);
         let stats = Arc::new(Mutex::new(PollStats::default()));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let shared = stats.clone();
@@ -54,7 +56,7 @@ impl Poller {
             let mut seen = HashSet::new();
             loop {
                 let done = *stopped.borrow();
-                if let Err(e) = poll_once(&gateway, &pool, since_unix, &mut seen, &shared).await {
+                if let Err(e) = poll_once(&gateway, &pool, since_unix, page_size, &mut seen, &shared).await {
                     let mut s = shared.lock().expect("never poisoned: no panics while held");
                     s.failure = Some(e.to_string());
                     return;
@@ -88,6 +90,7 @@ async fn poll_once(
     gateway: &StripeGateway,
     pool: &sqlx::PgPool,
     since_unix: i64,
+    page_size: u32,
     seen: &mut HashSet<String>,
     stats: &Mutex<PollStats>,
 ) -> Result<(), Failure> {
@@ -97,13 +100,13 @@ async fn poll_once(
         if page == PAGES_PER_POLL_MAX {
             return Err(format!(
                 "more than {} events since the run began: not polling Stripe's whole account",
-                PAGES_PER_POLL_MAX * 100
+                PAGES_PER_POLL_MAX * page_size as usize
             )
             .into());
         }
         let mut params = vec![
             ("created[gte]".to_owned(), since_unix.to_string()),
-            ("limit".to_owned(), PAGE_SIZE.to_owned()),
+            ("limit".to_owned(), page_size.to_string()),
         ];
         if let Some(last) = &after {
             params.push(("starting_after".to_owned(), last.clone()));

@@ -122,8 +122,8 @@ pub async fn run(args: &E2eArgs, out: &mut (dyn Write + Send)) -> Result<(), Fai
     }
     // A minute of slack for clock skew between this machine and Stripe; older events are someone else's.
     let since_unix = chrono::Utc::now().timestamp() - 60;
-    let poller =
-        (args.webhooks == WebhookMode::Poll).then(|| events::Poller::start(gateway.clone(), pool.clone(), since_unix));
+    let poller = (args.webhooks == WebhookMode::Poll)
+        .then(|| events::Poller::start(gateway.clone(), pool.clone(), since_unix, events::PAGE_SIZE_MAX));
     let run = scenario::Run {
         run_id,
         stripe: stripe.clone(),
