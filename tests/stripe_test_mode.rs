@@ -20,7 +20,7 @@ use common::stripe::TEST_KEY;
 use serde_json::Value;
 use splitpay::domain::ids::SplitPaymentId;
 use splitpay::stripe::sim::model::SimConfig;
-use splitpay::stripe::sim::{self, SimServer};
+use splitpay::stripe::sim::{self, Fault, FaultKind, SimServer};
 
 const SERVICE_TOKEN: &str = "svc_e2e_tests_token_0123";
 /// `serve` needs a webhook secret with a Stripe key; in polling mode nothing is ever signed with it.
@@ -428,6 +428,24 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
     let strict = onboarding_simulator().await;
     let logs = scratch_dir("e2e-fail");
     let nobody = format!("http://{}", free_addr());
+    // The first account's creation and the first deletion are applied at Stripe but their answers are lost: the
+    // suite asks again with the same idempotency key (Stripe replays the account it made, no second one) and takes
+    // "no such account" after a lost deletion as done.
+    for (kind, method, path) in [
+        (FaultKind::LoseResponse, "POST", "/v1/accounts"),
+        (FaultKind::LoseResponse, "DELETE", "/v1/accounts/"),
+    ] {
+        lenient
+            .control()
+            .fault(Fault {
+                kind,
+                count: 1,
+                path_contains: Some(path.into()),
+                method: Some(method.into()),
+            })
+            .await
+            .unwrap();
+    }
     for (sim, says) in [
         (&lenient, "can receive transfers without onboarding"),
         (&strict, "splitpay's API could not be reached"),
@@ -457,8 +475,27 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
             assert_eq!(a["deleted"], true);
             assert!(!account_exists(sim, a["id"].as_str().unwrap()).await);
         }
+        // Exactly two accounts ever existed at Stripe (each emitted its account.updated on creation).
+        let events: Value = reqwest::Client::new()
+            .get(format!("{}v1/events?limit=100&type=account.updated", sim.base_url()))
+            .bearer_auth(TEST_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let made: std::collections::BTreeSet<&str> = events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["account"].as_str().unwrap())
+            .collect();
+        assert_eq!(made.len(), 2, "{events}");
         let log = requests(sim).await;
-        assert_eq!(log.iter().filter(|(m, _)| m == "DELETE").count(), 2);
+        let lost = usize::from(std::ptr::eq(sim, &lenient));
+        assert_eq!(log.iter().filter(|(m, _)| m == "POST").count(), 2 + lost);
+        assert_eq!(log.iter().filter(|(m, _)| m == "DELETE").count(), 2 + lost);
         assert!(
             !log.iter()
                 .any(|(_, p)| p.contains("payment_intents") || p.contains("transfers")),
@@ -531,6 +568,16 @@ async fn polling_feeds_every_page_of_events_into_the_webhook_ingress_once() {
     let (first, _) = events_since(&sim, since).await;
     assert!(first.len() > 6, "more than two pages: {}", first.len());
 
+    // Two passes fail (Stripe's 500s, which the gateway does not retry): polling tries again, it does not give up.
+    control
+        .fault(Fault {
+            kind: FaultKind::ServerError,
+            count: 2,
+            path_contains: Some("/v1/events".into()),
+            method: Some("GET".into()),
+        })
+        .await
+        .unwrap();
     let poller = Poller::start(gateway.clone(), db.pool.clone(), since, 3);
     let deadline = Instant::now() + READY_MAX;
     while (poller.stats().ingested as usize) < first.len() {
@@ -556,6 +603,7 @@ async fn polling_feeds_every_page_of_events_into_the_webhook_ingress_once() {
     assert!(connect > 0);
     assert_eq!(stats.skipped_connect as usize, connect, "account events are left out");
     assert_eq!(stats.failure, None);
+    assert_eq!(stats.failed_passes, 2);
     assert_eq!(
         stripe_event_jobs(&db).await,
         expected.len() as i64,

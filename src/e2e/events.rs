@@ -20,6 +20,8 @@ pub const PAGE_SIZE_MAX: u32 = 100;
 /// Pages read at most per poll: a run makes a few hundred events; more means someone else's traffic.
 const PAGES_PER_POLL_MAX: usize = 20;
 pub const POLL_INTERVAL_MS: u64 = 1_000;
+/// Passes that may fail in a row (Stripe unreachable, a 5xx) before polling gives up and the run stops.
+const FAILED_PASSES_MAX: u32 = 5;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PollStats {
@@ -33,6 +35,8 @@ pub struct PollStats {
     /// Events rendered in another API version than splitpay's pinned one (Stripe renders listed events in the
     /// account's default version; a webhook endpoint can be pinned, a listing cannot).
     pub other_api_version: u64,
+    /// Passes that failed and were tried again on the next interval.
+    pub failed_passes: u64,
     /// Set when polling stopped for good; the scenario stops too.
     pub failure: Option<String>,
 }
@@ -54,14 +58,24 @@ impl Poller {
         let shared = stats.clone();
         let task = tokio::spawn(async move {
             let mut seen = HashSet::new();
+            let mut failed_in_a_row = 0;
             loop {
                 let done = *stopped.borrow();
-                if let Err(e) = poll_once(&gateway, &pool, since_unix, page_size, &mut seen, &shared).await {
-                    let mut s = shared.lock().expect("never poisoned: no panics while held");
-                    s.failure = Some(e.to_string());
-                    return;
+                match poll_once(&gateway, &pool, since_unix, page_size, &mut seen, &shared).await {
+                    Ok(()) => failed_in_a_row = 0,
+                    // A livemode event is never retried; anything else gets a few more passes.
+                    Err(e) if failed_in_a_row + 1 < FAILED_PASSES_MAX && !is_live_mode(&*e) => {
+                        failed_in_a_row += 1;
+                        shared.lock().expect("never poisoned").failed_passes += 1;
+                        tracing::warn!(error = %e, "polling Stripe's events failed; trying again");
+                    }
+                    Err(e) => {
+                        let mut s = shared.lock().expect("never poisoned: no panics while held");
+                        s.failure = Some(e.to_string());
+                        return;
+                    }
                 }
-                if done {
+                if done && failed_in_a_row == 0 {
                     return;
                 }
                 tokio::select! {
@@ -83,6 +97,10 @@ impl Poller {
         let _ = self.task.await;
         self.stats.lock().expect("never poisoned").clone()
     }
+}
+
+fn is_live_mode(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    e.downcast_ref::<super::guard::GuardError>().is_some()
 }
 
 /// One pass: every page of events since `since_unix`, fed oldest first. A livemode event stops the run.

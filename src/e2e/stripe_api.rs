@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::Failure;
 use crate::stripe::gateway::RawMethod;
-use crate::stripe::{PaymentGateway, StripeGateway};
+use crate::stripe::{GatewayError, PaymentGateway, StripeGateway};
 
 /// Stripe's test bank account for AU payouts (stripe-facts.md): BSB 110000, account 000123456.
 const PAYOUT_BSB: &str = "110000";
@@ -19,6 +19,10 @@ pub const BECS_BSB: &str = "000000";
 pub const BECS_ACCOUNT_SUCCEEDS: &str = "000123456";
 /// How often an account is asked whether its `transfers` capability is active (Stripe activates it asynchronously).
 const CAPABILITY_POLL_MS: u64 = 2_000;
+/// Attempts for a call whose outcome was unknown (timeout, connection lost after sending): the gateway leaves those
+/// to its caller, and a created account whose answer was lost would escape the cleanup.
+const UNKNOWN_ATTEMPTS_MAX: u32 = 3;
+const UNKNOWN_RETRY_MS: u64 = 1_000;
 
 fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
     items.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -70,6 +74,8 @@ impl StripeApi {
             .await?)
     }
 
+    /// A POST with its idempotency key derived from the run; an unknown outcome is sent again with the same key, so
+    /// Stripe answers with what the first request did (the account it created) instead of doing it twice.
     async fn post(
         &self,
         op: &'static str,
@@ -78,10 +84,20 @@ impl StripeApi {
         key: &str,
     ) -> Result<Value, Failure> {
         let key = format!("splitpay-e2e:{}:{key}", self.run_id);
-        Ok(self
-            .gateway
-            .request_json(op, RawMethod::Post, path, params, Some(&key), None)
-            .await?)
+        let mut attempt = 1;
+        loop {
+            match self
+                .gateway
+                .request_json(op, RawMethod::Post, path, params, Some(&key), None)
+                .await
+            {
+                Err(GatewayError::Unknown { .. }) if attempt < UNKNOWN_ATTEMPTS_MAX => {
+                    tokio::time::sleep(Duration::from_millis(UNKNOWN_RETRY_MS)).await;
+                    attempt += 1;
+                }
+                result => return Ok(result?),
+            }
+        }
     }
 
     /// A Custom AU account that requests `transfers`; `onboarded` gives it everything it needs to receive them.
@@ -143,22 +159,32 @@ impl StripeApi {
     }
 
     /// `DELETE /v1/accounts/{id}` (test-mode accounts can always be deleted).
+    /// An unknown outcome is asked again: "no such account" after a lost answer means the first one deleted it.
     pub async fn delete_account(&self, account: &str) -> Result<(), Failure> {
-        let deleted = self
-            .gateway
-            .request_json(
-                "e2e_delete_account",
-                RawMethod::Delete,
-                &format!("/accounts/{account}"),
-                &[],
-                None,
-                None,
-            )
-            .await?;
-        if deleted["deleted"] != true {
-            return Err(format!("Stripe did not delete {account}: {deleted}").into());
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .gateway
+                .request_json(
+                    "e2e_delete_account",
+                    RawMethod::Delete,
+                    &format!("/accounts/{account}"),
+                    &[],
+                    None,
+                    None,
+                )
+                .await;
+            match result {
+                Ok(deleted) if deleted["deleted"] == true => return Ok(()),
+                Ok(other) => return Err(format!("Stripe did not delete {account}: {other}").into()),
+                Err(GatewayError::Unknown { .. }) if attempt < UNKNOWN_ATTEMPTS_MAX => {
+                    tokio::time::sleep(Duration::from_millis(UNKNOWN_RETRY_MS)).await;
+                    attempt += 1;
+                }
+                Err(e) if attempt > 1 && e.code() == Some("resource_missing") => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(())
     }
 
     /// The donor's browser confirms a BECS PaymentIntent: the bank account and the mandate the donor accepted.
