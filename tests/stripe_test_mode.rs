@@ -458,9 +458,18 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
                 ("DATABASE_URL", &db.url),
                 ("SPLITPAY_SERVICE_TOKEN", SERVICE_TOKEN),
             ],
-            &["--api-url", &nobody, "--summary-json", summary_path.to_str().unwrap()],
+            &[
+                "--api-url",
+                &nobody,
+                "--rate-per-sec",
+                "5",
+                "--summary-json",
+                summary_path.to_str().unwrap(),
+            ],
         )
         .await;
+        // The suite's requests only: taken before this test sends its own.
+        let at_ms = sim.control().request_times_ms("/v1/").await.unwrap();
         assert!(!ok, "{stdout}");
         assert!(stderr.contains(says), "{stderr}");
         assert!(stdout.contains("FAILED"), "{stdout}");
@@ -496,6 +505,21 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
         let lost = usize::from(std::ptr::eq(sim, &lenient));
         assert_eq!(log.iter().filter(|(m, _)| m == "POST").count(), 2 + lost);
         assert_eq!(log.iter().filter(|(m, _)| m == "DELETE").count(), 2 + lost);
+
+        // Every request went through the rate limiter (5/s, burst 1: starts at least 200 ms apart), retries and
+        // cleanup included. A lower bound only: a slow machine spaces them further, never closer.
+        assert!(at_ms.len() >= 7, "balance, accounts, reads, deletions: {at_ms:?}");
+        for (i, first) in at_ms.iter().enumerate() {
+            for (k, later) in at_ms[i + 1..].iter().enumerate() {
+                let gaps = k as u64 + 1;
+                assert!(
+                    later - first + 50 >= gaps * 200,
+                    "{gaps} gaps in {} ms: {at_ms:?}",
+                    later - first
+                );
+            }
+        }
+
         assert!(
             !log.iter()
                 .any(|(_, p)| p.contains("payment_intents") || p.contains("transfers")),
