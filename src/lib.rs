@@ -16,6 +16,7 @@
 //! - [`ops`]: the operator commands (`splitpay ops …`).
 //! - [`observability`]: Prometheus metrics (`/metrics` on `serve` and `worker`) and log output (text or JSON).
 //! - [`app`]: what the API and the workers share.
+//! - [`e2e`]: `splitpay e2e`, the Stripe test-mode end-to-end suite (also run against the simulator in CI).
 //! - [`config`]: configuration from the environment; secrets that cannot be printed.
 //! - [`bench`]: `splitpay bench`, the end-to-end benchmark with its correctness check.
 //!
@@ -26,6 +27,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod e2e;
 pub mod events;
 pub mod http;
 pub mod intake;

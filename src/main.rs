@@ -39,6 +39,10 @@ enum Command {
     /// Run the whole money path once on this machine (fresh `splitpay_demo` database, local Stripe simulator) and
     /// print where every cent went.
     Demo,
+    /// The Stripe test-mode end-to-end suite, against a running `serve` and `worker`: only with an sk_test_/rk_test_
+    /// key in STRIPE_TEST_SECRET_KEY. Creates two connected accounts, pays by card and BECS, parks, refunds,
+    /// reverses and retries, checks everything through Stripe's API, deletes the accounts, prints a summary.
+    E2e(splitpay::e2e::E2eArgs),
     /// Operator commands: list parked allocations, show a payment by any of its ids, retry a parked share, read the
     /// audit log, and run both reconcilers once in the foreground.
     Ops(splitpay::ops::OpsArgs),
@@ -76,7 +80,7 @@ async fn main() -> std::process::ExitCode {
     // The demo prints a report; its logs would only interleave with it.
     let default_filter = if matches!(cli.command, Command::Demo | Command::Bench(_)) {
         "error"
-    } else if matches!(cli.command, Command::Ops(_)) {
+    } else if matches!(cli.command, Command::Ops(_) | Command::E2e(_)) {
         "warn,sqlx=warn"
     } else {
         "info,sqlx=warn"
@@ -116,6 +120,9 @@ async fn main() -> std::process::ExitCode {
             Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e as Failure),
         },
+        Command::E2e(args) => splitpay::e2e::run(&args, &mut std::io::stdout())
+            .await
+            .map_err(|e| e as Failure),
         Command::Ops(args) => match ops(&args).await {
             Ok(outcome) => return std::process::ExitCode::from(outcome.code()),
             Err(e) => Err(e),

@@ -125,6 +125,23 @@ pub async fn get_stripe_event(conn: &mut PgConnection, id: &str) -> Result<Strip
         })
 }
 
+/// How many inbox events of `event_type` about `object_id` were processed (the end-to-end suite's proof that
+/// Stripe's webhooks reached splitpay, forwarded or polled).
+pub async fn processed_stripe_events(
+    conn: &mut PgConnection,
+    event_type: &str,
+    object_id: &str,
+) -> Result<i64, StoreError> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM stripe_events WHERE event_type = $1 AND object_id = $2 AND processed_at IS NOT NULL",
+    )
+    .bind(event_type)
+    .bind(object_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(n)
+}
+
 /// Marks an inbox event handled, with a note when handling found something an operator should see (a
 /// contradiction, an unknown split payment). The event is not processed again either way.
 pub async fn finish_stripe_event(conn: &mut PgConnection, id: &str, note: Option<&str>) -> Result<(), StoreError> {
