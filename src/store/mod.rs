@@ -12,6 +12,7 @@
 pub mod allocations;
 pub mod announce;
 pub mod catalog;
+pub mod disputes;
 pub mod donations;
 pub mod gauges;
 pub mod money_report;

@@ -48,6 +48,8 @@ pub struct RefundRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub attributed_at: Option<DateTime<Utc>>,
+    /// A dispute's withdrawal given back (the dispute was won): its parts take nothing any more.
+    pub reinstated_at: Option<DateTime<Utc>>,
     /// Which key an `ops refund` intent sends: `idempotency_key` at 1, `{key}:k{n}` after ([`RefundRow::key`]).
     pub key_attempt: i32,
 }
@@ -318,16 +320,38 @@ pub struct Taken {
     pub parts_cents: i64,
 }
 
+/// Parts of a refund given back (a won dispute, `refunds.reinstated_at`) take nothing.
 pub async fn taken(conn: &mut PgConnection, allocation: &str) -> Result<Taken, StoreError> {
     Ok(sqlx::query_as::<_, Taken>(
-        "SELECT coalesce(sum(from_parked_cents + from_pending_cents), 0)::bigint AS taken_net_cents,
-                coalesce(sum(reversal_cents), 0)::bigint AS reversal_cents,
-                coalesce(sum(amount_cents) FILTER (WHERE covered_at IS NOT NULL), 0)::bigint AS parts_cents
-           FROM refund_parts WHERE split_allocation_id = $1",
+        "SELECT coalesce(sum(p.from_parked_cents + p.from_pending_cents), 0)::bigint AS taken_net_cents,
+                coalesce(sum(p.reversal_cents), 0)::bigint AS reversal_cents,
+                coalesce(sum(p.amount_cents) FILTER (WHERE p.covered_at IS NOT NULL), 0)::bigint AS parts_cents
+           FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
+          WHERE p.split_allocation_id = $1 AND r.reinstated_at IS NULL",
     )
     .bind(allocation)
     .fetch_one(conn)
     .await?)
+}
+
+/// What the recipient of an allocation is owed and does not hold yet: its net, less what standing refunds took
+/// (from its parked or pending net, or by reversal), less what Stripe holds for it (its successful transfers less
+/// the reversals made). For a share never transferred this is its net less what refunds took; after a won dispute
+/// it is what the dispute's withdrawal took back. Only meaningful while none of its reversals is still PENDING.
+pub async fn outstanding_cents(conn: &mut PgConnection, allocation: &str, net_cents: i64) -> Result<i64, StoreError> {
+    let (taken, sent, reversed): (i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce((SELECT sum(p.from_parked_cents + p.from_pending_cents + p.reversal_cents)
+                            FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
+                           WHERE p.split_allocation_id = $1 AND r.reinstated_at IS NULL), 0)::bigint,
+                coalesce((SELECT sum(amount_cents) FROM transfer_attempts
+                           WHERE split_allocation_id = $1 AND outcome = 'TRANSFERRED'), 0)::bigint,
+                coalesce((SELECT sum(amount_cents) FROM transfer_reversals
+                           WHERE split_allocation_id = $1 AND status = 'SUCCEEDED'), 0)::bigint",
+    )
+    .bind(allocation)
+    .fetch_one(conn)
+    .await?;
+    Ok(net_cents - taken - (sent - reversed))
 }
 
 /// Covers the allocation's waiting parts by its state now (see the module doc), moving the allocation and its
@@ -476,12 +500,16 @@ async fn refund_donation(
     Ok(())
 }
 
-/// The refund's name in events: Stripe's id (our row id while Stripe has not answered).
+/// The refund's name in events: Stripe's id (the dispute's for a dispute's withdrawal; our row id while Stripe has
+/// not answered).
 async fn refund_ref(conn: &mut PgConnection, refund_id: i64) -> Result<String, StoreError> {
-    let stripe: Option<String> = sqlx::query_scalar("SELECT stripe_refund_id FROM refunds WHERE id = $1")
-        .bind(refund_id)
-        .fetch_one(conn)
-        .await?;
+    let stripe: Option<String> = sqlx::query_scalar(
+        "SELECT coalesce(r.stripe_refund_id, d.stripe_dispute_id)
+           FROM refunds r LEFT JOIN disputes d ON d.refund_id = r.id WHERE r.id = $1",
+    )
+    .bind(refund_id)
+    .fetch_one(conn)
+    .await?;
     Ok(stripe.unwrap_or_else(|| format!("refund_{refund_id}")))
 }
 
