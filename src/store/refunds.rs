@@ -362,6 +362,12 @@ pub async fn cover_waiting_parts(
     id: &SplitAllocationId,
     policy: ReversePolicy,
 ) -> Result<Vec<i64>, StoreError> {
+    // The allocation is locked before its waiting parts are read: two covers at once (the transfer job and the
+    // reconciler) take turns, and the second reads what the first left.
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .execute(&mut **tx)
+        .await?;
     let waiting = sqlx::query_as::<_, RefundPartRow>(
         "SELECT * FROM refund_parts WHERE split_allocation_id = $1 AND covered_at IS NULL ORDER BY refund_id",
     )
@@ -371,10 +377,6 @@ pub async fn cover_waiting_parts(
     if waiting.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
-        .bind(id.as_str())
-        .execute(&mut **tx)
-        .await?;
     let mut reversals = Vec::new();
     for part in waiting {
         let a = get_split_allocation(tx, id).await?;
@@ -410,7 +412,7 @@ pub async fn cover_waiting_parts(
             (AllocationStatus::Refunded | AllocationStatus::Voided, _) => Cover::loss(part.amount_cents),
         };
         assert_eq!(cover.total(), part.amount_cents, "a part is covered exactly");
-        sqlx::query(
+        let covered = sqlx::query(
             "UPDATE refund_parts SET from_parked_cents = $3, from_pending_cents = $4, reversal_cents = $5,
                     platform_loss_cents = $6, covered_at = now()
               WHERE refund_id = $1 AND split_allocation_id = $2 AND covered_at IS NULL",
@@ -423,6 +425,9 @@ pub async fn cover_waiting_parts(
         .bind(cover.platform_loss_cents)
         .execute(&mut **tx)
         .await?;
+        if covered.rows_affected() == 0 {
+            continue; // covered by someone else meanwhile: its reversal, amounts and event are theirs
+        }
         if cover.reversal_cents > 0 && reversed_by_refund(tx, part.refund_id, id.as_str()).await? == 0 {
             reversals.push(insert_reversal(tx, &a, cover.reversal_cents, Some(part.refund_id)).await?);
         }

@@ -1,0 +1,139 @@
+//! Review findings on refunds (issue 8, stop 15), each with its test: real PostgreSQL, the simulator over HTTP, the
+//! worker in the test process.
+
+mod common;
+
+use common::flow::Flow;
+use common::money::assert_conserved_at_stripe;
+use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::state::AllocationStatus;
+use splitpay::store::donations::donation_for_allocation;
+use splitpay::store::refunds::record_stripe_refund;
+use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
+
+async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_for(flow: &Flow, what: &str, sql: &'static str) {
+    for _ in 0..600 {
+        if scalar(flow, sql).await == 1 {
+            return;
+        }
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Covers one allocation's waiting parts in its own transaction, as the transfer job and the reconciler each do.
+async fn cover(flow: &Flow, id: &SplitAllocationId) {
+    let mut tx = flow.db.pool.begin().await.unwrap();
+    splitpay::jobs::refunds::settle_waiting_parts(&flow.ctx, &mut tx, id)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Finding a: two covers of the same waiting part at once (the transfer job settling and the refunds reconciler)
+/// used to read the part before locking, and both refunded the donation. Now the second finds it covered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_covers_of_a_waiting_part_at_once_refund_the_donation_once() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    // Stripe's webhook for the refund is held back: the test records the refund with parts waiting, as they are
+    // while a share's transfer is in flight.
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    let info = flow
+        .gateway
+        .create_refund(&CreateRefundParams {
+            target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
+            amount_cents: Some(600),
+            reason: None,
+            metadata: Default::default(),
+            idempotency_key: "dashboard-refund-race".into(),
+        })
+        .await
+        .unwrap();
+    let parts = [100_i64, 200, 300];
+    let mut tx = flow.db.pool.begin().await.unwrap();
+    let row = record_stripe_refund(&mut tx, &id, &info, "external").await.unwrap();
+    for (a, part) in p.allocations.iter().zip(parts) {
+        sqlx::query("INSERT INTO refund_parts (refund_id, split_allocation_id, amount_cents) VALUES ($1, $2, $3)")
+            .bind(row.id)
+            .bind(&a.id)
+            .bind(part)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE refunds SET attributed_at = now() WHERE id = $1")
+        .bind(row.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    for a in &p.allocations {
+        let aid = SplitAllocationId::parse(&a.id).unwrap();
+        tokio::join!(cover(&flow, &aid), cover(&flow, &aid));
+    }
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM refund_parts WHERE covered_at IS NULL").await,
+        0
+    );
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM transfer_reversals").await,
+        3,
+        "one reversal per part"
+    );
+    for (a, part) in p.allocations.iter().zip(parts) {
+        let aid = SplitAllocationId::parse(&a.id).unwrap();
+        let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &aid)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.refunded_amount_cents, part, "refunded once: {}", a.id);
+        let refunded = flow
+            .events(&d.id)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "donation.refunded")
+            .count();
+        assert_eq!(refunded, 1);
+    }
+
+    // Stripe's webhook arrives: the refund is recorded already, nothing is added; the reversals are made once.
+    flow.control
+        .webhook_mode(serde_json::json!({ "hold": false }))
+        .await
+        .unwrap();
+    flow.control.flush_webhooks().await.unwrap();
+    wait_for(
+        &flow,
+        "the refund's webhook processed and the reversals made",
+        "SELECT (count(*) FILTER (WHERE event_type = 'charge.refunded' AND processed_at IS NOT NULL) = 1
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING') = 0)::int::bigint
+           FROM stripe_events",
+    )
+    .await;
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM refunds").await, 1);
+    assert_eq!(flow.count_events("donation.refunded").await, 3);
+    assert_conserved_at_stripe(&flow, &SplitPaymentId::parse(&p.payment.id).unwrap()).await;
+    flow.stop().await;
+}
