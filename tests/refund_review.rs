@@ -137,3 +137,111 @@ async fn two_covers_of_a_waiting_part_at_once_refund_the_donation_once() {
     assert_conserved_at_stripe(&flow, &SplitPaymentId::parse(&p.payment.id).unwrap()).await;
     flow.stop().await;
 }
+
+/// How many requests of `method` whose path contains `path` the simulator received.
+async fn stripe_requests(flow: &Flow, method: &str, path: &str) -> usize {
+    let log = flow.control.get("requests").await.unwrap();
+    log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] == method && r["path"].as_str().unwrap_or("").contains(path))
+        .count()
+}
+
+/// Finding d: an `ops refund` intent whose answer was lost, re-sent more than a day later when Stripe may have
+/// pruned its key, first lists the charge's refunds and adopts the one Stripe made: never a second refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_refund_resent_after_its_key_may_be_pruned_adopts_the_refund_stripe_made() {
+    use splitpay::stripe::sim::{Fault, FaultKind};
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[1]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "settled", |p| {
+            p.allocations
+                .iter()
+                .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
+        })
+        .await;
+    let a1 = p.allocations[1].clone();
+    let net1 = a1.net_amount_cents.unwrap();
+    // The refund's own webhook is held back (it would record the refund), and Stripe's answer is lost.
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::LoseResponse,
+            count: 20,
+            path_contains: Some("/v1/refunds".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let args = [
+        "refund",
+        a1.id.as_str(),
+        "--reason",
+        "donor asked",
+        "--yes",
+        "--actor",
+        "alice",
+    ];
+    let out = flow.ops(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let charge = p.payment.charge_id.clone().unwrap();
+    let refunded = |flow: &Flow| {
+        let gateway = flow.gateway.clone();
+        let charge = charge.clone();
+        async move { gateway.retrieve_charge(&charge).await.unwrap().amount_refunded_cents }
+    };
+    assert_eq!(refunded(&flow).await, net1, "Stripe made it once");
+    flow.control.clear_faults().await.unwrap();
+
+    // A day passes: Stripe's key has expired (the simulator's clock), and the intent is a day old.
+    flow.control.advance_clock(25 * 3_600).await.unwrap();
+    sqlx::query("UPDATE refunds SET created_at = created_at - interval '25 hours'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let out = flow.ops(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("already made refund"), "{stderr}");
+    assert_eq!(refunded(&flow).await, net1, "never a second refund");
+    assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 1);
+    assert_eq!(
+        flow.payment(&id).await.allocations[1].status,
+        AllocationStatus::Refunded
+    );
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM refunds WHERE status = 'SUCCEEDED' AND source = 'ops'"
+        )
+        .await,
+        1
+    );
+
+    // The held webhook arrives: the refund is recorded already.
+    flow.control
+        .webhook_mode(serde_json::json!({ "hold": false }))
+        .await
+        .unwrap();
+    flow.control.flush_webhooks().await.unwrap();
+    wait_for(
+        &flow,
+        "the refund's webhook processed",
+        "SELECT (count(*) FILTER (WHERE event_type = 'charge.refunded' AND processed_at IS NOT NULL) = 1)::int::bigint
+           FROM stripe_events",
+    )
+    .await;
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM refunds").await, 1);
+    assert_eq!(flow.count_events("donation.refunded").await, 1);
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}

@@ -30,6 +30,10 @@ use crate::store::StoreError;
 use crate::stripe::error::ErrorClass;
 use crate::stripe::{CreateRefundParams, RefundReason, RefundTarget};
 
+/// An intent first sent longer ago than this is looked up at Stripe before it is sent again: Stripe may prune an
+/// idempotency key after 24 hours, and a re-send under a pruned key would make a second refund.
+pub const KEY_PRUNE_SAFE_HOURS: i64 = 23;
+
 /// What is refunded to the donor.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -317,7 +321,42 @@ async fn send(
         metadata,
         idempotency_key: key,
     };
-    match ctx.gateway.create_refund(&params).await {
+    // Stripe may prune a key after 24 hours: an intent first sent longer ago than that is looked up among the
+    // charge's refunds (our row id is in their metadata) and adopted if Stripe made it, never made a second time.
+    let adopted = if chrono::Utc::now() - refund.created_at > chrono::Duration::hours(KEY_PRUNE_SAFE_HOURS) {
+        let Some(charge) = c.payment.charge_id.as_deref() else {
+            writeln!(err, "refused: payment {} has no charge recorded", c.payment.id)?;
+            return Ok(Outcome::Refused);
+        };
+        match ctx.gateway.list_refunds(charge).await {
+            Ok(refunds) => refunds
+                .into_iter()
+                .find(|r| r.metadata.get(REFUND_REF_KEY) == Some(&refund.id.to_string())),
+            Err(e) => {
+                writeln!(
+                    err,
+                    "refund {} was first sent over {KEY_PRUNE_SAFE_HOURS} h ago, so Stripe may have forgotten its \
+                     key, and its refunds could not be listed ({e}); nothing was sent. Run the command again later",
+                    refund.id
+                )?;
+                return Ok(Outcome::Refused);
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(found) = &adopted {
+        writeln!(
+            err,
+            "Stripe already made refund {} for this intent: recorded, not sent again",
+            found.id
+        )?;
+    }
+    let answer = match adopted {
+        Some(info) => Ok(info),
+        None => ctx.gateway.create_refund(&params).await,
+    };
+    match answer {
         Ok(info) => {
             let payment = crate::domain::ids::SplitPaymentId::parse(&c.payment.id)?;
             let mut tx = ctx.pool.begin().await?;
