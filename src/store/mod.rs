@@ -19,6 +19,7 @@ pub mod money_report;
 pub mod payments;
 pub mod readiness;
 pub mod records;
+pub mod refund_terms;
 pub mod refunds;
 pub mod reversals;
 pub mod transfer_attempts;
