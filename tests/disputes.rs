@@ -390,5 +390,27 @@ async fn a_becs_dispute_months_later_won_with_its_events_reordered() {
         );
     }
     assert_money(&flow, &id).await;
+
+    // An operator then tries to refund the first share: Stripe refuses refunds of a disputed charge, so the
+    // command refuses before reversing anything (a reversal first would strand the recipient's money).
+    let a0 = p.allocations[0].clone();
+    let before = footprint(&flow).await;
+    let out = flow.ops(&[
+        "refund",
+        &a0.id,
+        "--reason",
+        "donor asked",
+        "--reverse-transfer",
+        "--yes",
+        "--actor",
+        "alice",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("disputed"), "{stderr}");
+    assert_eq!(footprint(&flow).await, before, "nothing written");
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM ops_audit_log").await, 0);
+    assert_eq!(held_per_share(&flow, &p).await, nets, "nothing reversed");
+    assert_money(&flow, &id).await;
     flow.stop().await;
 }

@@ -110,6 +110,22 @@ pub async fn run(
         }
         return send(ctx, &c, &open, json, out, err).await;
     }
+    // Stripe refuses any refund of a charge that was disputed (`charge_disputed`), won or lost: a reversal made
+    // first would leave the recipient's money stranded on the platform. Refused before anything is written.
+    let disputed: Option<String> =
+        sqlx::query_scalar("SELECT stripe_dispute_id FROM disputes WHERE split_payment_id = $1 ORDER BY id LIMIT 1")
+            .bind(&c.payment.id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(dispute) = disputed {
+        writeln!(
+            err,
+            "refused: the payment's charge was disputed ({dispute}), and Stripe refuses refunds of a disputed charge; \
+             see `splitpay ops show {}`",
+            c.payment.id
+        )?;
+        return Ok(Outcome::Refused);
+    }
     let plan = match plan_for(&mut conn, &c, amount, reverse_transfer).await? {
         Ok(plan) => plan,
         Err(refusal) => {
@@ -223,10 +239,13 @@ async fn plan_for(
             let (transferred, reversed): (i64, i64) = sqlx::query_as(
                 "SELECT coalesce((SELECT amount_cents FROM transfer_attempts
                                    WHERE split_allocation_id = $1 AND generation = $2 AND outcome = 'TRANSFERRED'), 0),
-                        coalesce((SELECT sum(amount_cents) FROM transfer_reversals WHERE split_allocation_id = $1), 0)::bigint",
+                        coalesce((SELECT sum(amount_cents) FROM transfer_reversals
+                                   WHERE split_allocation_id = $1 AND stripe_transfer_id = $3), 0)::bigint",
             )
             .bind(&a.id)
             .bind(a.generation)
+            // Only this transfer's reversals: an earlier generation's (before a won dispute) are not this one's.
+            .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
             .fetch_one(&mut *conn)
             .await?;
             let left = transferred - reversed;

@@ -365,7 +365,7 @@ pub async fn cover_waiting_parts(
                         part.amount_cents,
                         net.unwrap_or(0),
                         a.gross_amount_cents,
-                        transferred - so_far.reversal_cents,
+                        transferred - reversals_of_transfer(tx, &a).await?,
                         policy == ReversePolicy::Proportional,
                     )
                 }
@@ -405,6 +405,20 @@ pub async fn cover_waiting_parts(
         refund_donation(tx, id, part.refund_id, part.amount_cents, fully).await?;
     }
     Ok(reversals)
+}
+
+/// Every reversal of the allocation's current transfer, made or still to be made, whatever caused it (a refund's
+/// part, `ops refund --reverse-transfer`): what is left of the transfer to reverse is its amount less these. An
+/// earlier generation's reversals are not this transfer's (a won dispute sent a new one).
+pub(crate) async fn reversals_of_transfer(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals
+          WHERE split_allocation_id = $1 AND stripe_transfer_id = $2",
+    )
+    .bind(&a.id)
+    .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
+    .fetch_one(conn)
+    .await?)
 }
 
 /// The amount of the allocation's transfer (its current generation's, as frozen).
