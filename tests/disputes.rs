@@ -414,3 +414,65 @@ async fn a_becs_dispute_months_later_won_with_its_events_reordered() {
     assert_money(&flow, &id).await;
     flow.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_dispute_after_distribution_reverses_then_sends_each_share_again_from_the_balance() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    // The platform's own available funds carry the new transfers (the charge's are still pending, and the
+    // earlier transfers used the shares' room on it).
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
+    let charge = p.payment.charge_id.clone().unwrap();
+    flow.control.open_dispute(&charge).await.unwrap();
+    settle_until(&flow, "the withdrawal taken", async |f| {
+        withdrawal_settled(f, &id).await
+    })
+    .await;
+    assert_withdrawn(&flow, &id, &p).await;
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED'"
+        )
+        .await,
+        3,
+        "each transferred share reversed"
+    );
+
+    flow.control.close_dispute(&charge, true).await.unwrap();
+    settle_until(&flow, "the reinstatement", async |f| {
+        reinstatement_settled(f, &id).await
+    })
+    .await;
+    let p = flow.payment(&id).await;
+    assert_eq!(held_per_share(&flow, &p).await, nets);
+    let new_generations: Vec<(i32, Option<String>, i64)> = sqlx::query_as(
+        "SELECT generation, source_transaction, amount_cents FROM transfer_attempts
+          WHERE generation = 2 ORDER BY amount_cents",
+    )
+    .fetch_all(&flow.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        new_generations,
+        vec![(2, None, nets[0]), (2, None, nets[1]), (2, None, nets[2])],
+        "one new generation per share, from the balance"
+    );
+    for i in 0..3 {
+        let (status, refunded, deleted, events) = donation_of(&flow, &p, i, "donation.refund_reversed").await;
+        assert_eq!(
+            (status, refunded, deleted, events.len()),
+            (DonationStatus::Confirmed, 0, false, 1)
+        );
+    }
+    assert_money(&flow, &id).await;
+    flow.stop().await;
+}
