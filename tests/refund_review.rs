@@ -245,3 +245,59 @@ async fn an_ops_refund_resent_after_its_key_may_be_pruned_adopts_the_refund_stri
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
+
+/// Finding b (its listing): a reversal made for `ops refund --reverse-transfer` whose refund Stripe then refuses
+/// (here: the charge was disputed meanwhile, and splitpay has not heard yet) leaves the money on the platform's
+/// balance; `ops parked` lists it for an operator instead of losing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    flow.control
+        .open_dispute(p.payment.charge_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    let a0 = p.allocations[0].clone();
+    let out = flow.ops(&[
+        "refund",
+        &a0.id,
+        "--reason",
+        "donor asked",
+        "--reverse-transfer",
+        "--yes",
+        "--actor",
+        "alice",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Stripe refused the refund"), "{stderr}");
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM refunds WHERE status = 'FAILED'").await,
+        1
+    );
+
+    let parked = flow.ops(&["parked", "--json"]);
+    let parked: serde_json::Value = serde_json::from_slice(&parked.stdout).unwrap();
+    let stranded = parked["reversed_without_refund"].as_array().unwrap();
+    assert_eq!(stranded.len(), 1, "{parked}");
+    assert_eq!(stranded[0]["split_allocation_id"], a0.id.as_str());
+    assert_eq!(stranded[0]["amount_cents"], a0.net_amount_cents.unwrap());
+    let table = String::from_utf8_lossy(&flow.ops(&["parked"]).stdout).into_owned();
+    assert!(
+        table.contains("reversed for a refund Stripe refused (on the platform's balance): 1"),
+        "{table}"
+    );
+    flow.stop().await;
+}
