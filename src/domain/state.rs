@@ -157,10 +157,14 @@ string_enum!(
         NothingToTransfer => "nothing_to_transfer",
         /// The payment failed or was canceled.
         PaymentVoided => "payment_voided",
+        /// A won dispute gave back funds whose withdrawal took this share (reversed, or refunded before its
+        /// transfer): what the recipient is owed again is sent as a new generation (a new key).
+        DisputeReinstated => "dispute_reinstated",
     }
 );
 
 impl AllocationStatus {
+    /// Settled: nothing moves it on except a won dispute (`DisputeReinstated`), which sends a new generation.
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -181,6 +185,7 @@ impl AllocationStatus {
             (S::Transferring, E::TransferFailed) => S::Parked,
             (S::Parked, E::OpsRetry) => S::Transferring,
             (S::Parked, E::Refunded) => S::Refunded,
+            (S::Transferred | S::Refunded, E::DisputeReinstated) => S::Transferring,
 
             // Repeats: a duplicate job, a second replica, a replayed Stripe response.
             (S::Transferring, E::TransferStarted)
@@ -222,6 +227,9 @@ string_enum!(
         Failed => "failed",
         /// Fully refunded (a partial refund changes `refunded_amount_cents`, not the status).
         Refunded => "refunded",
+        /// A won dispute gave back what its withdrawal refunded: a fully refunded donation is PENDING again until
+        /// its share is transferred anew (a partial one keeps its status; only the amount changes).
+        RefundReversed => "refund_reversed",
     }
 );
 
@@ -234,6 +242,8 @@ impl DonationStatus {
             (S::Pending, E::Failed) => S::Failed,
             // A parked share refunded to the donor was never confirmed to the recipient.
             (S::Pending | S::Confirmed, E::Refunded) => S::Refunded,
+            (S::Refunded, E::RefundReversed) => S::Pending,
+            (S::Pending | S::Confirmed, E::RefundReversed) => return Ok(Transition::Unchanged),
             (S::Confirmed, E::Confirmed) | (S::Failed, E::Failed) | (S::Refunded, E::Refunded) => {
                 return Ok(Transition::Unchanged)
             }
@@ -368,6 +378,8 @@ mod tests {
             (AS::Transferring, AE::TransferFailed, T(AS::Parked)),
             (AS::Parked, AE::OpsRetry, T(AS::Transferring)),
             (AS::Parked, AE::Refunded, T(AS::Refunded)),
+            (AS::Transferred, AE::DisputeReinstated, T(AS::Transferring)),
+            (AS::Refunded, AE::DisputeReinstated, T(AS::Transferring)),
             (AS::Transferring, AE::TransferStarted, U),
             (AS::Transferred, AE::TransferStarted, U),
             (AS::Transferred, AE::TransferSucceeded, U),
@@ -427,6 +439,10 @@ mod tests {
             (DS::Failed, DE::Confirmed, F),
             (DS::Failed, DE::Failed, U),
             (DS::Failed, DE::Refunded, F),
+            (DS::Refunded, DE::RefundReversed, T(DS::Pending)),
+            (DS::Pending, DE::RefundReversed, U),
+            (DS::Confirmed, DE::RefundReversed, U),
+            (DS::Failed, DE::RefundReversed, F),
         ];
         check(&table, DS::ALL, DE::ALL, DS::apply);
     }
@@ -438,8 +454,9 @@ mod tests {
                 assert!(!matches!(s.apply(e), Ok(Transition::To(_))), "{s} + {e}");
             }
         }
+        // The one way out of a final allocation: a won dispute gives back what its withdrawal took.
         for &s in AS::ALL.iter().filter(|s| s.is_final()) {
-            for &e in AE::ALL {
+            for &e in AE::ALL.iter().filter(|&&e| e != AE::DisputeReinstated) {
                 assert!(!matches!(s.apply(e), Ok(Transition::To(_))), "{s} + {e}");
             }
         }
@@ -473,7 +490,8 @@ mod tests {
 
         proptest! {
             /// Stripe's word wins: whatever happened before, once Stripe shows a transfer of an allocation that
-            /// was being transferred or was parked, it is TRANSFERRED, and nothing moves it from there.
+            /// was being transferred or was parked, it is TRANSFERRED, and nothing but a won dispute (a new
+            /// generation) moves it from there.
             #[test]
             fn a_transfer_stripe_shows_is_never_left_behind(
                 before in proptest::collection::vec(allocation_event(), 0..12),
@@ -483,12 +501,14 @@ mod tests {
                 if matches!(s, AS::Transferring | AS::Parked) {
                     let paid = run(s, &[AE::TransferSucceeded]);
                     prop_assert_eq!(paid, AS::Transferred);
+                    let after: Vec<AE> = after.into_iter().filter(|&e| e != AE::DisputeReinstated).collect();
                     prop_assert_eq!(run(paid, &after), AS::Transferred);
                 }
             }
 
-            /// No sequence of events reaches TRANSFERRED without a transfer Stripe showed, and no sequence moves a
-            /// TRANSFERRED allocation anywhere (a made transfer is never parked, retried or refunded as parked).
+            /// No sequence of events reaches TRANSFERRED without a transfer Stripe showed, and only a won dispute
+            /// moves a TRANSFERRED allocation, to a new generation (a made transfer is never parked, retried or
+            /// refunded as parked).
             #[test]
             fn transferred_only_from_stripe_and_absorbing(events in proptest::collection::vec(allocation_event(), 0..24)) {
                 let mut s = AS::Pending;
@@ -500,7 +520,7 @@ mod tests {
                     if next == AS::Transferred && s != AS::Transferred {
                         prop_assert_eq!(e, AE::TransferSucceeded);
                     }
-                    if s == AS::Transferred {
+                    if s == AS::Transferred && e != AE::DisputeReinstated {
                         prop_assert_eq!(next, AS::Transferred);
                     }
                     s = next;

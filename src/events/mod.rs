@@ -23,10 +23,12 @@ pub enum EventType {
     DonationSucceeded,
     DonationFailed,
     DonationRefunded,
+    /// A dispute was won: the refund it stood for is given back (`charge.dispute.funds_reinstated`).
+    DonationRefundReversed,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::PaymentSucceeded,
         EventType::PaymentFailed,
         EventType::DistributionSucceeded,
@@ -36,6 +38,7 @@ impl EventType {
         EventType::DonationSucceeded,
         EventType::DonationFailed,
         EventType::DonationRefunded,
+        EventType::DonationRefundReversed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl EventType {
             EventType::DonationSucceeded => "donation.succeeded",
             EventType::DonationFailed => "donation.failed",
             EventType::DonationRefunded => "donation.refunded",
+            EventType::DonationRefundReversed => "donation.refund_reversed",
         }
     }
 }

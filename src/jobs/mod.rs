@@ -7,6 +7,7 @@
 //! - [`accounts`]: retrying a parked share (for `ops retry`), and `account.updated`: link flags, automatic retries.
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
 //! - [`refunds`]: refunds made at Stripe taken through to allocations and donations; transfer reversals.
+//! - [`disputes`]: disputes' withdrawals taken like refunds, and won disputes' funds sent to the shares again.
 //! - [`deliver`]: one outbound event to one webhook endpoint, signed, claimed before it is sent.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
 //! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
@@ -19,6 +20,7 @@
 pub mod accounts;
 pub mod cron;
 pub mod deliver;
+pub mod disputes;
 pub mod distribute;
 pub mod payment_state;
 pub mod queue;

@@ -180,10 +180,12 @@ pub async fn settle_waiting_parts(ctx: &AppContext, tx: &mut Tx<'_>, id: &SplitA
 pub struct RefundsReport {
     pub parts_covered_for: Vec<String>,
     pub reversals_driven: Vec<i64>,
+    /// Won disputes whose reinstatement was applied this tick (it waited for a transfer or a reversal).
+    pub disputes_reinstated: Vec<String>,
 }
 
-/// The cron sweep: parts whose allocation has settled are covered, and overdue reversals are tried again (with
-/// their own key). Bounded per tick.
+/// The cron sweep: parts whose allocation has settled are covered, overdue reversals are tried again (with their
+/// own key), and won disputes' reinstatements that waited are applied. Bounded per tick.
 pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreError> {
     let mut report = RefundsReport::default();
     let waiting = allocations_with_waiting_parts(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await?;
@@ -202,6 +204,7 @@ pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreE
         }
         report.reversals_driven.push(id);
     }
+    report.disputes_reinstated = super::disputes::reconcile_reinstatements(ctx, RECONCILE_BATCH_MAX).await?;
     Ok(report)
 }
 

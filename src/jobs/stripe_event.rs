@@ -34,6 +34,9 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
     if event.event_type == "account.updated" {
         return super::accounts::account_updated(ctx, &event).await;
     }
+    if super::disputes::is_dispute_event(&event.event_type) {
+        return super::disputes::process_dispute_event(ctx, &event).await;
+    }
     if super::refunds::is_refund_event(&event.event_type) {
         return super::refunds::process_charge_event(ctx, &event).await;
     }

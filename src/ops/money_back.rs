@@ -1,9 +1,10 @@
-//! The refunds and transfer reversals of one payment, as `ops show` prints them, and the reversals still owed back
+//! The refunds, disputes and transfer reversals of one payment, as `ops show` prints them, and the reversals still owed back
 //! by recipients, as `ops parked` lists them (a reversal Stripe refused is retried, and shown until it is made).
 
 use std::io::Write;
 
 use super::{age, money};
+use crate::store::disputes::{disputes_for_payment, DisputeRow};
 use crate::store::refunds::{parts_for_payment, refunds_for_payment, RefundPartRow, RefundRow};
 use crate::store::reversals::{pending_reversals, reversals_for_payment, ReversalRow};
 use crate::store::StoreError;
@@ -14,6 +15,8 @@ pub struct MoneyBack {
     /// How each refund was attributed to allocations and covered.
     pub refund_parts: Vec<RefundPartRow>,
     pub reversals: Vec<ReversalRow>,
+    /// Disputes of the payment's charge; each withdrawal is the refund row its `refund_id` names.
+    pub disputes: Vec<DisputeRow>,
 }
 
 pub async fn for_payment(conn: &mut sqlx::PgConnection, payment_id: &str) -> Result<MoneyBack, StoreError> {
@@ -21,20 +24,46 @@ pub async fn for_payment(conn: &mut sqlx::PgConnection, payment_id: &str) -> Res
         refunds: refunds_for_payment(conn, payment_id).await?,
         refund_parts: parts_for_payment(conn, payment_id).await?,
         reversals: reversals_for_payment(conn, payment_id).await?,
+        disputes: disputes_for_payment(conn, payment_id).await?,
     })
 }
 
 pub fn print(m: &MoneyBack, currency: &str, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
-    writeln!(out, "refunds: {}", m.refunds.len())?;
-    for r in &m.refunds {
+    writeln!(out, "disputes: {}", m.disputes.len())?;
+    for d in &m.disputes {
         writeln!(
             out,
-            "  {}  {:<9} {}  {}  for {}{}",
-            r.stripe_refund_id.as_deref().unwrap_or("(not answered yet)"),
+            "  {}  {:<14} {}  {}  {}",
+            d.stripe_dispute_id,
+            d.status,
+            money(Some(d.amount_cents), currency),
+            d.reason.as_deref().unwrap_or("no reason"),
+            match (d.withdrawn_at, d.reinstate_seen_at) {
+                (None, _) => "funds not withdrawn".to_owned(),
+                (Some(_), None) => "funds withdrawn (taken as a refund below)".to_owned(),
+                (Some(_), Some(_)) => "funds withdrawn, then reinstated".to_owned(),
+            }
+        )?;
+    }
+    writeln!(out, "refunds: {}", m.refunds.len())?;
+    for r in &m.refunds {
+        let dispute = m.disputes.iter().find(|d| d.refund_id == Some(r.id));
+        writeln!(
+            out,
+            "  {}  {:<9} {}  {}  for {}{}{}",
+            r.stripe_refund_id
+                .as_deref()
+                .or(dispute.map(|d| d.stripe_dispute_id.as_str()))
+                .unwrap_or("(not answered yet)"),
             r.status,
             money(Some(r.amount_cents), currency),
             r.source,
             r.split_allocation_id.as_deref().unwrap_or("spread over the shares"),
+            if r.reinstated_at.is_some() {
+                "  given back: the dispute was won"
+            } else {
+                ""
+            },
             r.failure_message
                 .as_deref()
                 .map(|m| format!("  {m}"))

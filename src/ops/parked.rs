@@ -20,6 +20,8 @@ struct Report {
     /// Transfer reversals Stripe has not made yet (refused for a low balance, or not answered): retried on their
     /// schedule, listed here until made.
     reversals_pending: Vec<crate::store::reversals::ReversalRow>,
+    /// Reversals made for a refund Stripe then refused: the money is on the platform's balance, for an operator.
+    reversed_without_refund: Vec<crate::store::reversals::ReversalRow>,
 }
 
 #[derive(Debug, serde::Serialize, sqlx::FromRow)]
@@ -77,10 +79,13 @@ pub async fn run(
     let truncated = parked.len() as i64 > LIMIT;
     parked.truncate(LIMIT as usize);
     let reversals_pending = super::money_back::owed(&mut *ctx.pool.acquire().await?).await?;
+    let reversed_without_refund =
+        crate::store::reversals::reversed_without_refund(&mut *ctx.pool.acquire().await?).await?;
     let report = Report {
         parked,
         truncated,
         reversals_pending,
+        reversed_without_refund,
     };
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -92,6 +97,18 @@ pub async fn run(
 
 fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
     super::money_back::print_owed(&r.reversals_pending, out)?;
+    writeln!(
+        out,
+        "reversed for a refund Stripe refused (on the platform's balance): {}",
+        r.reversed_without_refund.len()
+    )?;
+    for t in &r.reversed_without_refund {
+        writeln!(
+            out,
+            "  {}  {}  {} cents  `splitpay ops show {}`",
+            t.split_allocation_id, t.stripe_transfer_id, t.amount_cents, t.split_allocation_id
+        )?;
+    }
     writeln!(out, "parked allocations: {}", r.parked.len())?;
     if r.parked.is_empty() {
         return Ok(());

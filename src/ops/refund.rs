@@ -30,6 +30,10 @@ use crate::store::StoreError;
 use crate::stripe::error::ErrorClass;
 use crate::stripe::{CreateRefundParams, RefundReason, RefundTarget};
 
+/// An intent first sent longer ago than this is looked up at Stripe before it is sent again: Stripe may prune an
+/// idempotency key after 24 hours, and a re-send under a pruned key would make a second refund.
+pub const KEY_PRUNE_SAFE_HOURS: i64 = 23;
+
 /// What is refunded to the donor.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,6 +109,22 @@ pub async fn run(
             return super::print_dry_run(out, json, &plan);
         }
         return send(ctx, &c, &open, json, out, err).await;
+    }
+    // Stripe refuses any refund of a charge that was disputed (`charge_disputed`), won or lost: a reversal made
+    // first would leave the recipient's money stranded on the platform. Refused before anything is written.
+    let disputed: Option<String> =
+        sqlx::query_scalar("SELECT stripe_dispute_id FROM disputes WHERE split_payment_id = $1 ORDER BY id LIMIT 1")
+            .bind(&c.payment.id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(dispute) = disputed {
+        writeln!(
+            err,
+            "refused: the payment's charge was disputed ({dispute}), and Stripe refuses refunds of a disputed charge; \
+             see `splitpay ops show {}`",
+            c.payment.id
+        )?;
+        return Ok(Outcome::Refused);
     }
     let plan = match plan_for(&mut conn, &c, amount, reverse_transfer).await? {
         Ok(plan) => plan,
@@ -219,10 +239,13 @@ async fn plan_for(
             let (transferred, reversed): (i64, i64) = sqlx::query_as(
                 "SELECT coalesce((SELECT amount_cents FROM transfer_attempts
                                    WHERE split_allocation_id = $1 AND generation = $2 AND outcome = 'TRANSFERRED'), 0),
-                        coalesce((SELECT sum(amount_cents) FROM transfer_reversals WHERE split_allocation_id = $1), 0)::bigint",
+                        coalesce((SELECT sum(amount_cents) FROM transfer_reversals
+                                   WHERE split_allocation_id = $1 AND stripe_transfer_id = $3), 0)::bigint",
             )
             .bind(&a.id)
             .bind(a.generation)
+            // Only this transfer's reversals: an earlier generation's (before a won dispute) are not this one's.
+            .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
             .fetch_one(&mut *conn)
             .await?;
             let left = transferred - reversed;
@@ -317,7 +340,42 @@ async fn send(
         metadata,
         idempotency_key: key,
     };
-    match ctx.gateway.create_refund(&params).await {
+    // Stripe may prune a key after 24 hours: an intent first sent longer ago than that is looked up among the
+    // charge's refunds (our row id is in their metadata) and adopted if Stripe made it, never made a second time.
+    let adopted = if chrono::Utc::now() - refund.created_at > chrono::Duration::hours(KEY_PRUNE_SAFE_HOURS) {
+        let Some(charge) = c.payment.charge_id.as_deref() else {
+            writeln!(err, "refused: payment {} has no charge recorded", c.payment.id)?;
+            return Ok(Outcome::Refused);
+        };
+        match ctx.gateway.list_refunds(charge).await {
+            Ok(refunds) => refunds
+                .into_iter()
+                .find(|r| r.metadata.get(REFUND_REF_KEY) == Some(&refund.id.to_string())),
+            Err(e) => {
+                writeln!(
+                    err,
+                    "refund {} was first sent over {KEY_PRUNE_SAFE_HOURS} h ago, so Stripe may have forgotten its \
+                     key, and its refunds could not be listed ({e}); nothing was sent. Run the command again later",
+                    refund.id
+                )?;
+                return Ok(Outcome::Refused);
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(found) = &adopted {
+        writeln!(
+            err,
+            "Stripe already made refund {} for this intent: recorded, not sent again",
+            found.id
+        )?;
+    }
+    let answer = match adopted {
+        Some(info) => Ok(info),
+        None => ctx.gateway.create_refund(&params).await,
+    };
+    match answer {
         Ok(info) => {
             let payment = crate::domain::ids::SplitPaymentId::parse(&c.payment.id)?;
             let mut tx = ctx.pool.begin().await?;

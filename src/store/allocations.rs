@@ -140,19 +140,32 @@ pub async fn transition_allocation(
     let mut idempotency_key = current.idempotency_key.clone();
     match next {
         AllocationStatus::Transferring => {
-            // What refunds already took from the share (before its transfer, or from its parked net) is not sent.
-            let taken = super::refunds::taken(tx, id.as_str()).await?.taken_net_cents;
-            let net_cents = current
-                .net_amount_cents
-                .map(|n| n - taken)
-                .filter(|&n| n > 0)
-                .ok_or_else(|| {
-                    StoreError::Invalid(format!(
-                        "split allocation '{id}' has no positive net amount to transfer"
-                    ))
-                })?;
+            // What refunds already took from the share (before its transfer, from its parked net, or by reversal)
+            // is not sent, nor what Stripe already holds for it (a won dispute's new generation sends only what
+            // the withdrawal took back).
+            let net_cents = match current.net_amount_cents {
+                Some(net) => Some(super::refunds::outstanding_cents(tx, id.as_str(), net).await?),
+                None => None,
+            };
+            let net_cents = net_cents.filter(|&n| n > 0).ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "split allocation '{id}' has no positive net amount to transfer"
+                ))
+            })?;
             generation += 1;
             let key = transfer_idempotency_key(id, generation);
+            // A won dispute's new generation for a share whose earlier transfer was made (and reversed) draws on
+            // the platform's available balance, where the reversal and the reinstated funds landed: the earlier
+            // transfer already used the share's part of the charge as `source_transaction`, and Stripe caps the
+            // transfers from one charge at its amount (whether reversals free that room is UNCONFIRMED).
+            let without_source = event == AllocationEvent::DisputeReinstated
+                && sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM transfer_attempts
+                                     WHERE split_allocation_id = $1 AND outcome = 'TRANSFERRED')",
+                )
+                .bind(id.as_str())
+                .fetch_one(&mut **tx)
+                .await?;
             // The generation's parameters, frozen here: destination (the link's account now), amount, currency,
             // source transaction, transfer group and metadata. Every attempt of this generation sends exactly these;
             // a link changed later only affects a new generation.
@@ -160,7 +173,8 @@ pub async fn transition_allocation(
                 "INSERT INTO transfer_attempts
                     (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
                      source_transaction, transfer_group, metadata)
-                 SELECT a.id, $2, $3, l.stripe_connect_account_id, $4, p.currency, p.charge_id, p.transfer_group,
+                 SELECT a.id, $2, $3, l.stripe_connect_account_id, $4, p.currency,
+                        CASE WHEN $5 THEN NULL ELSE p.charge_id END, p.transfer_group,
                         jsonb_build_object('split_payment_id', p.id, 'split_allocation_id', a.id,
                                            'generation', $2::text)
                    FROM split_allocations a
@@ -172,6 +186,7 @@ pub async fn transition_allocation(
             .bind(generation)
             .bind(&key)
             .bind(net_cents)
+            .bind(without_source)
             .execute(&mut **tx)
             .await?;
             if inserted.rows_affected() != 1 {
@@ -229,7 +244,8 @@ pub async fn transition_allocation(
             SET status = $3,
                 generation = $4,
                 idempotency_key = $5,
-                stripe_transfer_id = coalesce($6, stripe_transfer_id),
+                -- Leaving TRANSFERRED (a won dispute's new generation): the earlier transfer stays on its attempt row.
+                stripe_transfer_id = CASE WHEN $2 = 'TRANSFERRED' THEN $6 ELSE coalesce($6, stripe_transfer_id) END,
                 failure_code = coalesce($7, failure_code),
                 failure_message = coalesce($8, failure_message),
                 next_attempt_at = CASE WHEN $3 = 'TRANSFERRING' THEN coalesce($9, now()) ELSE NULL END,

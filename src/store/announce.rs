@@ -73,6 +73,14 @@ pub fn donation_refunded(d: &DonationRow, refund_ref: &str, at: DateTime<Utc>) -
     Some(event)
 }
 
+/// `donation.refund_reversed` when a won dispute gives back what its withdrawal refunded (once per dispute and
+/// donation), with the donation as it is after: `refunded_amount_cents` lowered, `deleted_at` cleared.
+pub fn donation_refund_reversed(d: &DonationRow, dispute_ref: &str, at: DateTime<Utc>) -> Option<OutboundEvent> {
+    let mut event = donation(EventType::DonationRefundReversed, d, at)?;
+    event.dedup_key = format!("{}:{}:{dispute_ref}", EventType::DonationRefundReversed.as_str(), d.id);
+    Some(event)
+}
+
 /// A `donation.*` event on the recipient organisation. `None` when the donation has no donor: the seed's
 /// `Donation.donor_id` is required, so such a donation cannot be announced faithfully.
 pub fn donation(event_type: EventType, d: &DonationRow, at: DateTime<Utc>) -> Option<OutboundEvent> {

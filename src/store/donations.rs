@@ -162,7 +162,7 @@ pub async fn transition_donation(
                 received_date = coalesce($4, received_date),
                 refunded_amount_cents = coalesce($5, CASE WHEN $3 = 'REFUNDED' THEN amount_cents
                                                           ELSE refunded_amount_cents END),
-                deleted_at = CASE WHEN $3 = 'REFUNDED' THEN now() ELSE deleted_at END,
+                deleted_at = CASE WHEN $3 = 'REFUNDED' THEN now() WHEN $2 = 'REFUNDED' THEN NULL ELSE deleted_at END,
                 failure_code = coalesce($6, failure_code),
                 failure_message = coalesce($7, failure_message),
                 updated_at = now()

@@ -12,6 +12,7 @@
 pub mod allocations;
 pub mod announce;
 pub mod catalog;
+pub mod disputes;
 pub mod donations;
 pub mod gauges;
 pub mod money_report;
@@ -19,6 +20,7 @@ pub mod payments;
 pub mod rate_limits;
 pub mod readiness;
 pub mod records;
+pub mod refund_terms;
 pub mod refunds;
 pub mod reversals;
 pub mod transfer_attempts;

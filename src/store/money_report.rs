@@ -9,20 +9,24 @@ use crate::domain::state::{AllocationStatus, PaymentStatus};
 
 /// Where a split payment's money is, in minor units, each term read from its own record (never derived from
 /// another term, so the check can fail): for a succeeded payment,
-/// `charged = transferred − reversed + parked + refunded + in_flight + fees_kept − platform_loss − unsettled`.
+/// `charged = transferred − reversed + parked + refunded + disputed + in_flight + fees_kept − platform_loss
+/// − unsettled`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MoneyReport {
     pub charged_cents: i64,
-    /// The amounts of the transfers recorded on TRANSFERRED allocations' successful generations.
+    /// The amounts of every successful generation's transfer (a won dispute adds a generation to a share).
     pub transferred_cents: i64,
     /// Reversals Stripe made (`transfer_reversals` SUCCEEDED): back on the platform's balance.
     pub reversed_cents: i64,
-    /// Net left on PARKED allocations (their net less what refunds took from it), still on the platform's balance.
+    /// What PARKED allocations are owed and were not sent (their net less what refunds took and what Stripe holds
+    /// for them), still on the platform's balance.
     pub parked_cents: i64,
-    /// Refunds to the donor Stripe made (`refunds` SUCCEEDED), plus the net left on a REFUNDED allocation that
-    /// has no refund record (refunded before refunds were recorded).
+    /// Refunds to the donor Stripe made (`refunds` SUCCEEDED, not disputes), plus the net left on a REFUNDED
+    /// allocation that has no refund record (refunded before refunds were recorded).
     pub refunded_cents: i64,
-    /// PENDING or TRANSFERRING: net less what refunds took, once the fee split is written; gross before.
+    /// Funds a dispute withdrew and Stripe has not given back (a won dispute's withdrawal no longer counts).
+    pub disputed_cents: i64,
+    /// PENDING or TRANSFERRING: what is owed and not sent yet, once the fee split is written; gross before.
     pub in_flight_cents: i64,
     /// The fees on the payment row: Stripe's processing fee plus the platform fee, less what could not be
     /// collected.
@@ -43,6 +47,7 @@ impl MoneyReport {
             == self.transferred_cents - self.reversed_cents
                 + self.parked_cents
                 + self.refunded_cents
+                + self.disputed_cents
                 + self.in_flight_cents
                 + self.fees_kept_cents
                 - self.platform_loss_cents
@@ -73,19 +78,21 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
     .bind(id.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    // Per allocation: what refunds took from its net (parked or not yet transferred), and whether any refund names it.
-    let taken: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT a.id, coalesce(sum(p.from_parked_cents + p.from_pending_cents), 0)::bigint,
-                count(p.refund_id)::bigint
-           FROM split_allocations a LEFT JOIN refund_parts p ON p.split_allocation_id = a.id
+    // Per allocation: whether any refund names it (given-back disputes' parts take nothing).
+    let taken: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT a.id, count(p.refund_id)::bigint
+           FROM split_allocations a
+           LEFT JOIN (refund_parts p JOIN refunds r ON r.id = p.refund_id AND r.reinstated_at IS NULL)
+             ON p.split_allocation_id = a.id
           WHERE a.split_payment_id = $1 GROUP BY a.id",
     )
     .bind(id.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    let (refunded, unattributed): (i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(amount_cents), 0)::bigint,
-                coalesce(sum(amount_cents) FILTER (WHERE attributed_at IS NULL), 0)::bigint
+    let (refunded, disputed, unattributed): (i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(amount_cents) FILTER (WHERE source <> 'dispute'), 0)::bigint,
+                coalesce(sum(amount_cents) FILTER (WHERE source = 'dispute' AND reinstated_at IS NULL), 0)::bigint,
+                coalesce(sum(amount_cents) FILTER (WHERE attributed_at IS NULL AND reinstated_at IS NULL), 0)::bigint
            FROM refunds WHERE split_payment_id = $1 AND status = 'SUCCEEDED'",
     )
     .bind(id.as_str())
@@ -94,7 +101,8 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
     let (loss, waiting): (i64, i64) = sqlx::query_as(
         "SELECT coalesce(sum(p.platform_loss_cents), 0)::bigint,
                 coalesce(sum(p.amount_cents) FILTER (WHERE p.covered_at IS NULL), 0)::bigint
-           FROM refund_parts p JOIN refunds r ON r.id = p.refund_id WHERE r.split_payment_id = $1",
+           FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
+          WHERE r.split_payment_id = $1 AND r.reinstated_at IS NULL",
     )
     .bind(id.as_str())
     .fetch_one(&mut *conn)
@@ -110,6 +118,7 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
     .await?;
     if charged {
         report.refunded_cents = refunded;
+        report.disputed_cents = disputed;
         report.platform_loss_cents = loss;
         report.reversed_cents = reversed;
         report.unsettled_cents = waiting + unattributed + reversing;
@@ -121,24 +130,25 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
         if !charged {
             continue;
         }
-        let (taken_cents, parts) = taken
+        let parts = taken.iter().find(|(aid, _)| *aid == a.id).map_or(0, |(_, n)| *n);
+        // Every successful generation is at Stripe, whatever the share's state now (a won dispute's new
+        // generation follows an earlier, reversed one).
+        report.transferred_cents += transferred
             .iter()
-            .find(|(aid, _, _)| *aid == a.id)
-            .map_or((0, 0), |(_, t, n)| (*t, *n));
-        let net_left = a.net_amount_cents.map(|n| n - taken_cents);
+            .filter(|(aid, _)| *aid == a.id)
+            .map(|(_, cents)| cents)
+            .sum::<i64>();
+        let owed = match a.net_amount_cents {
+            Some(net) => Some(super::refunds::outstanding_cents(conn, &a.id, net).await?),
+            None => None,
+        };
         match a.status {
-            AllocationStatus::Transferred => {
-                report.transferred_cents += transferred
-                    .iter()
-                    .filter(|(aid, _)| *aid == a.id)
-                    .map(|(_, cents)| cents)
-                    .sum::<i64>()
-            }
-            AllocationStatus::Parked => report.parked_cents += net_left.unwrap_or(0),
-            AllocationStatus::Refunded if parts == 0 => report.refunded_cents += net_left.unwrap_or(0),
+            AllocationStatus::Transferred => {}
+            AllocationStatus::Parked => report.parked_cents += owed.unwrap_or(0),
+            AllocationStatus::Refunded if parts == 0 => report.refunded_cents += owed.unwrap_or(0),
             AllocationStatus::Refunded => {}
             AllocationStatus::Pending | AllocationStatus::Transferring => {
-                report.in_flight_cents += net_left.unwrap_or(a.gross_amount_cents)
+                report.in_flight_cents += owed.unwrap_or(a.gross_amount_cents)
             }
             AllocationStatus::Voided => {}
         }

@@ -24,6 +24,10 @@ use crate::domain::refund_split::{spread, Cover, Share};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent};
 use crate::stripe::RefundInfo;
 
+pub use super::refund_terms::{
+    allocations_with_waiting_parts, outstanding_cents, parts_for_payment, refunds_for_payment, taken, Taken,
+};
+
 /// Metadata key naming our refund row on a refund splitpay makes, so its webhook finds the intent even when the
 /// process crashed before it stored Stripe's id.
 pub const REFUND_REF_KEY: &str = "splitpay_refund_ref";
@@ -48,6 +52,8 @@ pub struct RefundRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub attributed_at: Option<DateTime<Utc>>,
+    /// A dispute's withdrawal given back (the dispute was won): its parts take nothing any more.
+    pub reinstated_at: Option<DateTime<Utc>>,
     /// Which key an `ops refund` intent sends: `idempotency_key` at 1, `{key}:k{n}` after ([`RefundRow::key`]).
     pub key_attempt: i32,
 }
@@ -309,27 +315,6 @@ pub async fn attribute_refund(
     Ok(reversals)
 }
 
-/// What an allocation's covered parts have taken so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
-pub struct Taken {
-    /// From the parked net and from what would have been transferred: the net left is `net − taken_net_cents`.
-    pub taken_net_cents: i64,
-    pub reversal_cents: i64,
-    pub parts_cents: i64,
-}
-
-pub async fn taken(conn: &mut PgConnection, allocation: &str) -> Result<Taken, StoreError> {
-    Ok(sqlx::query_as::<_, Taken>(
-        "SELECT coalesce(sum(from_parked_cents + from_pending_cents), 0)::bigint AS taken_net_cents,
-                coalesce(sum(reversal_cents), 0)::bigint AS reversal_cents,
-                coalesce(sum(amount_cents) FILTER (WHERE covered_at IS NOT NULL), 0)::bigint AS parts_cents
-           FROM refund_parts WHERE split_allocation_id = $1",
-    )
-    .bind(allocation)
-    .fetch_one(conn)
-    .await?)
-}
-
 /// Covers the allocation's waiting parts by its state now (see the module doc), moving the allocation and its
 /// donation on and emitting `donation.refunded` once per part. Parts of a transfer in flight keep waiting. Returns
 /// the reversal intents written, for the caller to enqueue.
@@ -338,6 +323,12 @@ pub async fn cover_waiting_parts(
     id: &SplitAllocationId,
     policy: ReversePolicy,
 ) -> Result<Vec<i64>, StoreError> {
+    // The allocation is locked before its waiting parts are read: two covers at once (the transfer job and the
+    // reconciler) take turns, and the second reads what the first left.
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .execute(&mut **tx)
+        .await?;
     let waiting = sqlx::query_as::<_, RefundPartRow>(
         "SELECT * FROM refund_parts WHERE split_allocation_id = $1 AND covered_at IS NULL ORDER BY refund_id",
     )
@@ -347,10 +338,6 @@ pub async fn cover_waiting_parts(
     if waiting.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
-        .bind(id.as_str())
-        .execute(&mut **tx)
-        .await?;
     let mut reversals = Vec::new();
     for part in waiting {
         let a = get_split_allocation(tx, id).await?;
@@ -378,7 +365,7 @@ pub async fn cover_waiting_parts(
                         part.amount_cents,
                         net.unwrap_or(0),
                         a.gross_amount_cents,
-                        transferred - so_far.reversal_cents,
+                        transferred - reversals_of_transfer(tx, &a).await?,
                         policy == ReversePolicy::Proportional,
                     )
                 }
@@ -386,7 +373,7 @@ pub async fn cover_waiting_parts(
             (AllocationStatus::Refunded | AllocationStatus::Voided, _) => Cover::loss(part.amount_cents),
         };
         assert_eq!(cover.total(), part.amount_cents, "a part is covered exactly");
-        sqlx::query(
+        let covered = sqlx::query(
             "UPDATE refund_parts SET from_parked_cents = $3, from_pending_cents = $4, reversal_cents = $5,
                     platform_loss_cents = $6, covered_at = now()
               WHERE refund_id = $1 AND split_allocation_id = $2 AND covered_at IS NULL",
@@ -399,6 +386,9 @@ pub async fn cover_waiting_parts(
         .bind(cover.platform_loss_cents)
         .execute(&mut **tx)
         .await?;
+        if covered.rows_affected() == 0 {
+            continue; // covered by someone else meanwhile: its reversal, amounts and event are theirs
+        }
         if cover.reversal_cents > 0 && reversed_by_refund(tx, part.refund_id, id.as_str()).await? == 0 {
             reversals.push(insert_reversal(tx, &a, cover.reversal_cents, Some(part.refund_id)).await?);
         }
@@ -415,6 +405,20 @@ pub async fn cover_waiting_parts(
         refund_donation(tx, id, part.refund_id, part.amount_cents, fully).await?;
     }
     Ok(reversals)
+}
+
+/// Every reversal of the allocation's current transfer, made or still to be made, whatever caused it (a refund's
+/// part, `ops refund --reverse-transfer`): what is left of the transfer to reverse is its amount less these. An
+/// earlier generation's reversals are not this transfer's (a won dispute sent a new one).
+pub(crate) async fn reversals_of_transfer(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals
+          WHERE split_allocation_id = $1 AND stripe_transfer_id = $2",
+    )
+    .bind(&a.id)
+    .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
+    .fetch_one(conn)
+    .await?)
 }
 
 /// The amount of the allocation's transfer (its current generation's, as frozen).
@@ -476,45 +480,15 @@ async fn refund_donation(
     Ok(())
 }
 
-/// The refund's name in events: Stripe's id (our row id while Stripe has not answered).
+/// The refund's name in events: Stripe's id (the dispute's for a dispute's withdrawal; our row id while Stripe has
+/// not answered).
 async fn refund_ref(conn: &mut PgConnection, refund_id: i64) -> Result<String, StoreError> {
-    let stripe: Option<String> = sqlx::query_scalar("SELECT stripe_refund_id FROM refunds WHERE id = $1")
-        .bind(refund_id)
-        .fetch_one(conn)
-        .await?;
+    let stripe: Option<String> = sqlx::query_scalar(
+        "SELECT coalesce(r.stripe_refund_id, d.stripe_dispute_id)
+           FROM refunds r LEFT JOIN disputes d ON d.refund_id = r.id WHERE r.id = $1",
+    )
+    .bind(refund_id)
+    .fetch_one(conn)
+    .await?;
     Ok(stripe.unwrap_or_else(|| format!("refund_{refund_id}")))
-}
-
-/// Allocations with parts still waiting (oldest first, bounded): the refunds reconciler covers them once settled.
-pub async fn allocations_with_waiting_parts(conn: &mut PgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
-    Ok(sqlx::query_scalar::<_, String>(
-        "SELECT p.split_allocation_id FROM refund_parts p
-           JOIN split_allocations a ON a.id = p.split_allocation_id
-          WHERE p.covered_at IS NULL AND a.status NOT IN ('TRANSFERRING')
-          GROUP BY p.split_allocation_id ORDER BY min(p.created_at) LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(conn)
-    .await?)
-}
-
-/// SUCCEEDED refunds not attributed yet (a crash between recording and attributing cannot happen, they share a
-/// transaction; an unattributable refund stays here for an operator).
-pub async fn refunds_for_payment(conn: &mut PgConnection, payment: &str) -> Result<Vec<RefundRow>, StoreError> {
-    Ok(
-        sqlx::query_as::<_, RefundRow>("SELECT * FROM refunds WHERE split_payment_id = $1 ORDER BY id")
-            .bind(payment)
-            .fetch_all(conn)
-            .await?,
-    )
-}
-
-pub async fn parts_for_payment(conn: &mut PgConnection, payment: &str) -> Result<Vec<RefundPartRow>, StoreError> {
-    Ok(sqlx::query_as::<_, RefundPartRow>(
-        "SELECT p.* FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
-          WHERE r.split_payment_id = $1 ORDER BY p.refund_id, p.split_allocation_id",
-    )
-    .bind(payment)
-    .fetch_all(conn)
-    .await?)
 }

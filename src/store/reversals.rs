@@ -168,6 +168,19 @@ pub async fn reversals_for_payment(conn: &mut PgConnection, payment: &str) -> Re
     .await?)
 }
 
+/// Reversals made for an `ops refund` whose refund Stripe then refused for good (review finding b): the money is
+/// back on the platform's balance, but neither the recipient nor the donor has it. For `ops parked`, until an
+/// operator decides (retry the share's transfer, or refund the donor another way).
+pub async fn reversed_without_refund(conn: &mut PgConnection) -> Result<Vec<ReversalRow>, StoreError> {
+    Ok(sqlx::query_as::<_, ReversalRow>(
+        "SELECT t.* FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+          WHERE t.status = 'SUCCEEDED' AND r.status IN ('FAILED', 'CANCELED')
+          ORDER BY t.succeeded_at LIMIT 1000",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Every PENDING reversal (for `ops parked`): money still owed back by a recipient.
 pub async fn pending_reversals(conn: &mut PgConnection) -> Result<Vec<ReversalRow>, StoreError> {
     Ok(sqlx::query_as::<_, ReversalRow>(

@@ -1,7 +1,7 @@
 //! Conservation checked against Stripe: the simulator's own transfers and charge, not splitpay's rows alone.
-//! `charged = Σ (transfers − reversals) Stripe holds + Σ parked + Σ refunded + in flight + fees kept − platform loss
-//! − unsettled`, and each TRANSFERRED allocation has exactly one transfer at Stripe, of its generation's amount,
-//! with its id; the reversals Stripe holds are the ones splitpay recorded, and the charge's refunded amount is the
+//! `charged = Σ (transfers − reversals) Stripe holds + Σ parked + Σ refunded + Σ disputed + in flight + fees kept
+//! − platform loss − unsettled`, and each successful generation has exactly one transfer at Stripe, of its frozen
+//! amount, with its id (a won dispute adds a generation), and a TRANSFERRED allocation's current one is among them; the reversals Stripe holds are the ones splitpay recorded, and the charge's refunded amount is the
 //! refunds splitpay recorded. A missing or doubled transfer, reversal or refund fails the check.
 
 use splitpay::domain::ids::SplitPaymentId;
@@ -46,25 +46,44 @@ pub async fn conserved_at_stripe(
         else {
             return Err(format!("transfer {} names none of the payment's allocations", t.id));
         };
-        if a.status != AllocationStatus::Transferred || a.stripe_transfer_id.as_deref() != Some(t.id.as_str()) {
+        // The successful generation that recorded this transfer, and its frozen amount: the net, less what refunds
+        // took before the transfer started (or, after a won dispute, what its withdrawal took back).
+        let frozen: Option<(i32, i64)> = sqlx::query_as(
+            "SELECT generation, amount_cents FROM transfer_attempts
+              WHERE split_allocation_id = $1 AND stripe_transfer_id = $2 AND outcome = 'TRANSFERRED'",
+        )
+        .bind(&a.id)
+        .bind(&t.id)
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let Some((generation, frozen)) = frozen else {
             return Err(format!(
                 "transfer {} at Stripe for {} ({}, recorded {:?}): doubled or unrecorded",
                 t.id, a.id, a.status, a.stripe_transfer_id
             ));
-        }
-        // The generation's frozen amount: the net, less what refunds took before the transfer started.
-        let (frozen,): (i64,) = sqlx::query_as(
-            "SELECT amount_cents FROM transfer_attempts WHERE split_allocation_id = $1 AND generation = $2",
-        )
-        .bind(&a.id)
-        .bind(a.generation)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| e.to_string())?;
+        };
         if t.amount_cents != frozen {
             return Err(format!(
-                "transfer {} is {} but {}'s generation {} froze {frozen} (net {:?})",
-                t.id, t.amount_cents, a.id, a.generation, a.net_amount_cents
+                "transfer {} is {} but {}'s generation {generation} froze {frozen} (net {:?})",
+                t.id, t.amount_cents, a.id, a.net_amount_cents
+            ));
+        }
+    }
+    let recorded: Vec<(String, String)> = sqlx::query_as(
+        "SELECT t.split_allocation_id, t.stripe_transfer_id FROM transfer_attempts t
+           JOIN split_allocations a ON a.id = t.split_allocation_id
+          WHERE a.split_payment_id = $1 AND t.outcome = 'TRANSFERRED'",
+    )
+    .bind(id.as_str())
+    .fetch_all(pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    for (allocation, transfer) in &recorded {
+        let n = transfers.iter().filter(|t| &t.id == transfer).count();
+        if n != 1 {
+            return Err(format!(
+                "{allocation} recorded {transfer} but Stripe holds {n} transfers with that id"
             ));
         }
     }
@@ -73,12 +92,14 @@ pub async fn conserved_at_stripe(
         .iter()
         .filter(|a| a.status == AllocationStatus::Transferred)
     {
-        let n = transfers
+        if !recorded
             .iter()
-            .filter(|t| Some(t.id.as_str()) == a.stripe_transfer_id.as_deref())
-            .count();
-        if n != 1 {
-            return Err(format!("{} is TRANSFERRED but Stripe holds {n} transfers of it", a.id));
+            .any(|(aid, t)| *aid == a.id && Some(t.as_str()) == a.stripe_transfer_id.as_deref())
+        {
+            return Err(format!(
+                "{} is TRANSFERRED but its transfer is not a recorded generation's",
+                a.id
+            ));
         }
     }
     let report = money_report(&mut pool.acquire().await.unwrap(), id).await.unwrap();
@@ -137,17 +158,22 @@ pub async fn conserved_at_stripe(
             charge.amount_refunded_cents, report.refunded_cents
         ));
     }
-    let sum =
-        transferred + report.parked_cents + report.refunded_cents + report.in_flight_cents + report.fees_kept_cents
-            - report.platform_loss_cents
-            - report.unsettled_cents;
+    let sum = transferred
+        + report.parked_cents
+        + report.refunded_cents
+        + report.disputed_cents
+        + report.in_flight_cents
+        + report.fees_kept_cents
+        - report.platform_loss_cents
+        - report.unsettled_cents;
     if sum != charge.amount_cents {
         return Err(format!(
-            "charged {} ≠ transferred − reversed at Stripe {transferred} + parked {} + refunded {} + in flight {} + \
-             fees {} − platform loss {} − unsettled {} = {sum}",
+            "charged {} ≠ transferred − reversed at Stripe {transferred} + parked {} + refunded {} + disputed {} + \
+             in flight {} + fees {} − platform loss {} − unsettled {} = {sum}",
             charge.amount_cents,
             report.parked_cents,
             report.refunded_cents,
+            report.disputed_cents,
             report.in_flight_cents,
             report.fees_kept_cents,
             report.platform_loss_cents,

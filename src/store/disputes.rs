@@ -1,0 +1,303 @@
+//! Disputes of split payments' charges (issue 8, point 3), in the caller's transaction and through the state
+//! machines.
+//!
+//! - [`record_dispute`]: one row per Stripe dispute, written by whichever of its events comes first (they arrive
+//!   in any order, and more than once), locked for the caller.
+//! - [`withdraw`]: `charge.dispute.funds_withdrawn` is taken like a refund of the disputed amount: a `refunds` row
+//!   (source `dispute`, written once per dispute) attributed and covered as any refund is (less transferred,
+//!   parked net, reversals under the policy, platform loss), with `donation.refunded` once per dispute.
+//! - [`apply_reinstatement`]: `charge.dispute.funds_reinstated` gives the withdrawal back. Once no transfer or
+//!   reversal of the shares it touched is in flight, the refund row is marked reinstated (its parts take nothing
+//!   any more), each share that is owed money again (its reversal was made, or it was refunded before its transfer)
+//!   starts a new generation with a new key through the transfer path, and each donation gets its refunded amount
+//!   back down, `deleted_at` cleared, and `donation.refund_reversed` once per dispute.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::allocations::{transition_allocation, AllocationPatch, SplitAllocationRow};
+use super::announce;
+use super::donations::{donation_for_allocation, transition_donation, DonationPatch, DonationRow};
+use super::records::insert_outbox_events;
+use super::refunds::{outstanding_cents, RefundPartRow, RefundRow};
+use super::{corrupt, StoreError, Tx};
+use crate::domain::ids::{DonationId, SplitAllocationId, SplitPaymentId};
+use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus};
+
+/// What a dispute event's object says (immutable facts, and Stripe's status at the time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisputeInfo {
+    pub id: String,
+    pub charge_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub reason: Option<String>,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct DisputeRow {
+    pub id: i64,
+    pub stripe_dispute_id: String,
+    pub split_payment_id: String,
+    pub charge_id: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub reason: Option<String>,
+    pub status: String,
+    pub refund_id: Option<i64>,
+    pub withdrawn_at: Option<DateTime<Utc>>,
+    pub reinstate_seen_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Records the dispute once and refreshes Stripe's status (a closed one stays closed); returns the row, locked until the caller commits (so
+/// two processors of the same dispute's events take turns).
+pub async fn record_dispute(
+    tx: &mut Tx<'_>,
+    payment: &SplitPaymentId,
+    info: &DisputeInfo,
+) -> Result<DisputeRow, StoreError> {
+    if info.amount_cents <= 0 {
+        return Err(StoreError::Invalid(format!(
+            "dispute {}: amount {} is not positive",
+            info.id, info.amount_cents
+        )));
+    }
+    Ok(sqlx::query_as::<_, DisputeRow>(
+        "INSERT INTO disputes (stripe_dispute_id, split_payment_id, charge_id, amount_cents, currency, reason, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT ON CONSTRAINT disputes_stripe_id_once
+         -- A closed dispute's status is final: a late or redelivered earlier event does not move it back.
+         DO UPDATE SET status = CASE WHEN disputes.status IN ('won', 'lost', 'warning_closed') THEN disputes.status
+                                     ELSE EXCLUDED.status END,
+                       updated_at = now()
+         RETURNING *",
+    )
+    .bind(&info.id)
+    .bind(payment.as_str())
+    .bind(&info.charge_id)
+    .bind(info.amount_cents)
+    .bind(&info.currency)
+    .bind(&info.reason)
+    .bind(&info.status)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// The withdrawal, taken once like a refund of the disputed amount. Returns the refund row (to attribute) when this
+/// call wrote it, `None` when the withdrawal was already taken.
+pub async fn withdraw(tx: &mut Tx<'_>, dispute: &mut DisputeRow) -> Result<Option<RefundRow>, StoreError> {
+    if dispute.refund_id.is_some() {
+        return Ok(None);
+    }
+    let refund = sqlx::query_as::<_, RefundRow>(
+        "INSERT INTO refunds (split_payment_id, charge_id, amount_cents, currency, status, reason, source)
+         VALUES ($1, $2, $3, $4, 'SUCCEEDED', $5, 'dispute') RETURNING *",
+    )
+    .bind(&dispute.split_payment_id)
+    .bind(&dispute.charge_id)
+    .bind(dispute.amount_cents)
+    .bind(&dispute.currency)
+    .bind(dispute.reason.as_deref().map(|r| format!("dispute: {r}")))
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE disputes SET refund_id = $2, withdrawn_at = now(), updated_at = now() WHERE id = $1")
+        .bind(dispute.id)
+        .bind(refund.id)
+        .execute(&mut **tx)
+        .await?;
+    dispute.refund_id = Some(refund.id);
+    Ok(Some(refund))
+}
+
+/// Notes that Stripe gave the funds back (once).
+pub async fn note_reinstated(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE disputes SET reinstate_seen_at = coalesce(reinstate_seen_at, now()), updated_at = now() WHERE id = $1",
+    )
+    .bind(dispute.id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// What applying a reinstatement did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reinstatement {
+    /// Applied now: these shares started a new generation (enqueue their transfers).
+    Applied { transfers: Vec<SplitAllocationId> },
+    /// Applied before (a duplicate or reordered event).
+    AlreadyApplied,
+    /// Not yet: a transfer or reversal of a share it touched is in flight; the refunds reconciler tries again.
+    Waiting(String),
+}
+
+/// Applies a won dispute's reinstatement (see the module doc). The dispute's withdrawal must have been taken.
+pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Result<Reinstatement, StoreError> {
+    let refund_id = dispute.refund_id.ok_or_else(|| {
+        StoreError::Invalid(format!(
+            "dispute {}: reinstated before its withdrawal was taken",
+            dispute.stripe_dispute_id
+        ))
+    })?;
+    let reinstated: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT reinstated_at FROM refunds WHERE id = $1 FOR UPDATE")
+            .bind(refund_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    if reinstated.is_some() {
+        return Ok(Reinstatement::AlreadyApplied);
+    }
+    // The payment's shares, locked in the order every refund path locks them.
+    let allocations = sqlx::query_as::<_, SplitAllocationRow>(
+        "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
+    )
+    .bind(&dispute.split_payment_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let parts = sqlx::query_as::<_, RefundPartRow>(
+        "SELECT * FROM refund_parts WHERE refund_id = $1 ORDER BY split_allocation_id",
+    )
+    .bind(refund_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    for part in &parts {
+        let a = allocation_of(&allocations, &part.split_allocation_id)?;
+        if a.status == AllocationStatus::Transferring {
+            return Ok(Reinstatement::Waiting(format!("the transfer of {} is in flight", a.id)));
+        }
+        let reversing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM transfer_reversals WHERE split_allocation_id = $1 AND status = 'PENDING'",
+        )
+        .bind(&a.id)
+        .fetch_one(&mut **tx)
+        .await?;
+        if reversing > 0 {
+            return Ok(Reinstatement::Waiting(format!(
+                "a reversal of {} is not made yet",
+                a.id
+            )));
+        }
+    }
+    sqlx::query("UPDATE refunds SET reinstated_at = now(), updated_at = now() WHERE id = $1")
+        .bind(refund_id)
+        .execute(&mut **tx)
+        .await?;
+    // A part still waiting took nothing and announced nothing: it is dropped with the withdrawal.
+    sqlx::query("DELETE FROM refund_parts WHERE refund_id = $1 AND covered_at IS NULL")
+        .bind(refund_id)
+        .execute(&mut **tx)
+        .await?;
+    let now = Utc::now();
+    let mut transfers = Vec::new();
+    for part in parts.iter().filter(|p| p.covered_at.is_some()) {
+        let a = allocation_of(&allocations, &part.split_allocation_id)?;
+        let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
+        let owed = match a.net_amount_cents {
+            Some(net) => outstanding_cents(tx, &a.id, net).await?,
+            None => 0,
+        };
+        if owed > 0 && matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Refunded) {
+            transition_allocation(
+                tx,
+                &id,
+                AllocationEvent::DisputeReinstated,
+                &AllocationPatch::default(),
+                &[],
+            )
+            .await?;
+            transfers.push(id.clone());
+        }
+        give_back_to_donation(tx, &id, &dispute.stripe_dispute_id, part.amount_cents, now).await?;
+    }
+    Ok(Reinstatement::Applied { transfers })
+}
+
+fn allocation_of<'a>(allocations: &'a [SplitAllocationRow], id: &str) -> Result<&'a SplitAllocationRow, StoreError> {
+    allocations
+        .iter()
+        .find(|a| a.id == id)
+        .ok_or_else(|| StoreError::Invalid(format!("refund part names {id}, not one of the payment's shares")))
+}
+
+/// The donation's refunded amount goes down by the part (never below 0); a REFUNDED donation is PENDING again
+/// (its share is being sent anew) with `deleted_at` cleared; `donation.refund_reversed` once per dispute.
+async fn give_back_to_donation(
+    tx: &mut Tx<'_>,
+    allocation: &SplitAllocationId,
+    dispute_ref: &str,
+    part_cents: i64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let Some(donation) = donation_for_allocation(tx, allocation).await? else {
+        return Ok(());
+    };
+    if donation.status == DonationStatus::Failed {
+        return Ok(()); // a voided share's donation was never refunded
+    }
+    let did = DonationId::parse(&donation.id).map_err(|e| corrupt("donation", &donation.id, e))?;
+    let refunded = (donation.refunded_amount_cents - part_cents).max(0);
+    if donation.status == DonationStatus::Refunded {
+        let patch = DonationPatch {
+            refunded_amount_cents: Some(refunded),
+            ..Default::default()
+        };
+        transition_donation(tx, &did, DonationEvent::RefundReversed, &patch, |d| {
+            announce::donation_refund_reversed(d, dispute_ref, now)
+                .into_iter()
+                .collect()
+        })
+        .await?;
+        return Ok(());
+    }
+    let row = sqlx::query_as::<_, DonationRow>(
+        "UPDATE donations SET refunded_amount_cents = $2, updated_at = now() WHERE id = $1 RETURNING *",
+    )
+    .bind(did.as_str())
+    .bind(refunded)
+    .fetch_one(&mut **tx)
+    .await?;
+    insert_outbox_events(
+        tx,
+        &announce::donation_refund_reversed(&row, dispute_ref, now)
+            .into_iter()
+            .collect::<Vec<_>>(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Won disputes whose reinstatement still waits (oldest first, bounded): the refunds reconciler applies them.
+pub async fn waiting_reinstatements(conn: &mut PgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar::<_, String>(
+        "SELECT d.stripe_dispute_id FROM disputes d JOIN refunds r ON r.id = d.refund_id
+          WHERE d.reinstate_seen_at IS NOT NULL AND r.reinstated_at IS NULL
+          ORDER BY d.reinstate_seen_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The dispute row, locked for the caller's transaction.
+pub async fn lock_dispute(tx: &mut Tx<'_>, stripe_dispute_id: &str) -> Result<DisputeRow, StoreError> {
+    sqlx::query_as::<_, DisputeRow>("SELECT * FROM disputes WHERE stripe_dispute_id = $1 FOR UPDATE")
+        .bind(stripe_dispute_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "dispute",
+            id: stripe_dispute_id.to_owned(),
+        })
+}
+
+pub async fn disputes_for_payment(conn: &mut PgConnection, payment: &str) -> Result<Vec<DisputeRow>, StoreError> {
+    Ok(
+        sqlx::query_as::<_, DisputeRow>("SELECT * FROM disputes WHERE split_payment_id = $1 ORDER BY id")
+            .bind(payment)
+            .fetch_all(conn)
+            .await?,
+    )
+}

@@ -1,0 +1,189 @@
+//! Refund paths the issue names that had no test yet (issue 8, point 6): a partial dashboard refund that lands
+//! before distribution (less is transferred), and a refund that is pending and then fails (`charge.refund.updated`:
+//! nothing reversed, nothing emitted). Real PostgreSQL, the simulator over HTTP, the worker in the test process;
+//! amounts checked at Stripe.
+
+mod common;
+
+use common::flow::Flow;
+use common::money::assert_conserved_at_stripe;
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::refund_split::net_of;
+use splitpay::domain::state::{AllocationStatus, PaymentStatus};
+use splitpay::store::payments::SplitPayment;
+use splitpay::stripe::sim::model::SimConfig;
+use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
+
+async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap()
+}
+
+fn dashboard_refund(p: &SplitPayment, amount_cents: i64, key: &str) -> CreateRefundParams {
+    CreateRefundParams {
+        target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
+        amount_cents: Some(amount_cents),
+        reason: None,
+        metadata: Default::default(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// The transfers Stripe holds for the payment, per share in the set's order.
+async fn transferred_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
+    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
+    p.allocations
+        .iter()
+        .map(|a| {
+            transfers
+                .iter()
+                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
+                .map(|t| t.amount_cents - t.amount_reversed_cents)
+                .sum()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transferred() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    // Stripe's events are held: the refund is made before splitpay hears that the payment succeeded, and the
+    // events are then delivered newest first (the refund before the success).
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow.payment(&id).await;
+    flow.gateway
+        .create_refund(&dashboard_refund(&p, 600, "dashboard-before"))
+        .await
+        .unwrap();
+    flow.control
+        .webhook_mode(serde_json::json!({ "hold": false }))
+        .await
+        .unwrap();
+    flow.control.flush_webhooks().await.unwrap();
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.payment.status == PaymentStatus::Succeeded
+                && p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    for _ in 0..300 {
+        if scalar(&flow, "SELECT count(*) FROM refund_parts WHERE covered_at IS NOT NULL").await == 3 {
+            break;
+        }
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // 600 by gross: 100/200/300, each taking its net share from what is transferred, nothing reversed.
+    let parts = [100_i64, 200, 300];
+    let want: Vec<i64> = p
+        .allocations
+        .iter()
+        .zip(parts)
+        .map(|(a, part)| {
+            let net = a.net_amount_cents.unwrap();
+            net - net_of(part, net, a.gross_amount_cents)
+        })
+        .collect();
+    assert_eq!(transferred_per_share(&flow, &p).await, want, "less is transferred");
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 0);
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(from_pending_cents), 0)::bigint FROM refund_parts"
+        )
+        .await,
+        p.allocations
+            .iter()
+            .zip(parts)
+            .map(|(a, part)| net_of(part, a.net_amount_cents.unwrap(), a.gross_amount_cents))
+            .sum::<i64>()
+    );
+    assert_eq!(flow.count_events("donation.refunded").await, 3);
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    flow.control
+        .set_config(&SimConfig {
+            refunds_start_pending: true,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let before = transferred_per_share(&flow, &p).await;
+    let refund = flow
+        .gateway
+        .create_refund(&dashboard_refund(&p, 600, "dashboard-pending"))
+        .await
+        .unwrap();
+    assert_eq!(refund.status.as_deref(), Some("pending"));
+    let wait_status = |want: &'static str| {
+        let pool = flow.db.pool.clone();
+        async move {
+            for _ in 0..300 {
+                let status: Option<String> = sqlx::query_scalar("SELECT status FROM refunds")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+                if status.as_deref() == Some(want) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("the refund never became {want}");
+        }
+    };
+    wait_status("PENDING").await;
+    flow.control.settle_refund(&refund.id, false).await.unwrap();
+    wait_status("FAILED").await;
+    splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM refund_parts").await,
+        0,
+        "a failed refund is not attributed"
+    );
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 0);
+    assert_eq!(flow.count_events("donation.refunded").await, 0);
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(refunded_amount_cents), 0)::bigint FROM donations"
+        )
+        .await,
+        0
+    );
+    assert_eq!(transferred_per_share(&flow, &p).await, before, "nothing taken back");
+    let charge = flow
+        .gateway
+        .retrieve_charge(p.payment.charge_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        charge.amount_refunded_cents, 0,
+        "Stripe gave the failed refund back to the charge"
+    );
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
