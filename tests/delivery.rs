@@ -4,7 +4,7 @@
 mod common;
 
 use common::db::TestDb;
-use common::hooks::{count, drop_jobs, emit, jobs_waiting, json, ops, setup, Hook};
+use common::hooks::{count, delivery, drop_jobs, emit, expire_claim, jobs_waiting, json, ops, setup, Hook};
 
 use std::time::Duration;
 
@@ -125,10 +125,7 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         "6 attempts over ~28 h"
     );
     // The stored schedule is the default with jitter, over the same total.
-    let schedule = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap()
-        .schedule_secs;
+    let schedule = delivery(&db, id).await.schedule_secs;
     assert_eq!(schedule.len(), 5);
     assert_eq!(schedule.iter().sum::<i32>(), DEFAULT_SCHEDULE_SECS.iter().sum::<i32>());
     for (stored, default) in schedule.iter().zip(DEFAULT_SCHEDULE_SECS) {
@@ -179,9 +176,7 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         deliver_once(&db.pool, &settings, id).await.unwrap(),
         Delivered::NotClaimed
     );
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
+    let row = delivery(&db, id).await;
     assert_eq!((row.status.as_str(), row.attempts), ("failed", 6));
     let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), id)
         .await
@@ -217,9 +212,7 @@ async fn failures_follow_the_stored_schedule_then_fail_and_a_failing_endpoint_is
         .unwrap();
     assert!(endpoint.disabled_at.is_some());
     assert!(endpoint.disabled_reason.unwrap().contains("5 days"));
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0])
-        .await
-        .unwrap();
+    let row = delivery(&db, &waiting[0]).await;
     assert_eq!(
         (row.status.as_str(), row.last_error.as_deref()),
         ("failed", Some(wh::ENDPOINT_DISABLED)),
@@ -328,9 +321,7 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 1, "the 2xx was not repeated");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
+    let row = delivery(&db, id).await;
     assert_eq!(row.status, "succeeded");
 
     // A crash after the response, before the record: the claim holds off every other worker while it lasts.
@@ -346,11 +337,7 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
         "the claim holds"
     );
     // Once it expired, neither the sweeper nor a rerun of the job sends it again: the sweeper ends it.
-    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
-        .bind(id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    expire_claim(&db, id).await;
     drop_jobs(&db).await; // the crashed worker's job is gone
     let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
     assert_eq!(
@@ -361,9 +348,7 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
     assert_eq!(jobs_waiting(&db, id).await, 0);
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 2, "exactly one request for the crashed delivery");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
+    let row = delivery(&db, id).await;
     let error = row.last_error.clone().unwrap();
     assert_eq!((row.status.as_str(), row.attempts), ("failed", 1));
     assert!(error.starts_with(wh::OUTCOME_UNKNOWN), "{error}");
@@ -402,25 +387,17 @@ async fn a_2xx_is_not_repeated_after_a_worker_crash_just_after_the_response() {
         (got[1].id.as_str(), got[2].id.as_str()),
         (event_id.as_str(), event_id.as_str())
     );
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
+    let row = delivery(&db, id).await;
     assert_eq!((row.status.as_str(), row.trigger.as_str()), ("succeeded", "manual"));
 
     // The job's own rerun ends an expired claim too (no sweeper needed), and sends nothing.
     let (_, deliveries) = emit(&db, 3).await;
     let id = &deliveries[0];
     assert!(deliver_once(&db.pool, &crashing, id).await.is_err());
-    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
-        .bind(id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    expire_claim(&db, id).await;
     assert_eq!(deliver_once(&db.pool, &other, id).await.unwrap(), Delivered::NotClaimed);
     assert_eq!(hook.got().len(), 4);
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
+    let row = delivery(&db, id).await;
     assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
 }
 
@@ -535,11 +512,7 @@ async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
-        .bind(id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    expire_claim(&db, id).await;
     drop_jobs(&db).await;
     let swept = splitpay::jobs::sweeper::sweep(&db.pool, 0).await.unwrap();
     assert_eq!((swept.deliveries, swept.deliveries_ended), (0, 1));
@@ -548,9 +521,7 @@ async fn a_database_error_while_recording_a_2xx_is_retried_and_never_turns_into_
         Delivered::NotClaimed
     );
     assert_eq!(hook.got().len(), 2, "the unrecorded 2xx was not repeated");
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
-        .await
-        .unwrap();
+    let row = delivery(&db, id).await;
     assert!(row.status == "failed" && row.last_error.unwrap().starts_with(wh::OUTCOME_UNKNOWN));
 }
 
@@ -878,10 +849,7 @@ async fn retry_after_is_honoured_within_bounds_and_410_disables_the_endpoint() {
         set_url(path).await;
         n += 1;
         let (_, deliveries) = emit(&db, n).await;
-        let base = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
-            .await
-            .unwrap()
-            .schedule_secs[0];
+        let base = delivery(&db, &deliveries[0]).await.schedule_secs[0];
         assert_eq!(
             deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
             Delivered::Retry {
@@ -903,9 +871,7 @@ async fn retry_after_is_honoured_within_bounds_and_410_disables_the_endpoint() {
         .unwrap();
     assert!(gone.disabled_at.is_some());
     assert!(gone.disabled_reason.unwrap().contains("410 Gone"));
-    let row = wh::get_delivery(&mut db.pool.acquire().await.unwrap(), &waiting[0])
-        .await
-        .unwrap();
+    let row = delivery(&db, &waiting[0]).await;
     assert_eq!(row.status, "failed");
 
     // `ops endpoints add` refuses a URL carrying credentials, without echoing them.

@@ -197,3 +197,19 @@ pub async fn count(db: &TestDb, sql: &str) -> i64 {
         .unwrap();
     n
 }
+
+/// The delivery row as it is now.
+pub async fn delivery(db: &TestDb, id: &str) -> wh::DeliveryRow {
+    wh::get_delivery(&mut db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap()
+}
+
+/// Makes a delivery's claim expire now, as if its worker had died a while ago.
+pub async fn expire_claim(db: &TestDb, id: &str) {
+    sqlx::query("UPDATE webhook_deliveries SET claimed_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
