@@ -7,6 +7,7 @@ pub mod db;
 pub mod flow;
 pub mod hooks;
 pub mod money;
+pub mod sim_fixtures;
 pub mod stripe;
 
 use splitpay::domain::money::Currency;
