@@ -1,0 +1,387 @@
+//! The store against a real PostgreSQL: the transfer lifecycle (generations, keys, attempts and outcomes), one
+//! generation when workers race, zero-net shares, and money conserved across every outcome.
+
+mod common;
+
+use common::count;
+use common::db::TestDb;
+use splitpay::domain::ids::{transfer_idempotency_key, SplitAllocationId};
+use splitpay::domain::state::{AllocationEvent, AllocationStatus, Transition};
+use splitpay::events::EventType;
+use splitpay::store::allocations::*;
+use splitpay::store::money_report::*;
+use splitpay::store::records::*;
+use splitpay::store::StoreError;
+use sqlx::PgPool;
+
+use common::store_fixtures::*;
+
+#[tokio::test]
+async fn transfer_lifecycle_records_generations_keys_and_outcomes() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 60, 0).await;
+    let a = &p.allocations[0];
+    let id = aid(a);
+
+    let mut tx = pool.begin().await.unwrap();
+    let t = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Transferring));
+    tx.commit().await.unwrap();
+    let row = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(row.generation, 1);
+    assert_eq!(
+        row.idempotency_key.as_deref(),
+        Some(transfer_idempotency_key(&id, 1).as_str())
+    );
+    let attempt: (String, i64, String) = sqlx::query_as(
+        "SELECT destination_account_id, amount_cents, currency FROM transfer_attempts WHERE split_allocation_id = $1 AND generation = 1",
+    )
+    .bind(&a.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempt,
+        ("acct_rcp0".into(), 980, "aud".into()),
+        "net of the 20c fee share, to the link's account"
+    );
+
+    // A terminal failure parks it with Stripe's code, and emits distribution_failed once.
+    let mut tx = pool.begin().await.unwrap();
+    let patch = AllocationPatch {
+        failure_code: Some("insufficient_capabilities_for_transfer".into()),
+        failure_message: Some(
+            "Your destination account needs to have at least one of the following capabilities enabled: transfers"
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let failed = distribution_event(EventType::DistributionFailed, &row, None);
+    let t = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::TransferFailed,
+        &patch,
+        std::slice::from_ref(&failed),
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Parked));
+    // The same failure reported again (a duplicate job): unchanged, no second event.
+    let t = transition_allocation(&mut tx, &id, AllocationEvent::TransferFailed, &patch, &[failed])
+        .await
+        .unwrap();
+    assert_eq!(t, Transition::Unchanged);
+    tx.commit().await.unwrap();
+    let parked = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(parked.status, AllocationStatus::Parked);
+    assert!(parked.parked_at.is_some());
+    assert_eq!(
+        parked.failure_code.as_deref(),
+        Some("insufficient_capabilities_for_transfer")
+    );
+    let events = outbox_events_about(&mut pool.acquire().await.unwrap(), &a.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "recommendation_set.distribution_failed")
+            .count(),
+        1
+    );
+
+    // An operator retry: a new generation and a new key; then success.
+    let mut tx = pool.begin().await.unwrap();
+    transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::OpsRetry,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    let retried = get_split_allocation(&mut tx, &id).await.unwrap();
+    assert_eq!((retried.generation, retried.parked_at), (2, None));
+    assert_eq!(
+        retried.idempotency_key.as_deref(),
+        Some(transfer_idempotency_key(&id, 2).as_str())
+    );
+    let patch = AllocationPatch {
+        stripe_transfer_id: Some("tr_abc".into()),
+        ..Default::default()
+    };
+    let ok = distribution_event(EventType::DistributionSucceeded, &retried, Some("tr_abc"));
+    let t = transition_allocation(&mut tx, &id, AllocationEvent::TransferSucceeded, &patch, &[ok])
+        .await
+        .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Transferred));
+    tx.commit().await.unwrap();
+    let outcomes: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT generation, outcome, stripe_transfer_id FROM transfer_attempts WHERE split_allocation_id = $1 ORDER BY generation",
+    )
+    .bind(&a.id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            (1, Some("TERMINAL".into()), None),
+            (2, Some("TRANSFERRED".into()), Some("tr_abc".into()))
+        ]
+    );
+
+    // A transferred allocation can never be retried or parked.
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::OpsRetry,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Forbidden(_)));
+}
+
+#[tokio::test]
+async fn one_transfer_attempt_per_generation_and_one_allocation_per_transfer() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 0, 0).await;
+    let (a0, a1) = (aid(&p.allocations[0]), aid(&p.allocations[1]));
+    let mut tx = pool.begin().await.unwrap();
+    transition_allocation(
+        &mut tx,
+        &a0,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    transition_allocation(
+        &mut tx,
+        &a1,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // A second attempt row for the same generation is refused by the schema.
+    let dup = sqlx::query(
+        "INSERT INTO transfer_attempts (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency, transfer_group)
+         VALUES ($1, 1, 'other-key', 'acct_x', 5, 'aud', 'spay_x')",
+    )
+    .bind(a0.as_str())
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert_eq!(StoreError::from(dup).constraint(), Some("transfer_attempts_pk"));
+
+    // One Stripe transfer can belong to one allocation only.
+    let patch = AllocationPatch {
+        stripe_transfer_id: Some("tr_same".into()),
+        ..Default::default()
+    };
+    let mut tx = pool.begin().await.unwrap();
+    transition_allocation(&mut tx, &a0, AllocationEvent::TransferSucceeded, &patch, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_allocation(&mut tx, &a1, AllocationEvent::TransferSucceeded, &patch, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.constraint(), Some("split_allocations_transfer_unique"));
+}
+
+#[tokio::test]
+async fn racing_workers_start_one_generation() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 0, 0).await;
+    let id = aid(&p.allocations[1]);
+    let race = |pool: PgPool, id: SplitAllocationId| async move {
+        let mut tx = pool.begin().await.unwrap();
+        let t = transition_allocation(
+            &mut tx,
+            &id,
+            AllocationEvent::TransferStarted,
+            &AllocationPatch::default(),
+            &[],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        t
+    };
+    let (a, b) = tokio::join!(race(pool.clone(), id.clone()), race(pool.clone(), id.clone()));
+    let mut outcomes = vec![a, b];
+    outcomes.sort_by_key(|t| matches!(t, Transition::Unchanged));
+    assert_eq!(
+        outcomes,
+        vec![Transition::To(AllocationStatus::Transferring), Transition::Unchanged]
+    );
+    let (attempts,): (i64,) = sqlx::query_as("SELECT count(*) FROM transfer_attempts WHERE split_allocation_id = $1")
+        .bind(id.as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1);
+}
+
+#[tokio::test]
+async fn money_is_conserved_across_outcomes() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    // 4 recipients; fees of 4,000 take the whole of the 30c share and some of the others.
+    let p = new_payment(&pool, &[30, 10_000, 20_000, 15_000]).await;
+    let p = succeed_with_fees(&pool, &p, 1_500, 2_500).await;
+    let ids: Vec<SplitAllocationId> = p.allocations.iter().map(aid).collect();
+    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
+    assert_eq!(nets.iter().sum::<i64>() + 4_000, 45_030);
+
+    let mut tx = pool.begin().await.unwrap();
+    let none = AllocationPatch::default();
+    // Net of the 30c share: 30 - floor/largest-remainder share of 4,000 × 30/45,030 = 30 - 3 = 27.
+    assert_eq!(nets[0], 27);
+    transition_allocation(&mut tx, &ids[0], AllocationEvent::TransferStarted, &none, &[])
+        .await
+        .unwrap();
+    let ok = AllocationPatch {
+        stripe_transfer_id: Some("tr_0".into()),
+        ..Default::default()
+    };
+    transition_allocation(&mut tx, &ids[0], AllocationEvent::TransferSucceeded, &ok, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferStarted, &none, &[])
+        .await
+        .unwrap();
+    let parked = AllocationPatch {
+        failure_code: Some(RETRY_WINDOW_ELAPSED.into()),
+        ..Default::default()
+    };
+    transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferFailed, &parked, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[2], AllocationEvent::TransferStarted, &none, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[2], AllocationEvent::TransferFailed, &none, &[])
+        .await
+        .unwrap();
+    transition_allocation(&mut tx, &ids[2], AllocationEvent::Refunded, &none, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert_eq!(report.charged_cents, 45_030);
+    assert_eq!(report.transferred_cents, nets[0]);
+    assert_eq!(report.parked_cents, nets[1]);
+    assert_eq!(report.refunded_cents, nets[2]);
+    assert_eq!(report.in_flight_cents, nets[3]);
+    assert_eq!(report.fees_kept_cents, 4_000);
+    assert!(report.is_conserved(), "{report:?}");
+    let (outcome,): (String,) = sqlx::query_as("SELECT outcome FROM transfer_attempts WHERE split_allocation_id = $1")
+        .bind(ids[1].as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "WINDOW_ELAPSED");
+
+    // The report reads each term from its own record, so it can fail: a transfer recorded for another amount than
+    // the share's net breaks it, and so do fees on the payment that do not match the split.
+    sqlx::query("UPDATE transfer_attempts SET amount_cents = amount_cents + 1 WHERE split_allocation_id = $1")
+        .bind(ids[0].as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert!(
+        !report.is_conserved(),
+        "a cent too many transferred must show: {report:?}"
+    );
+    sqlx::query("UPDATE transfer_attempts SET amount_cents = amount_cents - 1 WHERE split_allocation_id = $1")
+        .bind(ids[0].as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE split_payments SET processing_fee_cents = processing_fee_cents - 1 WHERE id = $1")
+        .bind(pid(&p).as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert!(
+        !report.is_conserved(),
+        "a cent of fee unaccounted for must show: {report:?}"
+    );
+}
+
+#[tokio::test]
+async fn zero_net_allocations_cannot_start_a_transfer_and_are_parked() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    // Fees larger than the whole payment: every share is all fee, the excess is recorded as uncollected.
+    let p = new_payment(&pool, &[30, 30]).await;
+    let p = succeed_with_fees(&pool, &p, 45, 30).await;
+    assert_eq!(p.payment.fee_uncollected_cents, Some(15));
+    assert!(p.allocations.iter().all(|a| a.net_amount_cents == Some(0)));
+    let id = aid(&p.allocations[0]);
+    let mut tx = pool.begin().await.unwrap();
+    let err = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::TransferStarted,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    drop(tx);
+    let mut tx = pool.begin().await.unwrap();
+    let t = transition_allocation(
+        &mut tx,
+        &id,
+        AllocationEvent::NothingToTransfer,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(t, Transition::To(AllocationStatus::Parked));
+    tx.commit().await.unwrap();
+    assert_eq!(count(&pool, "transfer_attempts").await, 0);
+}
