@@ -117,6 +117,10 @@ pub async fn run(
             let config = Config::default()
                 .queue(queue.name())
                 .batch_size(settings.concurrency)
+                // No separate `Running` mark per job (a transaction of its own when it is not batched with an
+                // ack): a fetched job stays `Queued`, locked to this worker, until its ack, and a dead worker's
+                // `Queued` jobs are recovered exactly like `Running` ones (apalis's orphan query takes both).
+                .lock_tasks(false)
                 .heartbeat_interval(settings.heartbeat_interval)
                 .missed_heartbeats(settings.missed_heartbeats);
             let backend = Woken::new(&pool, config, signal.clone(), settings.poll_interval);
