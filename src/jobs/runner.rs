@@ -58,7 +58,7 @@ pub struct RunnerSettings {
 impl Default for RunnerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            concurrency: crate::config::WORKER_CONCURRENCY_DEFAULT,
             heartbeat_interval: Duration::from_secs(10),
             missed_heartbeats: 6,
             poll_interval: Duration::from_secs(1),
