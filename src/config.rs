@@ -12,6 +12,10 @@ pub const DATABASE_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/split
 /// LISTEN); PostgreSQL's default `max_connections` of 100 then fits several replicas.
 pub const DB_POOL_MAX_DEFAULT: u32 = 10;
 
+/// Jobs a worker runs at once per queue. A job spends most of its time waiting (on Stripe, on a commit), so this is
+/// well above the cores: 32 gave ~190 transfers/s on 2 cores where 4 gave ~67 (issue 11; README, Benchmark).
+pub const WORKER_CONCURRENCY_DEFAULT: usize = 32;
+
 /// A value that must never be printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -444,7 +448,13 @@ impl ProcessSettings {
                 reason: "must not be negative".into(),
             });
         }
-        let worker_concurrency = parse(&get, "SPLITPAY_WORKER_CONCURRENCY", 4usize, "a positive integer")?.max(1);
+        let worker_concurrency = parse(
+            &get,
+            "SPLITPAY_WORKER_CONCURRENCY",
+            WORKER_CONCURRENCY_DEFAULT,
+            "a positive integer",
+        )?
+        .max(1);
         let worker_heartbeat_ms = parse(&get, "SPLITPAY_WORKER_HEARTBEAT_MS", 10_000u64, "milliseconds")?.max(200);
         let worker_missed_heartbeats =
             parse(&get, "SPLITPAY_WORKER_MISSED_HEARTBEATS", 6usize, "a positive integer")?.max(2);

@@ -1,7 +1,9 @@
 //! `POST /stripe/webhooks` (the platform's events, `STRIPE_WEBHOOK_SECRET`) and `POST /stripe/webhooks/connect` (the
 //! Connect endpoint's events about connected accounts, such as `account.updated`, `STRIPE_CONNECT_WEBHOOK_SECRET`):
 //! verify the signature with that endpoint's secrets, store the event in the one inbox (deduplicated by event id,
-//! whichever endpoint it came through) and enqueue its processing in one transaction, answer 2xx at once. A bad signature writes nothing (400). A redelivered event id is acknowledged
+//! whichever endpoint it came through) and enqueue its processing in one transaction (an event splitpay does not
+//! act on is stored already processed, with no job), answer 2xx at once. A bad signature writes nothing (400). A
+//! redelivered event id is acknowledged
 //! and ignored. Processing happens in the worker ([`crate::jobs::stripe_event`]). Refusals are the API's error
 //! envelope (Stripe only reads the status).
 
@@ -15,7 +17,7 @@ use super::error::{code_for, request_id, ApiError, Body};
 use super::HttpState;
 use crate::config::Secret;
 use crate::jobs::queue::{enqueue, Queue};
-use crate::store::records::{insert_stripe_event, NewStripeEvent};
+use crate::store::records::{insert_processed_stripe_event, insert_stripe_event, NewStripeEvent};
 use crate::stripe::webhook::verify_signature;
 
 fn reject(status: StatusCode, message: &str) -> Response {
@@ -115,8 +117,12 @@ pub async fn ingest_event(pool: &sqlx::PgPool, payload: Value) -> Result<Ingeste
     }
 }
 
-/// Inbox row and processing job, together. Returns false for a redelivery.
+/// Inbox row and processing job, together. Returns false for a redelivery. An event splitpay does not act on
+/// (`charge.succeeded`, `transfer.created`, …) is stored already processed, with no job: one statement.
 async fn store(pool: &sqlx::PgPool, event: &NewStripeEvent) -> Result<bool, crate::store::StoreError> {
+    if !crate::jobs::stripe_event::needs_processing(&event.event_type) {
+        return insert_processed_stripe_event(&mut *pool.acquire().await?, event).await;
+    }
     let mut tx = pool.begin().await?;
     if !insert_stripe_event(&mut tx, event).await? {
         return Ok(false);

@@ -22,13 +22,14 @@ use crate::stripe::backoff::backoff_ms_random;
 
 pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     let id = SplitPaymentId::parse(raw_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
-    let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let payment = match get_split_payment(&mut conn, &id).await {
+    // Its two reads in one transaction (one snapshot, and one transaction rather than one per statement).
+    let mut read = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let payment = match get_split_payment(&mut read, &id).await {
         Ok(p) => p,
         Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no split payment {id}"))),
         Err(e) => return Err(transient(e)),
     };
-    drop(conn);
+    read.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     if payment.payment.status != PaymentStatus::Succeeded {
         return Ok(()); // a stray job: only a succeeded payment is distributed
     }

@@ -11,7 +11,7 @@
 //! - [`deliver`]: one outbound event to one webhook endpoint, signed, claimed before it is sent.
 //! - [`queue`]: the queues and transactional enqueueing (jobs carry ids only).
 //! - [`runner`]: the worker process's machinery: one apalis worker per queue with a unique name per process start,
-//!   LISTEN/NOTIFY plus a short poll, explicit heartbeats, restart on errors, graceful shutdown, and payloads
+//!   woken by LISTEN/NOTIFY ([`wake`]) with a short poll as the fallback, explicit heartbeats, restart on errors, graceful shutdown, and payloads
 //!   decoded by us so a bad one is rejected without stopping the worker.
 //! - [`schedule`]: the cron schedule the worker loads (`jobs/schedule.toml`), and [`cron`], which runs it once per
 //!   tick across replicas.
@@ -31,6 +31,7 @@ pub mod schedule;
 pub mod stripe_event;
 pub mod sweeper;
 pub mod transfer;
+pub mod wake;
 
 use std::sync::Arc;
 

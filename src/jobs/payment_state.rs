@@ -227,13 +227,16 @@ pub async fn cancel_or_learn(
 }
 
 async fn load(ctx: &AppContext, id: &SplitPaymentId) -> Result<SplitPayment, StoreError> {
-    let mut conn = ctx.pool.acquire().await?;
-    match get_split_payment(&mut conn, id).await {
+    // The payment and its allocations in one transaction (one snapshot; one transaction, not one per statement).
+    let mut tx = ctx.pool.begin().await?;
+    let payment = match get_split_payment(&mut tx, id).await {
         Err(StoreError::NotFound { .. }) => Err(StoreError::Invalid(format!(
             "metadata names an unknown split payment {id}"
         ))),
         other => other,
-    }
+    }?;
+    tx.commit().await?;
+    Ok(payment)
 }
 
 async fn apply_in_tx(

@@ -67,16 +67,26 @@ pub async fn enqueue(
 ) -> Result<(), StoreError> {
     let payload = serde_json::to_vec(&JobRef { id: id.to_owned() }).expect("a JobRef serialises");
     let mut task = TaskBuilder::new(payload).max_attempts(JOB_ATTEMPTS_MAX);
-    if let Some(delay) = run_after {
+    match run_after {
         // apalis stores run_at in whole seconds: round up so a delay is never shortened.
-        task = task.run_after(Duration::from_secs(
-            delay.as_secs() + u64::from(delay.subsec_nanos() > 0),
-        ));
+        Some(delay) => {
+            task = task.run_after(Duration::from_secs(
+                delay.as_secs() + u64::from(delay.subsec_nanos() > 0),
+            ))
+        }
+        None => task = due_now(task),
     }
     apalis_postgres::queries::push_tasks(conn, queue.name(), vec![task.build()])
         .await
         .map_err(|e| StoreError::Enqueue(format!("on {}: {e}", queue.name())))?;
     Ok(())
+}
+
+/// A job due at once, stamped a second in the past. apalis's insert trigger notifies only when `run_at <= now()`,
+/// and `now()` is when the inserting transaction *began*, while apalis would stamp the current second: a
+/// transaction that began in the previous second would insert its job silently (no NOTIFY, so no prompt pickup).
+fn due_now<T>(task: TaskBuilder<T>) -> TaskBuilder<T> {
+    task.run_at_time(std::time::SystemTime::now() - Duration::from_secs(1))
 }
 
 /// `enqueue_missing`'s check: which of the ids `$2` (with their payloads `$3`) have no job waiting on queue `$1`
@@ -111,7 +121,7 @@ pub async fn enqueue_missing(conn: &mut PgConnection, queue: Queue, ids: &[Strin
             .iter()
             .map(|id| {
                 let payload = serde_json::to_vec(&JobRef { id: id.clone() }).expect("a JobRef serialises");
-                TaskBuilder::new(payload).max_attempts(JOB_ATTEMPTS_MAX).build()
+                due_now(TaskBuilder::new(payload).max_attempts(JOB_ATTEMPTS_MAX)).build()
             })
             .collect();
         apalis_postgres::queries::push_tasks(conn, queue.name(), tasks)

@@ -5,7 +5,9 @@
 //!   a bad payload is logged and the job killed (`AbortError`, never re-fetched), and the worker goes on;
 //! - a restarted process reusing its worker name leaves its crashed jobs `Running` forever: every worker name
 //!   carries a random id per process start and the restart count;
-//! - a plain storage has no poll timer and NOTIFY fires only for jobs due now: LISTEN/NOTIFY *and* a 1 s poll;
+//! - a plain storage has no poll timer, NOTIFY fires only for jobs due now, and `with_pubsub()` loses a wakeup that
+//!   arrives while a fetch is under way: [`super::wake`] wakes each queue from one LISTEN connection per process,
+//!   fetches again after any wakeup a fetch may have missed, and polls (1 s) only as the fallback;
 //! - the defaults return a dead worker's jobs after 300 s: heartbeats are set explicitly (10 s × 6);
 //! - a database outage kills a worker and `Monitor` restarts nothing by default: `should_restart` says yes;
 //! - errors are retried at once with no backoff: handlers do their own delayed retries, so an `Err` is rare.
@@ -16,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_postgres::{Config, PostgresStorage};
+use apalis_postgres::Config;
 use sqlx::PgPool;
 
 use super::queue::{JobRef, Queue};
+use super::wake::{Signals, Woken};
 use tracing::Instrument;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), JobFailure>> + Send>>;
@@ -55,7 +58,7 @@ pub struct RunnerSettings {
 impl Default for RunnerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            concurrency: crate::config::WORKER_CONCURRENCY_DEFAULT,
             heartbeat_interval: Duration::from_secs(10),
             missed_heartbeats: 6,
             poll_interval: Duration::from_secs(1),
@@ -104,19 +107,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunnerError> {
     let process = uuid::Uuid::new_v4().simple().to_string();
+    let signals = Signals::default();
+    let listener = tokio::spawn(super::wake::listen(pool.clone(), signals.clone()));
     let mut monitor = Monitor::new();
     for (queue, handler) in handlers {
         let (pool, settings, process) = (pool.clone(), settings.clone(), process.clone());
+        let signal = signals.of(queue);
         monitor = monitor.register(move |restarts| {
             let config = Config::default()
                 .queue(queue.name())
                 .batch_size(settings.concurrency)
+                // No separate `Running` mark per job (a transaction of its own when it is not batched with an
+                // ack): a fetched job stays `Queued`, locked to this worker, until its ack, and a dead worker's
+                // `Queued` jobs are recovered exactly like `Running` ones (apalis's orphan query takes both).
+                .lock_tasks(false)
                 .heartbeat_interval(settings.heartbeat_interval)
                 .missed_heartbeats(settings.missed_heartbeats);
-            let backend = PostgresStorage::<serde_json::Value>::new(&pool)
-                .with_config(config)
-                .with_pubsub()
-                .poll_with_interval(settings.poll_interval);
+            let backend = Woken::new(&pool, config, signal.clone(), settings.poll_interval);
             let handler = handler.clone();
             WorkerBuilder::new(format!("splitpay-{}-{process}-{restarts}", queue.name()))
                 .backend(backend)
@@ -125,7 +132,7 @@ pub async fn run(
                 .build(move |payload: serde_json::Value| dispatch(queue, handler.clone(), payload))
         });
     }
-    monitor
+    let outcome = monitor
         .shutdown_timeout(settings.shutdown_timeout)
         .should_restart(|ctx, err| {
             tracing::warn!(worker = %ctx.name(), error = %err, "worker stopped with an error; restarting");
@@ -136,5 +143,7 @@ pub async fn run(
             Ok(())
         })
         .await
-        .map_err(|e| RunnerError(e.to_string()))
+        .map_err(|e| RunnerError(e.to_string()));
+    listener.abort();
+    outcome
 }

@@ -15,6 +15,15 @@ use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, get_stripe_event};
 use crate::store::StoreError;
 
+/// Whether an event of this type can change anything in splitpay (what [`process`] acts on). Ingress stores every
+/// other event already processed and enqueues no job for it: [`process`] would only mark it processed.
+pub fn needs_processing(event_type: &str) -> bool {
+    event_type == "account.updated"
+        || super::disputes::is_dispute_event(event_type)
+        || super::refunds::is_refund_event(event_type)
+        || event_of_webhook(event_type).is_some()
+}
+
 pub(crate) fn transient(e: StoreError) -> JobFailure {
     JobFailure::Retry(e.to_string())
 }

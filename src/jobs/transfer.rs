@@ -73,7 +73,7 @@ pub async fn look_up(
 
 pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(raw_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
-    let mut c = load(ctx, &id).await?;
+    let (mut c, mut attempt) = load(ctx, &id).await?;
     crate::observability::logging::record_payment(&c.payment.id);
     match c.allocation.status {
         AllocationStatus::Pending => {
@@ -92,7 +92,7 @@ pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> 
             .await
             .map_err(transient)?;
             tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-            c = load(ctx, &id).await?;
+            (c, attempt) = load(ctx, &id).await?;
         }
         AllocationStatus::Transferring => {
             if c.allocation
@@ -105,22 +105,34 @@ pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> 
         // Final, or parked for an operator: nothing to do.
         _ => return Ok(()),
     }
-    drive(ctx, &c).await
+    drive_with(ctx, &c, attempt).await
 }
 
 /// One step of a TRANSFERRING allocation's generation: send (or look up), then record what Stripe said. Also used
 /// in the foreground by `ops reconcile`.
 pub async fn drive(ctx: &AppContext, c: &AllocationContext) -> Result<(), JobFailure> {
+    drive_with(ctx, c, None).await
+}
+
+/// [`drive`], with the generation's attempt row when the caller read it already (with `c`, in one transaction).
+async fn drive_with(
+    ctx: &AppContext,
+    c: &AllocationContext,
+    attempt: Option<TransferAttemptRow>,
+) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(&c.allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
     let generation = c.allocation.generation;
-    let attempt = {
-        let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-        get_transfer_attempt(&mut conn, &id, generation)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound { .. } => JobFailure::Abandon(e.to_string()),
-                e => transient(e),
-            })?
+    let attempt = match attempt.filter(|a| a.generation == generation) {
+        Some(a) => a,
+        None => {
+            let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+            get_transfer_attempt(&mut conn, &id, generation)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound { .. } => JobFailure::Abandon(e.to_string()),
+                    e => transient(e),
+                })?
+        }
     };
     let group = attempt.transfer_group.clone();
     let age = Utc::now() - attempt.started_at;
@@ -206,13 +218,29 @@ fn is_throttle(e: &GatewayError) -> bool {
     ) || matches!(e.code(), Some("rate_limit" | "lock_timeout" | "idempotency_key_in_use"))
 }
 
-async fn load(ctx: &AppContext, id: &SplitAllocationId) -> Result<AllocationContext, JobFailure> {
-    let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    match allocation_context(&mut conn, id).await {
-        Ok(c) => Ok(c),
-        Err(StoreError::NotFound { .. }) => Err(JobFailure::Abandon(format!("no split allocation {id}"))),
-        Err(e) => Err(transient(e)),
-    }
+/// The allocation's context and, when it is TRANSFERRING, its generation's attempt row: one read-only transaction
+/// (one snapshot, one round of BEGIN/COMMIT instead of a transaction per statement).
+async fn load(
+    ctx: &AppContext,
+    id: &SplitAllocationId,
+) -> Result<(AllocationContext, Option<TransferAttemptRow>), JobFailure> {
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let c = match allocation_context(&mut tx, id).await {
+        Ok(c) => c,
+        Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no split allocation {id}"))),
+        Err(e) => return Err(transient(e)),
+    };
+    let attempt = if c.allocation.status == AllocationStatus::Transferring {
+        match get_transfer_attempt(&mut tx, id, c.allocation.generation).await {
+            Ok(a) => Some(a),
+            Err(StoreError::NotFound { .. }) => None, // drive_with reads it again and abandons the job
+            Err(e) => return Err(transient(e)),
+        }
+    } else {
+        None
+    };
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    Ok((c, attempt))
 }
 
 fn message_of(e: &GatewayError) -> String {

@@ -100,6 +100,28 @@ pub async fn insert_stripe_event(conn: &mut PgConnection, event: &NewStripeEvent
     Ok(done.rows_affected() == 1)
 }
 
+/// As [`insert_stripe_event`], for an event nothing acts on: stored as processed (as its job would have left it).
+pub async fn insert_processed_stripe_event(
+    conn: &mut PgConnection,
+    event: &NewStripeEvent,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "INSERT INTO stripe_events (id, event_type, object_id, livemode, payload, stripe_created, processed_at,
+                                    process_attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, now(), 1)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&event.id)
+    .bind(&event.event_type)
+    .bind(&event.object_id)
+    .bind(event.livemode)
+    .bind(&event.payload)
+    .bind(event.stripe_created)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StripeEventRow {
     pub id: String,
