@@ -6,9 +6,11 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
-use splitpay::domain::ids::SplitPaymentId;
+use serde_json::Value;
+use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
-use splitpay::domain::state::AllocationStatus;
+use splitpay::domain::state::{AllocationStatus, DonationStatus};
+use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::sim::{Fault, FaultKind};
 use splitpay::stripe::PaymentGateway;
@@ -67,6 +69,31 @@ async fn reversal_posts(flow: &Flow, transfer: &str) -> usize {
         .iter()
         .filter(|r| r["method"] == "POST" && r["path"].as_str() == Some(path.as_str()))
         .count()
+}
+
+/// The donation of share `i`: status, refunded amount, deleted, and its events of `event_type` (validated against
+/// the contract).
+async fn donation_of(
+    flow: &Flow,
+    p: &SplitPayment,
+    i: usize,
+    event_type: &str,
+) -> (DonationStatus, i64, bool, Vec<Value>) {
+    let aid = SplitAllocationId::parse(&p.allocations[i].id).unwrap();
+    let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &aid)
+        .await
+        .unwrap()
+        .unwrap();
+    let events: Vec<Value> = flow
+        .events(&d.id)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == event_type)
+        .collect();
+    for e in &events {
+        common::contract::validate_against_contract(e).unwrap_or_else(|err| panic!("{err}: {e}"));
+    }
+    (d.status, d.refunded_amount_cents, d.deleted_at.is_some(), events)
 }
 
 /// Three shares transferred from a card payment, their funds available at the recipients, and the platform with
@@ -159,6 +186,85 @@ async fn a_won_dispute_cancels_a_refused_reversal_and_sends_again_only_what_was_
         "no reversal request after the cancel"
     );
     assert_eq!(held_per_share(&flow, &p).await, nets);
+
+    // Finding 2: every donation is CONFIRMED again, nothing refunded, not deleted, with one refund_reversed each.
+    // The first share's donation is not left PENDING: its share is not sent again (its recipient kept it).
+    for i in 0..3 {
+        let (status, refunded, deleted, events) = donation_of(&flow, &p, i, "donation.refund_reversed").await;
+        assert_eq!(
+            (status, refunded, deleted, events.len()),
+            (DonationStatus::Confirmed, 0, false, 1),
+            "share {i}"
+        );
+        assert_eq!(events[0]["data"]["deleted_at"], Value::Null);
+    }
+    let (_, _, _, reversed0) = donation_of(&flow, &p, 0, "donation.refund_reversed").await;
+    assert_eq!(
+        reversed0[0]["data"]["status"], "CONFIRMED",
+        "the recipient holds the share"
+    );
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Finding 2: under `SPLITPAY_REVERSE_ON_REFUND=none` the platform bears the withdrawal (nothing is reversed), so
+/// a won dispute sends nothing again. Each donation is CONFIRMED again (its recipient holds the share), with its
+/// refunded amount back to 0 and `deleted_at` cleared; it used to be left PENDING for a transfer that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_won_dispute_under_policy_none_confirms_the_donations_again_without_sending_anything() {
+    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[], true, |d| {
+        d.reverse_on_refund = splitpay::app::ReversePolicy::None;
+    })
+    .await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
+    let charge = p.payment.charge_id.clone().unwrap();
+    flow.control.open_dispute(&charge).await.unwrap();
+    settle_until(
+        &flow,
+        "the withdrawal taken",
+        "SELECT (count(*) FILTER (WHERE covered_at IS NOT NULL) = 3)::int::bigint FROM refund_parts",
+    )
+    .await;
+    for i in 0..3 {
+        let (status, _, deleted, _) = donation_of(&flow, &p, i, "donation.refunded").await;
+        assert_eq!((status, deleted), (DonationStatus::Refunded, true), "share {i}");
+    }
+    flow.control.close_dispute(&charge, true).await.unwrap();
+    settle_until(
+        &flow,
+        "the reinstatement applied",
+        "SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL",
+    )
+    .await;
+    let p = flow.payment(&id).await;
+    assert!(p
+        .allocations
+        .iter()
+        .all(|a| a.status == AllocationStatus::Transferred && a.generation == 1));
+    assert_eq!(
+        held_per_share(&flow, &p).await,
+        nets,
+        "nothing reversed, nothing sent again"
+    );
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 0);
+    for i in 0..3 {
+        let (status, refunded, deleted, events) = donation_of(&flow, &p, i, "donation.refund_reversed").await;
+        assert_eq!(
+            (status, refunded, deleted, events.len()),
+            (DonationStatus::Confirmed, 0, false, 1),
+            "share {i}"
+        );
+        assert_eq!(events[0]["data"]["status"], "CONFIRMED");
+    }
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }

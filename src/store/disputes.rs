@@ -194,10 +194,11 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
     for part in parts.iter().filter(|p| p.covered_at.is_some()) {
         let a = allocation_of(&allocations, &part.split_allocation_id)?;
         let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
-        if send_again_if_owed(tx, &id).await? {
+        let resent = send_again_if_owed(tx, &id).await?;
+        if resent {
             transfers.push(id.clone());
         }
-        give_back_to_donation(tx, &id, &dispute.stripe_dispute_id, part.amount_cents, now).await?;
+        give_back_to_donation(tx, &id, &dispute.stripe_dispute_id, resent, now).await?;
     }
     Ok(Reinstatement::Applied { transfers })
 }
@@ -235,13 +236,17 @@ fn allocation_of<'a>(allocations: &'a [SplitAllocationRow], id: &str) -> Result<
         .ok_or_else(|| StoreError::Invalid(format!("refund part names {id}, not one of the payment's shares")))
 }
 
-/// The donation's refunded amount goes down by the part (never below 0); a REFUNDED donation is PENDING again
-/// (its share is being sent anew) with `deleted_at` cleared; `donation.refund_reversed` once per dispute.
+/// The donation after a won dispute, as the contract says: `refunded_amount_cents` back down to what the refunds
+/// still standing took (never below 0), `deleted_at` cleared once it is no longer fully refunded, and
+/// `donation.refund_reversed` once per dispute. Its status follows the share, not the event: still fully refunded
+/// (another refund took the share), it stays REFUNDED; otherwise a REFUNDED donation is PENDING again when its
+/// share is being sent anew (`resent`) or has not settled, and CONFIRMED when the recipient still holds the share
+/// (its reversal was never made, or the platform bore the refund).
 async fn give_back_to_donation(
     tx: &mut Tx<'_>,
     allocation: &SplitAllocationId,
     dispute_ref: &str,
-    part_cents: i64,
+    resent: bool,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let Some(donation) = donation_for_allocation(tx, allocation).await? else {
@@ -251,13 +256,22 @@ async fn give_back_to_donation(
         return Ok(()); // a voided share's donation was never refunded
     }
     let did = DonationId::parse(&donation.id).map_err(|e| corrupt("donation", &donation.id, e))?;
-    let refunded = (donation.refunded_amount_cents - part_cents).max(0);
-    if donation.status == DonationStatus::Refunded {
+    let a = super::allocations::get_split_allocation(tx, allocation).await?;
+    let standing = super::refunds::taken(tx, allocation.as_str()).await?.parts_cents;
+    let refunded = standing.clamp(0, donation.amount_cents);
+    let still_fully =
+        !resent && (a.status == AllocationStatus::Refunded || standing >= a.net_amount_cents.unwrap_or(i64::MAX));
+    if donation.status == DonationStatus::Refunded && !still_fully {
+        let event = if !resent && a.status == AllocationStatus::Transferred {
+            DonationEvent::RefundReversedHeld
+        } else {
+            DonationEvent::RefundReversed
+        };
         let patch = DonationPatch {
             refunded_amount_cents: Some(refunded),
             ..Default::default()
         };
-        transition_donation(tx, &did, DonationEvent::RefundReversed, &patch, |d| {
+        transition_donation(tx, &did, event, &patch, |d| {
             announce::donation_refund_reversed(d, dispute_ref, now)
                 .into_iter()
                 .collect()
