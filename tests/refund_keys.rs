@@ -15,7 +15,7 @@ use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::payments::SplitPayment;
 use splitpay::store::refunds::refunds_for_payment;
 use splitpay::store::reversals::{reversals_for_payment, ReversalRow};
-use splitpay::stripe::{CreateRefundParams, CreateTransferParams, PaymentGateway, RefundTarget};
+use splitpay::stripe::{CreateRefundParams, CreateTransferParams, PaymentGateway, RefundTarget, REVERSAL_REF_KEY};
 
 /// The idempotency keys of the simulator's logged requests of `method` whose path contains `path`, in order.
 async fn keys_sent(flow: &Flow, method: &str, path: &str) -> Vec<String> {
@@ -156,9 +156,20 @@ async fn a_reversal_refused_for_a_low_connected_balance_succeeds_on_its_next_key
         .unwrap();
     // The stored key itself is still answered with the refusal Stripe saved for it: retrying under it could never
     // succeed.
+    // (The same parameters as splitpay's request: our row id in the reversal's metadata.)
+    let metadata = [
+        (REVERSAL_REF_KEY.to_owned(), refused.id.to_string()),
+        ("split_allocation_id".to_owned(), a0.id.clone()),
+    ]
+    .into();
     let replayed = flow
         .gateway
-        .reverse_transfer(&transfer0, Some(refused.amount_cents), &refused.idempotency_key)
+        .create_reversal(
+            &transfer0,
+            Some(refused.amount_cents),
+            &metadata,
+            &refused.idempotency_key,
+        )
         .await
         .unwrap_err();
     assert_eq!(replayed.code(), Some("balance_insufficient"));

@@ -227,9 +227,13 @@ string_enum!(
         Failed => "failed",
         /// Fully refunded (a partial refund changes `refunded_amount_cents`, not the status).
         Refunded => "refunded",
-        /// A won dispute gave back what its withdrawal refunded: a fully refunded donation is PENDING again until
-        /// its share is transferred anew (a partial one keeps its status; only the amount changes).
+        /// A won dispute gave back what its withdrawal refunded and the share is sent anew (or not settled): a fully
+        /// refunded donation is PENDING again until its share is transferred (a partial one keeps its status; only
+        /// the amount changes).
         RefundReversed => "refund_reversed",
+        /// A won dispute gave back what its withdrawal refunded, and the recipient still holds the share (its
+        /// reversal was never made, or the platform bore the refund): a fully refunded donation is CONFIRMED again.
+        RefundReversedHeld => "refund_reversed_held",
     }
 );
 
@@ -243,7 +247,8 @@ impl DonationStatus {
             // A parked share refunded to the donor was never confirmed to the recipient.
             (S::Pending | S::Confirmed, E::Refunded) => S::Refunded,
             (S::Refunded, E::RefundReversed) => S::Pending,
-            (S::Pending | S::Confirmed, E::RefundReversed) => return Ok(Transition::Unchanged),
+            (S::Refunded, E::RefundReversedHeld) => S::Confirmed,
+            (S::Pending | S::Confirmed, E::RefundReversed | E::RefundReversedHeld) => return Ok(Transition::Unchanged),
             (S::Confirmed, E::Confirmed) | (S::Failed, E::Failed) | (S::Refunded, E::Refunded) => {
                 return Ok(Transition::Unchanged)
             }
@@ -443,6 +448,10 @@ mod tests {
             (DS::Pending, DE::RefundReversed, U),
             (DS::Confirmed, DE::RefundReversed, U),
             (DS::Failed, DE::RefundReversed, F),
+            (DS::Refunded, DE::RefundReversedHeld, T(DS::Confirmed)),
+            (DS::Pending, DE::RefundReversedHeld, U),
+            (DS::Confirmed, DE::RefundReversedHeld, U),
+            (DS::Failed, DE::RefundReversedHeld, F),
         ];
         check(&table, DS::ALL, DE::ALL, DS::apply);
     }

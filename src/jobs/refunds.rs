@@ -9,6 +9,7 @@
 //!   too low) or an unknown outcome is retried on a stored, growing schedule: with the same key, except after a
 //!   coded 4xx refusal, which Stripe saves under the key, when the row moves to its next key attempt. Never
 //!   dropped.
+//!   A reversal whose refund no longer stands (a won dispute) is canceled, never sent again ([`settle_cancel`]).
 //! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, and drives overdue reversals.
 
 use chrono::Utc;
@@ -18,15 +19,19 @@ use super::runner::JobFailure;
 use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
+use crate::store::disputes::send_again_if_owed;
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, StripeEventRow};
 use crate::store::refunds::{
     allocations_with_waiting_parts, attribute_refund, cover_waiting_parts, record_stripe_refund, RefundRow,
 };
-use crate::store::reversals::{due_reversals, get_reversal, record_reversal_retry, record_reversal_success};
+use crate::store::reversals::{
+    claim_reversal, due_reversals, get_reversal, postpone_cancel, record_reversal_canceled, record_reversal_retry,
+    record_reversal_success, ReversalRow, REVERSAL_IN_FLIGHT_MARGIN_SECS,
+};
 use crate::store::{StoreError, Tx};
 use crate::stripe::backoff::backoff_ms_random;
-use crate::stripe::{RefundInfo, ReversalOutcome};
+use crate::stripe::{Metadata, RefundInfo, ReversalOutcome, REVERSAL_REF_KEY};
 
 /// The Stripe events that say something about a charge's refunds.
 pub fn is_refund_event(event_type: &str) -> bool {
@@ -118,9 +123,28 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     {
         return Ok(()); // done, or an early duplicate: the scheduled attempt will come
     }
+    if r.cancel_requested_at.is_some() {
+        return settle_cancel(ctx, &r).await;
+    }
+    // In doubt from here until Stripe answers with a saved refusal; a cancel that came meanwhile sends nothing.
+    if !claim_reversal(&mut *acquire(ctx).await?, id, r.key_attempt)
+        .await
+        .map_err(transient)?
+    {
+        return Ok(());
+    }
+    let metadata: Metadata = if r.sends_metadata {
+        [
+            (REVERSAL_REF_KEY.to_owned(), id.to_string()),
+            ("split_allocation_id".to_owned(), r.split_allocation_id.clone()),
+        ]
+        .into()
+    } else {
+        Metadata::new()
+    };
     let outcome = ctx
         .gateway
-        .reverse_transfer(&r.stripe_transfer_id, Some(r.amount_cents), &r.key())
+        .create_reversal(&r.stripe_transfer_id, Some(r.amount_cents), &metadata, &r.key())
         .await;
     let mut conn = acquire(ctx).await?;
     match outcome {
@@ -129,12 +153,17 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
                 .await
                 .map_err(transient)?;
             tracing::info!(reversal = id, transfer_id = %r.stripe_transfer_id, amount_cents = r.amount_cents, "reversed");
+            drop(conn);
+            after_made(ctx, &r).await?;
         }
         Ok(ReversalOutcome::AlreadyFullyReversed) => {
             record_reversal_success(&mut conn, id, None).await.map_err(transient)?;
             tracing::warn!(reversal = id, transfer_id = %r.stripe_transfer_id, "transfer already fully reversed");
+            drop(conn);
+            after_made(ctx, &r).await?;
         }
         Err(e) => {
+            drop(conn);
             // Low balance, throttling, a timeout: retried on the schedule. A coded 4xx refusal (low balance) is
             // saved by Stripe under the key, so the next attempt takes the next key; anything else may have been
             // (or may yet be) applied, and keeps the key.
@@ -163,6 +192,99 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             metrics::counter!("splitpay_reversals_retried_total").increment(1);
         }
     }
+    Ok(())
+}
+
+/// A reversal whose refund no longer stands (a won dispute) and whose request may have reached Stripe: never sent
+/// again. Once no request can still be in flight, the transfer's reversals are listed: one carrying our row id was
+/// made (recorded, and the share is sent what it took); none: CANCELED. A failed lookup proves nothing: later.
+async fn settle_cancel(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailure> {
+    let mut conn = acquire(ctx).await?;
+    let later = |secs: i64| Utc::now() + chrono::Duration::seconds(secs);
+    let Some(since) = r.in_doubt_since else {
+        record_reversal_canceled(&mut conn, r.id).await.map_err(transient)?;
+        return Ok(());
+    };
+    let settled_at = since + chrono::Duration::seconds(REVERSAL_IN_FLIGHT_MARGIN_SECS);
+    if settled_at > Utc::now() {
+        postpone_cancel(
+            &mut conn,
+            r.id,
+            settled_at,
+            "canceled: waiting until no request can be in flight",
+        )
+        .await
+        .map_err(transient)?;
+        return Ok(());
+    }
+    if !r.sends_metadata {
+        // Sent before reversals carried our id: a lookup cannot tell it apart. Kept for an operator.
+        tracing::error!(
+            reversal = r.id,
+            "a canceled reversal in doubt cannot be looked up (no metadata)"
+        );
+        postpone_cancel(
+            &mut conn,
+            r.id,
+            later(REVERSAL_BACKOFF_CAP_MS as i64 / 1000),
+            "canceled, in doubt: sent without our id, so Stripe's reversals cannot be matched; check at Stripe",
+        )
+        .await
+        .map_err(transient)?;
+        return Ok(());
+    }
+    match ctx.gateway.list_reversals(&r.stripe_transfer_id).await {
+        Ok(list) => match list
+            .into_iter()
+            .find(|x| x.metadata.get(REVERSAL_REF_KEY) == Some(&r.id.to_string()))
+        {
+            Some(found) => {
+                record_reversal_success(&mut conn, r.id, Some(&found.id))
+                    .await
+                    .map_err(transient)?;
+                tracing::warn!(reversal = r.id, stripe_reversal = %found.id, "a canceled reversal was made at Stripe");
+                drop(conn);
+                after_made(ctx, r).await
+            }
+            None => {
+                record_reversal_canceled(&mut conn, r.id).await.map_err(transient)?;
+                tracing::info!(reversal = r.id, "canceled: Stripe shows no such reversal");
+                Ok(())
+            }
+        },
+        Err(e) => {
+            postpone_cancel(&mut conn, r.id, later(60), &format!("canceled; lookup failed: {e}"))
+                .await
+                .map_err(transient)?;
+            Ok(())
+        }
+    }
+}
+
+/// A reversal was made. If the refund that asked for it was given back meanwhile (a won dispute), the share is
+/// owed what it took: a new generation, as the reinstatement gives the others.
+async fn after_made(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailure> {
+    let Some(cause) = r.cause_refund_id else {
+        return Ok(());
+    };
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let reinstated: Option<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT reinstated_at FROM refunds WHERE id = $1")
+            .bind(cause)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    if reinstated.is_none() {
+        return Ok(());
+    }
+    let id = SplitAllocationId::parse(&r.split_allocation_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    if send_again_if_owed(&mut tx, &id).await.map_err(transient)? {
+        enqueue(&mut tx, Queue::Transfer, id.as_str(), None)
+            .await
+            .map_err(transient)?;
+        tracing::warn!(split_allocation_id = %id, reversal = r.id, "reversal made after its dispute was won: sent again");
+    }
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     Ok(())
 }
 

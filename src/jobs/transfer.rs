@@ -10,8 +10,12 @@
 //!   row, for the retry window (`transfer_retry_window`, 72 h). Throttling (429, 409 in flight) consumes nothing.
 //!   An unknown outcome is looked up at once (the transfer may exist). A key older than 23 h (Stripe may have
 //!   forgotten it) is resent only after a lookup that succeeded and found nothing. When the window has ended, only
-//!   a lookup that succeeded and found nothing parks (`retry_window_elapsed`); a failed lookup leaves the allocation
-//!   TRANSFERRING, marked unresolved for operators, and retried.
+//!   a lookup that succeeded and found nothing parks (`retry_window_elapsed`, or `balance_insufficient` when the
+//!   platform's balance stayed short); a failed lookup leaves the allocation TRANSFERRING, marked unresolved for
+//!   operators, and retried.
+//! - a coded 4xx refusal that Stripe saves under the key (`balance_insufficient`, for a generation without
+//!   `source_transaction`) moves the generation to its next key attempt (`{key}:k{n}`): the same key would be
+//!   answered with the saved refusal for as long as Stripe keeps it.
 
 use chrono::Utc;
 
@@ -23,12 +27,14 @@ use crate::domain::ids::{DonationId, SplitAllocationId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, transition_allocation, AllocationContext, AllocationPatch, RETRY_WINDOW_ELAPSED,
+    allocation_context, transition_allocation, AllocationContext, AllocationPatch, BALANCE_INSUFFICIENT,
+    RETRY_WINDOW_ELAPSED,
 };
 use crate::store::announce;
 use crate::store::donations::{donation_for_allocation, transition_donation, DonationPatch};
 use crate::store::transfer_attempts::{
-    get_transfer_attempt, record_discrepancy, record_transfer_retry, RetryKind, TransferAttemptRow, TransferRetry,
+    get_transfer_attempt, next_transfer_key_attempt, record_discrepancy, record_transfer_retry, RetryKind,
+    TransferAttemptRow, TransferRetry,
 };
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
@@ -145,9 +151,17 @@ async fn drive_with(
             // Throttling consumes nothing: an allocation Stripe only ever throttled is not parked by the window; nor
             // is one that was never sent (a backlog longer than the window): it is sent now.
             Lookup::NotFound if window_over && c.allocation.attempts > 0 && !last_was_throttle(c) => {
+                let hours = ctx.distribution.transfer_retry_window_ms / 3_600_000;
+                // A generation that draws on the platform's balance (no source_transaction) and found it short
+                // until the end: parked with that reason, for an operator (top up, then `ops retry`).
+                if c.allocation.failure_code.as_deref() == Some(BALANCE_INSUFFICIENT) {
+                    let message = format!(
+                        "the platform's available balance did not cover generation {generation} within the {hours} h                          retry window (it has no source_transaction); a lookup at Stripe found no transfer of it"
+                    );
+                    return park(ctx, c, BALANCE_INSUFFICIENT, &message).await;
+                }
                 let message = format!(
-                    "no transfer after the {} h retry window; a lookup at Stripe found none of generation {generation}",
-                    ctx.distribution.transfer_retry_window_ms / 3_600_000
+                    "no transfer after the {hours} h retry window; a lookup at Stripe found none of generation {generation}"
                 );
                 return park(ctx, c, RETRY_WINDOW_ELAPSED, &message).await;
             }
@@ -167,6 +181,16 @@ async fn drive_with(
             park(ctx, c, e.code().unwrap_or("unknown"), &message_of(&e)).await
         }
         Err(e) => {
+            // A coded 4xx refusal (the platform's balance was short) is saved by Stripe under the key and would be
+            // replayed for as long as the key lives: the next attempt takes the next key. Nothing was transferred
+            // under this one, and the frozen metadata lets a lookup find the generation's transfer whichever key made
+            // it. Anything else keeps the key.
+            if e.is_saved_refusal() {
+                let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+                next_transfer_key_attempt(&mut conn, &id, generation, attempt.key_attempt)
+                    .await
+                    .map_err(transient)?;
+            }
             // An unknown outcome may have made the transfer: look before trying again. A misused key cannot happen
             // with frozen parameters; if it does, it is a bug and the outcome is unknown, never a refusal.
             if e.class() == ErrorClass::Unknown || e.is_idempotency_misuse() {
@@ -196,7 +220,7 @@ fn params_of(a: &TransferAttemptRow) -> CreateTransferParams {
         source_transaction: a.source_transaction.clone(),
         transfer_group: a.transfer_group.clone(),
         metadata: a.metadata.0.clone(),
-        idempotency_key: a.idempotency_key.clone(),
+        idempotency_key: a.key(),
     }
 }
 

@@ -240,7 +240,8 @@ async fn plan_for(
                 "SELECT coalesce((SELECT amount_cents FROM transfer_attempts
                                    WHERE split_allocation_id = $1 AND generation = $2 AND outcome = 'TRANSFERRED'), 0),
                         coalesce((SELECT sum(amount_cents) FROM transfer_reversals
-                                   WHERE split_allocation_id = $1 AND stripe_transfer_id = $3), 0)::bigint",
+                                   WHERE split_allocation_id = $1 AND stripe_transfer_id = $3
+                                     AND status <> 'CANCELED'), 0)::bigint",
             )
             .bind(&a.id)
             .bind(a.generation)

@@ -15,6 +15,9 @@ use crate::events::OutboundEvent;
 /// `failure_code` of an allocation parked because its retry window ended and a lookup that succeeded proved that
 /// Stripe holds no transfer of its generation.
 pub const RETRY_WINDOW_ELAPSED: &str = "retry_window_elapsed";
+/// `failure_code` of an allocation parked because its generation drew on the platform's available balance (no
+/// `source_transaction`) and found it short until its retry window ended.
+pub const BALANCE_INSUFFICIENT: &str = "balance_insufficient";
 /// `failure_code` of an allocation parked because the fees left nothing to transfer (an operator refunds it).
 pub const NET_AMOUNT_ZERO: &str = "net_amount_zero";
 
@@ -154,14 +157,18 @@ pub async fn transition_allocation(
             })?;
             generation += 1;
             let key = transfer_idempotency_key(id, generation);
-            // A won dispute's new generation for a share whose earlier transfer was made (and reversed) draws on
-            // the platform's available balance, where the reversal and the reinstated funds landed: the earlier
-            // transfer already used the share's part of the charge as `source_transaction`, and Stripe caps the
-            // transfers from one charge at its amount (whether reversals free that room is UNCONFIRMED).
-            let without_source = event == AllocationEvent::DisputeReinstated
+            // A later generation (a won dispute's, or an operator's retry) draws on the platform's available balance,
+            // never on the charge, when the charge cannot be relied on to fund it: an earlier generation's transfer
+            // already used the share's room on it (Stripe caps the transfers from one charge at its amount; whether
+            // a reversal frees that room is UNCONFIRMED), or a dispute withdrew the charge's funds (whether Stripe
+            // lets a transfer draw on a disputed charge is UNCONFIRMED). Such a generation can be refused
+            // `balance_insufficient`: it then moves to its next key attempt and is parked after its retry window.
+            let without_source = event != AllocationEvent::TransferStarted
                 && sqlx::query_scalar::<_, bool>(
                     "SELECT EXISTS (SELECT 1 FROM transfer_attempts
-                                     WHERE split_allocation_id = $1 AND outcome = 'TRANSFERRED')",
+                                     WHERE split_allocation_id = $1 AND outcome = 'TRANSFERRED')
+                         OR EXISTS (SELECT 1 FROM disputes d JOIN split_allocations a ON a.split_payment_id = d.split_payment_id
+                                     WHERE a.id = $1 AND d.withdrawn_at IS NOT NULL)",
                 )
                 .bind(id.as_str())
                 .fetch_one(&mut **tx)
@@ -220,7 +227,7 @@ pub async fn transition_allocation(
         }
         AllocationStatus::Parked if from == AllocationStatus::Transferring => {
             let outcome = match patch.failure_code.as_deref() {
-                Some(RETRY_WINDOW_ELAPSED) => "WINDOW_ELAPSED",
+                Some(RETRY_WINDOW_ELAPSED | BALANCE_INSUFFICIENT) => "WINDOW_ELAPSED",
                 _ => "TERMINAL",
             };
             sqlx::query(

@@ -6,11 +6,12 @@
 //! - [`withdraw`]: `charge.dispute.funds_withdrawn` is taken like a refund of the disputed amount: a `refunds` row
 //!   (source `dispute`, written once per dispute) attributed and covered as any refund is (less transferred,
 //!   parked net, reversals under the policy, platform loss), with `donation.refunded` once per dispute.
-//! - [`apply_reinstatement`]: `charge.dispute.funds_reinstated` gives the withdrawal back. Once no transfer or
-//!   reversal of the shares it touched is in flight, the refund row is marked reinstated (its parts take nothing
-//!   any more), each share that is owed money again (its reversal was made, or it was refunded before its transfer)
-//!   starts a new generation with a new key through the transfer path, and each donation gets its refunded amount
-//!   back down, `deleted_at` cleared, and `donation.refund_reversed` once per dispute.
+//! - [`apply_reinstatement`]: `charge.dispute.funds_reinstated` gives the withdrawal back, per share. Once no
+//!   transfer of the shares it touched is in flight, the refund row is marked reinstated (its parts take nothing
+//!   any more), the withdrawal's reversals Stripe has not made are canceled (never made later), each share that is
+//!   owed money again (its reversal was made, or it was refunded before its transfer) starts a new generation with
+//!   a new key through the transfer path, and each donation gets its refunded amount back down, `deleted_at`
+//!   cleared, and `donation.refund_reversed` once per dispute.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -130,7 +131,7 @@ pub enum Reinstatement {
     Applied { transfers: Vec<SplitAllocationId> },
     /// Applied before (a duplicate or reordered event).
     AlreadyApplied,
-    /// Not yet: a transfer or reversal of a share it touched is in flight; the refunds reconciler tries again.
+    /// Not yet: a transfer of a share it touched is in flight; the refunds reconciler tries again.
     Waiting(String),
 }
 
@@ -163,22 +164,13 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
     .bind(refund_id)
     .fetch_all(&mut **tx)
     .await?;
+    // Only a transfer in flight makes it wait (what it sends decides what the share is owed). A reversal of the
+    // withdrawal that Stripe has not made is canceled below, never waited for: it may be refused for as long as
+    // the recipient's balance is short.
     for part in &parts {
         let a = allocation_of(&allocations, &part.split_allocation_id)?;
         if a.status == AllocationStatus::Transferring {
             return Ok(Reinstatement::Waiting(format!("the transfer of {} is in flight", a.id)));
-        }
-        let reversing: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM transfer_reversals WHERE split_allocation_id = $1 AND status = 'PENDING'",
-        )
-        .bind(&a.id)
-        .fetch_one(&mut **tx)
-        .await?;
-        if reversing > 0 {
-            return Ok(Reinstatement::Waiting(format!(
-                "a reversal of {} is not made yet",
-                a.id
-            )));
         }
     }
     sqlx::query("UPDATE refunds SET reinstated_at = now(), updated_at = now() WHERE id = $1")
@@ -190,29 +182,51 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
         .bind(refund_id)
         .execute(&mut **tx)
         .await?;
+    // The withdrawal's reversals not made yet are never made: canceled now, or (a request may have reached Stripe)
+    // after a lookup proves they were not made. One made after all is Stripe's word: the share is then sent what
+    // it took ([`send_again_if_owed`]).
+    let (canceled, to_look_up) = super::reversals::request_cancel(tx, refund_id).await?;
+    if canceled + to_look_up > 0 {
+        tracing::info!(dispute = %dispute.stripe_dispute_id, canceled, to_look_up, "withdrawal's reversals canceled");
+    }
     let now = Utc::now();
     let mut transfers = Vec::new();
     for part in parts.iter().filter(|p| p.covered_at.is_some()) {
         let a = allocation_of(&allocations, &part.split_allocation_id)?;
         let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
-        let owed = match a.net_amount_cents {
-            Some(net) => outstanding_cents(tx, &a.id, net).await?,
-            None => 0,
-        };
-        if owed > 0 && matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Refunded) {
-            transition_allocation(
-                tx,
-                &id,
-                AllocationEvent::DisputeReinstated,
-                &AllocationPatch::default(),
-                &[],
-            )
-            .await?;
+        let resent = send_again_if_owed(tx, &id).await?;
+        if resent {
             transfers.push(id.clone());
         }
-        give_back_to_donation(tx, &id, &dispute.stripe_dispute_id, part.amount_cents, now).await?;
+        give_back_to_donation(tx, &id, &dispute.stripe_dispute_id, resent, now).await?;
     }
     Ok(Reinstatement::Applied { transfers })
+}
+
+/// A settled share (TRANSFERRED, or REFUNDED before its transfer) that is owed money again after a won dispute
+/// starts a new generation (a new key) for what it is owed; the caller enqueues its transfer. Returns whether it
+/// did. Also called when a reversal of a withdrawal already given back turns out to have been made at Stripe.
+pub async fn send_again_if_owed(tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<bool, StoreError> {
+    let a = sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+    let owed = match a.net_amount_cents {
+        Some(net) => outstanding_cents(tx, &a.id, net).await?,
+        None => 0,
+    };
+    if owed <= 0 || !matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Refunded) {
+        return Ok(false);
+    }
+    transition_allocation(
+        tx,
+        id,
+        AllocationEvent::DisputeReinstated,
+        &AllocationPatch::default(),
+        &[],
+    )
+    .await?;
+    Ok(true)
 }
 
 fn allocation_of<'a>(allocations: &'a [SplitAllocationRow], id: &str) -> Result<&'a SplitAllocationRow, StoreError> {
@@ -222,13 +236,17 @@ fn allocation_of<'a>(allocations: &'a [SplitAllocationRow], id: &str) -> Result<
         .ok_or_else(|| StoreError::Invalid(format!("refund part names {id}, not one of the payment's shares")))
 }
 
-/// The donation's refunded amount goes down by the part (never below 0); a REFUNDED donation is PENDING again
-/// (its share is being sent anew) with `deleted_at` cleared; `donation.refund_reversed` once per dispute.
+/// The donation after a won dispute, as the contract says: `refunded_amount_cents` back down to what the refunds
+/// still standing took (never below 0), `deleted_at` cleared once it is no longer fully refunded, and
+/// `donation.refund_reversed` once per dispute. Its status follows the share, not the event: still fully refunded
+/// (another refund took the share), it stays REFUNDED; otherwise a REFUNDED donation is PENDING again when its
+/// share is being sent anew (`resent`) or has not settled, and CONFIRMED when the recipient still holds the share
+/// (its reversal was never made, or the platform bore the refund).
 async fn give_back_to_donation(
     tx: &mut Tx<'_>,
     allocation: &SplitAllocationId,
     dispute_ref: &str,
-    part_cents: i64,
+    resent: bool,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let Some(donation) = donation_for_allocation(tx, allocation).await? else {
@@ -238,13 +256,22 @@ async fn give_back_to_donation(
         return Ok(()); // a voided share's donation was never refunded
     }
     let did = DonationId::parse(&donation.id).map_err(|e| corrupt("donation", &donation.id, e))?;
-    let refunded = (donation.refunded_amount_cents - part_cents).max(0);
-    if donation.status == DonationStatus::Refunded {
+    let a = super::allocations::get_split_allocation(tx, allocation).await?;
+    let standing = super::refunds::taken(tx, allocation.as_str()).await?.parts_cents;
+    let refunded = standing.clamp(0, donation.amount_cents);
+    let still_fully =
+        !resent && (a.status == AllocationStatus::Refunded || standing >= a.net_amount_cents.unwrap_or(i64::MAX));
+    if donation.status == DonationStatus::Refunded && !still_fully {
+        let event = if !resent && a.status == AllocationStatus::Transferred {
+            DonationEvent::RefundReversedHeld
+        } else {
+            DonationEvent::RefundReversed
+        };
         let patch = DonationPatch {
             refunded_amount_cents: Some(refunded),
             ..Default::default()
         };
-        transition_donation(tx, &did, DonationEvent::RefundReversed, &patch, |d| {
+        transition_donation(tx, &did, event, &patch, |d| {
             announce::donation_refund_reversed(d, dispute_ref, now)
                 .into_iter()
                 .collect()

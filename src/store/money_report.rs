@@ -35,7 +35,7 @@ pub struct MoneyReport {
     /// shares already gone.
     pub platform_loss_cents: i64,
     /// Refunded money whose cover is not decided yet: parts waiting for a transfer to settle, succeeded refunds not
-    /// attributed, and reversals still to be made.
+    /// attributed, and reversals still to be made (not those being canceled: their refund no longer stands).
     pub unsettled_cents: i64,
     /// VOIDED allocations (payment failed): nothing was charged for them.
     pub voided_cents: i64,
@@ -109,7 +109,9 @@ pub async fn money_report(conn: &mut PgConnection, id: &SplitPaymentId) -> Resul
     .await?;
     let (reversed, reversing): (i64, i64) = sqlx::query_as(
         "SELECT coalesce(sum(r.amount_cents) FILTER (WHERE r.status = 'SUCCEEDED'), 0)::bigint,
-                coalesce(sum(r.amount_cents) FILTER (WHERE r.status = 'PENDING'), 0)::bigint
+                -- A reversal whose cancel waits for its lookup is taken as not made (its refund no longer stands).
+                coalesce(sum(r.amount_cents) FILTER (WHERE r.status = 'PENDING' AND r.cancel_requested_at IS NULL),
+                         0)::bigint
            FROM transfer_reversals r JOIN split_allocations a ON a.id = r.split_allocation_id
           WHERE a.split_payment_id = $1",
     )

@@ -32,22 +32,26 @@ pub async fn taken(conn: &mut PgConnection, allocation: &str) -> Result<Taken, S
 
 /// What the recipient of an allocation is owed and does not hold yet: its net, less what standing refunds took
 /// (from its parked or pending net, or by reversal), less what Stripe holds for it (its successful transfers less
-/// the reversals made). For a share never transferred this is its net less what refunds took; after a won dispute
-/// it is what the dispute's withdrawal took back. Only meaningful while none of its reversals is still PENDING.
+/// the reversals made, and less the reversals still to be made for standing refunds: those are never dropped). For
+/// a share never transferred this is its net less what refunds took; after a won dispute it is what the dispute's
+/// withdrawal took back, and only that: a reversal of the withdrawal that was never made took nothing.
 pub async fn outstanding_cents(conn: &mut PgConnection, allocation: &str, net_cents: i64) -> Result<i64, StoreError> {
-    let (taken, sent, reversed): (i64, i64, i64) = sqlx::query_as(
+    let (taken, sent, reversed, reversing): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT coalesce((SELECT sum(p.from_parked_cents + p.from_pending_cents + p.reversal_cents)
                             FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
                            WHERE p.split_allocation_id = $1 AND r.reinstated_at IS NULL), 0)::bigint,
                 coalesce((SELECT sum(amount_cents) FROM transfer_attempts
                            WHERE split_allocation_id = $1 AND outcome = 'TRANSFERRED'), 0)::bigint,
                 coalesce((SELECT sum(amount_cents) FROM transfer_reversals
-                           WHERE split_allocation_id = $1 AND status = 'SUCCEEDED'), 0)::bigint",
+                           WHERE split_allocation_id = $1 AND status = 'SUCCEEDED'), 0)::bigint,
+                coalesce((SELECT sum(t.amount_cents) FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+                           WHERE t.split_allocation_id = $1 AND t.status = 'PENDING' AND t.cancel_requested_at IS NULL
+                             AND r.status = 'SUCCEEDED' AND r.reinstated_at IS NULL), 0)::bigint",
     )
     .bind(allocation)
     .fetch_one(conn)
     .await?;
-    Ok(net_cents - taken - (sent - reversed))
+    Ok(net_cents - taken - (sent - reversed - reversing))
 }
 
 /// Allocations with parts still waiting (oldest first, bounded): the refunds reconciler covers them once settled.

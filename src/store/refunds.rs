@@ -413,7 +413,7 @@ pub async fn cover_waiting_parts(
 pub(crate) async fn reversals_of_transfer(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar::<_, i64>(
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals
-          WHERE split_allocation_id = $1 AND stripe_transfer_id = $2",
+          WHERE split_allocation_id = $1 AND stripe_transfer_id = $2 AND status <> 'CANCELED'",
     )
     .bind(&a.id)
     .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))

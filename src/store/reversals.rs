@@ -2,6 +2,10 @@
 //! `splitpay:alloc:{salc}:reversal:{generation}:{seq}`) before Stripe is called, then retried with the same key on
 //! a stored schedule (`next_attempt_at`) until Stripe makes it. A PENDING reversal is never dropped: the reversal
 //! job, the refunds reconciler (overdue rows), `ops show` and `ops parked` all read this table.
+//!
+//! The only way out other than SUCCEEDED is CANCELED, when the refund that asked for it no longer stands (a won
+//! dispute): at once when no request of the row can have been applied ([`ReversalRow::in_doubt_since`] is NULL),
+//! otherwise after a lookup at Stripe proved it was not made ([`request_cancel`], settled by the reversal job).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -32,6 +36,15 @@ pub struct ReversalRow {
     pub succeeded_at: Option<DateTime<Utc>>,
     /// Which key is sent: `idempotency_key` at 1, `{key}:k{n}` after (see [`ReversalRow::key`]).
     pub key_attempt: i32,
+    /// Set before a request is sent, cleared when Stripe answers it with a saved refusal: NULL means no request of
+    /// this row can have been applied at Stripe.
+    pub in_doubt_since: Option<DateTime<Utc>>,
+    /// The refund that asked for it no longer stands, and a request may have been applied: never sent again;
+    /// settled by a lookup at Stripe.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub canceled_at: Option<DateTime<Utc>>,
+    /// The request carries [`crate::stripe::REVERSAL_REF_KEY`] in its metadata (rows written since that was so).
+    pub sends_metadata: bool,
 }
 
 impl ReversalRow {
@@ -76,11 +89,11 @@ pub async fn insert_reversal(
     .await?)
 }
 
-/// What reversals caused by `refund_id` take back from the allocation (made or still to be made).
+/// What reversals caused by `refund_id` take back from the allocation (made or still to be made; not canceled).
 pub async fn reversed_by_refund(conn: &mut PgConnection, refund_id: i64, allocation: &str) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar::<_, i64>(
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals
-          WHERE cause_refund_id = $1 AND split_allocation_id = $2",
+          WHERE cause_refund_id = $1 AND split_allocation_id = $2 AND status <> 'CANCELED'",
     )
     .bind(refund_id)
     .bind(allocation)
@@ -99,7 +112,85 @@ pub async fn get_reversal(conn: &mut PgConnection, id: i64) -> Result<ReversalRo
         })
 }
 
-/// Stripe made the reversal (or said the transfer is already fully reversed). A repeat changes nothing.
+/// Marks a request under key attempt `key_attempt` about to be sent: the row is in doubt until Stripe answers with
+/// a saved refusal. Returns false (send nothing) when the row is no longer PENDING, its cancel was requested
+/// meanwhile, or it moved to another key attempt (the caller read it before: the scheduled attempt will come).
+pub async fn claim_reversal(conn: &mut PgConnection, id: i64, key_attempt: i32) -> Result<bool, StoreError> {
+    let claimed = sqlx::query(
+        "UPDATE transfer_reversals SET in_doubt_since = coalesce(in_doubt_since, now()), updated_at = now()
+          WHERE id = $1 AND status = 'PENDING' AND cancel_requested_at IS NULL AND key_attempt = $2",
+    )
+    .bind(id)
+    .bind(key_attempt)
+    .execute(conn)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// A request of a reversal may be in flight this long after it was claimed (the gateway's attempts and backoff
+/// included): a lookup that settles a cancel waits until then, so it cannot miss a request still on its way.
+pub const REVERSAL_IN_FLIGHT_MARGIN_SECS: i64 = 600;
+
+/// The refund that asked for these reversals no longer stands (a won dispute): each PENDING one is canceled at once
+/// if no request of it can have been applied, or else marked for a lookup at Stripe (due when no request can still
+/// be in flight). Returns the number canceled at once and the number left to a lookup.
+pub async fn request_cancel(tx: &mut super::Tx<'_>, refund_id: i64) -> Result<(u64, u64), StoreError> {
+    let canceled = sqlx::query(
+        "UPDATE transfer_reversals
+            SET status = 'CANCELED', canceled_at = now(), next_attempt_at = NULL, updated_at = now()
+          WHERE cause_refund_id = $1 AND status = 'PENDING' AND in_doubt_since IS NULL",
+    )
+    .bind(refund_id)
+    .execute(&mut **tx)
+    .await?;
+    let requested = sqlx::query(
+        "UPDATE transfer_reversals
+            SET cancel_requested_at = coalesce(cancel_requested_at, now()),
+                next_attempt_at = in_doubt_since + make_interval(secs => $2), updated_at = now()
+          WHERE cause_refund_id = $1 AND status = 'PENDING'",
+    )
+    .bind(refund_id)
+    .bind(REVERSAL_IN_FLIGHT_MARGIN_SECS as f64)
+    .execute(&mut **tx)
+    .await?;
+    Ok((canceled.rows_affected(), requested.rows_affected()))
+}
+
+/// A lookup at Stripe proved the reversal was not made (or nothing was ever sent): CANCELED, never sent again.
+pub async fn record_reversal_canceled(conn: &mut PgConnection, id: i64) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE transfer_reversals
+            SET status = 'CANCELED', canceled_at = now(), next_attempt_at = NULL, updated_at = now()
+          WHERE id = $1 AND status = 'PENDING' AND cancel_requested_at IS NOT NULL",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A cancel waits for its lookup: tried again at `next_attempt_at` (the lookup failed, or a request may still be
+/// in flight).
+pub async fn postpone_cancel(
+    conn: &mut PgConnection,
+    id: i64,
+    next_attempt_at: DateTime<Utc>,
+    message: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE transfer_reversals SET next_attempt_at = $2, failure_message = $3, updated_at = now()
+          WHERE id = $1 AND status = 'PENDING'",
+    )
+    .bind(id)
+    .bind(next_attempt_at)
+    .bind(message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Stripe made the reversal (or said the transfer is already fully reversed). A repeat changes nothing. Stripe's
+/// word wins: a reversal canceled meanwhile is recorded too (its caller then sends the share what it is owed).
 pub async fn record_reversal_success(
     conn: &mut PgConnection,
     id: i64,
@@ -108,8 +199,9 @@ pub async fn record_reversal_success(
     let done = sqlx::query(
         "UPDATE transfer_reversals
             SET status = 'SUCCEEDED', succeeded_at = now(), next_attempt_at = NULL, stripe_reversal_id = $2,
-                attempts = attempts + 1, failure_code = NULL, failure_message = NULL, updated_at = now()
-          WHERE id = $1 AND status = 'PENDING'",
+                attempts = attempts + 1, failure_code = NULL, failure_message = NULL, in_doubt_since = NULL,
+                canceled_at = NULL, updated_at = now()
+          WHERE id = $1 AND status IN ('PENDING', 'CANCELED')",
     )
     .bind(id)
     .bind(stripe_reversal_id)
@@ -132,8 +224,16 @@ pub async fn record_reversal_retry(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE transfer_reversals
-            SET attempts = attempts + 1, next_attempt_at = $2, failure_code = $3, failure_message = $4,
+            SET attempts = attempts + 1, failure_code = $3, failure_message = $4,
+                -- A row whose cancel waits for its lookup, now proven not made (a saved refusal of its current key,
+                -- which no request can follow): CANCELED at once.
+                status = CASE WHEN key_attempt = $5 AND cancel_requested_at IS NOT NULL THEN 'CANCELED' ELSE status END,
+                canceled_at = CASE WHEN key_attempt = $5 AND cancel_requested_at IS NOT NULL THEN now() END,
+                next_attempt_at = CASE WHEN key_attempt = $5 AND cancel_requested_at IS NOT NULL THEN NULL ELSE $2 END,
                 key_attempt = CASE WHEN key_attempt = $5 THEN key_attempt + 1 ELSE key_attempt END,
+                -- A saved refusal of the current key: nothing was applied under it (nor under any earlier key,
+                -- each of which moved on the same way), so the row is no longer in doubt.
+                in_doubt_since = CASE WHEN key_attempt = $5 THEN NULL ELSE in_doubt_since END,
                 updated_at = now()
           WHERE id = $1 AND status = 'PENDING'",
     )

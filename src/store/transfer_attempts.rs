@@ -78,6 +78,36 @@ pub struct TransferAttemptRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub outcome: Option<String>,
     pub stripe_transfer_id: Option<String>,
+    /// Which key is sent: `idempotency_key` at 1, `{key}:k{n}` after a saved refusal ([`TransferAttemptRow::key`]).
+    pub key_attempt: i32,
+}
+
+impl TransferAttemptRow {
+    /// The idempotency key the next request of this generation sends.
+    pub fn key(&self) -> String {
+        crate::domain::ids::attempt_key(&self.idempotency_key, self.key_attempt)
+    }
+}
+
+/// Stripe answered key attempt `refused` of the generation with a saved, coded 4xx refusal (e.g. the platform's
+/// available balance was short) that it would replay for that key: the generation moves to its next key attempt,
+/// once. Nothing was transferred under the refused key.
+pub async fn next_transfer_key_attempt(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+    generation: i32,
+    refused: i32,
+) -> Result<bool, StoreError> {
+    let moved = sqlx::query(
+        "UPDATE transfer_attempts SET key_attempt = key_attempt + 1
+          WHERE split_allocation_id = $1 AND generation = $2 AND key_attempt = $3 AND outcome IS NULL",
+    )
+    .bind(id.as_str())
+    .bind(generation)
+    .bind(refused)
+    .execute(conn)
+    .await?;
+    Ok(moved.rows_affected() == 1)
 }
 
 pub async fn get_transfer_attempt(
@@ -87,7 +117,8 @@ pub async fn get_transfer_attempt(
 ) -> Result<TransferAttemptRow, StoreError> {
     sqlx::query_as::<_, TransferAttemptRow>(
         "SELECT split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
-                source_transaction, transfer_group, metadata, started_at, finished_at, outcome, stripe_transfer_id
+                source_transaction, transfer_group, metadata, started_at, finished_at, outcome, stripe_transfer_id,
+                key_attempt
            FROM transfer_attempts WHERE split_allocation_id = $1 AND generation = $2",
     )
     .bind(id.as_str())

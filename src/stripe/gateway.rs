@@ -11,7 +11,7 @@ use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
 use stripe_client_core::CustomizableStripeRequest;
 use stripe_connect::account::RetrieveAccount;
 use stripe_connect::transfer::{CreateTransfer, ListTransfer};
-use stripe_connect::transfer_reversal::CreateIdTransferReversal;
+use stripe_connect::transfer_reversal::{CreateIdTransferReversal, ListIdTransferReversal};
 use stripe_core::charge::RetrieveCharge;
 use stripe_core::payment_intent::{
     CancelPaymentIntent, ConfirmPaymentIntent, CreatePaymentIntent, RetrievePaymentIntent,
@@ -432,15 +432,19 @@ impl PaymentGateway for StripeGateway {
         })
     }
 
-    async fn reverse_transfer(
+    async fn create_reversal(
         &self,
         transfer_id: &str,
         amount_cents: Option<i64>,
+        metadata: &Metadata,
         key: &str,
     ) -> Result<ReversalOutcome, GatewayError> {
         let mut builder = CreateIdTransferReversal::new(transfer_id);
         if let Some(amount) = amount_cents {
             builder = builder.amount(amount);
+        }
+        if !metadata.is_empty() {
+            builder = builder.metadata(metadata_map(metadata));
         }
         match self
             .send::<stripe_shared::TransferReversal>("reverse_transfer", || builder.customize(), Some(key))
@@ -456,6 +460,31 @@ impl PaymentGateway for StripeGateway {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn list_reversals(&self, transfer_id: &str) -> Result<Vec<ReversalInfo>, GatewayError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..LIST_PAGES_MAX {
+            let mut builder = ListIdTransferReversal::new(transfer_id).limit(LIST_PAGE_SIZE);
+            if let Some(last) = &after {
+                builder = builder.starting_after(last.clone());
+            }
+            let page: stripe_types::List<stripe_shared::TransferReversal> =
+                self.send("list_reversals", || builder.customize(), None).await?;
+            after = page.data.last().map(|r| r.id.as_str().to_owned());
+            all.extend(page.data.into_iter().map(|r| ReversalInfo {
+                id: r.id.as_str().to_owned(),
+                amount_cents: r.amount,
+                metadata: r.metadata.map(sorted).unwrap_or_default(),
+            }));
+            if !page.has_more || after.is_none() {
+                return Ok(all);
+            }
+        }
+        Err(GatewayError::Unknown {
+            reason: format!("transfer {transfer_id} has more than {LIST_PAGES_MAX} pages of reversals"),
+        })
     }
 
     async fn create_refund(&self, p: &CreateRefundParams) -> Result<RefundInfo, GatewayError> {

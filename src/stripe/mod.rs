@@ -199,6 +199,18 @@ pub enum ReversalOutcome {
     AlreadyFullyReversed,
 }
 
+/// One reversal of a transfer, as Stripe lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReversalInfo {
+    pub id: String,
+    pub amount_cents: i64,
+    /// Ours when splitpay made it: [`REVERSAL_REF_KEY`] names our `transfer_reversals` row.
+    pub metadata: Metadata,
+}
+
+/// Metadata key naming our `transfer_reversals` row on a reversal splitpay makes, so a lookup can find it.
+pub const REVERSAL_REF_KEY: &str = "splitpay_reversal_ref";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundTarget {
     PaymentIntent(String),
@@ -289,7 +301,20 @@ pub trait PaymentGateway: Send + Sync {
         transfer_id: &str,
         amount_cents: Option<i64>,
         idempotency_key: &str,
+    ) -> Result<ReversalOutcome, GatewayError> {
+        self.create_reversal(transfer_id, amount_cents, &Metadata::new(), idempotency_key)
+            .await
+    }
+    /// As [`Self::reverse_transfer`], with `metadata` on the reversal (none is sent when it is empty).
+    async fn create_reversal(
+        &self,
+        transfer_id: &str,
+        amount_cents: Option<i64>,
+        metadata: &Metadata,
+        idempotency_key: &str,
     ) -> Result<ReversalOutcome, GatewayError>;
+    /// Every reversal of a transfer (all pages, bounded).
+    async fn list_reversals(&self, transfer_id: &str) -> Result<Vec<ReversalInfo>, GatewayError>;
     async fn create_refund(&self, params: &CreateRefundParams) -> Result<RefundInfo, GatewayError>;
     /// Every refund of a charge (all pages, bounded): the truth a `charge.refunded` webhook may truncate.
     async fn list_refunds(&self, charge_id: &str) -> Result<Vec<RefundInfo>, GatewayError>;

@@ -204,6 +204,14 @@ pub(super) async fn stripe_api(
             Some(Idem::Done {
                 status, body, headers, ..
             }) => {
+                // A replay's answer can be lost on the way back like any other.
+                if let Some(Fault {
+                    kind: FaultKind::LoseResponse,
+                    ..
+                }) = fault
+                {
+                    return broken_response();
+                }
                 let mut replayed = headers.clone();
                 replayed.push(("idempotent-replayed", "true".to_owned()));
                 return json_response(*status, body, &replayed);
@@ -317,6 +325,7 @@ pub(super) fn route(
         ("GET", ["transfers"]) => model.list_transfers(form),
         ("GET", ["transfers", id]) => model.retrieve_transfer(id),
         ("POST", ["transfers", id, "reversals"]) => model.create_reversal(id, form, now),
+        ("GET", ["transfers", id, "reversals"]) => model.list_reversals(id, form),
         ("POST", ["refunds"]) => model.create_refund(form, now),
         ("GET", ["refunds"]) => model.list_refunds(form),
         ("GET", ["refunds", id]) => model.retrieve_refund(id),

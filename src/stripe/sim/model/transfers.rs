@@ -28,6 +28,7 @@ const LIST_PARAMS: &[&str] = &[
     "transfer_group",
 ];
 const REVERSAL_PARAMS: &[&str] = &["amount", "description", "metadata", "refund_application_fee"];
+const REVERSAL_LIST_PARAMS: &[&str] = &["ending_before", "expand", "limit", "starting_after"];
 
 #[derive(Debug, Clone)]
 pub(super) struct Reversal {
@@ -261,6 +262,29 @@ impl Model {
             "/v1/transfers",
             |t| t.id.as_str(),
             |t| self.transfer_json(t),
+        )
+    }
+
+    /// `GET /v1/transfers/{id}/reversals`: the transfer's reversals, newest first, paginated like every list.
+    pub fn list_reversals(&self, transfer_id: &str, query: &Form) -> Result<Value, SimError> {
+        query.only(REVERSAL_LIST_PARAMS)?;
+        let limit = query.int("limit")?.unwrap_or(10);
+        if !(1..=100).contains(&limit) {
+            return Err(SimError::invalid("limit", "limit must be between 1 and 100"));
+        }
+        let index = *self
+            .transfer_index
+            .get(transfer_id)
+            .ok_or_else(|| SimError::missing("transfer", transfer_id, Some("id")))?;
+        let transfer = &self.transfers[index];
+        let newest_first: Vec<&Reversal> = transfer.reversals.iter().rev().collect();
+        page(
+            &newest_first,
+            query,
+            limit,
+            &format!("/v1/transfers/{transfer_id}/reversals"),
+            |r| r.id.as_str(),
+            |r| reversal_json(transfer, r),
         )
     }
 
