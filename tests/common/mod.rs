@@ -8,6 +8,7 @@ pub mod flow;
 pub mod hooks;
 pub mod money;
 pub mod stripe;
+pub mod workers;
 
 use splitpay::domain::money::Currency;
 use splitpay::domain::plan::{AmountMode, PlanLimits, SplitPlan, Submission};
