@@ -412,7 +412,6 @@ async fn ops_refund_reverse_transfer_killed_anywhere_then_run_again_moves_money_
 /// down, or Stripe unreachable): Stripe forgets a key after 24 h, so the same key would now make a second reversal.
 /// Exactly one reversal per part must remain at Stripe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a reversal whose answer was lost is resent with its key after Stripe forgot it (a second reversal)"]
 async fn a_reversal_whose_answer_died_with_the_worker_is_not_made_again_a_day_later() {
     let seed = seed("day-later reversal test");
     let flow = Flow::start_with(AmountMode::Fixed, &AMOUNTS, &[], false).await;

@@ -8,7 +8,7 @@
 //! - [`reverse`]: one reversal, with the key written when its intent was; a refusal (the recipient's balance is
 //!   too low) or an unknown outcome is retried on a stored, growing schedule: with the same key, except after a
 //!   coded 4xx refusal, which Stripe saves under the key, when the row moves to its next key attempt. Never
-//!   dropped.
+//!   dropped. A row older than 23 h is looked up on Stripe's transfer first (its key may be forgotten).
 //! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, and drives overdue reversals.
 
 use chrono::Utc;
@@ -118,6 +118,16 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     {
         return Ok(()); // done, or an early duplicate: the scheduled attempt will come
     }
+    // Stripe may forget a key after 24 h: a reversal written longer ago may have been made under its key by a
+    // process that died before recording the answer, and the same key would now make a second one. Stripe's
+    // transfer is read first.
+    if Utc::now() - r.created_at > chrono::Duration::hours(REVERSAL_KEY_SAFE_HOURS) {
+        match adopt_if_made(ctx, &r).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(why) => return retry_later(ctx, &r, raw_id, None, None, &why).await,
+        }
+    }
     let outcome = ctx
         .gateway
         .reverse_transfer(&r.stripe_transfer_id, Some(r.amount_cents), &r.key())
@@ -138,31 +148,121 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             // Low balance, throttling, a timeout: retried on the schedule. A coded 4xx refusal (low balance) is
             // saved by Stripe under the key, so the next attempt takes the next key; anything else may have been
             // (or may yet be) applied, and keeps the key.
+            drop(conn);
             let saved_refusal_of = e.is_saved_refusal().then_some(r.key_attempt);
-            let delay_ms = backoff_ms_random(
-                (r.attempts + 1) as u32,
-                ctx.distribution.backoff_base_ms,
-                REVERSAL_BACKOFF_CAP_MS,
-            )
-            .max(ctx.distribution.backoff_base_ms / 2);
-            let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
-            let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-            record_reversal_retry(&mut tx, id, next, e.code(), &e.to_string(), saved_refusal_of)
-                .await
-                .map_err(transient)?;
-            enqueue(
-                &mut tx,
-                Queue::Reversal,
-                raw_id,
-                Some(std::time::Duration::from_millis(delay_ms)),
-            )
-            .await
-            .map_err(transient)?;
-            tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-            tracing::warn!(reversal = id, error = %e, delay_ms, "reversal refused or unanswered: retried later with the same key");
-            metrics::counter!("splitpay_reversals_retried_total").increment(1);
+            return retry_later(ctx, &r, raw_id, e.code(), saved_refusal_of, &e.to_string()).await;
         }
     }
+    Ok(())
+}
+
+/// A reversal written longer ago than this is looked up at Stripe before its key is sent again (Stripe may forget
+/// a key after 24 hours).
+pub const REVERSAL_KEY_SAFE_HOURS: i64 = 23;
+
+/// Records the reversal as made if Stripe's transfer shows it: a reversal of this amount that no row of ours
+/// records (or, when the transfer's embedded list is truncated, more reversed at Stripe than our rows account for).
+/// Under the allocation's lock, so two rows of one transfer never adopt the same reversal. `Ok(false)`: not made.
+async fn adopt_if_made(ctx: &AppContext, r: &crate::store::reversals::ReversalRow) -> Result<bool, String> {
+    let group: String = sqlx::query_scalar(
+        "SELECT p.transfer_group FROM split_allocations a JOIN split_payments p ON p.id = a.split_payment_id
+          WHERE a.id = $1",
+    )
+    .bind(&r.split_allocation_id)
+    .fetch_one(&ctx.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    let transfers = ctx.gateway.list_transfers(&group).await.map_err(|e| {
+        format!(
+            "looking up transfer {} before resending an old key: {e}",
+            r.stripe_transfer_id
+        )
+    })?;
+    let Some(t) = transfers.into_iter().find(|t| t.id == r.stripe_transfer_id) else {
+        return Err(format!(
+            "transfer {} is not in its group at Stripe",
+            r.stripe_transfer_id
+        ));
+    };
+    let mut tx = ctx.pool.begin().await.map_err(|e| e.to_string())?;
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(&r.split_allocation_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Another run of this reversal (the job and the sweep) may have recorded it meanwhile: then it is done, and
+    // must not be sent again.
+    let status: String = sqlx::query_scalar("SELECT status FROM transfer_reversals WHERE id = $1")
+        .bind(r.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != "PENDING" {
+        return Ok(true);
+    }
+    let recorded: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT stripe_reversal_id, amount_cents FROM transfer_reversals
+          WHERE stripe_transfer_id = $1 AND status = 'SUCCEEDED'",
+    )
+    .bind(&r.stripe_transfer_id)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| e.to_string())?;
+    let unrecorded = t
+        .reversals
+        .iter()
+        .find(|x| x.amount_cents == r.amount_cents && !recorded.iter().any(|(id, _)| id.as_deref() == Some(&x.id)));
+    let made = match unrecorded {
+        Some(x) => Some(Some(x.id.clone())),
+        None if !t.reversals_listed_all => {
+            let accounted: i64 = recorded.iter().map(|(_, amount)| amount).sum();
+            (t.amount_reversed_cents - accounted >= r.amount_cents).then_some(None)
+        }
+        None => None,
+    };
+    let Some(reversal_id) = made else {
+        return Ok(false);
+    };
+    record_reversal_success(&mut tx, r.id, reversal_id.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
+    tracing::warn!(reversal = r.id, transfer_id = %r.stripe_transfer_id, stripe_reversal_id = ?reversal_id,
+                   "an old reversal was found made at Stripe: recorded, not sent again");
+    Ok(true)
+}
+
+/// Keeps the reversal PENDING with what went wrong, due again after a growing delay (see [`reverse`]).
+async fn retry_later(
+    ctx: &AppContext,
+    r: &crate::store::reversals::ReversalRow,
+    raw_id: &str,
+    code: Option<&str>,
+    saved_refusal_of: Option<i32>,
+    message: &str,
+) -> Result<(), JobFailure> {
+    let delay_ms = backoff_ms_random(
+        (r.attempts + 1) as u32,
+        ctx.distribution.backoff_base_ms,
+        REVERSAL_BACKOFF_CAP_MS,
+    )
+    .max(ctx.distribution.backoff_base_ms / 2);
+    let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    record_reversal_retry(&mut tx, r.id, next, code, message, saved_refusal_of)
+        .await
+        .map_err(transient)?;
+    enqueue(
+        &mut tx,
+        Queue::Reversal,
+        raw_id,
+        Some(std::time::Duration::from_millis(delay_ms)),
+    )
+    .await
+    .map_err(transient)?;
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    tracing::warn!(reversal = r.id, error = %message, delay_ms, "reversal refused or unanswered: retried later with the same key");
+    metrics::counter!("splitpay_reversals_retried_total").increment(1);
     Ok(())
 }
 
