@@ -274,7 +274,7 @@ async fn ops_refund_reverse_transfer_killed_anywhere_then_run_again_moves_money_
                         _ => ("/v1/refunds", refund_posts),
                     };
                     for _ in 0..500 {
-                        if seen(path, before).await || child.try_wait().unwrap().is_some() {
+                        if seen(path, before).await || child.0.try_wait().unwrap().is_some() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(10)).await;

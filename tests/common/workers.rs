@@ -46,8 +46,8 @@ impl Workers {
     }
 
     /// A `splitpay worker` on the flow's database and simulator. Its log (warnings and errors) is appended to
-    /// [`Workers::log`].
-    pub fn spawn(&self, flow: &Flow) -> Child {
+    /// [`Workers::log`]. Killed when dropped, so a failing test leaves no worker behind.
+    pub fn spawn(&self, flow: &Flow) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,30 +74,42 @@ impl Workers {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .map(Proc)
             .expect("the worker starts")
     }
 }
 
+/// A child process, SIGKILLed when dropped (a panicking test must not leave it running).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill(self);
+    }
+}
+
 /// SIGKILL (std's `kill()` on Unix) and reap.
-pub fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+pub fn kill(child: &mut Proc) {
+    let _ = child.0.kill();
+    let _ = child.0.wait();
 }
 
 /// `splitpay ops ARGS` as a child process the test may kill (its output is dropped).
-pub fn spawn_ops(flow: &Flow, args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_splitpay"))
-        .arg("ops")
-        .args(args)
-        .env("DATABASE_URL", &flow.db.url)
-        .env("STRIPE_SECRET_KEY", super::stripe::TEST_KEY)
-        .env("STRIPE_API_BASE", flow.sim.base_url())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the binary runs")
+pub fn spawn_ops(flow: &Flow, args: &[&str]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_splitpay"))
+            .arg("ops")
+            .args(args)
+            .env("DATABASE_URL", &flow.db.url)
+            .env("STRIPE_SECRET_KEY", super::stripe::TEST_KEY)
+            .env("STRIPE_API_BASE", flow.sim.base_url())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary runs"),
+    )
 }
 
 pub async fn scalar(flow: &Flow, sql: &str) -> i64 {
