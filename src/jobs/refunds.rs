@@ -10,6 +10,7 @@
 //!   coded 4xx refusal, which Stripe saves under the key, when the row moves to its next key attempt. Never
 //!   dropped.
 //!   A reversal whose refund no longer stands (a won dispute) is canceled, never sent again ([`settle_cancel`]).
+//!   A row older than 23 h is looked up on Stripe's transfer first (its key may be forgotten): [`adopt_if_made`].
 //! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, and drives overdue reversals.
 
 use chrono::Utc;
@@ -126,6 +127,17 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     if r.cancel_requested_at.is_some() {
         return settle_cancel(ctx, &r).await;
     }
+    // Stripe may forget a key after 24 h: a reversal written longer ago may have been made under its key by a
+    // process that died before recording the answer, and the same key would now make a second one. Stripe's
+    // transfer is read first.
+    if Utc::now() - r.created_at > chrono::Duration::hours(REVERSAL_KEY_SAFE_HOURS) {
+        match adopt_if_made(ctx, &r).await {
+            Ok(Lookup::AdoptedNow) => return after_made(ctx, &r).await,
+            Ok(Lookup::AlreadyRecorded) => return Ok(()),
+            Ok(Lookup::NotMade) => {}
+            Err(why) => return retry_later(ctx, &r, raw_id, None, None, &why).await,
+        }
+    }
     // In doubt from here until Stripe answers with a saved refusal; a cancel that came meanwhile sends nothing.
     if !claim_reversal(&mut *acquire(ctx).await?, id, r.key_attempt)
         .await
@@ -168,30 +180,167 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             // saved by Stripe under the key, so the next attempt takes the next key; anything else may have been
             // (or may yet be) applied, and keeps the key.
             let saved_refusal_of = e.is_saved_refusal().then_some(r.key_attempt);
-            let delay_ms = backoff_ms_random(
-                (r.attempts + 1) as u32,
-                ctx.distribution.backoff_base_ms,
-                REVERSAL_BACKOFF_CAP_MS,
-            )
-            .max(ctx.distribution.backoff_base_ms / 2);
-            let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
-            let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-            record_reversal_retry(&mut tx, id, next, e.code(), &e.to_string(), saved_refusal_of)
-                .await
-                .map_err(transient)?;
-            enqueue(
-                &mut tx,
-                Queue::Reversal,
-                raw_id,
-                Some(std::time::Duration::from_millis(delay_ms)),
-            )
-            .await
-            .map_err(transient)?;
-            tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-            tracing::warn!(reversal = id, error = %e, delay_ms, "reversal refused or unanswered: retried later with the same key");
-            metrics::counter!("splitpay_reversals_retried_total").increment(1);
+            return retry_later(ctx, &r, raw_id, e.code(), saved_refusal_of, &e.to_string()).await;
         }
     }
+    Ok(())
+}
+
+/// A reversal written longer ago than this is looked up at Stripe before its key is sent again (Stripe may forget
+/// a key after 24 hours).
+pub const REVERSAL_KEY_SAFE_HOURS: i64 = 23;
+
+/// What the look-up of an old reversal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// Stripe shows no such reversal: its key may be sent.
+    NotMade,
+    /// Stripe made it: recorded now, not sent again.
+    AdoptedNow,
+    /// Another run recorded it meanwhile: nothing to do.
+    AlreadyRecorded,
+}
+
+/// What Stripe shows of one reversal row: `Some(Some(id))` made with this id, `Some(None)` made (the transfer's
+/// reversed total says so, the list being truncated), `None` not made. Rows that send our id in the metadata are
+/// matched by it, exactly; older rows (no metadata) by an amount no row of ours records, or by the reversed total.
+async fn made_at_stripe(
+    ctx: &AppContext,
+    r: &crate::store::reversals::ReversalRow,
+    recorded: &[(Option<String>, i64)],
+) -> Result<Option<Option<String>>, String> {
+    let looking = |e: crate::stripe::GatewayError| {
+        format!(
+            "looking up transfer {} before resending an old key: {e}",
+            r.stripe_transfer_id
+        )
+    };
+    if r.sends_metadata {
+        let reversals = ctx
+            .gateway
+            .list_reversals(&r.stripe_transfer_id)
+            .await
+            .map_err(looking)?;
+        return Ok(reversals
+            .into_iter()
+            .find(|x| x.metadata.get(REVERSAL_REF_KEY) == Some(&r.id.to_string()))
+            .map(|x| Some(x.id)));
+    }
+    let group: String = sqlx::query_scalar(
+        "SELECT p.transfer_group FROM split_allocations a JOIN split_payments p ON p.id = a.split_payment_id
+          WHERE a.id = $1",
+    )
+    .bind(&r.split_allocation_id)
+    .fetch_one(&ctx.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    let transfers = ctx.gateway.list_transfers(&group).await.map_err(looking)?;
+    let Some(t) = transfers.into_iter().find(|t| t.id == r.stripe_transfer_id) else {
+        return Err(format!(
+            "transfer {} is not in its group at Stripe",
+            r.stripe_transfer_id
+        ));
+    };
+    let unrecorded = t
+        .reversals
+        .iter()
+        .find(|x| x.amount_cents == r.amount_cents && !recorded.iter().any(|(id, _)| id.as_deref() == Some(&x.id)));
+    Ok(match unrecorded {
+        Some(x) => Some(Some(x.id.clone())),
+        None if !t.reversals_listed_all => {
+            let accounted: i64 = recorded.iter().map(|(_, amount)| amount).sum();
+            (t.amount_reversed_cents - accounted >= r.amount_cents).then_some(None)
+        }
+        None => None,
+    })
+}
+
+/// Records an old reversal as made if Stripe shows it ([`made_at_stripe`]). The look-up is made first, then
+/// checked under the allocation's lock, so two rows of one transfer never adopt the same reversal and a run that
+/// recorded it meanwhile wins.
+async fn adopt_if_made(ctx: &AppContext, r: &crate::store::reversals::ReversalRow) -> Result<Lookup, String> {
+    let recorded_sql = "SELECT stripe_reversal_id, amount_cents FROM transfer_reversals
+                         WHERE stripe_transfer_id = $1 AND status = 'SUCCEEDED'";
+    let recorded: Vec<(Option<String>, i64)> = sqlx::query_as(recorded_sql)
+        .bind(&r.stripe_transfer_id)
+        .fetch_all(&ctx.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let made = made_at_stripe(ctx, r, &recorded).await?;
+    let mut tx = ctx.pool.begin().await.map_err(|e| e.to_string())?;
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(&r.split_allocation_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Another run of this reversal (the job and the sweep) may have recorded it meanwhile: then it is done, and
+    // must not be sent again.
+    let status: String = sqlx::query_scalar("SELECT status FROM transfer_reversals WHERE id = $1")
+        .bind(r.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != "PENDING" {
+        return Ok(Lookup::AlreadyRecorded);
+    }
+    let Some(reversal_id) = made else {
+        return Ok(Lookup::NotMade);
+    };
+    // The same Stripe reversal adopted by another row meanwhile (amount match of old rows): look again later.
+    let now_recorded: Vec<(Option<String>, i64)> = sqlx::query_as(recorded_sql)
+        .bind(&r.stripe_transfer_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    if reversal_id
+        .as_deref()
+        .is_some_and(|id| now_recorded.iter().any(|(x, _)| x.as_deref() == Some(id)))
+    {
+        return Err(format!(
+            "the reversal found for row {} was just recorded by another row",
+            r.id
+        ));
+    }
+    record_reversal_success(&mut tx, r.id, reversal_id.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
+    tracing::warn!(reversal = r.id, transfer_id = %r.stripe_transfer_id, stripe_reversal_id = ?reversal_id,
+                   "an old reversal was found made at Stripe: recorded, not sent again");
+    Ok(Lookup::AdoptedNow)
+}
+
+/// Keeps the reversal PENDING with what went wrong, due again after a growing delay (see [`reverse`]).
+async fn retry_later(
+    ctx: &AppContext,
+    r: &crate::store::reversals::ReversalRow,
+    raw_id: &str,
+    code: Option<&str>,
+    saved_refusal_of: Option<i32>,
+    message: &str,
+) -> Result<(), JobFailure> {
+    let delay_ms = backoff_ms_random(
+        (r.attempts + 1) as u32,
+        ctx.distribution.backoff_base_ms,
+        REVERSAL_BACKOFF_CAP_MS,
+    )
+    .max(ctx.distribution.backoff_base_ms / 2);
+    let next = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    record_reversal_retry(&mut tx, r.id, next, code, message, saved_refusal_of)
+        .await
+        .map_err(transient)?;
+    enqueue(
+        &mut tx,
+        Queue::Reversal,
+        raw_id,
+        Some(std::time::Duration::from_millis(delay_ms)),
+    )
+    .await
+    .map_err(transient)?;
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    tracing::warn!(reversal = r.id, error = %message, delay_ms, "reversal refused or unanswered: retried later with the same key");
+    metrics::counter!("splitpay_reversals_retried_total").increment(1);
     Ok(())
 }
 

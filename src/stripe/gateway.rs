@@ -275,6 +275,16 @@ fn transfer_info(t: stripe_shared::Transfer) -> TransferInfo {
         source_transaction: t.source_transaction.as_ref().map(expandable_id),
         transfer_group: t.transfer_group,
         reversed: t.reversed,
+        reversals: t
+            .reversals
+            .data
+            .iter()
+            .map(|r| TransferReversalInfo {
+                id: r.id.as_str().to_owned(),
+                amount_cents: r.amount,
+            })
+            .collect(),
+        reversals_listed_all: !t.reversals.has_more,
         metadata: sorted(t.metadata),
     }
 }

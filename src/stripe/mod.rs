@@ -187,6 +187,17 @@ pub struct TransferInfo {
     pub transfer_group: Option<String>,
     pub reversed: bool,
     pub metadata: Metadata,
+    /// The reversals the transfer object lists (Stripe embeds the first page: see `reversals_listed_all`).
+    pub reversals: Vec<TransferReversalInfo>,
+    /// Whether `reversals` is every reversal of the transfer (Stripe's embedded list had no more).
+    pub reversals_listed_all: bool,
+}
+
+/// One reversal of a transfer, as the transfer object lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferReversalInfo {
+    pub id: String,
+    pub amount_cents: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@ pub mod money;
 pub mod sim_fixtures;
 pub mod store_fixtures;
 pub mod stripe;
+pub mod workers;
 
 use splitpay::domain::money::Currency;
 use splitpay::domain::plan::{AmountMode, PlanLimits, SplitPlan, Submission};

@@ -228,11 +228,68 @@ pub(super) async fn stripe_api(
         }
     }
 
-    let result = if let Some(Fault {
-        kind: FaultKind::ServerError,
+    // From here the request is Stripe's to finish: a client that goes away (a timeout, a process killed mid-call)
+    // does not cancel it, as it cannot at Stripe. Run in the handler's own future, a dropped connection would drop
+    // it midway: applied or not by chance, and its key held `InFlight` for good (every retry a 409).
+    let server_error = matches!(
+        fault,
+        Some(Fault {
+            kind: FaultKind::ServerError,
+            ..
+        })
+    );
+    let (status, body, headers, request_id) = {
+        let shared = shared.clone();
+        let method = method.clone();
+        let path = path.clone();
+        let stripe_account = headers
+            .get("stripe-account")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let executed = tokio::spawn(async move {
+            execute(
+                &shared,
+                server_error,
+                &method,
+                &path,
+                &form,
+                stripe_account.as_deref(),
+                key,
+                fingerprint,
+            )
+            .await
+        });
+        match executed.await {
+            Ok(done) => done,
+            Err(e) => return error_response(&SimError::invalid("", format!("the simulator failed: {e}"))),
+        }
+    };
+    let mut headers = headers;
+    if let Some(Fault {
+        kind: FaultKind::LoseResponse,
         ..
     }) = fault
     {
+        return broken_response();
+    }
+    headers.push(("request-id", request_id));
+    json_response(status, &body, &headers)
+}
+
+/// Executes a request whose key (if any) is marked in flight, saves the answer for the key, and returns the status,
+/// body, headers (`Original-Request` included) and the request's id.
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    shared: &std::sync::Arc<Shared>,
+    server_error: bool,
+    method: &Method,
+    path: &str,
+    form: &Form,
+    stripe_account: Option<&str>,
+    key: Option<String>,
+    fingerprint: Vec<(String, String)>,
+) -> (u16, Value, Vec<(&'static str, String)>, String) {
+    let result = if server_error {
         Err(SimError {
             status: 500,
             kind: "api_error",
@@ -251,8 +308,7 @@ pub(super) async fn stripe_api(
         if hold_ms > 0 {
             tokio::time::sleep(Duration::from_millis(hold_ms)).await;
         }
-        let stripe_account = headers.get("stripe-account").and_then(|v| v.to_str().ok());
-        route(&shared, &method, &path, &form, stripe_account)
+        route(shared, method, path, form, stripe_account)
     };
     let (status, body, saved, mut headers) = match &result {
         Ok(v) => (200, v.clone(), true, Vec::new()),
@@ -280,15 +336,7 @@ pub(super) async fn stripe_api(
         }
     }
     shared.wake_deliverer();
-    if let Some(Fault {
-        kind: FaultKind::LoseResponse,
-        ..
-    }) = fault
-    {
-        return broken_response();
-    }
-    headers.push(("request-id", request_id));
-    json_response(status, &body, &headers)
+    (status, body, headers, request_id)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
