@@ -484,6 +484,28 @@ async fn a_card_dispute_after_distribution_reverses_then_sends_each_share_again_
             (status, refunded, deleted, events.len()),
             (DonationStatus::Confirmed, 0, false, 1)
         );
+        // The second generation announces its own success: to the recipient (the donation is confirmed again)
+        // and to the distributor with the new transfer. Dedup keys of generation 1 used to swallow both.
+        let (_, _, _, succeeded) = donation_of(&flow, &p, i, "donation.succeeded").await;
+        assert_eq!(succeeded.len(), 2, "share {i}: generation 1 and generation 2");
+        let transfers: Vec<String> = flow
+            .events(&p.allocations[i].id)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "recommendation_set.distribution_succeeded")
+            .inspect(|e| validate_against_contract(e).unwrap_or_else(|err| panic!("{err}: {e}")))
+            .map(|e| e["data"]["stripe_transfer_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(transfers.len(), 2, "share {i}: {transfers:?}");
+        assert_ne!(
+            transfers[0], transfers[1],
+            "share {i}: each generation names its own transfer"
+        );
+        assert_eq!(
+            Some(&transfers[1]),
+            p.allocations[i].stripe_transfer_id.as_ref(),
+            "share {i}: the second names the new transfer"
+        );
     }
     assert_money(&flow, &id).await;
     flow.stop().await;

@@ -337,6 +337,7 @@ pub async fn succeed_audited(
         };
         transition_donation(&mut tx, &did, DonationEvent::Confirmed, &patch, |d| {
             announce::donation(EventType::DonationSucceeded, d, now)
+                .map(|e| announce::of_generation(e, generation))
                 .into_iter()
                 .collect()
         })

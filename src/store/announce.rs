@@ -36,8 +36,19 @@ pub fn payment(
     )
 }
 
-/// `recommendation_set.distribution_succeeded|distribution_failed` for the distributing organisation.
-/// `amount_cents` is the net amount transferred (or that could not be transferred).
+/// Later transfer generations (an operator's retry, a won dispute's re-send) announce their own outcome: the
+/// dedup key of an event about generation 2 or later names it, so it is not taken for generation 1's event and
+/// silently dropped. Generation 1 keeps the plain key ("once per allocation"), as every event before it did.
+pub fn of_generation(mut event: OutboundEvent, generation: i32) -> OutboundEvent {
+    if generation >= 2 {
+        event.dedup_key = format!("{}:g{generation}", event.dedup_key);
+    }
+    event
+}
+
+/// `recommendation_set.distribution_succeeded|distribution_failed` for the distributing organisation, once per
+/// allocation and transfer generation ([`of_generation`]). `amount_cents` is the net amount transferred (or that
+/// could not be transferred).
 pub fn distribution(
     event_type: EventType,
     c: &AllocationContext,
@@ -45,7 +56,7 @@ pub fn distribution(
     failure: Option<(&str, &str)>,
     at: DateTime<Utc>,
 ) -> OutboundEvent {
-    OutboundEvent::distribution(
+    let event = OutboundEvent::distribution(
         event_type,
         &c.payment.organisation_id,
         at,
@@ -62,7 +73,8 @@ pub fn distribution(
             failure_code: failure.map(|(code, _)| code.to_owned()),
             failure_message: failure.map(|(_, message)| message.to_owned()),
         },
-    )
+    );
+    of_generation(event, c.allocation.generation)
 }
 
 /// `donation.refunded` for one refund of a donation (once per refund id and donation), with the donation as it is
