@@ -301,3 +301,153 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
     );
     flow.stop().await;
 }
+
+/// Finding 5 (stop 18): an `ops refund --reverse-transfer` intent left open (its reversal was refused for now) and
+/// resumed after the charge was disputed would make the reversal, then have its refund refused by Stripe
+/// (`charge_disputed`): the recipient's money stranded on the platform. Resumed now, the intent ends FAILED, its
+/// reversal not made is canceled, nothing is sent to Stripe, and the closing is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_refund_resumed_after_a_dispute_is_closed_without_reversing() {
+    use splitpay::stripe::sim::{Fault, FaultKind};
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let a0 = p.allocations[0].clone();
+    // Stripe refuses the reversal for now (429, not applied): the intent stays open with its reversal PENDING.
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::RateLimit,
+            count: 1_000,
+            path_contains: Some("/reversals".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let args = [
+        "refund",
+        a0.id.as_str(),
+        "--reason",
+        "donor asked",
+        "--reverse-transfer",
+        "--yes",
+        "--actor",
+        "alice",
+    ];
+    let out = flow.ops(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM refunds WHERE source = 'ops' AND status NOT IN ('SUCCEEDED', 'FAILED')"
+        )
+        .await,
+        1,
+        "the intent is open"
+    );
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING'"
+        )
+        .await,
+        1
+    );
+    flow.control.clear_faults().await.unwrap();
+
+    // The charge is disputed, and splitpay hears of it before the operator runs the command again.
+    let charge = p.payment.charge_id.clone().unwrap();
+    flow.control.open_dispute(&charge).await.unwrap();
+    wait_for(
+        &flow,
+        "the dispute recorded",
+        "SELECT (count(*) = 1)::int::bigint FROM disputes",
+    )
+    .await;
+    let audit_before = scalar(&flow, "SELECT count(*) FROM ops_audit_log").await;
+    let reversal_posts = stripe_requests(&flow, "POST", "/reversals").await;
+
+    let out = flow.ops(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("disputed"), "{stderr}");
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM refunds WHERE source = 'ops' AND status = 'FAILED'"
+        )
+        .await,
+        1,
+        "the intent is closed"
+    );
+    // Its reversal was in doubt (a 429 answers nothing for the key): never sent again, canceled once a lookup ten
+    // minutes on proves Stripe did not make it.
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
+              WHERE f.source = 'ops' AND r.status = 'PENDING' AND r.cancel_requested_at IS NOT NULL"
+        )
+        .await,
+        1,
+        "its reversal waits for a lookup"
+    );
+    sqlx::query(
+        "UPDATE transfer_reversals SET in_doubt_since = in_doubt_since - interval '11 minutes',
+                next_attempt_at = now() WHERE cancel_requested_at IS NOT NULL",
+    )
+    .execute(&flow.db.pool)
+    .await
+    .unwrap();
+    wait_for(
+        &flow,
+        "the ops refund's reversal canceled",
+        "SELECT count(*) FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
+          WHERE f.source = 'ops' AND r.status = 'CANCELED'",
+    )
+    .await;
+    assert_eq!(
+        stripe_requests(&flow, "POST", "/reversals").await,
+        reversal_posts,
+        "no reversal sent after the dispute"
+    );
+    assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 0);
+    assert_eq!(
+        flow.gateway
+            .retrieve_charge(&charge)
+            .await
+            .unwrap()
+            .amount_refunded_cents,
+        0
+    );
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM ops_audit_log").await,
+        audit_before + 1,
+        "the closing is audited"
+    );
+    let result: String = sqlx::query_scalar(
+        "SELECT details->>'result' FROM ops_audit_log WHERE command = 'refund' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&flow.db.pool)
+    .await
+    .unwrap();
+    assert!(result.starts_with("intent failed"), "{result}");
+    // Run once more: nothing is open, and the dispute refuses a new intent without writing anything.
+    let out = flow.ops(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM ops_audit_log").await,
+        audit_before + 1
+    );
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM refunds WHERE source = 'ops'").await,
+        1
+    );
+    flow.stop().await;
+}

@@ -108,16 +108,11 @@ pub async fn run(
                                             "amount_cents": open.amount_cents });
             return super::print_dry_run(out, json, &plan);
         }
-        return send(ctx, &c, &open, json, out, err).await;
+        return send(ctx, &c, &open, change, json, out, err).await;
     }
     // Stripe refuses any refund of a charge that was disputed (`charge_disputed`), won or lost: a reversal made
     // first would leave the recipient's money stranded on the platform. Refused before anything is written.
-    let disputed: Option<String> =
-        sqlx::query_scalar("SELECT stripe_dispute_id FROM disputes WHERE split_payment_id = $1 ORDER BY id LIMIT 1")
-            .bind(&c.payment.id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if let Some(dispute) = disputed {
+    if let Some(dispute) = dispute_of(&mut conn, &c.payment.id).await? {
         writeln!(
             err,
             "refused: the payment's charge was disputed ({dispute}), and Stripe refuses refunds of a disputed charge; \
@@ -187,6 +182,17 @@ pub async fn run(
         )?;
         return Ok(Outcome::Refused);
     }
+    // Checked again under the lock: a dispute recorded since the first look would make Stripe refuse the refund
+    // after the reversal was made.
+    if let Some(dispute) = dispute_of(&mut tx, &c.payment.id).await? {
+        writeln!(
+            err,
+            "refused: the payment's charge was disputed ({dispute}) meanwhile, and Stripe refuses refunds of a \
+             disputed charge; see `splitpay ops show {}`",
+            c.payment.id
+        )?;
+        return Ok(Outcome::Refused);
+    }
     let currency = c.payment.currency.iso_code().to_lowercase();
     let refund = insert_refund_intent(
         &mut tx,
@@ -212,7 +218,18 @@ pub async fn run(
     )
     .await?;
     tx.commit().await?;
-    send(ctx, &c, &refund, json, out, err).await
+    send(ctx, &c, &refund, change, json, out, err).await
+}
+
+/// The first dispute of the payment's charge, if any. Stripe refuses any refund of a disputed charge
+/// (`charge_disputed`), won or lost, so a reversal made for such a refund would strand the recipient's money on the
+/// platform. Read under the share's row lock where it decides: a dispute's withdrawal locks the shares it covers, so
+/// it either committed before (and is seen here) or waits for this command.
+async fn dispute_of(conn: &mut sqlx::PgConnection, payment: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT stripe_dispute_id FROM disputes WHERE split_payment_id = $1 ORDER BY id LIMIT 1")
+        .bind(payment)
+        .fetch_optional(conn)
+        .await
 }
 
 /// What refunding this share means, or why it is refused (and what to do instead).
@@ -289,10 +306,43 @@ async fn send(
     ctx: &AppContext,
     c: &AllocationContext,
     refund: &RefundRow,
+    change: &Change,
     json: bool,
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<Outcome, OpsError> {
+    // An intent resumed (or sent) after the charge was disputed: Stripe would refuse the refund, so nothing more is
+    // sent. Under the share's lock, the intent ends FAILED and its reversals not yet made are canceled (one that
+    // may have reached Stripe is looked up by the reversal job first); a reversal already made is listed by
+    // `ops parked` as reversed without a refund. Audited: this run changed the intent.
+    let mut tx = ctx.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(&c.allocation.id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(dispute) = dispute_of(&mut tx, &c.payment.id).await? {
+        let why = format!("the charge was disputed ({dispute}); Stripe refuses refunds of a disputed charge");
+        fail_refund_intent(&mut tx, refund.id, &why).await?;
+        let (canceled, looked_up) = crate::store::reversals::request_cancel(&mut tx, refund.id).await?;
+        let mut entry = change.audit(
+            "refund",
+            "split_allocation",
+            &c.allocation.id,
+            serde_json::json!({ "refund": refund.id, "canceled_reversals": canceled,
+                                "reversals_to_look_up": looked_up }),
+        );
+        entry.details["result"] = format!("intent failed: {why}").into();
+        insert_audit(&mut tx, &entry).await?;
+        tx.commit().await?;
+        writeln!(
+            err,
+            "not refunded: {why}. Refund {} is closed as FAILED and its reversals not yet made are canceled; see \
+             `splitpay ops show {}` (a reversal already made is listed by `splitpay ops parked`)",
+            refund.id, c.payment.id
+        )?;
+        return Ok(Outcome::Refused);
+    }
+    drop(tx);
     let pending: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM transfer_reversals WHERE cause_refund_id = $1 AND status = 'PENDING' ORDER BY id",
     )
