@@ -91,7 +91,14 @@ pub fn jobs(ctx: AppContext) -> Vec<(&'static str, CronJob)> {
         let ctx = pending_ctx.clone();
         Box::pin(async move {
             let opts = ReconcileOptions::default();
-            bounded("reconcile-pending", RECONCILE_TIMEOUT, reconcile_pending(&ctx, &opts)).await
+            bounded("reconcile-pending", RECONCILE_TIMEOUT, reconcile_pending(&ctx, &opts)).await;
+            // The events sweep rides on the pending tick: refund and dispute events whose webhook was lost.
+            bounded(
+                "events-sweep",
+                RECONCILE_TIMEOUT,
+                super::event_sweep::sweep_events(&ctx),
+            )
+            .await
         })
     });
     let transfers: CronJob = Arc::new(move || {

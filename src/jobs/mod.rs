@@ -22,6 +22,7 @@ pub mod cron;
 pub mod deliver;
 pub mod disputes;
 pub mod distribute;
+pub mod event_sweep;
 pub mod payment_state;
 pub mod queue;
 pub mod reconcile;

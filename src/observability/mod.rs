@@ -232,6 +232,13 @@ pub fn reconcile_pending_ran(report: &crate::jobs::reconcile::PendingReport) {
     }
 }
 
+/// Counts an events sweep pass and the lost webhooks it recovered.
+pub fn events_sweep_ran(report: &crate::jobs::event_sweep::EventSweepReport) {
+    metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "events").increment(1);
+    metrics::counter!("splitpay_reconcile_resolved_total", "reconciler" => "events", "outcome" => "recovered")
+        .increment(report.ingested.len() as u64);
+}
+
 /// Counts a reconcile-transfers run and what it resolved.
 pub fn reconcile_transfers_ran(report: &crate::jobs::reconcile::TransferReport) {
     metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "transfers").increment(1);

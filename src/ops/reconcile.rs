@@ -1,12 +1,15 @@
 //! `splitpay ops reconcile [--payment ID] [--now]`: runs reconcile-pending and reconcile-transfers once, in the
-//! foreground (transfers are driven here, not queued), prints what they resolved, and lists what is still open for
-//! an operator: unresolved transfers (retry window ended, outcome unknown) and discrepancies found at Stripe.
+//! foreground (transfers are driven here, not queued), then the events sweep (refund and dispute events whose
+//! webhook was lost go to the inbox; the workers process them), prints what they resolved, and lists what is still
+//! open for an operator: unresolved transfers (retry window ended, outcome unknown) and discrepancies found at
+//! Stripe.
 
 use std::io::Write;
 
 use super::{OpsError, Outcome};
 use crate::app::AppContext;
 use crate::domain::ids::SplitPaymentId;
+use crate::jobs::event_sweep::{sweep_events, EventSweepReport};
 use crate::jobs::reconcile::{reconcile_pending, reconcile_transfers, PendingReport, ReconcileOptions, TransferReport};
 use crate::store::payments::find_split_payment_by_intent;
 
@@ -14,6 +17,9 @@ use crate::store::payments::find_split_payment_by_intent;
 struct Report {
     pending: PendingReport,
     transfers: TransferReport,
+    events_sweep: Option<EventSweepReport>,
+    /// Why the events sweep failed this time (Stripe unreachable, …); the next run reads the same events again.
+    events_sweep_error: Option<String>,
     unresolved: Vec<Unresolved>,
     discrepancies: Vec<Discrepancy>,
 }
@@ -79,6 +85,10 @@ pub async fn run(
     };
     let pending = reconcile_pending(ctx, &opts).await?;
     let transfers = reconcile_transfers(ctx, &opts).await?;
+    let (events_sweep, events_sweep_error) = match sweep_events(ctx).await {
+        Ok(report) => (Some(report), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let unresolved: Vec<Unresolved> = sqlx::query_as(
         "SELECT id AS split_allocation_id, split_payment_id, generation, net_amount_cents, unresolved_at,
                 failure_message
@@ -95,6 +105,8 @@ pub async fn run(
     let report = Report {
         pending,
         transfers,
+        events_sweep,
+        events_sweep_error,
         unresolved,
         discrepancies,
     };
@@ -136,6 +148,25 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> 
     writeln!(out, "  transfers adopted            {:>6}", t.adopted)?;
     writeln!(out, "  new discrepancies            {:>6}", t.discrepancies)?;
     writeln!(out, "  errors                       {:>6}", t.errors)?;
+    writeln!(out, "events sweep (refunds and disputes)")?;
+    match (&r.events_sweep, &r.events_sweep_error) {
+        (Some(e), _) => {
+            writeln!(out, "  events listed at Stripe      {:>6}", e.listed)?;
+            writeln!(
+                out,
+                "  lost webhooks recovered      {:>6}  (queued for the workers)",
+                e.ingested.len()
+            )?;
+            if !e.complete {
+                writeln!(
+                    out,
+                    "  more events than one pass reads: run `splitpay ops reconcile` again"
+                )?;
+            }
+        }
+        (None, Some(why)) => writeln!(out, "  failed: {why}; run `splitpay ops reconcile` again")?,
+        (None, None) => {}
+    }
     writeln!(
         out,
         "unresolved transfers (retry window ended, outcome unknown): {}",

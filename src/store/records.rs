@@ -260,3 +260,35 @@ pub async fn claim_cron_tick(
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// How far the events sweep `name` has read Stripe's event list (`None`: never ran).
+pub async fn event_sweep_cursor(conn: &mut PgConnection, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT swept_until FROM stripe_event_sweeps WHERE name = $1")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Moves the sweep's cursor forward to `until` (never back: two replicas' passes may finish in either order).
+pub async fn advance_event_sweep(conn: &mut PgConnection, name: &str, until: DateTime<Utc>) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO stripe_event_sweeps (name, swept_until) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE
+            SET swept_until = greatest(stripe_event_sweeps.swept_until, EXCLUDED.swept_until), updated_at = now()",
+    )
+    .bind(name)
+    .bind(until)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Which of `ids` the inbox holds already.
+pub async fn known_stripe_events(conn: &mut PgConnection, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT id FROM stripe_events WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(conn)
+        .await?)
+}

@@ -540,6 +540,30 @@ impl PaymentGateway for StripeGateway {
         })
     }
 
+    async fn list_events(
+        &self,
+        types: &[&str],
+        created_gte_unix: i64,
+        starting_after: Option<&str>,
+    ) -> Result<super::EventPage, GatewayError> {
+        // Read raw (see `request_json`: async-stripe's typed `Event` drops objects of types it does not know).
+        let mut params = vec![
+            ("created[gte]".to_owned(), created_gte_unix.to_string()),
+            ("limit".to_owned(), LIST_PAGE_SIZE.to_string()),
+        ];
+        params.extend(types.iter().map(|t| ("types[]".to_owned(), (*t).to_owned())));
+        if let Some(last) = starting_after {
+            params.push(("starting_after".to_owned(), last.to_owned()));
+        }
+        let page = self
+            .request_json("list_events", RawMethod::Get, "/events", &params, None, None)
+            .await?;
+        Ok(super::EventPage {
+            events: page["data"].as_array().cloned().unwrap_or_default(),
+            has_more: page["has_more"] == true,
+        })
+    }
+
     async fn retrieve_account(&self, id: &str) -> Result<AccountInfo, GatewayError> {
         let account: stripe_shared::Account = self
             .send("retrieve_account", || RetrieveAccount::new(id).customize(), None)

@@ -81,13 +81,31 @@ impl Model {
         if !(1..=100).contains(&limit) {
             return Err(SimError::invalid("limit", "limit must be between 1 and 100"));
         }
+        // `type` takes one type or a `*` wildcard (`charge.dispute.*`); `types[]` up to 20 exact types. Not both.
         let type_ = query.get("type");
+        let types = query.list("types");
+        if type_.is_some() && !types.is_empty() {
+            return Err(SimError::invalid(
+                "types",
+                "You may only specify one of these parameters: type, types.",
+            ));
+        }
+        if types.len() > 20 {
+            return Err(SimError::invalid("types", "types may contain at most 20 event types"));
+        }
+        let matches_type = |name: &str| match type_ {
+            Some(pattern) => match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == pattern,
+            },
+            None => types.is_empty() || types.iter().any(|t| t == name),
+        };
         let created = CreatedRange::from_query(query)?;
         let matching: Vec<&Event> = self
             .events
             .iter()
             .rev()
-            .filter(|e| type_.is_none_or(|t| e.type_ == t))
+            .filter(|e| matches_type(&e.type_))
             .filter(|e| created.contains(e.created))
             .collect();
         page(&matching, query, limit, "/v1/events", |e| e.id.as_str(), Event::json)

@@ -1,0 +1,137 @@
+//! The events sweep: the refund and dispute events whose webhook never arrived, read from Stripe's event list.
+//!
+//! Payments and transfers are reconciled by reading their objects (see [`super::reconcile`]), but nothing else
+//! tells splitpay that a charge was refunded in the dashboard or disputed: a dropped `charge.refunded` or
+//! `charge.dispute.funds_withdrawn` would leave the recipients holding money the donor got back. So each tick reads
+//! `GET /v1/events` for those types, created since the cursor (less an overlap for clock skew and for events
+//! Stripe lists late), and puts each event the inbox lacks there through the webhook's own ingress, which
+//! deduplicates by event id: an event that arrives both ways is processed once. Oldest first, as webhooks mostly
+//! come. The cursor moves only after a complete pass; a failed pass is read again on the next tick.
+//!
+//! Limits, stated: Stripe keeps events 30 days, so a sweep stopped longer than that misses some (the first pass
+//! reads [`FIRST_PASS_LOOKBACK_SECS`]); listed events are rendered in the account's default API version (a
+//! webhook endpoint can be pinned, a list cannot) — the processors read only fields every version has (`id`,
+//! `charge`, `payment_intent`, `amount`, `status`); a pass reads at most [`PAGES_PER_PASS_MAX`] pages, and one
+//! that would read more ingests what it read, does not move the cursor, and says so loudly. Connect events
+//! (`account.updated` of a connected account) are not in the platform's list; onboarding is covered by
+//! `ops retry`.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::Value;
+
+use crate::app::AppContext;
+use crate::http::webhooks::{ingest_event, Ingested};
+use crate::store::records::{advance_event_sweep, event_sweep_cursor, known_stripe_events};
+use crate::store::StoreError;
+use crate::stripe::GatewayError;
+
+/// The event types whose loss nothing else would notice (at most 20: Stripe's limit for `types[]`).
+pub const SWEPT_EVENT_TYPES: [&str; 10] = [
+    "charge.refunded",
+    "charge.refund.updated",
+    "refund.created",
+    "refund.updated",
+    "refund.failed",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+];
+/// The cursor's row in `stripe_event_sweeps`.
+const SWEEP_NAME: &str = "refunds_and_disputes";
+/// Each pass reads again this far before the cursor: clocks differ, and Stripe may list an event a little late.
+pub const OVERLAP_SECS: i64 = 600;
+/// A sweep that never ran starts this far back.
+pub const FIRST_PASS_LOOKBACK_SECS: i64 = 86_400;
+/// Pages of 100 a pass reads at most.
+pub const PAGES_PER_PASS_MAX: usize = 100;
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EventSweepReport {
+    /// Events read from Stripe's list.
+    pub listed: u64,
+    /// Events the inbox lacked, put there now (their webhook was lost or is late).
+    pub ingested: Vec<String>,
+    /// Whether the pass read everything since the cursor (and moved it).
+    pub complete: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventSweepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("listing Stripe's events: {0}")]
+    Stripe(#[from] GatewayError),
+    #[error("putting a listed event in the inbox: {0}")]
+    Ingest(String),
+}
+
+impl From<sqlx::Error> for EventSweepError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// One pass: every page since the cursor, the events the inbox lacks ingested oldest first, then the cursor moved.
+pub async fn sweep_events(ctx: &AppContext) -> Result<EventSweepReport, EventSweepError> {
+    let started = Utc::now();
+    let cursor = event_sweep_cursor(&mut *ctx.pool.acquire().await?, SWEEP_NAME).await?;
+    let since: DateTime<Utc> = match cursor {
+        Some(until) => until - Duration::seconds(OVERLAP_SECS),
+        None => started - Duration::seconds(FIRST_PASS_LOOKBACK_SECS),
+    };
+    let mut report = EventSweepReport::default();
+    let mut listed: Vec<Value> = Vec::new();
+    let mut after: Option<String> = None;
+    let mut complete = false;
+    for _ in 0..PAGES_PER_PASS_MAX {
+        let page = ctx
+            .gateway
+            .list_events(&SWEPT_EVENT_TYPES, since.timestamp(), after.as_deref())
+            .await?;
+        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
+        listed.extend(page.events);
+        if !page.has_more || after.is_none() {
+            complete = true;
+            break;
+        }
+    }
+    report.listed = listed.len() as u64;
+    let ids: Vec<String> = listed
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect();
+    let known = known_stripe_events(&mut *ctx.pool.acquire().await?, &ids).await?;
+    // Newest first from Stripe: fed oldest first.
+    for event in listed.into_iter().rev() {
+        let Some(id) = event["id"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        if known.contains(&id) || event.get("account").is_some_and(|a| !a.is_null()) {
+            continue;
+        }
+        match ingest_event(&ctx.pool, event).await {
+            Ok(Ingested::Stored) => {
+                tracing::warn!(event = %id, "a Stripe event whose webhook never arrived, taken from the event list");
+                report.ingested.push(id);
+            }
+            Ok(Ingested::Duplicate) => {} // its webhook arrived meanwhile
+            Err(e) => return Err(EventSweepError::Ingest(e.to_string())),
+        }
+    }
+    if complete {
+        advance_event_sweep(&mut *ctx.pool.acquire().await?, SWEEP_NAME, started).await?;
+    } else {
+        tracing::error!(
+            since = %since,
+            pages = PAGES_PER_PASS_MAX,
+            "more refund and dispute events since the cursor than a pass reads: the cursor stays; run `splitpay ops \
+             reconcile` again, and raise PAGES_PER_PASS_MAX if this repeats"
+        );
+    }
+    report.complete = complete;
+    crate::observability::events_sweep_ran(&report);
+    Ok(report)
+}

@@ -1,0 +1,200 @@
+//! The events sweep (jobs/event_sweep.rs): refund and dispute events whose webhook never arrived are read from
+//! Stripe's event list and taken through like the webhook, once, even when the webhook turns up afterwards or
+//! Stripe's list fails mid-way. Real PostgreSQL, the simulator over HTTP, the worker in the test process.
+
+mod common;
+
+use common::flow::Flow;
+use common::money::assert_conserved_at_stripe;
+use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::state::AllocationStatus;
+use splitpay::jobs::event_sweep::sweep_events;
+use splitpay::stripe::sim::{Fault, FaultKind};
+use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
+
+async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_for(flow: &Flow, what: &str, sql: &'static str) {
+    for _ in 0..600 {
+        if scalar(flow, sql).await == 1 {
+            return;
+        }
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A dashboard refund and a dispute whose webhooks are all lost: the sweep finds both (after a failed pass that
+/// moves nothing), the reversals are made once, each donation is told once; the late webhooks change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let transferred = |p: &splitpay::store::payments::SplitPayment| {
+        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+    };
+    let (refunded_id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let refunded = flow.wait_until(&refunded_id, "transferred", transferred).await;
+    let (disputed_id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor2"))
+        .await;
+    let disputed = flow.wait_until(&disputed_id, "transferred", transferred).await;
+    // A first pass with nothing lost: it reads the list and ingests nothing.
+    let first = sweep_events(&flow.ctx).await.unwrap();
+    assert!(first.complete);
+    assert!(first.ingested.is_empty(), "{first:?}");
+
+    // From here every webhook is held back and never delivered (until the end).
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    flow.gateway
+        .create_refund(&CreateRefundParams {
+            target: RefundTarget::PaymentIntent(refunded.payment.payment_intent_id.clone().unwrap()),
+            amount_cents: Some(3_000),
+            reason: None,
+            metadata: Default::default(),
+            idempotency_key: "dashboard-refund-sweep".into(),
+        })
+        .await
+        .unwrap();
+    let charge = disputed.payment.charge_id.clone().unwrap();
+    flow.control.open_dispute(&charge).await.unwrap();
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM refunds").await,
+        0,
+        "nothing heard yet"
+    );
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM disputes").await, 0);
+
+    // Stripe's list fails: the pass fails, ingests nothing, and the cursor stays.
+    let cursor_before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT swept_until FROM stripe_event_sweeps")
+            .fetch_one(&flow.db.pool)
+            .await
+            .unwrap();
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::ServerError,
+            count: 100,
+            path_contains: Some("/v1/events".into()),
+            method: Some("GET".into()),
+        })
+        .await
+        .unwrap();
+    assert!(sweep_events(&flow.ctx).await.is_err());
+    let cursor_after: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT swept_until FROM stripe_event_sweeps")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(cursor_after, cursor_before);
+    flow.control.clear_faults().await.unwrap();
+
+    // The next pass finds them.
+    let found = sweep_events(&flow.ctx).await.unwrap();
+    assert!(found.complete);
+    let types: Vec<String> = sqlx::query_scalar("SELECT event_type FROM stripe_events WHERE id = ANY($1) ORDER BY 1")
+        .bind(&found.ingested)
+        .fetch_all(&flow.db.pool)
+        .await
+        .unwrap();
+    assert!(types.iter().any(|t| t == "charge.refunded"), "{types:?}");
+    assert!(types.iter().any(|t| t == "charge.dispute.funds_withdrawn"), "{types:?}");
+    assert!(
+        types
+            .iter()
+            .all(|t| t.starts_with("charge.") || t.starts_with("refund.")),
+        "{types:?}"
+    );
+    wait_for(
+        &flow,
+        "the refund and the dispute processed",
+        "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
+                 AND (SELECT count(*) FROM refunds WHERE source <> 'ops') >= 2
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0
+                 AND (SELECT count(*) FROM transfer_reversals) > 0)::int::bigint",
+    )
+    .await;
+    // The refund of 3,000 of 6,000 (spread over the three shares) and the whole dispute of the other payment: each
+    // of the six donations told once.
+    assert_eq!(flow.count_events("donation.refunded").await, 6);
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM disputes").await, 1);
+    let refunded_at_stripe = flow
+        .gateway
+        .retrieve_charge(refunded.payment.charge_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .amount_refunded_cents;
+    assert_eq!(refunded_at_stripe, 3_000);
+    let reversals_before = scalar(&flow, "SELECT count(*) FROM transfer_reversals").await;
+    let reversed_cents = scalar(
+        &flow,
+        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals",
+    )
+    .await;
+
+    // A pass again, and then the held webhooks arrive: nothing is taken twice.
+    let again = sweep_events(&flow.ctx).await.unwrap();
+    assert!(again.ingested.is_empty(), "{again:?}");
+    flow.control
+        .webhook_mode(serde_json::json!({ "hold": false }))
+        .await
+        .unwrap();
+    flow.control.flush_webhooks().await.unwrap();
+    wait_for(
+        &flow,
+        "the late webhooks stored",
+        "SELECT (count(*) FILTER (WHERE processed_at IS NULL) = 0)::int::bigint FROM stripe_events",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM transfer_reversals").await,
+        reversals_before
+    );
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals"
+        )
+        .await,
+        reversed_cents
+    );
+    assert_eq!(flow.count_events("donation.refunded").await, 6);
+    assert_conserved_at_stripe(&flow, &refunded_id).await;
+    assert_conserved_at_stripe(&flow, &disputed_id).await;
+    flow.stop().await;
+}
+
+/// The simulator's event list filters as Stripe's does: `types[]` (exact), `type` with a `*` wildcard, not both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_list_filters_by_types() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000], &[]).await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    flow.wait_until(&id, "transferred", |p| {
+        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+    })
+    .await;
+    let page = flow
+        .gateway
+        .list_events(&["transfer.created", "payment_intent.succeeded"], 0, None)
+        .await
+        .unwrap();
+    let types: Vec<&str> = page.events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.len(), 2, "{types:?}");
+    assert!(types.contains(&"transfer.created") && types.contains(&"payment_intent.succeeded"));
+    let all = flow.gateway.list_events(&[], 0, None).await.unwrap();
+    assert!(all.events.len() > 2);
+    flow.stop().await;
+}
