@@ -303,6 +303,39 @@ async fn ops_refund_of_a_transferred_share_needs_reverse_transfer_and_reverses_f
         (DonationStatus::Refunded, net0, true, 1)
     );
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
+
+    // Run again: the net is back with the donor, so it is refused (nothing written, Stripe not called), and the
+    // error offers only the fees still with the platform.
+    let fee0 = a0.fee_share_cents.unwrap();
+    assert!(fee0 > 0);
+    let before = untouched(&flow).await;
+    let out = refund(&flow, &a0.id, &["--reverse-transfer"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("--amount gross refunds the {fee0} cents of fees")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(untouched(&flow).await, before);
+    // gross: the fees, once, and no second reversal.
+    let out = refund(&flow, &a0.id, &["--reverse-transfer", "--amount", "gross"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(charge_refunded_cents(&flow, &p).await, net0 + fee0);
+    let mut conn = flow.db.pool.acquire().await.unwrap();
+    assert_eq!(reversals_for_payment(&mut conn, &p.payment.id).await.unwrap().len(), 1);
+    drop(conn);
+    // And again: the donor has the whole share back; nothing more is offered or sent.
+    let before = untouched(&flow).await;
+    let out = refund(&flow, &a0.id, &["--reverse-transfer", "--amount", "gross"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("already has all of this share back"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(untouched(&flow).await, before);
+    assert_eq!(charge_refunded_cents(&flow, &p).await, net0 + fee0);
+    assert_conserved_at_stripe(&flow, &pid(&p)).await;
     flow.stop().await;
 }
 

@@ -288,11 +288,19 @@ async fn plan_for(
         RefundAmount::Gross => gross_left.max(net_left),
     };
     if refund_cents <= 0 {
-        return Ok(Err(format!(
-            "{}: its net share is already refunded or was 0 (the fees took it); use --amount gross to refund the \
-             fees too",
-            a.id
-        )));
+        // The hint to refund the fees only when some of the gross share is still not back with the donor: after a
+        // gross refund there is nothing left to suggest.
+        return Ok(Err(match amount {
+            RefundAmount::Net if gross_left > 0 => format!(
+                "{}: its net share is already refunded or was 0 (the fees took it); --amount gross refunds the \
+                 {gross_left} cents of fees still with the platform",
+                a.id
+            ),
+            _ => format!(
+                "{}: the donor already has all of this share back (see `splitpay ops show {}`)",
+                a.id, a.id
+            ),
+        }));
     }
     Ok(Ok(Plan {
         refund_cents,
