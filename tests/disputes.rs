@@ -221,6 +221,8 @@ async fn assert_withdrawn(flow: &Flow, id: &SplitPaymentId, p: &SplitPayment) {
     assert_eq!(held_per_share(flow, p).await, [0, 0, 0], "every share taken back");
     let r = report(flow, id).await;
     assert_eq!((r.disputed_cents, r.refunded_cents), (p.payment.total_amount_cents, 0));
+    // Stripe's dispute fee (the simulator's 2,500), as the withdrawal's balance transaction books it.
+    assert_eq!(scalar(flow, "SELECT fee_cents FROM disputes").await, 2_500);
     for i in 0..3 {
         let (status, refunded, deleted, events) = donation_of(flow, p, i, "donation.refunded").await;
         assert_eq!(
@@ -271,6 +273,11 @@ async fn a_card_dispute_withdrawn_then_won_sends_each_share_again_once() {
         assert_eq!(refunded_events.len(), 1, "one donation.refunded per dispute");
     }
     assert_eq!(report(&flow, &id).await.disputed_cents, 0);
+    assert_eq!(
+        scalar(&flow, "SELECT fee_cents FROM disputes").await,
+        0,
+        "the fee returned with the won dispute"
+    );
     assert_money(&flow, &id).await;
 
     // Both events again, twice at once: no transfer, reversal, event or row is added.
@@ -279,6 +286,11 @@ async fn a_card_dispute_withdrawn_then_won_sends_each_share_again_once() {
     redeliver_twice_at_once(&flow, "charge.dispute.funds_withdrawn").await;
     assert_eq!(footprint(&flow).await, before);
     assert_eq!(held_per_share(&flow, &p).await, nets);
+    assert_eq!(
+        scalar(&flow, "SELECT fee_cents FROM disputes").await,
+        0,
+        "a late withdrawal event does not bring the fee back"
+    );
     assert_money(&flow, &id).await;
 
     // `ops show` lists the dispute beside the refund row standing for its withdrawal.

@@ -34,6 +34,7 @@ pub fn is_dispute_event(event_type: &str) -> bool {
 
 /// The dispute in an event's object, or why it is not one.
 fn dispute_info(object: &Value) -> Result<DisputeInfo, String> {
+    let txns = object["balance_transactions"].as_array().cloned().unwrap_or_default();
     let text = |name: &str| object[name].as_str().map(str::to_owned);
     Ok(DisputeInfo {
         id: text("id").ok_or("a dispute event without the dispute's id")?,
@@ -42,6 +43,9 @@ fn dispute_info(object: &Value) -> Result<DisputeInfo, String> {
         currency: text("currency").ok_or("a dispute without its currency")?,
         reason: text("reason"),
         status: text("status").unwrap_or_else(|| "unknown".to_owned()),
+        // Expanded in events (Stripe sends the dispute's balance transactions whole); an id alone adds no fee.
+        fee_cents: txns.iter().filter_map(|b| b["fee"].as_i64()).sum(),
+        fee_balance_txns: i32::try_from(txns.len()).unwrap_or(i32::MAX),
     })
 }
 

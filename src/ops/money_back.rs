@@ -33,10 +33,11 @@ pub fn print(m: &MoneyBack, currency: &str, out: &mut (dyn Write + Send)) -> std
     for d in &m.disputes {
         writeln!(
             out,
-            "  {}  {:<14} {}  {}  {}",
+            "  {}  {:<14} {}  fee {}  {}  {}",
             d.stripe_dispute_id,
             d.status,
             money(Some(d.amount_cents), currency),
+            money(Some(d.fee_cents), currency),
             d.reason.as_deref().unwrap_or("no reason"),
             match (d.withdrawn_at, d.reinstate_seen_at) {
                 (None, _) => "funds not withdrawn".to_owned(),

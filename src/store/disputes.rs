@@ -34,6 +34,10 @@ pub struct DisputeInfo {
     pub currency: String,
     pub reason: Option<String>,
     pub status: String,
+    /// Stripe's dispute fee net of any returned, summed over the event's `balance_transactions`.
+    pub fee_cents: i64,
+    /// How many balance transactions `fee_cents` was summed from.
+    pub fee_balance_txns: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
@@ -51,6 +55,9 @@ pub struct DisputeRow {
     pub reinstate_seen_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// What the dispute cost the platform beyond the amount (Stripe's fee, net of one returned when won).
+    pub fee_cents: i64,
+    pub fee_balance_txns: i32,
 }
 
 /// Records the dispute once and refreshes Stripe's status (a closed one stays closed); returns the row, locked until the caller commits (so
@@ -67,12 +74,17 @@ pub async fn record_dispute(
         )));
     }
     Ok(sqlx::query_as::<_, DisputeRow>(
-        "INSERT INTO disputes (stripe_dispute_id, split_payment_id, charge_id, amount_cents, currency, reason, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO disputes (stripe_dispute_id, split_payment_id, charge_id, amount_cents, currency, reason, status,
+                               fee_cents, fee_balance_txns)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT ON CONSTRAINT disputes_stripe_id_once
          -- A closed dispute's status is final: a late or redelivered earlier event does not move it back.
          DO UPDATE SET status = CASE WHEN disputes.status IN ('won', 'lost', 'warning_closed') THEN disputes.status
                                      ELSE EXCLUDED.status END,
+                       -- The fee from the event that saw the most balance transactions (they only accrue).
+                       fee_cents = CASE WHEN EXCLUDED.fee_balance_txns >= disputes.fee_balance_txns
+                                        THEN EXCLUDED.fee_cents ELSE disputes.fee_cents END,
+                       fee_balance_txns = greatest(disputes.fee_balance_txns, EXCLUDED.fee_balance_txns),
                        updated_at = now()
          RETURNING *",
     )
@@ -83,6 +95,8 @@ pub async fn record_dispute(
     .bind(&info.currency)
     .bind(&info.reason)
     .bind(&info.status)
+    .bind(info.fee_cents)
+    .bind(info.fee_balance_txns)
     .fetch_one(&mut **tx)
     .await?)
 }
