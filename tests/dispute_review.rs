@@ -358,3 +358,70 @@ async fn a_won_dispute_settles_reversals_in_doubt_by_a_lookup_at_stripe() {
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
+
+/// Review F1 (stop 18): a reversal whose first request was sent an hour ago and whose retry was sent just now is in
+/// doubt from the retry, not from the first send. A won dispute then waits the in-flight margin from the retry
+/// before a lookup may cancel it; waiting from the first send would cancel it while the retry could still be
+/// applied at Stripe (the recipient short, the money on the platform).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_waits_out_the_margin_after_the_latest_send_not_the_first() {
+    let (flow, _id, p) = transferred_and_available().await;
+    let tr0 = p.allocations[0].stripe_transfer_id.clone().unwrap();
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::LoseResponse,
+            count: 10_000,
+            path_contains: Some(format!("/v1/transfers/{tr0}/reversals")),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let charge = p.payment.charge_id.clone().unwrap();
+    flow.control.open_dispute(&charge).await.unwrap();
+    settle_until(
+        &flow,
+        "two reversals made, the first in doubt",
+        "SELECT (count(*) FILTER (WHERE status = 'SUCCEEDED') = 2
+                 AND count(*) FILTER (WHERE status = 'PENDING' AND in_doubt_since IS NOT NULL) = 1)::int::bigint
+           FROM transfer_reversals",
+    )
+    .await;
+    // The first send was an hour ago; its retry is due now and is sent (its answer lost again).
+    sqlx::query(
+        "UPDATE transfer_reversals SET in_doubt_since = now() - interval '1 hour', next_attempt_at = now()
+          WHERE status = 'PENDING'",
+    )
+    .execute(&flow.db.pool)
+    .await
+    .unwrap();
+    settle_until(
+        &flow,
+        "the retry sent",
+        "SELECT count(*) FROM transfer_reversals
+          WHERE status = 'PENDING' AND in_doubt_since > now() - interval '1 minute'",
+    )
+    .await;
+
+    flow.control.close_dispute(&charge, true).await.unwrap();
+    settle_until(
+        &flow,
+        "the reinstatement applied",
+        "SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL",
+    )
+    .await;
+    for _ in 0..3 {
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+    }
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM transfer_reversals
+              WHERE status = 'PENDING' AND cancel_requested_at IS NOT NULL
+                AND next_attempt_at > now() + interval '8 minutes'"
+        )
+        .await,
+        1,
+        "the lookup waits for the margin after the retry"
+    );
+    flow.stop().await;
+}

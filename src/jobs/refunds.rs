@@ -154,10 +154,21 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     } else {
         Metadata::new()
     };
-    let outcome = ctx
-        .gateway
-        .create_reversal(&r.stripe_transfer_id, Some(r.amount_cents), &metadata, &r.key())
-        .await;
+    // Bounded well inside the in-flight margin that a cancel waits out after the claim: the limiter's wait has no
+    // bound of its own, and a request sent later than the margin could be applied after its cancel was settled.
+    let budget = std::time::Duration::from_secs(REVERSAL_SEND_BUDGET_SECS);
+    let outcome = match tokio::time::timeout(
+        budget,
+        ctx.gateway
+            .create_reversal(&r.stripe_transfer_id, Some(r.amount_cents), &metadata, &r.key()),
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => Err(crate::stripe::GatewayError::Unknown {
+            reason: format!("no answer within {REVERSAL_SEND_BUDGET_SECS} s (rate limiter and retries included)"),
+        }),
+    };
     let mut conn = acquire(ctx).await?;
     match outcome {
         Ok(ReversalOutcome::Reversed { reversal_id, .. }) => {
@@ -185,6 +196,11 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     }
     Ok(())
 }
+
+/// A reversal's request (limiter wait, attempts and backoff) is abandoned after this; well inside
+/// [`REVERSAL_IN_FLIGHT_MARGIN_SECS`], so a cancel that waits out the margin after the latest claim cannot be
+/// overtaken by a request still on its way.
+pub const REVERSAL_SEND_BUDGET_SECS: u64 = 300;
 
 /// A reversal written longer ago than this is looked up at Stripe before its key is sent again (Stripe may forget
 /// a key after 24 hours).

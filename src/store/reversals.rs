@@ -36,8 +36,9 @@ pub struct ReversalRow {
     pub succeeded_at: Option<DateTime<Utc>>,
     /// Which key is sent: `idempotency_key` at 1, `{key}:k{n}` after (see [`ReversalRow::key`]).
     pub key_attempt: i32,
-    /// Set before a request is sent, cleared when Stripe answers it with a saved refusal: NULL means no request of
-    /// this row can have been applied at Stripe.
+    /// Set (to the time of the latest send) before each request is sent, cleared when Stripe answers with a saved
+    /// refusal: NULL means no request of this row can have been applied at Stripe; otherwise no request can still
+    /// be in flight [`REVERSAL_IN_FLIGHT_MARGIN_SECS`] after it.
     pub in_doubt_since: Option<DateTime<Utc>>,
     /// The refund that asked for it no longer stands, and a request may have been applied: never sent again;
     /// settled by a lookup at Stripe.
@@ -116,8 +117,10 @@ pub async fn get_reversal(conn: &mut PgConnection, id: i64) -> Result<ReversalRo
 /// a saved refusal. Returns false (send nothing) when the row is no longer PENDING, its cancel was requested
 /// meanwhile, or it moved to another key attempt (the caller read it before: the scheduled attempt will come).
 pub async fn claim_reversal(conn: &mut PgConnection, id: i64, key_attempt: i32) -> Result<bool, StoreError> {
+    // The latest claim's time, not the first's: a cancel waits out the margin after the last request sent (review
+    // F1: a retry an hour after the first send could still be in flight when the cancel was settled).
     let claimed = sqlx::query(
-        "UPDATE transfer_reversals SET in_doubt_since = coalesce(in_doubt_since, now()), updated_at = now()
+        "UPDATE transfer_reversals SET in_doubt_since = now(), updated_at = now()
           WHERE id = $1 AND status = 'PENDING' AND cancel_requested_at IS NULL AND key_attempt = $2",
     )
     .bind(id)
