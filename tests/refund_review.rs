@@ -302,12 +302,14 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
     flow.stop().await;
 }
 
-/// Finding 5 (stop 18): an `ops refund --reverse-transfer` intent left open (its reversal was refused for now) and
-/// resumed after the charge was disputed would make the reversal, then have its refund refused by Stripe
-/// (`charge_disputed`): the recipient's money stranded on the platform. Resumed now, the intent ends FAILED, its
-/// reversal not made is canceled, nothing is sent to Stripe, and the closing is audited.
+/// Finding 5 and review F3 (stop 18): an `ops refund --reverse-transfer` intent left open (its reversal was
+/// refused for now) when the charge is disputed would make the reversal, then have its refund refused by Stripe
+/// (`charge_disputed`): the recipient's money stranded on the platform; and its pending reversal held the transfer
+/// against the dispute's own part, so the platform bore that share. Now the withdrawal closes the intent (FAILED,
+/// audited as `system`), its reversal is canceled after a lookup, and the dispute reverses the share itself; the
+/// command run again is refused and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ops_refund_resumed_after_a_dispute_is_closed_without_reversing() {
+async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
     use splitpay::stripe::sim::{Fault, FaultKind};
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
     flow.control.top_up("aud", 1_000_000).await.unwrap();
@@ -359,24 +361,18 @@ async fn an_ops_refund_resumed_after_a_dispute_is_closed_without_reversing() {
         .await,
         1
     );
-    flow.control.clear_faults().await.unwrap();
+    // Stripe keeps refusing reversals (429) until the lookup below.
 
-    // The charge is disputed, and splitpay hears of it before the operator runs the command again.
+    // The charge is disputed: the withdrawal closes the open intent.
     let charge = p.payment.charge_id.clone().unwrap();
+    let audit_before = scalar(&flow, "SELECT count(*) FROM ops_audit_log").await;
     flow.control.open_dispute(&charge).await.unwrap();
     wait_for(
         &flow,
-        "the dispute recorded",
-        "SELECT (count(*) = 1)::int::bigint FROM disputes",
+        "the withdrawal processed",
+        "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
     )
     .await;
-    let audit_before = scalar(&flow, "SELECT count(*) FROM ops_audit_log").await;
-    let reversal_posts = stripe_requests(&flow, "POST", "/reversals").await;
-
-    let out = flow.ops(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("disputed"), "{stderr}");
     assert_eq!(
         scalar(
             &flow,
@@ -386,8 +382,20 @@ async fn an_ops_refund_resumed_after_a_dispute_is_closed_without_reversing() {
         1,
         "the intent is closed"
     );
-    // Its reversal was in doubt (a 429 answers nothing for the key): never sent again, canceled once a lookup ten
-    // minutes on proves Stripe did not make it.
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM ops_audit_log").await,
+        audit_before + 1,
+        "the closing is audited"
+    );
+    let (actor, result): (String, String) = sqlx::query_as(
+        "SELECT actor, details->>'result' FROM ops_audit_log WHERE command = 'refund' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&flow.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "system");
+    assert!(result.starts_with("intent failed"), "{result}");
+    // Its reversal was in doubt (a 429 answers nothing for the key): never sent again, waiting for a lookup.
     assert_eq!(
         scalar(
             &flow,
@@ -398,25 +406,58 @@ async fn an_ops_refund_resumed_after_a_dispute_is_closed_without_reversing() {
         1,
         "its reversal waits for a lookup"
     );
+    // The dispute's part of that share is a reversal of its own, not a platform loss.
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT count(*) FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
+              WHERE f.source = 'dispute'"
+        )
+        .await,
+        3
+    );
+    // The platform bears only the fees (Stripe keeps them): every net is reversed.
+    let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
+        )
+        .await,
+        nets
+    );
+
+    // Run again: nothing open, and the dispute refuses a new intent without writing anything.
+    let out = flow.ops(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("disputed"), "{stderr}");
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM ops_audit_log").await,
+        audit_before + 1
+    );
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM refunds WHERE source = 'ops'").await,
+        1
+    );
+
+    // Stripe answers again; ten minutes on, the lookup cancels the intent's reversal, and the dispute's are made.
+    flow.control.clear_faults().await.unwrap();
     sqlx::query(
         "UPDATE transfer_reversals SET in_doubt_since = in_doubt_since - interval '11 minutes',
-                next_attempt_at = now() WHERE cancel_requested_at IS NOT NULL",
+                next_attempt_at = now() WHERE status = 'PENDING'",
     )
     .execute(&flow.db.pool)
     .await
     .unwrap();
     wait_for(
         &flow,
-        "the ops refund's reversal canceled",
-        "SELECT count(*) FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
-          WHERE f.source = 'ops' AND r.status = 'CANCELED'",
+        "the reversals settled",
+        "SELECT ((SELECT count(*) FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
+                   WHERE f.source = 'ops' AND r.status = 'CANCELED') = 1
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED') = 3)::int::bigint",
     )
     .await;
-    assert_eq!(
-        stripe_requests(&flow, "POST", "/reversals").await,
-        reversal_posts,
-        "no reversal sent after the dispute"
-    );
     assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 0);
     assert_eq!(
         flow.gateway
@@ -426,28 +467,102 @@ async fn an_ops_refund_resumed_after_a_dispute_is_closed_without_reversing() {
             .amount_refunded_cents,
         0
     );
-    assert_eq!(
-        scalar(&flow, "SELECT count(*) FROM ops_audit_log").await,
-        audit_before + 1,
-        "the closing is audited"
-    );
-    let result: String = sqlx::query_scalar(
-        "SELECT details->>'result' FROM ops_audit_log WHERE command = 'refund' ORDER BY id DESC LIMIT 1",
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Review F6 (stop 18): an `ops refund --reverse-transfer` whose reversal Stripe refused for now returns with the
+/// intent open; the reversal job makes the reversal later, but only the command sends the refund. Until it is run
+/// again, `ops parked` lists the money as on the platform's balance, with the command to run; run again, it sends
+/// the refund once and the listing is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_made_in_the_background_for_an_ops_refund_is_listed_until_the_refund_is_sent() {
+    use splitpay::stripe::sim::{Fault, FaultKind};
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let a0 = p.allocations[0].clone();
+    let net0 = a0.net_amount_cents.unwrap();
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::RateLimit,
+            count: 1_000,
+            path_contains: Some("/reversals".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let args = [
+        "refund",
+        a0.id.as_str(),
+        "--reason",
+        "donor asked",
+        "--reverse-transfer",
+        "--yes",
+        "--actor",
+        "alice",
+    ];
+    assert_eq!(flow.ops(&args).status.code(), Some(1));
+    flow.control.clear_faults().await.unwrap();
+    // The reversal job makes it later; the intent stays open, and is old enough not to be a running command.
+    sqlx::query("UPDATE transfer_reversals SET next_attempt_at = now()")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    wait_for(
+        &flow,
+        "the reversal made in the background",
+        "SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED'",
     )
-    .fetch_one(&flow.db.pool)
-    .await
-    .unwrap();
-    assert!(result.starts_with("intent failed"), "{result}");
-    // Run once more: nothing is open, and the dispute refuses a new intent without writing anything.
+    .await;
+    sqlx::query("UPDATE refunds SET created_at = created_at - interval '11 minutes'")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+    let listed = |flow: &Flow| {
+        let parked = flow.ops(&["parked", "--json"]);
+        let parked: serde_json::Value = serde_json::from_slice(&parked.stdout).unwrap();
+        parked["reversed_refund_not_sent"].as_array().unwrap().clone()
+    };
+    let unfinished = listed(&flow);
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0]["split_allocation_id"], a0.id.as_str());
+    assert_eq!(unfinished[0]["amount_cents"], net0);
+    let table = String::from_utf8_lossy(&flow.ops(&["parked"]).stdout).into_owned();
+    assert!(
+        table.contains("reversed for an ops refund not sent yet (on the platform's balance): 1"),
+        "{table}"
+    );
+    let charge = p.payment.charge_id.clone().unwrap();
+    assert_eq!(
+        flow.gateway
+            .retrieve_charge(&charge)
+            .await
+            .unwrap()
+            .amount_refunded_cents,
+        0
+    );
+
+    // Run again: the refund is sent once, the reversal is not made again, and nothing is listed.
     let out = flow.ops(&args);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
-        scalar(&flow, "SELECT count(*) FROM ops_audit_log").await,
-        audit_before + 1
+        flow.gateway
+            .retrieve_charge(&charge)
+            .await
+            .unwrap()
+            .amount_refunded_cents,
+        net0
     );
-    assert_eq!(
-        scalar(&flow, "SELECT count(*) FROM refunds WHERE source = 'ops'").await,
-        1
-    );
+    assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 1);
+    assert!(listed(&flow).is_empty());
+    assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }

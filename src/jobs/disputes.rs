@@ -20,8 +20,8 @@ use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::ids::SplitPaymentId;
 use crate::store::disputes::{
-    apply_reinstatement, lock_dispute, note_reinstated, record_dispute, waiting_reinstatements, withdraw, DisputeInfo,
-    Reinstatement,
+    apply_reinstatement, close_open_ops_refunds, lock_dispute, note_reinstated, record_dispute, waiting_reinstatements,
+    withdraw, DisputeInfo, Reinstatement,
 };
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, StripeEventRow};
@@ -79,6 +79,9 @@ pub async fn process_dispute_event(ctx: &AppContext, event: &StripeEventRow) -> 
     let mut reversals = Vec::new();
     if withdrawn || reinstated {
         if let Some(refund) = withdraw(&mut tx, &mut dispute).await.map_err(transient)? {
+            close_open_ops_refunds(&mut tx, &payment, &dispute.stripe_dispute_id)
+                .await
+                .map_err(transient)?;
             match attribute_refund(&mut tx, &refund, ctx.distribution.reverse_on_refund).await {
                 Ok(r) => reversals = r,
                 Err(StoreError::Invalid(why)) => {

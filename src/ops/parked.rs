@@ -22,7 +22,13 @@ struct Report {
     reversals_pending: Vec<crate::store::reversals::ReversalRow>,
     /// Reversals made for a refund Stripe then refused: the money is on the platform's balance, for an operator.
     reversed_without_refund: Vec<crate::store::reversals::ReversalRow>,
+    /// Reversals made for an `ops refund` whose refund was never sent (the command stopped): on the platform's
+    /// balance until the command is run again.
+    reversed_refund_not_sent: Vec<crate::store::reversals::ReversalRow>,
 }
+
+/// An `ops refund` intent younger than this may still have its command running: not listed as unfinished.
+pub const UNFINISHED_REFUND_GRACE_SECS: i64 = 600;
 
 #[derive(Debug, serde::Serialize, sqlx::FromRow)]
 pub struct Parked {
@@ -81,11 +87,17 @@ pub async fn run(
     let reversals_pending = super::money_back::owed(&mut *ctx.pool.acquire().await?).await?;
     let reversed_without_refund =
         crate::store::reversals::reversed_without_refund(&mut *ctx.pool.acquire().await?).await?;
+    let reversed_refund_not_sent = crate::store::reversals::reversed_refund_not_sent(
+        &mut *ctx.pool.acquire().await?,
+        UNFINISHED_REFUND_GRACE_SECS,
+    )
+    .await?;
     let report = Report {
         parked,
         truncated,
         reversals_pending,
         reversed_without_refund,
+        reversed_refund_not_sent,
     };
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -106,6 +118,18 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> 
         writeln!(
             out,
             "  {}  {}  {} cents  `splitpay ops show {}`",
+            t.split_allocation_id, t.stripe_transfer_id, t.amount_cents, t.split_allocation_id
+        )?;
+    }
+    writeln!(
+        out,
+        "reversed for an ops refund not sent yet (on the platform's balance): {}",
+        r.reversed_refund_not_sent.len()
+    )?;
+    for t in &r.reversed_refund_not_sent {
+        writeln!(
+            out,
+            "  {}  {}  {} cents  run `splitpay ops refund {} --reverse-transfer --reason …` again to send the refund",
             t.split_allocation_id, t.stripe_transfer_id, t.amount_cents, t.split_allocation_id
         )?;
     }

@@ -342,3 +342,56 @@ pub async fn disputes_for_payment(conn: &mut PgConnection, payment: &str) -> Res
             .await?,
     )
 }
+
+/// A new withdrawal closes the payment's `ops refund` intents that Stripe has not answered (review F3): Stripe
+/// refuses refunds of a disputed charge, so each such intent would only end FAILED after its reversal had moved
+/// the recipient's money to the platform. Each intent ends FAILED now, its reversals not made are canceled (or, in
+/// doubt, looked up first), and an audit row says why (actor `system`). Their reversals then no longer hold the
+/// transfer against the withdrawal's own parts, which the caller attributes next. The payment's shares are locked
+/// first, in the order `ops refund` takes them (one share, then its intent). Returns the intents closed.
+pub async fn close_open_ops_refunds(
+    tx: &mut Tx<'_>,
+    payment: &SplitPaymentId,
+    dispute: &str,
+) -> Result<Vec<i64>, StoreError> {
+    sqlx::query("SELECT 1 FROM split_allocations WHERE split_payment_id = $1 ORDER BY id FOR UPDATE")
+        .bind(payment.as_str())
+        .execute(&mut **tx)
+        .await?;
+    let open: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT id, split_allocation_id FROM refunds
+          WHERE split_payment_id = $1 AND source = 'ops' AND status = 'REQUESTED' ORDER BY id FOR UPDATE",
+    )
+    .bind(payment.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    let why = format!("the charge was disputed ({dispute}); Stripe refuses refunds of a disputed charge");
+    for (refund_id, allocation) in &open {
+        super::refunds::fail_refund_intent(tx, *refund_id, &why).await?;
+        let (canceled, to_look_up) = super::reversals::request_cancel(tx, *refund_id).await?;
+        super::records::insert_audit(
+            tx,
+            &super::records::AuditEntry {
+                actor: crate::jobs::accounts::SYSTEM_ACTOR.to_owned(),
+                command: "refund".to_owned(),
+                target_type: "split_allocation".to_owned(),
+                target_id: allocation.clone().unwrap_or_default(),
+                reason: Some(why.clone()),
+                details: serde_json::json!({
+                    "parameters": { "refund": refund_id, "canceled_reversals": canceled,
+                                    "reversals_to_look_up": to_look_up },
+                    "result": format!("intent failed: {why}"),
+                }),
+            },
+        )
+        .await?;
+        tracing::warn!(
+            refund = refund_id,
+            dispute,
+            canceled,
+            to_look_up,
+            "ops refund intent closed by a dispute"
+        );
+    }
+    Ok(open.into_iter().map(|(id, _)| id).collect())
+}

@@ -409,11 +409,14 @@ pub async fn cover_waiting_parts(
 
 /// Every reversal of the allocation's current transfer, made or still to be made, whatever caused it (a refund's
 /// part, `ops refund --reverse-transfer`): what is left of the transfer to reverse is its amount less these. An
-/// earlier generation's reversals are not this transfer's (a won dispute sent a new one).
+/// earlier generation's reversals are not this transfer's (a won dispute sent a new one). A reversal whose cancel
+/// was requested (its refund no longer stands) is never sent again and holds nothing; should its lookup find it
+/// made after all, a later reversal of the same money is refused by Stripe and stays listed for an operator.
 pub(crate) async fn reversals_of_transfer(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar::<_, i64>(
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals
-          WHERE split_allocation_id = $1 AND stripe_transfer_id = $2 AND status <> 'CANCELED'",
+          WHERE split_allocation_id = $1 AND stripe_transfer_id = $2 AND status <> 'CANCELED'
+            AND NOT (status = 'PENDING' AND cancel_requested_at IS NOT NULL)",
     )
     .bind(&a.id)
     .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))

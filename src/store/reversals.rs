@@ -292,3 +292,22 @@ pub async fn pending_reversals(conn: &mut PgConnection) -> Result<Vec<ReversalRo
     .fetch_all(conn)
     .await?)
 }
+
+/// `ops refund` intents whose reversal was made (by the command or, later, by the reversal job) but whose refund was
+/// never sent (review F6: the command stopped, or its reversal was made in the background after it returned). The
+/// money is on the platform's balance until an operator runs the command again; for `ops parked`. Intents
+/// younger than `grace_secs` are skipped: their command may still be running.
+pub async fn reversed_refund_not_sent(
+    conn: &mut PgConnection,
+    grace_secs: i64,
+) -> Result<Vec<ReversalRow>, StoreError> {
+    Ok(sqlx::query_as::<_, ReversalRow>(
+        "SELECT t.* FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+          WHERE t.status = 'SUCCEEDED' AND r.source = 'ops' AND r.status = 'REQUESTED'
+            AND r.created_at <= now() - make_interval(secs => $1)
+          ORDER BY t.succeeded_at LIMIT 1000",
+    )
+    .bind(grace_secs as f64)
+    .fetch_all(conn)
+    .await?)
+}
