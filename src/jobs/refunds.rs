@@ -132,7 +132,7 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     // transfer is read first.
     if Utc::now() - r.created_at > chrono::Duration::hours(REVERSAL_KEY_SAFE_HOURS) {
         match adopt_if_made(ctx, &r).await {
-            Ok(Lookup::AdoptedNow) => return after_made(ctx, &r).await,
+            Ok(Lookup::AdoptedNow) => return Ok(()), // recorded with its consequences
             Ok(Lookup::AlreadyRecorded) => return Ok(()),
             Ok(Lookup::NotMade) => {}
             Err(why) => return retry_later(ctx, &r, raw_id, None, None, &why).await,
@@ -169,24 +169,16 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             reason: format!("no answer within {REVERSAL_SEND_BUDGET_SECS} s (rate limiter and retries included)"),
         }),
     };
-    let mut conn = acquire(ctx).await?;
     match outcome {
         Ok(ReversalOutcome::Reversed { reversal_id, .. }) => {
-            record_reversal_success(&mut conn, id, Some(&reversal_id))
-                .await
-                .map_err(transient)?;
+            record_made(ctx, &r, Some(&reversal_id)).await?;
             tracing::info!(reversal = id, transfer_id = %r.stripe_transfer_id, amount_cents = r.amount_cents, "reversed");
-            drop(conn);
-            after_made(ctx, &r).await?;
         }
         Ok(ReversalOutcome::AlreadyFullyReversed) => {
-            record_reversal_success(&mut conn, id, None).await.map_err(transient)?;
+            record_made(ctx, &r, None).await?;
             tracing::warn!(reversal = id, transfer_id = %r.stripe_transfer_id, "transfer already fully reversed");
-            drop(conn);
-            after_made(ctx, &r).await?;
         }
         Err(e) => {
-            drop(conn);
             // Low balance, throttling, a timeout: retried on the schedule. A coded 4xx refusal (low balance) is
             // saved by Stripe under the key, so the next attempt takes the next key; anything else may have been
             // (or may yet be) applied, and keeps the key.
@@ -320,6 +312,7 @@ async fn adopt_if_made(ctx: &AppContext, r: &crate::store::reversals::ReversalRo
     record_reversal_success(&mut tx, r.id, reversal_id.as_deref())
         .await
         .map_err(|e| e.to_string())?;
+    send_again_if_reinstated(&mut tx, r).await.map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     tracing::warn!(reversal = r.id, transfer_id = %r.stripe_transfer_id, stripe_reversal_id = ?reversal_id,
                    "an old reversal was found made at Stripe: recorded, not sent again");
@@ -404,12 +397,10 @@ async fn settle_cancel(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailu
             .find(|x| x.metadata.get(REVERSAL_REF_KEY) == Some(&r.id.to_string()))
         {
             Some(found) => {
-                record_reversal_success(&mut conn, r.id, Some(&found.id))
-                    .await
-                    .map_err(transient)?;
-                tracing::warn!(reversal = r.id, stripe_reversal = %found.id, "a canceled reversal was made at Stripe");
                 drop(conn);
-                after_made(ctx, r).await
+                record_made(ctx, r, Some(&found.id)).await?;
+                tracing::warn!(reversal = r.id, stripe_reversal = %found.id, "a canceled reversal was made at Stripe");
+                Ok(())
             }
             None => {
                 record_reversal_canceled(&mut conn, r.id).await.map_err(transient)?;
@@ -426,30 +417,39 @@ async fn settle_cancel(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailu
     }
 }
 
+/// Records a reversal as made, and its consequences, in one transaction (review F2: a crash between the two left a
+/// share owed its money with nothing to send it).
+async fn record_made(ctx: &AppContext, r: &ReversalRow, stripe_reversal_id: Option<&str>) -> Result<(), JobFailure> {
+    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    record_reversal_success(&mut tx, r.id, stripe_reversal_id)
+        .await
+        .map_err(transient)?;
+    send_again_if_reinstated(&mut tx, r).await.map_err(transient)?;
+    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    Ok(())
+}
+
 /// A reversal was made. If the refund that asked for it was given back meanwhile (a won dispute), the share is
-/// owed what it took: a new generation, as the reinstatement gives the others.
-async fn after_made(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailure> {
+/// owed what it took: a new generation, as the reinstatement gives the others; its transfer job is enqueued in the
+/// caller's transaction.
+async fn send_again_if_reinstated(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<(), StoreError> {
     let Some(cause) = r.cause_refund_id else {
         return Ok(());
     };
-    let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     let reinstated: Option<chrono::DateTime<Utc>> =
         sqlx::query_scalar("SELECT reinstated_at FROM refunds WHERE id = $1")
             .bind(cause)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| JobFailure::Retry(e.to_string()))?;
+            .fetch_one(&mut **tx)
+            .await?;
     if reinstated.is_none() {
         return Ok(());
     }
-    let id = SplitAllocationId::parse(&r.split_allocation_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
-    if send_again_if_owed(&mut tx, &id).await.map_err(transient)? {
-        enqueue(&mut tx, Queue::Transfer, id.as_str(), None)
-            .await
-            .map_err(transient)?;
+    let id = SplitAllocationId::parse(&r.split_allocation_id)
+        .map_err(|e| StoreError::Invalid(format!("reversal {}: {e}", r.id)))?;
+    if send_again_if_owed(tx, &id).await? {
+        enqueue(tx, Queue::Transfer, id.as_str(), None).await?;
         tracing::warn!(split_allocation_id = %id, reversal = r.id, "reversal made after its dispute was won: sent again");
     }
-    tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     Ok(())
 }
 
