@@ -188,13 +188,128 @@ async fn the_event_list_filters_by_types() {
     .await;
     let page = flow
         .gateway
-        .list_events(&["transfer.created", "payment_intent.succeeded"], 0, None)
+        .list_events(&["transfer.created", "payment_intent.succeeded"], 0, None, None)
         .await
         .unwrap();
     let types: Vec<&str> = page.events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(types.len(), 2, "{types:?}");
     assert!(types.contains(&"transfer.created") && types.contains(&"payment_intent.succeeded"));
-    let all = flow.gateway.list_events(&[], 0, None).await.unwrap();
+    let all = flow.gateway.list_events(&[], 0, None, None).await.unwrap();
     assert!(all.events.len() > 2);
+    flow.stop().await;
+}
+
+/// More lost events than a pass reads (here one page of 100): the first pass ingests the newest page and leaves the
+/// older ones as a backlog, the next pass reads the backlog, and only then does the cursor move. Every lost event
+/// ends in the inbox once, and the refunds are taken through with money conserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_a_pass_is_read_over_the_next_passes() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    assert!(sweep_events(&flow.ctx).await.unwrap().complete);
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    let refunds = 60;
+    for i in 0..refunds {
+        flow.gateway
+            .create_refund(&CreateRefundParams {
+                target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
+                amount_cents: Some(1),
+                reason: None,
+                metadata: Default::default(),
+                idempotency_key: format!("dashboard-refund-backlog-{i}"),
+            })
+            .await
+            .unwrap();
+    }
+    // What Stripe holds of the swept types now, every page.
+    let mut at_stripe = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = flow
+            .gateway
+            .list_events(
+                &splitpay::jobs::event_sweep::SWEPT_EVENT_TYPES,
+                0,
+                None,
+                after.as_deref(),
+            )
+            .await
+            .unwrap();
+        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
+        at_stripe.extend(page.events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        if !page.has_more {
+            break;
+        }
+    }
+    assert!(
+        at_stripe.len() > 100,
+        "{} events: not more than a page",
+        at_stripe.len()
+    );
+
+    let first = splitpay::jobs::event_sweep::sweep_events_with(&flow.ctx, 1)
+        .await
+        .unwrap();
+    assert!(!first.complete);
+    assert_eq!(first.listed, 100);
+    let backlog: (Option<String>,) = sqlx::query_as("SELECT backlog_after FROM stripe_event_sweeps")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    assert!(backlog.0.is_some(), "the older events are left as a backlog");
+    let mut passes = 1;
+    let mut ingested = first.ingested.clone();
+    loop {
+        let next = splitpay::jobs::event_sweep::sweep_events_with(&flow.ctx, 1)
+            .await
+            .unwrap();
+        ingested.extend(next.ingested);
+        passes += 1;
+        if next.complete {
+            break;
+        }
+        assert!(passes < 10, "the backlog does not shrink");
+    }
+    let mut unique = ingested.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ingested.len(), "each event ingested once");
+    for id in &at_stripe {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE id = $1")
+            .bind(id)
+            .fetch_one(&flow.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{id} in the inbox");
+    }
+    let backlog: (Option<String>,) = sqlx::query_as("SELECT backlog_after FROM stripe_event_sweeps")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    assert!(backlog.0.is_none(), "the backlog is done");
+    wait_for(
+        &flow,
+        "the refunds taken through",
+        "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
+                 AND (SELECT count(*) FROM refunds) = 60
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0)::int::bigint",
+    )
+    .await;
+    assert_eq!(
+        scalar(&flow, "SELECT coalesce(sum(amount_cents), 0)::bigint FROM refunds").await,
+        refunds
+    );
+    assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::app::AppContext;
 use crate::http::webhooks::{ingest_event, Ingested};
-use crate::store::records::{advance_event_sweep, event_sweep_cursor, known_stripe_events};
+use crate::store::records::{advance_event_sweep, event_sweep_state, known_stripe_events, leave_event_sweep_backlog};
 use crate::store::StoreError;
 use crate::stripe::GatewayError;
 
@@ -74,26 +74,46 @@ impl From<sqlx::Error> for EventSweepError {
     }
 }
 
-/// One pass: every page since the cursor, the events the inbox lacks ingested oldest first, then the cursor moved.
+/// One pass: every page since the cursor (or, after a pass that read too many, the backlog it left), the events
+/// the inbox lacks ingested oldest first, then the cursor moved; or, when there were more than a pass reads, a
+/// backlog noted for the next pass (the older events not read yet).
 pub async fn sweep_events(ctx: &AppContext) -> Result<EventSweepReport, EventSweepError> {
+    sweep_events_with(ctx, PAGES_PER_PASS_MAX).await
+}
+
+/// [`sweep_events`] reading at most `pages_max` pages (tests make it small to leave a backlog).
+pub async fn sweep_events_with(ctx: &AppContext, pages_max: usize) -> Result<EventSweepReport, EventSweepError> {
     let started = Utc::now();
-    let cursor = event_sweep_cursor(&mut *ctx.pool.acquire().await?, SWEEP_NAME).await?;
-    let since: DateTime<Utc> = match cursor {
-        Some(until) => until - Duration::seconds(OVERLAP_SECS),
-        None => started - Duration::seconds(FIRST_PASS_LOOKBACK_SECS),
+    let state = event_sweep_state(&mut *ctx.pool.acquire().await?, SWEEP_NAME).await?;
+    let swept_until = state
+        .as_ref()
+        .map(|s| s.swept_until)
+        .unwrap_or_else(|| started - Duration::seconds(FIRST_PASS_LOOKBACK_SECS - OVERLAP_SECS));
+    let since: DateTime<Utc> = swept_until - Duration::seconds(OVERLAP_SECS);
+    // A backlog: the older events a pass could not read, listed on after the oldest it read, among the events
+    // created up to where that pass began (the cursor then moves there). Newer events wait for the next pass.
+    let (mut after, pass_until) = match state
+        .as_ref()
+        .and_then(|s| s.backlog_after.clone().zip(s.backlog_until))
+    {
+        Some((after, until)) => (Some(after), until),
+        None => (None, started),
     };
+    let lte = after.is_some().then(|| pass_until.timestamp());
     let mut report = EventSweepReport::default();
     let mut listed: Vec<Value> = Vec::new();
-    let mut after: Option<String> = None;
     let mut complete = false;
-    for _ in 0..PAGES_PER_PASS_MAX {
+    for _ in 0..pages_max.max(1) {
         let page = ctx
             .gateway
-            .list_events(&SWEPT_EVENT_TYPES, since.timestamp(), after.as_deref())
+            .list_events(&SWEPT_EVENT_TYPES, since.timestamp(), lte, after.as_deref())
             .await?;
-        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
+        if let Some(last) = page.events.last().and_then(|e| e["id"].as_str()) {
+            after = Some(last.to_owned());
+        }
+        let more = page.has_more && !page.events.is_empty();
         listed.extend(page.events);
-        if !page.has_more || after.is_none() {
+        if !more {
             complete = true;
             break;
         }
@@ -121,15 +141,18 @@ pub async fn sweep_events(ctx: &AppContext) -> Result<EventSweepReport, EventSwe
             Err(e) => return Err(EventSweepError::Ingest(e.to_string())),
         }
     }
-    if complete {
-        advance_event_sweep(&mut *ctx.pool.acquire().await?, SWEEP_NAME, started).await?;
-    } else {
-        tracing::error!(
-            since = %since,
-            pages = PAGES_PER_PASS_MAX,
-            "more refund and dispute events since the cursor than a pass reads: the cursor stays; run `splitpay ops \
-             reconcile` again, and raise PAGES_PER_PASS_MAX if this repeats"
-        );
+    let mut conn = ctx.pool.acquire().await?;
+    match (complete, after) {
+        (true, _) => advance_event_sweep(&mut conn, SWEEP_NAME, pass_until).await?,
+        (false, Some(oldest)) => {
+            tracing::warn!(
+                since = %since,
+                read_down_to = %oldest,
+                "more refund and dispute events since the cursor than a pass reads: the older ones are read next"
+            );
+            leave_event_sweep_backlog(&mut conn, SWEEP_NAME, swept_until, &oldest, pass_until).await?;
+        }
+        (false, None) => {} // not reached: an incomplete pass read pages of events, so `after` is set
     }
     report.complete = complete;
     crate::observability::events_sweep_ran(&report);

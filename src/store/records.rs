@@ -261,24 +261,59 @@ pub async fn claim_cron_tick(
     Ok(done.rows_affected() == 1)
 }
 
-/// How far the events sweep `name` has read Stripe's event list (`None`: never ran).
-pub async fn event_sweep_cursor(conn: &mut PgConnection, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT swept_until FROM stripe_event_sweeps WHERE name = $1")
-            .bind(name)
-            .fetch_optional(conn)
-            .await?,
-    )
+/// Where the events sweep `name` stands (`None`: never ran).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct EventSweepState {
+    /// Every event created before this was seen.
+    pub swept_until: DateTime<Utc>,
+    /// A backlog left by a pass that read too many: the events listed after this one are still to read.
+    pub backlog_after: Option<String>,
+    /// Where the cursor moves once the backlog is read (the start of the pass that left it).
+    pub backlog_until: Option<DateTime<Utc>>,
 }
 
-/// Moves the sweep's cursor forward to `until` (never back: two replicas' passes may finish in either order).
+pub async fn event_sweep_state(conn: &mut PgConnection, name: &str) -> Result<Option<EventSweepState>, StoreError> {
+    Ok(sqlx::query_as::<_, EventSweepState>(
+        "SELECT swept_until, backlog_after, backlog_until FROM stripe_event_sweeps WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A complete pass: the cursor moves forward to `until` (never back: two replicas' passes may finish in either
+/// order) and any backlog is done.
 pub async fn advance_event_sweep(conn: &mut PgConnection, name: &str, until: DateTime<Utc>) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO stripe_event_sweeps (name, swept_until) VALUES ($1, $2)
          ON CONFLICT (name) DO UPDATE
-            SET swept_until = greatest(stripe_event_sweeps.swept_until, EXCLUDED.swept_until), updated_at = now()",
+            SET swept_until = greatest(stripe_event_sweeps.swept_until, EXCLUDED.swept_until),
+                backlog_after = NULL, backlog_until = NULL, updated_at = now()",
     )
     .bind(name)
+    .bind(until)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An incomplete pass: the events listed after `after` (the oldest read) are still to read; the cursor stays, and
+/// moves to `until` once they are.
+pub async fn leave_event_sweep_backlog(
+    conn: &mut PgConnection,
+    name: &str,
+    swept_until: DateTime<Utc>,
+    after: &str,
+    until: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO stripe_event_sweeps (name, swept_until, backlog_after, backlog_until) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE
+            SET backlog_after = EXCLUDED.backlog_after, backlog_until = EXCLUDED.backlog_until, updated_at = now()",
+    )
+    .bind(name)
+    .bind(swept_until)
+    .bind(after)
     .bind(until)
     .execute(conn)
     .await?;

@@ -544,6 +544,7 @@ impl PaymentGateway for StripeGateway {
         &self,
         types: &[&str],
         created_gte_unix: i64,
+        created_lte_unix: Option<i64>,
         starting_after: Option<&str>,
     ) -> Result<super::EventPage, GatewayError> {
         // Read raw (see `request_json`: async-stripe's typed `Event` drops objects of types it does not know).
@@ -551,6 +552,9 @@ impl PaymentGateway for StripeGateway {
             ("created[gte]".to_owned(), created_gte_unix.to_string()),
             ("limit".to_owned(), LIST_PAGE_SIZE.to_string()),
         ];
+        if let Some(lte) = created_lte_unix {
+            params.push(("created[lte]".to_owned(), lte.to_string()));
+        }
         params.extend(types.iter().map(|t| ("types[]".to_owned(), (*t).to_owned())));
         if let Some(last) = starting_after {
             params.push(("starting_after".to_owned(), last.to_owned()));

@@ -330,12 +330,14 @@ pub trait PaymentGateway: Send + Sync {
     /// Every refund of a charge (all pages, bounded): the truth a `charge.refunded` webhook may truncate.
     async fn list_refunds(&self, charge_id: &str) -> Result<Vec<RefundInfo>, GatewayError>;
     async fn retrieve_account(&self, id: &str) -> Result<AccountInfo, GatewayError>;
-    /// One page of the platform's events of `types` created at or after `created_gte_unix`, newest first, after
-    /// `starting_after` when given: each event raw, as Stripe sent it (what the webhook inbox stores).
+    /// One page of the platform's events of `types` created at or after `created_gte_unix` (and at or before
+    /// `created_lte_unix`, when given), newest first, after `starting_after` when given: each event raw, as Stripe
+    /// sent it (what the webhook inbox stores).
     async fn list_events(
         &self,
         types: &[&str],
         created_gte_unix: i64,
+        created_lte_unix: Option<i64>,
         starting_after: Option<&str>,
     ) -> Result<EventPage, GatewayError>;
 }
