@@ -562,3 +562,69 @@ async fn the_lifecycle_migration_carries_rows_written_before_it() {
     .unwrap();
     assert_eq!((distributed, audit_due), (3, 3));
 }
+
+/// Two `account.updated` of the same second that disagree, processed at once: the second's tie check ran before the
+/// first committed, and its update (blocked on the row, then re-checked) skips the row. It must still be told a tie
+/// (so Stripe's current answer decides), not stale (which left the first event's flags standing: seen in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_event_of_the_same_second_racing_another_is_a_tie() {
+    use splitpay::store::readiness::{apply_account_flags, AccountFlags, Applied};
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    seed_set(&pool, AmountMode::Suggested, &[1000]).await;
+    let account: String = sqlx::query_scalar("SELECT stripe_connect_account_id FROM recipient_account_links LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let second = Utc::now() + chrono::Duration::seconds(200);
+    let second = chrono::DateTime::from_timestamp(second.timestamp(), 0).unwrap();
+    // The first event (active) holds the row, uncommitted.
+    let mut first = pool.begin().await.unwrap();
+    let flags = |active| AccountFlags {
+        charges_enabled: true,
+        transfers_active: active,
+    };
+    let applied = apply_account_flags(&mut first, &account, flags(true), second, "evt_first", false)
+        .await
+        .unwrap();
+    assert!(matches!(applied, Applied::Applied { .. }), "{applied:?}");
+    // The second (inactive, same second) checks for a tie now, then waits on the row.
+    let racer = {
+        let pool = pool.clone();
+        let account = account.clone();
+        tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            apply_account_flags(&mut conn, &account, flags(false), second, "evt_second", false)
+                .await
+                .unwrap()
+        })
+    };
+    let mut waiting = false;
+    for _ in 0..200 {
+        waiting = sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waiting, "the second event's update never waited on the first's row");
+    first.commit().await.unwrap();
+    assert_eq!(racer.await.unwrap(), Applied::Tie);
+    // Stripe's answer, applied as authoritative, decides.
+    let mut conn = pool.acquire().await.unwrap();
+    let applied = apply_account_flags(&mut conn, &account, flags(false), second, "evt_second", true)
+        .await
+        .unwrap();
+    assert!(matches!(applied, Applied::Applied { .. }), "{applied:?}");
+    let active: bool = sqlx::query_scalar("SELECT bool_or(transfers_active) FROM recipient_account_links")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!active);
+}

@@ -89,7 +89,23 @@ pub async fn apply_account_flags(
     .fetch_all(&mut *conn)
     .await?;
     if changed.is_empty() {
-        return Ok(Applied::Stale);
+        // An event of the same second that disagrees may have committed between the tie check and this update
+        // (two events processed at once): the update then skipped it, and only Stripe's answer can order them.
+        let tied: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM recipient_account_links
+                             WHERE stripe_connect_account_id = $1 AND account_event_created = $2
+                               AND transfers_active IS DISTINCT FROM $3)",
+        )
+        .bind(account_id)
+        .bind(created)
+        .bind(flags.transfers_active)
+        .fetch_one(&mut *conn)
+        .await?;
+        return Ok(if tied && !authoritative {
+            Applied::Tie
+        } else {
+            Applied::Stale
+        });
     }
     Ok(Applied::Applied {
         links: changed.len() as u64,
