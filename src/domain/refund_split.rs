@@ -151,6 +151,38 @@ impl Cover {
         }
     }
 
+    /// A transferred share whose reversals already made for a refund that no longer stands (`adopted_cents`: an
+    /// `ops refund` intent a dispute closed, a refund Stripe failed) are taken for this part: that money is on the
+    /// platform's balance already. Only the rest of the recipient's share of the part is reversed anew (the
+    /// returned `send_cents`, never more than `reversible_cents`); under `none` nothing new is. The adopted amount
+    /// must fit in the part. With nothing adopted this is [`Cover::transferred`].
+    pub fn transferred_adopting(
+        part_cents: i64,
+        net_cents: i64,
+        gross_cents: i64,
+        reversible_cents: i64,
+        reverse: bool,
+        adopted_cents: i64,
+    ) -> (Cover, i64) {
+        assert!(
+            (0..=part_cents).contains(&adopted_cents),
+            "adopted reversals fit in the part"
+        );
+        let want = if reverse {
+            net_of(part_cents, net_cents, gross_cents)
+        } else {
+            0
+        };
+        let send_cents = (want - adopted_cents).clamp(0, reversible_cents.max(0));
+        let reversal_cents = adopted_cents + send_cents;
+        let cover = Cover {
+            reversal_cents,
+            platform_loss_cents: part_cents - reversal_cents,
+            ..Cover::default()
+        };
+        (cover, send_cents)
+    }
+
     /// Nothing of the share is left with splitpay or the recipient (refunded, voided): the platform bears it.
     pub fn loss(part_cents: i64) -> Cover {
         Cover {
@@ -246,6 +278,25 @@ mod tests {
         fn too_much_is_refused((shares, _) in case(), extra in 1i64..1_000) {
             let max: i64 = shares.iter().map(|s| s.refundable_cents).sum();
             prop_assert!(spread(max + extra, &shares).is_err());
+        }
+
+        /// Adopting nothing is the plain cover; adopting never sends more than is left, nor reverses more than
+        /// the recipient's share of the part (or what was adopted, when that is more).
+        #[test]
+        fn adopting_covers_within_bounds(part in 0i64..1_000_000, gross in 1i64..1_000_000, net_pct in 0i64..=100,
+                                         room in -10i64..1_000_000, reverse: bool, adopted_pct in 0i64..=100) {
+            let net = gross * net_pct / 100;
+            let plain = Cover::transferred(part, net, gross, room, reverse);
+            let (none_adopted, send) = Cover::transferred_adopting(part, net, gross, room, reverse, 0);
+            prop_assert_eq!(none_adopted, plain);
+            prop_assert_eq!(send, plain.reversal_cents);
+            let adopted = part * adopted_pct / 100;
+            let (c, send) = Cover::transferred_adopting(part, net, gross, room, reverse, adopted);
+            prop_assert_eq!(c.total(), part);
+            prop_assert!(send >= 0 && send <= room.max(0));
+            prop_assert_eq!(c.reversal_cents, adopted + send);
+            let want = if reverse { net_of(part, net, gross) } else { 0 };
+            prop_assert!(c.reversal_cents <= want.max(adopted));
         }
 
         #[test]

@@ -16,7 +16,7 @@ use super::allocations::{get_split_allocation, transition_allocation, Allocation
 use super::announce;
 use super::donations::{add_refunded_amount, donation_for_allocation, transition_donation, DonationPatch};
 use super::records::insert_outbox_events;
-use super::reversals::{insert_reversal, reversed_by_refund};
+use super::reversals::{adopt_reversals, cancel_in_doubt, insert_reversal, orphaned_reversals, reversed_by_refund};
 use super::{corrupt, StoreError, Tx};
 use crate::app::ReversePolicy;
 use crate::domain::ids::{DonationId, SplitAllocationId, SplitPaymentId};
@@ -343,12 +343,17 @@ pub async fn cover_waiting_parts(
         let a = get_split_allocation(tx, id).await?;
         let so_far = taken(tx, id.as_str()).await?;
         let net_left = a.net_amount_cents.map(|n| n - so_far.taken_net_cents);
+        // What is reversed anew for this part, and the made reversals it takes over.
+        let mut send_cents = 0;
+        let mut adopt = Vec::new();
         let cover = match (a.status, a.net_amount_cents) {
             (AllocationStatus::Transferring, _) | (AllocationStatus::Pending, None) => break,
             (AllocationStatus::Pending, Some(net)) => {
                 Cover::pending(part.amount_cents, net, a.gross_amount_cents, net_left.unwrap_or(0))
             }
             (AllocationStatus::Parked, _) => Cover::parked(part.amount_cents, net_left.unwrap_or(0)),
+            // A reversal of this transfer whose cancel is in doubt: wait for its lookup (the sweep comes back).
+            (AllocationStatus::Transferred, _) if cancel_in_doubt(tx, &a).await? => break,
             (AllocationStatus::Transferred, net) => {
                 let premade = reversed_by_refund(tx, part.refund_id, id.as_str()).await?;
                 if premade > 0 {
@@ -360,14 +365,26 @@ pub async fn cover_waiting_parts(
                         ..Cover::default()
                     }
                 } else {
+                    // Reversals made for a refund that no longer stands are this part's first (whole rows that
+                    // fit in it); only the rest of the recipient's share of the part is reversed anew.
+                    let mut adopted_cents = 0;
+                    for (reversal, amount_cents) in orphaned_reversals(tx, &a).await? {
+                        if adopted_cents + amount_cents <= part.amount_cents {
+                            adopt.push(reversal);
+                            adopted_cents += amount_cents;
+                        }
+                    }
                     let transferred = transferred_cents(tx, &a).await?;
-                    Cover::transferred(
+                    let (cover, send) = Cover::transferred_adopting(
                         part.amount_cents,
                         net.unwrap_or(0),
                         a.gross_amount_cents,
                         transferred - reversals_of_transfer(tx, &a).await?,
                         policy == ReversePolicy::Proportional,
-                    )
+                        adopted_cents,
+                    );
+                    send_cents = send;
+                    cover
                 }
             }
             (AllocationStatus::Refunded | AllocationStatus::Voided, _) => Cover::loss(part.amount_cents),
@@ -389,8 +406,9 @@ pub async fn cover_waiting_parts(
         if covered.rows_affected() == 0 {
             continue; // covered by someone else meanwhile: its reversal, amounts and event are theirs
         }
-        if cover.reversal_cents > 0 && reversed_by_refund(tx, part.refund_id, id.as_str()).await? == 0 {
-            reversals.push(insert_reversal(tx, &a, cover.reversal_cents, Some(part.refund_id)).await?);
+        adopt_reversals(tx, &adopt, part.refund_id).await?;
+        if send_cents > 0 {
+            reversals.push(insert_reversal(tx, &a, send_cents, Some(part.refund_id)).await?);
         }
         let left = net_left.unwrap_or(0) - cover.from_parked_cents - cover.from_pending_cents;
         let event = match a.status {
@@ -410,8 +428,9 @@ pub async fn cover_waiting_parts(
 /// Every reversal of the allocation's current transfer, made or still to be made, whatever caused it (a refund's
 /// part, `ops refund --reverse-transfer`): what is left of the transfer to reverse is its amount less these. An
 /// earlier generation's reversals are not this transfer's (a won dispute sent a new one). A reversal whose cancel
-/// was requested (its refund no longer stands) is never sent again and holds nothing; should its lookup find it
-/// made after all, a later reversal of the same money is refused by Stripe and stays listed for an operator.
+/// was requested (its refund no longer stands) is never sent again and holds nothing: while a request of it may
+/// have been applied, [`cover_waiting_parts`] does not come here (its parts wait for the lookup); found made, it is
+/// SUCCEEDED and counts (and is adopted by the next part if its refund failed).
 pub(crate) async fn reversals_of_transfer(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar::<_, i64>(
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM transfer_reversals

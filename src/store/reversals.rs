@@ -46,6 +46,9 @@ pub struct ReversalRow {
     pub canceled_at: Option<DateTime<Utc>>,
     /// The request carries [`crate::stripe::REVERSAL_REF_KEY`] in its metadata (rows written since that was so).
     pub sends_metadata: bool,
+    /// Made for this refund, which then no longer stood; `cause_refund_id` names the later refund that took it
+    /// ([`adopt_reversals`]).
+    pub adopted_from_refund_id: Option<i64>,
 }
 
 impl ReversalRow {
@@ -310,4 +313,51 @@ pub async fn reversed_refund_not_sent(
     .bind(grace_secs as f64)
     .fetch_all(conn)
     .await?)
+}
+
+/// Whether a reversal of the allocation's current transfer has its cancel requested while a request of it may
+/// have been applied at Stripe (review H1). Until its lookup settles it, nobody can tell whether that money is
+/// still the recipient's, so a new refund's part of this share waits: reversing it again could take the same money
+/// twice, and booking it as lost could be wrong the other way.
+pub async fn cancel_in_doubt(conn: &mut PgConnection, a: &SplitAllocationRow) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM transfer_reversals
+                         WHERE split_allocation_id = $1 AND stripe_transfer_id = $2 AND status = 'PENDING'
+                           AND cancel_requested_at IS NOT NULL AND in_doubt_since IS NOT NULL)",
+    )
+    .bind(&a.id)
+    .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Reversals of the allocation's current transfer that were made for a refund that no longer stands (FAILED or
+/// CANCELED: an `ops refund` intent a dispute closed, a refund Stripe failed): `(id, amount_cents)`, oldest first,
+/// locked. Their money is on the platform's balance; a later refund of the share takes them ([`adopt_reversals`]).
+pub async fn orphaned_reversals(tx: &mut Tx<'_>, a: &SplitAllocationRow) -> Result<Vec<(i64, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT t.id, t.amount_cents FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+          WHERE t.split_allocation_id = $1 AND t.stripe_transfer_id = $2 AND t.status = 'SUCCEEDED'
+            AND r.status IN ('FAILED', 'CANCELED')
+          ORDER BY t.id FOR UPDATE OF t",
+    )
+    .bind(&a.id)
+    .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// The reversals `ids` now cover `refund_id`'s part (review M1): their money, already off the recipient, is what
+/// that refund takes back, so the transfer is not reversed for it a second time and no loss is booked for it.
+pub async fn adopt_reversals(tx: &mut Tx<'_>, ids: &[i64], refund_id: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE transfer_reversals
+            SET adopted_from_refund_id = cause_refund_id, cause_refund_id = $2, updated_at = now()
+          WHERE id = ANY($1) AND status = 'SUCCEEDED'",
+    )
+    .bind(ids)
+    .bind(refund_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
