@@ -628,3 +628,29 @@ async fn an_account_event_of_the_same_second_racing_another_is_a_tie() {
         .unwrap();
     assert!(!active);
 }
+
+/// splitpay's pool talks to a loopback server in plain text (the server here offers TLS, and sqlx would take it:
+/// CPU for no protection), unless the URL names an sslmode.
+#[tokio::test]
+async fn the_pool_uses_no_tls_over_loopback_unless_asked() {
+    let db = TestDb::new().await;
+    let ssl_of = |url: String| async move {
+        let config = splitpay::config::DatabaseConfig {
+            url: splitpay::config::Secret::new(url),
+            pool_max: 1,
+        };
+        let pool = splitpay::store::connect(&config).await.unwrap();
+        sqlx::query_scalar::<_, bool>("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert!(!ssl_of(db.url.clone()).await);
+    let server_offers_tls: String = sqlx::query_scalar("SHOW ssl").fetch_one(&db.pool).await.unwrap();
+    if server_offers_tls == "on" {
+        assert!(
+            ssl_of(format!("{}?sslmode=require", db.url)).await,
+            "a named mode is kept"
+        );
+    }
+}

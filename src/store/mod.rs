@@ -30,7 +30,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{PgPool, Postgres};
 
 use crate::config::{redact_url, DatabaseConfig};
@@ -109,15 +109,37 @@ pub async fn ensure_database(config: &DatabaseConfig) -> Result<(), StoreError> 
 
 /// A pool with explicit limits (see the constants above) rather than sqlx's defaults.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(config.url.expose())?
+    let url = config.url.expose();
+    let mut options = PgConnectOptions::from_str(url)?
         .options([("statement_timeout", DB_STATEMENT_TIMEOUT_MS.to_string())])
         .application_name("splitpay");
+    if plain_text_for_loopback(url, std::env::var("PGSSLMODE").ok().as_deref(), options.get_host()) {
+        options = options.ssl_mode(PgSslMode::Disable);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_max)
         .acquire_timeout(Duration::from_millis(DB_ACQUIRE_TIMEOUT_MS))
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// Gap in sqlx: its default `sslmode=prefer` negotiates TLS with any server that offers it, a local one too
+/// (Debian's PostgreSQL does, with its snakeoil certificate). Over loopback that encrypts every statement for no
+/// protection, at a CPU cost the benchmark measured (notes in README's Benchmark section). So unless the URL or
+/// `PGSSLMODE` names a mode, a connection to a loopback address or a Unix socket is made in plain text; any other
+/// host keeps sqlx's default.
+fn plain_text_for_loopback(url: &str, pgsslmode: Option<&str>, host: &str) -> bool {
+    let url_names_mode = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|kv| kv.starts_with("sslmode=")));
+    let loopback = host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback && !url_names_mode && pgsslmode.is_none_or(str::is_empty)
 }
 
 /// Applies every pending migration; running it again is a no-op.
@@ -145,4 +167,30 @@ pub(crate) fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
     metrics::counter!("splitpay_forbidden_transitions_total", "machine" => err.machine, "event" => err.event)
         .increment(1);
     StoreError::Forbidden(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_text_for_loopback as plain;
+
+    #[test]
+    fn loopback_is_plain_text_unless_a_mode_is_named() {
+        let local = "postgres://postgres@127.0.0.1:5432/splitpay";
+        assert!(plain(local, None, "127.0.0.1"));
+        assert!(plain("postgres://postgres@localhost/splitpay", None, "localhost"));
+        assert!(plain("postgres://postgres@[::1]/splitpay", None, "[::1]"));
+        assert!(plain("postgres:///splitpay", None, "/var/run/postgresql"));
+        assert!(plain(local, Some(""), "127.0.0.1"));
+        // A mode named in the URL or PGSSLMODE is the user's.
+        assert!(!plain(&format!("{local}?sslmode=require"), None, "127.0.0.1"));
+        assert!(!plain(
+            &format!("{local}?application_name=x&sslmode=prefer"),
+            None,
+            "127.0.0.1"
+        ));
+        assert!(!plain(local, Some("require"), "127.0.0.1"));
+        // Any other host keeps sqlx's default (prefer TLS).
+        assert!(!plain("postgres://u@db.internal/splitpay", None, "db.internal"));
+        assert!(!plain("postgres://u@10.0.0.5/splitpay", None, "10.0.0.5"));
+    }
 }
