@@ -187,3 +187,133 @@ async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
+
+/// An `ops refund --reverse-transfer` whose refund Stripe failed later leaves its reversal's money on the platform
+/// (listed by `ops parked`). Run again, the command takes that reversal as its own: it refunds the donor without
+/// reversing the transfer a second time (review M1's twin on the operator's side; before, the command said the donor
+/// had everything back and refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_refund_run_again_after_its_refund_failed_reuses_the_reversal_made() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    flow.control
+        .set_config(&SimConfig {
+            refunds_start_pending: true,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    let a0 = p.allocations[0].clone();
+    let net0 = a0.net_amount_cents.unwrap();
+    let args = [
+        "refund",
+        a0.id.as_str(),
+        "--reason",
+        "donor asked",
+        "--reverse-transfer",
+        "--yes",
+    ];
+    let out = flow.ops(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let refund_id = |status: &'static str| {
+        let pool = flow.db.pool.clone();
+        async move {
+            for _ in 0..300 {
+                let id: Option<String> = sqlx::query_scalar(
+                    "SELECT stripe_refund_id FROM refunds WHERE status = $1 ORDER BY id DESC LIMIT 1",
+                )
+                .bind(status)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                if let Some(id) = id {
+                    return id;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("no refund became {status}");
+        }
+    };
+    let first = refund_id("PENDING").await;
+    flow.control.settle_refund(&first, false).await.unwrap();
+    refund_id("FAILED").await;
+    assert_eq!(
+        transferred_per_share(&flow, &p).await,
+        [0, p.allocations[1].net_amount_cents.unwrap()]
+    );
+    let parked: serde_json::Value = serde_json::from_slice(&flow.ops(&["parked", "--json"]).stdout).unwrap();
+    assert_eq!(
+        parked["reversed_without_refund"].as_array().unwrap().len(),
+        1,
+        "{parked}"
+    );
+
+    // Run again: the same net, no new reversal.
+    let dry = flow.ops(&[
+        "refund",
+        a0.id.as_str(),
+        "--reason",
+        "donor asked",
+        "--reverse-transfer",
+        "--dry-run",
+        "--json",
+    ]);
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(plan["dry_run"]["refund_cents"], net0, "{plan}");
+    assert_eq!(plan["dry_run"]["reversal_cents"], 0, "{plan}");
+    assert_eq!(plan["dry_run"]["reversal_reused_cents"], net0, "{plan}");
+    let out = flow.ops(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = refund_id("PENDING").await;
+    assert_ne!(first, second);
+    flow.control.settle_refund(&second, true).await.unwrap();
+    refund_id("SUCCEEDED").await;
+    for _ in 0..300 {
+        if scalar(&flow, "SELECT count(*) FROM refund_parts WHERE covered_at IS NOT NULL").await == 1 {
+            break;
+        }
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM transfer_reversals").await,
+        1,
+        "one reversal, ever"
+    );
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
+        )
+        .await,
+        net0
+    );
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(platform_loss_cents), 0)::bigint FROM refund_parts"
+        )
+        .await,
+        0
+    );
+    let charge = flow
+        .gateway
+        .retrieve_charge(p.payment.charge_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(charge.amount_refunded_cents, net0, "the donor has the share back, once");
+    let parked: serde_json::Value = serde_json::from_slice(&flow.ops(&["parked", "--json"]).stdout).unwrap();
+    assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
+    assert_eq!(parked["reversed_refund_not_sent"], serde_json::json!([]), "{parked}");
+    assert_eq!(flow.count_events("donation.refunded").await, 1);
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}

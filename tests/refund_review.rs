@@ -299,6 +299,47 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
         table.contains("reversed for a refund Stripe refused (on the platform's balance): 1"),
         "{table}"
     );
+
+    // The dispute's webhooks arrive: its part of the first share takes that reversal (review M1), instead of
+    // booking the share as the platform's loss while its money sits on the platform.
+    flow.control
+        .webhook_mode(serde_json::json!({ "hold": false }))
+        .await
+        .unwrap();
+    flow.control.flush_webhooks().await.unwrap();
+    wait_for(
+        &flow,
+        "the dispute's parts covered",
+        "SELECT (count(*) = 3 AND count(*) FILTER (WHERE covered_at IS NULL) = 0)::int::bigint FROM refund_parts",
+    )
+    .await;
+    assert_eq!(
+        scalar(&flow, "SELECT count(*) FROM transfer_reversals WHERE split_allocation_id = (SELECT id FROM split_allocations ORDER BY position LIMIT 1)").await,
+        1,
+        "the first share is reversed once"
+    );
+    let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
+        )
+        .await,
+        nets
+    );
+    assert_eq!(
+        scalar(
+            &flow,
+            "SELECT coalesce(sum(platform_loss_cents), 0)::bigint FROM refund_parts"
+        )
+        .await,
+        p.payment.total_amount_cents - nets,
+        "the platform bears the fees only"
+    );
+    let parked = flow.ops(&["parked", "--json"]);
+    let parked: serde_json::Value = serde_json::from_slice(&parked.stdout).unwrap();
+    assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
+    assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
 

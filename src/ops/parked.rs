@@ -117,7 +117,8 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> 
     for t in &r.reversed_without_refund {
         writeln!(
             out,
-            "  {}  {}  {} cents  `splitpay ops show {}`",
+            "  {}  {}  {} cents  `splitpay ops refund {} --reverse-transfer --reason …` refunds the donor with it (not \
+             reversed again); a dispute of the charge takes it itself",
             t.split_allocation_id, t.stripe_transfer_id, t.amount_cents, t.split_allocation_id
         )?;
     }

@@ -25,7 +25,7 @@ use crate::store::refunds::{
     fail_refund_intent, insert_refund_intent, next_refund_key_attempt, open_refund_intent, taken, RefundIntent,
     RefundRow, REFUND_REF_KEY,
 };
-use crate::store::reversals::{get_reversal, insert_reversal};
+use crate::store::reversals::{adopt_reversals, cancel_in_doubt, get_reversal, insert_reversal, orphaned_reversals};
 use crate::store::StoreError;
 use crate::stripe::error::ErrorClass;
 use crate::stripe::{CreateRefundParams, RefundReason, RefundTarget};
@@ -51,6 +51,11 @@ struct Plan {
     refund_cents: i64,
     fee_refunded_cents: i64,
     reversal_cents: i64,
+    /// Reversals of the transfer made for a refund that no longer stands (a refund Stripe refused, an intent a
+    /// dispute closed): their money is on the platform's balance, so this refund takes them instead of reversing
+    /// that much again.
+    adopted_reversals: Vec<i64>,
+    adopted_cents: i64,
 }
 
 /// What the operator asked for.
@@ -132,7 +137,8 @@ pub async fn run(
     let document = serde_json::json!({
         "action": "refund", "target": id.as_str(), "status": c.allocation.status.as_str(),
         "amount": amount, "refund_cents": plan.refund_cents, "fee_refunded_cents": plan.fee_refunded_cents,
-        "reversal_cents": plan.reversal_cents, "currency": c.payment.currency.iso_code(),
+        "reversal_cents": plan.reversal_cents, "reversal_reused_cents": plan.adopted_cents,
+        "currency": c.payment.currency.iso_code(),
         "payment_intent": c.payment.payment_intent_id,
     });
     if change.dry_run {
@@ -193,6 +199,14 @@ pub async fn run(
         )?;
         return Ok(Outcome::Refused);
     }
+    // The amounts too: a refund covered or a reversal settled since the plan was shown changes what is left.
+    if plan_for(&mut tx, &c, amount, reverse_transfer).await?.as_ref() != Ok(&plan) {
+        writeln!(
+            err,
+            "refused: what is left of {id} changed since the plan was made; run the command again"
+        )?;
+        return Ok(Outcome::Refused);
+    }
     let currency = c.payment.currency.iso_code().to_lowercase();
     let refund = insert_refund_intent(
         &mut tx,
@@ -209,6 +223,7 @@ pub async fn run(
     if plan.reversal_cents > 0 {
         insert_reversal(&mut tx, &c.allocation, plan.reversal_cents, Some(refund.id)).await?;
     }
+    adopt_reversals(&mut tx, &plan.adopted_reversals, refund.id).await?;
     let mut details = document.clone();
     details["refund"] = refund.id.into();
     details["idempotency_key"] = refund.idempotency_key.clone().into();
@@ -243,6 +258,8 @@ async fn plan_for(
     let so_far = taken(conn, &a.id).await?;
     let net = a.net_amount_cents.unwrap_or(0);
     let gross_left = a.gross_amount_cents - so_far.parts_cents;
+    let mut adopted_reversals = Vec::new();
+    let mut adopted_cents = 0;
     let (net_left, reversal_cents) = match a.status {
         AllocationStatus::Parked => (net - so_far.taken_net_cents, 0),
         AllocationStatus::Transferred if !reverse_transfer => {
@@ -252,22 +269,37 @@ async fn plan_for(
                 a.id
             )))
         }
+        AllocationStatus::Transferred if cancel_in_doubt(conn, a).await? => {
+            return Ok(Err(format!(
+                "a reversal of {}'s transfer had its cancel requested while Stripe may have made it; until its \
+                 look-up at Stripe settles it (within about 10 minutes, `splitpay ops show {}`) nobody can tell \
+                 how much the recipient still holds. Run the command again after that",
+                a.id, a.id
+            )))
+        }
         AllocationStatus::Transferred => {
+            for (reversal, amount_cents) in orphaned_reversals(conn, a).await? {
+                adopted_reversals.push(reversal);
+                adopted_cents += amount_cents;
+            }
             let (transferred, reversed): (i64, i64) = sqlx::query_as(
                 "SELECT coalesce((SELECT amount_cents FROM transfer_attempts
                                    WHERE split_allocation_id = $1 AND generation = $2 AND outcome = 'TRANSFERRED'), 0),
                         coalesce((SELECT sum(amount_cents) FROM transfer_reversals
                                    WHERE split_allocation_id = $1 AND stripe_transfer_id = $3
-                                     AND status <> 'CANCELED'), 0)::bigint",
+                                     AND status <> 'CANCELED' AND NOT id = ANY($4)), 0)::bigint",
             )
             .bind(&a.id)
             .bind(a.generation)
             // Only this transfer's reversals: an earlier generation's (before a won dispute) are not this one's.
             .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
+            .bind(&adopted_reversals)
             .fetch_one(&mut *conn)
             .await?;
+            // What the recipient was sent less what other refunds took back: the donor's; only what the adopted
+            // reversals did not already take back is reversed anew.
             let left = transferred - reversed;
-            (left, left)
+            (left, left - adopted_cents)
         }
         AllocationStatus::Pending | AllocationStatus::Transferring => {
             return Ok(Err(format!(
@@ -306,6 +338,8 @@ async fn plan_for(
         refund_cents,
         fee_refunded_cents: refund_cents - net_left.max(0),
         reversal_cents: reversal_cents.max(0),
+        adopted_reversals,
+        adopted_cents,
     }))
 }
 

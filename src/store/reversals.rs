@@ -275,8 +275,8 @@ pub async fn reversals_for_payment(conn: &mut PgConnection, payment: &str) -> Re
 }
 
 /// Reversals made for an `ops refund` whose refund Stripe then refused for good (review finding b): the money is
-/// back on the platform's balance, but neither the recipient nor the donor has it. For `ops parked`, until an
-/// operator decides (retry the share's transfer, or refund the donor another way).
+/// back on the platform's balance, but neither the recipient nor the donor has it. For `ops parked`, until `ops
+/// refund` is run again (it reuses the reversal) or a dispute of the charge takes it ([`orphaned_reversals`]).
 pub async fn reversed_without_refund(conn: &mut PgConnection) -> Result<Vec<ReversalRow>, StoreError> {
     Ok(sqlx::query_as::<_, ReversalRow>(
         "SELECT t.* FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
@@ -334,7 +334,10 @@ pub async fn cancel_in_doubt(conn: &mut PgConnection, a: &SplitAllocationRow) ->
 /// Reversals of the allocation's current transfer that were made for a refund that no longer stands (FAILED or
 /// CANCELED: an `ops refund` intent a dispute closed, a refund Stripe failed): `(id, amount_cents)`, oldest first,
 /// locked. Their money is on the platform's balance; a later refund of the share takes them ([`adopt_reversals`]).
-pub async fn orphaned_reversals(tx: &mut Tx<'_>, a: &SplitAllocationRow) -> Result<Vec<(i64, i64)>, StoreError> {
+pub async fn orphaned_reversals(
+    conn: &mut PgConnection,
+    a: &SplitAllocationRow,
+) -> Result<Vec<(i64, i64)>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT t.id, t.amount_cents FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
           WHERE t.split_allocation_id = $1 AND t.stripe_transfer_id = $2 AND t.status = 'SUCCEEDED'
@@ -343,7 +346,7 @@ pub async fn orphaned_reversals(tx: &mut Tx<'_>, a: &SplitAllocationRow) -> Resu
     )
     .bind(&a.id)
     .bind(a.stripe_transfer_id.as_deref().unwrap_or(""))
-    .fetch_all(&mut **tx)
+    .fetch_all(conn)
     .await?)
 }
 
