@@ -411,7 +411,13 @@ async fn settle_cancel(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailu
         return Ok(());
     };
     let settled_at = since + chrono::Duration::seconds(REVERSAL_IN_FLIGHT_MARGIN_SECS);
-    if settled_at > Utc::now() {
+    // Compared on the database's clock, which stamped `in_doubt_since` (review L3: a worker whose clock runs ahead
+    // would look up, and cancel, while a request could still be in flight).
+    let db_now: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    if settled_at > db_now {
         postpone_cancel(
             &mut conn,
             r.id,
