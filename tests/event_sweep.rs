@@ -313,3 +313,165 @@ async fn a_backlog_larger_than_a_pass_is_read_over_the_next_passes() {
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
+
+/// How many requests for Stripe's event list the simulator has received (counted on arrival, before their latency).
+async fn event_list_requests(flow: &Flow) -> usize {
+    flow.control.request_times_ms("/v1/events").await.unwrap().len()
+}
+
+async fn until_event_list_requests(flow: &Flow, n: usize) {
+    for _ in 0..3_000 {
+        if event_list_requests(flow).await >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the simulator never received event list request {n}");
+}
+
+/// How many of `ids` the inbox holds.
+async fn in_inbox(flow: &Flow, ids: &[String]) -> usize {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    n as usize
+}
+
+async fn sweep_position(flow: &Flow) -> (chrono::DateTime<chrono::Utc>, Option<String>) {
+    sqlx::query_as("SELECT swept_until, backlog_after FROM stripe_event_sweeps")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Passes cut mid-way keep the pages they read: 110 lost refunds (three pages of events); the first pass is cut by
+/// Stripe failing its second page, the next (on from where the first stopped) is dropped while its second page is
+/// in flight, as the tick's timeout drops it. Each keeps the page it read before the cut and the position after it;
+/// the third pass reads the rest, and only then does the cursor move. Every lost event ends in the inbox once, and
+/// the refunds are taken through once with money conserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_cut_mid_way_keep_the_pages_they_read_and_the_next_goes_on() {
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    assert!(sweep_events(&flow.ctx).await.unwrap().complete);
+    let (cursor, _) = sweep_position(&flow).await;
+    flow.control
+        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
+        .await
+        .unwrap();
+    let refunds = 110;
+    for i in 0..refunds {
+        flow.gateway
+            .create_refund(&CreateRefundParams {
+                target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
+                amount_cents: Some(1),
+                reason: None,
+                metadata: Default::default(),
+                idempotency_key: format!("dashboard-refund-cut-{i}"),
+            })
+            .await
+            .unwrap();
+    }
+    // What Stripe holds of the swept types now, newest first: the pages a pass reads.
+    let mut at_stripe: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = flow
+            .gateway
+            .list_events(
+                &splitpay::jobs::event_sweep::SWEPT_EVENT_TYPES,
+                0,
+                None,
+                after.as_deref(),
+            )
+            .await
+            .unwrap();
+        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
+        at_stripe.extend(page.events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        if !page.has_more {
+            break;
+        }
+    }
+    assert!(at_stripe.len() > 200, "{} events: not three pages", at_stripe.len());
+    // Every Stripe request now takes 1.5 s: time to cut a pass while its second page is in flight.
+    flow.control.set_latency(1_500, 1_500, 0).await.unwrap();
+
+    // The first pass: Stripe fails its second page (the fault is armed once that request has arrived).
+    let requests = event_list_requests(&flow).await;
+    let (cut, ()) = tokio::join!(sweep_events(&flow.ctx), async {
+        until_event_list_requests(&flow, requests + 2).await;
+        flow.control
+            .fault(Fault {
+                kind: FaultKind::ServerError,
+                count: 100,
+                path_contains: Some("/v1/events".into()),
+                method: Some("GET".into()),
+            })
+            .await
+            .unwrap();
+    });
+    assert!(cut.is_err(), "{cut:?}");
+    flow.control.clear_faults().await.unwrap();
+    assert_eq!(
+        in_inbox(&flow, &at_stripe[..100]).await,
+        100,
+        "the page read before the failed one is kept"
+    );
+    assert_eq!(in_inbox(&flow, &at_stripe[100..]).await, 0);
+    assert_eq!(
+        sweep_position(&flow).await,
+        (cursor, Some(at_stripe[99].clone())),
+        "the cursor stays; the next pass goes on after the page read"
+    );
+
+    // The second pass goes on from there and is dropped while its second page is in flight.
+    let requests = event_list_requests(&flow).await;
+    tokio::select! {
+        done = sweep_events(&flow.ctx) => panic!("the pass was not cut: {done:?}"),
+        () = until_event_list_requests(&flow, requests + 2) => {}
+    }
+    assert_eq!(
+        in_inbox(&flow, &at_stripe[..200]).await,
+        200,
+        "the page read before the cut is kept"
+    );
+    assert_eq!(in_inbox(&flow, &at_stripe[200..]).await, 0);
+    assert_eq!(sweep_position(&flow).await, (cursor, Some(at_stripe[199].clone())));
+
+    // The third pass reads the rest, and the cursor moves.
+    flow.control.set_latency(0, 0, 0).await.unwrap();
+    let last = sweep_events(&flow.ctx).await.unwrap();
+    assert!(last.complete, "{last:?}");
+    assert_eq!(last.listed as usize, at_stripe.len() - 200);
+    assert_eq!(
+        last.ingested,
+        at_stripe[200..].iter().rev().cloned().collect::<Vec<_>>()
+    );
+    let (moved, backlog) = sweep_position(&flow).await;
+    assert!(moved > cursor && backlog.is_none(), "{moved} {backlog:?}");
+    assert_eq!(in_inbox(&flow, &at_stripe).await, at_stripe.len());
+    wait_for(
+        &flow,
+        "the refunds taken through",
+        "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
+                 AND (SELECT count(*) FROM refunds) = 110
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0)::int::bigint",
+    )
+    .await;
+    assert_eq!(
+        scalar(&flow, "SELECT coalesce(sum(amount_cents), 0)::bigint FROM refunds").await,
+        refunds
+    );
+    assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}

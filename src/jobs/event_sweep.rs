@@ -5,14 +5,18 @@
 //! `charge.dispute.funds_withdrawn` would leave the recipients holding money the donor got back. So each tick reads
 //! `GET /v1/events` for those types, created since the cursor (less an overlap for clock skew and for events
 //! Stripe lists late), and puts each event the inbox lacks there through the webhook's own ingress, which
-//! deduplicates by event id: an event that arrives both ways is processed once. Oldest first, as webhooks mostly
-//! come. The cursor moves only after a complete pass; a failed pass is read again on the next tick.
+//! deduplicates by event id: an event that arrives both ways is processed once. Each page is ingested as it is
+//! read, oldest first (as webhooks mostly come; Stripe lists newest first, so the newest page goes first), and
+//! then the pass's position is saved as a backlog: on after the oldest event read (Stripe's `starting_after`),
+//! among the events created up to the pass's start. So a pass cut at any point (the tick's timeout dropping it, a
+//! failed page, a crash) keeps the pages it ingested, and the next pass goes on from there; a page cut before its
+//! position was saved is read again, harmlessly. The cursor moves only when everything since it has been read.
 //!
 //! Limits, stated: Stripe keeps events 30 days, so a sweep stopped longer than that misses some (the first pass
 //! reads [`FIRST_PASS_LOOKBACK_SECS`]); listed events are rendered in the account's default API version (a
 //! webhook endpoint can be pinned, a list cannot) — the processors read only fields every version has (`id`,
 //! `charge`, `payment_intent`, `amount`, `status`); a pass reads at most [`PAGES_PER_PASS_MAX`] pages, and one
-//! that would read more ingests what it read, does not move the cursor, and says so loudly. Connect events
+//! that would read more leaves the rest as a backlog, does not move the cursor, and says so loudly. Connect events
 //! (`account.updated` of a connected account) are not in the platform's list; onboarding is covered by
 //! `ops retry`.
 
@@ -66,6 +70,8 @@ pub enum EventSweepError {
     Stripe(#[from] GatewayError),
     #[error("putting a listed event in the inbox: {0}")]
     Ingest(String),
+    #[error("Stripe listed an event without an id: the pass cannot say where it stopped")]
+    ListedWithoutId,
 }
 
 impl From<sqlx::Error> for EventSweepError {
@@ -74,9 +80,9 @@ impl From<sqlx::Error> for EventSweepError {
     }
 }
 
-/// One pass: every page since the cursor (or, after a pass that read too many, the backlog it left), the events
-/// the inbox lacks ingested oldest first, then the cursor moved; or, when there were more than a pass reads, a
-/// backlog noted for the next pass (the older events not read yet).
+/// One pass: every page since the cursor (or, after a pass that read too many or was cut, the backlog it left),
+/// each page's events the inbox lacks ingested oldest first and the position saved, then the cursor moved; or,
+/// when there were more than a pass reads, the backlog left for the next pass (the older events not read yet).
 pub async fn sweep_events(ctx: &AppContext) -> Result<EventSweepReport, EventSweepError> {
     sweep_events_with(ctx, PAGES_PER_PASS_MAX).await
 }
@@ -90,8 +96,9 @@ pub async fn sweep_events_with(ctx: &AppContext, pages_max: usize) -> Result<Eve
         .map(|s| s.swept_until)
         .unwrap_or_else(|| started - Duration::seconds(FIRST_PASS_LOOKBACK_SECS - OVERLAP_SECS));
     let since: DateTime<Utc> = swept_until - Duration::seconds(OVERLAP_SECS);
-    // A backlog: the older events a pass could not read, listed on after the oldest it read, among the events
-    // created up to where that pass began (the cursor then moves there). Newer events wait for the next pass.
+    // A backlog: the older events a pass did not read (too many, or it was cut), listed on after the oldest it read,
+    // among the events created up to where that pass began (the cursor then moves there). Newer events wait for
+    // the next pass.
     let (mut after, pass_until) = match state
         .as_ref()
         .and_then(|s| s.backlog_after.clone().zip(s.backlog_until))
@@ -101,31 +108,46 @@ pub async fn sweep_events_with(ctx: &AppContext, pages_max: usize) -> Result<Eve
     };
     let lte = after.is_some().then(|| pass_until.timestamp());
     let mut report = EventSweepReport::default();
-    let mut listed: Vec<Value> = Vec::new();
-    let mut complete = false;
     for _ in 0..pages_max.max(1) {
         let page = ctx
             .gateway
             .list_events(&SWEPT_EVENT_TYPES, since.timestamp(), lte, after.as_deref())
             .await?;
-        if let Some(last) = page.events.last().and_then(|e| e["id"].as_str()) {
-            after = Some(last.to_owned());
-        }
         let more = page.has_more && !page.events.is_empty();
-        listed.extend(page.events);
+        let oldest = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
+        report.listed += page.events.len() as u64;
+        ingest_page(ctx, page.events, &mut report.ingested).await?;
+        // Saved once the page is in the inbox: a pass cut from here on (by the timeout, an error on a later page, a
+        // crash) leaves the next one to go on after this page, never before an event not ingested.
+        let mut conn = ctx.pool.acquire().await?;
         if !more {
-            complete = true;
+            advance_event_sweep(&mut conn, SWEEP_NAME, pass_until).await?;
+            report.complete = true;
             break;
         }
+        let oldest = oldest.ok_or(EventSweepError::ListedWithoutId)?;
+        leave_event_sweep_backlog(&mut conn, SWEEP_NAME, swept_until, &oldest, pass_until).await?;
+        after = Some(oldest);
     }
-    report.listed = listed.len() as u64;
-    let ids: Vec<String> = listed
+    if !report.complete {
+        tracing::warn!(
+            since = %since,
+            read_down_to = after.as_deref().unwrap_or_default(),
+            "more refund and dispute events since the cursor than a pass reads: the older ones are read next"
+        );
+    }
+    crate::observability::events_sweep_ran(&report);
+    Ok(report)
+}
+
+/// Puts the events of one page (newest first, as Stripe lists them) that the inbox lacks there, oldest first.
+async fn ingest_page(ctx: &AppContext, events: Vec<Value>, ingested: &mut Vec<String>) -> Result<(), EventSweepError> {
+    let ids: Vec<String> = events
         .iter()
         .filter_map(|e| e["id"].as_str().map(str::to_owned))
         .collect();
     let known = known_stripe_events(&mut *ctx.pool.acquire().await?, &ids).await?;
-    // Newest first from Stripe: fed oldest first.
-    for event in listed.into_iter().rev() {
+    for event in events.into_iter().rev() {
         let Some(id) = event["id"].as_str().map(str::to_owned) else {
             continue;
         };
@@ -135,26 +157,11 @@ pub async fn sweep_events_with(ctx: &AppContext, pages_max: usize) -> Result<Eve
         match ingest_event(&ctx.pool, event).await {
             Ok(Ingested::Stored) => {
                 tracing::warn!(event = %id, "a Stripe event whose webhook never arrived, taken from the event list");
-                report.ingested.push(id);
+                ingested.push(id);
             }
             Ok(Ingested::Duplicate) => {} // its webhook arrived meanwhile
             Err(e) => return Err(EventSweepError::Ingest(e.to_string())),
         }
     }
-    let mut conn = ctx.pool.acquire().await?;
-    match (complete, after) {
-        (true, _) => advance_event_sweep(&mut conn, SWEEP_NAME, pass_until).await?,
-        (false, Some(oldest)) => {
-            tracing::warn!(
-                since = %since,
-                read_down_to = %oldest,
-                "more refund and dispute events since the cursor than a pass reads: the older ones are read next"
-            );
-            leave_event_sweep_backlog(&mut conn, SWEEP_NAME, swept_until, &oldest, pass_until).await?;
-        }
-        (false, None) => {} // not reached: an incomplete pass read pages of events, so `after` is set
-    }
-    report.complete = complete;
-    crate::observability::events_sweep_ran(&report);
-    Ok(report)
+    Ok(())
 }

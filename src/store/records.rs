@@ -266,7 +266,7 @@ pub async fn claim_cron_tick(
 pub struct EventSweepState {
     /// Every event created before this was seen.
     pub swept_until: DateTime<Utc>,
-    /// A backlog left by a pass that read too many: the events listed after this one are still to read.
+    /// A backlog left by a pass that read too many or was cut: the events listed after this one are still to read.
     pub backlog_after: Option<String>,
     /// Where the cursor moves once the backlog is read (the start of the pass that left it).
     pub backlog_until: Option<DateTime<Utc>>,
@@ -297,8 +297,8 @@ pub async fn advance_event_sweep(conn: &mut PgConnection, name: &str, until: Dat
     Ok(())
 }
 
-/// An incomplete pass: the events listed after `after` (the oldest read) are still to read; the cursor stays, and
-/// moves to `until` once they are.
+/// A pass's position, saved after each page it ingested: the events listed after `after` (the oldest read) are
+/// still to read; the cursor stays, and moves to `until` once they are.
 pub async fn leave_event_sweep_backlog(
     conn: &mut PgConnection,
     name: &str,
