@@ -97,6 +97,11 @@ pub async fn apply_refund(
     let row: RefundRow = record_stripe_refund(tx, payment, refund, source)
         .await
         .map_err(transient)?;
+    if matches!(row.status.as_str(), "FAILED" | "CANCELED") {
+        crate::store::reversals::rehome_reversals_of(tx, row.id)
+            .await
+            .map_err(transient)?;
+    }
     match attribute_refund(tx, &row, ctx.distribution.reverse_on_refund).await {
         Ok(reversals) => Ok(reversals),
         Err(StoreError::Invalid(why)) => {
@@ -174,15 +179,15 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
             record_made(ctx, &r, Some(&reversal_id)).await?;
             tracing::info!(reversal = id, transfer_id = %r.stripe_transfer_id, amount_cents = r.amount_cents, "reversed");
         }
-        Ok(ReversalOutcome::AlreadyFullyReversed) => match fully_reversed_by(ctx, &r).await {
+        Ok(ReversalOutcome::AlreadyFullyReversed) => match record_if_fully_reversed_by(ctx, &r).await {
             Ok(Some(made)) => {
-                record_made(ctx, &r, made.as_deref()).await?;
                 tracing::warn!(reversal = id, transfer_id = %r.stripe_transfer_id, stripe_reversal = ?made,
                                "transfer already fully reversed: this row's share of it recorded");
             }
             Ok(None) => {
                 let why = format!(
-                    "Stripe says transfer {} is fully reversed, but no reversal of it that splitpay has not                      recorded covers this row's {} cents: check the transfer at Stripe",
+                    "Stripe says transfer {} is fully reversed, but no reversal of it that splitpay has not recorded \
+                     covers this row's {} cents: check the transfer at Stripe",
                     r.stripe_transfer_id, r.amount_cents
                 );
                 return retry_later(ctx, &r, raw_id, Some("transfer_already_reversed"), None, &why).await;
@@ -201,39 +206,58 @@ pub async fn reverse(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
 }
 
 /// Stripe answered that the transfer has nothing left to reverse. That is this row's reversal only if Stripe shows
-/// it (carrying our row id: `Some(Some(id))`), or if reversals nobody recorded (no id of ours, not recorded by id,
-/// less rows recorded without an id) cover its amount (`Some(None)`, as an old row's look-up does). Otherwise the
-/// money was taken by reversals that are another row's, still in doubt (review H1: booking this one too would count
-/// the same money twice): `None`, kept for an operator.
-async fn fully_reversed_by(ctx: &AppContext, r: &ReversalRow) -> Result<Option<Option<String>>, String> {
+/// it (carrying our row id), or if reversals nobody recorded (no id of ours, not recorded by id, less rows recorded
+/// without an id) cover its amount, as an old row's look-up does; then it is recorded, with its consequences, and
+/// `Some(stripe id if known)` is returned. Otherwise the money was taken by reversals that are another row's, still
+/// in doubt (review H1: booking this one too would count the same money twice): `None`, kept for an operator. The
+/// recorded rows are read under the share's lock, so two rows of one transfer never both take the same reversal.
+async fn record_if_fully_reversed_by(ctx: &AppContext, r: &ReversalRow) -> Result<Option<Option<String>>, String> {
     let listed = ctx
         .gateway
         .list_reversals(&r.stripe_transfer_id)
         .await
         .map_err(|e| format!("listing the reversals of {}: {e}", r.stripe_transfer_id))?;
-    if let Some(ours) = listed
+    let ours = listed
         .iter()
         .find(|x| x.metadata.get(REVERSAL_REF_KEY) == Some(&r.id.to_string()))
-    {
-        return Ok(Some(Some(ours.id.clone())));
+        .map(|x| x.id.clone());
+    let mut tx = ctx.pool.begin().await.map_err(|e| e.to_string())?;
+    lock_share(&mut tx, r).await.map_err(|e| format!("{e:?}"))?;
+    let status: String = sqlx::query_scalar("SELECT status FROM transfer_reversals WHERE id = $1")
+        .bind(r.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != "PENDING" {
+        return Ok(Some(None)); // recorded by another run meanwhile
     }
-    let recorded: Vec<(Option<String>, i64)> = sqlx::query_as(
-        "SELECT stripe_reversal_id, amount_cents FROM transfer_reversals
-          WHERE stripe_transfer_id = $1 AND status = 'SUCCEEDED' AND id <> $2",
-    )
-    .bind(&r.stripe_transfer_id)
-    .bind(r.id)
-    .fetch_all(&ctx.pool)
-    .await
-    .map_err(|e| e.to_string())?;
-    let unrecorded_cents: i64 = listed
-        .iter()
-        .filter(|x| !x.metadata.contains_key(REVERSAL_REF_KEY))
-        .filter(|x| !recorded.iter().any(|(id, _)| id.as_deref() == Some(x.id.as_str())))
-        .map(|x| x.amount_cents)
-        .sum();
-    let recorded_without_id_cents: i64 = recorded.iter().filter(|(id, _)| id.is_none()).map(|(_, a)| a).sum();
-    Ok((unrecorded_cents - recorded_without_id_cents >= r.amount_cents).then_some(None))
+    if ours.is_none() {
+        let recorded: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT stripe_reversal_id, amount_cents FROM transfer_reversals
+              WHERE stripe_transfer_id = $1 AND status = 'SUCCEEDED' AND id <> $2",
+        )
+        .bind(&r.stripe_transfer_id)
+        .bind(r.id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+        let unrecorded_cents: i64 = listed
+            .iter()
+            .filter(|x| !x.metadata.contains_key(REVERSAL_REF_KEY))
+            .filter(|x| !recorded.iter().any(|(id, _)| id.as_deref() == Some(x.id.as_str())))
+            .map(|x| x.amount_cents)
+            .sum();
+        let recorded_without_id_cents: i64 = recorded.iter().filter(|(id, _)| id.is_none()).map(|(_, a)| a).sum();
+        if unrecorded_cents - recorded_without_id_cents < r.amount_cents {
+            return Ok(None);
+        }
+    }
+    record_reversal_success(&mut tx, r.id, ours.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    send_again_if_reinstated(&mut tx, r).await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
+    Ok(Some(ours))
 }
 
 /// A reversal's request (limiter wait, attempts and backoff) is abandoned after this; well inside
@@ -456,7 +480,14 @@ async fn settle_cancel(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailu
                 Ok(())
             }
             None => {
-                record_reversal_canceled(&mut conn, r.id).await.map_err(transient)?;
+                drop(conn);
+                let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+                lock_share(&mut tx, r).await?;
+                record_reversal_canceled(&mut tx, r.id).await.map_err(transient)?;
+                settle_waiting_parts(ctx, &mut tx, &allocation_id(r)?)
+                    .await
+                    .map_err(transient)?;
+                tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
                 tracing::info!(reversal = r.id, "canceled: Stripe shows no such reversal");
                 Ok(())
             }
@@ -474,12 +505,35 @@ async fn settle_cancel(ctx: &AppContext, r: &ReversalRow) -> Result<(), JobFailu
 /// share owed its money with nothing to send it).
 async fn record_made(ctx: &AppContext, r: &ReversalRow, stripe_reversal_id: Option<&str>) -> Result<(), JobFailure> {
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    lock_share(&mut tx, r).await?;
     record_reversal_success(&mut tx, r.id, stripe_reversal_id)
         .await
         .map_err(transient)?;
     send_again_if_reinstated(&mut tx, r).await.map_err(transient)?;
+    // Parts of the share that waited for this reversal's cancel to settle are covered now, in the same
+    // transaction: a won dispute applied between the two would drop them with the reversal's money unaccounted.
+    if r.cancel_requested_at.is_some() {
+        settle_waiting_parts(ctx, &mut tx, &allocation_id(r)?)
+            .await
+            .map_err(transient)?;
+    }
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     Ok(())
+}
+
+/// Locks the reversal's share first, as every cover does (share, then its reversal rows): a cover running at once
+/// then waits instead of deadlocking on the row this transaction changes.
+async fn lock_share(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<(), JobFailure> {
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(&r.split_allocation_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    Ok(())
+}
+
+fn allocation_id(r: &ReversalRow) -> Result<SplitAllocationId, JobFailure> {
+    SplitAllocationId::parse(&r.split_allocation_id).map_err(|e| JobFailure::Abandon(format!("reversal {}: {e}", r.id)))
 }
 
 /// A reversal was made. If the refund that asked for it was given back meanwhile (a won dispute), the share is
@@ -533,10 +587,20 @@ pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreE
         let Ok(id) = SplitAllocationId::parse(&raw) else {
             continue;
         };
-        let mut tx = ctx.pool.begin().await?;
-        settle_waiting_parts(ctx, &mut tx, &id).await?;
-        tx.commit().await?;
-        report.parts_covered_for.push(raw);
+        // One share's failure (a deadlock, a corrupt row) must not stop the tick for the others, nor the
+        // reversals and reinstatements after them: logged, and tried again next tick.
+        let covered = async {
+            let mut tx = ctx.pool.begin().await?;
+            settle_waiting_parts(ctx, &mut tx, &id).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
+        match covered.await {
+            Ok(()) => report.parts_covered_for.push(raw),
+            Err(e) => {
+                tracing::warn!(split_allocation_id = %id, error = %e, "refunds sweep: covering waiting parts failed")
+            }
+        }
     }
     for id in due_reversals(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await? {
         if let Err(e) = reverse(ctx, &id.to_string()).await {

@@ -186,6 +186,14 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
         if a.status == AllocationStatus::Transferring {
             return Ok(Reinstatement::Waiting(format!("the transfer of {} is in flight", a.id)));
         }
+        // Review (stop 20): a reversal of the share whose cancel is in doubt (an ops refund's, closed by this
+        // dispute) decides what the share is owed; its settling covers the share's waiting part first.
+        if a.status == AllocationStatus::Transferred && super::reversals::cancel_in_doubt(tx, a).await? {
+            return Ok(Reinstatement::Waiting(format!(
+                "a reversal of {} is being looked up at Stripe",
+                a.id
+            )));
+        }
     }
     sqlx::query("UPDATE refunds SET reinstated_at = now(), updated_at = now() WHERE id = $1")
         .bind(refund_id)

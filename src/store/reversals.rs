@@ -364,3 +364,63 @@ pub async fn adopt_reversals(tx: &mut Tx<'_>, ids: &[i64], refund_id: i64) -> Re
     .await?;
     Ok(())
 }
+
+/// A refund that failed (or was canceled) after its reversals were made leaves their money on the platform. A
+/// refund of the same share covered meanwhile may have booked that share as the platform's loss, because the
+/// failed refund's reversal still held the transfer (review, stop 20: a dispute covered while an ops refund was
+/// pending, the refund failing after). Each such reversal now covers the first standing part of its share that
+/// booked at least its amount as loss, on the same transfer: the loss becomes a reversal, and the reversal is that
+/// part's. One that fits nowhere stays listed by `ops parked` (`ops refund` run again reuses it). Returns how many
+/// moved. Locks each share before its parts.
+pub async fn rehome_reversals_of(tx: &mut Tx<'_>, refund_id: i64) -> Result<u64, StoreError> {
+    let made: Vec<(i64, String, String, i64)> = sqlx::query_as(
+        "SELECT t.id, t.split_allocation_id, t.stripe_transfer_id, t.amount_cents
+           FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+          WHERE t.cause_refund_id = $1 AND t.status = 'SUCCEEDED' AND r.status IN ('FAILED', 'CANCELED')
+          ORDER BY t.id",
+    )
+    .bind(refund_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut moved = 0;
+    for (reversal, allocation, transfer, amount_cents) in made {
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT stripe_transfer_id FROM split_allocations WHERE id = $1 FOR UPDATE")
+                .bind(&allocation)
+                .fetch_one(&mut **tx)
+                .await?;
+        if current.as_deref() != Some(transfer.as_str()) {
+            continue; // another generation's transfer now: the reversal is not this share's current money
+        }
+        let part: Option<i64> = sqlx::query_scalar(
+            "SELECT p.refund_id FROM refund_parts p JOIN refunds f ON f.id = p.refund_id
+              WHERE p.split_allocation_id = $1 AND p.covered_at IS NOT NULL AND p.platform_loss_cents >= $2
+                AND f.status = 'SUCCEEDED' AND f.reinstated_at IS NULL
+              ORDER BY p.refund_id LIMIT 1 FOR UPDATE OF p",
+        )
+        .bind(&allocation)
+        .bind(amount_cents)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(part) = part else { continue };
+        sqlx::query(
+            "UPDATE refund_parts SET reversal_cents = reversal_cents + $3, platform_loss_cents = platform_loss_cents - $3
+              WHERE refund_id = $1 AND split_allocation_id = $2",
+        )
+        .bind(part)
+        .bind(&allocation)
+        .bind(amount_cents)
+        .execute(&mut **tx)
+        .await?;
+        adopt_reversals(tx, &[reversal], part).await?;
+        tracing::warn!(
+            reversal,
+            refund_id,
+            part_of_refund = part,
+            amount_cents,
+            "a failed refund's reversal now covers a part that had booked it as the platform's loss"
+        );
+        moved += 1;
+    }
+    Ok(moved)
+}
