@@ -141,15 +141,7 @@ async fn events_are_signed_listed_and_delivered_with_modes() {
     );
 
     // Every event is listable, newest first.
-    let listed: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}v1/events?limit=100", sim.base_url()))
-        .bearer_auth(TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = raw_get(&sim, "events?limit=100").await;
     let all: Vec<&str> = listed["data"]
         .as_array()
         .unwrap()

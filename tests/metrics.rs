@@ -11,13 +11,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::db::TestDb;
 use common::flow::{SERVICE_TOKEN, WEBHOOK_SECRET};
+use common::process::{free_addr, Proc};
 use prometheus_parse::{Sample, Scrape, Value};
 use serde_json::json;
 use splitpay::domain::plan::AmountMode;
@@ -43,24 +43,6 @@ description = "metrics test: every 2 s"
 cron = "*/5 * * * * *"
 description = "metrics test: every 5 s"
 "#;
-
-/// A child process killed when the test ends, pass or fail.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A loopback address nobody listens on right now.
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn splitpay(command: &str, db: &TestDb, sim_base: &str, log: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_splitpay"));
@@ -194,7 +176,7 @@ async fn both_metrics_endpoints_match_the_database_and_the_simulator() {
 
     let (api, worker_metrics) = (free_addr(), free_addr());
     let base_url = format!("http://{api}");
-    let _serve = Running(
+    let _serve = Proc(
         splitpay("serve", &db, &sim_base, &serve_log)
             .env("SPLITPAY_HTTP_ADDR", api.to_string())
             .spawn()
@@ -210,7 +192,7 @@ async fn both_metrics_endpoints_match_the_database_and_the_simulator() {
         .await
         .unwrap();
     common::seed_set_via_api(&base_url, SERVICE_TOKEN, AmountMode::Fixed, &AMOUNTS).await;
-    let _worker = Running(
+    let _worker = Proc(
         splitpay("worker", &db, &sim_base, &worker_log)
             .env("SPLITPAY_METRICS_ADDR", worker_metrics.to_string())
             .env("SPLITPAY_CRON_SCHEDULE", &schedule)

@@ -130,18 +130,6 @@ async fn sim_post(base: &str, path: &str, body: &str) -> serde_json::Value {
     response.json().await.unwrap()
 }
 
-async fn sim_get(base: &str, path: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{base}v1/{path}"))
-        .bearer_auth(common::stripe::TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Parses `object` as async-stripe's type: the production client must still read every object.
 fn parses_as<T: miniserde::Deserialize>(what: &str, object: &serde_json::Value) {
     if let Err(e) = miniserde::json::from_str::<T>(&object.to_string()) {
@@ -181,8 +169,8 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
     )
     .await;
     let pi_id = pi["id"].as_str().unwrap().to_owned();
-    let expanded = sim_get(
-        &base,
+    let expanded = common::stripe::raw_get(
+        &sim,
         &format!("payment_intents/{pi_id}?expand[]=latest_charge.balance_transaction"),
     )
     .await;
@@ -221,8 +209,8 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
         "amount=2000&currency=aud&payment_method=pm_card_createDispute&confirm=true",
     )
     .await;
-    let disputes = sim_get(
-        &base,
+    let disputes = common::stripe::raw_get(
+        &sim,
         &format!("disputes?payment_intent={}", disputed_pi["id"].as_str().unwrap()),
     )
     .await;
@@ -232,13 +220,13 @@ async fn every_simulator_object_carries_every_top_level_field_of_stripes_example
     control.open_dispute(&charge_id).await.unwrap();
     let won = control.close_dispute(&charge_id, true).await.unwrap();
     let reinstatement = won["balance_transactions"][1].clone();
-    let refund_again = sim_get(&base, &format!("refunds/{}", refund["id"].as_str().unwrap())).await;
+    let refund_again = common::stripe::raw_get(&sim, &format!("refunds/{}", refund["id"].as_str().unwrap())).await;
     // The transferred funds become available on the connected account, which pays some out.
     control.advance_clock(3 * 86_400).await.unwrap();
     let payout = control.payout(&account_id, "aud", 100).await.unwrap();
     control.set_transfers_capability(&account_id, "active").await.unwrap();
-    let balance = sim_get(&base, "balance").await;
-    let events = sim_get(&base, "events?limit=100").await;
+    let balance = common::stripe::raw_get(&sim, "balance").await;
+    let events = common::stripe::raw_get(&sim, "events?limit=100").await;
     let event = events["data"][0].clone();
     let refunded_charge = events["data"]
         .as_array()

@@ -10,13 +10,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::db::TestDb;
-use common::stripe::TEST_KEY;
+use common::process::{free_addr, Proc};
+use common::stripe::{raw_get, TEST_KEY};
 use serde_json::Value;
 use splitpay::domain::ids::SplitPaymentId;
 use splitpay::stripe::sim::model::SimConfig;
@@ -26,23 +26,6 @@ const SERVICE_TOKEN: &str = "svc_e2e_tests_token_0123";
 /// `serve` needs a webhook secret with a Stripe key; in polling mode nothing is ever signed with it.
 const UNUSED_WEBHOOK_SECRET: &str = "whsec_e2e_polling_mode_unused";
 const READY_MAX: Duration = Duration::from_secs(60);
-
-/// A child process killed when the test ends, pass or fail.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
@@ -65,7 +48,7 @@ fn splitpay(command: &str) -> Command {
 
 /// `serve` and `worker` on `db`, talking to `api_base` with `key`; polling mode, so no webhook endpoint is
 /// registered anywhere. Returns the API's base URL and the running processes.
-async fn stack(db: &TestDb, key: &str, api_base: &str, logs: &Path) -> (String, Running, Running) {
+async fn stack(db: &TestDb, key: &str, api_base: &str, logs: &Path) -> (String, Proc, Proc) {
     let api = free_addr();
     let base_url = format!("http://{api}");
     let process = |command: &str, log: &str| {
@@ -83,7 +66,7 @@ async fn stack(db: &TestDb, key: &str, api_base: &str, logs: &Path) -> (String, 
             .stderr(std::fs::File::create(logs.join(log)).unwrap());
         cmd
     };
-    let serve = Running(process("serve", "serve.log").spawn().expect("serve starts"));
+    let serve = Proc(process("serve", "serve.log").spawn().expect("serve starts"));
     let http = reqwest::Client::new();
     let deadline = Instant::now() + READY_MAX;
     while !http
@@ -99,7 +82,7 @@ async fn stack(db: &TestDb, key: &str, api_base: &str, logs: &Path) -> (String, 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let worker = Running(process("worker", "worker.log").spawn().expect("worker starts"));
+    let worker = Proc(process("worker", "worker.log").spawn().expect("worker starts"));
     (base_url, serve, worker)
 }
 
@@ -116,6 +99,20 @@ async fn e2e(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// `splitpay e2e ARGS` against the simulator `sim` with the test key, on `db`.
+async fn e2e_on_simulator(sim: &SimServer, db: &TestDb, args: &[&str]) -> (bool, String, String) {
+    e2e(
+        &[
+            ("STRIPE_TEST_SECRET_KEY", TEST_KEY),
+            ("STRIPE_API_BASE", &sim.base_url()),
+            ("DATABASE_URL", &db.url),
+            ("SPLITPAY_SERVICE_TOKEN", SERVICE_TOKEN),
+        ],
+        args,
+    )
+    .await
 }
 
 async fn onboarding_simulator() -> SimServer {
@@ -205,13 +202,9 @@ async fn the_scenario_passes_against_the_simulator_in_polling_mode() {
     let logs = scratch_dir("e2e-sim");
     let (base_url, _serve, _worker) = stack(&db, TEST_KEY, &sim.base_url(), &logs).await;
     let summary_path = logs.join("summary.json");
-    let (ok, stdout, stderr) = e2e(
-        &[
-            ("STRIPE_TEST_SECRET_KEY", TEST_KEY),
-            ("STRIPE_API_BASE", &sim.base_url()),
-            ("DATABASE_URL", &db.url),
-            ("SPLITPAY_SERVICE_TOKEN", SERVICE_TOKEN),
-        ],
+    let (ok, stdout, stderr) = e2e_on_simulator(
+        &sim,
+        &db,
         &[
             "--api-url",
             &base_url,
@@ -276,15 +269,7 @@ async fn the_scenario_passes_against_the_simulator_in_polling_mode() {
         let fee = row.payment.processing_fee_cents.unwrap();
         assert_eq!(p["stripe_fee_cents"], fee);
         // Stripe's transfers for this payment, listed here and not through the suite.
-        let listed: Value = reqwest::Client::new()
-            .get(format!("{}v1/transfers?transfer_group={id}&limit=100", sim.base_url()))
-            .bearer_auth(TEST_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed = raw_get(&sim, &format!("transfers?transfer_group={id}&limit=100")).await;
         let transfers = listed["data"].as_array().unwrap();
         // One transfer per share that was sent, never two; the refunded parked share was never sent.
         let sent = if p["label"] == "card_available" { 1 } else { 2 };
@@ -451,13 +436,9 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
         (&strict, "splitpay's API could not be reached"),
     ] {
         let summary_path = logs.join(format!("{}.json", uuid::Uuid::new_v4().simple()));
-        let (ok, stdout, stderr) = e2e(
-            &[
-                ("STRIPE_TEST_SECRET_KEY", TEST_KEY),
-                ("STRIPE_API_BASE", &sim.base_url()),
-                ("DATABASE_URL", &db.url),
-                ("SPLITPAY_SERVICE_TOKEN", SERVICE_TOKEN),
-            ],
+        let (ok, stdout, stderr) = e2e_on_simulator(
+            sim,
+            &db,
             &[
                 "--api-url",
                 &nobody,
@@ -485,15 +466,7 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
             assert!(!account_exists(sim, a["id"].as_str().unwrap()).await);
         }
         // Exactly two accounts ever existed at Stripe (each emitted its account.updated on creation).
-        let events: Value = reqwest::Client::new()
-            .get(format!("{}v1/events?limit=100&type=account.updated", sim.base_url()))
-            .bearer_auth(TEST_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let events = raw_get(sim, "events?limit=100&type=account.updated").await;
         let made: std::collections::BTreeSet<&str> = events["data"]
             .as_array()
             .unwrap()
@@ -530,15 +503,7 @@ async fn a_run_that_fails_midway_deletes_the_accounts_it_created() {
 
 /// The simulator's events created at or after `since`: (platform event ids, sorted; Connect event count).
 async fn events_since(sim: &SimServer, since: i64) -> (Vec<String>, usize) {
-    let listed: Value = reqwest::Client::new()
-        .get(format!("{}v1/events?limit=100&created[gte]={since}", sim.base_url()))
-        .bearer_auth(TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = raw_get(sim, &format!("events?limit=100&created[gte]={since}")).await;
     assert_eq!(listed["has_more"], false, "the test keeps to one page of 100");
     let data = listed["data"].as_array().unwrap();
     let mut platform: Vec<String> = data

@@ -7,6 +7,7 @@ pub mod db;
 pub mod flow;
 pub mod hooks;
 pub mod money;
+pub mod process;
 pub mod sim_fixtures;
 pub mod store_fixtures;
 pub mod stripe;

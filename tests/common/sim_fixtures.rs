@@ -95,17 +95,7 @@ pub async fn raw_post(
     req.send().await.unwrap()
 }
 
-pub async fn raw_get(sim: &splitpay::stripe::sim::SimServer, path: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{}v1/{path}", sim.base_url()))
-        .bearer_auth(TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
+pub use super::stripe::raw_get;
 
 /// Events of the simulator, newest first.
 pub async fn event_count(sim: &splitpay::stripe::sim::SimServer) -> usize {

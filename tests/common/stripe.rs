@@ -16,6 +16,19 @@ pub async fn simulator() -> (SimServer, SimControl) {
     (server, control)
 }
 
+/// `GET /v1/{path}` at the simulator with the test key, as JSON: what the gateway does not expose.
+pub async fn raw_get(sim: &SimServer, path: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}v1/{path}", sim.base_url()))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A gateway with fast retries (so tests do not wait seconds) and a generous rate.
 pub fn gateway(server: &SimServer) -> StripeGateway {
     gateway_with(server, |_| {})

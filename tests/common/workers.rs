@@ -5,12 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::flow::Flow;
+// The crash tests take their helpers from here.
+pub use super::process::{kill, Proc};
 
 /// Every periodic job every second or two (the shipped schedule ticks at most once a minute): the refunds sweep
 /// (reversals due, parts waiting, reinstatements waiting) runs in reconcile-transfers.
@@ -77,21 +79,6 @@ impl Workers {
             .map(Proc)
             .expect("the worker starts")
     }
-}
-
-/// A child process, SIGKILLed when dropped (a panicking test must not leave it running).
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        kill(self);
-    }
-}
-
-/// SIGKILL (std's `kill()` on Unix) and reap.
-pub fn kill(child: &mut Proc) {
-    let _ = child.0.kill();
-    let _ = child.0.wait();
 }
 
 /// `splitpay ops ARGS` as a child process the test may kill (its output is dropped).
@@ -175,15 +162,7 @@ pub async fn state(flow: &Flow) -> String {
 
 /// `GET /v1/{path}` at the simulator, as JSON.
 pub async fn stripe_get(flow: &Flow, path: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("{}/v1/{path}", flow.sim.base_url().trim_end_matches('/')))
-        .bearer_auth(super::stripe::TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    super::stripe::raw_get(&flow.sim, path).await
 }
 
 /// Every transfer of a transfer group at Stripe, each with every one of its reversals (`reversals.data`).
