@@ -6,111 +6,49 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
+use common::refunds::{
+    available, donation_of, donations_confirmed_again, held_per_share, lose_reversal_answers, nets, open_dispute,
+    past_in_flight_margin, reversal_posts, scalar, settle_until_sql, three_shares_paid, three_shares_paid_with,
+};
 use serde_json::Value;
-use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::state::{AllocationStatus, DonationStatus};
-use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::payments::SplitPayment;
-use splitpay::stripe::sim::{Fault, FaultKind};
-use splitpay::stripe::PaymentGateway;
-
-async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-/// Waits (bounded) until `sql` answers 1, running the refunds reconciler each turn as the cron would.
-async fn settle_until(flow: &Flow, what: &str, sql: &'static str) {
-    for _ in 0..300 {
-        if scalar(flow, sql).await == 1 {
-            return;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let rows: Vec<(String, String, i32)> =
-        sqlx::query_as("SELECT id, status, generation FROM split_allocations ORDER BY position")
-            .fetch_all(&flow.db.pool)
-            .await
-            .unwrap();
-    let reversals: Vec<(String, String, Option<String>)> =
-        sqlx::query_as("SELECT split_allocation_id, status, failure_code FROM transfer_reversals ORDER BY id")
-            .fetch_all(&flow.db.pool)
-            .await
-            .unwrap();
-    panic!("timed out waiting for {what}: {rows:?} {reversals:?}");
-}
-
-/// What each share's recipient holds at Stripe for it: its transfers less their reversals, in the set's order.
-async fn held_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
-    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    p.allocations
-        .iter()
-        .map(|a| {
-            transfers
-                .iter()
-                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .map(|t| t.amount_cents - t.amount_reversed_cents)
-                .sum()
-        })
-        .collect()
-}
-
-/// Reversal requests the simulator received for `transfer`.
-async fn reversal_posts(flow: &Flow, transfer: &str) -> usize {
-    let log = flow.control.get("requests").await.unwrap();
-    let path = format!("/v1/transfers/{transfer}/reversals");
-    log["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["method"] == "POST" && r["path"].as_str() == Some(path.as_str()))
-        .count()
-}
-
-/// The donation of share `i`: status, refunded amount, deleted, and its events of `event_type` (validated against
-/// the contract).
-async fn donation_of(
-    flow: &Flow,
-    p: &SplitPayment,
-    i: usize,
-    event_type: &str,
-) -> (DonationStatus, i64, bool, Vec<Value>) {
-    let aid = SplitAllocationId::parse(&p.allocations[i].id).unwrap();
-    let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &aid)
-        .await
-        .unwrap()
-        .unwrap();
-    let events: Vec<Value> = flow
-        .events(&d.id)
-        .await
-        .into_iter()
-        .filter(|e| e["type"] == event_type)
-        .collect();
-    for e in &events {
-        common::contract::validate_against_contract(e).unwrap_or_else(|err| panic!("{err}: {e}"));
-    }
-    (d.status, d.refunded_amount_cents, d.deleted_at.is_some(), events)
-}
 
 /// Three shares transferred from a card payment, their funds available at the recipients, and the platform with
 /// funds of its own (a share sent again after a won dispute draws on them).
 async fn transferred_and_available() -> (Flow, SplitPaymentId, SplitPayment) {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     flow.control.advance_clock(2 * 86_400 + 60).await.unwrap();
     (flow, id, p)
+}
+
+/// The first recipient pays out everything it has available.
+async fn first_recipient_pays_out(flow: &Flow) {
+    let held0 = available(flow, "acct_rcp0").await;
+    flow.control.payout("acct_rcp0", "aud", held0).await.unwrap();
+}
+
+/// The platform wins the dispute of `charge`: waits until the reinstatement is applied.
+async fn win_dispute(flow: &Flow, charge: &str) {
+    flow.control.close_dispute(charge, true).await.unwrap();
+    settle_until_sql(
+        flow,
+        "the reinstatement applied",
+        300,
+        "SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL",
+    )
+    .await;
+}
+
+/// Waits until `made` reversals are made and `in_doubt` others wait with a request in doubt.
+async fn until_made_and_in_doubt(flow: &Flow, what: &str, made: i64, in_doubt: i64) {
+    let sql = format!(
+        "SELECT (count(*) FILTER (WHERE status = 'SUCCEEDED') = {made}
+                 AND count(*) FILTER (WHERE status = 'PENDING' AND in_doubt_since IS NOT NULL) = {in_doubt})::int::bigint
+           FROM transfer_reversals"
+    );
+    settle_until_sql(flow, what, 300, &sql).await;
 }
 
 /// Finding 1: the first recipient paid everything out, so Stripe refuses the reversal of its share; the dispute is
@@ -120,16 +58,13 @@ async fn transferred_and_available() -> (Flow, SplitPaymentId, SplitPayment) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_won_dispute_cancels_a_refused_reversal_and_sends_again_only_what_was_taken_back() {
     let (flow, id, p) = transferred_and_available().await;
-    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
-    let held0 = flow.control.connected_balance("acct_rcp0").await.unwrap()["available"][0]["amount"]
-        .as_i64()
-        .unwrap();
-    flow.control.payout("acct_rcp0", "aud", held0).await.unwrap();
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    settle_until(
+    let nets = nets(&p);
+    first_recipient_pays_out(&flow).await;
+    let charge = open_dispute(&flow, &p).await;
+    settle_until_sql(
         &flow,
         "two reversals made, the first refused",
+        300,
         "SELECT (count(*) FILTER (WHERE status = 'SUCCEEDED') = 2
                  AND count(*) FILTER (WHERE status = 'PENDING' AND failure_code = 'balance_insufficient') = 1)::int::bigint
            FROM transfer_reversals",
@@ -139,9 +74,10 @@ async fn a_won_dispute_cancels_a_refused_reversal_and_sends_again_only_what_was_
     let tr0 = p.allocations[0].stripe_transfer_id.clone().unwrap();
 
     flow.control.close_dispute(&charge, true).await.unwrap();
-    settle_until(
+    settle_until_sql(
         &flow,
         "the reinstatement applied and the new generations transferred",
+        300,
         "SELECT ((SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL) = 1
                  AND (SELECT count(*) FROM split_allocations WHERE status <> 'TRANSFERRED') = 0)::int::bigint",
     )
@@ -189,18 +125,12 @@ async fn a_won_dispute_cancels_a_refused_reversal_and_sends_again_only_what_was_
 
     // Finding 2: every donation is CONFIRMED again, nothing refunded, not deleted, with one refund_reversed each.
     // The first share's donation is not left PENDING: its share is not sent again (its recipient kept it).
-    for i in 0..3 {
-        let (status, refunded, deleted, events) = donation_of(&flow, &p, i, "donation.refund_reversed").await;
-        assert_eq!(
-            (status, refunded, deleted, events.len()),
-            (DonationStatus::Confirmed, 0, false, 1),
-            "share {i}"
-        );
-        assert_eq!(events[0]["data"]["deleted_at"], Value::Null);
+    let reversed = donations_confirmed_again(&flow, &p).await;
+    for event in &reversed {
+        assert_eq!(event["data"]["deleted_at"], Value::Null);
     }
-    let (_, _, _, reversed0) = donation_of(&flow, &p, 0, "donation.refund_reversed").await;
     assert_eq!(
-        reversed0[0]["data"]["status"], "CONFIRMED",
+        reversed[0]["data"]["status"], "CONFIRMED",
         "the recipient holds the share"
     );
     assert_conserved_at_stripe(&flow, &id).await;
@@ -212,39 +142,24 @@ async fn a_won_dispute_cancels_a_refused_reversal_and_sends_again_only_what_was_
 /// refunded amount back to 0 and `deleted_at` cleared; it used to be left PENDING for a transfer that never comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_won_dispute_under_policy_none_confirms_the_donations_again_without_sending_anything() {
-    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[], true, |d| {
+    let (flow, id, p) = three_shares_paid_with(&[], true, |d| {
         d.reverse_on_refund = splitpay::app::ReversePolicy::None;
     })
     .await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
-    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    settle_until(
+    let nets = nets(&p);
+    let charge = open_dispute(&flow, &p).await;
+    settle_until_sql(
         &flow,
         "the withdrawal taken",
+        300,
         "SELECT (count(*) FILTER (WHERE covered_at IS NOT NULL) = 3)::int::bigint FROM refund_parts",
     )
     .await;
     for i in 0..3 {
-        let (status, _, deleted, _) = donation_of(&flow, &p, i, "donation.refunded").await;
+        let (status, _, deleted, _) = donation_of(&flow, &p.allocations[i], "donation.refunded").await;
         assert_eq!((status, deleted), (DonationStatus::Refunded, true), "share {i}");
     }
-    flow.control.close_dispute(&charge, true).await.unwrap();
-    settle_until(
-        &flow,
-        "the reinstatement applied",
-        "SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL",
-    )
-    .await;
+    win_dispute(&flow, &charge).await;
     let p = flow.payment(&id).await;
     assert!(p
         .allocations
@@ -256,14 +171,8 @@ async fn a_won_dispute_under_policy_none_confirms_the_donations_again_without_se
         "nothing reversed, nothing sent again"
     );
     assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 0);
-    for i in 0..3 {
-        let (status, refunded, deleted, events) = donation_of(&flow, &p, i, "donation.refund_reversed").await;
-        assert_eq!(
-            (status, refunded, deleted, events.len()),
-            (DonationStatus::Confirmed, 0, false, 1),
-            "share {i}"
-        );
-        assert_eq!(events[0]["data"]["status"], "CONFIRMED");
+    for event in donations_confirmed_again(&flow, &p).await {
+        assert_eq!(event["data"]["status"], "CONFIRMED");
     }
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
@@ -276,48 +185,20 @@ async fn a_won_dispute_under_policy_none_confirms_the_donations_again_without_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_won_dispute_settles_reversals_in_doubt_by_a_lookup_at_stripe() {
     let (flow, id, p) = transferred_and_available().await;
-    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
-    let held0 = flow.control.connected_balance("acct_rcp0").await.unwrap()["available"][0]["amount"]
-        .as_i64()
-        .unwrap();
-    flow.control.payout("acct_rcp0", "aud", held0).await.unwrap();
+    let nets = nets(&p);
+    first_recipient_pays_out(&flow).await;
     for a in &p.allocations[..2] {
-        flow.control
-            .fault(Fault {
-                kind: FaultKind::LoseResponse,
-                count: 10_000,
-                path_contains: Some(format!(
-                    "/v1/transfers/{}/reversals",
-                    a.stripe_transfer_id.as_deref().unwrap()
-                )),
-                method: Some("POST".into()),
-            })
-            .await
-            .unwrap();
+        lose_reversal_answers(&flow, a.stripe_transfer_id.as_deref().unwrap()).await;
     }
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    settle_until(
-        &flow,
-        "the third reversal made, two in doubt",
-        "SELECT (count(*) FILTER (WHERE status = 'SUCCEEDED') = 1
-                 AND count(*) FILTER (WHERE status = 'PENDING' AND in_doubt_since IS NOT NULL) = 2)::int::bigint
-           FROM transfer_reversals",
-    )
-    .await;
+    let charge = open_dispute(&flow, &p).await;
+    until_made_and_in_doubt(&flow, "the third reversal made, two in doubt", 1, 2).await;
     assert_eq!(
         held_per_share(&flow, &p).await,
         [nets[0], 0, 0],
         "Stripe made the second one"
     );
 
-    flow.control.close_dispute(&charge, true).await.unwrap();
-    settle_until(
-        &flow,
-        "the reinstatement applied",
-        "SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL",
-    )
-    .await;
+    win_dispute(&flow, &charge).await;
     assert_eq!(
         scalar(
             &flow,
@@ -331,16 +212,11 @@ async fn a_won_dispute_settles_reversals_in_doubt_by_a_lookup_at_stripe() {
     let posts = reversal_posts(&flow, &tr0).await;
     flow.control.clear_faults().await.unwrap();
     // Ten minutes on, no request can still be in flight.
-    sqlx::query(
-        "UPDATE transfer_reversals SET in_doubt_since = in_doubt_since - interval '11 minutes',
-                next_attempt_at = now() WHERE cancel_requested_at IS NOT NULL",
-    )
-    .execute(&flow.db.pool)
-    .await
-    .unwrap();
-    settle_until(
+    past_in_flight_margin(&flow, "cancel_requested_at IS NOT NULL").await;
+    settle_until_sql(
         &flow,
         "the lookups settled and the second share sent again",
+        300,
         "SELECT ((SELECT count(*) FROM transfer_reversals WHERE status = 'CANCELED') = 1
                  AND (SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED') = 2
                  AND (SELECT count(*) FROM split_allocations WHERE status <> 'TRANSFERRED') = 0)::int::bigint",
@@ -367,25 +243,9 @@ async fn a_won_dispute_settles_reversals_in_doubt_by_a_lookup_at_stripe() {
 async fn a_cancel_waits_out_the_margin_after_the_latest_send_not_the_first() {
     let (flow, _id, p) = transferred_and_available().await;
     let tr0 = p.allocations[0].stripe_transfer_id.clone().unwrap();
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::LoseResponse,
-            count: 10_000,
-            path_contains: Some(format!("/v1/transfers/{tr0}/reversals")),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    settle_until(
-        &flow,
-        "two reversals made, the first in doubt",
-        "SELECT (count(*) FILTER (WHERE status = 'SUCCEEDED') = 2
-                 AND count(*) FILTER (WHERE status = 'PENDING' AND in_doubt_since IS NOT NULL) = 1)::int::bigint
-           FROM transfer_reversals",
-    )
-    .await;
+    lose_reversal_answers(&flow, &tr0).await;
+    let charge = open_dispute(&flow, &p).await;
+    until_made_and_in_doubt(&flow, "two reversals made, the first in doubt", 2, 1).await;
     // The first send was an hour ago; its retry is due now and is sent (its answer lost again).
     sqlx::query(
         "UPDATE transfer_reversals SET in_doubt_since = now() - interval '1 hour', next_attempt_at = now()
@@ -394,21 +254,16 @@ async fn a_cancel_waits_out_the_margin_after_the_latest_send_not_the_first() {
     .execute(&flow.db.pool)
     .await
     .unwrap();
-    settle_until(
+    settle_until_sql(
         &flow,
         "the retry sent",
+        300,
         "SELECT count(*) FROM transfer_reversals
           WHERE status = 'PENDING' AND in_doubt_since > now() - interval '1 minute'",
     )
     .await;
 
-    flow.control.close_dispute(&charge, true).await.unwrap();
-    settle_until(
-        &flow,
-        "the reinstatement applied",
-        "SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL",
-    )
-    .await;
+    win_dispute(&flow, &charge).await;
     for _ in 0..3 {
         splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
     }

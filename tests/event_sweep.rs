@@ -6,29 +6,16 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
+use common::refunds::{
+    charge_refunded_cents, dashboard_refund, hold_webhooks, open_dispute, pay_by_card, release_webhooks, scalar,
+    settle_until_sql, three_shares_paid,
+};
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
 use splitpay::jobs::event_sweep::sweep_events;
+use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::sim::{Fault, FaultKind};
-use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
-
-async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_for(flow: &Flow, what: &str, sql: &'static str) {
-    for _ in 0..600 {
-        if scalar(flow, sql).await == 1 {
-            return;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+use splitpay::stripe::PaymentGateway;
 
 /// A dashboard refund and a dispute whose webhooks are all lost: the sweep finds both (after a failed pass that
 /// moves nothing), the reversals are made once, each donation is told once; the late webhooks change nothing.
@@ -53,22 +40,12 @@ async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once
     assert!(first.ingested.is_empty(), "{first:?}");
 
     // From here every webhook is held back and never delivered (until the end).
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
+    hold_webhooks(&flow).await;
     flow.gateway
-        .create_refund(&CreateRefundParams {
-            target: RefundTarget::PaymentIntent(refunded.payment.payment_intent_id.clone().unwrap()),
-            amount_cents: Some(3_000),
-            reason: None,
-            metadata: Default::default(),
-            idempotency_key: "dashboard-refund-sweep".into(),
-        })
+        .create_refund(&dashboard_refund(&refunded, 3_000, "dashboard-refund-sweep"))
         .await
         .unwrap();
-    let charge = disputed.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
+    open_dispute(&flow, &disputed).await;
     assert_eq!(
         scalar(&flow, "SELECT count(*) FROM refunds").await,
         0,
@@ -115,9 +92,10 @@ async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once
             .all(|t| t.starts_with("charge.") || t.starts_with("refund.")),
         "{types:?}"
     );
-    wait_for(
+    settle_until_sql(
         &flow,
         "the refund and the dispute processed",
+        600,
         "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
                  AND (SELECT count(*) FROM refunds WHERE source <> 'ops') >= 2
                  AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0
@@ -128,13 +106,7 @@ async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once
     // of the six donations told once.
     assert_eq!(flow.count_events("donation.refunded").await, 6);
     assert_eq!(scalar(&flow, "SELECT count(*) FROM disputes").await, 1);
-    let refunded_at_stripe = flow
-        .gateway
-        .retrieve_charge(refunded.payment.charge_id.as_deref().unwrap())
-        .await
-        .unwrap()
-        .amount_refunded_cents;
-    assert_eq!(refunded_at_stripe, 3_000);
+    assert_eq!(charge_refunded_cents(&flow, &refunded).await, 3_000);
     let reversals_before = scalar(&flow, "SELECT count(*) FROM transfer_reversals").await;
     let reversed_cents = scalar(
         &flow,
@@ -145,14 +117,11 @@ async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once
     // A pass again, and then the held webhooks arrive: nothing is taken twice.
     let again = sweep_events(&flow.ctx).await.unwrap();
     assert!(again.ingested.is_empty(), "{again:?}");
-    flow.control
-        .webhook_mode(serde_json::json!({ "hold": false }))
-        .await
-        .unwrap();
-    flow.control.flush_webhooks().await.unwrap();
-    wait_for(
+    release_webhooks(&flow).await;
+    settle_until_sql(
         &flow,
         "the late webhooks stored",
+        600,
         "SELECT (count(*) FILTER (WHERE processed_at IS NULL) = 0)::int::bigint FROM stripe_events",
     )
     .await;
@@ -179,13 +148,7 @@ async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_list_filters_by_types() {
     let flow = Flow::start(AmountMode::Fixed, &[1_000], &[]).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    flow.wait_until(&id, "transferred", |p| {
-        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-    })
-    .await;
+    pay_by_card(&flow, &[]).await;
     let page = flow
         .gateway
         .list_events(&["transfer.created", "payment_intent.succeeded"], 0, None, None)
@@ -204,54 +167,11 @@ async fn the_event_list_filters_by_types() {
 /// ends in the inbox once, and the refunds are taken through with money conserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_a_pass_is_read_over_the_next_passes() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     assert!(sweep_events(&flow.ctx).await.unwrap().complete);
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
-    let refunds = 60;
-    for i in 0..refunds {
-        flow.gateway
-            .create_refund(&CreateRefundParams {
-                target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
-                amount_cents: Some(1),
-                reason: None,
-                metadata: Default::default(),
-                idempotency_key: format!("dashboard-refund-backlog-{i}"),
-            })
-            .await
-            .unwrap();
-    }
+    unheard_refunds_of_a_cent(&flow, &p, 60, "dashboard-refund-backlog").await;
     // What Stripe holds of the swept types now, every page.
-    let mut at_stripe = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = flow
-            .gateway
-            .list_events(
-                &splitpay::jobs::event_sweep::SWEPT_EVENT_TYPES,
-                0,
-                None,
-                after.as_deref(),
-            )
-            .await
-            .unwrap();
-        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
-        at_stripe.extend(page.events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
-        if !page.has_more {
-            break;
-        }
-    }
+    let at_stripe = swept_types_at_stripe(&flow).await;
     assert!(
         at_stripe.len() > 100,
         "{} events: not more than a page",
@@ -298,20 +218,60 @@ async fn a_backlog_larger_than_a_pass_is_read_over_the_next_passes() {
         .await
         .unwrap();
     assert!(backlog.0.is_none(), "the backlog is done");
-    wait_for(
-        &flow,
-        "the refunds taken through",
-        "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
-                 AND (SELECT count(*) FROM refunds) = 60
-                 AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0)::int::bigint",
-    )
-    .await;
-    assert_eq!(
-        scalar(&flow, "SELECT coalesce(sum(amount_cents), 0)::bigint FROM refunds").await,
-        refunds
-    );
+    refunds_taken_through(&flow, 60).await;
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
+}
+
+/// Stripe's webhooks are held back (never delivered: lost), and `n` dashboard refunds of a cent each are made
+/// (keys `{key}-0`, `{key}-1`, …).
+async fn unheard_refunds_of_a_cent(flow: &Flow, p: &SplitPayment, n: usize, key: &str) {
+    hold_webhooks(flow).await;
+    for i in 0..n {
+        flow.gateway
+            .create_refund(&dashboard_refund(p, 1, &format!("{key}-{i}")))
+            .await
+            .unwrap();
+    }
+}
+
+/// The ids of every event of the swept types Stripe holds, every page, newest first.
+async fn swept_types_at_stripe(flow: &Flow) -> Vec<String> {
+    let mut at_stripe = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = flow
+            .gateway
+            .list_events(
+                &splitpay::jobs::event_sweep::SWEPT_EVENT_TYPES,
+                0,
+                None,
+                after.as_deref(),
+            )
+            .await
+            .unwrap();
+        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
+        at_stripe.extend(page.events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        if !page.has_more {
+            break;
+        }
+    }
+    at_stripe
+}
+
+/// Waits until the `n` refunds of a cent are taken through (every event processed, every reversal made); they
+/// add up to `n` cents.
+async fn refunds_taken_through(flow: &Flow, n: i64) {
+    let sql = format!(
+        "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
+                 AND (SELECT count(*) FROM refunds) = {n}
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0)::int::bigint"
+    );
+    settle_until_sql(flow, "the refunds taken through", 600, &sql).await;
+    assert_eq!(
+        scalar(flow, "SELECT coalesce(sum(amount_cents), 0)::bigint FROM refunds").await,
+        n
+    );
 }
 
 /// How many requests for Stripe's event list the simulator has received (counted on arrival, before their latency).
@@ -353,55 +313,12 @@ async fn sweep_position(flow: &Flow) -> (chrono::DateTime<chrono::Utc>, Option<S
 /// the refunds are taken through once with money conserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_cut_mid_way_keep_the_pages_they_read_and_the_next_goes_on() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     assert!(sweep_events(&flow.ctx).await.unwrap().complete);
     let (cursor, _) = sweep_position(&flow).await;
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
-    let refunds = 110;
-    for i in 0..refunds {
-        flow.gateway
-            .create_refund(&CreateRefundParams {
-                target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
-                amount_cents: Some(1),
-                reason: None,
-                metadata: Default::default(),
-                idempotency_key: format!("dashboard-refund-cut-{i}"),
-            })
-            .await
-            .unwrap();
-    }
+    unheard_refunds_of_a_cent(&flow, &p, 110, "dashboard-refund-cut").await;
     // What Stripe holds of the swept types now, newest first: the pages a pass reads.
-    let mut at_stripe: Vec<String> = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = flow
-            .gateway
-            .list_events(
-                &splitpay::jobs::event_sweep::SWEPT_EVENT_TYPES,
-                0,
-                None,
-                after.as_deref(),
-            )
-            .await
-            .unwrap();
-        after = page.events.last().and_then(|e| e["id"].as_str()).map(str::to_owned);
-        at_stripe.extend(page.events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
-        if !page.has_more {
-            break;
-        }
-    }
+    let at_stripe = swept_types_at_stripe(&flow).await;
     assert!(at_stripe.len() > 200, "{} events: not three pages", at_stripe.len());
     // Every Stripe request now takes 1.5 s: time to cut a pass while its second page is in flight.
     flow.control.set_latency(1_500, 1_500, 0).await.unwrap();
@@ -460,18 +377,7 @@ async fn passes_cut_mid_way_keep_the_pages_they_read_and_the_next_goes_on() {
     let (moved, backlog) = sweep_position(&flow).await;
     assert!(moved > cursor && backlog.is_none(), "{moved} {backlog:?}");
     assert_eq!(in_inbox(&flow, &at_stripe).await, at_stripe.len());
-    wait_for(
-        &flow,
-        "the refunds taken through",
-        "SELECT ((SELECT count(*) FROM stripe_events WHERE processed_at IS NULL) = 0
-                 AND (SELECT count(*) FROM refunds) = 110
-                 AND (SELECT count(*) FROM transfer_reversals WHERE status <> 'SUCCEEDED') = 0)::int::bigint",
-    )
-    .await;
-    assert_eq!(
-        scalar(&flow, "SELECT coalesce(sum(amount_cents), 0)::bigint FROM refunds").await,
-        refunds
-    );
+    refunds_taken_through(&flow, 110).await;
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }

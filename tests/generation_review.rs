@@ -8,56 +8,14 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
+use common::refunds::{held_per_share, logged_requests, nets, open_dispute, settle_until_sql, three_shares_paid_with};
 use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
-use splitpay::store::payments::SplitPayment;
-use splitpay::stripe::PaymentGateway;
-
-async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-/// Waits (bounded) until `sql` answers 1, running the refunds reconciler each turn as the cron would.
-async fn settle_until(flow: &Flow, what: &str, sql: &'static str) {
-    for _ in 0..300 {
-        if scalar(flow, sql).await == 1 {
-            return;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let rows: Vec<(String, String, i32, Option<String>)> =
-        sqlx::query_as("SELECT id, status, generation, failure_code FROM split_allocations ORDER BY position")
-            .fetch_all(&flow.db.pool)
-            .await
-            .unwrap();
-    panic!("timed out waiting for {what}: {rows:?}");
-}
-
-async fn held_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
-    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    p.allocations
-        .iter()
-        .map(|a| {
-            transfers
-                .iter()
-                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .map(|t| t.amount_cents - t.amount_reversed_cents)
-                .sum()
-        })
-        .collect()
-}
 
 /// The idempotency keys of the transfer requests the simulator received, in order.
 async fn transfer_keys(flow: &Flow) -> Vec<String> {
-    let log = flow.control.get("requests").await.unwrap();
-    log["requests"]
-        .as_array()
-        .unwrap()
+    logged_requests(flow)
+        .await
         .iter()
         .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
         .map(|r| r["idempotency_key"].as_str().unwrap_or("").to_owned())
@@ -68,33 +26,26 @@ async fn transfer_keys(flow: &Flow) -> Vec<String> {
 /// pending) and won, with no funds of the platform's own: each share's new generation is refused
 /// `balance_insufficient` (the charge's funds are still pending).
 async fn won_dispute_on_a_short_balance(window_ms: Option<u64>) -> (Flow, SplitPaymentId, Vec<i64>) {
-    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[], true, |d| {
+    let (flow, id, p) = three_shares_paid_with(&[], false, |d| {
         if let Some(ms) = window_ms {
             d.transfer_retry_window_ms = ms;
         }
     })
     .await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
-    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    settle_until(
+    let nets = nets(&p);
+    let charge = open_dispute(&flow, &p).await;
+    settle_until_sql(
         &flow,
         "the withdrawal reversed",
+        300,
         "SELECT (count(*) FILTER (WHERE status = 'SUCCEEDED') = 3)::int::bigint FROM transfer_reversals",
     )
     .await;
     flow.control.close_dispute(&charge, true).await.unwrap();
-    settle_until(
+    settle_until_sql(
         &flow,
         "each new generation refused for the platform's balance",
+        300,
         "SELECT (count(*) FILTER (WHERE generation = 2 AND failure_code = 'balance_insufficient') = 3)::int::bigint
            FROM split_allocations",
     )
@@ -115,9 +66,10 @@ async fn a_new_generation_refused_for_the_balance_succeeds_on_its_next_key_once_
         "the generation's own key was sent first: {before:?}"
     );
     flow.control.top_up("aud", 1_000_000).await.unwrap();
-    settle_until(
+    settle_until_sql(
         &flow,
         "every share transferred again",
+        300,
         "SELECT (count(*) FILTER (WHERE status = 'TRANSFERRED' AND generation = 2) = 3)::int::bigint
            FROM split_allocations",
     )
@@ -147,9 +99,10 @@ async fn a_new_generation_refused_for_the_balance_succeeds_on_its_next_key_once_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_generation_short_of_balance_for_its_window_is_parked_then_retried_from_the_balance() {
     let (flow, id, nets) = won_dispute_on_a_short_balance(Some(3_000)).await;
-    settle_until(
+    settle_until_sql(
         &flow,
         "the shares parked for the balance",
+        300,
         "SELECT (count(*) FILTER (WHERE status = 'PARKED' AND failure_code = 'balance_insufficient') = 3)::int::bigint
            FROM split_allocations",
     )

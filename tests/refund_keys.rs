@@ -7,22 +7,23 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
+use common::refunds::{
+    available, charge_refunded_cents, dashboard_refund, logged_requests, ops_refund, three_shares_paid,
+    three_shares_paid_with,
+};
 use serde_json::Value;
-use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::ids::SplitAllocationId;
 use splitpay::domain::state::{AllocationStatus, DonationStatus};
 use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::payments::SplitPayment;
 use splitpay::store::refunds::refunds_for_payment;
 use splitpay::store::reversals::{reversals_for_payment, ReversalRow};
-use splitpay::stripe::{CreateRefundParams, CreateTransferParams, PaymentGateway, RefundTarget, REVERSAL_REF_KEY};
+use splitpay::stripe::{CreateTransferParams, PaymentGateway, REVERSAL_REF_KEY};
 
 /// The idempotency keys of the simulator's logged requests of `method` whose path contains `path`, in order.
 async fn keys_sent(flow: &Flow, method: &str, path: &str) -> Vec<String> {
-    let log = flow.control.get("requests").await.unwrap();
-    log["requests"]
-        .as_array()
-        .unwrap()
+    logged_requests(flow)
+        .await
         .iter()
         .filter(|r| r["method"] == method && r["path"].as_str().unwrap_or("").contains(path))
         .map(|r| r["idempotency_key"].as_str().unwrap_or("").to_owned())
@@ -31,29 +32,7 @@ async fn keys_sent(flow: &Flow, method: &str, path: &str) -> Vec<String> {
 
 /// The transfer as Stripe holds it (raw JSON, with its `reversals` list).
 async fn transfer_at_stripe(flow: &Flow, id: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!(
-            "{}/v1/transfers/{id}",
-            flow.sim.base_url().trim_end_matches('/')
-        ))
-        .bearer_auth(common::stripe::TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn available(flow: &Flow, account: &str) -> i64 {
-    let b = flow.control.connected_balance(account).await.unwrap();
-    b["available"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["currency"] == "aud")
-        .map(|x| x["amount"].as_i64().unwrap())
-        .sum()
+    common::stripe::raw_get(&flow.sim, &format!("transfers/{id}")).await
 }
 
 async fn reversal_of(flow: &Flow, p: &SplitPayment, allocation: &str) -> ReversalRow {
@@ -79,16 +58,7 @@ async fn wait_for(what: &str, mut ok: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reversal_refused_for_a_low_connected_balance_succeeds_on_its_next_key_once_the_balance_is_back() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     // The charge's funds become available at the recipients, and the first recipient pays everything out.
     flow.control.advance_clock(2 * 86_400 + 60).await.unwrap();
     let a0 = p.allocations[0].clone();
@@ -99,13 +69,7 @@ async fn a_reversal_refused_for_a_low_connected_balance_succeeds_on_its_next_key
 
     // A dashboard refund of 600: 100/200/300 by gross, each reversed proportionally.
     flow.gateway
-        .create_refund(&CreateRefundParams {
-            target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
-            amount_cents: Some(600),
-            reason: None,
-            metadata: Default::default(),
-            idempotency_key: "dashboard-refund-keys".into(),
-        })
+        .create_refund(&dashboard_refund(&p, 600, "dashboard-refund-keys"))
         .await
         .unwrap();
     let pool = flow.db.pool.clone();
@@ -207,38 +171,20 @@ async fn a_reversal_refused_for_a_low_connected_balance_succeeds_on_its_next_key
     assert_eq!(reversals[0]["amount"], made.amount_cents);
     assert_eq!(reversals[0]["id"].as_str(), made.stripe_reversal_id.as_deref());
     assert_eq!(available(&flow, "acct_rcp0").await, 5_000 - made.amount_cents);
-    assert_conserved_at_stripe(&flow, &SplitPaymentId::parse(&p.payment.id).unwrap()).await;
+    assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refund_refused_for_the_platform_balance_is_made_on_its_next_key_once_topped_up() {
     // No top-up: the charge's own funds are still pending, so the platform has nothing available to refund from.
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[1]).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "settled", |p| {
-            p.allocations
-                .iter()
-                .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid_with(&[1], false, |_| {}).await;
     let a1 = p.allocations[1].clone();
     assert_eq!(a1.status, AllocationStatus::Parked);
     let net1 = a1.net_amount_cents.unwrap();
-    let args = [
-        "refund",
-        a1.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--yes",
-        "--actor",
-        "alice",
-    ];
+    let flags = ["--yes", "--actor", "alice"];
 
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a1.id, &flags);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("did not make the refund now"), "{stderr}");
@@ -253,20 +199,19 @@ async fn a_refund_refused_for_the_platform_balance_is_made_on_its_next_key_once_
     drop(conn);
 
     // Refused again while the balance is still short: one more key, still nothing refunded.
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a1.id, &flags);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     flow.control.top_up("aud", 100_000).await.unwrap();
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a1.id, &flags);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 
     let keys = keys_sent(&flow, "POST", "/v1/refunds").await;
     assert_eq!(keys, [base.clone(), format!("{base}:k2"), format!("{base}:k3")]);
-    let charge = flow
-        .gateway
-        .retrieve_charge(p.payment.charge_id.as_deref().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(charge.amount_refunded_cents, net1, "refunded once, the share's net");
+    assert_eq!(
+        charge_refunded_cents(&flow, &p).await,
+        net1,
+        "refunded once, the share's net"
+    );
     let mut conn = flow.db.pool.acquire().await.unwrap();
     let refunds = refunds_for_payment(&mut conn, &p.payment.id).await.unwrap();
     assert_eq!(refunds.len(), 1);

@@ -7,44 +7,17 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
+use common::refunds::{
+    charge_refunded_cents, dashboard_refund, held_per_share, hold_webhooks, ops_refund, parked_json, parts_taken,
+    pay_by_card, release_webhooks, scalar, settle_until_sql,
+};
+use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::refund_split::net_of;
 use splitpay::domain::state::{AllocationStatus, PaymentStatus};
 use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::sim::model::SimConfig;
-use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
-
-async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-fn dashboard_refund(p: &SplitPayment, amount_cents: i64, key: &str) -> CreateRefundParams {
-    CreateRefundParams {
-        target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
-        amount_cents: Some(amount_cents),
-        reason: None,
-        metadata: Default::default(),
-        idempotency_key: key.into(),
-    }
-}
-
-/// The transfers Stripe holds for the payment, per share in the set's order.
-async fn transferred_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
-    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    p.allocations
-        .iter()
-        .map(|a| {
-            transfers
-                .iter()
-                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .map(|t| t.amount_cents - t.amount_reversed_cents)
-                .sum()
-        })
-        .collect()
-}
+use splitpay::stripe::PaymentGateway;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transferred() {
@@ -52,10 +25,7 @@ async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transfer
     flow.control.top_up("aud", 1_000_000).await.unwrap();
     // Stripe's events are held: the refund is made before splitpay hears that the payment succeeded, and the
     // events are then delivered newest first (the refund before the success).
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
+    hold_webhooks(&flow).await;
     let (id, _) = flow
         .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
         .await;
@@ -64,24 +34,20 @@ async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transfer
         .create_refund(&dashboard_refund(&p, 600, "dashboard-before"))
         .await
         .unwrap();
-    flow.control
-        .webhook_mode(serde_json::json!({ "hold": false }))
-        .await
-        .unwrap();
-    flow.control.flush_webhooks().await.unwrap();
+    release_webhooks(&flow).await;
     let p = flow
         .wait_until(&id, "transferred", |p| {
             p.payment.status == PaymentStatus::Succeeded
                 && p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
         })
         .await;
-    for _ in 0..300 {
-        if scalar(&flow, "SELECT count(*) FROM refund_parts WHERE covered_at IS NOT NULL").await == 3 {
-            break;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    settle_until_sql(
+        &flow,
+        "the refund's parts covered",
+        300,
+        "SELECT (count(*) = 3)::int::bigint FROM refund_parts WHERE covered_at IS NOT NULL",
+    )
+    .await;
     // 600 by gross: 100/200/300, each taking its net share from what is transferred, nothing reversed.
     let parts = [100_i64, 200, 300];
     let want: Vec<i64> = p
@@ -93,7 +59,7 @@ async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transfer
             net - net_of(part, net, a.gross_amount_cents)
         })
         .collect();
-    assert_eq!(transferred_per_share(&flow, &p).await, want, "less is transferred");
+    assert_eq!(held_per_share(&flow, &p).await, want, "less is transferred");
     assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 0);
     assert_eq!(
         scalar(
@@ -112,9 +78,10 @@ async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transfer
     flow.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
+/// A card payment through a FIXED set of `amounts`, every share transferred, the platform with funds of its own,
+/// and Stripe's refunds starting `pending` (the test settles each).
+async fn transferred_with_pending_refunds(amounts: &[i64]) -> (Flow, SplitPaymentId, SplitPayment) {
+    let flow = Flow::start(AmountMode::Fixed, amounts, &[]).await;
     flow.control.top_up("aud", 1_000_000).await.unwrap();
     flow.control
         .set_config(&SimConfig {
@@ -123,15 +90,14 @@ async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
         })
         .await
         .unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
-    let before = transferred_per_share(&flow, &p).await;
+    let (id, p) = pay_by_card(&flow, &[]).await;
+    (flow, id, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
+    let (flow, id, p) = transferred_with_pending_refunds(&[1_000, 2_000, 3_000]).await;
+    let before = held_per_share(&flow, &p).await;
     let refund = flow
         .gateway
         .create_refund(&dashboard_refund(&p, 600, "dashboard-pending"))
@@ -174,14 +140,10 @@ async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
         .await,
         0
     );
-    assert_eq!(transferred_per_share(&flow, &p).await, before, "nothing taken back");
-    let charge = flow
-        .gateway
-        .retrieve_charge(p.payment.charge_id.as_deref().unwrap())
-        .await
-        .unwrap();
+    assert_eq!(held_per_share(&flow, &p).await, before, "nothing taken back");
     assert_eq!(
-        charge.amount_refunded_cents, 0,
+        charge_refunded_cents(&flow, &p).await,
+        0,
         "Stripe gave the failed refund back to the charge"
     );
     assert_conserved_at_stripe(&flow, &id).await;
@@ -194,34 +156,11 @@ async fn a_refund_pending_then_failed_reverses_nothing_and_emits_nothing() {
 /// had everything back and refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ops_refund_run_again_after_its_refund_failed_reuses_the_reversal_made() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    flow.control
-        .set_config(&SimConfig {
-            refunds_start_pending: true,
-            ..SimConfig::default()
-        })
-        .await
-        .unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = transferred_with_pending_refunds(&[1_000, 2_000]).await;
     let a0 = p.allocations[0].clone();
     let net0 = a0.net_amount_cents.unwrap();
-    let args = [
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-    ];
-    let out = flow.ops(&args);
+    let flags = ["--reverse-transfer", "--yes"];
+    let out = ops_refund(&flow, &a0.id, &flags);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let refund_id = |status: &'static str| {
         let pool = flow.db.pool.clone();
@@ -246,10 +185,10 @@ async fn an_ops_refund_run_again_after_its_refund_failed_reuses_the_reversal_mad
     flow.control.settle_refund(&first, false).await.unwrap();
     refund_id("FAILED").await;
     assert_eq!(
-        transferred_per_share(&flow, &p).await,
+        held_per_share(&flow, &p).await,
         [0, p.allocations[1].net_amount_cents.unwrap()]
     );
-    let parked: serde_json::Value = serde_json::from_slice(&flow.ops(&["parked", "--json"]).stdout).unwrap();
+    let parked = parked_json(&flow);
     assert_eq!(
         parked["reversed_without_refund"].as_array().unwrap().len(),
         1,
@@ -257,60 +196,38 @@ async fn an_ops_refund_run_again_after_its_refund_failed_reuses_the_reversal_mad
     );
 
     // Run again: the same net, no new reversal.
-    let dry = flow.ops(&[
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--dry-run",
-        "--json",
-    ]);
+    let dry = ops_refund(&flow, &a0.id, &["--reverse-transfer", "--dry-run", "--json"]);
     let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
     assert_eq!(plan["dry_run"]["refund_cents"], net0, "{plan}");
     assert_eq!(plan["dry_run"]["reversal_cents"], 0, "{plan}");
     assert_eq!(plan["dry_run"]["reversal_reused_cents"], net0, "{plan}");
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a0.id, &flags);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let second = refund_id("PENDING").await;
     assert_ne!(first, second);
     flow.control.settle_refund(&second, true).await.unwrap();
     refund_id("SUCCEEDED").await;
-    for _ in 0..300 {
-        if scalar(&flow, "SELECT count(*) FROM refund_parts WHERE covered_at IS NOT NULL").await == 1 {
-            break;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    settle_until_sql(
+        &flow,
+        "the refund's part covered",
+        300,
+        "SELECT (count(*) = 1)::int::bigint FROM refund_parts WHERE covered_at IS NOT NULL",
+    )
+    .await;
     assert_eq!(
         scalar(&flow, "SELECT count(*) FROM transfer_reversals").await,
         1,
         "one reversal, ever"
     );
+    let (reversed, lost) = parts_taken(&flow).await;
+    assert_eq!(reversed, net0);
+    assert_eq!(lost, 0);
     assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
-        net0
+        charge_refunded_cents(&flow, &p).await,
+        net0,
+        "the donor has the share back, once"
     );
-    assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(platform_loss_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
-        0
-    );
-    let charge = flow
-        .gateway
-        .retrieve_charge(p.payment.charge_id.as_deref().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(charge.amount_refunded_cents, net0, "the donor has the share back, once");
-    let parked: serde_json::Value = serde_json::from_slice(&flow.ops(&["parked", "--json"]).stdout).unwrap();
+    let parked = parked_json(&flow);
     assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
     assert_eq!(parked["reversed_refund_not_sent"], serde_json::json!([]), "{parked}");
     assert_eq!(flow.count_events("donation.refunded").await, 1);

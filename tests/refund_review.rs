@@ -5,30 +5,17 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
-use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use common::refunds::{
+    charge_refunded_cents, dashboard_refund, donation_of, fault_posts, hold_webhooks, lose_reversal_answers,
+    open_dispute, ops_refund, parked_json, parts_taken, past_in_flight_margin, pay_by_card, release_webhooks, scalar,
+    settle_until_sql, stripe_requests, three_shares_paid,
+};
+use splitpay::domain::ids::SplitAllocationId;
+use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::AllocationStatus;
-use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::refunds::record_stripe_refund;
-use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
-
-async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_for(flow: &Flow, what: &str, sql: &'static str) {
-    for _ in 0..600 {
-        if scalar(flow, sql).await == 1 {
-            return;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+use splitpay::stripe::sim::FaultKind;
+use splitpay::stripe::PaymentGateway;
 
 /// Covers one allocation's waiting parts in its own transaction, as the transfer job and the reconciler each do.
 async fn cover(flow: &Flow, id: &SplitAllocationId) {
@@ -43,31 +30,13 @@ async fn cover(flow: &Flow, id: &SplitAllocationId) {
 /// used to read the part before locking, and both refunded the donation. Now the second finds it covered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_covers_of_a_waiting_part_at_once_refund_the_donation_once() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     // Stripe's webhook for the refund is held back: the test records the refund with parts waiting, as they are
     // while a share's transfer is in flight.
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
+    hold_webhooks(&flow).await;
     let info = flow
         .gateway
-        .create_refund(&CreateRefundParams {
-            target: RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
-            amount_cents: Some(600),
-            reason: None,
-            metadata: Default::default(),
-            idempotency_key: "dashboard-refund-race".into(),
-        })
+        .create_refund(&dashboard_refund(&p, 600, "dashboard-refund-race"))
         .await
         .unwrap();
     let parts = [100_i64, 200, 300];
@@ -103,30 +72,17 @@ async fn two_covers_of_a_waiting_part_at_once_refund_the_donation_once() {
         "one reversal per part"
     );
     for (a, part) in p.allocations.iter().zip(parts) {
-        let aid = SplitAllocationId::parse(&a.id).unwrap();
-        let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &aid)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(d.refunded_amount_cents, part, "refunded once: {}", a.id);
-        let refunded = flow
-            .events(&d.id)
-            .await
-            .into_iter()
-            .filter(|e| e["type"] == "donation.refunded")
-            .count();
-        assert_eq!(refunded, 1);
+        let (_, refunded, _, events) = donation_of(&flow, a, "donation.refunded").await;
+        assert_eq!(refunded, part, "refunded once: {}", a.id);
+        assert_eq!(events.len(), 1);
     }
 
     // Stripe's webhook arrives: the refund is recorded already, nothing is added; the reversals are made once.
-    flow.control
-        .webhook_mode(serde_json::json!({ "hold": false }))
-        .await
-        .unwrap();
-    flow.control.flush_webhooks().await.unwrap();
-    wait_for(
+    release_webhooks(&flow).await;
+    settle_until_sql(
         &flow,
         "the refund's webhook processed and the reversals made",
+        600,
         "SELECT (count(*) FILTER (WHERE event_type = 'charge.refunded' AND processed_at IS NOT NULL) = 1
                  AND (SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING') = 0)::int::bigint
            FROM stripe_events",
@@ -134,72 +90,24 @@ async fn two_covers_of_a_waiting_part_at_once_refund_the_donation_once() {
     .await;
     assert_eq!(scalar(&flow, "SELECT count(*) FROM refunds").await, 1);
     assert_eq!(flow.count_events("donation.refunded").await, 3);
-    assert_conserved_at_stripe(&flow, &SplitPaymentId::parse(&p.payment.id).unwrap()).await;
+    assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
-}
-
-/// How many requests of `method` whose path contains `path` the simulator received.
-async fn stripe_requests(flow: &Flow, method: &str, path: &str) -> usize {
-    let log = flow.control.get("requests").await.unwrap();
-    log["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["method"] == method && r["path"].as_str().unwrap_or("").contains(path))
-        .count()
 }
 
 /// Finding d: an `ops refund` intent whose answer was lost, re-sent more than a day later when Stripe may have
 /// pruned its key, first lists the charge's refunds and adopts the one Stripe made: never a second refund.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ops_refund_resent_after_its_key_may_be_pruned_adopts_the_refund_stripe_made() {
-    use splitpay::stripe::sim::{Fault, FaultKind};
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[1]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "settled", |p| {
-            p.allocations
-                .iter()
-                .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[1]).await;
     let a1 = p.allocations[1].clone();
     let net1 = a1.net_amount_cents.unwrap();
     // The refund's own webhook is held back (it would record the refund), and Stripe's answer is lost.
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::LoseResponse,
-            count: 20,
-            path_contains: Some("/v1/refunds".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
-    let args = [
-        "refund",
-        a1.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--yes",
-        "--actor",
-        "alice",
-    ];
-    let out = flow.ops(&args);
+    hold_webhooks(&flow).await;
+    fault_posts(&flow, FaultKind::LoseResponse, 20, "/v1/refunds").await;
+    let flags = ["--yes", "--actor", "alice"];
+    let out = ops_refund(&flow, &a1.id, &flags);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let charge = p.payment.charge_id.clone().unwrap();
-    let refunded = |flow: &Flow| {
-        let gateway = flow.gateway.clone();
-        let charge = charge.clone();
-        async move { gateway.retrieve_charge(&charge).await.unwrap().amount_refunded_cents }
-    };
-    assert_eq!(refunded(&flow).await, net1, "Stripe made it once");
+    assert_eq!(charge_refunded_cents(&flow, &p).await, net1, "Stripe made it once");
     flow.control.clear_faults().await.unwrap();
 
     // A day passes: Stripe's key has expired (the simulator's clock), and the intent is a day old.
@@ -208,11 +116,11 @@ async fn an_ops_refund_resent_after_its_key_may_be_pruned_adopts_the_refund_stri
         .execute(&flow.db.pool)
         .await
         .unwrap();
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a1.id, &flags);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("already made refund"), "{stderr}");
-    assert_eq!(refunded(&flow).await, net1, "never a second refund");
+    assert_eq!(charge_refunded_cents(&flow, &p).await, net1, "never a second refund");
     assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 1);
     assert_eq!(
         flow.payment(&id).await.allocations[1].status,
@@ -228,14 +136,11 @@ async fn an_ops_refund_resent_after_its_key_may_be_pruned_adopts_the_refund_stri
     );
 
     // The held webhook arrives: the refund is recorded already.
-    flow.control
-        .webhook_mode(serde_json::json!({ "hold": false }))
-        .await
-        .unwrap();
-    flow.control.flush_webhooks().await.unwrap();
-    wait_for(
+    release_webhooks(&flow).await;
+    settle_until_sql(
         &flow,
         "the refund's webhook processed",
+        600,
         "SELECT (count(*) FILTER (WHERE event_type = 'charge.refunded' AND processed_at IS NOT NULL) = 1)::int::bigint
            FROM stripe_events",
     )
@@ -251,35 +156,11 @@ async fn an_ops_refund_resent_after_its_key_may_be_pruned_adopts_the_refund_stri
 /// balance; `ops parked` lists it for an operator instead of losing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
-    flow.control
-        .open_dispute(p.payment.charge_id.as_deref().unwrap())
-        .await
-        .unwrap();
+    let (flow, id, p) = three_shares_paid(&[]).await;
+    hold_webhooks(&flow).await;
+    open_dispute(&flow, &p).await;
     let a0 = p.allocations[0].clone();
-    let out = flow.ops(&[
-        "refund",
-        &a0.id,
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-        "--actor",
-        "alice",
-    ]);
+    let out = ops_refund(&flow, &a0.id, &["--reverse-transfer", "--yes", "--actor", "alice"]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Stripe refused the refund"), "{stderr}");
@@ -288,8 +169,7 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
         1
     );
 
-    let parked = flow.ops(&["parked", "--json"]);
-    let parked: serde_json::Value = serde_json::from_slice(&parked.stdout).unwrap();
+    let parked = parked_json(&flow);
     let stranded = parked["reversed_without_refund"].as_array().unwrap();
     assert_eq!(stranded.len(), 1, "{parked}");
     assert_eq!(stranded[0]["split_allocation_id"], a0.id.as_str());
@@ -302,14 +182,11 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
 
     // The dispute's webhooks arrive: its part of the first share takes that reversal (review M1), instead of
     // booking the share as the platform's loss while its money sits on the platform.
-    flow.control
-        .webhook_mode(serde_json::json!({ "hold": false }))
-        .await
-        .unwrap();
-    flow.control.flush_webhooks().await.unwrap();
-    wait_for(
+    release_webhooks(&flow).await;
+    settle_until_sql(
         &flow,
         "the dispute's parts covered",
+        600,
         "SELECT (count(*) = 3 AND count(*) FILTER (WHERE covered_at IS NULL) = 0)::int::bigint FROM refund_parts",
     )
     .await;
@@ -319,25 +196,14 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
         "the first share is reversed once"
     );
     let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
+    let (reversed, lost) = parts_taken(&flow).await;
+    assert_eq!(reversed, nets);
     assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
-        nets
-    );
-    assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(platform_loss_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
+        lost,
         p.payment.total_amount_cents - nets,
         "the platform bears the fees only"
     );
-    let parked = flow.ops(&["parked", "--json"]);
-    let parked: serde_json::Value = serde_json::from_slice(&parked.stdout).unwrap();
+    let parked = parked_json(&flow);
     assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
@@ -351,39 +217,12 @@ async fn a_reversal_whose_refund_stripe_refused_is_listed_by_ops_parked() {
 /// command run again is refused and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
-    use splitpay::stripe::sim::{Fault, FaultKind};
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     let a0 = p.allocations[0].clone();
     // Stripe refuses the reversal for now (429, not applied): the intent stays open with its reversal PENDING.
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::RateLimit,
-            count: 1_000,
-            path_contains: Some("/reversals".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
-    let args = [
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-        "--actor",
-        "alice",
-    ];
-    let out = flow.ops(&args);
+    fault_posts(&flow, FaultKind::RateLimit, 1_000, "/reversals").await;
+    let flags = ["--reverse-transfer", "--yes", "--actor", "alice"];
+    let out = ops_refund(&flow, &a0.id, &flags);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         scalar(
@@ -405,12 +244,12 @@ async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
     // Stripe keeps refusing reversals (429) until the lookup below.
 
     // The charge is disputed: the withdrawal closes the open intent.
-    let charge = p.payment.charge_id.clone().unwrap();
     let audit_before = scalar(&flow, "SELECT count(*) FROM ops_audit_log").await;
-    flow.control.open_dispute(&charge).await.unwrap();
-    wait_for(
+    open_dispute(&flow, &p).await;
+    settle_until_sql(
         &flow,
         "the withdrawal processed",
+        600,
         "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
     )
     .await;
@@ -468,7 +307,7 @@ async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
     );
 
     // Run again: nothing open, and the dispute refuses a new intent without writing anything.
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a0.id, &flags);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("disputed"), "{stderr}");
@@ -483,16 +322,11 @@ async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
 
     // Stripe answers again; ten minutes on, the lookup cancels the intent's reversal, and the dispute's are made.
     flow.control.clear_faults().await.unwrap();
-    sqlx::query(
-        "UPDATE transfer_reversals SET in_doubt_since = in_doubt_since - interval '11 minutes',
-                next_attempt_at = now() WHERE status = 'PENDING'",
-    )
-    .execute(&flow.db.pool)
-    .await
-    .unwrap();
-    wait_for(
+    past_in_flight_margin(&flow, "status = 'PENDING'").await;
+    settle_until_sql(
         &flow,
         "the reversals settled",
+        600,
         "SELECT ((SELECT count(*) FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
                    WHERE f.source = 'ops' AND r.status = 'CANCELED') = 1
                  AND (SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED') = 3)::int::bigint",
@@ -501,14 +335,7 @@ async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
     // Not made: the dispute's part of the first share is then a reversal of its own, not a platform loss. The
     // platform bears only the fees (Stripe keeps them): every net is reversed.
     let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
-    assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
-        nets
-    );
+    assert_eq!(parts_taken(&flow).await.0, nets);
     assert_eq!(
         scalar(
             &flow,
@@ -519,14 +346,7 @@ async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
         3
     );
     assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 0);
-    assert_eq!(
-        flow.gateway
-            .retrieve_charge(&charge)
-            .await
-            .unwrap()
-            .amount_refunded_cents,
-        0
-    );
+    assert_eq!(charge_refunded_cents(&flow, &p).await, 0);
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
 }
@@ -538,38 +358,12 @@ async fn a_dispute_closes_an_open_ops_refund_and_reverses_the_share_itself() {
 /// made; the part takes it as its own: no second reversal, no loss beyond the fees, nothing listed as stranded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reversal_in_doubt_for_a_closed_ops_refund_is_the_disputes_own_once_found_made() {
-    use splitpay::stripe::sim::{Fault, FaultKind};
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     let a0 = p.allocations[0].clone();
     let tr0 = a0.stripe_transfer_id.clone().unwrap();
     // Stripe makes the reversal; its answer is lost, every time.
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::LoseResponse,
-            count: 10_000,
-            path_contains: Some(format!("/v1/transfers/{tr0}/reversals")),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
-    let args = [
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-    ];
-    let out = flow.ops(&args);
+    lose_reversal_answers(&flow, &tr0).await;
+    let out = ops_refund(&flow, &a0.id, &["--reverse-transfer", "--yes"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let held0 = |t: splitpay::stripe::TransferInfo| t.amount_cents - t.amount_reversed_cents;
     let transfer0 = || async {
@@ -586,17 +380,18 @@ async fn a_reversal_in_doubt_for_a_closed_ops_refund_is_the_disputes_own_once_fo
         1
     );
 
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    wait_for(
+    open_dispute(&flow, &p).await;
+    settle_until_sql(
         &flow,
         "the withdrawal processed",
+        600,
         "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
     )
     .await;
-    wait_for(
+    settle_until_sql(
         &flow,
         "the two other shares reversed",
+        600,
         "SELECT (count(*) = 2)::int::bigint FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
           WHERE f.source = 'dispute' AND r.status = 'SUCCEEDED'",
     )
@@ -618,16 +413,11 @@ async fn a_reversal_in_doubt_for_a_closed_ops_refund_is_the_disputes_own_once_fo
     // Ten minutes on, no request can be in flight: the lookup finds the reversal made.
     flow.control.clear_faults().await.unwrap();
     let posts_before = stripe_requests(&flow, "POST", &format!("/v1/transfers/{tr0}/reversals")).await;
-    sqlx::query(
-        "UPDATE transfer_reversals SET in_doubt_since = in_doubt_since - interval '11 minutes',
-                next_attempt_at = now() WHERE status = 'PENDING'",
-    )
-    .execute(&flow.db.pool)
-    .await
-    .unwrap();
-    wait_for(
+    past_in_flight_margin(&flow, "status = 'PENDING'").await;
+    settle_until_sql(
         &flow,
         "the lookup settled and the part covered",
+        600,
         "SELECT ((SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED') = 3
                  AND (SELECT count(*) FROM refund_parts WHERE covered_at IS NULL) = 0)::int::bigint",
     )
@@ -650,39 +440,14 @@ async fn a_reversal_in_doubt_for_a_closed_ops_refund_is_the_disputes_own_once_fo
     );
     let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
     let disputed = p.payment.total_amount_cents;
-    assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(reversal_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
-        nets
-    );
-    assert_eq!(
-        scalar(
-            &flow,
-            "SELECT coalesce(sum(platform_loss_cents), 0)::bigint FROM refund_parts"
-        )
-        .await,
-        disputed - nets,
-        "the platform bears the fees only"
-    );
+    let (reversed, lost) = parts_taken(&flow).await;
+    assert_eq!(reversed, nets);
+    assert_eq!(lost, disputed - nets, "the platform bears the fees only");
     assert_eq!(held0(transfer0().await), 0);
-    let out = flow.ops(&["parked", "--json"]);
-    let parked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let parked = parked_json(&flow);
     assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
     // One donation.refunded for the first share, naming the dispute.
-    let aid = SplitAllocationId::parse(&a0.id).unwrap();
-    let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &aid)
-        .await
-        .unwrap()
-        .unwrap();
-    let refunded: Vec<serde_json::Value> = flow
-        .events(&d.id)
-        .await
-        .into_iter()
-        .filter(|e| e["type"] == "donation.refunded")
-        .collect();
+    let (_, _, _, refunded) = donation_of(&flow, &a0, "donation.refunded").await;
     assert_eq!(refunded.len(), 1, "{refunded:?}");
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
@@ -694,48 +459,22 @@ async fn a_reversal_in_doubt_for_a_closed_ops_refund_is_the_disputes_own_once_fo
 /// the refund once and the listing is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reversal_made_in_the_background_for_an_ops_refund_is_listed_until_the_refund_is_sent() {
-    use splitpay::stripe::sim::{Fault, FaultKind};
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     let a0 = p.allocations[0].clone();
     let net0 = a0.net_amount_cents.unwrap();
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::RateLimit,
-            count: 1_000,
-            path_contains: Some("/reversals".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
-    let args = [
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-        "--actor",
-        "alice",
-    ];
-    assert_eq!(flow.ops(&args).status.code(), Some(1));
+    fault_posts(&flow, FaultKind::RateLimit, 1_000, "/reversals").await;
+    let flags = ["--reverse-transfer", "--yes", "--actor", "alice"];
+    assert_eq!(ops_refund(&flow, &a0.id, &flags).status.code(), Some(1));
     flow.control.clear_faults().await.unwrap();
     // The reversal job makes it later; the intent stays open, and is old enough not to be a running command.
     sqlx::query("UPDATE transfer_reversals SET next_attempt_at = now()")
         .execute(&flow.db.pool)
         .await
         .unwrap();
-    wait_for(
+    settle_until_sql(
         &flow,
         "the reversal made in the background",
+        600,
         "SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED'",
     )
     .await;
@@ -744,9 +483,10 @@ async fn a_reversal_made_in_the_background_for_an_ops_refund_is_listed_until_the
         .await
         .unwrap();
     let listed = |flow: &Flow| {
-        let parked = flow.ops(&["parked", "--json"]);
-        let parked: serde_json::Value = serde_json::from_slice(&parked.stdout).unwrap();
-        parked["reversed_refund_not_sent"].as_array().unwrap().clone()
+        parked_json(flow)["reversed_refund_not_sent"]
+            .as_array()
+            .unwrap()
+            .clone()
     };
     let unfinished = listed(&flow);
     assert_eq!(unfinished.len(), 1);
@@ -757,27 +497,12 @@ async fn a_reversal_made_in_the_background_for_an_ops_refund_is_listed_until_the
         table.contains("reversed for an ops refund not sent yet (on the platform's balance): 1"),
         "{table}"
     );
-    let charge = p.payment.charge_id.clone().unwrap();
-    assert_eq!(
-        flow.gateway
-            .retrieve_charge(&charge)
-            .await
-            .unwrap()
-            .amount_refunded_cents,
-        0
-    );
+    assert_eq!(charge_refunded_cents(&flow, &p).await, 0);
 
     // Run again: the refund is sent once, the reversal is not made again, and nothing is listed.
-    let out = flow.ops(&args);
+    let out = ops_refund(&flow, &a0.id, &flags);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(
-        flow.gateway
-            .retrieve_charge(&charge)
-            .await
-            .unwrap()
-            .amount_refunded_cents,
-        net0
-    );
+    assert_eq!(charge_refunded_cents(&flow, &p).await, net0);
     assert_eq!(scalar(&flow, "SELECT count(*) FROM transfer_reversals").await, 1);
     assert!(listed(&flow).is_empty());
     assert_conserved_at_stripe(&flow, &id).await;
@@ -793,14 +518,7 @@ async fn already_fully_reversed_is_a_rows_reversal_only_when_stripe_shows_one_no
     use splitpay::store::allocations::get_split_allocation;
     use splitpay::store::reversals::{get_reversal, insert_reversal};
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (_, p) = pay_by_card(&flow, &[]).await;
     let mut rows = Vec::new();
     for (i, a) in p.allocations.iter().enumerate() {
         let tr = a.stripe_transfer_id.clone().unwrap();

@@ -7,20 +7,22 @@ mod common;
 
 use std::process::Output;
 
-use common::contract::validate_against_contract;
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
+use common::refunds::{
+    charge_refunded_cents, dashboard_refund, donation_of, fault_posts, redeliver_twice_at_once, stripe_requests,
+    three_shares_paid, three_shares_paid_with,
+};
 use serde_json::Value;
 use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::{AllocationStatus, DonationStatus};
 use splitpay::store::allocations::SplitAllocationRow;
-use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::money_report::money_report;
 use splitpay::store::payments::SplitPayment;
 use splitpay::store::refunds::{parts_for_payment, refunds_for_payment};
 use splitpay::store::reversals::reversals_for_payment;
-use splitpay::stripe::sim::{Fault, FaultKind};
+use splitpay::stripe::sim::FaultKind;
 use splitpay::stripe::PaymentGateway;
 
 fn stderr(out: &Output) -> String {
@@ -40,17 +42,6 @@ fn refund(flow: &Flow, allocation: &str, extra: &[&str]) -> Output {
     ];
     args.extend_from_slice(extra);
     flow.ops(&args)
-}
-
-/// How many requests of `method` whose path contains `path` the simulator received.
-async fn stripe_requests(flow: &Flow, method: &str, path: &str) -> usize {
-    let log = flow.control.get("requests").await.unwrap();
-    log["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["method"] == method && r["path"].as_str().unwrap_or("").contains(path))
-        .count()
 }
 
 /// Everything a refused or dry-run command must leave as it was.
@@ -73,25 +64,6 @@ async fn untouched(flow: &Flow) -> Untouched {
     }
 }
 
-/// A card payment over three recipients; those in `parked` cannot receive transfers. Waits until every share
-/// settled.
-async fn settled(parked: &[usize]) -> (Flow, SplitPayment) {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], parked).await;
-    // Stripe pays refunds out of the platform's available balance; the charge's own funds are still pending.
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "settled allocations", |p| {
-            p.allocations
-                .iter()
-                .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
-        })
-        .await;
-    (flow, p)
-}
-
 fn pid(p: &SplitPayment) -> SplitPaymentId {
     SplitPaymentId::parse(&p.payment.id).unwrap()
 }
@@ -100,38 +72,9 @@ async fn allocation(flow: &Flow, p: &SplitPayment, i: usize) -> SplitAllocationR
     flow.payment(&pid(p)).await.allocations[i].clone()
 }
 
-async fn charge_refunded_cents(flow: &Flow, p: &SplitPayment) -> i64 {
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.gateway
-        .retrieve_charge(&charge)
-        .await
-        .unwrap()
-        .amount_refunded_cents
-}
-
-/// The donation of `a`: its status, refunded amount, whether deleted, and its `donation.refunded` payloads (each
-/// validated against the contract).
-async fn donation_refunds(flow: &Flow, a: &SplitAllocationRow) -> (DonationStatus, i64, bool, Vec<Value>) {
-    let aid = splitpay::domain::ids::SplitAllocationId::parse(&a.id).unwrap();
-    let d = donation_for_allocation(&mut flow.db.pool.acquire().await.unwrap(), &aid)
-        .await
-        .unwrap()
-        .unwrap();
-    let events: Vec<Value> = flow
-        .events(&d.id)
-        .await
-        .into_iter()
-        .filter(|e| e["type"] == "donation.refunded")
-        .collect();
-    for e in &events {
-        validate_against_contract(e).unwrap_or_else(|err| panic!("{err}: {e}"));
-    }
-    (d.status, d.refunded_amount_cents, d.deleted_at.is_some(), events)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_refund_of_parked_shares_net_and_gross() {
-    let (flow, p) = settled(&[0, 1]).await;
+    let (flow, _, p) = three_shares_paid(&[0, 1]).await;
     let (a0, a1) = (allocation(&flow, &p, 0).await, allocation(&flow, &p, 1).await);
     assert_eq!(
         (a0.status, a1.status),
@@ -214,12 +157,12 @@ async fn ops_refund_of_parked_shares_net_and_gross() {
         assert_eq!(audit[0].details["parameters"]["amount"], amount);
     }
     // Each donation is refunded once, with one contract-valid event.
-    let (status, refunded, deleted, events) = donation_refunds(&flow, &a0).await;
+    let (status, refunded, deleted, events) = donation_of(&flow, &a0, "donation.refunded").await;
     assert_eq!(
         (status, refunded, deleted, events.len()),
         (DonationStatus::Refunded, net0, true, 1)
     );
-    let (status, refunded, deleted, events) = donation_refunds(&flow, &a1).await;
+    let (status, refunded, deleted, events) = donation_of(&flow, &a1, "donation.refunded").await;
     assert_eq!(
         (status, refunded, deleted, events.len()),
         (DonationStatus::Refunded, net1 + fee1, true, 1)
@@ -243,7 +186,7 @@ async fn ops_refund_of_parked_shares_net_and_gross() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_refund_of_a_transferred_share_needs_reverse_transfer_and_reverses_first() {
-    let (flow, p) = settled(&[]).await;
+    let (flow, _, p) = three_shares_paid(&[]).await;
     let a0 = allocation(&flow, &p, 0).await;
     assert_eq!(a0.status, AllocationStatus::Transferred);
     let net0 = a0.net_amount_cents.unwrap();
@@ -297,7 +240,7 @@ async fn ops_refund_of_a_transferred_share_needs_reverse_transfer_and_reverses_f
     drop(conn);
     // The transfer exists, so the allocation stays TRANSFERRED; the donation is refunded.
     assert_eq!(allocation(&flow, &p, 0).await.status, AllocationStatus::Transferred);
-    let (status, refunded, deleted, events) = donation_refunds(&flow, &a0).await;
+    let (status, refunded, deleted, events) = donation_of(&flow, &a0, "donation.refunded").await;
     assert_eq!(
         (status, refunded, deleted, events.len()),
         (DonationStatus::Refunded, net0, true, 1)
@@ -377,19 +320,11 @@ async fn ops_refund_refuses_bad_usage_and_unsettled_shares_and_changes_nothing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_refund_response_is_recognised_from_its_webhook_and_refunds_once() {
-    let (flow, p) = settled(&[1]).await;
+    let (flow, _, p) = three_shares_paid(&[1]).await;
     let a1 = allocation(&flow, &p, 1).await;
     let net1 = a1.net_amount_cents.unwrap();
     // Stripe makes the refund but every answer is lost: the outcome is unknown.
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::LoseResponse,
-            count: 20,
-            path_contains: Some("/v1/refunds".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
+    fault_posts(&flow, FaultKind::LoseResponse, 20, "/v1/refunds").await;
     let out = refund(&flow, &a1.id, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("same key"), "{}", stderr(&out));
@@ -425,7 +360,7 @@ async fn a_lost_refund_response_is_recognised_from_its_webhook_and_refunds_once(
     let audit = splitpay::store::records::audit_for(&mut conn, &a1.id).await.unwrap();
     assert_eq!(audit.len(), 1, "one change, one audit row");
     drop(conn);
-    let (_, refunded, _, events) = donation_refunds(&flow, &a1).await;
+    let (_, refunded, _, events) = donation_of(&flow, &a1, "donation.refunded").await;
     assert_eq!((refunded, events.len()), (net1, 1));
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
     flow.stop().await;
@@ -433,19 +368,11 @@ async fn a_lost_refund_response_is_recognised_from_its_webhook_and_refunds_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key() {
-    let (flow, p) = settled(&[]).await;
+    let (flow, _, p) = three_shares_paid(&[]).await;
     let a0 = allocation(&flow, &p, 0).await;
     let net0 = a0.net_amount_cents.unwrap();
     // Every reversal request breaks before Stripe applies it.
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::DropConnection,
-            count: 10_000,
-            path_contains: Some("/reversals".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
+    fault_posts(&flow, FaultKind::DropConnection, 10_000, "/reversals").await;
     let out = refund(&flow, &a0.id, &["--reverse-transfer"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("retried automatically"), "{}", stderr(&out));
@@ -500,7 +427,7 @@ async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key(
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(charge_refunded_cents(&flow, &p).await, net0);
     assert_eq!(stripe_requests(&flow, "POST", "/v1/refunds").await, 1);
-    let (status, refunded, _, events) = donation_refunds(&flow, &a0).await;
+    let (status, refunded, _, events) = donation_of(&flow, &a0, "donation.refunded").await;
     assert_eq!((status, refunded, events.len()), (DonationStatus::Refunded, net0, 1));
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
     flow.stop().await;
@@ -510,27 +437,11 @@ async fn a_reversal_stripe_does_not_make_is_kept_shown_and_retried_with_its_key(
 /// spread over the shares by gross, and each part reversed proportionally (`proportional`) or borne by the platform
 /// (`none`). Its `charge.refunded` is then delivered again: recorded once.
 async fn dashboard_refund_after_distribution(policy: splitpay::app::ReversePolicy) {
-    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[], true, |s| {
-        s.reverse_on_refund = policy
-    })
-    .await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
-    let params = splitpay::stripe::CreateRefundParams {
-        target: splitpay::stripe::RefundTarget::PaymentIntent(p.payment.payment_intent_id.clone().unwrap()),
-        amount_cents: Some(3_000),
-        reason: None,
-        metadata: Default::default(),
-        idempotency_key: "dashboard-refund-1".into(),
-    };
-    flow.gateway.create_refund(&params).await.unwrap();
+    let (flow, _, p) = three_shares_paid_with(&[], true, |s| s.reverse_on_refund = policy).await;
+    flow.gateway
+        .create_refund(&dashboard_refund(&p, 3_000, "dashboard-refund-1"))
+        .await
+        .unwrap();
     let proportional = policy == splitpay::app::ReversePolicy::Proportional;
     let settled = |flow: &Flow| {
         let pool = flow.db.pool.clone();
@@ -586,7 +497,7 @@ async fn dashboard_refund_after_distribution(policy: splitpay::app::ReversePolic
     assert_eq!(reversals.len(), if proportional { 3 } else { 0 });
     drop(conn);
     for (i, part) in by_allocation.iter().enumerate() {
-        let (status, refunded, deleted, events) = donation_refunds(&flow, &p.allocations[i]).await;
+        let (status, refunded, deleted, events) = donation_of(&flow, &p.allocations[i], "donation.refunded").await;
         assert_eq!(
             (status, refunded, deleted, events.len()),
             (DonationStatus::Confirmed, *part, false, 1)
@@ -595,23 +506,7 @@ async fn dashboard_refund_after_distribution(policy: splitpay::app::ReversePolic
     assert_conserved_at_stripe(&flow, &pid(&p)).await;
 
     // The same webhook again (Stripe redelivers): processed, and nothing recorded twice.
-    let (event_id,): (String,) = sqlx::query_as(
-        "SELECT id FROM stripe_events WHERE event_type = 'charge.refunded' ORDER BY received_at LIMIT 1",
-    )
-    .fetch_one(&flow.db.pool)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE stripe_events SET processed_at = NULL WHERE id = $1")
-        .bind(&event_id)
-        .execute(&flow.db.pool)
-        .await
-        .unwrap();
-    let (a, b) = tokio::join!(
-        splitpay::jobs::stripe_event::process(&flow.ctx, &event_id),
-        splitpay::jobs::stripe_event::process(&flow.ctx, &event_id)
-    );
-    a.unwrap();
-    b.unwrap();
+    redeliver_twice_at_once(&flow, "charge.refunded").await;
     assert_eq!(common::count(&flow.db.pool, "refunds").await, 1);
     assert_eq!(common::count(&flow.db.pool, "refund_parts").await, 3);
     assert_eq!(flow.count_events("donation.refunded").await, 3);

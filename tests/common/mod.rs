@@ -8,6 +8,7 @@ pub mod flow;
 pub mod hooks;
 pub mod money;
 pub mod process;
+pub mod refunds;
 pub mod sim_fixtures;
 pub mod store_fixtures;
 pub mod stripe;

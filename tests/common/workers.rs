@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::flow::Flow;
 // The crash tests take their helpers from here.
 pub use super::process::{kill, Proc};
+pub use super::refunds::scalar;
 
 /// Every periodic job every second or two (the shipped schedule ticks at most once a minute): the refunds sweep
 /// (reversals due, parts waiting, reinstatements waiting) runs in reconcile-transfers.
@@ -97,13 +98,6 @@ pub fn spawn_ops(flow: &Flow, args: &[&str]) -> Proc {
             .spawn()
             .expect("the binary runs"),
     )
-}
-
-pub async fn scalar(flow: &Flow, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
 }
 
 /// Waits (bounded: a bound, not a timing goal) until `sql` (a boolean) holds; panics with `state` otherwise.
