@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::db::TestDb;
 use common::hooks::{delivery, drop_jobs, emit, jobs_waiting, ops, setup, Hook};
 
 use std::time::Duration;
@@ -11,6 +12,27 @@ use std::time::Duration;
 use splitpay::events::signing::verify;
 use splitpay::jobs::deliver::{deliver_once, Delivered, DeliverySettings};
 use splitpay::store::webhooks::{self as wh, DEFAULT_SCHEDULE_SECS};
+
+/// Points the endpoint `id` at `url`.
+async fn point_endpoint(db: &TestDb, id: &str, url: &str) {
+    sqlx::query("UPDATE webhook_endpoints SET url = $2 WHERE id = $1")
+        .bind(id)
+        .bind(url)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+/// Emits event `n` and delivers it once: it must fail, to be retried. Returns that first attempt.
+async fn failed_delivery(db: &TestDb, settings: &DeliverySettings, n: u32) -> wh::AttemptRow {
+    let (_, deliveries) = emit(db, n).await;
+    let result = deliver_once(&db.pool, settings, &deliveries[0]).await.unwrap();
+    assert!(matches!(result, Delivered::Retry { .. }), "{result:?}");
+    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
+        .await
+        .unwrap();
+    attempts.into_iter().next().unwrap()
+}
 
 #[tokio::test]
 async fn deliveries_are_signed_and_a_rolled_secret_still_verifies_during_the_overlap() {
@@ -231,35 +253,14 @@ async fn a_slow_answer_a_redirect_and_a_refused_connection_are_failures() {
     let hook = Hook::start().await;
     let (db, endpoint) = setup(&hook.url("/slow")).await;
     let settings = DeliverySettings::with_timeout(Duration::from_millis(300));
-    let (_, deliveries) = emit(&db, 1).await;
-    let result = deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap();
-    assert!(matches!(result, Delivered::Retry { .. }), "{result:?}");
-    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
-        .await
-        .unwrap();
-    assert_eq!(attempts[0].status_code, None);
-    assert!(
-        attempts[0].error.as_deref().unwrap().contains("timed out"),
-        "{:?}",
-        attempts[0]
-    );
+    let attempt = failed_delivery(&db, &settings, 1).await;
+    assert_eq!(attempt.status_code, None);
+    assert!(attempt.error.as_deref().unwrap().contains("timed out"), "{attempt:?}");
 
     // Redirects are not followed.
-    sqlx::query("UPDATE webhook_endpoints SET url = $2 WHERE id = $1")
-        .bind(&endpoint.id)
-        .bind(hook.url("/redirect"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let (_, deliveries) = emit(&db, 2).await;
-    assert!(matches!(
-        deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
-        Delivered::Retry { .. }
-    ));
-    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
-        .await
-        .unwrap();
-    assert_eq!(attempts[0].status_code, Some(307));
+    point_endpoint(&db, &endpoint.id, &hook.url("/redirect")).await;
+    let attempt = failed_delivery(&db, &settings, 2).await;
+    assert_eq!(attempt.status_code, Some(307));
     assert!(
         hook.got().iter().all(|r| r.path != "/ok"),
         "the redirect was not followed"
@@ -270,22 +271,10 @@ async fn a_slow_answer_a_redirect_and_a_refused_connection_are_failures() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    sqlx::query("UPDATE webhook_endpoints SET url = $2 WHERE id = $1")
-        .bind(&endpoint.id)
-        .bind(format!("http://{closed}/hook"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let (_, deliveries) = emit(&db, 3).await;
-    assert!(matches!(
-        deliver_once(&db.pool, &settings, &deliveries[0]).await.unwrap(),
-        Delivered::Retry { .. }
-    ));
-    let attempts = wh::attempts_of(&mut db.pool.acquire().await.unwrap(), &deliveries[0])
-        .await
-        .unwrap();
+    point_endpoint(&db, &endpoint.id, &format!("http://{closed}/hook")).await;
+    let attempt = failed_delivery(&db, &settings, 3).await;
     assert_eq!(
-        (attempts[0].status_code, attempts[0].error.as_deref()),
+        (attempt.status_code, attempt.error.as_deref()),
         (None, Some("could not connect"))
     );
 }
@@ -485,16 +474,8 @@ async fn retry_after_is_honoured_within_bounds_and_410_disables_the_endpoint() {
     let (db, endpoint) = setup(&hook.url("/busy/1")).await;
     let settings = DeliverySettings::default();
     let set_url = |path: &'static str| {
-        let db = &db;
-        let (id, url) = (endpoint.id.clone(), hook.url(path));
-        async move {
-            sqlx::query("UPDATE webhook_endpoints SET url = $2 WHERE id = $1")
-                .bind(id)
-                .bind(url)
-                .execute(&db.pool)
-                .await
-                .unwrap();
-        }
+        let (db, id, url) = (&db, endpoint.id.clone(), hook.url(path));
+        async move { point_endpoint(db, &id, &url).await }
     };
     let mut n = 0;
     // Asked: 1 s (below the schedule: the schedule wins), 400 s (within), 100000 s (capped at twice the delay).

@@ -138,7 +138,6 @@ async fn dashboard_refunds_while_workers_are_sigkilled_reverse_each_part_once() 
     )
     .await;
 
-    let mut survivor = workers.spawn(&flow);
     let settled = format!(
         "SELECT (SELECT count(*) FROM refunds) >= {}
             AND NOT EXISTS (SELECT 1 FROM refunds WHERE attributed_at IS NULL)
@@ -147,14 +146,9 @@ async fn dashboard_refunds_while_workers_are_sigkilled_reverse_each_part_once() 
             AND NOT EXISTS (SELECT 1 FROM stripe_events WHERE processed_at IS NULL)",
         plan.len()
     );
-    wait_for(
-        &flow,
-        "refunds attributed and reversals made",
-        &settled,
-        Duration::from_secs(60),
-    )
-    .await;
-    kill(&mut survivor);
+    workers
+        .survivor_until(&flow, "refunds attributed and reversals made", &settled)
+        .await;
 
     // Each refund Stripe holds is recorded once, with its amount, and nothing else.
     for p in &payments {

@@ -118,11 +118,9 @@ async fn disputes_withdrawn_and_won_while_workers_die_reverse_and_resend_each_sh
     let pending = "SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING'";
     let (kills1, in_flight1) = kill_repeatedly(&flow, &workers, &mut rng, KILLS, &disputer, pending).await;
     disputer.await.unwrap();
-    let mut survivor = workers.spawn(&flow);
     let withdrawn =
         format!("SELECT (SELECT count(*) FROM disputes WHERE refund_id IS NOT NULL) = {PAYMENTS} AND {QUIET}");
-    wait_for(&flow, "the withdrawals taken", &withdrawn, Duration::from_secs(60)).await;
-    kill(&mut survivor);
+    workers.survivor_until(&flow, "the withdrawals taken", &withdrawn).await;
     // Every transfer given back whole, in one reversal.
     let groups: Vec<String> = payments.iter().map(|p| p.payment.transfer_group.clone()).collect();
     for group in &groups {
@@ -154,20 +152,14 @@ async fn disputes_withdrawn_and_won_while_workers_die_reverse_and_resend_each_sh
     )
     .await;
     closer.await.unwrap();
-    let mut survivor = workers.spawn(&flow);
     let reinstated = format!(
         "SELECT (SELECT count(*) FROM refunds WHERE source = 'dispute' AND reinstated_at IS NOT NULL) = {PAYMENTS}
             AND (SELECT count(*) FROM disputes WHERE status = 'won') = {PAYMENTS}
             AND NOT EXISTS (SELECT 1 FROM split_allocations WHERE status <> 'TRANSFERRED') AND {QUIET}"
     );
-    wait_for(
-        &flow,
-        "the reinstatements applied",
-        &reinstated,
-        Duration::from_secs(60),
-    )
-    .await;
-    kill(&mut survivor);
+    workers
+        .survivor_until(&flow, "the reinstatements applied", &reinstated)
+        .await;
 
     // Per share at Stripe: its first transfer reversed once, whole, and one more transfer of the same net, not
     // reversed: the recipient holds its net again.
@@ -239,6 +231,25 @@ async fn reprocess(flow: &Flow, like: &[&str]) -> usize {
     }
     tx.commit().await.unwrap();
     ids.len()
+}
+
+/// The stored events whose type is `like` any of these, processed again by the running workers: once all is quiet,
+/// nothing has changed.
+async fn assert_reprocessing_changes_nothing(flow: &Flow, like: &[&str]) {
+    let before = footprint(flow).await;
+    let again = reprocess(flow, like).await;
+    wait_for(
+        flow,
+        "the events processed again",
+        &format!("SELECT {QUIET}"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        footprint(flow).await,
+        before,
+        "processing {again} events again changed something"
+    );
 }
 
 /// Rows that processing an event again must leave as they are.
@@ -313,20 +324,7 @@ async fn duplicated_and_reordered_refund_and_dispute_webhooks_with_two_workers_m
     assert_conserved(&flow, &payments, seed).await;
 
     // The same events processed again, by both workers at once: nothing changes.
-    let before = footprint(&flow).await;
-    let again = reprocess(&flow, &["charge.refund%", "refund.%", "charge.dispute.%"]).await;
-    wait_for(
-        &flow,
-        "the events processed again",
-        &format!("SELECT {QUIET}"),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(
-        footprint(&flow).await,
-        before,
-        "processing {again} events again changed something"
-    );
+    assert_reprocessing_changes_nothing(&flow, &["charge.refund%", "refund.%", "charge.dispute.%"]).await;
 
     // Half the disputes won (the withdrawal comes back, the shares are sent again), half lost; their events
     // duplicated and reordered too (`closed` before `funds_reinstated`).
@@ -349,20 +347,7 @@ async fn duplicated_and_reordered_refund_and_dispute_webhooks_with_two_workers_m
         disputed.len()
     );
     wait_for(&flow, "the disputes closed", &closed, Duration::from_secs(60)).await;
-    let before = footprint(&flow).await;
-    let again = reprocess(&flow, &["charge.dispute.%"]).await;
-    wait_for(
-        &flow,
-        "the events processed again",
-        &format!("SELECT {QUIET}"),
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(
-        footprint(&flow).await,
-        before,
-        "processing {again} events again changed something"
-    );
+    assert_reprocessing_changes_nothing(&flow, &["charge.dispute.%"]).await;
     for worker in &mut both {
         kill(worker);
     }

@@ -11,10 +11,19 @@ use splitpay::events::EventType;
 use splitpay::store::allocations::*;
 use splitpay::store::money_report::*;
 use splitpay::store::records::*;
-use splitpay::store::StoreError;
+use splitpay::store::{StoreError, Tx};
 use sqlx::PgPool;
 
 use common::store_fixtures::*;
+
+/// `event` on the allocation `id` in `tx`, with nothing to patch and no event to emit.
+async fn apply(
+    tx: &mut Tx<'_>,
+    id: &SplitAllocationId,
+    event: AllocationEvent,
+) -> Result<Transition<AllocationStatus>, StoreError> {
+    transition_allocation(tx, id, event, &AllocationPatch::default(), &[]).await
+}
 
 #[tokio::test]
 async fn transfer_lifecycle_records_generations_keys_and_outcomes() {
@@ -26,15 +35,7 @@ async fn transfer_lifecycle_records_generations_keys_and_outcomes() {
     let id = aid(a);
 
     let mut tx = pool.begin().await.unwrap();
-    let t = transition_allocation(
-        &mut tx,
-        &id,
-        AllocationEvent::TransferStarted,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let t = apply(&mut tx, &id, AllocationEvent::TransferStarted).await.unwrap();
     assert_eq!(t, Transition::To(AllocationStatus::Transferring));
     tx.commit().await.unwrap();
     let row = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
@@ -107,15 +108,7 @@ async fn transfer_lifecycle_records_generations_keys_and_outcomes() {
 
     // An operator retry: a new generation and a new key; then success.
     let mut tx = pool.begin().await.unwrap();
-    transition_allocation(
-        &mut tx,
-        &id,
-        AllocationEvent::OpsRetry,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
+    apply(&mut tx, &id, AllocationEvent::OpsRetry).await.unwrap();
     let retried = get_split_allocation(&mut tx, &id).await.unwrap();
     assert_eq!((retried.generation, retried.parked_at), (2, None));
     assert_eq!(
@@ -149,15 +142,7 @@ async fn transfer_lifecycle_records_generations_keys_and_outcomes() {
 
     // A transferred allocation can never be retried or parked.
     let mut tx = pool.begin().await.unwrap();
-    let err = transition_allocation(
-        &mut tx,
-        &id,
-        AllocationEvent::OpsRetry,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap_err();
+    let err = apply(&mut tx, &id, AllocationEvent::OpsRetry).await.unwrap_err();
     assert!(matches!(err, StoreError::Forbidden(_)));
 }
 
@@ -169,24 +154,8 @@ async fn one_transfer_attempt_per_generation_and_one_allocation_per_transfer() {
     let p = succeed_with_fees(&pool, &p, 0, 0).await;
     let (a0, a1) = (aid(&p.allocations[0]), aid(&p.allocations[1]));
     let mut tx = pool.begin().await.unwrap();
-    transition_allocation(
-        &mut tx,
-        &a0,
-        AllocationEvent::TransferStarted,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
-    transition_allocation(
-        &mut tx,
-        &a1,
-        AllocationEvent::TransferStarted,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
+    apply(&mut tx, &a0, AllocationEvent::TransferStarted).await.unwrap();
+    apply(&mut tx, &a1, AllocationEvent::TransferStarted).await.unwrap();
     tx.commit().await.unwrap();
 
     // A second attempt row for the same generation is refused by the schema.
@@ -226,15 +195,7 @@ async fn racing_workers_start_one_generation() {
     let id = aid(&p.allocations[1]);
     let race = |pool: PgPool, id: SplitAllocationId| async move {
         let mut tx = pool.begin().await.unwrap();
-        let t = transition_allocation(
-            &mut tx,
-            &id,
-            AllocationEvent::TransferStarted,
-            &AllocationPatch::default(),
-            &[],
-        )
-        .await
-        .unwrap();
+        let t = apply(&mut tx, &id, AllocationEvent::TransferStarted).await.unwrap();
         tx.commit().await.unwrap();
         t
     };
@@ -265,12 +226,9 @@ async fn money_is_conserved_across_outcomes() {
     assert_eq!(nets.iter().sum::<i64>() + 4_000, 45_030);
 
     let mut tx = pool.begin().await.unwrap();
-    let none = AllocationPatch::default();
     // Net of the 30c share: 30 - floor/largest-remainder share of 4,000 × 30/45,030 = 30 - 3 = 27.
     assert_eq!(nets[0], 27);
-    transition_allocation(&mut tx, &ids[0], AllocationEvent::TransferStarted, &none, &[])
-        .await
-        .unwrap();
+    apply(&mut tx, &ids[0], AllocationEvent::TransferStarted).await.unwrap();
     let ok = AllocationPatch {
         stripe_transfer_id: Some("tr_0".into()),
         ..Default::default()
@@ -278,9 +236,7 @@ async fn money_is_conserved_across_outcomes() {
     transition_allocation(&mut tx, &ids[0], AllocationEvent::TransferSucceeded, &ok, &[])
         .await
         .unwrap();
-    transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferStarted, &none, &[])
-        .await
-        .unwrap();
+    apply(&mut tx, &ids[1], AllocationEvent::TransferStarted).await.unwrap();
     let parked = AllocationPatch {
         failure_code: Some(RETRY_WINDOW_ELAPSED.into()),
         ..Default::default()
@@ -288,20 +244,17 @@ async fn money_is_conserved_across_outcomes() {
     transition_allocation(&mut tx, &ids[1], AllocationEvent::TransferFailed, &parked, &[])
         .await
         .unwrap();
-    transition_allocation(&mut tx, &ids[2], AllocationEvent::TransferStarted, &none, &[])
-        .await
-        .unwrap();
-    transition_allocation(&mut tx, &ids[2], AllocationEvent::TransferFailed, &none, &[])
-        .await
-        .unwrap();
-    transition_allocation(&mut tx, &ids[2], AllocationEvent::Refunded, &none, &[])
-        .await
-        .unwrap();
+    apply(&mut tx, &ids[2], AllocationEvent::TransferStarted).await.unwrap();
+    apply(&mut tx, &ids[2], AllocationEvent::TransferFailed).await.unwrap();
+    apply(&mut tx, &ids[2], AllocationEvent::Refunded).await.unwrap();
     tx.commit().await.unwrap();
 
-    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
-        .await
-        .unwrap();
+    let report_now = async || {
+        money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
+            .await
+            .unwrap()
+    };
+    let report = report_now().await;
     assert_eq!(report.charged_cents, 45_030);
     assert_eq!(report.transferred_cents, nets[0]);
     assert_eq!(report.parked_cents, nets[1]);
@@ -318,31 +271,30 @@ async fn money_is_conserved_across_outcomes() {
 
     // The report reads each term from its own record, so it can fail: a transfer recorded for another amount than
     // the share's net breaks it, and so do fees on the payment that do not match the split.
-    sqlx::query("UPDATE transfer_attempts SET amount_cents = amount_cents + 1 WHERE split_allocation_id = $1")
-        .bind(ids[0].as_str())
-        .execute(&pool)
-        .await
-        .unwrap();
-    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
-        .await
-        .unwrap();
+    let change = async |sql: &'static str, id: &str| {
+        sqlx::query(sql).bind(id).execute(&pool).await.unwrap();
+    };
+    change(
+        "UPDATE transfer_attempts SET amount_cents = amount_cents + 1 WHERE split_allocation_id = $1",
+        ids[0].as_str(),
+    )
+    .await;
+    let report = report_now().await;
     assert!(
         !report.is_conserved(),
         "a cent too many transferred must show: {report:?}"
     );
-    sqlx::query("UPDATE transfer_attempts SET amount_cents = amount_cents - 1 WHERE split_allocation_id = $1")
-        .bind(ids[0].as_str())
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE split_payments SET processing_fee_cents = processing_fee_cents - 1 WHERE id = $1")
-        .bind(pid(&p).as_str())
-        .execute(&pool)
-        .await
-        .unwrap();
-    let report = money_report(&mut pool.acquire().await.unwrap(), &pid(&p))
-        .await
-        .unwrap();
+    change(
+        "UPDATE transfer_attempts SET amount_cents = amount_cents - 1 WHERE split_allocation_id = $1",
+        ids[0].as_str(),
+    )
+    .await;
+    change(
+        "UPDATE split_payments SET processing_fee_cents = processing_fee_cents - 1 WHERE id = $1",
+        pid(&p).as_str(),
+    )
+    .await;
+    let report = report_now().await;
     assert!(
         !report.is_conserved(),
         "a cent of fee unaccounted for must show: {report:?}"
@@ -360,27 +312,11 @@ async fn zero_net_allocations_cannot_start_a_transfer_and_are_parked() {
     assert!(p.allocations.iter().all(|a| a.net_amount_cents == Some(0)));
     let id = aid(&p.allocations[0]);
     let mut tx = pool.begin().await.unwrap();
-    let err = transition_allocation(
-        &mut tx,
-        &id,
-        AllocationEvent::TransferStarted,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap_err();
+    let err = apply(&mut tx, &id, AllocationEvent::TransferStarted).await.unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
     drop(tx);
     let mut tx = pool.begin().await.unwrap();
-    let t = transition_allocation(
-        &mut tx,
-        &id,
-        AllocationEvent::NothingToTransfer,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let t = apply(&mut tx, &id, AllocationEvent::NothingToTransfer).await.unwrap();
     assert_eq!(t, Transition::To(AllocationStatus::Parked));
     tx.commit().await.unwrap();
     assert_eq!(count(&pool, "transfer_attempts").await, 0);

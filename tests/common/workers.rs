@@ -80,6 +80,13 @@ impl Workers {
             .map(Proc)
             .expect("the worker starts")
     }
+
+    /// One worker left to run (never killed) until `sql` holds, as [`wait_for`] bounded by a minute; then killed.
+    pub async fn survivor_until(&self, flow: &Flow, what: &str, sql: &str) {
+        let mut survivor = self.spawn(flow);
+        wait_for(flow, what, sql, Duration::from_secs(60)).await;
+        kill(&mut survivor);
+    }
 }
 
 /// `splitpay ops ARGS` as a child process the test may kill (its output is dropped).
