@@ -59,15 +59,7 @@ async fn lost_refund_and_dispute_webhooks_are_recovered_from_the_event_list_once
             .fetch_one(&flow.db.pool)
             .await
             .unwrap();
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::ServerError,
-            count: 100,
-            path_contains: Some("/v1/events".into()),
-            method: Some("GET".into()),
-        })
-        .await
-        .unwrap();
+    fail_event_lists(&flow).await;
     assert!(sweep_events(&flow.ctx).await.is_err());
     let cursor_after: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT swept_until FROM stripe_event_sweeps")
         .fetch_one(&flow.db.pool)
@@ -274,6 +266,19 @@ async fn refunds_taken_through(flow: &Flow, n: i64) {
     );
 }
 
+/// Stripe answers its event list with a 500 (the next 100 requests, until the faults are cleared).
+async fn fail_event_lists(flow: &Flow) {
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::ServerError,
+            count: 100,
+            path_contains: Some("/v1/events".into()),
+            method: Some("GET".into()),
+        })
+        .await
+        .unwrap();
+}
+
 /// How many requests for Stripe's event list the simulator has received (counted on arrival, before their latency).
 async fn event_list_requests(flow: &Flow) -> usize {
     flow.control.request_times_ms("/v1/events").await.unwrap().len()
@@ -327,15 +332,7 @@ async fn passes_cut_mid_way_keep_the_pages_they_read_and_the_next_goes_on() {
     let requests = event_list_requests(&flow).await;
     let (cut, ()) = tokio::join!(sweep_events(&flow.ctx), async {
         until_event_list_requests(&flow, requests + 2).await;
-        flow.control
-            .fault(Fault {
-                kind: FaultKind::ServerError,
-                count: 100,
-                path_contains: Some("/v1/events".into()),
-                method: Some("GET".into()),
-            })
-            .await
-            .unwrap();
+        fail_event_lists(&flow).await;
     });
     assert!(cut.is_err(), "{cut:?}");
     flow.control.clear_faults().await.unwrap();

@@ -6,74 +6,53 @@ mod common;
 
 use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
-use splitpay::domain::state::AllocationStatus;
-use splitpay::stripe::sim::{Fault, FaultKind};
+use common::refunds::{
+    held_per_share, hold_webhooks, lose_reversal_answers, nets, open_dispute, ops_refund, parked_json,
+    past_in_flight_margin, release_webhooks, scalar, settle_until_sql, three_shares_paid,
+    transferred_with_pending_refunds,
+};
 use splitpay::stripe::PaymentGateway;
 
-async fn scalar(flow: &Flow, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_for(flow: &Flow, what: &str, sql: &'static str) {
-    for _ in 0..600 {
-        if scalar(flow, sql).await == 1 {
-            return;
-        }
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
+/// Waits until the dispute's withdrawal is taken, then until every refund part is covered (`stage` names the wait).
+async fn until_withdrawn_and_covered(flow: &Flow, stage: &str) {
+    settle_until_sql(
+        flow,
+        &format!("withdrawal{stage}"),
+        600,
+        "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
+    )
+    .await;
+    settle_until_sql(
+        flow,
+        &format!("parts covered{stage}"),
+        600,
+        "SELECT (count(*) = 0)::int::bigint FROM refund_parts WHERE covered_at IS NULL",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_won_dispute_waits_for_a_closed_intents_reversal_in_doubt_and_sends_back_what_it_took() {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = three_shares_paid(&[]).await;
     let a0 = p.allocations[0].clone();
     let tr0 = a0.stripe_transfer_id.clone().unwrap();
     // Stripe makes the ops refund's reversal; its answer is lost.
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::LoseResponse,
-            count: 10_000,
-            path_contains: Some(format!("/v1/transfers/{tr0}/reversals")),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
-    let out = flow.ops(&[
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-    ]);
+    lose_reversal_answers(&flow, &tr0).await;
+    let out = ops_refund(&flow, &a0.id, &["--reverse-transfer", "--yes"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let charge = p.payment.charge_id.clone().unwrap();
-    flow.control.open_dispute(&charge).await.unwrap();
-    wait_for(
+    let charge = open_dispute(&flow, &p).await;
+    settle_until_sql(
         &flow,
         "withdrawal",
+        600,
         "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
     )
     .await;
-    wait_for(
+    settle_until_sql(
         &flow,
         "two dispute reversals",
+        600,
         "SELECT (count(*) = 2)::int::bigint FROM transfer_reversals r JOIN refunds f ON f.id = r.cause_refund_id
           WHERE f.source = 'dispute' AND r.status = 'SUCCEEDED'",
     )
@@ -85,9 +64,10 @@ async fn a_won_dispute_waits_for_a_closed_intents_reversal_in_doubt_and_sends_ba
 
     // The dispute is won before the in-doubt reversal's lookup settles: the reinstatement waits for it.
     flow.control.close_dispute(&charge, true).await.unwrap();
-    wait_for(
+    settle_until_sql(
         &flow,
         "reinstatement seen",
+        600,
         "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE reinstate_seen_at IS NOT NULL",
     )
     .await;
@@ -101,16 +81,11 @@ async fn a_won_dispute_waits_for_a_closed_intents_reversal_in_doubt_and_sends_ba
     );
     // Now the lookup finds the intent's reversal made.
     flow.control.clear_faults().await.unwrap();
-    sqlx::query(
-        "UPDATE transfer_reversals SET in_doubt_since = in_doubt_since - interval '11 minutes',
-                next_attempt_at = now() WHERE status = 'PENDING'",
-    )
-    .execute(&flow.db.pool)
-    .await
-    .unwrap();
-    wait_for(
+    past_in_flight_margin(&flow, "status = 'PENDING'").await;
+    settle_until_sql(
         &flow,
         "the in-doubt reversal settled, reinstated, all transferred",
+        600,
         "SELECT ((SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING') = 0
                  AND (SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL) = 1
                  AND (SELECT count(*) FROM split_allocations WHERE status <> 'TRANSFERRED') = 0)::int::bigint",
@@ -132,21 +107,9 @@ async fn a_won_dispute_waits_for_a_closed_intents_reversal_in_doubt_and_sends_ba
         ("SUCCEEDED".to_owned(), "FAILED".to_owned()),
         "Stripe made it; the intent is closed, and the dispute took its reversal"
     );
-    let p2 = flow.payment(&id).await;
-    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    let held: Vec<i64> = p2
-        .allocations
-        .iter()
-        .map(|a| {
-            transfers
-                .iter()
-                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .map(|t| t.amount_cents - t.amount_reversed_cents)
-                .sum()
-        })
-        .collect();
-    let nets: Vec<i64> = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).collect();
-    let parked: serde_json::Value = serde_json::from_slice(&flow.ops(&["parked", "--json"]).stdout).unwrap();
+    let held = held_per_share(&flow, &flow.payment(&id).await).await;
+    let nets = nets(&p);
+    let parked = parked_json(&flow);
     assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
     assert_eq!(
         held, nets,
@@ -166,62 +129,27 @@ async fn a_won_dispute_waits_for_a_closed_intents_reversal_in_doubt_and_sends_ba
 /// (the pending refund's reversal held the transfer); when the refund fails, its reversal covers that part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_ops_refund_failing_after_a_dispute_gives_its_reversal_to_the_disputes_part() {
-    use splitpay::stripe::sim::model::SimConfig;
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    flow.control
-        .set_config(&SimConfig {
-            refunds_start_pending: true,
-            ..SimConfig::default()
-        })
-        .await
-        .unwrap();
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let (flow, id, p) = transferred_with_pending_refunds(&[1_000, 2_000]).await;
     let a0 = p.allocations[0].clone();
-    let out = flow.ops(&[
-        "refund",
-        a0.id.as_str(),
-        "--reason",
-        "donor asked",
-        "--reverse-transfer",
-        "--yes",
-    ]);
+    let out = ops_refund(&flow, &a0.id, &["--reverse-transfer", "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for(
+    settle_until_sql(
         &flow,
         "refund pending",
+        600,
         "SELECT (count(*) = 1)::int::bigint FROM refunds WHERE status = 'PENDING'",
     )
     .await;
-    wait_for(
-        &flow,
-        "refund events processed",
-        "SELECT (count(*) = 0)::int::bigint FROM stripe_events WHERE processed_at IS NULL",
-    )
-    .await;
+    let processed = "SELECT (count(*) = 0)::int::bigint FROM stripe_events WHERE processed_at IS NULL";
+    settle_until_sql(&flow, "refund events processed", 600, processed).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    wait_for(
-        &flow,
-        "refund events processed",
-        "SELECT (count(*) = 0)::int::bigint FROM stripe_events WHERE processed_at IS NULL",
-    )
-    .await;
+    settle_until_sql(&flow, "refund events processed", 600, processed).await;
     let pending_refund: String = sqlx::query_scalar("SELECT stripe_refund_id FROM refunds WHERE status = 'PENDING'")
         .fetch_one(&flow.db.pool)
         .await
         .unwrap();
     let charge = p.payment.charge_id.clone().unwrap();
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": true }))
-        .await
-        .unwrap();
+    hold_webhooks(&flow).await;
     let d = flow.control.open_dispute(&charge).await.unwrap();
     // Deliver the dispute's events first, the refund's failure after (Stripe does not promise an order).
     let page = flow
@@ -237,18 +165,7 @@ async fn a_pending_ops_refund_failing_after_a_dispute_gives_its_reversal_to_the_
     for e in page.events.iter().rev() {
         flow.control.redeliver(e["id"].as_str().unwrap()).await.unwrap();
     }
-    wait_for(
-        &flow,
-        "withdrawal first",
-        "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
-    )
-    .await;
-    wait_for(
-        &flow,
-        "parts covered first",
-        "SELECT (count(*) = 0)::int::bigint FROM refund_parts WHERE covered_at IS NULL",
-    )
-    .await;
+    until_withdrawn_and_covered(&flow, " first").await;
     assert_eq!(
         scalar(
             &flow,
@@ -257,30 +174,16 @@ async fn a_pending_ops_refund_failing_after_a_dispute_gives_its_reversal_to_the_
         .await,
         1
     );
-    flow.control
-        .webhook_mode(serde_json::json!({ "duplicate": false, "hold": false }))
-        .await
-        .unwrap();
-    flow.control.flush_webhooks().await.unwrap();
+    release_webhooks(&flow).await;
     assert_eq!(
         d["amount"], p.payment.total_amount_cents,
         "the whole charge is disputed"
     );
-    wait_for(
-        &flow,
-        "withdrawal",
-        "SELECT (count(*) = 1)::int::bigint FROM disputes WHERE withdrawn_at IS NOT NULL",
-    )
-    .await;
-    wait_for(
-        &flow,
-        "parts covered",
-        "SELECT (count(*) = 0)::int::bigint FROM refund_parts WHERE covered_at IS NULL",
-    )
-    .await;
-    wait_for(
+    until_withdrawn_and_covered(&flow, "").await;
+    settle_until_sql(
         &flow,
         "refund failed",
+        600,
         "SELECT (count(*) = 1)::int::bigint FROM refunds WHERE source = 'ops' AND status = 'FAILED'",
     )
     .await;
@@ -315,7 +218,7 @@ async fn a_pending_ops_refund_failing_after_a_dispute_gives_its_reversal_to_the_
         .await,
         1
     );
-    let parked: serde_json::Value = serde_json::from_slice(&flow.ops(&["parked", "--json"]).stdout).unwrap();
+    let parked = parked_json(&flow);
     assert_eq!(
         parked["reversed_without_refund"],
         serde_json::json!([]),

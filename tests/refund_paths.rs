@@ -9,14 +9,11 @@ use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
 use common::refunds::{
     charge_refunded_cents, dashboard_refund, held_per_share, hold_webhooks, ops_refund, parked_json, parts_taken,
-    pay_by_card, release_webhooks, scalar, settle_until_sql,
+    release_webhooks, scalar, settle_until_sql, transferred_with_pending_refunds,
 };
-use splitpay::domain::ids::SplitPaymentId;
 use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::refund_split::net_of;
 use splitpay::domain::state::{AllocationStatus, PaymentStatus};
-use splitpay::store::payments::SplitPayment;
-use splitpay::stripe::sim::model::SimConfig;
 use splitpay::stripe::PaymentGateway;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,22 +73,6 @@ async fn a_partial_dashboard_refund_before_distribution_reduces_what_is_transfer
     assert_eq!(flow.count_events("donation.refunded").await, 3);
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
-}
-
-/// A card payment through a FIXED set of `amounts`, every share transferred, the platform with funds of its own,
-/// and Stripe's refunds starting `pending` (the test settles each).
-async fn transferred_with_pending_refunds(amounts: &[i64]) -> (Flow, SplitPaymentId, SplitPayment) {
-    let flow = Flow::start(AmountMode::Fixed, amounts, &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    flow.control
-        .set_config(&SimConfig {
-            refunds_start_pending: true,
-            ..SimConfig::default()
-        })
-        .await
-        .unwrap();
-    let (id, p) = pay_by_card(&flow, &[]).await;
-    (flow, id, p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@ use splitpay::domain::state::{AllocationStatus, DonationStatus};
 use splitpay::store::allocations::SplitAllocationRow;
 use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::payments::SplitPayment;
+use splitpay::stripe::sim::model::SimConfig;
 use splitpay::stripe::sim::{Fault, FaultKind};
 use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
 
@@ -82,6 +83,22 @@ pub async fn open_dispute(flow: &Flow, p: &SplitPayment) -> String {
     let charge = p.payment.charge_id.clone().unwrap();
     flow.control.open_dispute(&charge).await.unwrap();
     charge
+}
+
+/// A card payment through a FIXED set of `amounts`, every share transferred, the platform with funds of its own,
+/// and Stripe's refunds starting `pending` (until settled).
+pub async fn transferred_with_pending_refunds(amounts: &[i64]) -> (Flow, SplitPaymentId, SplitPayment) {
+    let flow = Flow::start(AmountMode::Fixed, amounts, &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    flow.control
+        .set_config(&SimConfig {
+            refunds_start_pending: true,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    let (id, p) = pay_by_card(&flow, &[]).await;
+    (flow, id, p)
 }
 
 /// A refund of `amount_cents` of the payment made at Stripe without our metadata, as in the dashboard, under `key`.
