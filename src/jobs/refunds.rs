@@ -256,6 +256,10 @@ async fn record_if_fully_reversed_by(ctx: &AppContext, r: &ReversalRow) -> Resul
         .await
         .map_err(|e| e.to_string())?;
     send_again_if_reinstated(&mut tx, r).await.map_err(|e| e.to_string())?;
+    let id = allocation_id(r).map_err(|e| format!("{e:?}"))?;
+    settle_waiting_parts(ctx, &mut tx, &id)
+        .await
+        .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(Some(ours))
 }
@@ -512,11 +516,10 @@ async fn record_made(ctx: &AppContext, r: &ReversalRow, stripe_reversal_id: Opti
     send_again_if_reinstated(&mut tx, r).await.map_err(transient)?;
     // Parts of the share that waited for this reversal's cancel to settle are covered now, in the same
     // transaction: a won dispute applied between the two would drop them with the reversal's money unaccounted.
-    if r.cancel_requested_at.is_some() {
-        settle_waiting_parts(ctx, &mut tx, &allocation_id(r)?)
-            .await
-            .map_err(transient)?;
-    }
+    // Always (second review: `r` may have been read before a cancel was requested); nothing when none waits.
+    settle_waiting_parts(ctx, &mut tx, &allocation_id(r)?)
+        .await
+        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     Ok(())
 }

@@ -504,7 +504,12 @@ async fn send(
             Ok(Outcome::Done)
         }
         Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
-            fail_refund_intent(&mut *ctx.pool.acquire().await?, refund.id, &e.to_string()).await?;
+            // Its reversal, if made, may cover a part that booked it as the platform's loss meanwhile (second
+            // review): given to that part in the same transaction.
+            let mut tx = ctx.pool.begin().await?;
+            fail_refund_intent(&mut tx, refund.id, &e.to_string()).await?;
+            crate::store::reversals::rehome_reversals_of(&mut tx, refund.id).await?;
+            tx.commit().await?;
             writeln!(err, "Stripe refused the refund: {e}. Nothing was refunded.")?;
             Ok(Outcome::Refused)
         }

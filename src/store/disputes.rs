@@ -188,6 +188,23 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
         }
         // Review (stop 20): a reversal of the share whose cancel is in doubt (an ops refund's, closed by this
         // dispute) decides what the share is owed; its settling covers the share's waiting part first.
+        // Nor while a reversal made for a refund Stripe has not settled (an ops refund still pending) holds the
+        // share (second review): if that refund succeeds, the reversal is its, and sending it back now would pay
+        // the share twice.
+        let unsettled: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+                             WHERE t.split_allocation_id = $1 AND t.status = 'SUCCEEDED'
+                               AND r.status IN ('REQUESTED', 'PENDING'))",
+        )
+        .bind(&a.id)
+        .fetch_one(&mut **tx)
+        .await?;
+        if unsettled {
+            return Ok(Reinstatement::Waiting(format!(
+                "a reversal of {} waits for its refund to settle at Stripe",
+                a.id
+            )));
+        }
         if a.status == AllocationStatus::Transferred && super::reversals::cancel_in_doubt(tx, a).await? {
             return Ok(Reinstatement::Waiting(format!(
                 "a reversal of {} is being looked up at Stripe",
