@@ -80,6 +80,9 @@ async fn settle_reinstatement(flow: &Flow, id: &SplitPaymentId) -> SplitPayment 
             )
             .await
                 == 1
+            // A reversal whose answer comes after the reinstatement is recorded then, and its share sent again
+            // then: until none is PENDING, the shares can still be TRANSFERRED at their first generation.
+            && scalar(f, "SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING'").await == 0
     })
     .await;
     flow.payment(id).await
