@@ -139,17 +139,24 @@ pub async fn reconcile_reinstatements(ctx: &AppContext, limit: i64) -> Result<Ve
     let waiting = waiting_reinstatements(&mut *ctx.pool.acquire().await?, limit).await?;
     let mut done = Vec::new();
     for dispute in waiting {
-        let mut tx = ctx.pool.begin().await?;
-        let row = lock_dispute(&mut tx, &dispute).await?;
-        let applied = apply_reinstatement(&mut tx, &row).await?;
-        if let Reinstatement::Applied { transfers } = &applied {
-            for id in transfers {
-                enqueue(&mut tx, Queue::Transfer, id.as_str(), None).await?;
+        // One dispute's error (a deadlock aborted by PostgreSQL, a corrupt row) must not hold back the others:
+        // logged, and tried again on the next tick.
+        let one = async {
+            let mut tx = ctx.pool.begin().await?;
+            let row = lock_dispute(&mut tx, &dispute).await?;
+            let applied = apply_reinstatement(&mut tx, &row).await?;
+            if let Reinstatement::Applied { transfers } = &applied {
+                for id in transfers {
+                    enqueue(&mut tx, Queue::Transfer, id.as_str(), None).await?;
+                }
             }
-        }
-        tx.commit().await?;
-        if !matches!(applied, Reinstatement::Waiting(_)) {
-            done.push(dispute);
+            tx.commit().await?;
+            Ok::<_, StoreError>(!matches!(applied, Reinstatement::Waiting(_)))
+        };
+        match one.await {
+            Ok(true) => done.push(dispute),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(dispute = %dispute, error = %e, "reinstatement sweep: this dispute failed"),
         }
     }
     Ok(done)

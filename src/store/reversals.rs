@@ -392,6 +392,19 @@ pub async fn rehome_reversals_of(tx: &mut Tx<'_>, refund_id: i64) -> Result<u64,
         if current.as_deref() != Some(transfer.as_str()) {
             continue; // another generation's transfer now: the reversal is not this share's current money
         }
+        // Read again under the share's lock (second review, L1): an `ops refund` run again may have taken it
+        // meanwhile, and it is then that refund's.
+        let still_ours: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM transfer_reversals
+                             WHERE id = $1 AND cause_refund_id = $2 AND status = 'SUCCEEDED')",
+        )
+        .bind(reversal)
+        .bind(refund_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        if !still_ours {
+            continue;
+        }
         let part: Option<i64> = sqlx::query_scalar(
             "SELECT p.refund_id FROM refund_parts p JOIN refunds f ON f.id = p.refund_id
               WHERE p.split_allocation_id = $1 AND p.covered_at IS NOT NULL AND p.platform_loss_cents >= $2
