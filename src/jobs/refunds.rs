@@ -222,13 +222,7 @@ async fn record_if_fully_reversed_by(ctx: &AppContext, r: &ReversalRow) -> Resul
         .find(|x| x.metadata.get(REVERSAL_REF_KEY) == Some(&r.id.to_string()))
         .map(|x| x.id.clone());
     let mut tx = ctx.pool.begin().await.map_err(|e| e.to_string())?;
-    lock_share(&mut tx, r).await.map_err(|e| format!("{e:?}"))?;
-    let status: String = sqlx::query_scalar("SELECT status FROM transfer_reversals WHERE id = $1")
-        .bind(r.id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    if status != "PENDING" {
+    if !lock_share_while_pending(&mut tx, r).await? {
         return Ok(Some(None)); // recorded by another run meanwhile
     }
     if ours.is_none() {
@@ -351,19 +345,7 @@ async fn adopt_if_made(ctx: &AppContext, r: &crate::store::reversals::ReversalRo
         .map_err(|e| e.to_string())?;
     let made = made_at_stripe(ctx, r, &recorded).await?;
     let mut tx = ctx.pool.begin().await.map_err(|e| e.to_string())?;
-    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
-        .bind(&r.split_allocation_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Another run of this reversal (the job and the sweep) may have recorded it meanwhile: then it is done, and
-    // must not be sent again.
-    let status: String = sqlx::query_scalar("SELECT status FROM transfer_reversals WHERE id = $1")
-        .bind(r.id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())?;
-    if status != "PENDING" {
+    if !lock_share_while_pending(&mut tx, r).await? {
         return Ok(Lookup::AlreadyRecorded);
     }
     let Some(reversal_id) = made else {
@@ -533,6 +515,18 @@ async fn lock_share(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<(), JobFailure> 
         .await
         .map_err(|e| JobFailure::Retry(e.to_string()))?;
     Ok(())
+}
+
+/// Locks the reversal's share, then says whether the reversal is still PENDING: another run of it (the job and the
+/// sweep) may have recorded it meanwhile, and then it is done and must not be recorded or sent again.
+async fn lock_share_while_pending(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<bool, String> {
+    lock_share(tx, r).await.map_err(|e| format!("{e:?}"))?;
+    let status: String = sqlx::query_scalar("SELECT status FROM transfer_reversals WHERE id = $1")
+        .bind(r.id)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status == "PENDING")
 }
 
 fn allocation_id(r: &ReversalRow) -> Result<SplitAllocationId, JobFailure> {
