@@ -94,6 +94,11 @@ pub async fn apply_refund(
     refund: &RefundInfo,
     source: &str,
 ) -> Result<Vec<i64>, JobFailure> {
+    // The payment's shares before the refund row (`record_stripe_refund` locks it), the order the withdrawal and
+    // `ops refund` take them in.
+    crate::store::allocations::lock_payment_shares(tx, payment.as_str())
+        .await
+        .map_err(transient)?;
     let row: RefundRow = record_stripe_refund(tx, payment, refund, source)
         .await
         .map_err(transient)?;

@@ -507,6 +507,8 @@ async fn send(
             // Its reversal, if made, may cover a part that booked it as the platform's loss meanwhile (second
             // review): given to that part in the same transaction.
             let mut tx = ctx.pool.begin().await?;
+            // Shares first, then the intent: the order a withdrawal takes them in.
+            crate::store::allocations::lock_payment_shares(&mut tx, &c.payment.id).await?;
             fail_refund_intent(&mut tx, refund.id, &e.to_string()).await?;
             crate::store::reversals::rehome_reversals_of(&mut tx, refund.id).await?;
             tx.commit().await?;

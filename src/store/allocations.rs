@@ -21,6 +21,18 @@ pub const BALANCE_INSUFFICIENT: &str = "balance_insufficient";
 /// `failure_code` of an allocation parked because the fees left nothing to transfer (an operator refunds it).
 pub const NET_AMOUNT_ZERO: &str = "net_amount_zero";
 
+/// Locks every share of `payment`, in position order, in the caller's transaction. Every path that locks more than
+/// one share, or a share and then a refund row, goes through here first (a refund applied, a dispute's withdrawal,
+/// an `ops refund` Stripe refused): one order for all, so two of them wait for each other instead of deadlocking
+/// (refund row → share against share → refund row did, before).
+pub async fn lock_payment_shares(conn: &mut PgConnection, payment: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1 FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE")
+        .bind(payment)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SplitAllocationRow {
     pub id: String,

@@ -379,10 +379,7 @@ pub async fn close_open_ops_refunds(
     payment: &SplitPaymentId,
     dispute: &str,
 ) -> Result<Vec<i64>, StoreError> {
-    sqlx::query("SELECT 1 FROM split_allocations WHERE split_payment_id = $1 ORDER BY id FOR UPDATE")
-        .bind(payment.as_str())
-        .execute(&mut **tx)
-        .await?;
+    super::allocations::lock_payment_shares(tx, payment.as_str()).await?;
     let open: Vec<(i64, Option<String>)> = sqlx::query_as(
         "SELECT id, split_allocation_id FROM refunds
           WHERE split_payment_id = $1 AND source = 'ops' AND status = 'REQUESTED' ORDER BY id FOR UPDATE",
