@@ -8,8 +8,8 @@
 //! 3. only when the lookup proved there is none: a new generation (`ops_retry`, PARKED → TRANSFERRING, a new key),
 //!    its audit row and its transfer job, in one transaction, compare-and-set on the status and the generation.
 //!
-//! `account.updated` ([`account_updated`]) refreshes `transfers_active` on every link of the account, in Stripe's
-//! order (not `charges_enabled`: see [`crate::store::readiness`]). The event that turns `transfers_active` on retries the account's shares
+//! `account.updated` ([`account_updated`]) refreshes `transfers_active` and `charges_enabled` on every link of the
+//! account, in Stripe's order (see [`crate::store::readiness`]). The event that turns `transfers_active` on retries the account's shares
 //! parked for account reasons ([`crate::store::readiness::ACCOUNT_PARK_CODES`]), with actor `system`, in batches
 //! of `auto_retry_batch`, each share in its own transaction: the event stays unprocessed and its job is enqueued
 //! again until none is left, so a lost job is swept up and a second processing finds them no longer PARKED.

@@ -1,8 +1,9 @@
 //! Whether a recipient's connected account can receive transfers, as Stripe's `account.updated` events tell it:
-//! the `transfers_active` flag on every link of that account, applied in the order Stripe made the events
-//! (`charges_enabled` stays the platform's: at Stripe it says whether the connected account can take charges
-//! itself, which splitpay never asks of a recipient — a transfers-only account is always `false` there) (an older event never overwrites newer state), and the shares parked for account reasons that
-//! become retryable when the account is fixed.
+//! the `transfers_active` flag and the link's `charges_enabled` on every link of that account, applied in the order
+//! Stripe made the events (an older event never overwrites newer state), and the shares parked for account reasons
+//! that become retryable when the account is fixed. `charges_enabled` is Stripe's word once an event has come (the
+//! platform sets it when it links the account; intake refuses a link without it); `transfers_active` decides
+//! whether parked shares are retried.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -54,12 +55,13 @@ pub async fn apply_account_flags(
     let (links, ties): (i64, i64) = sqlx::query_as(
         "SELECT count(*),
                 count(*) FILTER (WHERE account_event_created = $2
-                                   AND transfers_active IS DISTINCT FROM $3)
+                                   AND (transfers_active, charges_enabled) IS DISTINCT FROM ($3, $4))
            FROM recipient_account_links WHERE stripe_connect_account_id = $1",
     )
     .bind(account_id)
     .bind(created)
     .bind(flags.transfers_active)
+    .bind(flags.charges_enabled)
     .fetch_one(&mut *conn)
     .await?;
     if links == 0 {
@@ -72,13 +74,13 @@ pub async fn apply_account_flags(
     // account leave the newer one's flags.
     let changed: Vec<(bool,)> = sqlx::query_as(
         "UPDATE recipient_account_links
-            SET transfers_active = $3, account_event_created = $2,
+            SET transfers_active = $3, charges_enabled = $6, account_event_created = $2,
                 transfers_activated_by = CASE WHEN NOT transfers_active AND $3 THEN $4 ELSE transfers_activated_by END,
                 updated_at = now()
           WHERE stripe_connect_account_id = $1
             AND (account_event_created IS NULL OR account_event_created < $2
                  OR (account_event_created = $2 AND $5))
-            AND (transfers_active, account_event_created) IS DISTINCT FROM ($3, $2)
+            AND (transfers_active, charges_enabled, account_event_created) IS DISTINCT FROM ($3, $6, $2)
          RETURNING transfers_activated_by IS NOT DISTINCT FROM $4",
     )
     .bind(account_id)
@@ -86,6 +88,7 @@ pub async fn apply_account_flags(
     .bind(flags.transfers_active)
     .bind(event_id)
     .bind(authoritative)
+    .bind(flags.charges_enabled)
     .fetch_all(&mut *conn)
     .await?;
     if changed.is_empty() {
@@ -94,11 +97,12 @@ pub async fn apply_account_flags(
         let tied: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM recipient_account_links
                              WHERE stripe_connect_account_id = $1 AND account_event_created = $2
-                               AND transfers_active IS DISTINCT FROM $3)",
+                               AND (transfers_active, charges_enabled) IS DISTINCT FROM ($3, $4))",
         )
         .bind(account_id)
         .bind(created)
         .bind(flags.transfers_active)
+        .bind(flags.charges_enabled)
         .fetch_one(&mut *conn)
         .await?;
         return Ok(if tied && !authoritative {
