@@ -296,6 +296,9 @@ async fn a_won_dispute_waits_for_a_pending_refund_that_then_fails_and_sends_its_
         0,
         "the donor was refunded nothing"
     );
+    // The failed refund's reversal went back to the recipient with the share's second generation: not listed as
+    // stranded on the platform (an operator told to refund the donor "with it" would take the share back again).
+    assert_eq!(parked_json(&flow)["reversed_without_refund"], serde_json::json!([]));
     for a in &p.allocations {
         let (status, refunded, deleted, _) = donation_of(&flow, a, "donation.refunded").await;
         assert_eq!(
