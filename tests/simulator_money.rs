@@ -763,6 +763,52 @@ async fn a_dispute_fails_the_charges_pending_refunds_and_takes_the_whole_amount(
     assert_eq!(get(&sim, &format!("charges/{charge}")).await["amount_refunded"], 0);
 }
 
+/// `pending_refunds_survive_disputes`: a dispute leaves the charge's pending refund pending and takes only what it
+/// left unrefunded; the refund is settled later like any other (here it fails, and its money comes back).
+#[tokio::test]
+async fn a_pending_refund_kept_through_a_dispute_settles_later() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    control
+        .set_config(&SimConfig {
+            refunds_start_pending: true,
+            pending_refunds_survive_disputes: true,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    let (_, charge) = card_payment(&gw, 4_000, "pm_card_visa", "k-pay").await;
+    control.top_up("aud", 1_000).await.unwrap();
+    let (_, pending) = post(&sim, "refunds", &format!("charge={charge}&amount=1000")).await;
+    let refund_id = pending["id"].as_str().unwrap().to_owned();
+
+    let dispute = control.open_dispute(&charge).await.unwrap();
+    let refund = get(&sim, &format!("refunds/{refund_id}")).await;
+    assert_eq!(
+        (refund["status"].as_str(), refund["failure_reason"].as_str()),
+        (Some("pending"), None)
+    );
+    assert_eq!(dispute["amount"], 3_000, "the pending refund still counts as refunded");
+    assert_eq!(platform(&sim).await.0, 1_000 - 1_000 - 3_000 - 2_500);
+
+    let failed = control
+        .post(
+            &format!("refunds/{refund_id}/settle"),
+            json!({ "outcome": "failed", "failure_reason": "expired_or_canceled_card" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(
+        platform(&sim).await.0,
+        1_000 - 3_000 - 2_500,
+        "the failed refund's money is back"
+    );
+    assert_eq!(get(&sim, &format!("charges/{charge}")).await["amount_refunded"], 0);
+    let updated = event_types(&sim, Some(&refund_id)).await;
+    assert!(updated.iter().any(|t| t == "charge.refund.updated"), "{updated:?}");
+}
+
 /// With `onboarding_required` (Stripe's rule, which the end-to-end suite runs under), an account created through the
 /// API receives transfers only once its terms are accepted and it has a bank account; both may come later, by
 /// `POST /v1/accounts/{id}`, which then activates `transfers` with `capability.updated` and `account.updated`.

@@ -277,9 +277,13 @@ pub async fn reversals_for_payment(conn: &mut PgConnection, payment: &str) -> Re
 /// Reversals made for an `ops refund` whose refund Stripe then refused for good (review finding b): the money is
 /// back on the platform's balance, but neither the recipient nor the donor has it. For `ops parked`, until `ops
 /// refund` is run again (it reuses the reversal) or a dispute of the charge takes it ([`orphaned_reversals`]).
+/// Only reversals of the share's current generation: a later generation (a won dispute's) was sent what the share
+/// was owed counting every reversal made before it, so an earlier generation's reversal went back to the recipient
+/// (and `ops refund` would not reuse it: it reverses the current transfer anew).
 pub async fn reversed_without_refund(conn: &mut PgConnection) -> Result<Vec<ReversalRow>, StoreError> {
     Ok(sqlx::query_as::<_, ReversalRow>(
         "SELECT t.* FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+           JOIN split_allocations a ON a.id = t.split_allocation_id AND a.generation = t.generation
           WHERE t.status = 'SUCCEEDED' AND r.status IN ('FAILED', 'CANCELED')
           ORDER BY t.succeeded_at LIMIT 1000",
     )

@@ -2,7 +2,8 @@
 //! its amount and the dispute fee leave the platform balance at once (`charge.dispute.funds_withdrawn`, an
 //! `adjustment` balance transaction), and it closes `won` (the amount comes back, and the fee where Stripe returns
 //! it: `charge.dispute.funds_reinstated`) or `lost`, then `charge.dispute.closed`. A disputed charge cannot be
-//! refunded.
+//! refunded. The charge's `pending` refunds fail when it is disputed, unless
+//! [`super::SimConfig::pending_refunds_survive_disputes`] keeps them pending.
 
 use serde_json::{json, Value};
 
@@ -94,14 +95,19 @@ impl Model {
             ));
         }
         // Stripe: "a charge with a pending refund [that] is disputed by the cardholder's bank, the refund will
-        // fail and a dispute will be created". The failed refunds' money is back before the dispute takes it.
-        let pending: Vec<String> = self
-            .refunds
-            .iter()
-            .filter(|r| r.charge == charge_id && r.status == "pending")
-            .map(|r| r.id.clone())
-            .collect();
-        for refund in pending {
+        // fail and a dispute will be created" (said of refunds pending for a short balance). The failed refunds'
+        // money is back before the dispute takes it. With `pending_refunds_survive_disputes` they stay pending
+        // (UNCONFIRMED for other pending reasons): the dispute then takes only what they left unrefunded.
+        let failing: Vec<String> = if self.config.pending_refunds_survive_disputes {
+            Vec::new()
+        } else {
+            self.refunds
+                .iter()
+                .filter(|r| r.charge == charge_id && r.status == "pending")
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        for refund in failing {
             self.settle_refund(&refund, Err(Some("charge_for_pending_refund_disputed")), now)?;
         }
         let charge = &self.charges[charge_id];
