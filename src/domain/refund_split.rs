@@ -6,6 +6,8 @@
 //! - [`net_of`]: the recipient's share of a refunded amount, `round(part × net / gross)`, half up.
 //! - [`Cover`]: where a part's money comes from: the parked net, the transfer not yet made, a reversal of the
 //!   transfer, or the platform (a loss). The four always add up to the part.
+//! - [`Adopting`]: a part of a transferred share that takes reversals made for a refund that no longer stands uses
+//!   of them only what the policy has the recipient bear; the rest of that money is the recipient's, given back.
 
 /// A refund larger than what the allocations have left to refund: the charge and our records disagree.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,6 +106,18 @@ pub struct Cover {
     pub platform_loss_cents: i64,
 }
 
+/// How a part of a transferred share is covered when it adopts reversals made for a refund that no longer stands
+/// ([`Cover::transferred_adopting`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adopting {
+    pub cover: Cover,
+    /// What is reversed anew for the part (the adopted money fell short of what the recipient bears).
+    pub send_cents: i64,
+    /// What of the adopted money the part does not use: the recipient's, sent back to it (or used by the share's
+    /// next part covered at once). Never both this and `send_cents`.
+    pub unused_cents: i64,
+}
+
 impl Cover {
     pub fn total(&self) -> i64 {
         self.from_parked_cents + self.from_pending_cents + self.reversal_cents + self.platform_loss_cents
@@ -152,10 +166,12 @@ impl Cover {
     }
 
     /// A transferred share whose reversals already made for a refund that no longer stands (`adopted_cents`: an
-    /// `ops refund` intent a dispute closed, a refund Stripe failed) are taken for this part: that money is on the
-    /// platform's balance already. Only the rest of the recipient's share of the part is reversed anew (the
-    /// returned `send_cents`, never more than `reversible_cents`); under `none` nothing new is. The adopted amount
-    /// must fit in the part. With nothing adopted this is [`Cover::transferred`].
+    /// `ops refund` intent a dispute closed, a refund Stripe failed) are taken by this part: that money is on the
+    /// platform's balance already, and it is the recipient's. The part uses of it what the policy has the recipient
+    /// bear (the recipient's share of the part under `proportional`, nothing under `none`); only what the adopted
+    /// money does not cover is reversed anew ([`Adopting::send_cents`], never more than `reversible_cents`), and
+    /// what the part does not use ([`Adopting::unused_cents`]) is the recipient's money to give back. The adopted
+    /// amount may exceed the part. With nothing adopted this is [`Cover::transferred`].
     pub fn transferred_adopting(
         part_cents: i64,
         net_cents: i64,
@@ -163,24 +179,25 @@ impl Cover {
         reversible_cents: i64,
         reverse: bool,
         adopted_cents: i64,
-    ) -> (Cover, i64) {
-        assert!(
-            (0..=part_cents).contains(&adopted_cents),
-            "adopted reversals fit in the part"
-        );
+    ) -> Adopting {
+        assert!(adopted_cents >= 0, "adopted reversals are never negative");
         let want = if reverse {
             net_of(part_cents, net_cents, gross_cents)
         } else {
             0
         };
-        let send_cents = (want - adopted_cents).clamp(0, reversible_cents.max(0));
-        let reversal_cents = adopted_cents + send_cents;
-        let cover = Cover {
-            reversal_cents,
-            platform_loss_cents: part_cents - reversal_cents,
-            ..Cover::default()
-        };
-        (cover, send_cents)
+        let used_cents = adopted_cents.min(want);
+        let send_cents = (want - used_cents).clamp(0, reversible_cents.max(0));
+        let reversal_cents = used_cents + send_cents;
+        Adopting {
+            cover: Cover {
+                reversal_cents,
+                platform_loss_cents: part_cents - reversal_cents,
+                ..Cover::default()
+            },
+            send_cents,
+            unused_cents: adopted_cents - used_cents,
+        }
     }
 
     /// Nothing of the share is left with splitpay or the recipient (refunded, voided): the platform bears it.
@@ -233,6 +250,18 @@ mod tests {
             Cover::transferred(1_000, 970, 1_000, 5_000, false).platform_loss_cents,
             1_000
         );
+        // An orphan of 1,000 (a net-1,000 share's ops refund, closed by a dispute) met by a part of 400 of a
+        // gross-1,030 share: the part takes the recipient's share of it, the rest goes back to the recipient.
+        let a = Cover::transferred_adopting(400, 1_000, 1_030, 0, true, 1_000);
+        assert_eq!(a.cover.reversal_cents, 388);
+        assert_eq!(a.cover.platform_loss_cents, 12);
+        assert_eq!((a.send_cents, a.unused_cents), (0, 612));
+        // Under `none` the platform bears the part and the orphan goes back whole.
+        let a = Cover::transferred_adopting(400, 1_000, 1_030, 0, false, 1_000);
+        assert_eq!(
+            (a.cover.platform_loss_cents, a.send_cents, a.unused_cents),
+            (400, 0, 1_000)
+        );
     }
 
     fn case() -> impl Strategy<Value = (Vec<Share>, i64)> {
@@ -280,23 +309,38 @@ mod tests {
             prop_assert!(spread(max + extra, &shares).is_err());
         }
 
-        /// Adopting nothing is the plain cover; adopting never sends more than is left, nor reverses more than
-        /// the recipient's share of the part (or what was adopted, when that is more).
+        /// Adopting nothing is the plain cover. Adopting uses of the adopted money at most what the policy has the
+        /// recipient bear, reverses anew only what it falls short of (never more than is left of the transfer),
+        /// and gives back exactly the rest: adopted = used + unused, to the cent, whatever its size against the
+        /// part (an orphan larger than the part included).
         #[test]
         fn adopting_covers_within_bounds(part in 0i64..1_000_000, gross in 1i64..1_000_000, net_pct in 0i64..=100,
-                                         room in -10i64..1_000_000, reverse: bool, adopted_pct in 0i64..=100) {
+                                         room in -10i64..1_000_000, reverse: bool, adopted_pct in 0i64..=300) {
             let net = gross * net_pct / 100;
             let plain = Cover::transferred(part, net, gross, room, reverse);
-            let (none_adopted, send) = Cover::transferred_adopting(part, net, gross, room, reverse, 0);
-            prop_assert_eq!(none_adopted, plain);
-            prop_assert_eq!(send, plain.reversal_cents);
+            let none_adopted = Cover::transferred_adopting(part, net, gross, room, reverse, 0);
+            prop_assert_eq!(none_adopted.cover, plain);
+            prop_assert_eq!(none_adopted.send_cents, plain.reversal_cents);
+            prop_assert_eq!(none_adopted.unused_cents, 0);
             let adopted = part * adopted_pct / 100;
-            let (c, send) = Cover::transferred_adopting(part, net, gross, room, reverse, adopted);
+            let a = Cover::transferred_adopting(part, net, gross, room, reverse, adopted);
+            let c = a.cover;
             prop_assert_eq!(c.total(), part);
-            prop_assert!(send >= 0 && send <= room.max(0));
-            prop_assert_eq!(c.reversal_cents, adopted + send);
+            prop_assert!(c.reversal_cents >= 0 && c.platform_loss_cents >= 0);
+            prop_assert!(a.send_cents >= 0 && a.send_cents <= room.max(0));
+            prop_assert!(a.unused_cents >= 0);
+            let used = c.reversal_cents - a.send_cents;
+            prop_assert_eq!(used + a.unused_cents, adopted, "every adopted cent is used or given back");
             let want = if reverse { net_of(part, net, gross) } else { 0 };
-            prop_assert!(c.reversal_cents <= want.max(adopted));
+            prop_assert!(c.reversal_cents <= want, "the recipient never bears more than the policy says");
+            if a.unused_cents > 0 {
+                prop_assert_eq!(a.send_cents, 0, "nothing is reversed anew while adopted money is left");
+                prop_assert_eq!(c.reversal_cents, want);
+            }
+            if !reverse {
+                prop_assert_eq!(c.reversal_cents, 0, "under none the platform bears the part");
+                prop_assert_eq!(a.unused_cents, adopted, "and an orphan goes back whole");
+            }
         }
 
         #[test]

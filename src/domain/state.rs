@@ -122,7 +122,9 @@ string_enum!(
         /// retried with the same key. Moved on by the transfer job or the reconcilers; only Stripe's answer (a
         /// transfer, or a terminal refusal, or a lookup that proved there is none) moves it on.
         Transferring => "TRANSFERRING",
-        /// The Stripe Transfer exists. Final (a later reversal is a separate record).
+        /// The Stripe Transfer exists. Final (a later reversal is a separate record), but for a new generation
+        /// that gives the recipient back money a reversal took: a won dispute, or what a reversal made for a refund
+        /// that no longer stands held beyond what a later refund used of it.
         Transferred => "TRANSFERRED",
         /// Stripe refused the transfer terminally, the retry window ended with proof that no transfer exists, or
         /// the fees left nothing to transfer. The money sits on the platform balance for an operator (`ops retry`
@@ -160,11 +162,26 @@ string_enum!(
         /// A won dispute gave back funds whose withdrawal took this share (reversed, or refunded before its
         /// transfer): what the recipient is owed again is sent as a new generation (a new key).
         DisputeReinstated => "dispute_reinstated",
+        /// A reversal made for a refund that no longer stands (Stripe failed it, a dispute closed the `ops refund`
+        /// intent) was taken by a later refund of the share, which used less of it than it holds (a smaller part,
+        /// or the `none` policy): the rest is the recipient's, sent back as a new generation (a new key).
+        ExcessReversalReturned => "excess_reversal_returned",
     }
 );
 
+impl AllocationEvent {
+    /// The events that move a settled share to a new generation, giving the recipient back money a reversal took.
+    pub fn gives_back(self) -> bool {
+        matches!(
+            self,
+            AllocationEvent::DisputeReinstated | AllocationEvent::ExcessReversalReturned
+        )
+    }
+}
+
 impl AllocationStatus {
-    /// Settled: nothing moves it on except a won dispute (`DisputeReinstated`), which sends a new generation.
+    /// Settled: nothing moves it on except a new generation that gives back what a reversal took
+    /// ([`AllocationEvent::gives_back`]).
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -186,6 +203,8 @@ impl AllocationStatus {
             (S::Parked, E::OpsRetry) => S::Transferring,
             (S::Parked, E::Refunded) => S::Refunded,
             (S::Transferred | S::Refunded, E::DisputeReinstated) => S::Transferring,
+            // Only a transferred share's reversal can be left over: a refunded one has no transfer to reverse.
+            (S::Transferred, E::ExcessReversalReturned) => S::Transferring,
 
             // Repeats: a duplicate job, a second replica, a replayed Stripe response.
             (S::Transferring, E::TransferStarted)
@@ -385,6 +404,7 @@ mod tests {
             (AS::Parked, AE::Refunded, T(AS::Refunded)),
             (AS::Transferred, AE::DisputeReinstated, T(AS::Transferring)),
             (AS::Refunded, AE::DisputeReinstated, T(AS::Transferring)),
+            (AS::Transferred, AE::ExcessReversalReturned, T(AS::Transferring)),
             (AS::Transferring, AE::TransferStarted, U),
             (AS::Transferred, AE::TransferStarted, U),
             (AS::Transferred, AE::TransferSucceeded, U),
@@ -423,6 +443,10 @@ mod tests {
         assert!(
             AS::Refunded.apply(AE::OpsRetry).is_err(),
             "a refunded share cannot be transferred"
+        );
+        assert!(
+            AS::Transferring.apply(AE::ExcessReversalReturned).is_err(),
+            "an excess is given back only by a settled transfer's new generation"
         );
     }
 
@@ -463,9 +487,10 @@ mod tests {
                 assert!(!matches!(s.apply(e), Ok(Transition::To(_))), "{s} + {e}");
             }
         }
-        // The one way out of a final allocation: a won dispute gives back what its withdrawal took.
+        // The only ways out of a final allocation: a new generation giving back what a reversal took (a won
+        // dispute, or an excess reversal).
         for &s in AS::ALL.iter().filter(|s| s.is_final()) {
-            for &e in AE::ALL.iter().filter(|&&e| e != AE::DisputeReinstated) {
+            for &e in AE::ALL.iter().filter(|&&e| !e.gives_back()) {
                 assert!(!matches!(s.apply(e), Ok(Transition::To(_))), "{s} + {e}");
             }
         }
@@ -499,8 +524,8 @@ mod tests {
 
         proptest! {
             /// Stripe's word wins: whatever happened before, once Stripe shows a transfer of an allocation that
-            /// was being transferred or was parked, it is TRANSFERRED, and nothing but a won dispute (a new
-            /// generation) moves it from there.
+            /// was being transferred or was parked, it is TRANSFERRED, and nothing but a new generation giving
+            /// back what a reversal took moves it from there.
             #[test]
             fn a_transfer_stripe_shows_is_never_left_behind(
                 before in proptest::collection::vec(allocation_event(), 0..12),
@@ -510,14 +535,14 @@ mod tests {
                 if matches!(s, AS::Transferring | AS::Parked) {
                     let paid = run(s, &[AE::TransferSucceeded]);
                     prop_assert_eq!(paid, AS::Transferred);
-                    let after: Vec<AE> = after.into_iter().filter(|&e| e != AE::DisputeReinstated).collect();
+                    let after: Vec<AE> = after.into_iter().filter(|&e| !e.gives_back()).collect();
                     prop_assert_eq!(run(paid, &after), AS::Transferred);
                 }
             }
 
-            /// No sequence of events reaches TRANSFERRED without a transfer Stripe showed, and only a won dispute
-            /// moves a TRANSFERRED allocation, to a new generation (a made transfer is never parked, retried or
-            /// refunded as parked).
+            /// No sequence of events reaches TRANSFERRED without a transfer Stripe showed, and only a new
+            /// generation giving back what a reversal took moves a TRANSFERRED allocation (a made transfer is never
+            /// parked, retried or refunded as parked).
             #[test]
             fn transferred_only_from_stripe_and_absorbing(events in proptest::collection::vec(allocation_event(), 0..24)) {
                 let mut s = AS::Pending;
@@ -529,8 +554,11 @@ mod tests {
                     if next == AS::Transferred && s != AS::Transferred {
                         prop_assert_eq!(e, AE::TransferSucceeded);
                     }
-                    if s == AS::Transferred && e != AE::DisputeReinstated {
+                    if s == AS::Transferred && !e.gives_back() {
                         prop_assert_eq!(next, AS::Transferred);
+                    }
+                    if s == AS::Transferred && next != s {
+                        prop_assert_eq!(next, AS::Transferring, "a new generation, with its own key");
                     }
                     s = next;
                 }

@@ -15,6 +15,7 @@
 use serde_json::Value;
 
 use super::queue::{enqueue, Queue};
+use super::refunds::enqueue_covered;
 use super::runner::JobFailure;
 use super::stripe_event::transient;
 use crate::app::AppContext;
@@ -25,7 +26,7 @@ use crate::store::disputes::{
 };
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, StripeEventRow};
-use crate::store::refunds::attribute_refund;
+use crate::store::refunds::{attribute_refund, Covered};
 use crate::store::{StoreError, Tx};
 
 pub fn is_dispute_event(event_type: &str) -> bool {
@@ -76,14 +77,16 @@ pub async fn process_dispute_event(ctx: &AppContext, event: &StripeEventRow) -> 
     };
     let withdrawn = event.event_type == "charge.dispute.funds_withdrawn";
     let reinstated = event.event_type == "charge.dispute.funds_reinstated";
-    let mut reversals = Vec::new();
+    // What covering the withdrawal's parts calls for: its reversals, and the shares sent back what an orphaned
+    // reversal held beyond what their part used.
+    let mut covered = Covered::default();
     if withdrawn || reinstated {
         if let Some(refund) = withdraw(&mut tx, &mut dispute).await.map_err(transient)? {
             close_open_ops_refunds(&mut tx, &payment, &dispute.stripe_dispute_id)
                 .await
                 .map_err(transient)?;
             match attribute_refund(&mut tx, &refund, ctx.distribution.reverse_on_refund).await {
-                Ok(r) => reversals = r,
+                Ok(c) => covered = c,
                 Err(StoreError::Invalid(why)) => {
                     tracing::error!(split_payment_id = %payment, dispute = %info.id, why, "dispute left unattributed");
                     metrics::counter!("splitpay_refunds_unattributed_total").increment(1);
@@ -95,23 +98,22 @@ pub async fn process_dispute_event(ctx: &AppContext, event: &StripeEventRow) -> 
     let mut transfers = Vec::new();
     if reinstated {
         note_reinstated(&mut tx, &dispute).await.map_err(transient)?;
-        // Reversals just written are in flight: the reinstatement waits for them (the reconciler applies it).
-        if reversals.is_empty() {
+        // Reversals just written, or transfers just started, are in flight: the reinstatement waits for them (the
+        // reconciler applies it).
+        if covered.is_empty() {
             transfers = reinstate(&mut tx, &payment, &dispute.stripe_dispute_id).await?;
         }
     }
-    for id in &reversals {
-        enqueue(&mut tx, Queue::Reversal, &id.to_string(), None)
-            .await
-            .map_err(transient)?;
-    }
+    let reversals = covered.reversals.len();
+    let transfers_started = covered.transfers.len() + transfers.len();
+    enqueue_covered(&mut tx, covered).await.map_err(transient)?;
     for id in &transfers {
         enqueue(&mut tx, Queue::Transfer, id, None).await.map_err(transient)?;
     }
     finish_stripe_event(&mut tx, &event.id, None).await.map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     tracing::info!(split_payment_id = %payment, dispute = %info.id, event_type = %event.event_type,
-                   reversals = reversals.len(), transfers = transfers.len(), "dispute event applied");
+                   reversals, transfers = transfers_started, "dispute event applied");
     Ok(())
 }
 

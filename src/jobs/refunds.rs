@@ -24,7 +24,7 @@ use crate::store::disputes::send_again_if_owed;
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, StripeEventRow};
 use crate::store::refunds::{
-    allocations_with_waiting_parts, attribute_refund, cover_waiting_parts, record_stripe_refund, RefundRow,
+    allocations_with_waiting_parts, attribute_refund, cover_waiting_parts, record_stripe_refund, Covered, RefundRow,
 };
 use crate::store::reversals::{
     claim_reversal, due_reversals, get_reversal, postpone_cancel, record_reversal_canceled, record_reversal_retry,
@@ -69,31 +69,29 @@ pub async fn process_charge_event(ctx: &AppContext, event: &StripeEventRow) -> R
         .await
         .map_err(|e| JobFailure::Retry(format!("listing the refunds of {charge_id}: {e}")))?;
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let mut reversals = Vec::new();
+    let mut covered = Covered::default();
     for refund in &refunds {
-        reversals.extend(apply_refund(ctx, &mut tx, &payment, refund, "external").await?);
+        covered.extend(apply_refund(ctx, &mut tx, &payment, refund, "external").await?);
     }
-    for id in &reversals {
-        enqueue(&mut tx, Queue::Reversal, &id.to_string(), None)
-            .await
-            .map_err(transient)?;
-    }
+    let (reversals, transfers) = (covered.reversals.len(), covered.transfers.len());
+    enqueue_covered(&mut tx, covered).await.map_err(transient)?;
     finish_stripe_event(&mut tx, &event.id, None).await.map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    tracing::info!(split_payment_id = %payment, charge_id, refunds = refunds.len(), reversals = reversals.len(), "refunds applied");
+    tracing::info!(split_payment_id = %payment, charge_id, refunds = refunds.len(), reversals, transfers, "refunds applied");
     Ok(())
 }
 
-/// Records one refund Stripe shows and, once it succeeded, attributes and covers it. Returns the reversal intents
-/// to enqueue. A refund larger than what the allocations have left to refund is kept unattributed for an operator
-/// (the money report shows it unsettled), never guessed.
+/// Records one refund Stripe shows and, once it succeeded, attributes and covers it. Returns the reversals and
+/// transfers the caller enqueues in the same transaction ([`enqueue_covered`]). A refund larger than what the
+/// allocations have left to refund is kept unattributed for an operator (the money report shows it unsettled),
+/// never guessed.
 pub async fn apply_refund(
     ctx: &AppContext,
     tx: &mut Tx<'_>,
     payment: &SplitPaymentId,
     refund: &RefundInfo,
     source: &str,
-) -> Result<Vec<i64>, JobFailure> {
+) -> Result<Covered, JobFailure> {
     // The payment's shares before the refund row (`record_stripe_refund` locks it), the order the withdrawal and
     // `ops refund` take them in.
     crate::store::allocations::lock_payment_shares(tx, payment.as_str())
@@ -108,11 +106,11 @@ pub async fn apply_refund(
             .map_err(transient)?;
     }
     match attribute_refund(tx, &row, ctx.distribution.reverse_on_refund).await {
-        Ok(reversals) => Ok(reversals),
+        Ok(covered) => Ok(covered),
         Err(StoreError::Invalid(why)) => {
             tracing::error!(split_payment_id = %payment, refund_id = %refund.id, why, "refund left unattributed");
             metrics::counter!("splitpay_refunds_unattributed_total").increment(1);
-            Ok(Vec::new())
+            Ok(Covered::default())
         }
         Err(e) => Err(transient(e)),
     }
@@ -562,11 +560,22 @@ async fn send_again_if_reinstated(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<()
     Ok(())
 }
 
-/// Covers an allocation's waiting parts now (its transfer settled) and enqueues the reversals that calls for, in
-/// the caller's transaction.
+/// Covers an allocation's waiting parts now (its transfer settled) and enqueues the reversals and the new
+/// generation's transfer that calls for, in the caller's transaction.
 pub async fn settle_waiting_parts(ctx: &AppContext, tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<(), StoreError> {
-    for reversal in cover_waiting_parts(tx, id, ctx.distribution.reverse_on_refund).await? {
+    let covered = cover_waiting_parts(tx, id, ctx.distribution.reverse_on_refund).await?;
+    enqueue_covered(tx, covered).await
+}
+
+/// Enqueues what covering refund parts called for, in the caller's transaction (the same one that wrote it): each
+/// reversal intent's job, and the transfer job of each share that started a new generation (an orphaned reversal's
+/// money its part did not use, given back to the recipient). Every caller of the cover goes through here.
+pub async fn enqueue_covered(tx: &mut Tx<'_>, covered: Covered) -> Result<(), StoreError> {
+    for reversal in &covered.reversals {
         enqueue(tx, Queue::Reversal, &reversal.to_string(), None).await?;
+    }
+    for id in &covered.transfers {
+        enqueue(tx, Queue::Transfer, id.as_str(), None).await?;
     }
     Ok(())
 }

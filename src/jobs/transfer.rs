@@ -24,7 +24,7 @@ use super::runner::JobFailure;
 use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::ids::{DonationId, SplitAllocationId};
-use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, PaymentStatus};
+use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
     allocation_context, transition_allocation, AllocationContext, AllocationPatch, BALANCE_INSUFFICIENT,
@@ -335,14 +335,23 @@ pub async fn succeed_audited(
             received_date: Some(now),
             ..Default::default()
         };
-        transition_donation(&mut tx, &did, DonationEvent::Confirmed, &patch, |d| {
+        let confirmed = transition_donation(&mut tx, &did, DonationEvent::Confirmed, &patch, |d| {
             announce::donation(EventType::DonationSucceeded, d, now)
                 .map(|e| announce::of_generation(e, generation))
                 .into_iter()
                 .collect()
         })
-        .await
-        .map_err(transient)?;
+        .await;
+        match confirmed {
+            Ok(_) => {}
+            // A later generation that gives the recipient back money a reversal took beyond what the refunds used
+            // (an orphaned reversal's excess) does not undo the donor's refund: a fully refunded donation stays
+            // REFUNDED. Retrying could never confirm it, and would hold the transfer's record back for good.
+            Err(StoreError::Forbidden(_)) if generation > 1 && donation.status == DonationStatus::Refunded => {
+                tracing::info!(split_allocation_id = %id, generation, "transfer of a refunded donation's share: the donation stays REFUNDED");
+            }
+            Err(e) => return Err(transient(e)),
+        }
     }
     if let Some(entry) = audit {
         crate::store::records::insert_audit(&mut tx, entry)

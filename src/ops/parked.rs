@@ -118,7 +118,8 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> std::io::Result<()> 
         writeln!(
             out,
             "  {}  {}  {} cents  `splitpay ops refund {} --reverse-transfer --reason …` refunds the donor with it (not \
-             reversed again); a dispute of the charge takes it for its part of the share when it fits",
+             reversed again); the share's next refund or dispute takes it for its part, and the rest goes back to the \
+             recipient",
             t.split_allocation_id, t.stripe_transfer_id, t.amount_cents, t.split_allocation_id
         )?;
     }

@@ -223,7 +223,17 @@ pub async fn run(
     if plan.reversal_cents > 0 {
         insert_reversal(&mut tx, &c.allocation, plan.reversal_cents, Some(refund.id)).await?;
     }
-    adopt_reversals(&mut tx, &plan.adopted_reversals, refund.id).await?;
+    // The plan, made again under the share's lock, read the same orphaned reversals (locked since): each moves to
+    // this refund. A cover that took one meanwhile (a dispute's or a refund's part, giving the rest back to the
+    // recipient) changed the plan above; a count that differs all the same writes nothing.
+    if adopt_reversals(&mut tx, &plan.adopted_reversals, refund.id).await? != plan.adopted_reversals.len() as u64 {
+        writeln!(
+            err,
+            "refused: a reversal of {id} that this refund would reuse was taken by another refund meanwhile; run the \
+             command again"
+        )?;
+        return Ok(Outcome::Refused);
+    }
     let mut details = document.clone();
     details["refund"] = refund.id.into();
     details["idempotency_key"] = refund.idempotency_key.clone().into();
@@ -472,12 +482,10 @@ async fn send(
         Ok(info) => {
             let payment = crate::domain::ids::SplitPaymentId::parse(&c.payment.id)?;
             let mut tx = ctx.pool.begin().await?;
-            let reversals = apply_refund(ctx, &mut tx, &payment, &info, "ops")
+            let covered = apply_refund(ctx, &mut tx, &payment, &info, "ops")
                 .await
                 .map_err(|e| e.to_string())?;
-            for r in reversals {
-                crate::jobs::queue::enqueue(&mut tx, crate::jobs::queue::Queue::Reversal, &r.to_string(), None).await?;
-            }
+            crate::jobs::refunds::enqueue_covered(&mut tx, covered).await?;
             tx.commit().await?;
             let status = info.status.clone().unwrap_or_default();
             if json {

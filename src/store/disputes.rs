@@ -16,11 +16,11 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::allocations::{transition_allocation, AllocationPatch, SplitAllocationRow};
+use super::allocations::SplitAllocationRow;
 use super::announce;
 use super::donations::{donation_for_allocation, transition_donation, DonationPatch, DonationRow};
 use super::records::insert_outbox_events;
-use super::refunds::{outstanding_cents, RefundPartRow, RefundRow};
+use super::refunds::{RefundPartRow, RefundRow};
 use super::{corrupt, StoreError, Tx};
 use crate::domain::ids::{DonationId, SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus};
@@ -191,14 +191,7 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
         // Nor while a reversal made for a refund Stripe has not settled (an ops refund still pending) holds the
         // share (second review): if that refund succeeds, the reversal is its, and sending it back now would pay
         // the share twice.
-        let unsettled: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
-                             WHERE t.split_allocation_id = $1 AND t.status = 'SUCCEEDED'
-                               AND r.status IN ('REQUESTED', 'PENDING'))",
-        )
-        .bind(&a.id)
-        .fetch_one(&mut **tx)
-        .await?;
+        let unsettled = super::reversals::held_for_unsettled_refund(tx, &a.id).await?;
         if unsettled {
             return Ok(Reinstatement::Waiting(format!(
                 "a reversal of {} waits for its refund to settle at Stripe",
@@ -246,26 +239,7 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
 /// starts a new generation (a new key) for what it is owed; the caller enqueues its transfer. Returns whether it
 /// did. Also called when a reversal of a withdrawal already given back turns out to have been made at Stripe.
 pub async fn send_again_if_owed(tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<bool, StoreError> {
-    let a = sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
-        .bind(id.as_str())
-        .fetch_one(&mut **tx)
-        .await?;
-    let owed = match a.net_amount_cents {
-        Some(net) => outstanding_cents(tx, &a.id, net).await?,
-        None => 0,
-    };
-    if owed <= 0 || !matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Refunded) {
-        return Ok(false);
-    }
-    transition_allocation(
-        tx,
-        id,
-        AllocationEvent::DisputeReinstated,
-        &AllocationPatch::default(),
-        &[],
-    )
-    .await?;
-    Ok(true)
+    Ok(super::refunds::send_owed_again(tx, id, AllocationEvent::DisputeReinstated).await? > 0)
 }
 
 fn allocation_of<'a>(allocations: &'a [SplitAllocationRow], id: &str) -> Result<&'a SplitAllocationRow, StoreError> {

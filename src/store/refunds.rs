@@ -8,6 +8,15 @@
 //! VOIDED as platform loss. While a transfer is in flight (TRANSFERRING, or PENDING before the fee split) the part
 //! waits; [`cover_waiting_parts`] is called when the transfer settles, after the fee split, and by the refunds
 //! reconciler, so a waiting part is always picked up.
+//!
+//! A transferred share's part first takes the reversals of its transfer made for a refund that no longer stands
+//! (orphans: an `ops refund` intent a dispute closed, a refund Stripe failed), all of them, whatever their size: it
+//! uses of their money what the policy has the recipient bear (its share of the part under `proportional`,
+//! nothing under `none`, where the platform bears refunds), and only what they fall short of is reversed anew.
+//! What the part does not use is the recipient's money that a failed refund took: the share's next waiting part
+//! uses it first, and the rest goes back to the recipient as a new generation started in the same transaction
+//! (`excess_reversal_returned`), sending exactly what the share is owed ([`outstanding_cents`]). The store knows no
+//! job queue: [`Covered`] carries the reversals and transfers for the caller to enqueue in that transaction.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -16,12 +25,15 @@ use super::allocations::{get_split_allocation, transition_allocation, Allocation
 use super::announce;
 use super::donations::{add_refunded_amount, donation_for_allocation, transition_donation, DonationPatch};
 use super::records::insert_outbox_events;
-use super::reversals::{adopt_reversals, cancel_in_doubt, insert_reversal, orphaned_reversals, reversed_by_refund};
+use super::reversals::{
+    adopt_reversals, cancel_in_doubt, held_for_unsettled_refund, insert_reversal, orphaned_reversals,
+    reversed_by_refund,
+};
 use super::{corrupt, StoreError, Tx};
 use crate::app::ReversePolicy;
 use crate::domain::ids::{DonationId, SplitAllocationId, SplitPaymentId};
 use crate::domain::refund_split::{spread, Cover, Share};
-use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent};
+use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, Transition};
 use crate::stripe::RefundInfo;
 
 pub use super::refund_terms::{
@@ -240,15 +252,38 @@ pub async fn record_stripe_refund(
     .await?)
 }
 
+/// What covering refund parts calls for at Stripe, for the caller to enqueue in its transaction (the store does not
+/// know the job queues): reversal intents to make, and shares that started a new generation to transfer. Dropping
+/// either leaves money owed with nothing to move it, hence `must_use`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "the reversals and transfers must be enqueued in the same transaction"]
+pub struct Covered {
+    /// `transfer_reversals` ids written PENDING, due now.
+    pub reversals: Vec<i64>,
+    /// Shares moved to TRANSFERRING with a new generation (what a reversal took beyond what a refund used of it).
+    pub transfers: Vec<SplitAllocationId>,
+}
+
+impl Covered {
+    pub fn is_empty(&self) -> bool {
+        self.reversals.is_empty() && self.transfers.is_empty()
+    }
+
+    pub fn extend(&mut self, other: Covered) {
+        self.reversals.extend(other.reversals);
+        self.transfers.extend(other.transfers);
+    }
+}
+
 /// Writes a SUCCEEDED refund's parts, once (a refund already attributed writes nothing), then covers each
-/// allocation's waiting parts. Returns the reversal ids the caller enqueues after commit.
+/// allocation's waiting parts. Returns what the caller enqueues in the same transaction.
 pub async fn attribute_refund(
     tx: &mut Tx<'_>,
     refund: &RefundRow,
     policy: ReversePolicy,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<Covered, StoreError> {
     if refund.status != "SUCCEEDED" || refund.attributed_at.is_some() {
-        return Ok(Vec::new());
+        return Ok(Covered::default());
     }
     // Locks the refund row: two processors of the same refund attribute it once.
     let attributed: Option<DateTime<Utc>> =
@@ -257,7 +292,7 @@ pub async fn attribute_refund(
             .fetch_one(&mut **tx)
             .await?;
     if attributed.is_some() {
-        return Ok(Vec::new());
+        return Ok(Covered::default());
     }
     let allocations = sqlx::query_as::<_, SplitAllocationRow>(
         "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
@@ -307,24 +342,26 @@ pub async fn attribute_refund(
         .bind(refund.id)
         .execute(&mut **tx)
         .await?;
-    let mut reversals = Vec::new();
+    let mut covered = Covered::default();
     for (a, _) in allocations.iter().zip(&parts).filter(|(_, &p)| p > 0) {
         let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
-        reversals.extend(cover_waiting_parts(tx, &id, policy).await?);
+        covered.extend(cover_waiting_parts(tx, &id, policy).await?);
     }
-    Ok(reversals)
+    Ok(covered)
 }
 
 /// Covers the allocation's waiting parts by its state now (see the module doc), moving the allocation and its
 /// donation on and emitting `donation.refunded` once per part. Parts of a transfer in flight keep waiting. Returns
-/// the reversal intents written, for the caller to enqueue.
+/// the reversal intents written and the share if it started a new generation (an orphan's money it did not use),
+/// for the caller to enqueue in the same transaction.
 pub async fn cover_waiting_parts(
     tx: &mut Tx<'_>,
     id: &SplitAllocationId,
     policy: ReversePolicy,
-) -> Result<Vec<i64>, StoreError> {
-    // The allocation is locked before its waiting parts are read: two covers at once (the transfer job and the
-    // reconciler) take turns, and the second reads what the first left.
+) -> Result<Covered, StoreError> {
+    // The allocation is locked before its waiting parts and its reversal rows are read: two covers at once (the
+    // transfer job and the reconciler), a rehome and `ops refund` take turns, and the second reads what the first
+    // left (an orphan is taken once).
     sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
         .bind(id.as_str())
         .execute(&mut **tx)
@@ -335,17 +372,22 @@ pub async fn cover_waiting_parts(
     .bind(id.as_str())
     .fetch_all(&mut **tx)
     .await?;
+    let mut covered = Covered::default();
     if waiting.is_empty() {
-        return Ok(Vec::new());
+        return Ok(covered);
     }
-    let mut reversals = Vec::new();
+    // Orphans' money taken by an earlier part of this call that it did not use: the recipient's. The next part
+    // here uses it first; what is left after the last goes back to the recipient.
+    let mut unused_cents = 0;
     for part in waiting {
         let a = get_split_allocation(tx, id).await?;
         let so_far = taken(tx, id.as_str()).await?;
         let net_left = a.net_amount_cents.map(|n| n - so_far.taken_net_cents);
-        // What is reversed anew for this part, and the made reversals it takes over.
+        // What is reversed anew for this part, the made reversals it takes over, and what of their money (with
+        // what earlier parts left) it does not use.
         let mut send_cents = 0;
         let mut adopt = Vec::new();
+        let mut left_unused = unused_cents;
         let cover = match (a.status, a.net_amount_cents) {
             (AllocationStatus::Transferring, _) | (AllocationStatus::Pending, None) => break,
             (AllocationStatus::Pending, Some(net)) => {
@@ -365,32 +407,38 @@ pub async fn cover_waiting_parts(
                         ..Cover::default()
                     }
                 } else {
-                    // Reversals made for a refund that no longer stands are this part's first (whole rows that
-                    // fit in it); only the rest of the recipient's share of the part is reversed anew.
-                    let mut adopted_cents = 0;
-                    for (reversal, amount_cents) in orphaned_reversals(tx, &a).await? {
-                        if adopted_cents + amount_cents <= part.amount_cents {
-                            adopt.push(reversal);
-                            adopted_cents += amount_cents;
-                        }
-                    }
+                    // Reversals made for a refund that no longer stands are this part's, all of them (their money
+                    // is on the platform already): it uses what the policy has the recipient bear, only the rest
+                    // of that is reversed anew, and what it does not use goes back to the recipient.
+                    let orphans = orphaned_reversals(tx, &a).await?;
+                    let orphaned_cents: i64 = orphans.iter().map(|(_, cents)| cents).sum();
                     let transferred = transferred_cents(tx, &a).await?;
-                    let (cover, send) = Cover::transferred_adopting(
+                    let adopting = Cover::transferred_adopting(
                         part.amount_cents,
                         net.unwrap_or(0),
                         a.gross_amount_cents,
                         transferred - reversals_of_transfer(tx, &a).await?,
                         policy == ReversePolicy::Proportional,
-                        adopted_cents,
+                        unused_cents + orphaned_cents,
                     );
-                    send_cents = send;
-                    cover
+                    // Giving back sends what the share is owed, and a reversal made for a refund Stripe has not
+                    // settled counts in that: sent now, it would be paid twice if that refund succeeds. Wait for
+                    // it (its webhook, or the operator's `ops refund` run again, covers this part after).
+                    if orphaned_cents > 0 && adopting.unused_cents > 0 && held_for_unsettled_refund(tx, &a.id).await? {
+                        tracing::info!(split_allocation_id = %id, refund_id = part.refund_id,
+                                       "a part that takes an orphaned reversal waits: a reversal of the share belongs to a refund not settled");
+                        break;
+                    }
+                    adopt = orphans.into_iter().map(|(reversal, _)| reversal).collect();
+                    send_cents = adopting.send_cents;
+                    left_unused = adopting.unused_cents;
+                    adopting.cover
                 }
             }
             (AllocationStatus::Refunded | AllocationStatus::Voided, _) => Cover::loss(part.amount_cents),
         };
         assert_eq!(cover.total(), part.amount_cents, "a part is covered exactly");
-        let covered = sqlx::query(
+        let covered_now = sqlx::query(
             "UPDATE refund_parts SET from_parked_cents = $3, from_pending_cents = $4, reversal_cents = $5,
                     platform_loss_cents = $6, covered_at = now()
               WHERE refund_id = $1 AND split_allocation_id = $2 AND covered_at IS NULL",
@@ -403,12 +451,22 @@ pub async fn cover_waiting_parts(
         .bind(cover.platform_loss_cents)
         .execute(&mut **tx)
         .await?;
-        if covered.rows_affected() == 0 {
+        if covered_now.rows_affected() == 0 {
             continue; // covered by someone else meanwhile: its reversal, amounts and event are theirs
         }
-        adopt_reversals(tx, &adopt, part.refund_id).await?;
+        // Read and locked above under the share's lock: every row still moves.
+        if adopt_reversals(tx, &adopt, part.refund_id).await? != adopt.len() as u64 {
+            return Err(StoreError::LostRace {
+                what: "split allocation",
+                id: id.to_string(),
+                expected: "its orphaned reversals unchanged under its lock".to_owned(),
+            });
+        }
+        unused_cents = left_unused;
         if send_cents > 0 {
-            reversals.push(insert_reversal(tx, &a, send_cents, Some(part.refund_id)).await?);
+            covered
+                .reversals
+                .push(insert_reversal(tx, &a, send_cents, Some(part.refund_id)).await?);
         }
         let left = net_left.unwrap_or(0) - cover.from_parked_cents - cover.from_pending_cents;
         let event = match a.status {
@@ -422,7 +480,45 @@ pub async fn cover_waiting_parts(
         let fully = event.is_some() || so_far.parts_cents + part.amount_cents >= a.net_amount_cents.unwrap_or(i64::MAX);
         refund_donation(tx, id, part.refund_id, part.amount_cents, fully).await?;
     }
-    Ok(reversals)
+    if unused_cents > 0 {
+        // The orphans' money no part used is the recipient's: a new generation sends what the share is owed, which
+        // is exactly that (its net, less what standing refunds took, less what Stripe holds for it).
+        let owed = send_owed_again(tx, id, AllocationEvent::ExcessReversalReturned).await?;
+        if owed != unused_cents {
+            tracing::error!(split_allocation_id = %id, owed, unused_cents,
+                            "an orphaned reversal's excess differs from what the share is owed: sent what it is owed");
+            metrics::counter!("splitpay_orphan_excess_mismatch_total").increment(1);
+        }
+        if owed > 0 {
+            tracing::warn!(split_allocation_id = %id, amount_cents = owed,
+                           "a reversal made for a refund that no longer stands held more than a later refund used: the rest is sent back");
+            covered.transfers.push(id.clone());
+        }
+    }
+    Ok(covered)
+}
+
+/// Starts a new generation of a settled share for what it is owed ([`outstanding_cents`]), by `event` (a won
+/// dispute, an excess reversal given back), if it is owed anything and the state machine lets `event` move it;
+/// the caller enqueues its transfer. Returns the amount the generation sends (0: nothing started). Locks the share.
+pub(super) async fn send_owed_again(
+    tx: &mut Tx<'_>,
+    id: &SplitAllocationId,
+    event: AllocationEvent,
+) -> Result<i64, StoreError> {
+    let a = sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+    let owed = match a.net_amount_cents {
+        Some(net) => outstanding_cents(tx, &a.id, net).await?,
+        None => 0,
+    };
+    if owed <= 0 || !matches!(a.status.apply(event), Ok(Transition::To(_))) {
+        return Ok(0);
+    }
+    transition_allocation(tx, id, event, &AllocationPatch::default(), &[]).await?;
+    Ok(owed)
 }
 
 /// Every reversal of the allocation's current transfer, made or still to be made, whatever caused it (a refund's

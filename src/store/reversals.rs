@@ -6,6 +6,11 @@
 //! The only way out other than SUCCEEDED is CANCELED, when the refund that asked for it no longer stands (a won
 //! dispute): at once when no request of the row can have been applied ([`ReversalRow::in_doubt_since`] is NULL),
 //! otherwise after a lookup at Stripe proved it was not made ([`request_cancel`], settled by the reversal job).
+//!
+//! A reversal made for a refund that then no longer stands (an "orphan": Stripe failed the refund, a dispute closed
+//! the `ops refund` intent) holds the recipient's money on the platform. It is taken by the share's next refund
+//! ([`adopt_reversals`]: a part that booked it as loss, a new part, or `ops refund` run again); a part uses of it
+//! only what the policy has the recipient bear, and the rest goes back to the recipient in the same transaction.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -276,10 +281,11 @@ pub async fn reversals_for_payment(conn: &mut PgConnection, payment: &str) -> Re
 
 /// Reversals made for an `ops refund` whose refund Stripe then refused for good (review finding b): the money is
 /// back on the platform's balance, but neither the recipient nor the donor has it. For `ops parked`, until `ops
-/// refund` is run again (it reuses the reversal) or a dispute of the charge takes it ([`orphaned_reversals`]).
-/// Only reversals of the share's current generation: a later generation (a won dispute's) was sent what the share
-/// was owed counting every reversal made before it, so an earlier generation's reversal went back to the recipient
-/// (and `ops refund` would not reuse it: it reverses the current transfer anew).
+/// refund` is run again (it reuses the reversal) or the share's next refund or dispute takes it
+/// ([`orphaned_reversals`]; what that part does not use goes back to the recipient). Only reversals of the share's
+/// current generation: a later generation (a won dispute's) was sent what the share was owed counting every
+/// reversal made before it, so an earlier generation's reversal went back to the recipient (and `ops refund` would
+/// not reuse it: it reverses the current transfer anew).
 pub async fn reversed_without_refund(conn: &mut PgConnection) -> Result<Vec<ReversalRow>, StoreError> {
     Ok(sqlx::query_as::<_, ReversalRow>(
         "SELECT t.* FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
@@ -337,7 +343,9 @@ pub async fn cancel_in_doubt(conn: &mut PgConnection, a: &SplitAllocationRow) ->
 
 /// Reversals of the allocation's current transfer that were made for a refund that no longer stands (FAILED or
 /// CANCELED: an `ops refund` intent a dispute closed, a refund Stripe failed): `(id, amount_cents)`, oldest first,
-/// locked. Their money is on the platform's balance; a later refund of the share takes them ([`adopt_reversals`]).
+/// locked. Their money is on the platform's balance and is the recipient's; a later refund of the share takes them
+/// ([`adopt_reversals`]), using what the policy has the recipient bear and giving the rest back to the recipient
+/// (a new generation), whatever their size against that refund's part.
 pub async fn orphaned_reversals(
     conn: &mut PgConnection,
     a: &SplitAllocationRow,
@@ -354,19 +362,43 @@ pub async fn orphaned_reversals(
     .await?)
 }
 
-/// The reversals `ids` now cover `refund_id`'s part (review M1): their money, already off the recipient, is what
-/// that refund takes back, so the transfer is not reversed for it a second time and no loss is booked for it.
-pub async fn adopt_reversals(tx: &mut Tx<'_>, ids: &[i64], refund_id: i64) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE transfer_reversals
-            SET adopted_from_refund_id = cause_refund_id, cause_refund_id = $2, updated_at = now()
-          WHERE id = ANY($1) AND status = 'SUCCEEDED'",
+/// The reversals `ids` now belong to `refund_id` (review M1): their money, already off the recipient, is what that
+/// refund takes back, so the transfer is not reversed for it a second time and no loss is booked for it; what its
+/// part does not use of them is given back to the recipient by the caller. Only rows still made for a refund that
+/// no longer stands move: a row another refund took meanwhile stays its. Returns how many moved, for the caller to
+/// compare with what it read (under the share's lock they are the same; otherwise the caller's plan is stale).
+pub async fn adopt_reversals(tx: &mut Tx<'_>, ids: &[i64], refund_id: i64) -> Result<u64, StoreError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let moved = sqlx::query(
+        "UPDATE transfer_reversals t
+            SET adopted_from_refund_id = t.cause_refund_id, cause_refund_id = $2, updated_at = now()
+           FROM refunds r
+          WHERE t.id = ANY($1) AND t.status = 'SUCCEEDED' AND r.id = t.cause_refund_id
+            AND r.status IN ('FAILED', 'CANCELED')",
     )
     .bind(ids)
     .bind(refund_id)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(moved.rows_affected())
+}
+
+/// Whether a reversal of the allocation was made for a refund Stripe has not settled (an `ops refund` intent not
+/// answered yet, a refund still pending). Its money is on the platform's balance, and what the share is owed
+/// ([`super::refunds::outstanding_cents`]) counts it, but it is neither the recipient's nor the donor's yet: if that
+/// refund succeeds the reversal is its, and if it fails the reversal is left over. Nothing may send the share what
+/// it is owed meanwhile (it would be paid twice if that refund succeeds).
+pub async fn held_for_unsettled_refund(conn: &mut PgConnection, allocation: &str) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
+                         WHERE t.split_allocation_id = $1 AND t.status = 'SUCCEEDED'
+                           AND r.status IN ('REQUESTED', 'PENDING'))",
+    )
+    .bind(allocation)
+    .fetch_one(conn)
+    .await?)
 }
 
 /// A refund that failed (or was canceled) after its reversals were made leaves their money on the platform. A
@@ -374,8 +406,9 @@ pub async fn adopt_reversals(tx: &mut Tx<'_>, ids: &[i64], refund_id: i64) -> Re
 /// failed refund's reversal still held the transfer (review, stop 20: a dispute covered while an ops refund was
 /// pending, the refund failing after). Each such reversal now covers the first standing part of its share that
 /// booked at least its amount as loss, on the same transfer: the loss becomes a reversal, and the reversal is that
-/// part's. One that fits nowhere stays listed by `ops parked` (`ops refund` run again reuses it). Returns how many
-/// moved. Locks each share before its parts.
+/// part's. One that fits nowhere stays listed by `ops parked` until the share's next refund part takes it (giving
+/// the recipient back what that part does not use) or `ops refund` run again reuses it. Returns how many moved.
+/// Locks each share before its parts.
 pub async fn rehome_reversals_of(tx: &mut Tx<'_>, refund_id: i64) -> Result<u64, StoreError> {
     let made: Vec<(i64, String, String, i64)> = sqlx::query_as(
         "SELECT t.id, t.split_allocation_id, t.stripe_transfer_id, t.amount_cents
@@ -429,7 +462,14 @@ pub async fn rehome_reversals_of(tx: &mut Tx<'_>, refund_id: i64) -> Result<u64,
         .bind(amount_cents)
         .execute(&mut **tx)
         .await?;
-        adopt_reversals(tx, &[reversal], part).await?;
+        if adopt_reversals(tx, &[reversal], part).await? != 1 {
+            // Read under the same lock just above: a row that no longer moves is a bug, never half-applied.
+            return Err(StoreError::LostRace {
+                what: "transfer reversal",
+                id: reversal.to_string(),
+                expected: format!("made for refund {refund_id}, which no longer stands"),
+            });
+        }
         tracing::warn!(
             reversal,
             refund_id,
