@@ -69,6 +69,9 @@ pub struct ReconcileSettings {
     pub audit_days: u32,
     /// Rows one reconcile tick takes per kind; the next tick takes the rest.
     pub batch_max: i64,
+    /// The accounts sweep asks Stripe about a connected account with shares parked for account reasons at most once
+    /// per this (`SPLITPAY_ACCOUNT_CHECK_INTERVAL`, default 10 min).
+    pub account_check_interval_ms: u64,
 }
 
 impl Default for ReconcileSettings {
@@ -83,6 +86,7 @@ impl Default for ReconcileSettings {
             transfer_grace_ms: 2 * MIN,
             audit_days: 7,
             batch_max: 200,
+            account_check_interval_ms: 10 * MIN,
         }
     }
 }

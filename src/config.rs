@@ -511,6 +511,7 @@ pub fn parse_duration_ms(raw: &str) -> Option<u64> {
 /// | `SPLITPAY_RECONCILE_TRANSFER_GRACE` | `2m` | a TRANSFERRING allocation overdue by this is driven again |
 /// | `SPLITPAY_AUDIT_DAYS` | `7` | the transfer audit covers payments of the last N days |
 /// | `SPLITPAY_AUTO_RETRY_PARKED` | `1` | `0` turns off retrying shares parked for account reasons on `account.updated` |
+/// | `SPLITPAY_ACCOUNT_CHECK_INTERVAL` | `10m` | the accounts sweep asks Stripe about an account at most this often |
 pub fn lifecycle_from_lookup(
     get: impl Fn(&str) -> Option<String>,
     settings: &mut crate::app::DistributionSettings,
@@ -554,6 +555,7 @@ pub fn lifecycle_from_lookup(
     duration("SPLITPAY_RECONCILE_DEBIT_GRACE", &mut r.debit_grace_ms)?;
     duration("SPLITPAY_RECONCILE_DEBIT_INTERVAL", &mut r.debit_interval_ms)?;
     duration("SPLITPAY_RECONCILE_TRANSFER_GRACE", &mut r.transfer_grace_ms)?;
+    duration("SPLITPAY_ACCOUNT_CHECK_INTERVAL", &mut r.account_check_interval_ms)?;
     if let Some(raw) = get("SPLITPAY_AUDIT_DAYS") {
         r.audit_days = raw
             .trim()
@@ -621,6 +623,7 @@ mod lifecycle_tests {
             (s.reconcile.debit_grace_ms, s.reconcile.debit_interval_ms),
             (3_600_000, 6 * 3_600_000)
         );
+        assert_eq!(s.reconcile.account_check_interval_ms, 600_000);
     }
 
     #[test]
@@ -641,6 +644,12 @@ mod lifecycle_tests {
         .unwrap();
         assert_eq!(s.transfer_retry_window_ms, 7_200_000);
         assert_eq!(s.reconcile.abandon_after_ms, 1_800_000);
+        let s = read(&[("SPLITPAY_ACCOUNT_CHECK_INTERVAL", "90s")]).unwrap();
+        assert_eq!(s.reconcile.account_check_interval_ms, 90_000);
+        let err = read(&[("SPLITPAY_ACCOUNT_CHECK_INTERVAL", "0s")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SPLITPAY_ACCOUNT_CHECK_INTERVAL"), "{err}");
         let err = read(&[("SPLITPAY_TRANSFER_RETRY_WINDOW", "soon")])
             .unwrap_err()
             .to_string();

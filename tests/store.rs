@@ -584,7 +584,7 @@ async fn an_account_event_of_the_same_second_racing_another_is_a_tie() {
         charges_enabled: true,
         transfers_active: active,
     };
-    let applied = apply_account_flags(&mut first, &account, flags(true), second, "evt_first", false)
+    let applied = apply_account_flags(&mut first, &account, flags(true), second, "evt_first", false, false)
         .await
         .unwrap();
     assert!(matches!(applied, Applied::Applied { .. }), "{applied:?}");
@@ -594,7 +594,7 @@ async fn an_account_event_of_the_same_second_racing_another_is_a_tie() {
         let account = account.clone();
         tokio::spawn(async move {
             let mut conn = pool.acquire().await.unwrap();
-            apply_account_flags(&mut conn, &account, flags(false), second, "evt_second", false)
+            apply_account_flags(&mut conn, &account, flags(false), second, "evt_second", false, false)
                 .await
                 .unwrap()
         })
@@ -618,7 +618,7 @@ async fn an_account_event_of_the_same_second_racing_another_is_a_tie() {
     assert_eq!(racer.await.unwrap(), Applied::Tie);
     // Stripe's answer, applied as authoritative, decides.
     let mut conn = pool.acquire().await.unwrap();
-    let applied = apply_account_flags(&mut conn, &account, flags(false), second, "evt_second", true)
+    let applied = apply_account_flags(&mut conn, &account, flags(false), second, "evt_second", true, false)
         .await
         .unwrap();
     assert!(matches!(applied, Applied::Applied { .. }), "{applied:?}");

@@ -12,7 +12,9 @@
 //! account, in Stripe's order (see [`crate::store::readiness`]). The event that turns `transfers_active` on retries the account's shares
 //! parked for account reasons ([`crate::store::readiness::ACCOUNT_PARK_CODES`]), with actor `system`, in batches
 //! of `auto_retry_batch`, each share in its own transaction: the event stays unprocessed and its job is enqueued
-//! again until none is left, so a lost job is swept up and a second processing finds them no longer PARKED.
+//! again until none is left, so a lost job is swept up and a second processing finds them no longer PARKED. A lost
+//! `account.updated` is made up for by the accounts sweep ([`super::account_sweep`]), whose own `account.updated`
+//! events come through here too.
 
 use chrono::{TimeZone, Utc};
 use serde_json::json;
@@ -25,7 +27,9 @@ use crate::app::AppContext;
 use crate::domain::ids::SplitAllocationId;
 use crate::domain::state::{AllocationEvent, AllocationStatus};
 use crate::store::allocations::{allocation_context, transition_allocation, AllocationContext, AllocationPatch};
-use crate::store::readiness::{activated_account, apply_account_flags, parked_for_account, AccountFlags, Applied};
+use crate::store::readiness::{
+    activated_account, apply_account_flags, parked_for_account, AccountFlags, Applied, SWEEP_EVENT_PREFIX,
+};
 use crate::store::records::{finish_stripe_event, insert_audit, AuditEntry, StripeEventRow};
 use crate::store::StoreError;
 use crate::stripe::{AccountInfo, GatewayError, PaymentGateway, TransferInfo};
@@ -319,8 +323,11 @@ pub async fn account_updated(ctx: &AppContext, event: &StripeEventRow) -> Result
         transfers_active: account["deleted"].as_bool() != Some(true)
             && account["capabilities"]["transfers"].as_str() == Some("active"),
     };
+    // The accounts sweep's events exist because shares are parked that no event retried: they claim the retry even
+    // when the link already says `transfers_active` (see `jobs::account_sweep`).
+    let claim_retry = event.id.starts_with(SWEEP_EVENT_PREFIX);
     let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let applied = apply_account_flags(&mut conn, account_id, flags, created, &event.id, false)
+    let applied = apply_account_flags(&mut conn, account_id, flags, created, &event.id, false, claim_retry)
         .await
         .map_err(transient)?;
     let applied = if applied == Applied::Tie {
@@ -334,7 +341,7 @@ pub async fn account_updated(ctx: &AppContext, event: &StripeEventRow) -> Result
             charges_enabled: now.charges_enabled,
             transfers_active: now.can_receive_transfers(),
         };
-        apply_account_flags(&mut conn, account_id, flags, created, &event.id, true)
+        apply_account_flags(&mut conn, account_id, flags, created, &event.id, true, claim_retry)
             .await
             .map_err(transient)?
     } else {

@@ -98,6 +98,13 @@ pub fn jobs(ctx: AppContext) -> Vec<(&'static str, CronJob)> {
                 RECONCILE_TIMEOUT,
                 super::event_sweep::sweep_events(&ctx),
             )
+            .await;
+            // So does the accounts sweep: connected accounts fixed while their `account.updated` was lost.
+            bounded(
+                "accounts-sweep",
+                RECONCILE_TIMEOUT,
+                super::account_sweep::sweep_accounts(&ctx),
+            )
             .await
         })
     });

@@ -17,8 +17,8 @@
 //! webhook endpoint can be pinned, a list cannot) — the processors read only fields every version has (`id`,
 //! `charge`, `payment_intent`, `amount`, `status`); a pass reads at most [`PAGES_PER_PASS_MAX`] pages, and one
 //! that would read more leaves the rest as a backlog, does not move the cursor, and says so loudly. Connect events
-//! (`account.updated` of a connected account) are not in the platform's list; onboarding is covered by
-//! `ops retry`.
+//! (`account.updated` of a connected account) are not in the platform's list; onboarding is covered by the
+//! accounts sweep ([`super::account_sweep`]).
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::Value;

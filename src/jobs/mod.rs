@@ -5,6 +5,8 @@
 //! - [`reconcile`]: reconcile-pending and reconcile-transfers, what the webhooks and the jobs missed.
 //! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
 //! - [`accounts`]: retrying a parked share (for `ops retry`), and `account.updated`: link flags, automatic retries.
+//! - [`account_sweep`]: asks Stripe about accounts whose parked shares no `account.updated` retried (a lost
+//!   Connect webhook) and feeds those now able to receive transfers through the webhook's path.
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
 //! - [`refunds`]: refunds made at Stripe taken through to allocations and donations; transfer reversals.
 //! - [`disputes`]: disputes' withdrawals taken like refunds, and won disputes' funds sent to the shares again.
@@ -17,6 +19,7 @@
 //!   tick across replicas.
 //! - [`sweeper`]: re-enqueues ready work whose job was lost.
 
+pub mod account_sweep;
 pub mod accounts;
 pub mod cron;
 pub mod deliver;

@@ -117,11 +117,19 @@ fn describe() {
     );
     describe_counter!(
         "splitpay_reconcile_runs_total",
-        "Reconcile runs, by reconciler (pending, transfers)"
+        "Reconcile runs, by reconciler (pending, transfers, events, accounts)"
     );
     describe_counter!(
         "splitpay_reconcile_resolved_total",
         "What the reconcilers resolved, by reconciler and outcome"
+    );
+    describe_counter!(
+        "splitpay_account_checks_total",
+        "Connected accounts the accounts sweep asked Stripe about, by outcome (ready, not_ready, error)"
+    );
+    describe_counter!(
+        "splitpay_account_activations_found_total",
+        "Accounts able to receive transfers that the accounts sweep fed through the webhook's path (their account.updated was lost)"
     );
     describe_counter!(
         "splitpay_metrics_refresh_errors_total",
@@ -237,6 +245,19 @@ pub fn events_sweep_ran(report: &crate::jobs::event_sweep::EventSweepReport) {
     metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "events").increment(1);
     metrics::counter!("splitpay_reconcile_resolved_total", "reconciler" => "events", "outcome" => "recovered")
         .increment(report.ingested.len() as u64);
+}
+
+/// Counts an accounts sweep pass and the activations it found: accounts able to receive transfers whose
+/// `account.updated` was put in the inbox by the sweep.
+pub fn accounts_sweep_ran(report: &crate::jobs::account_sweep::AccountSweepReport) {
+    metrics::counter!("splitpay_reconcile_runs_total", "reconciler" => "accounts").increment(1);
+    metrics::counter!("splitpay_account_activations_found_total").increment(report.ingested.len() as u64);
+}
+
+/// Counts one connected account the accounts sweep asked Stripe about, by what Stripe said: `ready`, `not_ready`,
+/// `error` (Stripe could not be asked).
+pub fn account_checked(outcome: &'static str) {
+    metrics::counter!("splitpay_account_checks_total", "outcome" => outcome).increment(1);
 }
 
 /// Counts a reconcile-transfers run and what it resolved.

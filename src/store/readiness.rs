@@ -3,7 +3,8 @@
 //! Stripe made the events (an older event never overwrites newer state), and the shares parked for account reasons
 //! that become retryable when the account is fixed. `charges_enabled` is Stripe's word once an event has come (the
 //! platform sets it when it links the account; intake refuses a link without it); `transfers_active` decides
-//! whether parked shares are retried.
+//! whether parked shares are retried. Also which accounts the accounts sweep asks Stripe about
+//! ([`claim_accounts_to_check`]) when no event came.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -18,6 +19,11 @@ pub const ACCOUNT_PARK_CODES: &[&str] = &[
     "account_invalid",
     "resource_missing",
 ];
+
+/// How the ids of the `account.updated` events the accounts sweep puts in the inbox begin (`evt_sweep_acct_<account>_
+/// <unix secs>`). Stripe's own event ids are `evt_` and letters and digits, never another `_`, so they cannot collide;
+/// and the webhook ingress only stores events whose signature it verified, so nobody else can make one.
+pub const SWEEP_EVENT_PREFIX: &str = "evt_sweep_acct_";
 
 /// What one `account.updated` says about the account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +49,9 @@ pub enum Applied {
 /// Applies `flags`, from an event Stripe created at `created`, to every link of `account_id`, in the caller's
 /// transaction. A link whose last applied event is newer is left alone; one of the same second with other flags is
 /// a [`Applied::Tie`] unless `authoritative` (the flags come from retrieving the account just now). The link that
-/// turns `transfers_active` from false to true remembers `event_id` in `transfers_activated_by`.
+/// turns `transfers_active` from false to true remembers `event_id` in `transfers_activated_by`; with
+/// `claim_retry` (the accounts sweep's events, made because shares are parked that nothing retried), so does a link
+/// that already said `transfers_active` and still does.
 pub async fn apply_account_flags(
     conn: &mut PgConnection,
     account_id: &str,
@@ -51,6 +59,7 @@ pub async fn apply_account_flags(
     created: DateTime<Utc>,
     event_id: &str,
     authoritative: bool,
+    claim_retry: bool,
 ) -> Result<Applied, StoreError> {
     let (links, ties): (i64, i64) = sqlx::query_as(
         "SELECT count(*),
@@ -75,7 +84,8 @@ pub async fn apply_account_flags(
     let changed: Vec<(bool,)> = sqlx::query_as(
         "UPDATE recipient_account_links
             SET transfers_active = $3, charges_enabled = $6, account_event_created = $2,
-                transfers_activated_by = CASE WHEN NOT transfers_active AND $3 THEN $4 ELSE transfers_activated_by END,
+                transfers_activated_by = CASE WHEN $3 AND (NOT transfers_active OR $7) THEN $4
+                                              ELSE transfers_activated_by END,
                 updated_at = now()
           WHERE stripe_connect_account_id = $1
             AND (account_event_created IS NULL OR account_event_created < $2
@@ -89,6 +99,7 @@ pub async fn apply_account_flags(
     .bind(event_id)
     .bind(authoritative)
     .bind(flags.charges_enabled)
+    .bind(claim_retry)
     .fetch_all(&mut *conn)
     .await?;
     if changed.is_empty() {
@@ -154,4 +165,65 @@ pub async fn parked_for_account(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Claims up to `limit` connected accounts for the accounts sweep to ask Stripe about, least recently asked first,
+/// marking every due link of each as checked now (`account_checked_at`), in one statement: of two sweeps at once,
+/// each account goes to one (the second's update re-reads the row after the first commits and finds it no longer
+/// due). An account is due when one of its links was not asked within `interval_secs` and holds a share PARKED for
+/// an account reason ([`ACCOUNT_PARK_CODES`], a net amount to send) that no event is retrying:
+/// - the link says `transfers_active = false`: the account may have been fixed and its `account.updated` lost;
+/// - the link says `transfers_active = true` (only with `auto_retry`): a share parked after the event that activated
+///   the link (a transfer in flight meanwhile, or the account deactivated and reactivated with the first event
+///   lost, when the second then changed no flag), or parked while auto-retry was off. Not while that event is still
+///   being processed (its batches take the share), and not a share whose current generation the sweep itself
+///   started (parked again though Stripe said the account could receive transfers: left to an operator, so
+///   the sweep never retries one share every interval without end).
+pub async fn claim_accounts_to_check(
+    conn: &mut PgConnection,
+    interval_secs: f64,
+    auto_retry: bool,
+    limit: i64,
+) -> Result<Vec<String>, StoreError> {
+    let codes: Vec<String> = ACCOUNT_PARK_CODES.iter().map(|c| (*c).to_owned()).collect();
+    let swept_reason = format!("account.updated {}%", SWEEP_EVENT_PREFIX.replace('_', "\\_"));
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT l.stripe_connect_account_id AS account_id,
+                    min(coalesce(l.account_checked_at, '-infinity')) AS checked_at
+               FROM recipient_account_links l
+              WHERE (l.account_checked_at IS NULL OR l.account_checked_at < now() - make_interval(secs => $1))
+                AND (NOT l.transfers_active
+                     OR ($3 AND NOT EXISTS (SELECT 1 FROM stripe_events e
+                                             WHERE e.id = l.transfers_activated_by AND e.processed_at IS NULL)))
+                AND EXISTS (
+                    SELECT 1 FROM split_allocations a
+                     WHERE a.recipient_org_account_link_id = l.id AND a.status = 'PARKED'
+                       AND a.failure_code = ANY($2) AND a.net_amount_cents > 0
+                       AND (NOT l.transfers_active
+                            OR NOT EXISTS (SELECT 1 FROM ops_audit_log g
+                                            WHERE g.target_type = 'split_allocation' AND g.target_id = a.id
+                                              AND g.command = 'retry' AND g.reason LIKE $5
+                                              AND g.details #>> '{parameters,plan,to_generation}'
+                                                  = a.generation::text)))
+              GROUP BY 1
+              ORDER BY 2, 1
+              LIMIT $4)
+         UPDATE recipient_account_links l SET account_checked_at = now()
+           FROM due
+          WHERE l.stripe_connect_account_id = due.account_id
+            AND (l.account_checked_at IS NULL OR l.account_checked_at < now() - make_interval(secs => $1))
+         RETURNING l.stripe_connect_account_id",
+    )
+    .bind(interval_secs)
+    .bind(&codes)
+    .bind(auto_retry)
+    .bind(limit)
+    .bind(&swept_reason)
+    .fetch_all(conn)
+    .await?;
+    let mut accounts: Vec<String> = rows.into_iter().map(|(id,)| id).collect();
+    accounts.sort();
+    accounts.dedup();
+    Ok(accounts)
 }
