@@ -102,7 +102,7 @@ async fn a_failed_refund_applied_while_a_withdrawal_closes_its_intent_does_not_d
         let payment = payment.clone();
         tokio::spawn(async move {
             let mut tx = ctx.pool.begin().await.map_err(|e| e.to_string())?;
-            splitpay::jobs::refunds::apply_refund(&ctx, &mut tx, &payment, &answer, "ops")
+            let _covered = splitpay::jobs::refunds::apply_refund(&ctx, &mut tx, &payment, &answer, "ops")
                 .await
                 .map_err(|e| format!("{e:?}"))?;
             tx.commit().await.map_err(|e| e.to_string())?;
