@@ -11,7 +11,8 @@
 //!
 //! It prints intake's rate and latency, transfers/s, the latency from the payment's success (intake's answer, the
 //! PaymentIntent having succeeded) to its first and last transfer recorded, PostgreSQL transactions and statements
-//! per transfer, and each process's CPU; then checks correctness ([`check`]) and fails (exit 1) when wrong.
+//! per transfer, and each process's CPU; then checks correctness ([`check`]) and fails (exit 1) when wrong, and
+//! times the periodic jobs' ticks on the tables as the run left them ([`ticks`]).
 //! `--preload N` first writes N finished payments with their history (set-based SQL, [`preload`]).
 
 pub mod check;
@@ -19,6 +20,7 @@ pub mod load;
 pub mod preload;
 pub mod procs;
 pub mod stats;
+pub mod ticks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -35,6 +37,8 @@ use procs::Proc;
 use stats::{summary_ms, PgCounters};
 
 const BENCH_KEY: &str = "sk_test_splitpay_bench";
+/// Ticks of each periodic job timed after a run.
+const TICK_RUNS: usize = 3;
 const WEBHOOK_SECRET: &str = "whsec_splitpay_bench";
 const CONNECT_WEBHOOK_SECRET: &str = "whsec_splitpay_bench_connect";
 const SERVICE_TOKEN: &str = "svc_splitpay_bench_token";
@@ -448,6 +452,22 @@ async fn drive(
         check.charged_cents,
         check.transferred_cents,
         check.fees_cents
+    )?;
+    // The workers are still running: their own ticks may overlap these (a claimed tick runs in one replica only,
+    // these run besides them), as a second replica's would.
+    let ticks = ticks::measure(pool, &sim.base_url(), BENCH_KEY, TICK_RUNS).await?;
+    let shown: Vec<String> = ticks
+        .iter()
+        .map(|(job, ms)| {
+            let each: Vec<String> = ms.iter().map(|t| format!("{t:.1}")).collect();
+            format!("{job} {} ms", each.join("/"))
+        })
+        .collect();
+    writeln!(
+        out,
+        "periodic ticks on these tables ({} each, in order): {}",
+        TICK_RUNS,
+        shown.join("; ")
     )?;
     if check.ok() {
         writeln!(out, "check: OK (one transfer per allocation, money conserved)")?;

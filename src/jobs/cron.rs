@@ -49,7 +49,12 @@ pub async fn run(
                     Err(e) => Err(e.into()),
                 };
                 match claimed {
-                    Ok(true) => job().await,
+                    Ok(true) => {
+                        let started = std::time::Instant::now();
+                        job().await;
+                        metrics::histogram!("splitpay_cron_tick_duration_seconds", "job" => name.clone())
+                            .record(started.elapsed().as_secs_f64());
+                    }
                     Ok(false) => {} // another replica has this tick
                     Err(e) => tracing::warn!(job = %name, error = %e, "could not claim a cron tick"),
                 }

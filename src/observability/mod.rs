@@ -111,6 +111,11 @@ fn describe() {
         "Duration of a Stripe request, by method and endpoint"
     );
     describe_histogram!(
+        "splitpay_cron_tick_duration_seconds",
+        Unit::Seconds,
+        "Duration of one tick of a periodic job this process ran, by job"
+    );
+    describe_histogram!(
         "splitpay_stripe_rate_limiter_wait_seconds",
         Unit::Seconds,
         "Time a Stripe request waited for the client-side rate limiter"
