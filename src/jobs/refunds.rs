@@ -11,7 +11,8 @@
 //!   dropped.
 //!   A reversal whose refund no longer stands (a won dispute) is canceled, never sent again ([`settle_cancel`]).
 //!   A row older than 23 h is looked up on Stripe's transfer first (its key may be forgotten): [`adopt_if_made`].
-//! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, and drives overdue reversals.
+//! - [`reconcile_refunds`]: the cron sweep: covers parts whose transfer has settled, drives overdue reversals, and
+//!   sends back a reversal made after its dispute was won whose share's transfer was in flight ([`resend_owed`]).
 
 use chrono::Utc;
 
@@ -20,7 +21,7 @@ use super::runner::JobFailure;
 use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
-use crate::store::disputes::send_again_if_owed;
+use crate::store::disputes::{resend_if_marked, send_again_or_mark, settled_shares_owed_a_resend};
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, StripeEventRow};
 use crate::store::refunds::{
@@ -538,7 +539,9 @@ fn allocation_id(r: &ReversalRow) -> Result<SplitAllocationId, JobFailure> {
 
 /// A reversal was made. If the refund that asked for it was given back meanwhile (a won dispute), the share is
 /// owed what it took: a new generation, as the reinstatement gives the others; its transfer job is enqueued in the
-/// caller's transaction.
+/// caller's transaction. A share whose transfer is in flight (the reinstatement's own new generation, sent before
+/// this reversal was known to be made) is marked instead, in the same transaction, and sent what it is owed once
+/// TRANSFERRED again ([`resend_owed`]): it used to get nothing back, the reversal's money stranded on the platform.
 async fn send_again_if_reinstated(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<(), StoreError> {
     let Some(cause) = r.cause_refund_id else {
         return Ok(());
@@ -553,11 +556,26 @@ async fn send_again_if_reinstated(tx: &mut Tx<'_>, r: &ReversalRow) -> Result<()
     }
     let id = SplitAllocationId::parse(&r.split_allocation_id)
         .map_err(|e| StoreError::Invalid(format!("reversal {}: {e}", r.id)))?;
-    if send_again_if_owed(tx, &id).await? {
+    if send_again_or_mark(tx, &id).await? {
         enqueue(tx, Queue::Transfer, id.as_str(), None).await?;
         tracing::warn!(split_allocation_id = %id, reversal = r.id, "reversal made after its dispute was won: sent again");
+    } else {
+        tracing::warn!(split_allocation_id = %id, reversal = r.id,
+                       "reversal made after its dispute was won: sent again once the share's transfer settles");
     }
     Ok(())
+}
+
+/// A share marked as owed a resend ([`send_again_or_mark`]) that is settled again is sent what it is owed, its
+/// transfer job enqueued, in the caller's transaction (which should hold nothing locked but the share, taken first).
+/// Called by the transfer's success path and the refunds sweep; a second call sends nothing. Returns whether it did.
+pub async fn resend_owed(tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<bool, StoreError> {
+    let resent = resend_if_marked(tx, id).await?;
+    if resent {
+        enqueue(tx, Queue::Transfer, id.as_str(), None).await?;
+        tracing::warn!(split_allocation_id = %id, "a reversal made after its dispute was won: sent back now that the share's transfer settled");
+    }
+    Ok(resent)
 }
 
 /// Covers an allocation's waiting parts now (its transfer settled) and enqueues the reversals and the new
@@ -587,10 +605,14 @@ pub struct RefundsReport {
     pub reversals_driven: Vec<i64>,
     /// Won disputes whose reinstatement was applied this tick (it waited for a transfer or a reversal).
     pub disputes_reinstated: Vec<String>,
+    /// Shares sent again this tick what a reversal made after their dispute was won took (it was found made while
+    /// their transfer was in flight).
+    pub resent_after_late_reversal: Vec<String>,
 }
 
 /// The cron sweep: parts whose allocation has settled are covered, overdue reversals are tried again (with their
-/// own key), and won disputes' reinstatements that waited are applied. Bounded per tick.
+/// own key), shares owed what a reversal made after their won dispute took are sent it once settled, and won
+/// disputes' reinstatements that waited are applied. Bounded per tick.
 pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreError> {
     let mut report = RefundsReport::default();
     let waiting = allocations_with_waiting_parts(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await?;
@@ -618,6 +640,26 @@ pub async fn reconcile_refunds(ctx: &AppContext) -> Result<RefundsReport, StoreE
             tracing::warn!(reversal = id, error = ?e, "reversal sweep");
         }
         report.reversals_driven.push(id);
+    }
+    // After the reversals: one found made just now, its share settled, is sent again directly. The transfer's
+    // success path resends a marked share too; this finds one marked after that path read it (or before a restart).
+    for raw in settled_shares_owed_a_resend(&mut *ctx.pool.acquire().await?, RECONCILE_BATCH_MAX).await? {
+        let Ok(id) = SplitAllocationId::parse(&raw) else {
+            continue;
+        };
+        let resent = async {
+            let mut tx = ctx.pool.begin().await?;
+            let resent = resend_owed(&mut tx, &id).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(resent)
+        };
+        match resent.await {
+            Ok(true) => report.resent_after_late_reversal.push(raw),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(split_allocation_id = %id, error = %e, "refunds sweep: sending a late reversal back failed")
+            }
+        }
     }
     report.disputes_reinstated = super::disputes::reconcile_reinstatements(ctx, RECONCILE_BATCH_MAX).await?;
     Ok(report)

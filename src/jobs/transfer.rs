@@ -362,6 +362,12 @@ pub async fn succeed_audited(
     super::refunds::settle_waiting_parts(ctx, &mut tx, id)
         .await
         .map_err(transient)?;
+    // A reversal of a won dispute's withdrawal found made while this transfer was in flight: the share is sent what
+    // it is still owed, after those refunds took theirs. The mark is read from the row loaded above, so the hot path
+    // makes no lookup for it; one written after that read is left to the refunds sweep.
+    if c.allocation.resend_owed_at.is_some() {
+        super::refunds::resend_owed(&mut tx, id).await.map_err(transient)?;
+    }
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     if recorded {
         crate::observability::transfer_recorded(c.payment.succeeded_at);

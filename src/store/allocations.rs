@@ -59,6 +59,9 @@ pub struct SplitAllocationRow {
     pub updated_at: DateTime<Utc>,
     /// Set while TRANSFERRING when the retry window ended without proof either way: shown to operators, retried.
     pub unresolved_at: Option<DateTime<Utc>>,
+    /// A reversal of a won dispute's withdrawal was found made while this share's transfer was in flight (or
+    /// parked): once TRANSFERRED again, the share is sent what it is owed ([`super::disputes::resend_if_marked`]).
+    pub resend_owed_at: Option<DateTime<Utc>>,
 }
 
 pub async fn get_split_allocation(

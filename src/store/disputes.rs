@@ -12,6 +12,9 @@
 //!   owed money again (its reversal was made, or it was refunded before its transfer) starts a new generation with
 //!   a new key through the transfer path, and each donation gets its refunded amount back down, `deleted_at`
 //!   cleared, and `donation.refund_reversed` once per dispute.
+//! - [`send_again_or_mark`]: a reversal of the withdrawal found made after all (its cancel was in doubt) is owed
+//!   back to its share: sent now if the share is settled, else the share is marked and [`resend_if_marked`] sends
+//!   it once the share is TRANSFERRED again (the transfer's success path, the refunds sweep).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -237,9 +240,69 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
 
 /// A settled share (TRANSFERRED, or REFUNDED before its transfer) that is owed money again after a won dispute
 /// starts a new generation (a new key) for what it is owed; the caller enqueues its transfer. Returns whether it
-/// did. Also called when a reversal of a withdrawal already given back turns out to have been made at Stripe.
+/// did. A share in flight does nothing here: a reversal of a withdrawal already given back that turns out to have
+/// been made at Stripe goes through [`send_again_or_mark`], which marks such a share for later.
 pub async fn send_again_if_owed(tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<bool, StoreError> {
     Ok(super::refunds::send_owed_again(tx, id, AllocationEvent::DisputeReinstated).await? > 0)
+}
+
+/// A reversal of a withdrawal given back was found made: its share is owed what it took. Sent now when the share is
+/// settled ([`send_again_if_owed`]); otherwise (a won dispute's new generation in flight, or parked) nothing can be
+/// sent yet, and the share is marked, in the caller's transaction, to be sent what it is owed once it is TRANSFERRED
+/// again ([`resend_if_marked`]: the transfer's success path, or the refunds sweep). Returns whether a new generation
+/// started now (the caller enqueues its transfer).
+pub async fn send_again_or_mark(tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<bool, StoreError> {
+    let resent = send_again_if_owed(tx, id).await?;
+    // Under the share's lock (taken above): its status is current. A new generation sends all the share is owed,
+    // so an older mark is spent; a share in flight is marked.
+    sqlx::query(
+        "UPDATE split_allocations
+            SET resend_owed_at = CASE WHEN $2 THEN NULL ELSE coalesce(resend_owed_at, now()) END
+          WHERE id = $1 AND ($2 OR status NOT IN ('TRANSFERRED', 'REFUNDED'))",
+    )
+    .bind(id.as_str())
+    .bind(resent)
+    .execute(&mut **tx)
+    .await?;
+    Ok(resent)
+}
+
+/// A share marked by [`send_again_or_mark`] that is settled again (TRANSFERRED, or REFUNDED) is sent what it is
+/// still owed, and its mark cleared, in the caller's transaction. Both are read under the share's lock (taken first,
+/// as every refund path does), so a second run (another replica's sweep, the transfer's success path) finds the mark
+/// gone and sends nothing, and what is owed is what standing refunds and made reversals leave now. A share still in
+/// flight keeps its mark. Returns whether a new generation started (the caller enqueues its transfer).
+pub async fn resend_if_marked(tx: &mut Tx<'_>, id: &SplitAllocationId) -> Result<bool, StoreError> {
+    let marked: Option<(String, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT status, resend_owed_at FROM split_allocations WHERE id = $1 FOR UPDATE")
+            .bind(id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some((status, Some(_))) = marked else {
+        return Ok(false);
+    };
+    if status != AllocationStatus::Transferred.as_str() && status != AllocationStatus::Refunded.as_str() {
+        return Ok(false);
+    }
+    let resent = send_again_if_owed(tx, id).await?;
+    sqlx::query("UPDATE split_allocations SET resend_owed_at = NULL WHERE id = $1")
+        .bind(id.as_str())
+        .execute(&mut **tx)
+        .await?;
+    Ok(resent)
+}
+
+/// Shares marked by [`send_again_or_mark`] and settled again (oldest mark first, bounded): the refunds sweep sends
+/// them what they are owed. Served by a partial index: almost no share is ever marked.
+pub async fn settled_shares_owed_a_resend(conn: &mut PgConnection, limit: i64) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar::<_, String>(
+        "SELECT id FROM split_allocations
+          WHERE resend_owed_at IS NOT NULL AND status IN ('TRANSFERRED', 'REFUNDED')
+          ORDER BY resend_owed_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
 }
 
 fn allocation_of<'a>(allocations: &'a [SplitAllocationRow], id: &str) -> Result<&'a SplitAllocationRow, StoreError> {
