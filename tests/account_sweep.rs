@@ -223,7 +223,7 @@ async fn a_lost_account_updated_is_made_up_for_and_the_parked_shares_transfer_on
     assert!(report.ingested[0].starts_with("evt_sweep_acct_acct_rcp1_"));
     assert_retried_once_by_the_sweep(&flow, &payments).await;
     wait_events_processed(&flow).await;
-    assert_eq!(link_flags(&flow).await, (true, true));
+    assert_eq!(link_flags(&flow).await, (false, true), "Stripe says: transfers only");
 
     // The real webhook arrives late, older than what the sweep read at Stripe (here: one from before the account was
     // fixed, saying it cannot receive transfers): the newer state stands, nothing is retried or sent again.
@@ -245,7 +245,11 @@ async fn a_lost_account_updated_is_made_up_for_and_the_parked_shares_transfer_on
     });
     assert_eq!(post_connect_event(&flow, &late).await, 200);
     wait_events_processed(&flow).await;
-    assert_eq!(link_flags(&flow).await, (true, true), "the older event changed nothing");
+    assert_eq!(
+        link_flags(&flow).await,
+        (false, true),
+        "the older event changed nothing"
+    );
     let after = snapshot(&flow).await;
     assert_eq!(after["allocations"], before["allocations"]);
     assert_eq!(after["audit"], before["audit"]);
@@ -443,7 +447,11 @@ async fn with_auto_retry_off_the_sweep_refreshes_the_flags_and_retries_nothing()
     let report = sweep_accounts(&flow.ctx).await.unwrap();
     assert_eq!(report.ingested.len(), 1, "{report:?}");
     wait_events_processed(&flow).await;
-    assert_eq!(link_flags(&flow).await, (true, true), "the flags follow Stripe");
+    assert_eq!(
+        link_flags(&flow).await,
+        (false, true),
+        "the flags follow Stripe (a transfers-only account)"
+    );
     let after = flow.payment(&pid(&payments[0])).await;
     assert_eq!(after.allocations[1].status, AllocationStatus::Parked);
     assert_eq!(after.allocations[1].generation, 1);

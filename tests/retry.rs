@@ -159,7 +159,7 @@ async fn ops_retry_after_the_account_is_fixed_transfers_on_a_new_key_once() {
         .unwrap();
     // Auto-retry is off here: the event refreshes the flags and retries nothing.
     wait_transfers_active(&flow).await;
-    assert_eq!(link_flags(&flow).await, (true, true));
+    assert_eq!(link_flags(&flow).await, (false, true));
 
     let (code, out, err) = ops(
         &flow,
@@ -418,7 +418,7 @@ async fn account_updated_retries_shares_parked_for_account_reasons_once_as_syste
         }
         done.push(after);
     }
-    assert_eq!(link_flags(&flow).await, (true, true));
+    assert_eq!(link_flags(&flow).await, (false, true));
     let events = account_events(&flow).await;
     for _ in 0..600 {
         if account_events(&flow).await.iter().all(|(_, processed)| *processed) {
@@ -458,7 +458,7 @@ async fn with_auto_retry_off_account_updated_refreshes_the_flags_and_leaves_shar
         .await
         .unwrap();
     wait_transfers_active(&flow).await;
-    assert_eq!(link_flags(&flow).await, (true, true));
+    assert_eq!(link_flags(&flow).await, (false, true));
     for _ in 0..600 {
         if account_events(&flow).await.iter().all(|(_, processed)| *processed) {
             break;

@@ -2,9 +2,9 @@
 //! the `transfers_active` flag and the link's `charges_enabled` on every link of that account, applied in the order
 //! Stripe made the events (an older event never overwrites newer state), and the shares parked for account reasons
 //! that become retryable when the account is fixed. `charges_enabled` is Stripe's word once an event has come (the
-//! platform sets it when it links the account; intake refuses a link without it); `transfers_active` decides
-//! whether parked shares are retried. Also which accounts the accounts sweep asks Stripe about
-//! ([`claim_accounts_to_check`]) when no event came.
+//! platform sets it when it links the account). A transfers-only account (what splitpay needs of a recipient) has
+//! it false at Stripe for good, so it refuses no donation ([`super::catalog`]); `transfers_active` decides whether
+//! parked shares are retried.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;

@@ -210,8 +210,6 @@ pub enum SetUnavailable {
     LinkInactive { link_id: String },
     #[error("recipient account link '{link_id}' is archived")]
     LinkArchived { link_id: String },
-    #[error("recipient account link '{link_id}' cannot take payments (charges not enabled)")]
-    LinkChargesDisabled { link_id: String },
 }
 
 impl RecommendationSetRow {
@@ -257,9 +255,10 @@ impl RecommendationSetRow {
             if !allocation.link_is_active {
                 return Err(SetUnavailable::LinkInactive { link_id });
             }
-            if !allocation.charges_enabled {
-                return Err(SetUnavailable::LinkChargesDisabled { link_id });
-            }
+            // Not `charges_enabled`: it is Stripe's word once an `account.updated` came, and a transfers-only
+            // recipient account (what splitpay needs) has it false for good; an account not ready yet is no reason
+            // to refuse the donor either: its share parks and is retried when Stripe says the account can receive
+            // transfers. The platform's switch is `is_active`.
         }
         Ok(())
     }

@@ -76,7 +76,9 @@ impl Model {
             "country": a.country,
             "created": a.created,
             "default_currency": "aud",
-            "charges_enabled": a.transfers == "active",
+            // Only the `transfers` capability is ever requested here (a recipient of transfers, as splitpay's
+            // accounts are): Stripe reports such an account unable to take charges itself, whatever its onboarding.
+            "charges_enabled": false,
             "payouts_enabled": a.transfers == "active",
             "details_submitted": true,
             "capabilities": { "transfers": a.transfers },
