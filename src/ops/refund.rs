@@ -271,7 +271,9 @@ async fn plan_for(
     let mut adopted_reversals = Vec::new();
     let mut adopted_cents = 0;
     let (net_left, reversal_cents) = match a.status {
-        AllocationStatus::Parked => (net - so_far.taken_net_cents, 0),
+        // What the parked share holds: what it is owed and does not hold (the same as its net less what refunds
+        // took, unless an earlier generation was transferred and partly reversed).
+        AllocationStatus::Parked => (crate::store::refunds::outstanding_cents(conn, &a.id, net).await?, 0),
         AllocationStatus::Transferred if !reverse_transfer => {
             return Ok(Err(format!(
                 "{} is TRANSFERRED: the recipient has the money. Add --reverse-transfer to take it back from the \

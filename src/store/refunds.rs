@@ -382,7 +382,14 @@ pub async fn cover_waiting_parts(
     for part in waiting {
         let a = get_split_allocation(tx, id).await?;
         let so_far = taken(tx, id.as_str()).await?;
-        let net_left = a.net_amount_cents.map(|n| n - so_far.taken_net_cents);
+        // A PARKED share holds what it is owed and does not hold (review: a share parked again after an earlier
+        // generation was transferred and partly reversed, e.g. an orphan's excess sent back and refused, holds less
+        // than its net less what parts took from the parked net: refunding that much gave the donor more than the
+        // share). For a share never transferred the two are the same.
+        let net_left = match (a.status, a.net_amount_cents) {
+            (AllocationStatus::Parked, Some(net)) => Some(outstanding_cents(tx, id.as_str(), net).await?),
+            (_, net) => net.map(|n| n - so_far.taken_net_cents),
+        };
         // What is reversed anew for this part, the made reversals it takes over, and what of their money (with
         // what earlier parts left) it does not use.
         let mut send_cents = 0;
