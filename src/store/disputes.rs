@@ -160,6 +160,9 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
             dispute.stripe_dispute_id
         ))
     })?;
+    // The payment's shares before the withdrawal's refund row (review): a cover holding a share takes a key-share
+    // lock on that row when it writes a reversal or adopts one for it, so the other order deadlocked.
+    super::allocations::lock_payment_shares(tx, &dispute.split_payment_id).await?;
     let reinstated: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT reinstated_at FROM refunds WHERE id = $1 FOR UPDATE")
             .bind(refund_id)
@@ -168,7 +171,7 @@ pub async fn apply_reinstatement(tx: &mut Tx<'_>, dispute: &DisputeRow) -> Resul
     if reinstated.is_some() {
         return Ok(Reinstatement::AlreadyApplied);
     }
-    // The payment's shares, locked in the order every refund path locks them.
+    // The payment's shares (locked above, in the order every refund path locks them).
     let allocations = sqlx::query_as::<_, SplitAllocationRow>(
         "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
     )
