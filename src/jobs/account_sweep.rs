@@ -10,7 +10,7 @@
 //! one request of the shared budget):
 //! - it can receive transfers: what Stripe answered goes through the webhook's own path, as an `account.updated`
 //!   event put in the inbox by the webhook ingress ([`ingest_event`]: the inbox row and its processing job in one
-//!   transaction, deduplicated by id) with `created` = now and an id Stripe never makes
+//!   transaction, deduplicated by id) with `created` = the database's clock before the ask, less a second, and an id Stripe never makes
 //!   ([`SWEEP_EVENT_PREFIX`]`<account>_<unix secs>`). Its processing ([`super::accounts::account_updated`]) orders it
 //!   against Stripe's own events by `created` (a late real webhook, older, changes nothing; one of the same second
 //!   that disagrees makes it ask Stripe again), retries the parked shares in batches with actor `system`, and two
@@ -24,7 +24,6 @@
 //! processing retries nothing; shares parked at an account whose link already says it can are not looked at. When
 //! auto-retry is turned on again, those are the ones the sweep then retries.
 
-use chrono::Utc;
 use serde_json::{json, Value};
 
 use super::accounts::{readiness, Readiness};
@@ -99,13 +98,20 @@ pub async fn sweep_accounts_with(
     .await?;
     let mut report = AccountSweepReport::default();
     for account_id in accounts {
+        // The event's `created`: the database's clock, read before Stripe is asked, less a second (review): an event
+        // Stripe makes after this answer is then never older than the one made from it, and a worker's own clock
+        // plays no part. Stripe's clock may still differ from the database's by a little; either way the flags heal
+        // at the next event or check.
+        let asked_at: i64 = sqlx::query_scalar("SELECT extract(epoch FROM now())::bigint - 1")
+            .fetch_one(&ctx.pool)
+            .await?;
         let ready = readiness(ctx.gateway.as_ref(), &account_id).await;
         report.checked.push(account_id.clone());
         match ready {
             Readiness::Ready(info) => {
                 crate::observability::account_checked("ready");
                 report.ready += 1;
-                let event = account_updated_event(&info, Utc::now().timestamp());
+                let event = account_updated_event(&info, asked_at);
                 let event_id = event["id"].as_str().unwrap_or_default().to_owned();
                 match ingest_event(&ctx.pool, event).await {
                     Ok(Ingested::Stored) => {
