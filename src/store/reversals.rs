@@ -458,6 +458,10 @@ pub async fn rehome_reversals_of(
                FROM refund_parts p JOIN refunds f ON f.id = p.refund_id
               WHERE p.split_allocation_id = $1 AND p.covered_at IS NOT NULL AND p.platform_loss_cents > 0
                 AND f.status = 'SUCCEEDED' AND f.reinstated_at IS NULL
+                -- A won dispute whose reinstatement waits (for this very refund to settle) no longer stands: it
+                -- sends the share what it is owed, the orphan included, once applied.
+                AND NOT EXISTS (SELECT 1 FROM disputes d
+                                 WHERE d.refund_id = f.id AND (d.status = 'won' OR d.reinstate_seen_at IS NOT NULL))
               ORDER BY p.refund_id FOR UPDATE OF p",
         )
         .bind(&a.id)
