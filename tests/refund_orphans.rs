@@ -1,7 +1,8 @@
 //! Reversals whose refund no longer stands (orphans: an ops refund a dispute closed, a refund Stripe failed), met by
 //! a dispute (review of stop 20, two findings, each with its test): a won dispute applied while such a reversal was
 //! still in doubt, and a refund failing after the dispute's parts were covered; and an orphan larger than the
-//! dispute's part that takes it, whose rest goes back to the recipient (under each reverse policy). Real
+//! dispute's part that takes it, whose rest goes back to the recipient (under each reverse policy), also when the
+//! refund fails after that part booked loss (the rehome, review F2). Real
 //! PostgreSQL, the simulator over HTTP, the worker in the test process; money checked at Stripe.
 mod common;
 
@@ -525,4 +526,179 @@ async fn under_policy_none_a_whole_dispute_gives_the_orphan_back_and_the_donatio
     assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
     assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
+}
+
+/// The failed refund's orphan larger than the part that booked loss (review finding F2): `ops refund
+/// --reverse-transfer` of the first share reverses its whole net, the refund stays pending at Stripe; the charge
+/// is then disputed, and the dispute's part of the first share (less than that net: the pending refund is left out
+/// of the dispute) is covered entirely as the platform's loss, since the pending refund's reversal holds the
+/// transfer. The refund then fails and the dispute is lost. The rehome used to give the orphan only to a part whose
+/// loss was at least its whole amount: it moved nothing, and the recipient's net stayed on the platform for good
+/// (`ops refund` is refused on a disputed charge). Now the part takes the orphan and uses of it what the policy has
+/// the recipient bear (nothing under `none`), and the rest goes back to the recipient as one new transfer, in the
+/// refund's transaction; a second run changes nothing, and every cent is accounted at Stripe.
+async fn a_failed_refunds_orphan_larger_than_the_part_that_booked_loss(policy: ReversePolicy) {
+    let (flow, id, p) = three_shares_paid_with(&[], true, |s| s.reverse_on_refund = policy).await;
+    flow.control
+        .set_config(&splitpay::stripe::sim::model::SimConfig {
+            refunds_start_pending: true,
+            pending_refunds_survive_disputes: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The recipients' funds become available: what they hold is then their available balance.
+    flow.control.advance_clock(2 * 86_400 + 60).await.unwrap();
+    let a0 = p.allocations[0].clone();
+    let tr0 = a0.stripe_transfer_id.clone().unwrap();
+    let (net0, gross0) = (a0.net_amount_cents.unwrap(), a0.gross_amount_cents);
+    let out = ops_refund(&flow, &a0.id, &["--reverse-transfer", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let processed = "SELECT (count(*) = 0)::int::bigint FROM stripe_events WHERE processed_at IS NULL";
+    settle_until_sql(
+        &flow,
+        "ops refund pending, its reversal made",
+        600,
+        "SELECT ((SELECT count(*) FROM refunds WHERE source = 'ops' AND status = 'PENDING') = 1
+                 AND (SELECT count(*) FROM transfer_reversals WHERE status = 'SUCCEEDED') = 1)::int::bigint",
+    )
+    .await;
+    settle_until_sql(&flow, "events", 600, processed).await;
+    assert_eq!(available(&flow, "acct_rcp0").await, 0);
+    let refund: String = sqlx::query_scalar("SELECT stripe_refund_id FROM refunds WHERE source = 'ops'")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    let charge = open_dispute(&flow, &p).await;
+    until_withdrawn_and_covered(&flow, "").await;
+    let (dispute_refund, ops_refund_id) = (
+        scalar(&flow, "SELECT id FROM refunds WHERE source = 'dispute'").await,
+        scalar(&flow, "SELECT id FROM refunds WHERE source = 'ops'").await,
+    );
+    let part_of_first = async || -> (i64, i64, i64) {
+        sqlx::query_as(
+            "SELECT amount_cents, reversal_cents, platform_loss_cents FROM refund_parts
+              WHERE refund_id = $1 AND split_allocation_id = $2",
+        )
+        .bind(dispute_refund)
+        .bind(&a0.id)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap()
+    };
+    let (part_cents, reversal_cents, loss_cents) = part_of_first().await;
+    assert_eq!(
+        (reversal_cents, loss_cents),
+        (0, part_cents),
+        "the dispute's part is booked as loss while the pending refund's reversal holds the transfer"
+    );
+    assert!(
+        part_cents < net0,
+        "the orphan ({net0}) is larger than the part ({part_cents})"
+    );
+
+    flow.control.settle_refund(&refund, false).await.unwrap();
+    settle_until_sql(
+        &flow,
+        "ops refund failed",
+        600,
+        "SELECT (count(*) = 1)::int::bigint FROM refunds WHERE source = 'ops' AND status = 'FAILED'",
+    )
+    .await;
+    flow.control.close_dispute(&charge, false).await.unwrap();
+    settle_until_sql(&flow, "events", 600, processed).await;
+    settle_until_sql(
+        &flow,
+        "the first share's second generation transferred",
+        600,
+        &format!(
+            "SELECT ((SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING') = 0
+                     AND (SELECT count(*) FROM split_allocations
+                           WHERE id = '{}' AND generation = 2 AND status = 'TRANSFERRED') = 1
+                     AND (SELECT count(*) FROM split_allocations WHERE status <> 'TRANSFERRED') = 0)::int::bigint",
+            a0.id
+        ),
+    )
+    .await;
+
+    // The part's loss became reversal up to what the policy has the recipient bear; the orphan is the part's.
+    let want = if policy == ReversePolicy::Proportional {
+        (part_cents * net0 * 2 + gross0) / (2 * gross0)
+    } else {
+        0
+    };
+    let excess = net0 - want;
+    assert!(excess > 0);
+    let part = part_of_first().await;
+    assert_eq!(
+        part,
+        (part_cents, want, part_cents - want),
+        "the dispute's part of the first share"
+    );
+    let first_reversals: Vec<(i64, String, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT amount_cents, status, cause_refund_id, adopted_from_refund_id FROM transfer_reversals
+          WHERE split_allocation_id = $1",
+    )
+    .bind(&a0.id)
+    .fetch_all(&flow.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        first_reversals,
+        [(net0, "SUCCEEDED".to_owned(), Some(dispute_refund), Some(ops_refund_id))],
+        "the orphan is the dispute's part's now, and the only reversal of the share"
+    );
+    assert_eq!(reversal_posts(&flow, &tr0).await, 1, "nothing reversed anew");
+    // What the part does not use goes back to the recipient: exactly one new transfer, of exactly the excess.
+    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
+    let again: Vec<i64> = transfers
+        .iter()
+        .filter(|t| t.metadata.get("split_allocation_id") == Some(&a0.id) && t.id != tr0)
+        .map(|t| t.amount_cents)
+        .collect();
+    assert_eq!(again, [excess], "one new transfer of the orphan's excess");
+    assert_eq!(held_per_share(&flow, &p).await[0], excess);
+    assert_eq!(
+        available(&flow, "acct_rcp0").await,
+        excess,
+        "the recipient's balance at Stripe"
+    );
+    let parked = parked_json(&flow);
+    assert_eq!(parked["reversed_without_refund"], serde_json::json!([]), "{parked}");
+    let report = money_report(&mut flow.db.pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert!(report.is_conserved(), "{report:?}");
+    assert_conserved_at_stripe(&flow, &id).await;
+
+    // A second run (the rehome itself, covering, the sweep) changes nothing.
+    let before = moves(&flow, &p).await;
+    let mut tx = flow.db.pool.begin().await.unwrap();
+    splitpay::store::allocations::lock_payment_shares(&mut tx, &p.payment.id)
+        .await
+        .unwrap();
+    let rehomed = splitpay::store::reversals::rehome_reversals_of(&mut tx, ops_refund_id, policy)
+        .await
+        .unwrap();
+    assert!(rehomed.is_empty(), "{rehomed:?}");
+    splitpay::jobs::refunds::settle_waiting_parts(&flow.ctx, &mut tx, &SplitAllocationId::parse(&a0.id).unwrap())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for _ in 0..3 {
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(moves(&flow, &p).await, before, "a second run moves nothing");
+    flow.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refunds_orphan_larger_than_the_part_that_booked_loss_covers_it_and_sends_the_rest_back() {
+    a_failed_refunds_orphan_larger_than_the_part_that_booked_loss(ReversePolicy::Proportional).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_policy_none_a_failed_refunds_orphan_goes_back_whole_after_its_part_booked_loss() {
+    a_failed_refunds_orphan_larger_than_the_part_that_booked_loss(ReversePolicy::None).await;
 }

@@ -101,17 +101,23 @@ pub async fn apply_refund(
     let row: RefundRow = record_stripe_refund(tx, payment, refund, source)
         .await
         .map_err(transient)?;
+    // A failed refund's made reversals go to the share's parts that booked loss, the rest back to the recipient:
+    // what that calls for is enqueued by the caller with the rest, in this transaction.
+    let mut covered = Covered::default();
     if matches!(row.status.as_str(), "FAILED" | "CANCELED") {
-        crate::store::reversals::rehome_reversals_of(tx, row.id)
+        covered = crate::store::reversals::rehome_reversals_of(tx, row.id, ctx.distribution.reverse_on_refund)
             .await
             .map_err(transient)?;
     }
     match attribute_refund(tx, &row, ctx.distribution.reverse_on_refund).await {
-        Ok(covered) => Ok(covered),
+        Ok(attributed) => {
+            covered.extend(attributed);
+            Ok(covered)
+        }
         Err(StoreError::Invalid(why)) => {
             tracing::error!(split_payment_id = %payment, refund_id = %refund.id, why, "refund left unattributed");
             metrics::counter!("splitpay_refunds_unattributed_total").increment(1);
-            Ok(Covered::default())
+            Ok(covered)
         }
         Err(e) => Err(transient(e)),
     }

@@ -515,12 +515,15 @@ async fn send(
         }
         Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
             // Its reversal, if made, may cover a part that booked it as the platform's loss meanwhile (second
-            // review): given to that part in the same transaction.
+            // review): given to that part in the same transaction, the rest sent back to the recipient.
             let mut tx = ctx.pool.begin().await?;
             // Shares first, then the intent: the order a withdrawal takes them in.
             crate::store::allocations::lock_payment_shares(&mut tx, &c.payment.id).await?;
             fail_refund_intent(&mut tx, refund.id, &e.to_string()).await?;
-            crate::store::reversals::rehome_reversals_of(&mut tx, refund.id).await?;
+            let covered =
+                crate::store::reversals::rehome_reversals_of(&mut tx, refund.id, ctx.distribution.reverse_on_refund)
+                    .await?;
+            crate::jobs::refunds::enqueue_covered(&mut tx, covered).await?;
             tx.commit().await?;
             writeln!(err, "Stripe refused the refund: {e}. Nothing was refunded.")?;
             Ok(Outcome::Refused)

@@ -404,80 +404,130 @@ pub async fn held_for_unsettled_refund(conn: &mut PgConnection, allocation: &str
 /// A refund that failed (or was canceled) after its reversals were made leaves their money on the platform. A
 /// refund of the same share covered meanwhile may have booked that share as the platform's loss, because the
 /// failed refund's reversal still held the transfer (review, stop 20: a dispute covered while an ops refund was
-/// pending, the refund failing after). Each such reversal now covers the first standing part of its share that
-/// booked at least its amount as loss, on the same transfer: the loss becomes a reversal, and the reversal is that
-/// part's. One that fits nowhere stays listed by `ops parked` until the share's next refund part takes it (giving
-/// the recipient back what that part does not use) or `ops refund` run again reuses it. Returns how many moved.
-/// Locks each share before its parts.
-pub async fn rehome_reversals_of(tx: &mut Tx<'_>, refund_id: i64) -> Result<u64, StoreError> {
-    let made: Vec<(i64, String, String, i64)> = sqlx::query_as(
-        "SELECT t.id, t.split_allocation_id, t.stripe_transfer_id, t.amount_cents
+/// pending, the refund failing after). For each share the failed refund reversed (its current transfer, settled),
+/// its orphans (this refund's and any earlier one's still orphaned) are taken as [`super::refunds`] takes them at
+/// cover time, whatever their size against the parts: the first standing covered parts of the share that booked
+/// loss turn their loss into reversal up to what the policy has the recipient bear (its share of the part under
+/// `proportional`, nothing under `none`), the first of them (the first with loss if none used any) adopts the
+/// orphans ([`adopt_reversals`]), and the money no part uses goes back to the recipient as a new generation
+/// (`excess_reversal_returned`, sending what the share is owed, [`super::refunds::outstanding_cents`]). Nothing
+/// is reversed anew. A share with no such part, or whose excess would be sent while a reversal of it belongs to a
+/// refund Stripe has not settled (it would be paid twice if that refund succeeds), keeps its orphans: `ops parked`
+/// lists them until the share's next refund part takes them or a later rehome of the share does. Returns what the
+/// caller enqueues in the same transaction. The caller locks the payment's shares first; each share is locked
+/// (again) before its parts and reversals.
+pub async fn rehome_reversals_of(
+    tx: &mut Tx<'_>,
+    refund_id: i64,
+    policy: crate::app::ReversePolicy,
+) -> Result<super::refunds::Covered, StoreError> {
+    use crate::domain::refund_split::net_of;
+    use crate::domain::state::{AllocationEvent, AllocationStatus};
+
+    let shares: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT t.split_allocation_id
            FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
           WHERE t.cause_refund_id = $1 AND t.status = 'SUCCEEDED' AND r.status IN ('FAILED', 'CANCELED')
-          ORDER BY t.id",
+          ORDER BY 1",
     )
     .bind(refund_id)
     .fetch_all(&mut **tx)
     .await?;
-    let mut moved = 0;
-    for (reversal, allocation, transfer, amount_cents) in made {
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT stripe_transfer_id FROM split_allocations WHERE id = $1 FOR UPDATE")
-                .bind(&allocation)
-                .fetch_one(&mut **tx)
-                .await?;
-        if current.as_deref() != Some(transfer.as_str()) {
-            continue; // another generation's transfer now: the reversal is not this share's current money
-        }
-        // Read again under the share's lock (second review, L1): an `ops refund` run again may have taken it
-        // meanwhile, and it is then that refund's.
-        let still_ours: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM transfer_reversals
-                             WHERE id = $1 AND cause_refund_id = $2 AND status = 'SUCCEEDED')",
-        )
-        .bind(reversal)
-        .bind(refund_id)
-        .fetch_one(&mut **tx)
-        .await?;
-        if !still_ours {
+    let mut covered = super::refunds::Covered::default();
+    for allocation in shares {
+        let a = sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
+            .bind(&allocation)
+            .fetch_one(&mut **tx)
+            .await?;
+        // Only a settled transfer's orphans: a share in flight or ended otherwise is left to its next refund part.
+        if a.status != AllocationStatus::Transferred || cancel_in_doubt(tx, &a).await? {
             continue;
         }
-        let part: Option<i64> = sqlx::query_scalar(
-            "SELECT p.refund_id FROM refund_parts p JOIN refunds f ON f.id = p.refund_id
-              WHERE p.split_allocation_id = $1 AND p.covered_at IS NOT NULL AND p.platform_loss_cents >= $2
+        let (Some(net), gross) = (a.net_amount_cents, a.gross_amount_cents) else {
+            continue;
+        };
+        // Read (and locked) under the share's lock (second review, L1): an `ops refund` run again may have taken one
+        // meanwhile, and it is then that refund's. Only the current transfer's.
+        let orphans = orphaned_reversals(tx, &a).await?;
+        let orphaned_cents: i64 = orphans.iter().map(|(_, cents)| cents).sum();
+        if orphaned_cents == 0 {
+            continue;
+        }
+        let parts: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT p.refund_id, p.amount_cents, p.reversal_cents, p.platform_loss_cents
+               FROM refund_parts p JOIN refunds f ON f.id = p.refund_id
+              WHERE p.split_allocation_id = $1 AND p.covered_at IS NOT NULL AND p.platform_loss_cents > 0
                 AND f.status = 'SUCCEEDED' AND f.reinstated_at IS NULL
-              ORDER BY p.refund_id LIMIT 1 FOR UPDATE OF p",
+                -- A won dispute whose reinstatement waits (for this very refund to settle) no longer stands: it
+                -- sends the share what it is owed, the orphan included, once applied.
+                AND NOT EXISTS (SELECT 1 FROM disputes d
+                                 WHERE d.refund_id = f.id AND (d.status = 'won' OR d.reinstate_seen_at IS NOT NULL))
+              ORDER BY p.refund_id FOR UPDATE OF p",
         )
-        .bind(&allocation)
-        .bind(amount_cents)
-        .fetch_optional(&mut **tx)
+        .bind(&a.id)
+        .fetch_all(&mut **tx)
         .await?;
-        let Some(part) = part else { continue };
-        sqlx::query(
-            "UPDATE refund_parts SET reversal_cents = reversal_cents + $3, platform_loss_cents = platform_loss_cents - $3
-              WHERE refund_id = $1 AND split_allocation_id = $2",
-        )
-        .bind(part)
-        .bind(&allocation)
-        .bind(amount_cents)
-        .execute(&mut **tx)
-        .await?;
-        if adopt_reversals(tx, &[reversal], part).await? != 1 {
-            // Read under the same lock just above: a row that no longer moves is a bug, never half-applied.
+        let Some(&(first_part, ..)) = parts.first() else {
+            continue; // no part booked loss: the share's next refund part takes the orphans
+        };
+        // Each part uses of the orphans' money what the policy has the recipient bear and it booked as loss.
+        let mut left = orphaned_cents;
+        let mut uses = Vec::new();
+        for &(part, amount_cents, reversal_cents, loss_cents) in &parts {
+            let bears = match policy {
+                crate::app::ReversePolicy::Proportional => net_of(amount_cents, net, gross),
+                crate::app::ReversePolicy::None => 0,
+            };
+            let used = left.min((bears - reversal_cents).max(0)).min(loss_cents);
+            if used > 0 {
+                uses.push((part, used));
+                left -= used;
+            }
+        }
+        let unused_cents = left;
+        if unused_cents > 0 && held_for_unsettled_refund(tx, &a.id).await? {
+            tracing::info!(split_allocation_id = %a.id, refund_id,
+                           "a failed refund's reversal is not rehomed yet: a reversal of the share belongs to a refund not settled");
+            continue;
+        }
+        for &(part, used) in &uses {
+            sqlx::query(
+                "UPDATE refund_parts SET reversal_cents = reversal_cents + $3, platform_loss_cents = platform_loss_cents - $3
+                  WHERE refund_id = $1 AND split_allocation_id = $2",
+            )
+            .bind(part)
+            .bind(&a.id)
+            .bind(used)
+            .execute(&mut **tx)
+            .await?;
+        }
+        let adopter = uses.first().map_or(first_part, |&(part, _)| part);
+        let ids: Vec<i64> = orphans.iter().map(|&(id, _)| id).collect();
+        if adopt_reversals(tx, &ids, adopter).await? != ids.len() as u64 {
+            // Read and locked under the share's lock just above: a row that no longer moves is a bug, never
+            // half-applied.
             return Err(StoreError::LostRace {
-                what: "transfer reversal",
-                id: reversal.to_string(),
-                expected: format!("made for refund {refund_id}, which no longer stands"),
+                what: "split allocation",
+                id: a.id.clone(),
+                expected: "its orphaned reversals unchanged under its lock".to_owned(),
             });
         }
-        tracing::warn!(
-            reversal,
-            refund_id,
-            part_of_refund = part,
-            amount_cents,
-            "a failed refund's reversal now covers a part that had booked it as the platform's loss"
-        );
-        moved += 1;
+        tracing::warn!(split_allocation_id = %a.id, refund_id, part_of_refund = adopter, orphaned_cents, unused_cents,
+                       "a failed refund's reversal now covers a part that had booked it as the platform's loss");
+        if unused_cents > 0 {
+            let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
+            let owed = super::refunds::send_owed_again(tx, &id, AllocationEvent::ExcessReversalReturned).await?;
+            if owed != unused_cents {
+                tracing::error!(split_allocation_id = %id, owed, unused_cents,
+                                "an orphaned reversal's excess differs from what the share is owed: sent what it is owed");
+                metrics::counter!("splitpay_orphan_excess_mismatch_total").increment(1);
+            }
+            if owed > 0 {
+                tracing::warn!(split_allocation_id = %id, amount_cents = owed,
+                               "a failed refund's reversal held more than the parts it covers use: the rest is sent back");
+                covered.transfers.push(id);
+            }
+        }
     }
-    Ok(moved)
+    Ok(covered)
 }
