@@ -11,8 +11,6 @@ use common::accounts::{account_events, audit_rows, link_flags, parked, post_even
 use common::flow::Flow;
 use common::store_fixtures::pid;
 use serde_json::{json, Value};
-use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
 use splitpay::jobs::account_sweep::{account_updated_event, sweep_accounts, sweep_accounts_with, AccountSweepOptions};
 use splitpay::store::payments::SplitPayment;

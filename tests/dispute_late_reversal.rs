@@ -28,7 +28,6 @@ use splitpay::store::payments::SplitPayment;
 use splitpay::store::refunds::{insert_refund_intent, RefundIntent};
 use splitpay::store::reversals::insert_reversal;
 use splitpay::stripe::sim::FaultKind;
-use splitpay::stripe::PaymentGateway;
 
 /// What the `ops refund` intent's reversal takes from share 0 (part of its net).
 const PARTIAL: i64 = 400;

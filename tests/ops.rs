@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use common::accounts::pay_until_settled;
 use common::flow::Flow;
 use serde_json::Value;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::AllocationStatus;
 use splitpay::store::records::{insert_audit, AuditEntry};
 

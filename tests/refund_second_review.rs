@@ -17,11 +17,9 @@ use common::refunds::{
 };
 use common::workers::wait_for;
 use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::DonationStatus;
 use splitpay::store::money_report::{money_report, MoneyReport};
 use splitpay::store::payments::SplitPayment;
-use splitpay::stripe::sim::model::SimConfig;
 use splitpay::stripe::sim::FaultKind;
 use splitpay::stripe::PaymentGateway;
 

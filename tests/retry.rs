@@ -11,8 +11,6 @@ use common::accounts::{account_events, audit_rows, link_flags, post_event, trans
 use common::flow::Flow;
 use common::store_fixtures::pid;
 use serde_json::Value;
-use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
 use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::{CreateTransferParams, PaymentGateway};
