@@ -7,10 +7,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::accounts::{account_events, audit_rows, link_flags, parked, post_event, transfers_of_share};
 use common::flow::Flow;
+use common::store_fixtures::pid;
 use serde_json::{json, Value};
-use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
 use splitpay::jobs::account_sweep::{account_updated_event, sweep_accounts, sweep_accounts_with, AccountSweepOptions};
 use splitpay::store::payments::SplitPayment;
@@ -18,39 +18,8 @@ use splitpay::stripe::PaymentGateway;
 
 const ACCOUNT: &str = "acct_rcp1";
 
-/// `payments` card payments over two recipients (1,000 and 2,000), the second unable to receive transfers: each
-/// payment ends with its first share TRANSFERRED and its second PARKED (`insufficient_capabilities_for_transfer`).
-async fn parked(auto_retry: bool, batch: i64, payments: usize) -> (Flow, Vec<SplitPayment>) {
-    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000], &[1], true, |s| {
-        s.auto_retry_parked = auto_retry;
-        s.auto_retry_batch = batch;
-    })
-    .await;
-    let mut done = Vec::new();
-    for _ in 0..payments {
-        let (id, _) = flow
-            .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-            .await;
-        let p = flow
-            .wait_until(&id, "settled allocations", |p| {
-                p.allocations
-                    .iter()
-                    .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
-            })
-            .await;
-        assert_eq!(p.allocations[1].status, AllocationStatus::Parked);
-        assert_eq!(
-            p.allocations[1].failure_code.as_deref(),
-            Some("insufficient_capabilities_for_transfer")
-        );
-        done.push(p);
-    }
-    (flow, done)
-}
-
-fn pid(p: &SplitPayment) -> SplitPaymentId {
-    SplitPaymentId::parse(&p.payment.id).unwrap()
-}
+/// splitpay's Connect webhook endpoint.
+const CONNECT: &str = "/stripe/webhooks/connect";
 
 /// The recipient finishes onboarding at Stripe and both events that say so (`capability.updated`,
 /// `account.updated`) are dropped: never delivered, not even retried.
@@ -78,25 +47,6 @@ async fn activate_losing_the_webhook(flow: &Flow) {
     );
 }
 
-/// (charges_enabled, transfers_active) of the parked recipient's link.
-async fn link_flags(flow: &Flow) -> (bool, bool) {
-    sqlx::query_as("SELECT charges_enabled, transfers_active FROM recipient_account_links WHERE id = 'cm3lnk1'")
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
-/// The account.updated events in the inbox (id, processed), oldest first.
-async fn account_events(flow: &Flow) -> Vec<(String, bool)> {
-    sqlx::query_as(
-        "SELECT id, processed_at IS NOT NULL FROM stripe_events WHERE event_type = 'account.updated'
-          ORDER BY stripe_created, received_at",
-    )
-    .fetch_all(&flow.db.pool)
-    .await
-    .unwrap()
-}
-
 /// Waits (bounded, not a timing goal) until every account.updated in the inbox is processed.
 async fn wait_events_processed(flow: &Flow) {
     for _ in 0..600 {
@@ -109,20 +59,6 @@ async fn wait_events_processed(flow: &Flow) {
         "account.updated events left unprocessed: {:?}",
         account_events(flow).await
     );
-}
-
-/// Transfers Stripe holds for one allocation.
-async fn transfers_at_stripe(flow: &Flow, p: &SplitPayment, allocation_id: &str) -> usize {
-    let all = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    all.iter()
-        .filter(|t| t.metadata.get("split_allocation_id").map(String::as_str) == Some(allocation_id))
-        .count()
-}
-
-async fn audit_rows(flow: &Flow, target: &str) -> Vec<splitpay::store::records::AuditRow> {
-    splitpay::store::records::audit_for(&mut flow.db.pool.acquire().await.unwrap(), target)
-        .await
-        .unwrap()
 }
 
 /// `GET /v1/accounts/…` requests the simulator received.
@@ -142,7 +78,7 @@ async fn assert_retried_once_by_the_sweep(flow: &Flow, payments: &[SplitPayment]
             .await;
         assert_eq!(after.allocations[1].generation, 2);
         assert_eq!(
-            transfers_at_stripe(flow, p, &share.id).await,
+            transfers_of_share(flow, p, &share.id).await.len(),
             1,
             "one transfer per share"
         );
@@ -156,26 +92,6 @@ async fn assert_retried_once_by_the_sweep(flow: &Flow, payments: &[SplitPayment]
         );
         common::money::assert_conserved_at_stripe(flow, &pid(p)).await;
     }
-}
-
-/// Posts a signed Connect event to splitpay; returns the HTTP status.
-async fn post_connect_event(flow: &Flow, event: &Value) -> u16 {
-    let body = serde_json::to_vec(event).unwrap();
-    let signature = splitpay::stripe::webhook::sign(
-        &body,
-        &splitpay::config::Secret::new(common::flow::CONNECT_WEBHOOK_SECRET),
-        chrono::Utc::now().timestamp(),
-    );
-    reqwest::Client::new()
-        .post(format!("{}/stripe/webhooks/connect", flow.base_url))
-        .header("stripe-signature", signature)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 /// Everything the sweep could change besides the checked time: allocations, attempts, audit, outbox, transfer
@@ -243,7 +159,10 @@ async fn a_lost_account_updated_is_made_up_for_and_the_parked_shares_transfer_on
             "capabilities": { "transfers": "inactive" },
         } },
     });
-    assert_eq!(post_connect_event(&flow, &late).await, 200);
+    assert_eq!(
+        post_event(&flow, CONNECT, common::flow::CONNECT_WEBHOOK_SECRET, &late).await,
+        200
+    );
     wait_events_processed(&flow).await;
     assert_eq!(
         link_flags(&flow).await,
@@ -255,7 +174,7 @@ async fn a_lost_account_updated_is_made_up_for_and_the_parked_shares_transfer_on
     assert_eq!(after["audit"], before["audit"]);
     assert_eq!(after["attempts"], before["attempts"]);
     for p in &payments {
-        assert_eq!(transfers_at_stripe(&flow, p, &p.allocations[1].id).await, 1);
+        assert_eq!(transfers_of_share(&flow, p, &p.allocations[1].id).await.len(), 1);
     }
 
     // Nothing is left for the sweep: the account is not asked about again.
@@ -308,7 +227,7 @@ async fn sweeps_at_once_and_events_of_two_replicas_still_transfer_each_share_onc
     wait_events_processed(&flow).await;
     for p in &payments {
         let share = &p.allocations[1];
-        assert_eq!(transfers_at_stripe(&flow, p, &share.id).await, 1);
+        assert_eq!(transfers_of_share(&flow, p, &share.id).await.len(), 1);
         let generations: Vec<i32> = sqlx::query_scalar(
             "SELECT generation FROM transfer_attempts WHERE split_allocation_id = $1 ORDER BY generation",
         )
@@ -456,7 +375,7 @@ async fn with_auto_retry_off_the_sweep_refreshes_the_flags_and_retries_nothing()
     assert_eq!(after.allocations[1].status, AllocationStatus::Parked);
     assert_eq!(after.allocations[1].generation, 1);
     assert!(audit_rows(&flow, &share.id).await.is_empty());
-    assert_eq!(transfers_at_stripe(&flow, &payments[0], &share.id).await, 0);
+    assert_eq!(transfers_of_share(&flow, &payments[0], &share.id).await.len(), 0);
 
     // The link now says active: with auto-retry off, the account is not asked about again.
     let reads = account_reads(&flow).await;

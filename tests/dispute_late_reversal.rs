@@ -19,7 +19,8 @@ use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
 use common::refunds::{
     donations_confirmed_again, fault_posts, held_per_share, lose_reversal_answers, nets, open_dispute,
-    past_in_flight_margin, reversal_posts, scalar, settle_until_sql, three_shares_paid,
+    past_in_flight_margin, recipient_balances, reversal_posts, scalar, settle_until_sql, three_shares_paid,
+    transfers_per_share,
 };
 use splitpay::domain::ids::{SplitAllocationId, SplitPaymentId};
 use splitpay::domain::state::AllocationStatus;
@@ -27,43 +28,9 @@ use splitpay::store::payments::SplitPayment;
 use splitpay::store::refunds::{insert_refund_intent, RefundIntent};
 use splitpay::store::reversals::insert_reversal;
 use splitpay::stripe::sim::FaultKind;
-use splitpay::stripe::PaymentGateway;
 
 /// What the `ops refund` intent's reversal takes from share 0 (part of its net).
 const PARTIAL: i64 = 400;
-
-/// How many transfers Stripe holds for each share, in the set's order.
-async fn transfers_per_share(flow: &Flow, p: &SplitPayment) -> Vec<usize> {
-    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    p.allocations
-        .iter()
-        .map(|a| {
-            transfers
-                .iter()
-                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .count()
-        })
-        .collect()
-}
-
-/// Each recipient's whole balance at the simulator (available and pending, AUD), in the set's order.
-async fn recipient_balances(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
-    let mut balances = Vec::new();
-    for i in 0..p.allocations.len() {
-        let b = flow.control.connected_balance(&format!("acct_rcp{i}")).await.unwrap();
-        let sum = |side: &str| -> i64 {
-            b[side]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|x| x["currency"] == "aud")
-                .map(|x| x["amount"].as_i64().unwrap())
-                .sum()
-        };
-        balances.push(sum("available") + sum("pending"));
-    }
-    balances
-}
 
 /// The amount of share `allocation`'s successful generation `generation`.
 async fn generation_amount(flow: &Flow, allocation: &str, generation: i32) -> i64 {

@@ -6,9 +6,10 @@ mod common;
 
 use std::process::{Command, Output};
 
+use common::accounts::pay_until_settled;
 use common::flow::Flow;
 use serde_json::Value;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
+use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::AllocationStatus;
 use splitpay::store::records::{insert_audit, AuditEntry};
 
@@ -42,16 +43,7 @@ fn stderr(out: &Output) -> String {
 /// A card payment over three recipients, the second without the transfers capability: two TRANSFERRED, one PARKED.
 async fn parked_flow() -> (Flow, splitpay::store::payments::SplitPayment) {
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[1]).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "settled allocations", |p| {
-            p.allocations
-                .iter()
-                .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
-        })
-        .await;
+    let p = pay_until_settled(&flow).await;
     let statuses: Vec<AllocationStatus> = p.allocations.iter().map(|a| a.status).collect();
     assert_eq!(
         statuses,

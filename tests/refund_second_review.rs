@@ -12,53 +12,19 @@ use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
 use common::refunds::{
     charge_refunded_cents, dashboard_refund, donation_of, fault_posts, held_per_share, nets, open_dispute, ops_refund,
-    parked_json, pay_by_card, reversal_posts, scalar, settle_until_sql, three_shares_paid,
+    parked_json, pay_by_card, recipient_balances, reversal_posts, scalar, settle_until_sql, three_shares_paid,
+    transferred_with_refunds_pending_through_disputes, transfers_per_share,
 };
 use common::workers::wait_for;
 use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::AmountMode;
 use splitpay::domain::state::DonationStatus;
 use splitpay::store::money_report::{money_report, MoneyReport};
 use splitpay::store::payments::SplitPayment;
-use splitpay::stripe::sim::model::SimConfig;
 use splitpay::stripe::sim::FaultKind;
 use splitpay::stripe::PaymentGateway;
 
 /// Every Stripe event received is processed.
 const EVENTS_PROCESSED: &str = "SELECT (count(*) = 0)::int::bigint FROM stripe_events WHERE processed_at IS NULL";
-
-/// How many transfers Stripe holds for each share, in the set's order.
-async fn transfers_per_share(flow: &Flow, p: &SplitPayment) -> Vec<usize> {
-    let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    p.allocations
-        .iter()
-        .map(|a| {
-            transfers
-                .iter()
-                .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .count()
-        })
-        .collect()
-}
-
-/// Each recipient's whole balance at the simulator (available and pending, AUD), in the set's order.
-async fn recipient_balances(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
-    let mut balances = Vec::new();
-    for i in 0..p.allocations.len() {
-        let b = flow.control.connected_balance(&format!("acct_rcp{i}")).await.unwrap();
-        let sum = |side: &str| -> i64 {
-            b[side]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|x| x["currency"] == "aud")
-                .map(|x| x["amount"].as_i64().unwrap())
-                .sum()
-        };
-        balances.push(sum("available") + sum("pending"));
-    }
-    balances
-}
 
 /// splitpay's own money report of the payment, asserted to add up.
 async fn report(flow: &Flow, id: &SplitPaymentId) -> MoneyReport {
@@ -90,18 +56,19 @@ const DASHBOARD_REFUND: &str = "SELECT id FROM refunds WHERE source = 'external'
 /// Three shares transferred from a card payment; Stripe's refunds start pending and stay pending when the charge is
 /// disputed (until the test settles them); the platform has funds of its own.
 async fn paid_with_refunds_pending_through_disputes() -> (Flow, SplitPaymentId, SplitPayment) {
-    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000, 3_000], &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    flow.control
-        .set_config(&SimConfig {
-            refunds_start_pending: true,
-            pending_refunds_survive_disputes: true,
-            ..SimConfig::default()
-        })
-        .await
-        .unwrap();
-    let (id, p) = pay_by_card(&flow, &[]).await;
-    (flow, id, p)
+    transferred_with_refunds_pending_through_disputes(&[1_000, 2_000, 3_000]).await
+}
+
+/// Settles Stripe's pending `refund` (`succeeded` or failed) and waits (`what`) until `sql` answers 1; then nothing
+/// more comes, however often the reconciler runs, and every event is processed.
+async fn settle_the_pending_refund(flow: &Flow, refund: &str, succeeded: bool, what: &str, sql: &str) {
+    flow.control.settle_refund(refund, succeeded).await.unwrap();
+    settle_until_sql(flow, what, 600, sql).await;
+    for _ in 0..5 {
+        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    settle_until_sql(flow, "events processed", 600, EVENTS_PROCESSED).await;
 }
 
 /// `ops refund --reverse-transfer` of the first share: its reversal is made and its refund left pending at Stripe.
@@ -202,23 +169,17 @@ async fn a_won_dispute_waits_for_a_pending_refund_that_then_succeeds_and_never_p
     let (refund, held) = ops_refund_pending_then_dispute_won(&flow, &p).await;
     assert_reinstatement_waited(&flow, &id, &held).await;
 
-    flow.control.settle_refund(&refund, true).await.unwrap();
-    settle_until_sql(
+    settle_the_pending_refund(
         &flow,
+        &refund,
+        true,
         "the refund succeeded, the reinstatement applied, the other shares sent again",
-        600,
         "SELECT ((SELECT count(*) FROM refunds WHERE source = 'ops' AND status = 'SUCCEEDED') = 1
                  AND (SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL) = 1
                  AND (SELECT count(*) FROM split_allocations WHERE status <> 'TRANSFERRED') = 0
                  AND (SELECT count(*) FROM split_allocations WHERE generation = 2) = 2)::int::bigint",
     )
     .await;
-    // Nothing more comes, however often the reconciler runs.
-    for _ in 0..5 {
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    settle_until_sql(&flow, "events processed", 600, EVENTS_PROCESSED).await;
 
     let p = flow.payment(&id).await;
     let generations: Vec<i32> = p.allocations.iter().map(|a| a.generation).collect();
@@ -257,22 +218,17 @@ async fn a_won_dispute_waits_for_a_pending_refund_that_then_fails_and_sends_its_
     let (refund, held) = ops_refund_pending_then_dispute_won(&flow, &p).await;
     assert_reinstatement_waited(&flow, &id, &held).await;
 
-    flow.control.settle_refund(&refund, false).await.unwrap();
-    settle_until_sql(
+    settle_the_pending_refund(
         &flow,
+        &refund,
+        false,
         "the refund failed, the reinstatement applied, every share sent again",
-        600,
         "SELECT ((SELECT count(*) FROM refunds WHERE source = 'ops' AND status = 'FAILED') = 1
                  AND (SELECT count(*) FROM refunds WHERE reinstated_at IS NOT NULL) = 1
                  AND (SELECT count(*) FROM split_allocations WHERE status <> 'TRANSFERRED') = 0
                  AND (SELECT count(*) FROM split_allocations WHERE generation = 2) = 3)::int::bigint",
     )
     .await;
-    for _ in 0..5 {
-        splitpay::jobs::refunds::reconcile_refunds(&flow.ctx).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    settle_until_sql(&flow, "events processed", 600, EVENTS_PROCESSED).await;
 
     let p = flow.payment(&id).await;
     assert_eq!(

@@ -7,10 +7,10 @@ mod common;
 use std::time::Duration;
 
 use clap::Parser;
+use common::accounts::{account_events, audit_rows, link_flags, post_event, transfers_of_share};
 use common::flow::Flow;
+use common::store_fixtures::pid;
 use serde_json::Value;
-use splitpay::domain::ids::SplitPaymentId;
-use splitpay::domain::plan::{AmountMode, PaymentMethodType};
 use splitpay::domain::state::AllocationStatus;
 use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::{CreateTransferParams, PaymentGateway};
@@ -35,40 +35,14 @@ async fn ops(flow: &Flow, args: &[&str]) -> (u8, String, String) {
     )
 }
 
-/// `payments` card payments over two recipients (1,000 and 2,000), the second unable to receive transfers: each
-/// payment ends with its first share TRANSFERRED and its second PARKED (`insufficient_capabilities_for_transfer`).
+/// As [`common::accounts::parked`], each payment's first share TRANSFERRED and its parked share on generation 1.
 async fn parked(auto_retry: bool, batch: i64, payments: usize) -> (Flow, Vec<SplitPayment>) {
-    let flow = Flow::start_full(AmountMode::Fixed, &[1_000, 2_000], &[1], true, |s| {
-        s.auto_retry_parked = auto_retry;
-        s.auto_retry_batch = batch;
-    })
-    .await;
-    let mut done = Vec::new();
-    for _ in 0..payments {
-        let (id, _) = flow
-            .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-            .await;
-        let p = flow
-            .wait_until(&id, "settled allocations", |p| {
-                p.allocations
-                    .iter()
-                    .all(|a| matches!(a.status, AllocationStatus::Transferred | AllocationStatus::Parked))
-            })
-            .await;
+    let (flow, done) = common::accounts::parked(auto_retry, batch, payments).await;
+    for p in &done {
         assert_eq!(p.allocations[0].status, AllocationStatus::Transferred);
-        assert_eq!(p.allocations[1].status, AllocationStatus::Parked);
-        assert_eq!(
-            p.allocations[1].failure_code.as_deref(),
-            Some("insufficient_capabilities_for_transfer")
-        );
         assert_eq!(p.allocations[1].generation, 1);
-        done.push(p);
     }
     (flow, done)
-}
-
-fn pid(p: &SplitPayment) -> SplitPaymentId {
-    SplitPaymentId::parse(&p.payment.id).unwrap()
 }
 
 /// Everything a retry could change: allocations, transfer generations, audit rows, outbox events, transfer jobs.
@@ -99,32 +73,6 @@ async fn transfer_posts(flow: &Flow) -> usize {
         .count()
 }
 
-/// Transfers Stripe holds for one allocation.
-async fn transfers_at_stripe(
-    flow: &Flow,
-    p: &SplitPayment,
-    allocation_id: &str,
-) -> Vec<splitpay::stripe::TransferInfo> {
-    let all = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
-    all.into_iter()
-        .filter(|t| t.metadata.get("split_allocation_id").map(String::as_str) == Some(allocation_id))
-        .collect()
-}
-
-async fn audit_rows(flow: &Flow, target: &str) -> Vec<splitpay::store::records::AuditRow> {
-    splitpay::store::records::audit_for(&mut flow.db.pool.acquire().await.unwrap(), target)
-        .await
-        .unwrap()
-}
-
-/// (charges_enabled, transfers_active) of the parked recipient's link.
-async fn link_flags(flow: &Flow) -> (bool, bool) {
-    sqlx::query_as("SELECT charges_enabled, transfers_active FROM recipient_account_links WHERE id = 'cm3lnk1'")
-        .fetch_one(&flow.db.pool)
-        .await
-        .unwrap()
-}
-
 /// Waits (bounded, not a timing goal) until the parked recipient's link says `transfers_active`.
 async fn wait_transfers_active(flow: &Flow) {
     for _ in 0..600 {
@@ -134,17 +82,6 @@ async fn wait_transfers_active(flow: &Flow) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("account.updated never reached the link");
-}
-
-/// The account.updated events in the inbox (id, processed), oldest first.
-async fn account_events(flow: &Flow) -> Vec<(String, bool)> {
-    sqlx::query_as(
-        "SELECT id, processed_at IS NOT NULL FROM stripe_events WHERE event_type = 'account.updated'
-          ORDER BY stripe_created, received_at",
-    )
-    .fetch_all(&flow.db.pool)
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +126,7 @@ async fn ops_retry_after_the_account_is_fixed_transfers_on_a_new_key_once() {
     let key = a.idempotency_key.clone().unwrap();
     assert_ne!(key, first_key, "a new generation has a new key");
     assert_eq!(report["idempotency_key"], key.as_str());
-    let at_stripe = transfers_at_stripe(&flow, p, &share.id).await;
+    let at_stripe = transfers_of_share(&flow, p, &share.id).await;
     assert_eq!(at_stripe.len(), 1, "exactly one transfer for the share");
     assert_eq!(Some(at_stripe[0].id.as_str()), a.stripe_transfer_id.as_deref());
     assert_eq!(Some(at_stripe[0].amount_cents), a.net_amount_cents);
@@ -319,7 +256,7 @@ async fn ops_retry_records_a_parked_generation_that_reached_stripe_instead_of_se
     assert_eq!(a.status, AllocationStatus::Transferred);
     assert_eq!(a.generation, 1, "no new generation");
     assert_eq!(a.stripe_transfer_id.as_deref(), Some(late.id.as_str()));
-    assert_eq!(transfers_at_stripe(&flow, p, &share.id).await.len(), 1);
+    assert_eq!(transfers_of_share(&flow, p, &share.id).await.len(), 1);
     common::money::assert_conserved_at_stripe(&flow, &pid(p)).await;
     let audit = audit_rows(&flow, &share.id).await;
     assert_eq!(audit.len(), 1);
@@ -369,7 +306,7 @@ async fn concurrent_retries_start_exactly_one_generation() {
             .unwrap();
     assert_eq!(generations, 2);
     assert_eq!(audit_rows(&flow, &share.id).await.len(), 1);
-    assert_eq!(transfers_at_stripe(&flow, p, &share.id).await.len(), 1);
+    assert_eq!(transfers_of_share(&flow, p, &share.id).await.len(), 1);
     common::money::assert_conserved_at_stripe(&flow, &pid(p)).await;
     flow.stop().await;
 }
@@ -403,7 +340,7 @@ async fn account_updated_retries_shares_parked_for_account_reasons_once_as_syste
             })
             .await;
         assert_eq!(after.allocations[1].generation, 2);
-        assert_eq!(transfers_at_stripe(&flow, p, &p.allocations[1].id).await.len(), 1);
+        assert_eq!(transfers_of_share(&flow, p, &p.allocations[1].id).await.len(), 1);
         common::money::assert_conserved_at_stripe(&flow, &pid(p)).await;
         let audit = audit_rows(&flow, &p.allocations[1].id).await;
         assert_eq!(audit.len(), 1, "retried once");
@@ -486,26 +423,6 @@ async fn with_auto_retry_off_account_updated_refreshes_the_flags_and_leaves_shar
     }
     assert_eq!(link_flags(&flow).await, (false, false));
     flow.stop().await;
-}
-
-/// Posts `event` to splitpay's `path`, signed with `secret`; returns the HTTP status.
-async fn post_event(flow: &Flow, path: &str, secret: &str, event: &Value) -> u16 {
-    let body = serde_json::to_vec(event).unwrap();
-    let signature = splitpay::stripe::webhook::sign(
-        &body,
-        &splitpay::config::Secret::new(secret),
-        chrono::Utc::now().timestamp(),
-    );
-    reqwest::Client::new()
-        .post(format!("{}{path}", flow.base_url))
-        .header("stripe-signature", signature)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 fn account_updated(id: &str, created: i64, active: bool) -> Value {

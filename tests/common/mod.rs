@@ -2,6 +2,7 @@
 //! recommendation set, written through the store like any other caller would.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod accounts;
 pub mod contract;
 pub mod db;
 pub mod flow;

@@ -17,7 +17,7 @@ use splitpay::store::donations::donation_for_allocation;
 use splitpay::store::payments::SplitPayment;
 use splitpay::stripe::sim::model::SimConfig;
 use splitpay::stripe::sim::{Fault, FaultKind};
-use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget};
+use splitpay::stripe::{CreateRefundParams, PaymentGateway, RefundTarget, TransferInfo};
 
 use super::contract::validate_against_contract;
 use super::flow::Flow;
@@ -88,15 +88,38 @@ pub async fn open_dispute(flow: &Flow, p: &SplitPayment) -> String {
 /// A card payment through a FIXED set of `amounts`, every share transferred, the platform with funds of its own,
 /// and Stripe's refunds starting `pending` (until settled).
 pub async fn transferred_with_pending_refunds(amounts: &[i64]) -> (Flow, SplitPaymentId, SplitPayment) {
-    let flow = Flow::start(AmountMode::Fixed, amounts, &[]).await;
-    flow.control.top_up("aud", 1_000_000).await.unwrap();
-    flow.control
-        .set_config(&SimConfig {
+    transferred_under(
+        amounts,
+        &SimConfig {
             refunds_start_pending: true,
             ..SimConfig::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+}
+
+/// As [`transferred_with_pending_refunds`], the refunds also staying pending when the charge is disputed
+/// (`pending_refunds_survive_disputes`).
+pub async fn transferred_with_refunds_pending_through_disputes(
+    amounts: &[i64],
+) -> (Flow, SplitPaymentId, SplitPayment) {
+    transferred_under(
+        amounts,
+        &SimConfig {
+            refunds_start_pending: true,
+            pending_refunds_survive_disputes: true,
+            ..SimConfig::default()
+        },
+    )
+    .await
+}
+
+/// A card payment through a FIXED set of `amounts`, every share transferred, the platform with funds of its own,
+/// the simulator configured as `config`.
+async fn transferred_under(amounts: &[i64], config: &SimConfig) -> (Flow, SplitPaymentId, SplitPayment) {
+    let flow = Flow::start(AmountMode::Fixed, amounts, &[]).await;
+    flow.control.top_up("aud", 1_000_000).await.unwrap();
+    flow.control.set_config(config).await.unwrap();
     let (id, p) = pay_by_card(&flow, &[]).await;
     (flow, id, p)
 }
@@ -185,8 +208,8 @@ pub async fn charge_refunded_cents(flow: &Flow, p: &SplitPayment) -> i64 {
         .amount_refunded_cents
 }
 
-/// What each share's recipient holds at Stripe for it: its transfers less their reversals, in the set's order.
-pub async fn held_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
+/// Stripe's transfers of the payment, share by share in the set's order.
+pub async fn transfers_by_share(flow: &Flow, p: &SplitPayment) -> Vec<Vec<TransferInfo>> {
     let transfers = flow.gateway.list_transfers(&p.payment.transfer_group).await.unwrap();
     p.allocations
         .iter()
@@ -194,22 +217,50 @@ pub async fn held_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
             transfers
                 .iter()
                 .filter(|t| t.metadata.get("split_allocation_id") == Some(&a.id))
-                .map(|t| t.amount_cents - t.amount_reversed_cents)
-                .sum()
+                .cloned()
+                .collect()
         })
         .collect()
 }
 
-/// What `account` has available at Stripe, in AUD.
-pub async fn available(flow: &Flow, account: &str) -> i64 {
-    let b = flow.control.connected_balance(account).await.unwrap();
-    b["available"]
+/// What each share's recipient holds at Stripe for it: its transfers less their reversals, in the set's order.
+pub async fn held_per_share(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
+    transfers_by_share(flow, p)
+        .await
+        .iter()
+        .map(|ts| ts.iter().map(|t| t.amount_cents - t.amount_reversed_cents).sum())
+        .collect()
+}
+
+/// How many transfers Stripe holds for each share, in the set's order.
+pub async fn transfers_per_share(flow: &Flow, p: &SplitPayment) -> Vec<usize> {
+    transfers_by_share(flow, p).await.iter().map(Vec::len).collect()
+}
+
+/// The AUD amounts of one side (`available`, `pending`) of a connected balance at the simulator, summed.
+fn aud_sum(balance: &Value, side: &str) -> i64 {
+    balance[side]
         .as_array()
         .unwrap()
         .iter()
         .filter(|x| x["currency"] == "aud")
         .map(|x| x["amount"].as_i64().unwrap())
         .sum()
+}
+
+/// What `account` has available at Stripe, in AUD.
+pub async fn available(flow: &Flow, account: &str) -> i64 {
+    aud_sum(&flow.control.connected_balance(account).await.unwrap(), "available")
+}
+
+/// Each recipient's whole balance at the simulator (available and pending, AUD), in the set's order.
+pub async fn recipient_balances(flow: &Flow, p: &SplitPayment) -> Vec<i64> {
+    let mut balances = Vec::new();
+    for i in 0..p.allocations.len() {
+        let b = flow.control.connected_balance(&format!("acct_rcp{i}")).await.unwrap();
+        balances.push(aud_sum(&b, "available") + aud_sum(&b, "pending"));
+    }
+    balances
 }
 
 /// Every request the simulator logged (`method`, `path`, `idempotency_key`, …), oldest first.
