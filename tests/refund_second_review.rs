@@ -12,7 +12,7 @@ use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
 use common::refunds::{
     charge_refunded_cents, dashboard_refund, donation_of, fault_posts, held_per_share, nets, open_dispute, ops_refund,
-    parked_json, pay_by_card, recipient_balances, reversal_posts, scalar, settle_until_sql, three_shares_paid,
+    parked_json, recipient_balances, reversal_posts, scalar, settle_until_sql, three_shares_paid,
     transferred_with_refunds_pending_through_disputes, transfers_per_share,
 };
 use common::workers::wait_for;
