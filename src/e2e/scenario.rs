@@ -359,23 +359,37 @@ pub async fn run(
     for (label, id, _, parked) in [&payments[0], &payments[2]] {
         let p = run.wait(id, "a settled state", settled).await?;
         let by = if share(&p, unready_link)?.status == AllocationStatus::Parked {
-            run.ops(
-                out,
-                &[
-                    "retry",
-                    parked,
-                    "--wait",
-                    "--wait-timeout",
-                    "120s",
-                    "--yes",
-                    "--actor",
-                    ACTOR,
-                    "--reason",
-                    "e2e: the account can receive transfers now",
-                ],
-            )
-            .await?;
-            "ops retry"
+            let retried = run
+                .ops(
+                    out,
+                    &[
+                        "retry",
+                        parked,
+                        "--wait",
+                        "--wait-timeout",
+                        "120s",
+                        "--yes",
+                        "--actor",
+                        ACTOR,
+                        "--reason",
+                        "e2e: the account can receive transfers now",
+                    ],
+                )
+                .await;
+            match retried {
+                Ok(_) => "ops retry",
+                Err(e) => {
+                    // Between the look and the command splitpay may have retried it itself (the accounts sweep asks
+                    // Stripe about accounts with parked shares, and a polled account.updated does the same):
+                    // `ops retry` then refuses a share that is no longer PARKED. Only that is no failure.
+                    let now = run.wait(id, "the share's state now", |_, _| true).await?;
+                    if share(&now, unready_link)?.status == AllocationStatus::Parked {
+                        return Err(e);
+                    }
+                    writeln!(out, "   {parked}: retried by splitpay itself meanwhile")?;
+                    "splitpay (accounts sweep or account.updated)"
+                }
+            }
         } else {
             // A forwarder sent account.updated and splitpay retried it itself (SPLITPAY_AUTO_RETRY_PARKED).
             "account.updated"
