@@ -487,22 +487,36 @@ pub async fn cover_waiting_parts(
         let fully = event.is_some() || so_far.parts_cents + part.amount_cents >= a.net_amount_cents.unwrap_or(i64::MAX);
         refund_donation(tx, id, part.refund_id, part.amount_cents, fully).await?;
     }
-    if unused_cents > 0 {
-        // The orphans' money no part used is the recipient's: a new generation sends what the share is owed, which
-        // is exactly that (its net, less what standing refunds took, less what Stripe holds for it).
-        let owed = send_owed_again(tx, id, AllocationEvent::ExcessReversalReturned).await?;
-        if owed != unused_cents {
-            tracing::error!(split_allocation_id = %id, owed, unused_cents,
-                            "an orphaned reversal's excess differs from what the share is owed: sent what it is owed");
-            metrics::counter!("splitpay_orphan_excess_mismatch_total").increment(1);
-        }
-        if owed > 0 {
-            tracing::warn!(split_allocation_id = %id, amount_cents = owed,
-                           "a reversal made for a refund that no longer stands held more than a later refund used: the rest is sent back");
-            covered.transfers.push(id.clone());
-        }
-    }
+    // The orphans' money no part used is the recipient's.
+    return_unused(tx, id, unused_cents, &mut covered).await?;
     Ok(covered)
+}
+
+/// What orphaned reversals held beyond the parts that took them (`unused_cents`) is the recipient's: a new
+/// generation (`excess_reversal_returned`) sends what the share is owed, which is exactly that (its net, less what
+/// standing refunds took, less what Stripe holds for it); its transfer is added to `covered` for the caller to
+/// enqueue. Shared by the cover and the rehome of a failed refund's reversals.
+pub(crate) async fn return_unused(
+    tx: &mut Tx<'_>,
+    id: &SplitAllocationId,
+    unused_cents: i64,
+    covered: &mut Covered,
+) -> Result<(), StoreError> {
+    if unused_cents <= 0 {
+        return Ok(());
+    }
+    let owed = send_owed_again(tx, id, AllocationEvent::ExcessReversalReturned).await?;
+    if owed != unused_cents {
+        tracing::error!(split_allocation_id = %id, owed, unused_cents,
+                        "an orphaned reversal's excess differs from what the share is owed: sent what it is owed");
+        metrics::counter!("splitpay_orphan_excess_mismatch_total").increment(1);
+    }
+    if owed > 0 {
+        tracing::warn!(split_allocation_id = %id, amount_cents = owed,
+                       "a reversal made for a refund that no longer stands held more than the parts it covers use: the rest is sent back");
+        covered.transfers.push(id.clone());
+    }
+    Ok(())
 }
 
 /// Starts a new generation of a settled share for what it is owed ([`outstanding_cents`]), by `event` (a won

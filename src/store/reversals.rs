@@ -422,7 +422,7 @@ pub async fn rehome_reversals_of(
     policy: crate::app::ReversePolicy,
 ) -> Result<super::refunds::Covered, StoreError> {
     use crate::domain::refund_split::net_of;
-    use crate::domain::state::{AllocationEvent, AllocationStatus};
+    use crate::domain::state::AllocationStatus;
 
     let shares: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT t.split_allocation_id
@@ -514,20 +514,8 @@ pub async fn rehome_reversals_of(
         }
         tracing::warn!(split_allocation_id = %a.id, refund_id, part_of_refund = adopter, orphaned_cents, unused_cents,
                        "a failed refund's reversal now covers a part that had booked it as the platform's loss");
-        if unused_cents > 0 {
-            let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
-            let owed = super::refunds::send_owed_again(tx, &id, AllocationEvent::ExcessReversalReturned).await?;
-            if owed != unused_cents {
-                tracing::error!(split_allocation_id = %id, owed, unused_cents,
-                                "an orphaned reversal's excess differs from what the share is owed: sent what it is owed");
-                metrics::counter!("splitpay_orphan_excess_mismatch_total").increment(1);
-            }
-            if owed > 0 {
-                tracing::warn!(split_allocation_id = %id, amount_cents = owed,
-                               "a failed refund's reversal held more than the parts it covers use: the rest is sent back");
-                covered.transfers.push(id);
-            }
-        }
+        let id = SplitAllocationId::parse(&a.id).map_err(|e| corrupt("split allocation", &a.id, e))?;
+        super::refunds::return_unused(tx, &id, unused_cents, &mut covered).await?;
     }
     Ok(covered)
 }
