@@ -612,28 +612,60 @@ async fn an_intake_older_than_the_key_is_failed_without_calling_stripe() {
     flow.stop().await;
 }
 
-/// Point 6: a transient error (here the distribution job's insert fails once) is never recorded as a
-/// contradiction: the event stays unprocessed, is tried again, and the payment is distributed.
-#[tokio::test]
-async fn a_failed_job_insert_is_retried_not_recorded_as_a_contradiction() {
-    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    sqlx::raw_sql(
-        "CREATE TABLE fail_next_insert (job_type TEXT PRIMARY KEY);
-         INSERT INTO fail_next_insert VALUES ('splitpay.distribute');
-         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+/// Makes the first `times` inserts or updates of `table` whose `column` is `value` fail: a transient database error
+/// at one chosen point. The count is a sequence, so a failed (rolled back) write still counts.
+async fn refuse_writes(flow: &Flow, table: &str, column: &str, value: &str, times: i64) {
+    // Test-only SQL built from the test's own constants.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SEQUENCE refused_writes;
+         CREATE TABLE refused_writes_max (times BIGINT NOT NULL);
+         INSERT INTO refused_writes_max VALUES ({times});
+         CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           IF EXISTS (SELECT 1 FROM fail_next_insert WHERE job_type = NEW.job_type) THEN
-             -- Every insert of this job type fails until the test removes the marker (it cannot remove itself:
-             -- the failing transaction is rolled back with it).
-             RAISE EXCEPTION 'injected: job insert refused';
+           IF NEW.{column}::text IS NOT DISTINCT FROM '{value}' THEN
+             IF nextval('refused_writes') <= (SELECT times FROM refused_writes_max) THEN
+               RAISE EXCEPTION 'injected: write refused';
+             END IF;
            END IF;
            RETURN NEW;
          END $$;
-         CREATE TRIGGER fail_once BEFORE INSERT ON apalis.jobs FOR EACH ROW EXECUTE FUNCTION fail_once();",
-    )
+         CREATE TRIGGER refuse_write BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION refuse_write();"
+    )))
     .execute(&flow.db.pool)
     .await
     .unwrap();
+}
+
+/// Ends [`refuse_writes`]'s refusals.
+async fn allow_writes(flow: &Flow) {
+    sqlx::raw_sql("UPDATE refused_writes_max SET times = 0")
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+}
+
+/// How many writes [`refuse_writes`] has seen so far (refused or not, while it refused).
+async fn refused_so_far(flow: &Flow) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT last_value FROM refused_writes")
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    n
+}
+
+/// Point 6: a transient error (here the insert of the payment's `payment_succeeded` event fails) is never recorded
+/// as a contradiction: the event stays unprocessed, is tried again, and the payment is distributed.
+#[tokio::test]
+async fn a_failed_insert_is_retried_not_recorded_as_a_contradiction() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    refuse_writes(
+        &flow,
+        "outbox_events",
+        "event_type",
+        "recommendation_set.payment_succeeded",
+        i64::MAX,
+    )
+    .await;
     let (id, _) = flow
         .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
         .await;
@@ -659,10 +691,7 @@ async fn a_failed_job_insert_is_retried_not_recorded_as_a_contradiction() {
         PaymentStatus::RequiresPayment,
         "rolled back"
     );
-    sqlx::raw_sql("DELETE FROM fail_next_insert")
-        .execute(&flow.db.pool)
-        .await
-        .unwrap();
+    allow_writes(&flow).await;
     // The event is tried again (the sweeper's job, run here at once rather than after its minute).
     sqlx::query("UPDATE stripe_events SET received_at = now() - interval '2 minutes'")
         .execute(&flow.db.pool)
@@ -680,6 +709,98 @@ async fn a_failed_job_insert_is_retried_not_recorded_as_a_contradiction() {
     assert_eq!(notes, 0, "no contradiction was recorded");
     common::money::assert_conserved_at_stripe(&flow, &id).await;
     flow.stop().await;
+}
+
+/// Issue 11: the event job distributes a succeeded payment itself. When that distribution fails (here its
+/// transaction cannot write the first generation's attempt row, once), the event stays processed and the payment
+/// gets a distribution job, which distributes it: no sweep needed, one transfer per share.
+#[tokio::test]
+async fn a_failed_distribution_in_the_event_job_is_taken_on_by_a_distribution_job() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    refuse_writes(&flow, "transfer_attempts", "generation", "1", 1).await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "distributed", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    assert!(refused_so_far(&flow).await >= 1, "the distribution was refused once");
+    assert_eq!(
+        jobs(&flow, "splitpay.distribute", id.as_str()).await,
+        1,
+        "the refused distribution was taken on by one job"
+    );
+    let (unprocessed, noted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE processed_at IS NULL), count(*) FILTER (WHERE process_error IS NOT NULL)
+           FROM stripe_events",
+    )
+    .fetch_one(&flow.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (unprocessed, noted),
+        (0, 0),
+        "the event was processed, with no contradiction"
+    );
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 2, "one transfer per share");
+    assert!(p.allocations.iter().all(|a| a.generation == 1));
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Issue 11: distribution makes the shares' transfers itself. When recording one fails after Stripe made it (here
+/// one attempt row's outcome cannot be written, once), that share gets a transfer job, whose create under the same
+/// key gets Stripe's same transfer: one transfer per share, and only that share has a job.
+#[tokio::test]
+async fn a_transfer_whose_recording_failed_inline_is_taken_on_by_its_job_without_a_second_transfer() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    refuse_writes(&flow, "transfer_attempts", "outcome", "TRANSFERRED", 1).await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    assert!(refused_so_far(&flow).await >= 1, "one recording was refused");
+    let mut with_jobs = 0;
+    for a in &p.allocations {
+        with_jobs += jobs(&flow, "splitpay.transfer", &a.id).await;
+    }
+    assert_eq!(with_jobs, 1, "only the share whose recording failed got a job");
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 2, "no second transfer");
+    assert!(p.allocations.iter().all(|a| a.generation == 1));
+    let log = flow.control.get("requests").await.unwrap();
+    let creates: Vec<String> = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_owned())
+        .collect();
+    let keys: std::collections::BTreeSet<&String> = creates.iter().collect();
+    assert_eq!(
+        (creates.len(), keys.len()),
+        (3, 2),
+        "two shares, one key each; the failed one was sent again under its key: {creates:?}"
+    );
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// How many jobs for `id` `queue` holds (waiting, running or done).
+async fn jobs(flow: &Flow, queue: &str, id: &str) -> i64 {
+    let payload = serde_json::to_vec(&serde_json::json!({ "id": id })).unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND job = $2")
+        .bind(queue)
+        .bind(&payload)
+        .fetch_one(&flow.db.pool)
+        .await
+        .unwrap();
+    n
 }
 
 /// Point 12: the conservation check reads Stripe, so it fails when a transfer is doubled at Stripe or missing

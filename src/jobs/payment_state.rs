@@ -147,7 +147,9 @@ impl ApplyError {
 }
 
 /// Applies `event` as seen in `view` to split payment `id`; with `inbox_event`, marks that stored Stripe event
-/// processed in the same transaction. Returns the transition (Unchanged for a repeat, a late or a stale event).
+/// processed in the same transaction and leaves a payment it makes succeed for the caller to distribute (without
+/// it, a distribution job is enqueued with the change). Returns the transition (Unchanged for a repeat, a late or a
+/// stale event).
 pub async fn apply(
     ctx: &AppContext,
     id: &SplitPaymentId,
@@ -262,7 +264,10 @@ async fn apply_in_tx(
         tracing::info!(split_payment_id = %id, event = %event, "stale Stripe event: a newer one was applied");
         Transition::Unchanged
     } else {
-        transition(&mut tx, id, payment, event, view).await?
+        // From an inbox event, the event job distributes a succeeded payment itself, at once, after this commits
+        // (`stripe_event::process`); any other caller gets a distribution job in this transaction.
+        let distribution_job = inbox_event.is_none();
+        transition(&mut tx, id, payment, event, view, distribution_job).await?
     };
     if let Some(evt) = inbox_event {
         finish_stripe_event(&mut tx, evt, None).await?;
@@ -277,6 +282,7 @@ async fn transition(
     payment: &SplitPayment,
     event: PaymentEvent,
     view: &IntentView,
+    distribution_job: bool,
 ) -> Result<Transition<PaymentStatus>, StoreError> {
     let failed = matches!(
         event,
@@ -349,7 +355,10 @@ async fn transition(
                 }
             }
         }
-        PaymentEvent::Succeeded => enqueue(tx, Queue::Distribute, id.as_str(), None).await?,
+        // Without the job, a crash before the caller's distribution leaves a succeeded, undistributed payment: the
+        // sweeper and reconcile-transfers look for exactly that (`split_payments_undistributed`).
+        PaymentEvent::Succeeded if distribution_job => enqueue(tx, Queue::Distribute, id.as_str(), None).await?,
+        PaymentEvent::Succeeded => {}
         PaymentEvent::Failed | PaymentEvent::Canceled => {
             let (code, message) = failure.expect("set for failures");
             void_payment_parts(tx, payment, &code, &message, now).await?;

@@ -1,6 +1,7 @@
 //! Applies one stored Stripe event to splitpay's state: the PaymentIntent events move the split payment through
 //! its state machine (by [`super::payment_state`], the path reconcile-pending shares), with the events and jobs
-//! each change calls for, in one transaction with marking the event processed. Idempotent (a processed event is
+//! each change calls for, in one transaction with marking the event processed; a payment that succeeded is then
+//! distributed and its transfers made in this same job. Idempotent (a processed event is
 //! skipped; a repeated outcome is `Unchanged`) and tolerant of order (a late `processing` changes nothing). Only a
 //! transition the state machine forbids is recorded as a contradiction; a database, enqueue or Stripe error leaves
 //! the event unprocessed, to be retried. `account.updated` (Connect) is handled by [`super::accounts`].
@@ -8,9 +9,11 @@
 use serde_json::Value;
 
 use super::payment_state::{apply, event_of_webhook, IntentView};
+use super::queue::{enqueue, Queue};
 use super::runner::JobFailure;
 use crate::app::AppContext;
 use crate::domain::ids::SplitPaymentId;
+use crate::domain::state::{PaymentStatus, Transition};
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, get_stripe_event};
 use crate::store::StoreError;
@@ -60,6 +63,10 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
     crate::observability::logging::record_payment(split_payment_id.as_str());
     let view = IntentView::from_object(intent, event.stripe_created);
     match apply(ctx, &split_payment_id, machine_event, &view, Some(event_id)).await {
+        Ok(Transition::To(PaymentStatus::Succeeded)) => {
+            distribute_now(ctx, &split_payment_id).await;
+            Ok(())
+        }
         Ok(_) => Ok(()),
         // A contradiction (e.g. `failed` after `succeeded`): logged and counted by the store; recorded on the event
         // for an operator, and not retried (it would contradict again).
@@ -67,6 +74,25 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
         // Anything else (the database, an enqueue, Stripe) is transient: the event stays unprocessed and is tried
         // again (by apalis, then by the sweeper).
         Err(e) => Err(JobFailure::Retry(e.to_string())),
+    }
+}
+
+/// Distributes a payment this event made succeed, here rather than through a distribution job (a job per payment
+/// less: issue 11). The event is processed already, so a failure is not this job's: the payment gets its
+/// distribution job instead, and if even that cannot be written, the sweeper finds the payment succeeded and not
+/// distributed (`split_payments_undistributed`).
+async fn distribute_now(ctx: &AppContext, id: &SplitPaymentId) {
+    let why = match super::distribute::distribute(ctx, id.as_str()).await {
+        Ok(()) => return,
+        Err(JobFailure::Retry(why) | JobFailure::Abandon(why)) => why,
+    };
+    tracing::warn!(split_payment_id = %id, why, "distribution failed: its job takes it on");
+    let enqueued = async {
+        let mut conn = ctx.pool.acquire().await?;
+        enqueue(&mut conn, Queue::Distribute, id.as_str(), None).await
+    };
+    if let Err(e) = enqueued.await {
+        tracing::warn!(split_payment_id = %id, error = %e, "no distribution job either: the sweeper will take it");
     }
 }
 
