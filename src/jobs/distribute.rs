@@ -14,9 +14,12 @@ use crate::domain::fees::split_fees;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus};
 use crate::events::EventType;
-use crate::store::allocations::{allocation_context, transition_allocation, AllocationPatch, NET_AMOUNT_ZERO};
+use crate::store::allocations::{
+    allocation_context, started_contexts, transition_allocation, AllocationContext, AllocationPatch, NET_AMOUNT_ZERO,
+};
 use crate::store::announce;
 use crate::store::payments::{get_split_payment, write_fee_split, SplitPayment};
+use crate::store::transfer_attempts::TransferAttemptRow;
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
 
@@ -137,8 +140,12 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     .execute(&mut *tx)
     .await
     .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    // What the transfers made below need, read here in this transaction rather than by each of them in its own.
+    let started = started_contexts(&mut tx, &payment.payment, &started)
+        .await
+        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    transfer_now(ctx, &started).await;
+    transfer_now(ctx, started).await;
     Ok(())
 }
 
@@ -148,23 +155,24 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
 /// is not finished: a share whose step failed gets a transfer job here, and one this process did not reach (a
 /// crash) is due work the sweeper re-enqueues (`split_allocations_transferring_due`). A duplicate run is harmless:
 /// the generation's frozen parameters and idempotency key make Stripe answer it with the same transfer.
-pub async fn transfer_now(ctx: &AppContext, ids: &[SplitAllocationId]) {
+pub async fn transfer_now(ctx: &AppContext, started: Vec<(AllocationContext, TransferAttemptRow)>) {
     use tracing::Instrument;
-    let steps = ids.iter().map(|id| {
+    let steps = started.into_iter().map(|(c, attempt)| {
+        let id = c.allocation.id.clone();
         // Its own span, so every line of this share's step names the share (as a transfer job's span does).
         let span = tracing::info_span!(
             "transfer",
             split_allocation_id = id.as_str(),
-            split_payment_id = tracing::field::Empty
+            split_payment_id = c.payment.id.as_str()
         );
         async move {
-        match super::transfer::transfer(ctx, id.as_str()).await {
+        match super::transfer::drive_started(ctx, &c, attempt).await {
             Ok(()) => {}
             Err(JobFailure::Retry(why)) => {
                 tracing::warn!(split_allocation_id = %id, why, "transfer step failed: its job takes it on");
                 let enqueued = async {
                     let mut conn = ctx.pool.acquire().await?;
-                    enqueue(&mut conn, Queue::Transfer, id.as_str(), None).await
+                    enqueue(&mut conn, Queue::Transfer, &id, None).await
                 };
                 if let Err(e) = enqueued.await {
                     tracing::warn!(split_allocation_id = %id, error = %e, "no transfer job either: the sweeper will take it");

@@ -114,6 +114,16 @@ pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> 
     drive_with(ctx, &c, attempt).await
 }
 
+/// The first step of a generation distribution has just started and committed, with the context and attempt row it
+/// read in that transaction (so nothing is read again here).
+pub async fn drive_started(
+    ctx: &AppContext,
+    c: &AllocationContext,
+    attempt: TransferAttemptRow,
+) -> Result<(), JobFailure> {
+    drive_with(ctx, c, Some(attempt)).await
+}
+
 /// One step of a TRANSFERRING allocation's generation: send (or look up), then record what Stripe said. Also used
 /// in the foreground by `ops reconcile`.
 pub async fn drive(ctx: &AppContext, c: &AllocationContext) -> Result<(), JobFailure> {

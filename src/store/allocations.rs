@@ -7,6 +7,7 @@ use sqlx::PgConnection;
 
 use super::payments::{SplitPaymentRow, PAYMENT_BY_ID_SQL};
 use super::records::insert_outbox_events;
+use super::transfer_attempts::TransferAttemptRow;
 use super::{corrupt, forbidden, StoreError, Tx};
 use crate::domain::ids::{transfer_idempotency_key, SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, Transition};
@@ -114,6 +115,88 @@ pub async fn allocation_context(
         recipient_org_name,
         destination_account_id,
     })
+}
+
+/// The contexts of several allocations of `payment` with their current generations' attempt rows, in three
+/// statements on `conn` rather than five per allocation: distribution reads them in its own transaction for the
+/// transfers it makes at once (issue 11). `payment` must be the payment as read in that transaction.
+pub async fn started_contexts(
+    conn: &mut PgConnection,
+    payment: &SplitPaymentRow,
+    ids: &[SplitAllocationId],
+) -> Result<Vec<(AllocationContext, TransferAttemptRow)>, StoreError> {
+    let ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+    let allocations: Vec<SplitAllocationRow> =
+        sqlx::query_as("SELECT * FROM split_allocations WHERE id = ANY($1) ORDER BY position")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    let link_ids: Vec<&str> = allocations
+        .iter()
+        .map(|a| a.recipient_org_account_link_id.as_str())
+        .collect();
+    let links: std::collections::HashMap<String, (String, String, String)> =
+        sqlx::query_as::<_, (String, String, String, String)>(
+            "SELECT id, recipient_organisation_id, recipient_org_name, stripe_connect_account_id
+           FROM recipient_account_links WHERE id = ANY($1)",
+        )
+        .bind(&link_ids)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(id, org, name, account)| (id, (org, name, account)))
+        .collect();
+    let mut attempts: std::collections::HashMap<String, TransferAttemptRow> = sqlx::query_as::<_, TransferAttemptRow>(
+        "SELECT t.split_allocation_id, t.generation, t.idempotency_key, t.destination_account_id, t.amount_cents,
+                t.currency, t.source_transaction, t.transfer_group, t.metadata, t.started_at, t.finished_at, t.outcome,
+                t.stripe_transfer_id, t.key_attempt
+           FROM transfer_attempts t
+           JOIN split_allocations a ON a.id = t.split_allocation_id AND a.generation = t.generation
+          WHERE a.id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|t| (t.split_allocation_id.clone(), t))
+    .collect();
+    let mut out = Vec::with_capacity(allocations.len());
+    for allocation in allocations {
+        if allocation.split_payment_id != payment.id {
+            return Err(StoreError::Invalid(format!(
+                "split allocation '{}' is not of payment '{}'",
+                allocation.id, payment.id
+            )));
+        }
+        let missing = |what: &'static str| StoreError::NotFound {
+            what,
+            id: allocation.id.clone(),
+        };
+        let (recipient_organisation_id, recipient_org_name, destination_account_id) = links
+            .get(&allocation.recipient_org_account_link_id)
+            .cloned()
+            .ok_or_else(|| missing("recipient account link"))?;
+        let attempt = attempts
+            .remove(&allocation.id)
+            .ok_or_else(|| missing("transfer attempt"))?;
+        out.push((
+            AllocationContext {
+                allocation,
+                payment: payment.clone(),
+                recipient_organisation_id,
+                recipient_org_name,
+                destination_account_id,
+            },
+            attempt,
+        ));
+    }
+    if out.len() != ids.len() {
+        return Err(StoreError::NotFound {
+            what: "split allocation",
+            id: ids.join(","),
+        });
+    }
+    Ok(out)
 }
 
 /// Data recorded with an allocation transition (`None` keeps what is stored).
