@@ -17,7 +17,7 @@
 //! | `POST /_sim/charges/{ch}/dispute/close` `{outcome: "won"\|"lost"}` | decides the charge's dispute; returns it |
 //! | `POST /_sim/refunds/{re}/settle` `{outcome: "succeeded"\|"failed", failure_reason?}` | settles a `pending` refund (`charge.refund.updated`) |
 //! | `POST /_sim/webhooks` `{url, secret, connect?}` | registers a webhook endpoint; `connect: true` for Connect events only (default: platform events only) |
-//! | `POST /_sim/webhooks/mode` `{duplicate?, drop_next?, hold?}` | delivery modes |
+//! | `POST /_sim/webhooks/mode` `{duplicate?, drop_next?, hold?}` | delivery modes (`drop_next`: of the events made after this call) |
 //! | `POST /_sim/webhooks/flush` | releases held events, newest first (reordered), one after the other |
 //! | `POST /_sim/webhooks/redeliver` `{event_id}` | sends a past event again now, after whatever came since |
 //! | `GET /_sim/webhooks` | delivery counters and pending retries (`pending_redeliveries`, `next_redelivery_at`) |
@@ -212,6 +212,13 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
             Ok(json!({ "ok": true }))
         }
         ("POST", ["webhooks", "mode"]) => {
+            if args["drop_next"].as_u64().is_some_and(|n| n > 0) {
+                // `drop_next` is about the next events *made*: events already made but not yet handed to delivery
+                // (the delivery tick has not run) go out first, under the mode they were made in. Otherwise a test
+                // that drops "the next two" could drop an earlier transfer's events and let its own through.
+                let events = shared.model.lock().expect("no panics while held").take_undelivered();
+                super::webhooks::deliver(shared, events);
+            }
             let mut hooks = shared.webhooks.lock().expect("no panics while held");
             if let Some(d) = args["duplicate"].as_bool() {
                 hooks.duplicate = d;
@@ -222,7 +229,12 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
             if let Some(h) = args["hold"].as_bool() {
                 hooks.hold = h;
             }
-            Ok(json!({ "duplicate": hooks.duplicate, "drop_next": hooks.drop_next, "hold": hooks.hold }))
+            Ok(json!({
+                "duplicate": hooks.duplicate,
+                "drop_next": hooks.drop_next,
+                "hold": hooks.hold,
+                "dropped": hooks.dropped,
+            }))
         }
         ("POST", ["webhooks", "flush"]) => {
             let mut held = std::mem::take(&mut shared.webhooks.lock().expect("no panics while held").held);
@@ -249,6 +261,7 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
                 "delivered": hooks.delivered,
                 "failed_attempts": hooks.failed_attempts,
                 "given_up": hooks.given_up,
+                "dropped": hooks.dropped,
                 "pending_redeliveries": hooks.pending_redeliveries(),
                 "next_redelivery_at": hooks.next_redelivery_at(),
                 "held": hooks.held.len(),

@@ -61,6 +61,8 @@ pub(super) struct WebhookState {
     pub delivered: u64,
     pub failed_attempts: u64,
     pub given_up: u64,
+    /// Events `drop_next` dropped, in all.
+    pub dropped: u64,
 }
 
 impl WebhookState {
@@ -92,6 +94,7 @@ pub(super) fn deliver(shared: &Arc<Shared>, events: Vec<Event>) {
             }
             if hooks.drop_next > 0 {
                 hooks.drop_next -= 1;
+                hooks.dropped += 1;
                 continue;
             }
             let copies = if hooks.duplicate { 2 } else { 1 };
