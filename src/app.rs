@@ -37,6 +37,10 @@ pub struct DistributionSettings {
     pub auto_retry_batch: i64,
     /// What a refund of a transferred share takes back from the recipient (`SPLITPAY_REVERSE_ON_REFUND`).
     pub reverse_on_refund: ReversePolicy,
+    /// How long distribution's own process has a share it just started (its first transfer, made at once): the
+    /// share is committed due at the end of this lease, and the step is dropped when it ends, so the sweeper (which
+    /// re-enqueues due shares) never adds a second driver to a step still running. Default 30 s.
+    pub inline_transfer_lease_ms: u64,
 }
 
 /// What a refund of a transferred share takes back from its recipient.
@@ -155,6 +159,7 @@ impl Default for DistributionSettings {
             auto_retry_parked: true,
             auto_retry_batch: 100,
             reverse_on_refund: ReversePolicy::default(),
+            inline_transfer_lease_ms: 30_000,
         }
     }
 }

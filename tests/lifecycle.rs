@@ -791,6 +791,109 @@ async fn a_transfer_whose_recording_failed_inline_is_taken_on_by_its_job_without
     flow.stop().await;
 }
 
+/// The idempotency keys of the transfer creates Stripe received, in arrival order.
+async fn transfer_create_keys(flow: &Flow) -> Vec<String> {
+    let log = flow.control.get("requests").await.unwrap();
+    log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Issue 11 review: a share whose first transfer distribution is making itself is leased to that step, so a sweep
+/// while Stripe is still answering (here every Stripe call holds its key 1.5 s) finds nothing due and adds no
+/// transfer job: the step stays the only driver. Without the lease the share was due at once, and the sweep gave
+/// each share a second driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_adds_no_second_driver_to_a_transfer_distribution_is_making() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    flow.control.set_latency(0, 0, 1_500).await.unwrap();
+    let mut in_flight = false;
+    for _ in 0..600 {
+        if !flow.control.request_times_ms("/v1/transfers").await.unwrap().is_empty() {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(in_flight, "a transfer request reached Stripe");
+    let p = flow.payment(&id).await;
+    for a in &p.allocations {
+        assert_eq!(a.status, AllocationStatus::Transferring, "still in flight");
+        let due_in = a.next_attempt_at.unwrap() - chrono::Utc::now();
+        assert!(
+            due_in > chrono::Duration::seconds(20),
+            "leased to the step: due in {due_in}"
+        );
+    }
+    // Grace 0: anything due now would be re-enqueued.
+    let report = splitpay::jobs::sweeper::sweep(&flow.db.pool, 0).await.unwrap();
+    assert_eq!(report.transfers, 0, "{report:?}");
+    flow.control.set_latency(0, 0, 0).await.unwrap();
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    for a in &p.allocations {
+        assert_eq!(
+            jobs(&flow, "splitpay.transfer", &a.id).await,
+            0,
+            "no transfer job for {}",
+            a.id
+        );
+        assert_eq!(a.next_attempt_at, None);
+    }
+    let keys = transfer_create_keys(&flow).await;
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!((keys.len(), distinct.len()), (2, 2), "one create per share: {keys:?}");
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 2);
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// Issue 11 review: a step that outlives its lease (300 ms here; Stripe holds each request 1 s) is dropped where it
+/// is, mid-call, and its share handed to a transfer job at once, made due now. The job sends the same key: one
+/// transfer per share, whichever request made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_step_that_outlives_its_lease_is_dropped_and_its_job_makes_the_same_transfer() {
+    let flow = Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
+        s.inline_transfer_lease_ms = 300;
+    })
+    .await;
+    let (id, _) = flow
+        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await;
+    flow.control.set_latency(0, 0, 1_000).await.unwrap();
+    let p = flow
+        .wait_until(&id, "transferred", |p| {
+            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+        })
+        .await;
+    for a in &p.allocations {
+        assert_eq!(a.generation, 1);
+        // Its job, and the job's own retry when Stripe still held the dropped request's key (409, in flight).
+        let n = jobs(&flow, "splitpay.transfer", &a.id).await;
+        assert!(n >= 1, "{} was handed to its job ({n} jobs)", a.id);
+    }
+    let keys = transfer_create_keys(&flow).await;
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), 2, "one key per share: {keys:?}");
+    assert!(
+        keys.len() >= 4,
+        "each share was sent by its step and again by its job: {keys:?}"
+    );
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 2, "one transfer per share");
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
 /// How many jobs for `id` `queue` holds (waiting, running or done).
 async fn jobs(flow: &Flow, queue: &str, id: &str) -> i64 {
     let payload = serde_json::to_vec(&serde_json::json!({ "id": id })).unwrap();

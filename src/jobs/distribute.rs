@@ -12,7 +12,7 @@ use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::fees::split_fees;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
-use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus};
+use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus, Transition};
 use crate::events::EventType;
 use crate::store::allocations::{
     allocation_context, started_contexts, transition_allocation, AllocationContext, AllocationPatch, NET_AMOUNT_ZERO,
@@ -92,6 +92,7 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     // `net_amount_zero` for an operator to refund. Then the payment is marked distributed, so "succeeded but not
     // distributed" is one indexed flag for the sweeper and the reconciler.
     let now = Utc::now();
+    let lease_ends = now + chrono::Duration::milliseconds(ctx.distribution.inline_transfer_lease_ms as i64);
     let mut started = Vec::new();
     for allocation in payment
         .allocations
@@ -118,16 +119,18 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
                 .await
                 .map_err(transient)?;
         } else {
-            transition_allocation(
-                &mut tx,
-                &aid,
-                AllocationEvent::TransferStarted,
-                &AllocationPatch::default(),
-                &[],
-            )
-            .await
-            .map_err(transient)?;
-            started.push(aid);
+            // Due at the end of the lease this process has on its first step (see [`transfer_now`]).
+            let patch = AllocationPatch {
+                next_attempt_at: Some(lease_ends),
+                ..Default::default()
+            };
+            let moved = transition_allocation(&mut tx, &aid, AllocationEvent::TransferStarted, &patch, &[])
+                .await
+                .map_err(transient)?;
+            // Only a share this transaction started is driven here: one another distribution moved on is its.
+            if matches!(moved, Transition::To(_)) {
+                started.push(aid);
+            }
         }
     }
     sqlx::query(
@@ -151,14 +154,25 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
 
 /// Drives the first generation of each started share here, all at once, instead of through one transfer job each:
 /// a job costs the queue an insert, a fetch and an acknowledgement, a third of PostgreSQL's work per transfer
-/// (issue 11). The generation was committed TRANSFERRING and due before this is called, so nothing is lost if it
-/// is not finished: a share whose step failed gets a transfer job here, and one this process did not reach (a
-/// crash) is due work the sweeper re-enqueues (`split_allocations_transferring_due`). A duplicate run is harmless:
-/// the generation's frozen parameters and idempotency key make Stripe answer it with the same transfer.
+/// (issue 11). The generation was committed TRANSFERRING before this is called, due at the end of this process's
+/// lease on it (`inline_transfer_lease_ms`), so nothing is lost if it is not finished and nobody else drives it
+/// meanwhile:
+/// - a step still running when the lease ends is dropped (cancelled wherever it is: before Stripe, in the call, or
+///   in the recording's transaction, which rolls back), so the sweeper's re-enqueue of due shares
+///   (`split_allocations_transferring_due`, 60 s after they are due) can never add a second driver to a live step;
+/// - a step that failed or ran out of its lease gets its transfer job at once, with the share made due now;
+/// - a crash leaves the share due at the end of the lease, for the sweeper.
+///
+/// A second run is harmless anyway: the generation's frozen parameters and idempotency key make Stripe answer it
+/// with the same transfer. At most [`INLINE_STEPS_MAX`] steps run at once in a process (each needs a database
+/// connection to record what Stripe said); a step waits its turn inside its lease.
 pub async fn transfer_now(ctx: &AppContext, started: Vec<(AllocationContext, TransferAttemptRow)>) {
     use tracing::Instrument;
+    let lease = std::time::Duration::from_millis(ctx.distribution.inline_transfer_lease_ms);
     let steps = started.into_iter().map(|(c, attempt)| {
         let id = c.allocation.id.clone();
+        let generation = c.allocation.generation;
+        let leased_until = c.allocation.next_attempt_at;
         // Its own span, so every line of this share's step names the share (as a transfer job's span does).
         let span = tracing::info_span!(
             "transfer",
@@ -166,26 +180,61 @@ pub async fn transfer_now(ctx: &AppContext, started: Vec<(AllocationContext, Tra
             split_payment_id = c.payment.id.as_str()
         );
         async move {
-        match super::transfer::drive_started(ctx, &c, attempt).await {
-            Ok(()) => {}
-            Err(JobFailure::Retry(why)) => {
-                tracing::warn!(split_allocation_id = %id, why, "transfer step failed: its job takes it on");
-                let enqueued = async {
-                    let mut conn = ctx.pool.acquire().await?;
-                    enqueue(&mut conn, Queue::Transfer, &id, None).await
-                };
-                if let Err(e) = enqueued.await {
-                    tracing::warn!(split_allocation_id = %id, error = %e, "no transfer job either: the sweeper will take it");
+            let step = async {
+                let _turn = inline_steps().acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+                super::transfer::drive_started(ctx, &c, attempt).await
+            };
+            let why = match tokio::time::timeout(lease, step).await {
+                Ok(Ok(())) => return,
+                Ok(Err(JobFailure::Abandon(why))) => {
+                    tracing::error!(split_allocation_id = %id, why, "transfer step abandoned");
+                    return;
                 }
+                Ok(Err(JobFailure::Retry(why))) => why,
+                Err(_) => format!("the step ran out of its {} ms lease", lease.as_millis()),
+            };
+            tracing::warn!(split_allocation_id = %id, why, "transfer step not finished: its job takes it on");
+            if let Err(e) = hand_to_job(ctx, &id, generation, leased_until).await {
+                tracing::warn!(split_allocation_id = %id, error = %e, "no transfer job either: the sweeper will take it when its lease ends");
             }
-            Err(JobFailure::Abandon(why)) => {
-                tracing::error!(split_allocation_id = %id, why, "transfer step abandoned");
-            }
-        }
         }
         .instrument(span)
     });
     futures_util::future::join_all(steps).await;
+}
+
+/// Inline transfer steps one process runs at once.
+pub const INLINE_STEPS_MAX: usize = 32;
+
+/// The process's turns for inline transfer steps. A process-wide bound rather than one in `AppContext`: it guards
+/// this process's connection pool, whichever context started the step.
+fn inline_steps() -> &'static tokio::sync::Semaphore {
+    static STEPS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    STEPS.get_or_init(|| tokio::sync::Semaphore::new(INLINE_STEPS_MAX))
+}
+
+/// A started share whose inline step is over without an outcome: due now (its lease given back, unless the step
+/// recorded a retry of its own meanwhile) and its transfer job enqueued, in one transaction. The step is no longer
+/// running (it returned, or its lease dropped it), so the job is its only driver.
+async fn hand_to_job(
+    ctx: &AppContext,
+    id: &str,
+    generation: i32,
+    leased_until: Option<chrono::DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    let mut tx = ctx.pool.begin().await?;
+    sqlx::query(
+        "UPDATE split_allocations SET next_attempt_at = now()
+          WHERE id = $1 AND status = 'TRANSFERRING' AND generation = $2 AND next_attempt_at = $3",
+    )
+    .bind(id)
+    .bind(generation)
+    .bind(leased_until)
+    .execute(&mut *tx)
+    .await?;
+    enqueue(&mut tx, Queue::Transfer, id, None).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The charge id and Stripe's processing fee, or why we must wait.

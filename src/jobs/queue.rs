@@ -20,8 +20,8 @@ pub const JOB_ATTEMPTS_MAX: usize = 3;
 pub enum Queue {
     /// Apply one stored Stripe event (an `evt_…` id from the inbox).
     StripeEvent,
-    /// Start the distribution of a succeeded split payment (a `spay_…` id): fee split, then one transfer job per
-    /// allocation.
+    /// Start the distribution of a succeeded split payment (a `spay_…` id) when the event job could not: fee split,
+    /// then each allocation's first transfer, made at once (a transfer job only for a step that did not finish).
     Distribute,
     /// Make (or resolve) one allocation's transfer (a `salc_…` id).
     Transfer,

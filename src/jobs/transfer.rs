@@ -85,7 +85,7 @@ pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> 
         AllocationStatus::Pending => {
             // Distribution starts the first generation; this is the fallback for a row it has not reached.
             if c.payment.status != PaymentStatus::Succeeded || c.allocation.net_amount_cents.is_none_or(|n| n <= 0) {
-                return Ok(()); // not ready: distribution enqueues it again when it is
+                return Ok(()); // not ready: distribution starts and makes it when it is
             }
             let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
             transition_allocation(
