@@ -39,7 +39,8 @@ pub struct DistributionSettings {
     pub reverse_on_refund: ReversePolicy,
     /// How long distribution's own process has a share it just started (its first transfer, made at once): the
     /// share is committed due at the end of this lease, and the step is dropped when it ends, so the sweeper (which
-    /// re-enqueues due shares) never adds a second driver to a step still running. Default 30 s.
+    /// re-enqueues due shares) never adds a second driver to a step still running. Default 10 s: a crash leaves the
+    /// share to the sweeper that much later.
     pub inline_transfer_lease_ms: u64,
 }
 
@@ -159,7 +160,7 @@ impl Default for DistributionSettings {
             auto_retry_parked: true,
             auto_retry_batch: 100,
             reverse_on_refund: ReversePolicy::default(),
-            inline_transfer_lease_ms: 30_000,
+            inline_transfer_lease_ms: 10_000,
         }
     }
 }

@@ -84,9 +84,10 @@ async fn sigkilled_workers_never_move_money_twice() {
     let before_restart = transferred_so_far().await;
     let mut survivor = spawn_worker(&flow);
 
-    // Wait (bounded) until every allocation of every payment is final.
+    // Wait (bounded) until every allocation of every payment is final. A share whose inline step a kill cut is due
+    // when its lease ends (10 s) and re-enqueued by the sweeper a minute after that (`SWEEP_GRACE_SECS`).
     let mut settled = false;
-    for _ in 0..600 {
+    for _ in 0..900 {
         let (open,): (i64,) =
             sqlx::query_as("SELECT count(*) FROM split_allocations WHERE status NOT IN ('TRANSFERRED', 'PARKED')")
                 .fetch_one(&flow.db.pool)

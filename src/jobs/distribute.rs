@@ -18,67 +18,70 @@ use crate::store::allocations::{
     allocation_context, started_contexts, transition_allocation, AllocationContext, AllocationPatch, NET_AMOUNT_ZERO,
 };
 use crate::store::announce;
-use crate::store::payments::{get_split_payment, write_fee_split, SplitPayment};
+use crate::store::payments::{get_split_payment, write_fee_split, SplitPaymentRow, PAYMENT_BY_ID_SQL};
 use crate::store::transfer_attempts::TransferAttemptRow;
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
 
 pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> {
     let id = SplitPaymentId::parse(raw_id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
-    // Its two reads in one transaction (one snapshot, and one transaction rather than one per statement).
-    let mut read = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let payment = match get_split_payment(&mut read, &id).await {
-        Ok(p) => p,
-        Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no split payment {id}"))),
-        Err(e) => return Err(transient(e)),
+    // The payment alone decides whether there is work, and what to ask Stripe: one statement, no transaction. The
+    // allocations are read in the transaction below.
+    let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    let payment = match sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
+        .bind(id.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+    {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(JobFailure::Abandon(format!("no split payment {id}"))),
+        Err(e) => return Err(JobFailure::Retry(e.to_string())),
     };
-    read.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    if payment.payment.status != PaymentStatus::Succeeded {
+    drop(conn);
+    if payment.status != PaymentStatus::Succeeded {
         return Ok(()); // a stray job: only a succeeded payment is distributed
     }
-    if payment.payment.distributed_at.is_some() {
+    if payment.distributed_at.is_some() {
         return Ok(()); // a duplicate nudge: every share has already left PENDING
     }
-    if payment
-        .payment
-        .distribution_next_attempt_at
-        .is_some_and(|at| at > Utc::now())
-    {
+    if payment.distribution_next_attempt_at.is_some_and(|at| at > Utc::now()) {
         return Ok(()); // early duplicate: the scheduled job will come
     }
-    let split_written = payment.allocations.iter().all(|a| a.fee_share_cents.is_some());
+    // The payment's fees and its allocations' split are written together (`write_fee_split`).
+    let split_written = payment.processing_fee_cents.is_some();
     let fees = if split_written {
         None
     } else {
         match fees_of(ctx, &payment).await {
             Ok(fees) => Some(fees),
-            Err(wait) => return schedule_retry(ctx, &id, payment.payment.distribution_attempts, &wait).await,
+            Err(wait) => return schedule_retry(ctx, &id, payment.distribution_attempts, &wait).await,
         }
     };
 
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    // Every share of the payment is locked first, in position order (the order every path that locks several
+    // shares takes), so a refund or a dispute waits for this distribution rather than moving a share under it.
+    let gross = lock_shares(&mut tx, &id).await.map_err(transient)?;
     if let Some((charge_id, processing_fee_cents)) = fees {
-        let platform_fee_cents = ctx
-            .distribution
-            .platform_fee
-            .fee_cents(payment.payment.total_amount_cents);
-        let gross: Vec<i64> = payment.allocations.iter().map(|a| a.gross_amount_cents).collect();
+        let platform_fee_cents = ctx.distribution.platform_fee.fee_cents(payment.total_amount_cents);
         let split = split_fees(&gross, processing_fee_cents, platform_fee_cents)
             .map_err(|e| JobFailure::Abandon(format!("fee split of {id}: {e}")))?;
-        write_fee_split(&mut tx, &id, processing_fee_cents, platform_fee_cents, &split)
-            .await
-            .map_err(transient)?;
-        sqlx::query("UPDATE split_payments SET charge_id = coalesce(charge_id, $2), distribution_next_attempt_at = NULL WHERE id = $1")
-            .bind(id.as_str())
-            .bind(&charge_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| JobFailure::Retry(e.to_string()))?;
+        write_fee_split(
+            &mut tx,
+            &id,
+            Some(&charge_id),
+            processing_fee_cents,
+            platform_fee_cents,
+            &split,
+        )
+        .await
+        .map_err(transient)?;
     }
     // Refunds that arrived before the fee split are covered now, so they reduce what is transferred (a share they
-    // took whole ends REFUNDED and is not transferred).
-    for allocation in &payment.allocations {
-        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    // took whole ends REFUNDED and is not transferred). One look for the payment's waiting parts first, under the
+    // shares' locks (no refund attributes parts meanwhile): most payments have none.
+    for raw in shares_with_waiting_parts(&mut tx, &id).await.map_err(transient)? {
+        let aid = SplitAllocationId::parse(&raw).map_err(|e| JobFailure::Abandon(e.to_string()))?;
         super::refunds::settle_waiting_parts(ctx, &mut tx, &aid)
             .await
             .map_err(transient)?;
@@ -88,7 +91,7 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
         return Err(JobFailure::Retry(format!("{id}: no charge recorded yet")));
     }
     // Every share leaves PENDING here, in one transaction with the fee split: a share with money starts its first
-    // transfer generation (parameters frozen) and gets its job; a share the fees took whole is parked
+    // transfer generation (parameters frozen), made below at once; a share the fees took whole is parked
     // `net_amount_zero` for an operator to refund. Then the payment is marked distributed, so "succeeded but not
     // distributed" is one indexed flag for the sweeper and the reconciler.
     let now = Utc::now();
@@ -237,13 +240,39 @@ async fn hand_to_job(
     Ok(())
 }
 
+/// Locks the payment's shares in position order (as `store::allocations::lock_payment_shares`) and returns their
+/// gross amounts in that order, the order the fee split is written in: one statement for both.
+async fn lock_shares(tx: &mut crate::store::Tx<'_>, id: &SplitPaymentId) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT gross_amount_cents FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// The payment's shares that have refund parts waiting to be covered, in position order.
+async fn shares_with_waiting_parts(
+    tx: &mut crate::store::Tx<'_>,
+    id: &SplitPaymentId,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT a.id FROM split_allocations a
+          WHERE a.split_payment_id = $1
+            AND EXISTS (SELECT 1 FROM refund_parts p WHERE p.split_allocation_id = a.id AND p.covered_at IS NULL)
+          ORDER BY a.position",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
 /// The charge id and Stripe's processing fee, or why we must wait.
-async fn fees_of(ctx: &AppContext, payment: &SplitPayment) -> Result<(String, i64), String> {
-    let charge_id = match &payment.payment.charge_id {
+async fn fees_of(ctx: &AppContext, payment: &SplitPaymentRow) -> Result<(String, i64), String> {
+    let charge_id = match &payment.charge_id {
         Some(c) => c.clone(),
         None => {
             let pi = payment
-                .payment
                 .payment_intent_id
                 .as_deref()
                 .ok_or("no PaymentIntent recorded")?;
@@ -263,9 +292,9 @@ async fn fees_of(ctx: &AppContext, payment: &SplitPayment) -> Result<(String, i6
     let bt = charge
         .balance_transaction
         .ok_or("the charge's balance transaction is not settled yet")?;
-    if bt.amount_cents != payment.payment.total_amount_cents || bt.currency != payment.payment.currency.stripe_code() {
+    if bt.amount_cents != payment.total_amount_cents || bt.currency != payment.currency.stripe_code() {
         // Never split a fee that belongs to another amount: an operator must look.
-        tracing::error!(split_payment_id = %payment.payment.id, charge_id, "balance transaction does not match the payment");
+        tracing::error!(split_payment_id = %payment.id, charge_id, "balance transaction does not match the payment");
         return Err(format!(
             "balance transaction {} is {} {}, not the payment's",
             bt.id, bt.amount_cents, bt.currency

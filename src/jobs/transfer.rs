@@ -27,8 +27,8 @@ use crate::domain::ids::{DonationId, SplitAllocationId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, transition_allocation, AllocationContext, AllocationPatch, BALANCE_INSUFFICIENT,
-    RETRY_WINDOW_ELAPSED,
+    allocation_context, get_split_allocation, transition_allocation, AllocationContext, AllocationPatch,
+    BALANCE_INSUFFICIENT, RETRY_WINDOW_ELAPSED,
 };
 use crate::store::announce;
 use crate::store::donations::{donation_for_allocation, transition_donation, DonationPatch};
@@ -157,7 +157,7 @@ async fn drive_with(
 
     if window_over || key_old {
         match look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
-            Lookup::Found(t) => return succeed(ctx, &id, &t, generation).await,
+            Lookup::Found(t) => return record_success(ctx, c, &t).await,
             // Throttling consumes nothing: an allocation Stripe only ever throttled is not parked by the window; nor
             // is one that was never sent (a backlog longer than the window): it is sent now.
             Lookup::NotFound if window_over && c.allocation.attempts > 0 && !last_was_throttle(c) => {
@@ -186,7 +186,7 @@ async fn drive_with(
     }
 
     match ctx.gateway.create_transfer(&params_of(&attempt)).await {
-        Ok(t) => succeed(ctx, &id, &t, generation).await,
+        Ok(t) => record_success(ctx, c, &t).await,
         Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
             park(ctx, c, e.code().unwrap_or("unknown"), &message_of(&e)).await
         }
@@ -208,7 +208,7 @@ async fn drive_with(
                     tracing::error!(split_allocation_id = %id, error = %e, "idempotency key misuse on a frozen generation");
                 }
                 if let Lookup::Found(t) = look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
-                    return succeed(ctx, &id, &t, generation).await;
+                    return record_success(ctx, c, &t).await;
                 }
             }
             let kind = if is_throttle(&e) {
@@ -296,6 +296,13 @@ pub async fn succeed(
     succeed_audited(ctx, id, transfer, generation, None).await
 }
 
+/// [`succeed`] for the generation `c` was driving: the payment and the recipient's link are taken from `c` (what
+/// the events name; they do not move), so only the share itself is read again before it is recorded.
+async fn record_success(ctx: &AppContext, c: &AllocationContext, transfer: &TransferInfo) -> Result<(), JobFailure> {
+    let id = SplitAllocationId::parse(&c.allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    record(ctx, &id, transfer, c.allocation.generation, None, Some(c)).await
+}
+
 /// As [`succeed`], with an ops audit row written in the same transaction when the transfer is recorded (`ops retry`
 /// finding the parked generation's transfer at Stripe).
 pub async fn succeed_audited(
@@ -305,8 +312,27 @@ pub async fn succeed_audited(
     generation: i32,
     audit: Option<&crate::store::records::AuditEntry>,
 ) -> Result<(), JobFailure> {
+    record(ctx, id, transfer, generation, audit, None).await
+}
+
+/// Records a transfer of `generation` (see [`succeed`]); `known`, when the caller has the share's context, spares
+/// reading the payment and the link again.
+async fn record(
+    ctx: &AppContext,
+    id: &SplitAllocationId,
+    transfer: &TransferInfo,
+    generation: i32,
+    audit: Option<&crate::store::records::AuditEntry>,
+    known: Option<&AllocationContext>,
+) -> Result<(), JobFailure> {
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let c = allocation_context(&mut tx, id).await.map_err(transient)?;
+    let c = match known {
+        Some(k) => AllocationContext {
+            allocation: get_split_allocation(&mut tx, id).await.map_err(transient)?,
+            ..k.clone()
+        },
+        None => allocation_context(&mut tx, id).await.map_err(transient)?,
+    };
     let now = Utc::now();
     let event = announce::distribution(EventType::DistributionSucceeded, &c, Some(&transfer.id), None, now);
     let patch = AllocationPatch {

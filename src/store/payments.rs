@@ -309,6 +309,7 @@ pub async fn transition_payment(
 pub async fn write_fee_split(
     tx: &mut Tx<'_>,
     id: &SplitPaymentId,
+    charge_id: Option<&str>,
     processing_fee_cents: i64,
     platform_fee_cents: i64,
     split: &FeeSplit,
@@ -326,6 +327,10 @@ pub async fn write_fee_split(
             "the fee split does not account for the fees given".into(),
         ));
     }
+    // The shares still without a split, written by one statement (ids, fee shares, nets as arrays).
+    let mut ids = Vec::new();
+    let mut fee_shares_cents = Vec::new();
+    let mut nets_cents = Vec::new();
     for (allocation, share) in payment.allocations.iter().zip(&split.shares) {
         if allocation.gross_amount_cents != share.gross_cents {
             return Err(StoreError::Invalid(format!(
@@ -343,25 +348,34 @@ pub async fn write_fee_split(
                 )))
             }
         }
-        sqlx::query(
-            "UPDATE split_allocations SET fee_share_cents = $2, net_amount_cents = $3, updated_at = now()
-              WHERE id = $1 AND fee_share_cents IS NULL",
-        )
-        .bind(&allocation.id)
-        .bind(share.fee_share_cents)
-        .bind(share.net_cents)
-        .execute(&mut **tx)
-        .await?;
+        ids.push(allocation.id.as_str());
+        fee_shares_cents.push(share.fee_share_cents);
+        nets_cents.push(share.net_cents);
     }
     sqlx::query(
+        "UPDATE split_allocations a
+            SET fee_share_cents = s.fee_share_cents, net_amount_cents = s.net_cents, updated_at = now()
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS s(id, fee_share_cents, net_cents)
+          WHERE a.id = s.id AND a.fee_share_cents IS NULL",
+    )
+    .bind(&ids)
+    .bind(&fee_shares_cents)
+    .bind(&nets_cents)
+    .execute(&mut **tx)
+    .await?;
+    // The charge the fee was read from (when given), with the fees: the first generation's transfers name it as
+    // their source.
+    sqlx::query(
         "UPDATE split_payments
-            SET processing_fee_cents = $2, platform_fee_cents = $3, fee_uncollected_cents = $4, updated_at = now()
+            SET processing_fee_cents = $2, platform_fee_cents = $3, fee_uncollected_cents = $4,
+                charge_id = coalesce(charge_id, $5), distribution_next_attempt_at = NULL, updated_at = now()
           WHERE id = $1",
     )
     .bind(id.as_str())
     .bind(processing_fee_cents)
     .bind(platform_fee_cents)
     .bind(split.fee_uncollected_cents)
+    .bind(charge_id)
     .execute(&mut **tx)
     .await?;
     // The second half of the conservation pair (the first is in `split_fees`): what is stored adds up.
