@@ -44,7 +44,12 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     if payment.distributed_at.is_some() {
         return Ok(()); // a duplicate nudge: every share has already left PENDING
     }
-    if payment.distribution_next_attempt_at.is_some_and(|at| at > Utc::now()) {
+    // A scheduled job may run up to a second early (apalis keeps `run_at` in whole seconds): the same tolerance as
+    // the transfer job's, or it would take itself for an early duplicate and leave the payment to the sweeper.
+    if payment
+        .distribution_next_attempt_at
+        .is_some_and(|at| at > Utc::now() + chrono::Duration::seconds(1))
+    {
         return Ok(()); // early duplicate: the scheduled job will come
     }
     // The payment's fees and its allocations' split are written together (`write_fee_split`).
