@@ -881,6 +881,44 @@ async fn a_transfer_step_that_outlives_its_lease_is_dropped_and_its_job_makes_th
     flow.stop().await;
 }
 
+/// Issue 11 review: the lease bounds only the step's talk with Stripe. Recording what Stripe answered is never cut
+/// short: here each donation's confirmation takes 0.8 s (a trigger sleeps), past the 300 ms lease, and the steps
+/// still record their transfers themselves: no transfer job, one create per share. Cut short, the transfers would
+/// have been thrown away and each share handed to a job that sends its key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_that_outlasts_the_lease_is_not_cut_short() {
+    let flow = Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
+        s.inline_transfer_lease_ms = 300;
+    })
+    .await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_confirm() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.status = 'CONFIRMED' THEN PERFORM pg_sleep(0.8); END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow_confirm BEFORE UPDATE ON donations FOR EACH ROW EXECUTE FUNCTION slow_confirm();",
+    )
+    .execute(&flow.db.pool)
+    .await
+    .unwrap();
+    let id = pay_by_card(&flow).await;
+    let p = all_transferred(&flow, &id).await;
+    for a in &p.allocations {
+        assert_eq!(
+            jobs(&flow, "splitpay.transfer", &a.id).await,
+            0,
+            "{} recorded by its step",
+            a.id
+        );
+    }
+    let keys = transfer_create_keys(&flow).await;
+    assert_eq!(keys.len(), 2, "one create per share: {keys:?}");
+    assert_eq!(count_transfers(&flow, id.as_str()).await, 2);
+    common::money::assert_conserved_at_stripe(&flow, &id).await;
+    flow.stop().await;
+}
+
 /// How many jobs for `id` `queue` holds (waiting, running or done).
 async fn jobs(flow: &Flow, queue: &str, id: &str) -> i64 {
     let payload = serde_json::to_vec(&serde_json::json!({ "id": id })).unwrap();

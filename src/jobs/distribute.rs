@@ -100,7 +100,11 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     // `net_amount_zero` for an operator to refund. Then the payment is marked distributed, so "succeeded but not
     // distributed" is one indexed flag for the sweeper and the reconciler.
     let now = Utc::now();
-    let lease_ends = now + chrono::Duration::milliseconds(ctx.distribution.inline_transfer_lease_ms as i64);
+    let lease_ms = ctx.distribution.inline_transfer_lease_ms;
+    let lease_ends = now + chrono::Duration::milliseconds(lease_ms as i64);
+    // The same lease on this process's clock, taken at the same moment: the step stops asking Stripe before the
+    // stored lease ends.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(lease_ms);
     let mut started = Vec::new();
     for allocation in payment
         .allocations
@@ -156,27 +160,33 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
         .await
         .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    transfer_now(ctx, started).await;
+    transfer_now(ctx, started, deadline).await;
     Ok(())
 }
 
 /// Drives the first generation of each started share here, all at once, instead of through one transfer job each:
 /// a job costs the queue an insert, a fetch and an acknowledgement, a third of PostgreSQL's work per transfer
 /// (issue 11). The generation was committed TRANSFERRING before this is called, due at the end of this process's
-/// lease on it (`inline_transfer_lease_ms`), so nothing is lost if it is not finished and nobody else drives it
-/// meanwhile:
-/// - a step still running when the lease ends is dropped (cancelled wherever it is: before Stripe, in the call, or
-///   in the recording's transaction, which rolls back), so the sweeper's re-enqueue of due shares
-///   (`split_allocations_transferring_due`, 60 s after they are due) can never add a second driver to a live step;
-/// - a step that failed or ran out of its lease gets its transfer job at once, with the share made due now;
+/// lease on it (`inline_transfer_lease_ms`, ending at `deadline` on this process's clock), so nothing is lost if it
+/// is not finished and nobody else drives it meanwhile:
+/// - the step asks Stripe (its turn, the rate limiter, the call, a lookup) only until the deadline, so the sweeper's
+///   re-enqueue of due shares (`split_allocations_transferring_due`, 60 s after they are due) never adds a second
+///   driver to a step still talking to Stripe; recording what Stripe answered is not cut short (it is bounded by
+///   the statement timeout, well inside that minute);
+/// - a step that failed gets its transfer job with the share due now; one whose lease ended, a lease later (a
+///   request the deadline cut short has then most likely ended at Stripe, so the same key gets its answer rather
+///   than a 409);
 /// - a crash leaves the share due at the end of the lease, for the sweeper.
 ///
 /// A second run is harmless anyway: the generation's frozen parameters and idempotency key make Stripe answer it
-/// with the same transfer. At most [`INLINE_STEPS_MAX`] steps run at once in a process (each needs a database
-/// connection to record what Stripe said); a step waits its turn inside its lease.
-pub async fn transfer_now(ctx: &AppContext, started: Vec<(AllocationContext, TransferAttemptRow)>) {
+/// with the same transfer. At most [`INLINE_STEPS_MAX`] steps run at once in a process; a step waits its turn
+/// inside its lease.
+pub async fn transfer_now(
+    ctx: &AppContext,
+    started: Vec<(AllocationContext, TransferAttemptRow)>,
+    deadline: tokio::time::Instant,
+) {
     use tracing::Instrument;
-    let lease = std::time::Duration::from_millis(ctx.distribution.inline_transfer_lease_ms);
     let steps = started.into_iter().map(|(c, attempt)| {
         let id = c.allocation.id.clone();
         let generation = c.allocation.generation;
@@ -188,22 +198,34 @@ pub async fn transfer_now(ctx: &AppContext, started: Vec<(AllocationContext, Tra
             split_payment_id = c.payment.id.as_str()
         );
         async move {
-            let step = async {
-                let _turn = inline_steps().acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-                super::transfer::drive_started(ctx, &c, attempt).await
+            let outcome = match tokio::time::timeout_at(deadline, inline_steps().acquire()).await {
+                Ok(Ok(_turn)) => super::transfer::drive_started(ctx, &c, attempt, deadline).await,
+                Ok(Err(closed)) => Err(JobFailure::Retry(closed.to_string())),
+                Err(_) => Err(JobFailure::Retry("the step's lease ended before its turn".to_owned())),
             };
-            let why = match tokio::time::timeout(lease, step).await {
-                Ok(Ok(())) => return,
-                Ok(Err(JobFailure::Abandon(why))) => {
+            let why = match outcome {
+                Ok(()) => return,
+                Err(JobFailure::Abandon(why)) => {
                     tracing::error!(split_allocation_id = %id, why, "transfer step abandoned");
                     return;
                 }
-                Ok(Err(JobFailure::Retry(why))) => why,
-                Err(_) => format!("the step ran out of its {} ms lease", lease.as_millis()),
+                Err(JobFailure::Retry(why)) => why,
             };
-            tracing::warn!(split_allocation_id = %id, why, "transfer step not finished: its job takes it on");
-            if let Err(e) = hand_to_job(ctx, &id, generation, leased_until).await {
-                tracing::warn!(split_allocation_id = %id, error = %e, "no transfer job either: the sweeper will take it when its lease ends");
+            let after = if tokio::time::Instant::now() >= deadline {
+                std::time::Duration::from_millis(ctx.distribution.inline_transfer_lease_ms)
+            } else {
+                std::time::Duration::ZERO
+            };
+            match hand_to_job(ctx, &id, generation, leased_until, after).await {
+                Ok(true) => {
+                    tracing::warn!(split_allocation_id = %id, why, after_ms = after.as_millis() as u64, "transfer step not finished: its job takes it on")
+                }
+                Ok(false) => {
+                    tracing::info!(split_allocation_id = %id, why, "transfer step not finished, and the share has moved on: no job")
+                }
+                Err(e) => {
+                    tracing::warn!(split_allocation_id = %id, why, error = %e, "no transfer job either: the sweeper will take it when its lease ends")
+                }
             }
         }
         .instrument(span)
@@ -221,28 +243,35 @@ fn inline_steps() -> &'static tokio::sync::Semaphore {
     STEPS.get_or_init(|| tokio::sync::Semaphore::new(INLINE_STEPS_MAX))
 }
 
-/// A started share whose inline step is over without an outcome: due now (its lease given back, unless the step
-/// recorded a retry of its own meanwhile) and its transfer job enqueued, in one transaction. The step is no longer
-/// running (it returned, or its lease dropped it), so the job is its only driver.
+/// A started share whose inline step is over without an outcome: due `after` from now (its lease given back) and its
+/// transfer job enqueued for then, in one transaction, only if the share is still as the step left it (TRANSFERRING,
+/// same generation, still due at the lease's end). Otherwise the step recorded something meanwhile (a retry with its
+/// own job, the transfer, a park) and nothing is added. Returns whether the job was enqueued. The step is no longer
+/// running, so the job is its only driver.
 async fn hand_to_job(
     ctx: &AppContext,
     id: &str,
     generation: i32,
     leased_until: Option<chrono::DateTime<Utc>>,
-) -> Result<(), StoreError> {
+    after: std::time::Duration,
+) -> Result<bool, StoreError> {
     let mut tx = ctx.pool.begin().await?;
-    sqlx::query(
-        "UPDATE split_allocations SET next_attempt_at = now()
+    let reset = sqlx::query(
+        "UPDATE split_allocations SET next_attempt_at = now() + make_interval(secs => $4)
           WHERE id = $1 AND status = 'TRANSFERRING' AND generation = $2 AND next_attempt_at = $3",
     )
     .bind(id)
     .bind(generation)
     .bind(leased_until)
+    .bind(after.as_secs_f64())
     .execute(&mut *tx)
     .await?;
-    enqueue(&mut tx, Queue::Transfer, id, None).await?;
+    if reset.rows_affected() != 1 {
+        return Ok(false);
+    }
+    enqueue(&mut tx, Queue::Transfer, id, (!after.is_zero()).then_some(after)).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Locks the payment's shares in position order (as `store::allocations::lock_payment_shares`) and returns their

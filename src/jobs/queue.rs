@@ -5,7 +5,7 @@
 //! would orphan the queue). Jobs are pushed with `apalis_postgres::queries::push_tasks` on the caller's connection,
 //! so a job exists if and only if the state change that calls for it committed.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apalis::prelude::TaskBuilder;
 use sqlx::PgConnection;
@@ -68,12 +68,7 @@ pub async fn enqueue(
     let payload = serde_json::to_vec(&JobRef { id: id.to_owned() }).expect("a JobRef serialises");
     let mut task = TaskBuilder::new(payload).max_attempts(JOB_ATTEMPTS_MAX);
     match run_after {
-        // apalis stores run_at in whole seconds: round up so a delay is never shortened.
-        Some(delay) => {
-            task = task.run_after(Duration::from_secs(
-                delay.as_secs() + u64::from(delay.subsec_nanos() > 0),
-            ))
-        }
+        Some(delay) => task = task.run_at_time(whole_second_after(SystemTime::now() + delay)),
         None => task = due_now(task),
     }
     apalis_postgres::queries::push_tasks(conn, queue.name(), vec![task.build()])
@@ -82,11 +77,20 @@ pub async fn enqueue(
     Ok(())
 }
 
+/// `at` rounded up to a whole second. apalis stores `run_at` in whole seconds and truncates: rounding only the delay
+/// up (as `run_after` does) still let a job run up to a second before the time its row was scheduled for, and a
+/// handler that checks that time took itself for an early duplicate and left the work to the sweeper.
+fn whole_second_after(at: SystemTime) -> SystemTime {
+    let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs() + u64::from(since_epoch.subsec_nanos() > 0);
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
 /// A job due at once, stamped a second in the past. apalis's insert trigger notifies only when `run_at <= now()`,
 /// and `now()` is when the inserting transaction *began*, while apalis would stamp the current second: a
 /// transaction that began in the previous second would insert its job silently (no NOTIFY, so no prompt pickup).
 fn due_now<T>(task: TaskBuilder<T>) -> TaskBuilder<T> {
-    task.run_at_time(std::time::SystemTime::now() - Duration::from_secs(1))
+    task.run_at_time(SystemTime::now() - Duration::from_secs(1))
 }
 
 /// `enqueue_missing`'s check: which of the ids `$2` (with their payloads `$3`) have no job waiting on queue `$1`
@@ -146,4 +150,33 @@ pub async fn setup(pool: &sqlx::PgPool) -> Result<(), StoreError> {
     .execute(pool)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A scheduled job is never due before its time, and at most a second after it.
+        #[test]
+        fn a_run_time_is_rounded_up_to_a_whole_second(nanos in 0u64..4_000_000_000_000_000_000) {
+            let at = UNIX_EPOCH + Duration::from_nanos(nanos);
+            let rounded = whole_second_after(at);
+            let since = rounded.duration_since(UNIX_EPOCH).unwrap();
+            prop_assert_eq!(since.subsec_nanos(), 0);
+            prop_assert!(rounded >= at);
+            prop_assert!(rounded.duration_since(at).unwrap() < Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn a_whole_second_stays_as_it_is() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(whole_second_after(at), at);
+        assert_eq!(
+            whole_second_after(at + Duration::from_nanos(1)),
+            at + Duration::from_secs(1)
+        );
+    }
 }

@@ -27,7 +27,7 @@ use crate::domain::ids::{DonationId, SplitAllocationId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, get_split_allocation, transition_allocation, AllocationContext, AllocationPatch,
+    allocation_context, get_split_allocation_for_update, transition_allocation, AllocationContext, AllocationPatch,
     BALANCE_INSUFFICIENT, RETRY_WINDOW_ELAPSED,
 };
 use crate::store::announce;
@@ -111,23 +111,41 @@ pub async fn transfer(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure> 
         // Final, or parked for an operator: nothing to do.
         _ => return Ok(()),
     }
-    drive_with(ctx, &c, attempt).await
+    drive_with(ctx, &c, attempt, None).await
 }
 
 /// The first step of a generation distribution has just started and committed, with the context and attempt row it
 /// read in that transaction (so nothing is read again here).
+///
+/// Stripe is asked only until `deadline` (the end of the step's lease, see `distribute::transfer_now`): a wait for
+/// the rate limiter or an answer past it ends the step with a `Retry`, and the share goes to its job. Recording
+/// what Stripe answered is never cut short, so a transfer made is recorded here, not thrown away and replayed.
 pub async fn drive_started(
     ctx: &AppContext,
     c: &AllocationContext,
     attempt: TransferAttemptRow,
+    deadline: tokio::time::Instant,
 ) -> Result<(), JobFailure> {
-    drive_with(ctx, c, Some(attempt)).await
+    drive_with(ctx, c, Some(attempt), Some(deadline)).await
+}
+
+/// A Stripe call of a step, bounded by the step's deadline when it has one.
+async fn before<T>(
+    deadline: Option<tokio::time::Instant>,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, JobFailure> {
+    match deadline {
+        None => Ok(call.await),
+        Some(at) => tokio::time::timeout_at(at, call)
+            .await
+            .map_err(|_| JobFailure::Retry("the step's lease ended before Stripe answered".to_owned())),
+    }
 }
 
 /// One step of a TRANSFERRING allocation's generation: send (or look up), then record what Stripe said. Also used
 /// in the foreground by `ops reconcile`.
 pub async fn drive(ctx: &AppContext, c: &AllocationContext) -> Result<(), JobFailure> {
-    drive_with(ctx, c, None).await
+    drive_with(ctx, c, None, None).await
 }
 
 /// [`drive`], with the generation's attempt row when the caller read it already (with `c`, in one transaction).
@@ -135,6 +153,7 @@ async fn drive_with(
     ctx: &AppContext,
     c: &AllocationContext,
     attempt: Option<TransferAttemptRow>,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(&c.allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
     let generation = c.allocation.generation;
@@ -156,7 +175,12 @@ async fn drive_with(
     let key_old = age > chrono::Duration::hours(KEY_SAFE_AGE_HOURS);
 
     if window_over || key_old {
-        match look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
+        match before(
+            deadline,
+            look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation),
+        )
+        .await?
+        {
             Lookup::Found(t) => return record_success(ctx, c, &t).await,
             // Throttling consumes nothing: an allocation Stripe only ever throttled is not parked by the window; nor
             // is one that was never sent (a backlog longer than the window): it is sent now.
@@ -185,7 +209,7 @@ async fn drive_with(
         }
     }
 
-    match ctx.gateway.create_transfer(&params_of(&attempt)).await {
+    match before(deadline, ctx.gateway.create_transfer(&params_of(&attempt))).await? {
         Ok(t) => record_success(ctx, c, &t).await,
         Err(e) if e.class() == ErrorClass::Terminal && !e.is_idempotency_misuse() => {
             park(ctx, c, e.code().unwrap_or("unknown"), &message_of(&e)).await
@@ -207,7 +231,12 @@ async fn drive_with(
                 if e.is_idempotency_misuse() {
                     tracing::error!(split_allocation_id = %id, error = %e, "idempotency key misuse on a frozen generation");
                 }
-                if let Lookup::Found(t) = look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation).await {
+                let found = before(
+                    deadline,
+                    look_up(ctx.gateway.as_ref(), &group, &c.allocation.id, generation),
+                )
+                .await?;
+                if let Lookup::Found(t) = found {
                     return record_success(ctx, c, &t).await;
                 }
             }
@@ -327,8 +356,10 @@ async fn record(
 ) -> Result<(), JobFailure> {
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     let c = match known {
+        // Locked here (the transition below would lock it anyway): the transfer id and marks it is compared with
+        // are the ones it is recorded over.
         Some(k) => AllocationContext {
-            allocation: get_split_allocation(&mut tx, id).await.map_err(transient)?,
+            allocation: get_split_allocation_for_update(&mut tx, id).await.map_err(transient)?,
             ..k.clone()
         },
         None => allocation_context(&mut tx, id).await.map_err(transient)?,

@@ -79,6 +79,21 @@ pub async fn get_split_allocation(
         })
 }
 
+/// As [`get_split_allocation`], locking the row for the caller's transaction.
+pub async fn get_split_allocation_for_update(
+    conn: &mut PgConnection,
+    id: &SplitAllocationId,
+) -> Result<SplitAllocationRow, StoreError> {
+    sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split allocation",
+            id: id.to_string(),
+        })
+}
+
 /// An allocation with what its events and its transfer need: the payment and the recipient's link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocationContext {
