@@ -1,9 +1,11 @@
 //! Background work on apalis-postgres.
 //!
-//! - [`stripe_event`]: applies a stored Stripe event (payment states, their events, the distribution job).
+//! - [`stripe_event`]: applies a stored Stripe event (payment states, their events), and distributes a payment it
+//!   made succeed.
 //! - [`payment_state`]: the one path by which what Stripe says of a PaymentIntent moves a split payment.
 //! - [`reconcile`]: reconcile-pending and reconcile-transfers, what the webhooks and the jobs missed.
-//! - [`distribute`]: the fee split from the charge's balance transaction, then one transfer job per allocation.
+//! - [`distribute`]: the fee split from the charge's balance transaction, then each share's first transfer, made at
+//!   once under a lease (a transfer job only for a step that did not finish).
 //! - [`accounts`]: retrying a parked share (for `ops retry`), and `account.updated`: link flags, automatic retries.
 //! - [`account_sweep`]: asks Stripe about accounts whose parked shares no `account.updated` retried (a lost
 //!   Connect webhook) and feeds those now able to receive transfers through the webhook's path.
