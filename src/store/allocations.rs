@@ -69,14 +69,7 @@ pub async fn get_split_allocation(
     conn: &mut PgConnection,
     id: &SplitAllocationId,
 ) -> Result<SplitAllocationRow, StoreError> {
-    sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1")
-        .bind(id.as_str())
-        .fetch_optional(conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "split allocation",
-            id: id.to_string(),
-        })
+    allocation_by(conn, "SELECT * FROM split_allocations WHERE id = $1", id).await
 }
 
 /// As [`get_split_allocation`], locking the row for the caller's transaction.
@@ -84,7 +77,15 @@ pub async fn get_split_allocation_for_update(
     conn: &mut PgConnection,
     id: &SplitAllocationId,
 ) -> Result<SplitAllocationRow, StoreError> {
-    sqlx::query_as::<_, SplitAllocationRow>("SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE")
+    allocation_by(conn, "SELECT * FROM split_allocations WHERE id = $1 FOR UPDATE", id).await
+}
+
+async fn allocation_by(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    id: &SplitAllocationId,
+) -> Result<SplitAllocationRow, StoreError> {
+    sqlx::query_as::<_, SplitAllocationRow>(sql)
         .bind(id.as_str())
         .fetch_optional(conn)
         .await?
