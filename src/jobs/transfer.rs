@@ -362,7 +362,11 @@ async fn record(
             allocation: get_split_allocation_for_update(&mut tx, id).await.map_err(transient)?,
             ..k.clone()
         },
-        None => allocation_context(&mut tx, id).await.map_err(transient)?,
+        // Locked first, for the same reason; the context then reads the locked row.
+        None => {
+            get_split_allocation_for_update(&mut tx, id).await.map_err(transient)?;
+            allocation_context(&mut tx, id).await.map_err(transient)?
+        }
     };
     let now = Utc::now();
     let event = announce::distribution(EventType::DistributionSucceeded, &c, Some(&transfer.id), None, now);
