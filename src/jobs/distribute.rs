@@ -236,8 +236,10 @@ pub async fn transfer_now(
 /// Inline transfer steps one process runs at once.
 pub const INLINE_STEPS_MAX: usize = 32;
 
-/// The process's turns for inline transfer steps. A process-wide bound rather than one in `AppContext`: it guards
-/// this process's connection pool, whichever context started the step.
+/// The process's turns for inline transfer steps: a bound on the Stripe calls and recordings this process has in
+/// flight from distributions, whichever context started them (so process-wide rather than in `AppContext`). It is
+/// above the default pool of 10 connections: a burst of recordings can still wait out the pool's acquire timeout,
+/// and such a share goes to its job (or to the sweeper).
 fn inline_steps() -> &'static tokio::sync::Semaphore {
     static STEPS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     STEPS.get_or_init(|| tokio::sync::Semaphore::new(INLINE_STEPS_MAX))
