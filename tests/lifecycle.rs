@@ -851,15 +851,20 @@ async fn a_sweep_adds_no_second_driver_to_a_transfer_distribution_is_making() {
     flow.stop().await;
 }
 
-/// Issue 11 review: a step that outlives its lease (300 ms here; Stripe holds each request 1 s) is dropped where it
-/// is, mid-call, and its share handed to a transfer job at once, made due now. The job sends the same key: one
+/// Two recipients, and inline transfer steps leased for 300 ms only.
+async fn flow_with_short_lease() -> Flow {
+    Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
+        s.inline_transfer_lease_ms = 300;
+    })
+    .await
+}
+
+/// Issue 11 review: a step that outlives its lease (300 ms here; Stripe holds each request 1 s) stops waiting for
+/// Stripe's answer, and its share is handed to a transfer job, due a lease later. The job sends the same key: one
 /// transfer per share, whichever request made it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_step_that_outlives_its_lease_is_dropped_and_its_job_makes_the_same_transfer() {
-    let flow = Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
-        s.inline_transfer_lease_ms = 300;
-    })
-    .await;
+    let flow = flow_with_short_lease().await;
     let id = pay_by_card(&flow).await;
     flow.control.set_latency(0, 0, 1_000).await.unwrap();
     let p = all_transferred(&flow, &id).await;
@@ -887,10 +892,7 @@ async fn a_transfer_step_that_outlives_its_lease_is_dropped_and_its_job_makes_th
 /// have been thrown away and each share handed to a job that sends its key again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_that_outlasts_the_lease_is_not_cut_short() {
-    let flow = Flow::start_full(AmountMode::Fixed, &[2_000, 3_000], &[], true, |s| {
-        s.inline_transfer_lease_ms = 300;
-    })
-    .await;
+    let flow = flow_with_short_lease().await;
     sqlx::raw_sql(
         "CREATE FUNCTION slow_confirm() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN

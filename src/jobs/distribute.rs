@@ -15,10 +15,11 @@ use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus, Transition};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, started_contexts, transition_allocation, AllocationContext, AllocationPatch, NET_AMOUNT_ZERO,
+    allocation_context, lock_payment_shares, started_contexts, transition_allocation, AllocationContext,
+    AllocationPatch, NET_AMOUNT_ZERO,
 };
 use crate::store::announce;
-use crate::store::payments::{get_split_payment, write_fee_split, SplitPaymentRow, PAYMENT_BY_ID_SQL};
+use crate::store::payments::{get_split_payment, get_split_payment_row, write_fee_split, SplitPaymentRow};
 use crate::store::transfer_attempts::TransferAttemptRow;
 use crate::store::StoreError;
 use crate::stripe::backoff::backoff_ms_random;
@@ -28,14 +29,10 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     // The payment alone decides whether there is work, and what to ask Stripe: one statement, no transaction. The
     // allocations are read in the transaction below.
     let mut conn = ctx.pool.acquire().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
-    let payment = match sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
-        .bind(id.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-    {
-        Ok(Some(p)) => p,
-        Ok(None) => return Err(JobFailure::Abandon(format!("no split payment {id}"))),
-        Err(e) => return Err(JobFailure::Retry(e.to_string())),
+    let payment = match get_split_payment_row(&mut conn, &id).await {
+        Ok(p) => p,
+        Err(StoreError::NotFound { .. }) => return Err(JobFailure::Abandon(format!("no split payment {id}"))),
+        Err(e) => return Err(transient(e)),
     };
     drop(conn);
     if payment.status != PaymentStatus::Succeeded {
@@ -66,7 +63,7 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     // Every share of the payment is locked first, in position order (the order every path that locks several
     // shares takes), so a refund or a dispute waits for this distribution rather than moving a share under it.
-    let gross = lock_shares(&mut tx, &id).await.map_err(transient)?;
+    let gross = lock_payment_shares(&mut tx, id.as_str()).await.map_err(transient)?;
     if let Some((charge_id, processing_fee_cents)) = fees {
         let platform_fee_cents = ctx.distribution.platform_fee.fee_cents(payment.total_amount_cents);
         let split = split_fees(&gross, processing_fee_cents, platform_fee_cents)
@@ -274,17 +271,6 @@ async fn hand_to_job(
     enqueue(&mut tx, Queue::Transfer, id, (!after.is_zero()).then_some(after)).await?;
     tx.commit().await?;
     Ok(true)
-}
-
-/// Locks the payment's shares in position order (as `store::allocations::lock_payment_shares`) and returns their
-/// gross amounts in that order, the order the fee split is written in: one statement for both.
-async fn lock_shares(tx: &mut crate::store::Tx<'_>, id: &SplitPaymentId) -> Result<Vec<i64>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT gross_amount_cents FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
-    )
-    .bind(id.as_str())
-    .fetch_all(&mut **tx)
-    .await?)
 }
 
 /// The payment's shares that have refund parts waiting to be covered, in position order.

@@ -27,8 +27,8 @@ use crate::domain::ids::{DonationId, SplitAllocationId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, get_split_allocation_for_update, transition_allocation, AllocationContext, AllocationPatch,
-    BALANCE_INSUFFICIENT, RETRY_WINDOW_ELAPSED,
+    allocation_context, context_of, get_split_allocation_for_update, transition_allocation, AllocationContext,
+    AllocationPatch, BALANCE_INSUFFICIENT, RETRY_WINDOW_ELAPSED,
 };
 use crate::store::announce;
 use crate::store::donations::{donation_for_allocation, transition_donation, DonationPatch};
@@ -355,18 +355,15 @@ async fn record(
     known: Option<&AllocationContext>,
 ) -> Result<(), JobFailure> {
     let mut tx = ctx.pool.begin().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
+    // The share is read locked (the transition below would lock it anyway): the transfer id and marks it is
+    // compared with are the ones it is recorded over.
+    let allocation = get_split_allocation_for_update(&mut tx, id).await.map_err(transient)?;
     let c = match known {
-        // Locked here (the transition below would lock it anyway): the transfer id and marks it is compared with
-        // are the ones it is recorded over.
         Some(k) => AllocationContext {
-            allocation: get_split_allocation_for_update(&mut tx, id).await.map_err(transient)?,
+            allocation,
             ..k.clone()
         },
-        // Locked first, for the same reason; the context then reads the locked row.
-        None => {
-            get_split_allocation_for_update(&mut tx, id).await.map_err(transient)?;
-            allocation_context(&mut tx, id).await.map_err(transient)?
-        }
+        None => context_of(&mut tx, allocation).await.map_err(transient)?,
     };
     let now = Utc::now();
     let event = announce::distribution(EventType::DistributionSucceeded, &c, Some(&transfer.id), None, now);

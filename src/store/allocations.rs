@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::payments::{SplitPaymentRow, PAYMENT_BY_ID_SQL};
+use super::payments::{get_split_payment_row, SplitPaymentRow};
 use super::records::insert_outbox_events;
 use super::transfer_attempts::TransferAttemptRow;
 use super::{corrupt, forbidden, StoreError, Tx};
@@ -25,13 +25,15 @@ pub const NET_AMOUNT_ZERO: &str = "net_amount_zero";
 /// Locks every share of `payment`, in position order, in the caller's transaction. Every path that locks more than
 /// one share, or a share and then a refund row, goes through here first (a refund applied, a dispute's withdrawal,
 /// an `ops refund` Stripe refused): one order for all, so two of them wait for each other instead of deadlocking
-/// (refund row → share against share → refund row did, before).
-pub async fn lock_payment_shares(conn: &mut PgConnection, payment: &str) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1 FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE")
-        .bind(payment)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// (refund row → share against share → refund row did, before). Returns the shares' gross amounts in that order
+/// (what distribution splits the fees over), in the same statement.
+pub async fn lock_payment_shares(conn: &mut PgConnection, payment: &str) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT gross_amount_cents FROM split_allocations WHERE split_payment_id = $1 ORDER BY position FOR UPDATE",
+    )
+    .bind(payment)
+    .fetch_all(conn)
+    .await?)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -110,12 +112,17 @@ pub async fn allocation_context(
     id: &SplitAllocationId,
 ) -> Result<AllocationContext, StoreError> {
     let allocation = get_split_allocation(conn, id).await?;
-    let payment_id =
-        SplitPaymentId::parse(&allocation.split_payment_id).map_err(|e| corrupt("split allocation", id.as_str(), e))?;
-    let payment = sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
-        .bind(payment_id.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
+    context_of(conn, allocation).await
+}
+
+/// The context of an allocation row the caller has read (locked, say): its payment and its recipient's link.
+pub async fn context_of(
+    conn: &mut PgConnection,
+    allocation: SplitAllocationRow,
+) -> Result<AllocationContext, StoreError> {
+    let payment_id = SplitPaymentId::parse(&allocation.split_payment_id)
+        .map_err(|e| corrupt("split allocation", &allocation.id, e))?;
+    let payment = get_split_payment_row(conn, &payment_id).await?;
     let (recipient_organisation_id, recipient_org_name, destination_account_id): (String, String, String) =
         sqlx::query_as(
             "SELECT recipient_organisation_id, recipient_org_name, stripe_connect_account_id

@@ -128,20 +128,28 @@ pub async fn create_split_payment(tx: &mut Tx<'_>, new: &NewSplitPayment<'_>) ->
 
 /// One payment by id (a primary-key probe), as [`get_split_payment`] and [`allocation_context`] read it.
 pub const PAYMENT_BY_ID_SQL: &str = "SELECT * FROM split_payments WHERE id = $1";
+/// One payment's row alone, without its allocations.
+pub async fn get_split_payment_row(
+    conn: &mut PgConnection,
+    id: &SplitPaymentId,
+) -> Result<SplitPaymentRow, StoreError> {
+    sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "split payment",
+            id: id.to_string(),
+        })
+}
+
 /// A payment's allocations in order (`split_allocations_payment`); the reconcilers read each payment they work on
 /// through [`get_split_payment`].
 pub const ALLOCATIONS_OF_PAYMENT_SQL: &str =
     "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position";
 
 pub async fn get_split_payment(conn: &mut PgConnection, id: &SplitPaymentId) -> Result<SplitPayment, StoreError> {
-    let payment = sqlx::query_as::<_, SplitPaymentRow>(PAYMENT_BY_ID_SQL)
-        .bind(id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "split payment",
-            id: id.to_string(),
-        })?;
+    let payment = get_split_payment_row(conn, id).await?;
     let allocations = sqlx::query_as::<_, SplitAllocationRow>(ALLOCATIONS_OF_PAYMENT_SQL)
         .bind(id.as_str())
         .fetch_all(&mut *conn)
