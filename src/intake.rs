@@ -272,7 +272,63 @@ pub async fn create_intent_as(
     confirmation: Confirmation,
 ) -> Result<(SplitPayment, IntentOutcome), IntakeError> {
     let payment = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
+    let answer = match send_create(ctx, &payment, confirmation).await {
+        Ok(answer) => answer,
+        // The key's PaymentIntent was made with other parameters: by the reconciler's unconfirmed replay of this
+        // intake (`Confirmation::Never`), which then cancels it and fails the payment. Once that is done, a retry of
+        // the intake is answered with the payment as it ended, not with a 503 for ever.
+        Err(SendError::KeyUsedOtherwise(reason)) => {
+            let now = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
+            if !now.payment.status.is_final() {
+                return Err(IntakeError::StripeUnavailable(format!(
+                    "the intake key was used with other parameters (a reconciliation replay that is closing the \
+                     payment, or the original create); its PaymentIntent is left to them: {reason}"
+                )));
+            }
+            // The payment's own failure (`intake_abandoned`, or Stripe's refusal of the replay) is in its row.
+            return Ok((
+                now,
+                IntentOutcome {
+                    intent: None,
+                    failure: None,
+                },
+            ));
+        }
+        Err(SendError::Intake(e)) => return Err(e),
+    };
+    record_create(ctx, id, &payment, &answer).await?;
+    let payment = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
+    Ok((payment, answer.outcome))
+}
+
+/// Stripe's answer to a payment's PaymentIntent create: the PaymentIntent, or Stripe's refusal (with the
+/// PaymentIntent it made, if it made one).
+#[derive(Debug, Clone)]
+pub struct CreateAnswer {
+    pub intent_id: Option<String>,
+    pub outcome: IntentOutcome,
+}
+
+/// Why [`send_create`] has no answer.
+#[derive(Debug)]
+pub enum SendError {
+    /// Stripe answered `idempotency_error`: the key was first used with other parameters, and its PaymentIntent
+    /// cannot be named by this request. Not a refusal of the payment (failing it would strand a charge the first
+    /// request may make).
+    KeyUsedOtherwise(String),
+    Intake(IntakeError),
+}
+
+/// Sends (or replays, under the payment's key) the PaymentIntent create and returns Stripe's answer, writing
+/// nothing: [`record_create`] records it. The reconciler cancels a replayed PaymentIntent before anything is
+/// recorded, so a crash between the two replays the same create again rather than leaving a live PaymentIntent.
+pub async fn send_create(
+    ctx: &AppContext,
+    payment: &SplitPayment,
+    confirmation: Confirmation,
+) -> Result<CreateAnswer, SendError> {
     let p = &payment.payment;
+    let id = SplitPaymentId::parse(&p.id).map_err(|e| SendError::Intake(StoreError::Invalid(e.to_string()).into()))?;
     let params = CreatePaymentIntentParams {
         amount_cents: p.total_amount_cents,
         currency: p.currency.stripe_code().to_owned(),
@@ -287,52 +343,62 @@ pub async fn create_intent_as(
             .confirm_payment_method
             .clone()
             .filter(|_| confirmation == Confirmation::AsAsked),
-        idempotency_key: payment_intent_idempotency_key(id),
+        idempotency_key: payment_intent_idempotency_key(&id),
     };
-    let (intent_id, outcome) = match ctx.gateway.create_payment_intent(&params).await {
-        Ok(pi) => (
-            Some(pi.id.clone()),
-            IntentOutcome {
+    match ctx.gateway.create_payment_intent(&params).await {
+        Ok(pi) => Ok(CreateAnswer {
+            intent_id: Some(pi.id.clone()),
+            outcome: IntentOutcome {
                 intent: Some(pi),
                 failure: None,
             },
-        ),
-        // The key was first used with other parameters: a PaymentIntent exists under it that this request cannot
-        // name. Not a refusal of the payment (failing it would strand a charge the original request may make).
-        Err(e) if e.is_idempotency_misuse() => {
-            return Err(IntakeError::StripeUnavailable(format!(
-                "the intake key was used with other parameters; its PaymentIntent is left to its webhooks: {e}"
-            )))
-        }
+        }),
+        Err(e) if e.is_idempotency_misuse() => Err(SendError::KeyUsedOtherwise(e.to_string())),
         Err(GatewayError::Terminal {
             code,
             decline_code,
             message,
             payment_intent,
             ..
-        }) => {
-            let failure = Some((code.unwrap_or_else(|| "stripe_refused".into()), decline_code, message));
-            (payment_intent, IntentOutcome { intent: None, failure })
-        }
-        Err(e) => return Err(IntakeError::StripeUnavailable(e.to_string())),
-    };
+        }) => Ok(CreateAnswer {
+            intent_id: payment_intent,
+            outcome: IntentOutcome {
+                intent: None,
+                failure: Some((code.unwrap_or_else(|| "stripe_refused".into()), decline_code, message)),
+            },
+        }),
+        Err(e) => Err(SendError::Intake(IntakeError::StripeUnavailable(e.to_string()))),
+    }
+}
+
+/// Records Stripe's answer to the create: the PaymentIntent's id (a no-op if Stripe's webhook already moved the
+/// payment on), or, when Stripe refused to create one at all, the payment's failure at submit.
+pub async fn record_create(
+    ctx: &AppContext,
+    id: &SplitPaymentId,
+    payment: &SplitPayment,
+    answer: &CreateAnswer,
+) -> Result<(), IntakeError> {
     let mut tx = ctx.pool.begin().await.map_err(StoreError::from)?;
-    match (&intent_id, &outcome.failure) {
+    match (&answer.intent_id, &answer.outcome.failure) {
         (Some(pi), _) => {
             let patch = PaymentPatch {
                 payment_intent_id: Some(pi.clone()),
                 ..Default::default()
             };
-            // Stripe's webhook may already have moved the payment on: then this is a no-op.
             transition_payment(&mut tx, id, PaymentEvent::IntentCreated, &patch, &[]).await?;
         }
         // Stripe refused to create the PaymentIntent at all: the payment fails here ("Stripe error at submit").
-        (None, Some((code, _, message))) => fail_at_submit(&mut tx, &payment, code, message).await?,
-        (None, None) => unreachable!("an intent or a failure"),
+        (None, Some((code, _, message))) => fail_at_submit(&mut tx, payment, code, message).await?,
+        (None, None) => {
+            return Err(StoreError::Invalid(format!(
+                "payment {id}: Stripe's answer has neither an intent nor a failure"
+            ))
+            .into())
+        }
     }
     tx.commit().await.map_err(StoreError::from)?;
-    let payment = get_split_payment(&mut *ctx.pool.acquire().await.map_err(StoreError::from)?, id).await?;
-    Ok((payment, outcome))
+    Ok(())
 }
 
 async fn fail_at_submit(tx: &mut Tx<'_>, payment: &SplitPayment, code: &str, message: &str) -> Result<(), StoreError> {

@@ -591,3 +591,125 @@ async fn a_fixed_set_with_an_allocation_below_the_minimum_cannot_be_paid() {
     assert_nothing_written(&flow).await;
     flow.stop().await;
 }
+
+/// A donor's client keeps retrying an intake whose PaymentIntent create never reached Stripe, while reconcile-pending
+/// (past the card grace) closes the payment: it replays the create *unconfirmed* under the same key and cancels it.
+/// The client's retry, with the payment method, meets Stripe's `idempotency_error` under that key. Found by the chaos
+/// test in CI: the retry was answered 503 ("retry within 23 hours") for ever. Now: while the reconciler is closing
+/// the payment the retry is a 503 that charges nothing; once the payment is FAILED the retry gets it, 201 and
+/// `intake_abandoned`, stored for the key. The reconciler's replay is canceled before anything is recorded, so a
+/// crash (here: the cancel never reaching Stripe) leaves the payment CREATED for the next tick, never waiting out
+/// `abandon_after` with a live PaymentIntent.
+#[tokio::test]
+async fn a_retry_after_the_reconciler_closed_an_abandoned_intake_is_answered_with_the_failed_payment() {
+    use splitpay::domain::state::PaymentStatus;
+    use splitpay::jobs::reconcile::{reconcile_pending, ReconcileOptions};
+    let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::DropConnection,
+            count: 1,
+            path_contains: Some("/v1/payment_intents".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let (status, body) = post(&flow, card(json!([])), Some("order-late")).await;
+    assert_eq!(status, 503, "{body}");
+    let (raw,): (String,) =
+        sqlx::query_as("SELECT split_payment_id FROM intake_requests WHERE idempotency_key = 'order-late'")
+            .fetch_one(&flow.db.pool)
+            .await
+            .unwrap();
+    let id = SplitPaymentId::parse(&raw).unwrap();
+    sqlx::query("UPDATE split_payments SET created_at = now() - interval '11 minutes' WHERE id = $1")
+        .bind(id.as_str())
+        .execute(&flow.db.pool)
+        .await
+        .unwrap();
+
+    // The reconciler's replay reaches Stripe; its cancel never does (as if it were killed in between).
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::DropConnection,
+            count: 100_000,
+            path_contains: Some("/cancel".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+    let only_this = ReconcileOptions {
+        ignore_graces: true,
+        payment: Some(id.clone()),
+        ..ReconcileOptions::default()
+    };
+    let report = reconcile_pending(&flow.ctx, &only_this).await.unwrap();
+    assert_eq!((report.errors, report.intake_abandoned), (1, 0), "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(
+        p.payment.status,
+        PaymentStatus::Created,
+        "nothing recorded before the cancel"
+    );
+    assert_eq!(p.payment.payment_intent_id, None);
+
+    // The client's retry meets the reconciler's key: a 503 that charges nothing and writes no answer.
+    let (status, body) = post(&flow, card(json!([])), Some("order-late")).await;
+    assert_eq!(status, 503, "{body}");
+    let (answered,): (bool,) =
+        sqlx::query_as("SELECT response_status IS NOT NULL FROM intake_requests WHERE idempotency_key = 'order-late'")
+            .fetch_one(&flow.db.pool)
+            .await
+            .unwrap();
+    assert!(!answered, "no answer stored while the payment is being closed");
+    assert_eq!(flow.payment(&id).await.payment.status, PaymentStatus::Created);
+
+    // The next tick replays the same create (the same PaymentIntent), cancels it and fails the payment.
+    flow.control.clear_faults().await.unwrap();
+    let report = reconcile_pending(&flow.ctx, &only_this).await.unwrap();
+    assert_eq!((report.errors, report.intake_abandoned), (0, 1), "{report:?}");
+    let p = flow.payment(&id).await;
+    assert_eq!(
+        (p.payment.status, p.payment.failure_code.as_deref()),
+        (PaymentStatus::Failed, Some("intake_abandoned"))
+    );
+    let pi = p
+        .payment
+        .payment_intent_id
+        .clone()
+        .expect("the failure names the PaymentIntent");
+    let intent = flow.gateway.retrieve_payment_intent(&pi).await.unwrap();
+    assert_eq!(intent.status, splitpay::stripe::IntentStatus::Canceled);
+    assert!(intent.latest_charge.is_none(), "the donor was never charged");
+
+    // The client's retries now get the payment as it ended, the same answer each time.
+    let (status, first) = post(&flow, card(json!([])), Some("order-late")).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(
+        (
+            first["id"].as_str(),
+            first["status"].as_str(),
+            first["failure_code"].as_str()
+        ),
+        (Some(id.as_str()), Some("FAILED"), Some("intake_abandoned")),
+        "{first}"
+    );
+    assert_eq!(first["payment_intent_id"], pi.as_str());
+    assert_eq!(first["client_secret"], Value::Null);
+    let (status, again) = post(&flow, card(json!([])), Some("order-late")).await;
+    assert_eq!((status, &again), (201, &first));
+    assert_eq!(count(&flow.db.pool, "split_payments").await, 1);
+    // One PaymentIntent ever made for the payment: every create (the dropped one, the replays, the retries) carried
+    // the same key.
+    let log = flow.control.get("requests").await.unwrap();
+    let keys: std::collections::BTreeSet<String> = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"] == "/v1/payment_intents" && r["method"] == "POST")
+        .map(|r| r["idempotency_key"].as_str().unwrap_or("none").to_owned())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(flow.count_events("donation.failed").await, 2);
+    flow.stop().await;
+}

@@ -24,7 +24,7 @@ use super::transfer::{drive, succeed};
 use crate::app::AppContext;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationStatus, PaymentEvent, PaymentStatus, Transition};
-use crate::intake::{create_intent_as, Confirmation, IntakeError};
+use crate::intake::{record_create, send_create, Confirmation, IntakeError, SendError};
 use crate::store::allocations::allocation_context;
 use crate::store::payments::{get_split_payment, SplitPayment};
 use crate::store::transfer_attempts::record_discrepancy;
@@ -320,21 +320,33 @@ async fn reconcile_created(
         return Ok(());
     }
     // Replay the create under the stored key: Stripe answers with the PaymentIntent it made (or makes it now,
-    // unconfirmed), which is then canceled. A refusal fails the payment at submit, as intake would.
+    // unconfirmed), which is canceled before anything is recorded: the payment stays CREATED until it is FAILED, so
+    // a crash in between replays the same create on the next tick (never a live PaymentIntent left to wait out
+    // `abandon_after`). A refusal fails the payment at submit, as intake would.
     // Never confirmed by this replay: a donor told the payment failed must not be charged now.
-    let (after, _) = match create_intent_as(ctx, &id, Confirmation::Never).await {
-        Ok(done) => done,
-        Err(IntakeError::StripeUnavailable(reason)) => return Err(reason.into()),
-        Err(e) => return Err(Box::new(e)),
+    let answer = match send_create(ctx, payment, Confirmation::Never).await {
+        Ok(answer) => answer,
+        Err(SendError::KeyUsedOtherwise(reason)) => {
+            return Err(format!(
+                "the original create reached Stripe with its payment method; its PaymentIntent is left to its \
+                 webhooks: {reason}"
+            )
+            .into())
+        }
+        Err(SendError::Intake(IntakeError::StripeUnavailable(reason))) => return Err(reason.into()),
+        Err(SendError::Intake(e)) => return Err(Box::new(e)),
     };
-    if after.payment.status.is_final() {
-        count(report, Transition::To(after.payment.status), PaymentEvent::Failed);
-        return Ok(());
+    match &answer.intent_id {
+        Some(intent_id) => abandon(ctx, &id, intent_id, PaymentEvent::Failed, INTAKE_ABANDONED, report).await,
+        None => {
+            record_create(ctx, &id, payment, &answer).await?;
+            let after = load(ctx, &id).await?;
+            if after.payment.status.is_final() {
+                count(report, Transition::To(after.payment.status), PaymentEvent::Failed);
+            }
+            Ok(())
+        }
     }
-    let Some(intent_id) = after.payment.payment_intent_id.clone() else {
-        return Ok(());
-    };
-    abandon(ctx, &id, &intent_id, PaymentEvent::Failed, INTAKE_ABANDONED, report).await
 }
 
 /// reconcile-transfers: see the module documentation.
