@@ -112,10 +112,7 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
     let api = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     control
-        .add_webhook(&format!("{api}/stripe/webhooks"), WEBHOOK_SECRET)
-        .await?;
-    control
-        .add_connect_webhook(&format!("{api}/stripe/webhooks/connect"), CONNECT_WEBHOOK_SECRET)
+        .add_splitpay_webhooks(&api, WEBHOOK_SECRET, CONNECT_WEBHOOK_SECRET)
         .await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let settings = crate::jobs::runner::RunnerSettings {

@@ -183,13 +183,12 @@ async fn serve() -> Result<(), Failure> {
         StripeTarget::Simulator => {
             let sim = splitpay::stripe::sim::start(Default::default(), LOCAL_SIMULATOR_PORT).await?;
             let secret = format!("whsec_local_{}", uuid::Uuid::new_v4().simple());
-            let url = format!("http://{}/stripe/webhooks", process.http_addr);
-            sim.control().add_webhook(&url, &secret).await?;
+            let connect_secret = format!("whsec_local_connect_{}", uuid::Uuid::new_v4().simple());
+            sim.control()
+                .add_splitpay_webhooks(&format!("http://{}", process.http_addr), &secret, &connect_secret)
+                .await?;
             webhook_secrets.push(Secret::new(secret));
-            let secret = format!("whsec_local_connect_{}", uuid::Uuid::new_v4().simple());
-            let url = format!("http://{}/stripe/webhooks/connect", process.http_addr);
-            sim.control().add_connect_webhook(&url, &secret).await?;
-            connect_webhook_secrets.push(Secret::new(secret));
+            connect_webhook_secrets.push(Secret::new(connect_secret));
             tracing::warn!(base_url = %sim.base_url(), "no STRIPE_SECRET_KEY: using the local Stripe simulator");
             Some(sim)
         }

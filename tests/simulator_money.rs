@@ -915,3 +915,49 @@ async fn events_are_listed_by_creation_time() {
     let (status, body) = api(&sim, reqwest::Method::GET, "events?created[gte]=soon", "", None).await;
     assert_eq!((status, error_of(&body).2), (400, "created[gte]"), "{body}");
 }
+
+/// An endpoint registered with `enabled_events` (as at Stripe) is sent only those types; one without, every type.
+/// Also the registration splitpay's own tools use: the types splitpay acts on. A malformed list is refused naming
+/// the field.
+#[tokio::test]
+async fn an_endpoint_is_sent_only_its_enabled_events() {
+    let (sim, control) = simulator().await;
+    let gw = gateway(&sim);
+    let every = Receiver::start().await;
+    let reversals = Receiver::start().await;
+    control.add_webhook(&every.url, "whsec_every").await.unwrap();
+    control
+        .post(
+            "webhooks",
+            json!({ "url": reversals.url, "secret": "whsec_reversals", "enabled_events": ["transfer.reversed"] }),
+        )
+        .await
+        .unwrap();
+    let refused = control
+        .post(
+            "webhooks",
+            json!({ "url": every.url, "secret": "whsec_x", "enabled_events": [] }),
+        )
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("enabled_events"), "{refused}");
+
+    control.create_account(ACCOUNT, true).await.unwrap();
+    control.top_up("aud", 10_000).await.unwrap();
+    let t = gw.create_transfer(&transfer(5_000, None, "k-t")).await.unwrap();
+    gw.reverse_transfer(&t.id, Some(2_000), "k-r").await.unwrap();
+    every
+        .wait_for("both transfer events", |t| {
+            t.contains(&"transfer.created".to_owned()) && t.contains(&"transfer.reversed".to_owned())
+        })
+        .await;
+    reversals.wait_for("the reversal", |t| !t.is_empty()).await;
+    // Every delivery is counted: two to the first endpoint, one to the second, and nothing more comes.
+    let mut delivered = 0;
+    for _ in 0..40 {
+        delivered = control.webhook_stats().await.unwrap()["delivered"].as_u64().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(delivered, 3);
+    assert_eq!(reversals.types(), ["transfer.reversed"]);
+}

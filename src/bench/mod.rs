@@ -194,11 +194,9 @@ async fn run_in(
         // Stripe's budget is not what is measured here: raised out of the way.
         ("STRIPE_RATE_PER_SEC".to_owned(), "100000".to_owned()),
     ]);
+    // Each endpoint is sent the event types splitpay acts on, as README tells an operator to configure them.
     control
-        .add_webhook(&format!("{base_url}/stripe/webhooks"), WEBHOOK_SECRET)
-        .await?;
-    control
-        .add_connect_webhook(&format!("{base_url}/stripe/webhooks/connect"), CONNECT_WEBHOOK_SECRET)
+        .add_splitpay_webhooks(&base_url, WEBHOOK_SECRET, CONNECT_WEBHOOK_SECRET)
         .await?;
 
     let mut running = Running {

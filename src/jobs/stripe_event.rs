@@ -18,6 +18,30 @@ use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, get_stripe_event};
 use crate::store::StoreError;
 
+/// The platform event types splitpay acts on: the types to enable on its webhook endpoint at Stripe
+/// (`/stripe/webhooks`). Any other type is accepted and stored, and changes nothing: sending it costs Stripe, the
+/// endpoint and the database a delivery each (three `transfer.created` per payment).
+pub const PLATFORM_EVENT_TYPES: [&str; 14] = [
+    "payment_intent.processing",
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "payment_intent.canceled",
+    "charge.refunded",
+    "charge.refund.updated",
+    "refund.created",
+    "refund.updated",
+    "refund.failed",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+];
+
+/// The Connect event types splitpay acts on: the types to enable on its Connect endpoint
+/// (`/stripe/webhooks/connect`).
+pub const CONNECT_EVENT_TYPES: [&str; 1] = ["account.updated"];
+
 /// Whether an event of this type can change anything in splitpay (what [`process`] acts on). Ingress stores every
 /// other event already processed and enqueues no job for it: [`process`] would only mark it processed.
 pub fn needs_processing(event_type: &str) -> bool {
@@ -113,5 +137,59 @@ async fn split_payment_of(ctx: &AppContext, intent: &Value) -> Result<Option<Spl
     match intent["id"].as_str() {
         Some(pi) => find_split_payment_by_intent(&mut *ctx.pool.acquire().await?, pi).await,
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The types to enable at Stripe are exactly the types splitpay acts on, among every type Stripe (and the
+    /// simulator) sends about payments, charges, refunds, disputes, transfers, payouts and accounts.
+    #[test]
+    fn the_types_to_enable_are_exactly_those_processed() {
+        let known = [
+            "payment_intent.created",
+            "payment_intent.processing",
+            "payment_intent.succeeded",
+            "payment_intent.payment_failed",
+            "payment_intent.canceled",
+            "payment_intent.requires_action",
+            "charge.succeeded",
+            "charge.pending",
+            "charge.failed",
+            "charge.updated",
+            "charge.captured",
+            "charge.refunded",
+            "charge.refund.updated",
+            "refund.created",
+            "refund.updated",
+            "refund.failed",
+            "charge.dispute.created",
+            "charge.dispute.updated",
+            "charge.dispute.closed",
+            "charge.dispute.funds_withdrawn",
+            "charge.dispute.funds_reinstated",
+            "transfer.created",
+            "transfer.updated",
+            "transfer.reversed",
+            "payout.created",
+            "payout.paid",
+            "account.updated",
+            "account.application.deauthorized",
+            "capability.updated",
+            "balance.available",
+        ];
+        for t in known {
+            let enabled = PLATFORM_EVENT_TYPES.contains(&t) || CONNECT_EVENT_TYPES.contains(&t);
+            assert_eq!(needs_processing(t), enabled, "{t}");
+        }
+        for t in PLATFORM_EVENT_TYPES.iter().chain(&CONNECT_EVENT_TYPES) {
+            assert!(known.contains(t), "{t}");
+        }
+        // The events sweep reads a subset of them (those nothing else would notice lost).
+        for t in crate::jobs::event_sweep::SWEPT_EVENT_TYPES {
+            assert!(PLATFORM_EVENT_TYPES.contains(&t), "{t}");
+        }
     }
 }

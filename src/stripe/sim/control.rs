@@ -16,7 +16,7 @@
 //! | `POST /_sim/charges/{ch}/dispute` `{reason?}` | opens a dispute on a succeeded charge now (funds withdrawn at once); returns the dispute |
 //! | `POST /_sim/charges/{ch}/dispute/close` `{outcome: "won"\|"lost"}` | decides the charge's dispute; returns it |
 //! | `POST /_sim/refunds/{re}/settle` `{outcome: "succeeded"\|"failed", failure_reason?}` | settles a `pending` refund (`charge.refund.updated`) |
-//! | `POST /_sim/webhooks` `{url, secret, connect?}` | registers a webhook endpoint; `connect: true` for Connect events only (default: platform events only) |
+//! | `POST /_sim/webhooks` `{url, secret, connect?, enabled_events?}` | registers a webhook endpoint; `connect: true` for Connect events only (default: platform events only); `enabled_events` as Stripe's (default `["*"]`, every type) |
 //! | `POST /_sim/webhooks/mode` `{duplicate?, drop_next?, hold?}` | delivery modes (`drop_next`: of the events made after this call) |
 //! | `POST /_sim/webhooks/flush` | releases held events, newest first (reordered), one after the other |
 //! | `POST /_sim/webhooks/redeliver` `{event_id}` | sends a past event again now, after whatever came since |
@@ -203,12 +203,31 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
                     .as_bool()
                     .ok_or_else(|| SimError::invalid("connect", "connect must be true or false"))?,
             };
+            let enabled_events = match &args["enabled_events"] {
+                Value::Null => vec!["*".to_owned()],
+                Value::Array(types) if !types.is_empty() => types
+                    .iter()
+                    .map(|t| t.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| SimError::invalid("enabled_events", "enabled_events must be event type strings"))?,
+                _ => {
+                    return Err(SimError::invalid(
+                        "enabled_events",
+                        "enabled_events must be a non-empty array of event types (\"*\" for all)",
+                    ))
+                }
+            };
             shared
                 .webhooks
                 .lock()
                 .expect("no panics while held")
                 .endpoints
-                .push(super::webhooks::Endpoint { url, secret, connect });
+                .push(super::webhooks::Endpoint {
+                    url,
+                    secret,
+                    connect,
+                    enabled_events,
+                });
             Ok(json!({ "ok": true }))
         }
         ("POST", ["webhooks", "mode"]) => {
@@ -449,6 +468,28 @@ impl SimControl {
         self.post("webhooks", json!({ "url": url, "secret": secret, "connect": true }))
             .await
             .map(|_| ())
+    }
+
+    /// Registers the two endpoints splitpay serves (`{base_url}/stripe/webhooks` and `…/connect`), each sent only
+    /// the event types splitpay acts on, as an operator configures them at Stripe (see README).
+    pub async fn add_splitpay_webhooks(
+        &self,
+        base_url: &str,
+        secret: &str,
+        connect_secret: &str,
+    ) -> Result<(), ControlError> {
+        use crate::jobs::stripe_event::{CONNECT_EVENT_TYPES, PLATFORM_EVENT_TYPES};
+        self.post(
+            "webhooks",
+            json!({ "url": format!("{base_url}/stripe/webhooks"), "secret": secret, "enabled_events": PLATFORM_EVENT_TYPES }),
+        )
+        .await?;
+        self.post(
+            "webhooks",
+            json!({ "url": format!("{base_url}/stripe/webhooks/connect"), "secret": connect_secret, "connect": true, "enabled_events": CONNECT_EVENT_TYPES }),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn webhook_mode(&self, mode: Value) -> Result<(), ControlError> {

@@ -31,11 +31,13 @@ pub(super) struct Endpoint {
     /// A Connect endpoint: it receives the events about connected accounts (those with a top-level `account`)
     /// and only those; a platform endpoint receives only the platform's own events, as Stripe separates them.
     pub connect: bool,
+    /// The event types it is sent, as Stripe's `enabled_events`: `["*"]` (the default) for every type.
+    pub enabled_events: Vec<String>,
 }
 
 impl Endpoint {
     fn wants(&self, event: &Event) -> bool {
-        self.connect == event.account.is_some()
+        self.connect == event.account.is_some() && self.enabled_events.iter().any(|t| t == "*" || *t == event.type_)
     }
 }
 
