@@ -208,9 +208,11 @@ async fn fee_split_is_stored_exactly_and_only_once() {
     // The same split again is a no-op; a different one is refused and changes nothing.
     let split = split_fees(&[1000, 1000, 1000], 70, 30).unwrap();
     let mut tx = pool.begin().await.unwrap();
-    write_fee_split(&mut tx, &pid(&p), None, 70, 30, &split).await.unwrap();
+    write_fee_split(&mut tx, &pid(&p), None, 70, 30, &split, false)
+        .await
+        .unwrap();
     let other = split_fees(&[1000, 1000, 1000], 90, 30).unwrap();
-    let err = write_fee_split(&mut tx, &pid(&p), None, 90, 30, &other)
+    let err = write_fee_split(&mut tx, &pid(&p), None, 90, 30, &other, false)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("different fee split"), "{err}");

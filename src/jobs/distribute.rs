@@ -15,8 +15,8 @@ use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus, Transition};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, lock_payment_shares, started_contexts, transition_allocation, AllocationContext,
-    AllocationPatch, NET_AMOUNT_ZERO,
+    allocation_context, lock_payment_shares, started_contexts, transition_allocation, transition_locked_allocation,
+    AllocationContext, AllocationPatch, NET_AMOUNT_ZERO,
 };
 use crate::store::announce;
 use crate::store::payments::{get_split_payment, get_split_payment_row, write_fee_split, SplitPaymentRow};
@@ -75,6 +75,7 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
             processing_fee_cents,
             platform_fee_cents,
             &split,
+            true, // every share leaves PENDING below, in this transaction
         )
         .await
         .map_err(transient)?;
@@ -133,25 +134,31 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
                 next_attempt_at: Some(lease_ends),
                 ..Default::default()
             };
-            let moved = transition_allocation(&mut tx, &aid, AllocationEvent::TransferStarted, &patch, &[])
-                .await
-                .map_err(transient)?;
+            // The row was read after `lock_payment_shares` locked it, in this transaction: no second lock-and-read.
+            let moved =
+                transition_locked_allocation(&mut tx, allocation, AllocationEvent::TransferStarted, &patch, &[])
+                    .await
+                    .map_err(transient)?;
             // Only a share this transaction started is driven here: one another distribution moved on is its.
             if matches!(moved, Transition::To(_)) {
                 started.push(aid);
             }
         }
     }
-    sqlx::query(
-        "UPDATE split_payments
-            SET distributed_at = coalesce(distributed_at, now()),
-                audit_due_at = coalesce(audit_due_at, now() + interval '1 hour')
-          WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    if split_written {
+        // Marked with the fee split when it is written here (`write_fee_split`); this is a distribution of a split
+        // written before.
+        sqlx::query(
+            "UPDATE split_payments
+                SET distributed_at = coalesce(distributed_at, now()),
+                    audit_due_at = coalesce(audit_due_at, now() + interval '1 hour')
+              WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| JobFailure::Retry(e.to_string()))?;
+    }
     // What the transfers made below need, read here in this transaction rather than by each of them in its own.
     let started = started_contexts(&mut tx, &payment.payment, &started)
         .await

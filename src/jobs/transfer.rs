@@ -23,15 +23,15 @@ use super::queue::{enqueue, Queue};
 use super::runner::JobFailure;
 use super::stripe_event::transient;
 use crate::app::AppContext;
-use crate::domain::ids::{DonationId, SplitAllocationId};
+use crate::domain::ids::SplitAllocationId;
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, context_of, get_split_allocation_for_update, transition_allocation, AllocationContext,
-    AllocationPatch, BALANCE_INSUFFICIENT, RETRY_WINDOW_ELAPSED,
+    allocation_context, context_of, get_split_allocation_for_update, transition_allocation,
+    transition_locked_allocation, AllocationContext, AllocationPatch, BALANCE_INSUFFICIENT, RETRY_WINDOW_ELAPSED,
 };
 use crate::store::announce;
-use crate::store::donations::{donation_for_allocation, transition_donation, DonationPatch};
+use crate::store::donations::{donation_for_allocation_for_update, transition_locked_donation, DonationPatch};
 use crate::store::transfer_attempts::{
     get_transfer_attempt, next_transfer_key_attempt, record_discrepancy, record_transfer_retry, RetryKind,
     TransferAttemptRow, TransferRetry,
@@ -372,7 +372,14 @@ async fn record(
         transfer_generation: Some(generation),
         ..Default::default()
     };
-    let transition = transition_allocation(&mut tx, id, AllocationEvent::TransferSucceeded, &patch, &[event]).await;
+    let transition = transition_locked_allocation(
+        &mut tx,
+        &c.allocation,
+        AllocationEvent::TransferSucceeded,
+        &patch,
+        &[event],
+    )
+    .await;
     let recorded = matches!(transition, Ok(crate::domain::state::Transition::To(_)));
     match transition {
         // Already TRANSFERRED with another transfer: Stripe holds two. Never dropped: reported for an operator.
@@ -397,13 +404,16 @@ async fn record(
         }
         Err(e) => return Err(transient(e)),
     }
-    if let Some(donation) = donation_for_allocation(&mut tx, id).await.map_err(transient)? {
-        let did = DonationId::parse(&donation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    // Locked as it is read (after the share, the order every path takes): the transition needs no second read.
+    if let Some(donation) = donation_for_allocation_for_update(&mut tx, id)
+        .await
+        .map_err(transient)?
+    {
         let patch = DonationPatch {
             received_date: Some(now),
             ..Default::default()
         };
-        let confirmed = transition_donation(&mut tx, &did, DonationEvent::Confirmed, &patch, |d| {
+        let confirmed = transition_locked_donation(&mut tx, &donation, DonationEvent::Confirmed, &patch, |d| {
             announce::donation(EventType::DonationSucceeded, d, now)
                 .map(|e| announce::of_generation(e, generation))
                 .into_iter()

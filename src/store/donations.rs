@@ -95,12 +95,37 @@ pub async fn donation_for_allocation(
     conn: &mut PgConnection,
     allocation_id: &SplitAllocationId,
 ) -> Result<Option<DonationRow>, StoreError> {
-    Ok(
-        sqlx::query_as::<_, DonationRow>("SELECT * FROM donations WHERE split_allocation_id = $1")
-            .bind(allocation_id.as_str())
-            .fetch_optional(conn)
-            .await?,
+    donation_of(
+        conn,
+        "SELECT * FROM donations WHERE split_allocation_id = $1",
+        allocation_id,
     )
+    .await
+}
+
+/// As [`donation_for_allocation`], locking the row for the caller's transaction (then
+/// [`transition_locked_donation`]).
+pub async fn donation_for_allocation_for_update(
+    conn: &mut PgConnection,
+    allocation_id: &SplitAllocationId,
+) -> Result<Option<DonationRow>, StoreError> {
+    donation_of(
+        conn,
+        "SELECT * FROM donations WHERE split_allocation_id = $1 FOR UPDATE",
+        allocation_id,
+    )
+    .await
+}
+
+async fn donation_of(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    allocation_id: &SplitAllocationId,
+) -> Result<Option<DonationRow>, StoreError> {
+    Ok(sqlx::query_as::<_, DonationRow>(sql)
+        .bind(allocation_id.as_str())
+        .fetch_optional(conn)
+        .await?)
 }
 
 /// Adds a refunded part to a donation that stays where it is (a partial refund changes the amount, not the status),
@@ -152,6 +177,31 @@ pub async fn transition_donation(
             id: id.to_string(),
         })?;
     let from = DonationStatus::try_from(raw).map_err(|e| corrupt("donation", id.as_str(), e))?;
+    transition_donation_from(tx, id, from, event, patch, events).await
+}
+
+/// [`transition_donation`] of a donation this transaction has already locked and read (`current`, read
+/// `FOR UPDATE` in this same transaction): one statement less when a transfer is recorded. Should `current` be stale
+/// all the same, the `UPDATE`'s status guard refuses it (`LostRace`).
+pub async fn transition_locked_donation(
+    tx: &mut Tx<'_>,
+    current: &DonationRow,
+    event: DonationEvent,
+    patch: &DonationPatch,
+    events: impl FnOnce(&DonationRow) -> Vec<OutboundEvent>,
+) -> Result<Transition<DonationStatus>, StoreError> {
+    let id = DonationId::parse(&current.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    transition_donation_from(tx, &id, current.status, event, patch, events).await
+}
+
+async fn transition_donation_from(
+    tx: &mut Tx<'_>,
+    id: &DonationId,
+    from: DonationStatus,
+    event: DonationEvent,
+    patch: &DonationPatch,
+    events: impl FnOnce(&DonationRow) -> Vec<OutboundEvent>,
+) -> Result<Transition<DonationStatus>, StoreError> {
     let next = match from.apply(event).map_err(|e| forbidden(e, id.as_str()))? {
         Transition::Unchanged => return Ok(Transition::Unchanged),
         Transition::To(next) => next,

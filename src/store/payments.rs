@@ -314,6 +314,8 @@ pub async fn transition_payment(
 
 /// Records the fee split of a succeeded payment on its allocations (fee share and net amount) and the fees on the
 /// payment, in the caller's transaction. Writing the same split again is a no-op; a different one is refused.
+/// `mark_distributed`: the same `UPDATE` also marks the payment distributed (`distributed_at`, and its audit due in
+/// an hour), for a distribution that starts every share in this transaction (one payment `UPDATE` less).
 pub async fn write_fee_split(
     tx: &mut Tx<'_>,
     id: &SplitPaymentId,
@@ -321,6 +323,7 @@ pub async fn write_fee_split(
     processing_fee_cents: i64,
     platform_fee_cents: i64,
     split: &FeeSplit,
+    mark_distributed: bool,
 ) -> Result<(), StoreError> {
     let payment = get_split_payment(tx, id).await?;
     if payment.allocations.len() != split.shares.len() {
@@ -376,7 +379,10 @@ pub async fn write_fee_split(
     sqlx::query(
         "UPDATE split_payments
             SET processing_fee_cents = $2, platform_fee_cents = $3, fee_uncollected_cents = $4,
-                charge_id = coalesce(charge_id, $5), distribution_next_attempt_at = NULL, updated_at = now()
+                charge_id = coalesce(charge_id, $5), distribution_next_attempt_at = NULL, updated_at = now(),
+                distributed_at = CASE WHEN $6 THEN coalesce(distributed_at, now()) ELSE distributed_at END,
+                audit_due_at = CASE WHEN $6 THEN coalesce(audit_due_at, now() + interval '1 hour')
+                                    ELSE audit_due_at END
           WHERE id = $1",
     )
     .bind(id.as_str())
@@ -384,6 +390,7 @@ pub async fn write_fee_split(
     .bind(platform_fee_cents)
     .bind(split.fee_uncollected_cents)
     .bind(charge_id)
+    .bind(mark_distributed)
     .execute(&mut **tx)
     .await?;
     // The second half of the conservation pair (the first is in `split_fees`): what is stored adds up.

@@ -206,7 +206,7 @@ pub async fn succeeded_with_first_transfer_started(
         .await
         .unwrap();
     let split = split_fees(&plan.gross_amounts_cents(), processing_fee_cents, 0).unwrap();
-    write_fee_split(&mut tx, &id, None, processing_fee_cents, 0, &split)
+    write_fee_split(&mut tx, &id, None, processing_fee_cents, 0, &split, false)
         .await
         .unwrap();
     let first = SplitAllocationId::parse(&p.allocations[0].id).unwrap();

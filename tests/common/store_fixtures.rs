@@ -87,7 +87,7 @@ pub async fn succeed_with_fees(pool: &PgPool, p: &SplitPayment, processing: i64,
     assert_eq!(t, Transition::To(PaymentStatus::Succeeded));
     let gross: Vec<i64> = p.allocations.iter().map(|a| a.gross_amount_cents).collect();
     let split = split_fees(&gross, processing, platform).unwrap();
-    write_fee_split(&mut tx, &pid(p), None, processing, platform, &split)
+    write_fee_split(&mut tx, &pid(p), None, processing, platform, &split, false)
         .await
         .unwrap();
     tx.commit().await.unwrap();
