@@ -575,6 +575,78 @@ async fn an_abandoned_server_confirmed_intake_is_never_charged_by_the_replay() {
     flow.stop().await;
 }
 
+/// Point 7, the webhook first: reconcile-pending's cancel of an abandoned intake's replayed PaymentIntent is applied
+/// at Stripe but its answer is lost, so the reconciler records nothing and the payment is still CREATED; Stripe's
+/// `payment_intent.canceled` then reaches splitpay first. It is the same abandonment, with the same code and
+/// message (before, it was FAILED `abandoned`, "The payment did not complete"; CANCELED without a payment method),
+/// so a client retrying the intake and an organisation reading the event see one story.
+#[tokio::test]
+async fn an_abandoned_intakes_cancel_seen_first_by_webhook_is_the_same_abandonment() {
+    for payment_method in [Some("pm_card_visa"), None] {
+        let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
+        let id = abandoned_intake(&flow, payment_method).await;
+        flow.control
+            .fault(Fault {
+                kind: FaultKind::LoseResponse,
+                count: 1,
+                path_contains: Some("/cancel".into()),
+                method: Some("POST".into()),
+            })
+            .await
+            .unwrap();
+        let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+            .await
+            .unwrap();
+        assert_eq!((report.errors, report.intake_abandoned), (1, 0), "{report:?}");
+        let p = flow
+            .wait_until(&id, "the canceled webhook", |p| p.payment.status.is_final())
+            .await;
+        assert_eq!(
+            (
+                p.payment.status,
+                p.payment.failure_code.as_deref(),
+                p.payment.failure_message.as_deref()
+            ),
+            (
+                PaymentStatus::Failed,
+                Some(splitpay::jobs::reconcile::INTAKE_ABANDONED),
+                Some(splitpay::jobs::reconcile::INTAKE_ABANDONED_MESSAGE)
+            ),
+            "{payment_method:?}"
+        );
+        let pi = p
+            .payment
+            .payment_intent_id
+            .clone()
+            .expect("the webhook named the PaymentIntent");
+        let intent = flow.gateway.retrieve_payment_intent(&pi).await.unwrap();
+        assert_eq!(intent.status, IntentStatus::Canceled);
+        assert!(intent.latest_charge.is_none());
+        let failed: Vec<serde_json::Value> = flow
+            .events(id.as_str())
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "recommendation_set.payment_failed")
+            .collect();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0]["data"]["failure_code"], "intake_abandoned");
+        assert_eq!(flow.count_events("donation.failed").await, 2);
+        // The reconciler's next look changes nothing.
+        let report = reconcile_pending(
+            &flow.ctx,
+            &ReconcileOptions {
+                ignore_graces: true,
+                ..ReconcileOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.errors, report.intake_abandoned), (0, 0), "{report:?}");
+        assert_eq!(flow.count_events("donation.failed").await, 2);
+        flow.stop().await;
+    }
+}
+
 /// Point 11 (reconciler side): a CREATED payment older than 23 h is failed without replaying its create (Stripe
 /// may have forgotten the key, and a replay could make a new PaymentIntent).
 #[tokio::test]

@@ -221,6 +221,36 @@ async fn fee_split_is_stored_exactly_and_only_once() {
         .await
         .unwrap();
     assert_eq!(again, p);
+    assert_eq!(p.payment.distributed_at, None, "written without mark_distributed");
+
+    // Written by a distribution (`mark_distributed`): the same UPDATE marks the payment distributed and its audit
+    // due an hour later; written again, neither moves.
+    let mut tx = pool.begin().await.unwrap();
+    write_fee_split(&mut tx, &pid(&p), None, 70, 30, &split, true)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let marked = get_split_payment(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    let distributed_at = marked.payment.distributed_at.expect("marked distributed");
+    let (audit_due_in_secs,): (f64,) = sqlx::query_as(
+        "SELECT extract(epoch FROM audit_due_at - distributed_at)::float8 FROM split_payments WHERE id = $1",
+    )
+    .bind(&p.payment.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audit_due_in_secs, 3_600.0);
+    let mut tx = pool.begin().await.unwrap();
+    write_fee_split(&mut tx, &pid(&p), None, 70, 30, &split, true)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let again = get_split_payment(&mut pool.acquire().await.unwrap(), &pid(&p))
+        .await
+        .unwrap();
+    assert_eq!(again.payment.distributed_at, Some(distributed_at));
 }
 
 #[tokio::test]

@@ -321,3 +321,57 @@ async fn zero_net_allocations_cannot_start_a_transfer_and_are_parked() {
     tx.commit().await.unwrap();
     assert_eq!(count(&pool, "transfer_attempts").await, 0);
 }
+
+/// A transition applied to a row read earlier (`transition_locked_allocation`, the hot paths' one-read form) is
+/// refused when the row has moved on since, even to the same status at another generation: nothing is written.
+#[tokio::test]
+async fn a_locked_transition_of_a_stale_row_is_refused_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000]).await;
+    let p = succeed_with_fees(&pool, &p, 60, 0).await;
+    let id = aid(&p.allocations[0]);
+    let mut tx = pool.begin().await.unwrap();
+    apply(&mut tx, &id, AllocationEvent::TransferStarted).await.unwrap();
+    tx.commit().await.unwrap();
+    let stale = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!((stale.status, stale.generation), (AllocationStatus::Transferring, 1));
+
+    // Meanwhile: parked, then an operator's retry, TRANSFERRING again at generation 2.
+    let mut tx = pool.begin().await.unwrap();
+    let parked = AllocationPatch {
+        failure_code: Some("account_invalid".into()),
+        failure_message: Some("No such destination".into()),
+        ..Default::default()
+    };
+    transition_allocation(&mut tx, &id, AllocationEvent::TransferFailed, &parked, &[])
+        .await
+        .unwrap();
+    apply(&mut tx, &id, AllocationEvent::OpsRetry).await.unwrap();
+    tx.commit().await.unwrap();
+    let current = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (current.status, current.generation),
+        (AllocationStatus::Transferring, 2)
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    let done = AllocationPatch {
+        stripe_transfer_id: Some("tr_stale".into()),
+        transfer_generation: Some(1),
+        ..Default::default()
+    };
+    let err = transition_locked_allocation(&mut tx, &stale, AllocationEvent::TransferSucceeded, &done, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LostRace { .. }), "{err}");
+    drop(tx);
+    let after = get_split_allocation(&mut pool.acquire().await.unwrap(), &id)
+        .await
+        .unwrap();
+    assert_eq!(after, current, "nothing written");
+}

@@ -167,6 +167,15 @@ pub async fn apply(
     }
     let mut event = event;
     let mut view = view.clone();
+    if event == PaymentEvent::Canceled && payment.payment.status == PaymentStatus::Created {
+        // A PaymentIntent canceled while its payment never left intake: reconcile-pending's replay of an abandoned
+        // intake, which cancels before it records anything. Seen first (the webhook before the reconciler's own
+        // transition, or a crash after the cancel), it is that abandonment, with the same code and message either
+        // way, and FAILED whether or not intake had a payment method.
+        event = PaymentEvent::Failed;
+        view.error_code = Some(super::reconcile::INTAKE_ABANDONED.to_owned());
+        view.error_message = Some(super::reconcile::INTAKE_ABANDONED_MESSAGE.to_owned());
+    }
     if event == PaymentEvent::Canceled
         && payment.payment.confirm_payment_method.is_some()
         && !payment.payment.status.is_final()

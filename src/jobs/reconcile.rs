@@ -35,6 +35,9 @@ use crate::store::StoreError;
 pub const INTAKE_KEY_SAFE_AGE_HOURS: i64 = 23;
 /// The failure code of a payment whose intake stopped (Stripe unreachable) and was never resumed.
 pub const INTAKE_ABANDONED: &str = "intake_abandoned";
+/// Its message, when its PaymentIntent was learned and canceled.
+pub const INTAKE_ABANDONED_MESSAGE: &str =
+    "Intake could not reach Stripe and the payment was never resumed; its PaymentIntent was canceled.";
 
 // The statements a reconcile tick runs over many rows, public so `tests/scale.rs` can `EXPLAIN` exactly what runs.
 // Each is an index range scan on a partial index (see migrations), bounded by `batch_max`.
@@ -260,10 +263,7 @@ async fn abandon(
                 latest_charge: None,
                 error_code: Some(code.to_owned()),
                 error_message: Some(match end {
-                    PaymentEvent::Failed => {
-                        "Intake could not reach Stripe and the payment was never resumed; its PaymentIntent was canceled."
-                            .to_owned()
-                    }
+                    PaymentEvent::Failed => INTAKE_ABANDONED_MESSAGE.to_owned(),
                     _ => "The payment was not completed in time; its PaymentIntent was canceled.".to_owned(),
                 }),
                 cancellation_reason: Some(code.to_owned()),

@@ -252,7 +252,8 @@ pub async fn transition_allocation(
 
 /// [`transition_allocation`] of a share this transaction has already locked and read (`current`, read `FOR UPDATE`,
 /// or after a lock of it, in this same transaction): one statement less on the hot paths (distribution, recording
-/// a transfer). Should `current` be stale all the same, the `UPDATE`'s status guard refuses it (`LostRace`).
+/// a transfer). Should `current` be stale all the same, the `UPDATE`'s guard (status and generation) refuses it
+/// (`LostRace`).
 pub async fn transition_locked_allocation(
     tx: &mut Tx<'_>,
     current: &SplitAllocationRow,
@@ -390,7 +391,7 @@ pub async fn transition_locked_allocation(
                 transferred_at = CASE WHEN $3 = 'TRANSFERRED' THEN now() ELSE transferred_at END,
                 refunded_at = CASE WHEN $3 = 'REFUNDED' THEN now() ELSE refunded_at END,
                 updated_at = now()
-          WHERE id = $1 AND status = $2",
+          WHERE id = $1 AND status = $2 AND generation = $10",
     )
     .bind(id.as_str())
     .bind(from.as_str())
@@ -401,6 +402,8 @@ pub async fn transition_locked_allocation(
     .bind(&patch.failure_code)
     .bind(&patch.failure_message)
     .bind(patch.next_attempt_at)
+    // The row the transition was decided on: a stale one (another status or generation) is refused, not written.
+    .bind(current.generation)
     .execute(&mut **tx)
     .await?;
     if updated.rows_affected() != 1 {
