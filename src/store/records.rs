@@ -16,25 +16,20 @@ use crate::events::OutboundEvent;
 pub async fn insert_outbox_events(conn: &mut PgConnection, events: &[OutboundEvent]) -> Result<u64, StoreError> {
     let mut inserted = 0;
     for event in events {
-        let done: Option<(String,)> = sqlx::query_as(
-            "INSERT INTO outbox_events (id, dedup_key, event_type, organisation_id, occurred_at, payload)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT ON CONSTRAINT outbox_dedup_key_unique DO NOTHING
-             RETURNING id",
-        )
-        .bind(OutboxEventId::generate().as_str())
-        .bind(&event.dedup_key)
-        .bind(event.event_type.as_str())
-        .bind(&event.organisation_id)
-        .bind(event.occurred_at)
-        .bind(event.envelope())
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some((id,)) = done {
+        // The event and its deliveries in one statement.
+        let (new, deliveries): (bool, Vec<String>) =
+            sqlx::query_as(super::webhooks::deliveries::OUTBOX_INSERT_WITH_DELIVERIES_SQL)
+                .bind(OutboxEventId::generate().as_str())
+                .bind(&event.dedup_key)
+                .bind(event.event_type.as_str())
+                .bind(&event.organisation_id)
+                .bind(event.occurred_at)
+                .bind(event.envelope())
+                .bind(super::webhooks::jittered_schedule())
+                .fetch_one(&mut *conn)
+                .await?;
+        if new {
             inserted += 1;
-            let deliveries =
-                super::webhooks::create_deliveries(conn, &id, &event.organisation_id, event.event_type.as_str())
-                    .await?;
             for delivery in &deliveries {
                 crate::jobs::queue::enqueue(conn, crate::jobs::queue::Queue::Deliver, delivery, None).await?;
             }

@@ -28,16 +28,46 @@ pub fn jittered_schedule() -> Vec<i32> {
     schedule
 }
 
+/// The deliveries of the outbox events in a CTE named `ev` (`id, organisation_id, event_type`) to each enabled
+/// endpoint of their organisation whose filter matches, with the stored schedule `$schedule`, skipping endpoints that
+/// already have one; returns the new delivery ids. One text for [`CREATE_DELIVERIES_SQL`] and for the outbox insert
+/// that creates its deliveries in the same statement ([`OUTBOX_INSERT_WITH_DELIVERIES_SQL`]).
+macro_rules! insert_deliveries_from_ev {
+    ($schedule:literal) => {
+        concat!(
+            "INSERT INTO webhook_deliveries (id, outbox_event_id, endpoint_id, schedule_secs)
+             SELECT 'whdl_' || replace(gen_random_uuid()::text, '-', ''), ev.id, e.id, ",
+            $schedule,
+            "
+               FROM ev JOIN webhook_endpoints e ON e.organisation_id = ev.organisation_id
+              WHERE e.disabled_at IS NULL AND (e.event_types IS NULL OR ev.event_type = ANY (e.event_types))
+             ON CONFLICT ON CONSTRAINT webhook_delivery_once DO NOTHING
+             RETURNING id"
+        )
+    };
+}
+
 /// Creates the deliveries of outbox event `$1` (of type `$3`, for organisation `$2`) to each enabled endpoint of the
 /// organisation whose filter matches, skipping endpoints that already have one. Returns the new delivery ids.
-pub const CREATE_DELIVERIES_SQL: &str =
-    "INSERT INTO webhook_deliveries (id, outbox_event_id, endpoint_id, schedule_secs)
-     SELECT 'whdl_' || replace(gen_random_uuid()::text, '-', ''), $1, e.id, $4
-       FROM webhook_endpoints e
-      WHERE e.organisation_id = $2 AND e.disabled_at IS NULL
-        AND (e.event_types IS NULL OR $3 = ANY (e.event_types))
-     ON CONFLICT ON CONSTRAINT webhook_delivery_once DO NOTHING
-     RETURNING id";
+pub const CREATE_DELIVERIES_SQL: &str = concat!(
+    "WITH ev (id, organisation_id, event_type) AS (VALUES ($1::text, $2::text, $3::text)) ",
+    insert_deliveries_from_ev!("$4")
+);
+
+/// Inserts one outbox event (`$1` id, `$2` dedup key, `$3` type, `$4` organisation, `$5` occurred at, `$6` payload;
+/// nothing if its dedup key is known) and creates its deliveries with schedule `$7`, in one statement (one round
+/// trip per event instead of two: issue 11). Returns whether the event was inserted and the new delivery ids.
+pub const OUTBOX_INSERT_WITH_DELIVERIES_SQL: &str = concat!(
+    "WITH ev AS (
+        INSERT INTO outbox_events (id, dedup_key, event_type, organisation_id, occurred_at, payload)
+        VALUES ($1, $2, $3, $4, $5, $6)
+        ON CONFLICT ON CONSTRAINT outbox_dedup_key_unique DO NOTHING
+        RETURNING id, organisation_id, event_type),
+     d AS (",
+    insert_deliveries_from_ev!("$7"),
+    ")
+     SELECT EXISTS (SELECT 1 FROM ev), coalesce((SELECT array_agg(id) FROM d), '{}'::text[])"
+);
 
 pub async fn create_deliveries(
     conn: &mut PgConnection,
