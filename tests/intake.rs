@@ -383,20 +383,26 @@ async fn a_donor_covering_fees_leaves_every_recipient_their_full_amount() {
     flow.stop().await;
 }
 
+/// The next PaymentIntent create never reaches Stripe (the connection breaks before it is applied): intake answers
+/// 503 and leaves its payment CREATED.
+async fn drop_next_intent_create(flow: &Flow) {
+    flow.control
+        .fault(Fault {
+            kind: FaultKind::DropConnection,
+            count: 1,
+            path_contains: Some("/v1/payment_intents".into()),
+            method: Some("POST".into()),
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_resume_more_than_23_hours_after_the_payment_was_written_is_refused_and_changes_nothing() {
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
     // Two payments whose PaymentIntent create never reached Stripe (the connection broke before it was applied).
     for key in ["order-old", "order-young"] {
-        flow.control
-            .fault(Fault {
-                kind: FaultKind::DropConnection,
-                count: 1,
-                path_contains: Some("/v1/payment_intents".into()),
-                method: Some("POST".into()),
-            })
-            .await
-            .unwrap();
+        drop_next_intent_create(&flow).await;
         let (status, body) = post(&flow, card(json!([])), Some(key)).await;
         assert_eq!(status, 503, "{body}");
         assert!(
@@ -605,15 +611,7 @@ async fn a_retry_after_the_reconciler_closed_an_abandoned_intake_is_answered_wit
     use splitpay::domain::state::PaymentStatus;
     use splitpay::jobs::reconcile::{reconcile_pending, ReconcileOptions};
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
-    flow.control
-        .fault(Fault {
-            kind: FaultKind::DropConnection,
-            count: 1,
-            path_contains: Some("/v1/payment_intents".into()),
-            method: Some("POST".into()),
-        })
-        .await
-        .unwrap();
+    drop_next_intent_create(&flow).await;
     let (status, body) = post(&flow, card(json!([])), Some("order-late")).await;
     assert_eq!(status, 503, "{body}");
     let (raw,): (String,) =

@@ -539,6 +539,12 @@ async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
         flow.gateway.retrieve_payment_intent(&pi).await.unwrap().status,
         IntentStatus::Canceled
     );
+    assert_announced_intake_abandoned(&flow, &id).await;
+    flow.stop().await;
+}
+
+/// One `recommendation_set.payment_failed` (`intake_abandoned`) for the payment, and a `donation.failed` per share.
+async fn assert_announced_intake_abandoned(flow: &Flow, id: &splitpay::domain::ids::SplitPaymentId) {
     let failed: Vec<serde_json::Value> = flow
         .events(id.as_str())
         .await
@@ -548,7 +554,6 @@ async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["data"]["failure_code"], "intake_abandoned");
     assert_eq!(flow.count_events("donation.failed").await, 2);
-    flow.stop().await;
 }
 
 /// Point 7 with a server-side confirmation: the replay of an abandoned intake must not charge the donor, who was
@@ -622,15 +627,7 @@ async fn an_abandoned_intakes_cancel_seen_first_by_webhook_is_the_same_abandonme
         let intent = flow.gateway.retrieve_payment_intent(&pi).await.unwrap();
         assert_eq!(intent.status, IntentStatus::Canceled);
         assert!(intent.latest_charge.is_none());
-        let failed: Vec<serde_json::Value> = flow
-            .events(id.as_str())
-            .await
-            .into_iter()
-            .filter(|e| e["type"] == "recommendation_set.payment_failed")
-            .collect();
-        assert_eq!(failed.len(), 1);
-        assert_eq!(failed[0]["data"]["failure_code"], "intake_abandoned");
-        assert_eq!(flow.count_events("donation.failed").await, 2);
+        assert_announced_intake_abandoned(&flow, &id).await;
         // The reconciler's next look changes nothing.
         let report = reconcile_pending(
             &flow.ctx,

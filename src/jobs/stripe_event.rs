@@ -18,25 +18,33 @@ use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, get_stripe_event};
 use crate::store::StoreError;
 
-/// The platform event types splitpay acts on: the types to enable on its webhook endpoint at Stripe
-/// (`/stripe/webhooks`). Any other type is accepted and stored, and changes nothing: sending it costs Stripe, the
-/// endpoint and the database a delivery each (three `transfer.created` per payment).
-pub const PLATFORM_EVENT_TYPES: [&str; 14] = [
+/// The PaymentIntent event types that move a split payment ([`event_of_webhook`]).
+pub const PAYMENT_INTENT_EVENT_TYPES: [&str; 4] = [
     "payment_intent.processing",
     "payment_intent.succeeded",
     "payment_intent.payment_failed",
     "payment_intent.canceled",
-    "charge.refunded",
-    "charge.refund.updated",
-    "refund.created",
-    "refund.updated",
-    "refund.failed",
-    "charge.dispute.created",
-    "charge.dispute.updated",
-    "charge.dispute.closed",
-    "charge.dispute.funds_withdrawn",
-    "charge.dispute.funds_reinstated",
 ];
+
+/// The platform event types splitpay acts on: the types to enable on its webhook endpoint at Stripe
+/// (`/stripe/webhooks`): the PaymentIntent ones, then the refund and dispute ones (the events sweep's list). Any other
+/// type is accepted and stored, and changes nothing: sending it costs Stripe, the endpoint and the database a
+/// delivery each (three `transfer.created` per payment).
+pub const PLATFORM_EVENT_TYPES: [&str; 14] = {
+    use super::event_sweep::SWEPT_EVENT_TYPES;
+    let mut all = [""; 14];
+    let mut i = 0;
+    while i < PAYMENT_INTENT_EVENT_TYPES.len() {
+        all[i] = PAYMENT_INTENT_EVENT_TYPES[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < SWEPT_EVENT_TYPES.len() {
+        all[i + j] = SWEPT_EVENT_TYPES[j];
+        j += 1;
+    }
+    all
+};
 
 /// The Connect event types splitpay acts on: the types to enable on its Connect endpoint
 /// (`/stripe/webhooks/connect`).
