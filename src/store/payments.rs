@@ -150,11 +150,19 @@ pub const ALLOCATIONS_OF_PAYMENT_SQL: &str =
 
 pub async fn get_split_payment(conn: &mut PgConnection, id: &SplitPaymentId) -> Result<SplitPayment, StoreError> {
     let payment = get_split_payment_row(conn, id).await?;
-    let allocations = sqlx::query_as::<_, SplitAllocationRow>(ALLOCATIONS_OF_PAYMENT_SQL)
-        .bind(id.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
+    let allocations = allocations_of_payment(conn, id).await?;
     Ok(SplitPayment { payment, allocations })
+}
+
+/// A payment's allocations, in position order (without the payment's row).
+async fn allocations_of_payment(
+    conn: &mut PgConnection,
+    id: &SplitPaymentId,
+) -> Result<Vec<SplitAllocationRow>, StoreError> {
+    Ok(sqlx::query_as::<_, SplitAllocationRow>(ALLOCATIONS_OF_PAYMENT_SQL)
+        .bind(id.as_str())
+        .fetch_all(conn)
+        .await?)
 }
 
 /// One page of split payments, newest first (ids are time-ordered), optionally of one set and in one status:
@@ -325,11 +333,12 @@ pub async fn write_fee_split(
     split: &FeeSplit,
     mark_distributed: bool,
 ) -> Result<(), StoreError> {
-    let payment = get_split_payment(tx, id).await?;
-    if payment.allocations.len() != split.shares.len() {
+    // Only the allocations are compared with the split: the payment's row is not read.
+    let allocations = allocations_of_payment(tx, id).await?;
+    if allocations.len() != split.shares.len() {
         return Err(StoreError::Invalid(format!(
             "split payment '{id}' has {} allocations but the fee split has {}",
-            payment.allocations.len(),
+            allocations.len(),
             split.shares.len()
         )));
     }
@@ -342,7 +351,7 @@ pub async fn write_fee_split(
     let mut ids = Vec::new();
     let mut fee_shares_cents = Vec::new();
     let mut nets_cents = Vec::new();
-    for (allocation, share) in payment.allocations.iter().zip(&split.shares) {
+    for (allocation, share) in allocations.iter().zip(&split.shares) {
         if allocation.gross_amount_cents != share.gross_cents {
             return Err(StoreError::Invalid(format!(
                 "split allocation '{}' has gross {} but the fee split has {}",
