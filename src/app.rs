@@ -172,6 +172,8 @@ pub struct AppContext {
     pub distribution: DistributionSettings,
     /// Outbound webhook delivery (timeout, claims).
     pub webhooks: crate::jobs::deliver::DeliverySettings,
+    /// Records the transfers this context's steps got from Stripe, many per transaction.
+    pub recorder: std::sync::Arc<crate::jobs::transfer_batch::Recorder>,
 }
 
 /// Builds the gateway the settings ask for: Stripe (or another base URL) with the configured key, or the local

@@ -95,6 +95,7 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
         pool: pool.clone(),
         gateway: Arc::new(gateway),
         webhooks: Default::default(),
+        recorder: Default::default(),
         distribution: DistributionSettings {
             platform_fee: PlatformFee::new(100, 0)?,
             backoff_base_ms: 300,

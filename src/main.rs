@@ -165,6 +165,7 @@ fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSetting
         pool,
         distribution,
         webhooks: splitpay::jobs::deliver::DeliverySettings::from_lookup(|name| std::env::var(name).ok())?,
+        recorder: Default::default(),
     })
 }
 

@@ -625,6 +625,7 @@ async fn a_day_old_unrecorded_transfer_is_found_not_resent() {
         pool: flow.db.pool.clone(),
         gateway: flow.gateway.clone(),
         webhooks: Default::default(),
+        recorder: Default::default(),
         distribution: DistributionSettings::default(),
     };
     splitpay::jobs::transfer::transfer(&ctx, first.as_str()).await.unwrap();

@@ -684,6 +684,17 @@ async fn an_intake_older_than_the_key_is_failed_without_calling_stripe() {
 /// Makes the first `times` inserts or updates of `table` whose `column` is `value` fail: a transient database error
 /// at one chosen point. The count is a sequence, so a failed (rolled back) write still counts.
 async fn refuse_writes(flow: &Flow, table: &str, column: &str, value: &str, times: i64) {
+    refuse_writes_where(
+        flow,
+        table,
+        &format!("NEW.{column}::text IS NOT DISTINCT FROM '{value}'"),
+        times,
+    )
+    .await
+}
+
+/// As [`refuse_writes`], for the writes whose new row meets `condition` (SQL over `NEW`).
+async fn refuse_writes_where(flow: &Flow, table: &str, condition: &str, times: i64) {
     // Test-only SQL built from the test's own constants.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SEQUENCE refused_writes;
@@ -691,7 +702,7 @@ async fn refuse_writes(flow: &Flow, table: &str, column: &str, value: &str, time
          INSERT INTO refused_writes_max VALUES ({times});
          CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           IF NEW.{column}::text IS NOT DISTINCT FROM '{value}' THEN
+           IF {condition} THEN
              IF nextval('refused_writes') <= (SELECT times FROM refused_writes_max) THEN
                RAISE EXCEPTION 'injected: write refused';
              END IF;
@@ -832,15 +843,26 @@ async fn a_failed_distribution_in_the_event_job_is_taken_on_by_a_distribution_jo
 }
 
 /// Issue 11: distribution makes the shares' transfers itself. When recording one fails after Stripe made it (here
-/// one attempt row's outcome cannot be written, once), that share gets a transfer job, whose create under the same
-/// key gets Stripe's same transfer: one transfer per share, and only that share has a job.
+/// the first share's attempt outcome cannot be written, twice: once in the batch that records transfers together,
+/// which then hands each back to be recorded alone, and once alone), that share gets a transfer job, whose create
+/// under the same key gets Stripe's same transfer: one transfer per share, and only that share has a job.
 #[tokio::test]
 async fn a_transfer_whose_recording_failed_inline_is_taken_on_by_its_job_without_a_second_transfer() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    refuse_writes(&flow, "transfer_attempts", "outcome", "TRANSFERRED", 1).await;
+    // The first share's net is under 2,000; the second's over 2,500.
+    refuse_writes_where(
+        &flow,
+        "transfer_attempts",
+        "NEW.outcome IS NOT DISTINCT FROM 'TRANSFERRED' AND NEW.amount_cents < 2500",
+        2,
+    )
+    .await;
     let id = pay_by_card(&flow).await;
     let p = all_transferred(&flow, &id).await;
-    assert!(refused_so_far(&flow).await >= 1, "one recording was refused");
+    assert!(
+        refused_so_far(&flow).await >= 2,
+        "the batch's and the lone recording were refused"
+    );
     let mut with_jobs = 0;
     for a in &p.allocations {
         with_jobs += jobs(&flow, "splitpay.transfer", &a.id).await;

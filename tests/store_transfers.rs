@@ -10,6 +10,7 @@ use splitpay::domain::state::{AllocationEvent, AllocationStatus, Transition};
 use splitpay::events::EventType;
 use splitpay::store::allocations::*;
 use splitpay::store::money_report::*;
+use splitpay::store::payments::SplitPayment;
 use splitpay::store::records::*;
 use splitpay::store::{StoreError, Tx};
 use sqlx::PgPool;
@@ -374,4 +375,284 @@ async fn a_locked_transition_of_a_stale_row_is_refused_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(after, current, "nothing written");
+}
+
+/// A context over `pool` for calling the recorder directly (its gateway, at a simulator, is never called).
+async fn recorder_ctx(pool: &PgPool) -> (splitpay::app::AppContext, splitpay::stripe::sim::SimServer) {
+    let (sim, _) = common::stripe::simulator().await;
+    let ctx = splitpay::app::AppContext {
+        pool: pool.clone(),
+        gateway: std::sync::Arc::new(common::stripe::gateway(&sim)),
+        distribution: Default::default(),
+        webhooks: Default::default(),
+        recorder: Default::default(),
+    };
+    (ctx, sim)
+}
+
+/// A payment of `shares` shares of 1000 with their PENDING donations and every share's first generation started, and
+/// the shares' contexts.
+async fn started_shares(pool: &PgPool, shares: usize) -> (SplitPayment, Vec<AllocationContext>) {
+    let p = new_payment(pool, &vec![1000; shares]).await;
+    let p = succeed_with_fees(pool, &p, 60, 0).await;
+    let mut contexts = Vec::new();
+    for a in &p.allocations {
+        let mut tx = pool.begin().await.unwrap();
+        splitpay::store::donations::create_donation_for_allocation(&mut tx, &aid(a), chrono::Utc::now(), |_| vec![])
+            .await
+            .unwrap();
+        apply(&mut tx, &aid(a), AllocationEvent::TransferStarted).await.unwrap();
+        tx.commit().await.unwrap();
+        contexts.push(
+            allocation_context(&mut pool.acquire().await.unwrap(), &aid(a))
+                .await
+                .unwrap(),
+        );
+    }
+    (p, contexts)
+}
+
+fn made(id: &str, c: &AllocationContext) -> splitpay::stripe::TransferInfo {
+    splitpay::stripe::TransferInfo {
+        id: id.to_owned(),
+        amount_cents: c.allocation.net_amount_cents.unwrap(),
+        amount_reversed_cents: 0,
+        currency: "aud".into(),
+        destination: Some(c.destination_account_id.clone()),
+        source_transaction: c.payment.charge_id.clone(),
+        transfer_group: Some(c.payment.id.clone()),
+        reversed: false,
+        metadata: Default::default(),
+        reversals: vec![],
+        reversals_listed_all: true,
+    }
+}
+
+/// Each share's (status, transfer id, its attempt's outcome, its donation's status, received?).
+async fn recorded_state(
+    pool: &PgPool,
+    p: &SplitPayment,
+) -> Vec<(String, Option<String>, Option<String>, String, bool)> {
+    sqlx::query_as(
+        "SELECT a.status, a.stripe_transfer_id, t.outcome, d.status, d.received_date IS NOT NULL
+           FROM split_allocations a
+           JOIN transfer_attempts t ON t.split_allocation_id = a.id AND t.generation = a.generation
+           JOIN donations d ON d.split_allocation_id = a.id
+          WHERE a.split_payment_id = $1 ORDER BY a.position",
+    )
+    .bind(&p.payment.id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Outbox events of `event_type` with the transfer id they carry (null for donation events), oldest first.
+async fn events_of(pool: &PgPool, event_type: &str) -> Vec<(String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT coalesce(payload->'data'->>'split_allocation_id', payload->'data'->>'id'),
+                payload->'data'->>'stripe_transfer_id'
+           FROM outbox_events WHERE event_type = $1 ORDER BY created_at, id",
+    )
+    .bind(event_type)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_records_its_plain_transfers_together_and_hands_back_every_other_case() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let (ctx, _sim) = recorder_ctx(&pool).await;
+    let (p, mut contexts) = started_shares(&pool, 6).await;
+    // Share 3 was recorded meanwhile with another transfer; share 4 is owed a resend; share 5's step drove a
+    // generation the share has left (its context is stale).
+    let mut tx = pool.begin().await.unwrap();
+    let patch = AllocationPatch {
+        stripe_transfer_id: Some("tr_other".into()),
+        transfer_generation: Some(1),
+        ..Default::default()
+    };
+    transition_allocation(
+        &mut tx,
+        &aid(&p.allocations[3]),
+        AllocationEvent::TransferSucceeded,
+        &patch,
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE split_allocations SET resend_owed_at = now() WHERE id = $1")
+        .bind(&p.allocations[4].id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    contexts[5].allocation.generation = 2;
+
+    let transfers: Vec<_> = contexts
+        .iter()
+        .enumerate()
+        .map(|(n, c)| made(&format!("tr_{n}"), c))
+        .collect();
+    let answers = futures_util::future::join_all(
+        contexts
+            .iter()
+            .zip(&transfers)
+            .map(|(c, t)| ctx.recorder.record(&ctx, c, t)),
+    )
+    .await;
+    assert_eq!(
+        answers,
+        [true, true, true, false, false, false],
+        "only the plain cases are recorded by the batch"
+    );
+
+    let state = recorded_state(&pool, &p).await;
+    for (n, row) in state.iter().enumerate().take(3) {
+        assert_eq!(
+            row,
+            &(
+                "TRANSFERRED".to_owned(),
+                Some(format!("tr_{n}")),
+                Some("TRANSFERRED".to_owned()),
+                "CONFIRMED".to_owned(),
+                true
+            ),
+            "share {n}"
+        );
+    }
+    assert_eq!(
+        state[3].1.as_deref(),
+        Some("tr_other"),
+        "a share recorded with another transfer keeps it"
+    );
+    assert_eq!(state[3].3, "PENDING", "and the batch did not touch its donation");
+    for n in [4, 5] {
+        assert_eq!(
+            (
+                state[n].0.as_str(),
+                state[n].1.as_deref(),
+                state[n].2.as_deref(),
+                state[n].3.as_str()
+            ),
+            ("TRANSFERRING", None, None, "PENDING"),
+            "share {n} is left for its lone recording"
+        );
+    }
+    // One distribution_succeeded per recorded share, with its transfer, and one donation.succeeded each.
+    let succeeded = events_of(&pool, "recommendation_set.distribution_succeeded").await;
+    let mut expected: Vec<(String, Option<String>)> = (0..3)
+        .map(|n| (p.allocations[n].id.clone(), Some(format!("tr_{n}"))))
+        .collect();
+    let mut got = succeeded.clone();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert_eq!(events_of(&pool, "donation.succeeded").await.len(), 3);
+    // The amounts announced are the shares' nets, to the cent.
+    let announced: i64 = sqlx::query_scalar(
+        "SELECT sum((payload->'data'->>'amount_cents')::bigint)::bigint FROM outbox_events
+          WHERE event_type = 'recommendation_set.distribution_succeeded'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        announced,
+        (0..3).map(|n| p.allocations[n].net_amount_cents.unwrap()).sum::<i64>()
+    );
+
+    // The same transfer again (a duplicate step): not plain any more, nothing written twice.
+    assert!(!ctx.recorder.record(&ctx, &contexts[0], &transfers[0]).await);
+    assert_eq!(
+        events_of(&pool, "recommendation_set.distribution_succeeded")
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(events_of(&pool, "donation.succeeded").await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_batch_whose_leader_is_dropped_mid_write_answers_its_waiters_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let (ctx, _sim) = recorder_ctx(&pool).await;
+    let (p, contexts) = started_shares(&pool, 2).await;
+    let transfers: Vec<_> = contexts
+        .iter()
+        .enumerate()
+        .map(|(n, c)| made(&format!("tr_{n}"), c))
+        .collect();
+
+    // Another transaction holds share 0: the leader's batch waits on its lock, mid-write.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(&p.allocations[0].id)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let leader = {
+        let (ctx, c, t) = (ctx.clone(), contexts[0].clone(), transfers[0].clone());
+        tokio::spawn(async move { ctx.recorder.record(&ctx, &c, &t).await })
+    };
+    let mut waited = 0;
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        waited += 1;
+        assert!(waited < 500, "the leader's batch never waited on the lock");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // A second transfer queues behind the leader; then the leader is dropped (its job timed out, say).
+    let follower = {
+        let (ctx, c, t) = (ctx.clone(), contexts[1].clone(), transfers[1].clone());
+        tokio::spawn(async move { ctx.recorder.record(&ctx, &c, &t).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    leader.abort();
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), follower)
+        .await
+        .expect("a waiter is answered when its leader is dropped")
+        .unwrap();
+    assert!(
+        !answered,
+        "a transfer the dropped batch did not write is recorded alone"
+    );
+    blocker.rollback().await.unwrap();
+
+    let state = recorded_state(&pool, &p).await;
+    assert!(
+        state.iter().all(|s| s.0 == "TRANSFERRING" && s.1.is_none()),
+        "nothing was written: {state:?}"
+    );
+    assert!(events_of(&pool, "recommendation_set.distribution_succeeded")
+        .await
+        .is_empty());
+    // The recorder is not stuck: both are recorded now, once.
+    let answers = futures_util::future::join_all(
+        contexts
+            .iter()
+            .zip(&transfers)
+            .map(|(c, t)| ctx.recorder.record(&ctx, c, t)),
+    )
+    .await;
+    assert_eq!(answers, [true, true]);
+    let state = recorded_state(&pool, &p).await;
+    assert!(
+        state.iter().all(|s| s.0 == "TRANSFERRED" && s.3 == "CONFIRMED"),
+        "{state:?}"
+    );
+    assert_eq!(
+        events_of(&pool, "recommendation_set.distribution_succeeded")
+            .await
+            .len(),
+        2
+    );
 }

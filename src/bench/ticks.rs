@@ -32,6 +32,7 @@ pub async fn measure(
         gateway: Arc::new(gateway),
         distribution: DistributionSettings::default(),
         webhooks: DeliverySettings::default(),
+        recorder: Default::default(),
     };
     let mut timed = Vec::new();
     for (name, job) in crate::jobs::cron::jobs(ctx) {

@@ -195,5 +195,6 @@ fn app_context(pool: sqlx::PgPool, gateway: Arc<StripeGateway>) -> Result<AppCon
         gateway,
         distribution,
         webhooks: crate::jobs::deliver::DeliverySettings::from_lookup(|name| std::env::var(name).ok())?,
+        recorder: Default::default(),
     })
 }

@@ -37,6 +37,7 @@ pub mod schedule;
 pub mod stripe_event;
 pub mod sweeper;
 pub mod transfer;
+pub mod transfer_batch;
 pub mod wake;
 
 use std::sync::Arc;

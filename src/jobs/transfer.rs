@@ -329,6 +329,12 @@ pub async fn succeed(
 /// the events name; they do not move), so only the share itself is read again before it is recorded.
 async fn record_success(ctx: &AppContext, c: &AllocationContext, transfer: &TransferInfo) -> Result<(), JobFailure> {
     let id = SplitAllocationId::parse(&c.allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
+    // With the other steps' transfers, in one transaction, when it is the plain case; otherwise alone, below.
+    if ctx.recorder.record(ctx, c, transfer).await {
+        crate::observability::transfer_recorded(c.payment.succeeded_at);
+        tracing::info!(split_allocation_id = %id, transfer_id = %transfer.id, generation = c.allocation.generation, "transferred");
+        return Ok(());
+    }
     record(ctx, &id, transfer, c.allocation.generation, None, Some(c)).await
 }
 

@@ -14,28 +14,41 @@ use crate::events::OutboundEvent;
 /// delivery job per matching enabled webhook endpoint of its organisation, in the caller's transaction. Returns
 /// how many were new.
 pub async fn insert_outbox_events(conn: &mut PgConnection, events: &[OutboundEvent]) -> Result<u64, StoreError> {
-    let mut inserted = 0;
-    for event in events {
-        // The event and its deliveries in one statement.
-        let (new, deliveries): (bool, Vec<String>) =
-            sqlx::query_as(super::webhooks::deliveries::OUTBOX_INSERT_WITH_DELIVERIES_SQL)
-                .bind(OutboxEventId::generate().as_str())
-                .bind(&event.dedup_key)
-                .bind(event.event_type.as_str())
-                .bind(&event.organisation_id)
-                .bind(event.occurred_at)
-                .bind(event.envelope())
-                .bind(super::webhooks::jittered_schedule())
-                .fetch_one(&mut *conn)
-                .await?;
-        if new {
-            inserted += 1;
-            for delivery in &deliveries {
-                crate::jobs::queue::enqueue(conn, crate::jobs::queue::Queue::Deliver, delivery, None).await?;
-            }
-        }
+    // One statement for all of them, each with its own jittered schedule. An event repeated in `events` is written
+    // once (as a second call would skip it).
+    let mut seen = std::collections::HashSet::new();
+    let events: Vec<&OutboundEvent> = events.iter().filter(|e| seen.insert(e.dedup_key.as_str())).collect();
+    if events.is_empty() {
+        return Ok(0);
     }
-    Ok(inserted)
+    let ids: Vec<String> = events
+        .iter()
+        .map(|_| OutboxEventId::generate().as_str().to_owned())
+        .collect();
+    let dedup_keys: Vec<&str> = events.iter().map(|e| e.dedup_key.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let organisations: Vec<&str> = events.iter().map(|e| e.organisation_id.as_str()).collect();
+    let occurred: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
+    let payloads: Vec<serde_json::Value> = events.iter().map(|e| e.envelope()).collect();
+    let schedules: Vec<String> = events
+        .iter()
+        .map(|_| super::webhooks::deliveries::schedule_literal(&super::webhooks::jittered_schedule()))
+        .collect();
+    let (new, deliveries): (i64, Vec<String>) =
+        sqlx::query_as(super::webhooks::deliveries::OUTBOX_INSERT_WITH_DELIVERIES_SQL)
+            .bind(&ids)
+            .bind(&dedup_keys)
+            .bind(&types)
+            .bind(&organisations)
+            .bind(&occurred)
+            .bind(&payloads)
+            .bind(&schedules)
+            .fetch_one(&mut *conn)
+            .await?;
+    for delivery in &deliveries {
+        crate::jobs::queue::enqueue(conn, crate::jobs::queue::Queue::Deliver, delivery, None).await?;
+    }
+    Ok(new as u64)
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

@@ -127,6 +127,7 @@ impl Flow {
             pool: db.pool.clone(),
             gateway: gateway.clone(),
             webhooks: Default::default(),
+            recorder: Default::default(),
             distribution: {
                 let mut settings = DistributionSettings {
                     throttle_delay_ms: 200,

@@ -1,0 +1,303 @@
+//! Records the transfers Stripe made for many shares in one transaction: group commit for the hot path (issue 11).
+//!
+//! Every transfer step that got its transfer from Stripe hands it to its context's [`Recorder`]. The first step to
+//! arrive while no batch is being written leads: it writes everything queued so far in one transaction, then
+//! whatever queued meanwhile, until the queue is empty; the others wait for their answer. A batch costs about ten
+//! statements whatever its size, where recording one transfer alone costs ten.
+//!
+//! The batch takes only the plain case, decided on the rows it read locked: the share still TRANSFERRING at the
+//! generation that was driven, with no resend owed, and its donation confirmable or already confirmed. Its writes
+//! are the ones a lone recording makes (`transfer::record`), with the state machines deciding each status. Anything
+//! else (a share moved on, a second transfer, a refunded donation), a failed batch, and a batch whose leader was
+//! dropped, is answered "not recorded", and the step records that transfer alone, as before: the batch never
+//! decides an unusual case, and nothing it could not write is lost. Its transaction either writes all of its plain
+//! transfers or none.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use chrono::Utc;
+use tokio::sync::oneshot;
+
+use crate::app::AppContext;
+use crate::domain::ids::SplitAllocationId;
+use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, Transition};
+use crate::events::EventType;
+use crate::store::allocations::{AllocationContext, SplitAllocationRow};
+use crate::store::announce;
+use crate::store::donations::DonationRow;
+use crate::store::records::insert_outbox_events;
+use crate::store::StoreError;
+use crate::stripe::TransferInfo;
+
+/// Transfers written by one transaction at most.
+pub const BATCH_MAX: usize = 64;
+
+/// One context's queue of transfers to record (see the module's comment).
+#[derive(Default)]
+pub struct Recorder {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Item>,
+    /// A step is writing batches: a new item waits for it rather than starting a second.
+    leading: bool,
+}
+
+struct Item {
+    c: AllocationContext,
+    transfer: TransferInfo,
+    /// `true`: the batch recorded the transfer. `false` (or dropped): record it alone.
+    done: oneshot::Sender<bool>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
+}
+
+/// Ends a leader's turn however it ends: a leader dropped mid-batch (its job timed out, a panic) answers every
+/// queued item "not recorded" by dropping it, and lets the next item lead, so no step waits for nobody.
+struct Leading<'a> {
+    recorder: &'a Recorder,
+    done: bool,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut state = self.recorder.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.leading = false;
+            state.queue.clear();
+        }
+    }
+}
+
+impl Recorder {
+    /// Records `transfer` as the one `c`'s generation made, in a batch with whatever else is waiting. `true`: it is
+    /// recorded (TRANSFERRED, the donation CONFIRMED, the events written). `false`: the batch did not take it, and
+    /// the caller must record it alone.
+    pub async fn record(&self, ctx: &AppContext, c: &AllocationContext, transfer: &TransferInfo) -> bool {
+        let (done, answer) = oneshot::channel();
+        let lead = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.queue.push(Item {
+                c: c.clone(),
+                transfer: transfer.clone(),
+                done,
+            });
+            !std::mem::replace(&mut state.leading, true)
+        };
+        if lead {
+            let mut turn = Leading {
+                recorder: self,
+                done: false,
+            };
+            loop {
+                let batch: Vec<Item> = {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if state.queue.is_empty() {
+                        state.leading = false;
+                        turn.done = true;
+                        break;
+                    }
+                    let n = state.queue.len().min(BATCH_MAX);
+                    state.queue.drain(..n).collect()
+                };
+                write_and_answer(ctx, batch).await;
+            }
+        }
+        answer.await.unwrap_or(false)
+    }
+}
+
+async fn write_and_answer(ctx: &AppContext, batch: Vec<Item>) {
+    match write(ctx, &batch).await {
+        Ok(recorded) => {
+            for (item, recorded) in batch.into_iter().zip(recorded) {
+                let _ = item.done.send(recorded);
+            }
+        }
+        Err(e) => {
+            // Nothing was written: each step records its transfer alone (and retries or hands over from there).
+            tracing::warn!(transfers = batch.len(), error = %e, "batch recording failed: each transfer is recorded alone");
+            for item in batch {
+                let _ = item.done.send(false);
+            }
+        }
+    }
+}
+
+/// Writes the batch's plain transfers in one transaction; returns, item by item, whether it recorded it.
+async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError> {
+    let ids: Vec<&str> = batch.iter().map(|i| i.c.allocation.id.as_str()).collect();
+    let mut tx = ctx.pool.begin().await?;
+    // The shares, locked in the order every path that locks several takes (a payment's in position order), then
+    // their donations (a donation after its share, as everywhere).
+    let shares: Vec<SplitAllocationRow> = sqlx::query_as(
+        "SELECT * FROM split_allocations WHERE id = ANY($1) ORDER BY split_payment_id, position FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let donations: Vec<DonationRow> = sqlx::query_as(
+        "SELECT * FROM donations WHERE split_allocation_id = ANY($1) ORDER BY split_allocation_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let shares: HashMap<&str, &SplitAllocationRow> = shares.iter().map(|a| (a.id.as_str(), a)).collect();
+    let donations: HashMap<&str, &DonationRow> =
+        donations.iter().map(|d| (d.split_allocation_id.as_str(), d)).collect();
+
+    // What each plain item moves to, decided by the state machines on the locked rows.
+    let mut seen = HashSet::new();
+    let mut plain = vec![false; batch.len()];
+    let mut confirm: Vec<(&DonationRow, DonationStatus)> = Vec::new();
+    let mut events = Vec::new();
+    let now = Utc::now();
+    for (n, item) in batch.iter().enumerate() {
+        let Some(share) = shares.get(item.c.allocation.id.as_str()) else {
+            continue;
+        };
+        let moves = share.status == AllocationStatus::Transferring
+            && share.generation == item.c.allocation.generation
+            && share.resend_owed_at.is_none()
+            && matches!(
+                share.status.apply(AllocationEvent::TransferSucceeded),
+                Ok(Transition::To(AllocationStatus::Transferred))
+            );
+        let donation = donations.get(share.id.as_str()).copied();
+        let donation_move = match donation.map(|d| d.status.apply(DonationEvent::Confirmed)) {
+            None | Some(Ok(Transition::Unchanged)) => Ok(None),
+            Some(Ok(Transition::To(next))) => Ok(Some(next)),
+            Some(Err(e)) => Err(e),
+        };
+        let Ok(donation_move) = donation_move else {
+            continue; // a donation the transfer cannot confirm: recorded alone, which decides what to do
+        };
+        if !moves || !seen.insert(share.id.as_str()) {
+            continue;
+        }
+        plain[n] = true;
+        let c = AllocationContext {
+            allocation: (*share).clone(),
+            ..item.c.clone()
+        };
+        events.push(announce::distribution(
+            EventType::DistributionSucceeded,
+            &c,
+            Some(&item.transfer.id),
+            None,
+            now,
+        ));
+        if let (Some(d), Some(next)) = (donation, donation_move) {
+            confirm.push((d, next));
+        }
+    }
+    let recorded: Vec<&Item> = batch.iter().zip(&plain).filter(|(_, p)| **p).map(|(i, _)| i).collect();
+    if recorded.is_empty() {
+        return Ok(plain);
+    }
+    let ids: Vec<&str> = recorded.iter().map(|i| i.c.allocation.id.as_str()).collect();
+    let generations: Vec<i32> = recorded.iter().map(|i| i.c.allocation.generation).collect();
+    let transfer_ids: Vec<&str> = recorded.iter().map(|i| i.transfer.id.as_str()).collect();
+
+    // The generations' attempts end TRANSFERRED, then the shares move (as `transition_locked_allocation` writes a
+    // TRANSFERRING → TRANSFERRED move, guarded by status and generation).
+    sqlx::query(
+        "UPDATE transfer_attempts t
+            SET finished_at = now(), outcome = 'TRANSFERRED', stripe_transfer_id = u.transfer_id,
+                failure_code = NULL, failure_message = NULL
+           FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
+          WHERE t.split_allocation_id = u.id AND t.generation = u.generation",
+    )
+    .bind(&ids)
+    .bind(&generations)
+    .bind(&transfer_ids)
+    .execute(&mut *tx)
+    .await?;
+    let moved = sqlx::query(
+        "UPDATE split_allocations a
+            SET status = $4, stripe_transfer_id = u.transfer_id, next_attempt_at = NULL, unresolved_at = NULL,
+                parked_at = NULL, transferred_at = now(), updated_at = now()
+           FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
+          WHERE a.id = u.id AND a.status = 'TRANSFERRING' AND a.generation = u.generation",
+    )
+    .bind(&ids)
+    .bind(&generations)
+    .bind(&transfer_ids)
+    .bind(AllocationStatus::Transferred.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() != ids.len() as u64 {
+        // Cannot happen under the locks; if it does, nothing is written and each is recorded alone.
+        return Err(StoreError::LostRace {
+            what: "split allocation",
+            id: ids.join(","),
+            expected: AllocationStatus::Transferring.to_string(),
+        });
+    }
+    metrics::counter!("splitpay_split_allocation_transitions_total", "to" => AllocationStatus::Transferred.as_str())
+        .increment(ids.len() as u64);
+
+    if !confirm.is_empty() {
+        // As `transition_locked_donation` writes a move with `received_date` set.
+        let donation_ids: Vec<&str> = confirm.iter().map(|(d, _)| d.id.as_str()).collect();
+        let from: Vec<&str> = confirm.iter().map(|(d, _)| d.status.as_str()).collect();
+        let to: Vec<&str> = confirm.iter().map(|(_, next)| next.as_str()).collect();
+        let rows: Vec<DonationRow> = sqlx::query_as(
+            "UPDATE donations d
+                SET status = u.next, received_date = $4,
+                    deleted_at = CASE WHEN u.next = 'REFUNDED' THEN now() WHEN u.prior = 'REFUNDED' THEN NULL
+                                      ELSE d.deleted_at END,
+                    updated_at = now()
+               FROM unnest($1::text[], $2::text[], $3::text[]) AS u (id, prior, next)
+              WHERE d.id = u.id AND d.status = u.prior
+             RETURNING d.*",
+        )
+        .bind(&donation_ids)
+        .bind(&from)
+        .bind(&to)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.len() != confirm.len() {
+            return Err(StoreError::LostRace {
+                what: "donation",
+                id: donation_ids.join(","),
+                expected: from.join(","),
+            });
+        }
+        let generation_of: HashMap<&str, i32> = recorded
+            .iter()
+            .map(|i| (i.c.allocation.id.as_str(), i.c.allocation.generation))
+            .collect();
+        for d in &rows {
+            let generation = generation_of.get(d.split_allocation_id.as_str()).copied().unwrap_or(1);
+            if let Some(e) = announce::donation(EventType::DonationSucceeded, d, now) {
+                events.push(announce::of_generation(e, generation));
+            }
+        }
+    }
+    insert_outbox_events(&mut tx, &events).await?;
+
+    // Refunds that arrived while the transfers were in flight are covered now (by a reversal: policy), as a lone
+    // recording does. One look for all of them, under the shares' locks (no refund attributes parts meanwhile).
+    let waiting: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT split_allocation_id FROM refund_parts
+          WHERE split_allocation_id = ANY($1) AND covered_at IS NULL ORDER BY split_allocation_id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for raw in waiting {
+        let id = SplitAllocationId::parse(&raw).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        super::refunds::settle_waiting_parts(ctx, &mut tx, &id).await?;
+    }
+    tx.commit().await?;
+    Ok(plain)
+}
