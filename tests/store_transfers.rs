@@ -489,6 +489,20 @@ async fn a_batch_records_its_plain_transfers_together_and_hands_back_every_other
         .await
         .unwrap();
     contexts[5].allocation.generation = 2;
+    // Share 2 drives its second generation (the first was parked, an operator retried): its donation, still
+    // PENDING, is confirmed with that generation's event.
+    let mut tx = pool.begin().await.unwrap();
+    apply(&mut tx, &aid(&p.allocations[2]), AllocationEvent::TransferFailed)
+        .await
+        .unwrap();
+    apply(&mut tx, &aid(&p.allocations[2]), AllocationEvent::OpsRetry)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    contexts[2] = allocation_context(&mut pool.acquire().await.unwrap(), &aid(&p.allocations[2]))
+        .await
+        .unwrap();
+    assert_eq!(contexts[2].allocation.generation, 2);
 
     let transfers: Vec<_> = contexts
         .iter()
@@ -550,6 +564,18 @@ async fn a_batch_records_its_plain_transfers_together_and_hands_back_every_other
     expected.sort();
     assert_eq!(got, expected);
     assert_eq!(events_of(&pool, "donation.succeeded").await.len(), 3);
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT o.dedup_key FROM outbox_events o JOIN donations d ON d.id = o.payload->'data'->>'id'
+          WHERE o.event_type = 'donation.succeeded' AND d.split_allocation_id = $1",
+    )
+    .bind(&p.allocations[2].id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        keys.len() == 1 && keys[0].ends_with(":g2"),
+        "the second generation's donation event is its own: {keys:?}"
+    );
     // The amounts announced are the shares' nets, to the cent.
     let announced: i64 = sqlx::query_scalar(
         "SELECT sum((payload->'data'->>'amount_cents')::bigint)::bigint FROM outbox_events
@@ -574,85 +600,88 @@ async fn a_batch_records_its_plain_transfers_together_and_hands_back_every_other
     assert_eq!(events_of(&pool, "donation.succeeded").await.len(), 3);
 }
 
+/// Waits until a backend of this database waits on a lock.
+async fn until_a_lock_is_waited_on(pool: &PgPool) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("nothing waited on the lock");
+}
+
 #[tokio::test]
-async fn a_batch_whose_leader_is_dropped_mid_write_answers_its_waiters_and_writes_nothing() {
+async fn a_batch_skips_a_share_another_transaction_holds_and_outlives_a_step_that_stops_waiting() {
     let db = TestDb::new().await;
     let pool = db.pool.clone();
     let (ctx, _sim) = recorder_ctx(&pool).await;
-    let (p, contexts) = started_shares(&pool, 2).await;
+    let (p, contexts) = started_shares(&pool, 3).await;
     let transfers: Vec<_> = contexts
         .iter()
         .enumerate()
         .map(|(n, c)| made(&format!("tr_{n}"), c))
         .collect();
 
-    // Another transaction holds share 0: the leader's batch waits on its lock, mid-write.
+    // Another transaction (a refund, an operator) holds share 0: the batch does not wait for it; share 0 is handed
+    // back to be recorded alone, and share 1 is recorded.
     let mut blocker = pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
         .bind(&p.allocations[0].id)
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let leader = {
-        let (ctx, c, t) = (ctx.clone(), contexts[0].clone(), transfers[0].clone());
-        tokio::spawn(async move { ctx.recorder.record(&ctx, &c, &t).await })
-    };
-    let mut waited = 0;
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    let answers = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures_util::future::join_all(
+            contexts[..2]
+                .iter()
+                .zip(&transfers)
+                .map(|(c, t)| ctx.recorder.record(&ctx, c, t)),
+        ),
     )
-    .fetch_one(&pool)
     .await
-    .unwrap()
-        == 0
-    {
-        waited += 1;
-        assert!(waited < 500, "the leader's batch never waited on the lock");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    // A second transfer queues behind the leader; then the leader is dropped (its job timed out, say).
-    let follower = {
-        let (ctx, c, t) = (ctx.clone(), contexts[1].clone(), transfers[1].clone());
+    .expect("the batch did not wait for the held share");
+    assert_eq!(answers, [false, true]);
+    blocker.rollback().await.unwrap();
+    let state = recorded_state(&pool, &p).await;
+    assert_eq!((state[0].0.as_str(), state[0].1.as_deref()), ("TRANSFERRING", None));
+    assert_eq!(
+        (state[1].0.as_str(), state[1].1.as_deref()),
+        ("TRANSFERRED", Some("tr_1"))
+    );
+
+    // A step that stops waiting (its job timed out) does not stop the batch writing its transfer: here the batch
+    // waits for share 2's donation, the step is dropped meanwhile, and the transfer is recorded once the lock goes.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM donations WHERE split_allocation_id = $1 FOR UPDATE")
+        .bind(&p.allocations[2].id)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let step = {
+        let (ctx, c, t) = (ctx.clone(), contexts[2].clone(), transfers[2].clone());
         tokio::spawn(async move { ctx.recorder.record(&ctx, &c, &t).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    leader.abort();
-    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), follower)
-        .await
-        .expect("a waiter is answered when its leader is dropped")
-        .unwrap();
-    assert!(
-        !answered,
-        "a transfer the dropped batch did not write is recorded alone"
-    );
+    until_a_lock_is_waited_on(&pool).await;
+    step.abort();
     blocker.rollback().await.unwrap();
-
+    // The recorder is not stuck either: share 0, recorded now, is written after share 2's batch.
+    assert!(ctx.recorder.record(&ctx, &contexts[0], &transfers[0]).await);
     let state = recorded_state(&pool, &p).await;
-    assert!(
-        state.iter().all(|s| s.0 == "TRANSFERRING" && s.1.is_none()),
-        "nothing was written: {state:?}"
-    );
-    assert!(events_of(&pool, "recommendation_set.distribution_succeeded")
-        .await
-        .is_empty());
-    // The recorder is not stuck: both are recorded now, once.
-    let answers = futures_util::future::join_all(
-        contexts
-            .iter()
-            .zip(&transfers)
-            .map(|(c, t)| ctx.recorder.record(&ctx, c, t)),
-    )
-    .await;
-    assert_eq!(answers, [true, true]);
-    let state = recorded_state(&pool, &p).await;
-    assert!(
-        state.iter().all(|s| s.0 == "TRANSFERRED" && s.3 == "CONFIRMED"),
-        "{state:?}"
-    );
-    assert_eq!(
-        events_of(&pool, "recommendation_set.distribution_succeeded")
-            .await
-            .len(),
-        2
-    );
+    for (n, row) in state.iter().enumerate() {
+        assert_eq!(
+            (row.0.as_str(), row.1.clone(), row.3.as_str()),
+            ("TRANSFERRED", Some(format!("tr_{n}")), "CONFIRMED"),
+            "share {n}"
+        );
+    }
+    let events = events_of(&pool, "recommendation_set.distribution_succeeded").await;
+    assert_eq!(events.len(), 3, "one event per share: {events:?}");
 }

@@ -1,15 +1,17 @@
 //! Records the transfers Stripe made for many shares in one transaction: group commit for the hot path (issue 11).
 //!
-//! Every transfer step that got its transfer from Stripe hands it to its context's [`Recorder`]. The first step to
-//! arrive while no batch is being written leads: it writes everything queued so far in one transaction, then
-//! whatever queued meanwhile, until the queue is empty; the others wait for their answer. A batch costs about ten
-//! statements whatever its size, where recording one transfer alone costs ten.
+//! Every transfer step that got its transfer from Stripe hands it to its context's [`Recorder`] and waits for the
+//! answer. When no batch is being written, the step that queued starts a writer task: it writes everything queued
+//! so far in one transaction, then whatever queued meanwhile, until the queue is empty, and ends. The writer is a
+//! task of its own, so no step carries the others' work (a job's timeout never cancels a batch it did not own) and
+//! a dropped step only gives up waiting. A batch costs about ten statements whatever its size, where recording one
+//! transfer alone costs ten.
 //!
 //! The batch takes only the plain case, decided on the rows it read locked: the share still TRANSFERRING at the
 //! generation that was driven, with no resend owed, and its donation confirmable or already confirmed. Its writes
 //! are the ones a lone recording makes (`transfer::record`), with the state machines deciding each status. Anything
 //! else (a share moved on, a second transfer, a refunded donation), a failed batch, and a batch whose leader was
-//! dropped, is answered "not recorded", and the step records that transfer alone, as before: the batch never
+//! dropped (the runtime shutting down, a panic), is answered "not recorded", and the step records that transfer alone, as before: the batch never
 //! decides an unusual case, and nothing it could not write is lost. Its transaction either writes all of its plain
 //! transfers or none.
 
@@ -42,7 +44,7 @@ pub struct Recorder {
 #[derive(Default)]
 struct State {
     queue: Vec<Item>,
-    /// A step is writing batches: a new item waits for it rather than starting a second.
+    /// A writer task is writing batches: a new item waits for it rather than starting a second.
     leading: bool,
 }
 
@@ -59,8 +61,9 @@ impl std::fmt::Debug for Recorder {
     }
 }
 
-/// Ends a leader's turn however it ends: a leader dropped mid-batch (its job timed out, a panic) answers every
-/// queued item "not recorded" by dropping it, and lets the next item lead, so no step waits for nobody.
+/// Ends a writer's turn however it ends: a writer dropped mid-batch (the runtime shutting down, a panic) answers
+/// every queued item "not recorded" by dropping it, and lets the next item start a writer, so no step waits for
+/// nobody. The batch it was writing is answered the same way, by dropping it.
 struct Leading<'a> {
     recorder: &'a Recorder,
     done: bool,
@@ -82,7 +85,7 @@ impl Recorder {
     /// the caller must record it alone.
     pub async fn record(&self, ctx: &AppContext, c: &AllocationContext, transfer: &TransferInfo) -> bool {
         let (done, answer) = oneshot::channel();
-        let lead = {
+        let start_writer = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.queue.push(Item {
                 c: c.clone(),
@@ -91,26 +94,32 @@ impl Recorder {
             });
             !std::mem::replace(&mut state.leading, true)
         };
-        if lead {
-            let mut turn = Leading {
-                recorder: self,
-                done: false,
-            };
-            loop {
-                let batch: Vec<Item> = {
-                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if state.queue.is_empty() {
-                        state.leading = false;
-                        turn.done = true;
-                        break;
-                    }
-                    let n = state.queue.len().min(BATCH_MAX);
-                    state.queue.drain(..n).collect()
-                };
-                write_and_answer(ctx, batch).await;
-            }
+        if start_writer {
+            tokio::spawn(write_until_empty(ctx.clone()));
         }
         answer.await.unwrap_or(false)
+    }
+}
+
+/// The writer task: batches until the queue is empty.
+async fn write_until_empty(ctx: AppContext) {
+    let recorder = ctx.recorder.clone();
+    let mut turn = Leading {
+        recorder: &recorder,
+        done: false,
+    };
+    loop {
+        let batch: Vec<Item> = {
+            let mut state = recorder.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.queue.is_empty() {
+                state.leading = false;
+                turn.done = true;
+                return;
+            }
+            let n = state.queue.len().min(BATCH_MAX);
+            state.queue.drain(..n).collect()
+        };
+        write_and_answer(&ctx, batch).await;
     }
 }
 
@@ -136,9 +145,11 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
     let ids: Vec<&str> = batch.iter().map(|i| i.c.allocation.id.as_str()).collect();
     let mut tx = ctx.pool.begin().await?;
     // The shares, locked in the order every path that locks several takes (a payment's in position order), then
-    // their donations (a donation after its share, as everywhere).
+    // their donations (a donation after its share, as everywhere). A share another transaction holds (a refund, an
+    // operator) is skipped rather than waited for: it is recorded alone, and the rest of the batch goes on.
     let shares: Vec<SplitAllocationRow> = sqlx::query_as(
-        "SELECT * FROM split_allocations WHERE id = ANY($1) ORDER BY split_payment_id, position FOR UPDATE",
+        "SELECT * FROM split_allocations WHERE id = ANY($1) ORDER BY split_payment_id, position
+            FOR UPDATE SKIP LOCKED",
     )
     .bind(&ids)
     .fetch_all(&mut *tx)
@@ -241,8 +252,6 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
             expected: AllocationStatus::Transferring.to_string(),
         });
     }
-    metrics::counter!("splitpay_split_allocation_transitions_total", "to" => AllocationStatus::Transferred.as_str())
-        .increment(ids.len() as u64);
 
     if !confirm.is_empty() {
         // As `transition_locked_donation` writes a move with `received_date` set.
@@ -277,7 +286,10 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
             .map(|i| (i.c.allocation.id.as_str(), i.c.allocation.generation))
             .collect();
         for d in &rows {
-            let generation = generation_of.get(d.split_allocation_id.as_str()).copied().unwrap_or(1);
+            let generation = generation_of
+                .get(d.split_allocation_id.as_str())
+                .copied()
+                .ok_or_else(|| StoreError::Invalid(format!("donation {} is of no share this batch records", d.id)))?;
             if let Some(e) = announce::donation(EventType::DonationSucceeded, d, now) {
                 events.push(announce::of_generation(e, generation));
             }
@@ -299,5 +311,7 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
         super::refunds::settle_waiting_parts(ctx, &mut tx, &id).await?;
     }
     tx.commit().await?;
+    metrics::counter!("splitpay_split_allocation_transitions_total", "to" => AllocationStatus::Transferred.as_str())
+        .increment(ids.len() as u64);
     Ok(plain)
 }
