@@ -12,11 +12,11 @@ use super::stripe_event::transient;
 use crate::app::AppContext;
 use crate::domain::fees::split_fees;
 use crate::domain::ids::{SplitAllocationId, SplitPaymentId};
-use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus, Transition};
+use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentStatus};
 use crate::events::EventType;
 use crate::store::allocations::{
-    allocation_context, lock_payment_shares, started_contexts, transition_allocation, transition_locked_allocation,
-    AllocationContext, AllocationPatch, NET_AMOUNT_ZERO,
+    allocation_context, lock_payment_shares, start_first_generations, transition_allocation, AllocationContext,
+    AllocationPatch, NET_AMOUNT_ZERO,
 };
 use crate::store::announce;
 use crate::store::payments::{get_split_payment, get_split_payment_row, write_fee_split, SplitPaymentRow};
@@ -103,14 +103,14 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     // The same lease on this process's clock, taken at the same moment: the step stops asking Stripe before the
     // stored lease ends.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(lease_ms);
-    let mut started = Vec::new();
+    let mut to_start = Vec::new();
     for allocation in payment
         .allocations
         .iter()
         .filter(|a| a.status == AllocationStatus::Pending)
     {
-        let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
         if allocation.net_amount_cents == Some(0) {
+            let aid = SplitAllocationId::parse(&allocation.id).map_err(|e| JobFailure::Abandon(e.to_string()))?;
             let c = allocation_context(&mut tx, &aid).await.map_err(transient)?;
             let message = "the fees took the whole share: nothing to transfer; refund it to the donor";
             let event = announce::distribution(
@@ -129,22 +129,15 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
                 .await
                 .map_err(transient)?;
         } else {
-            // Due at the end of the lease this process has on its first step (see [`transfer_now`]).
-            let patch = AllocationPatch {
-                next_attempt_at: Some(lease_ends),
-                ..Default::default()
-            };
-            // The row was read after `lock_payment_shares` locked it, in this transaction: no second lock-and-read.
-            let moved =
-                transition_locked_allocation(&mut tx, allocation, AllocationEvent::TransferStarted, &patch, &[])
-                    .await
-                    .map_err(transient)?;
-            // Only a share this transaction started is driven here: one another distribution moved on is its.
-            if matches!(moved, Transition::To(_)) {
-                started.push(aid);
-            }
+            to_start.push(allocation);
         }
     }
+    // The shares with money start their first generation together, due at the end of the lease this process has on
+    // their first step (see [`transfer_now`]). The rows were read after `lock_payment_shares` locked them, in this
+    // transaction: no second lock-and-read; and what the steps need comes back with the moves.
+    let started = start_first_generations(&mut tx, &payment.payment, &to_start, lease_ends)
+        .await
+        .map_err(transient)?;
     if split_written {
         // Marked with the fee split when it is written here (`write_fee_split`); this is a distribution of a split
         // written before.
@@ -159,10 +152,6 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
         .await
         .map_err(|e| JobFailure::Retry(e.to_string()))?;
     }
-    // What the transfers made below need, read here in this transaction rather than by each of them in its own.
-    let started = started_contexts(&mut tx, &payment.payment, &started)
-        .await
-        .map_err(transient)?;
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     transfer_now(ctx, started, deadline).await;
     Ok(())

@@ -36,22 +36,37 @@ pub async fn taken(conn: &mut PgConnection, allocation: &str) -> Result<Taken, S
 /// a share never transferred this is its net less what refunds took; after a won dispute it is what the dispute's
 /// withdrawal took back, and only that: a reversal of the withdrawal that was never made took nothing.
 pub async fn outstanding_cents(conn: &mut PgConnection, allocation: &str, net_cents: i64) -> Result<i64, StoreError> {
-    let (taken, sent, reversed, reversing): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT coalesce((SELECT sum(p.from_parked_cents + p.from_pending_cents + p.reversal_cents)
+    Ok(outstanding_cents_of(conn, &[(allocation, net_cents)]).await?[0])
+}
+
+/// [`outstanding_cents`] of several allocations (`(id, net)`), in one statement; in the order given.
+pub async fn outstanding_cents_of(conn: &mut PgConnection, shares: &[(&str, i64)]) -> Result<Vec<i64>, StoreError> {
+    let ids: Vec<&str> = shares.iter().map(|(id, _)| *id).collect();
+    let rows: Vec<(i32, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT u.n::int4,
+                coalesce((SELECT sum(p.from_parked_cents + p.from_pending_cents + p.reversal_cents)
                             FROM refund_parts p JOIN refunds r ON r.id = p.refund_id
-                           WHERE p.split_allocation_id = $1 AND r.reinstated_at IS NULL), 0)::bigint,
+                           WHERE p.split_allocation_id = u.id AND r.reinstated_at IS NULL), 0)::bigint,
                 coalesce((SELECT sum(amount_cents) FROM transfer_attempts
-                           WHERE split_allocation_id = $1 AND outcome = 'TRANSFERRED'), 0)::bigint,
+                           WHERE split_allocation_id = u.id AND outcome = 'TRANSFERRED'), 0)::bigint,
                 coalesce((SELECT sum(amount_cents) FROM transfer_reversals
-                           WHERE split_allocation_id = $1 AND status = 'SUCCEEDED'), 0)::bigint,
+                           WHERE split_allocation_id = u.id AND status = 'SUCCEEDED'), 0)::bigint,
                 coalesce((SELECT sum(t.amount_cents) FROM transfer_reversals t JOIN refunds r ON r.id = t.cause_refund_id
-                           WHERE t.split_allocation_id = $1 AND t.status = 'PENDING' AND t.cancel_requested_at IS NULL
-                             AND r.status = 'SUCCEEDED' AND r.reinstated_at IS NULL), 0)::bigint",
+                           WHERE t.split_allocation_id = u.id AND t.status = 'PENDING' AND t.cancel_requested_at IS NULL
+                             AND r.status = 'SUCCEEDED' AND r.reinstated_at IS NULL), 0)::bigint
+           FROM unnest($1::text[]) WITH ORDINALITY AS u (id, n)
+          ORDER BY u.n",
     )
-    .bind(allocation)
-    .fetch_one(conn)
+    .bind(&ids)
+    .fetch_all(conn)
     .await?;
-    Ok(net_cents - taken - (sent - reversed - reversing))
+    Ok(rows
+        .into_iter()
+        .zip(shares)
+        .map(|((_, taken, sent, reversed, reversing), (_, net_cents))| {
+            net_cents - taken - (sent - reversed - reversing)
+        })
+        .collect())
 }
 
 /// Allocations with parts still waiting (oldest first, bounded): the refunds reconciler covers them once settled.
