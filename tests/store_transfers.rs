@@ -672,9 +672,16 @@ async fn a_batch_skips_a_share_another_transaction_holds_and_outlives_a_step_tha
     until_a_lock_is_waited_on(&pool).await;
     step.abort();
     blocker.rollback().await.unwrap();
-    // The recorder is not stuck either: share 0, recorded now, is written after share 2's batch.
+    // The recorder is not stuck either: share 0 is recorded now; share 2's batch ends once the lock goes.
     assert!(ctx.recorder.record(&ctx, &contexts[0], &transfers[0]).await);
-    let state = recorded_state(&pool, &p).await;
+    let mut state = recorded_state(&pool, &p).await;
+    for _ in 0..500 {
+        if state[2].0 == "TRANSFERRED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        state = recorded_state(&pool, &p).await;
+    }
     for (n, row) in state.iter().enumerate() {
         assert_eq!(
             (row.0.as_str(), row.1.clone(), row.3.as_str()),
@@ -684,4 +691,74 @@ async fn a_batch_skips_a_share_another_transaction_holds_and_outlives_a_step_tha
     }
     let events = events_of(&pool, "recommendation_set.distribution_succeeded").await;
     assert_eq!(events.len(), 3, "one event per share: {events:?}");
+}
+
+#[tokio::test]
+async fn first_generations_start_together_with_each_shares_amount_or_not_at_all() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let p = new_payment(&pool, &[1000, 2000, 3000]).await;
+    let p = succeed_with_fees(&pool, &p, 60, 0).await;
+    let lease_ends = chrono::Utc::now() + chrono::Duration::seconds(10);
+
+    // A share read before another transaction moved it: the whole call is refused and nothing is written.
+    let mut tx = pool.begin().await.unwrap();
+    let rows = p.allocations.clone();
+    sqlx::query("UPDATE split_allocations SET generation = generation + 1 WHERE id = $1")
+        .bind(&rows[2].id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let shares: Vec<&SplitAllocationRow> = rows.iter().collect();
+    let refused = start_first_generations(&mut tx, &p.payment, &shares, lease_ends).await;
+    assert!(matches!(refused, Err(StoreError::LostRace { .. })), "{refused:?}");
+    drop(tx);
+    assert_eq!(count(&pool, "transfer_attempts").await, 0);
+
+    // A share that is not PENDING is refused too.
+    let mut tx = pool.begin().await.unwrap();
+    apply(&mut tx, &aid(&rows[0]), AllocationEvent::TransferStarted)
+        .await
+        .unwrap();
+    let moved = get_split_allocation(&mut tx, &aid(&rows[0])).await.unwrap();
+    let refused = start_first_generations(&mut tx, &p.payment, &[&moved], lease_ends).await;
+    assert!(matches!(refused, Err(StoreError::Invalid(_))), "{refused:?}");
+    drop(tx);
+
+    // All three at once: each its own generation 1, key, net amount and the lease, frozen on its attempt row.
+    let mut tx = pool.begin().await.unwrap();
+    let started = start_first_generations(&mut tx, &p.payment, &shares, lease_ends)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(started.len(), 3);
+    for ((c, attempt), row) in started.iter().zip(&rows) {
+        assert_eq!(c.allocation.id, row.id, "in the order given");
+        assert_eq!(c.allocation.status, AllocationStatus::Transferring);
+        assert_eq!(c.allocation.generation, 1);
+        assert_eq!(
+            c.allocation.idempotency_key.as_deref(),
+            Some(transfer_idempotency_key(&aid(row), 1).as_str())
+        );
+        assert_eq!(
+            c.allocation.next_attempt_at.map(|t| t.timestamp_micros()),
+            Some(lease_ends.timestamp_micros())
+        );
+        assert_eq!(
+            (attempt.generation, attempt.amount_cents),
+            (1, row.net_amount_cents.unwrap())
+        );
+        assert_eq!(
+            attempt.source_transaction, p.payment.charge_id,
+            "a first generation is funded by the charge"
+        );
+        assert_eq!(attempt.destination_account_id, c.destination_account_id);
+        assert_eq!(attempt.metadata.0.get("generation").map(String::as_str), Some("1"));
+    }
+    let nets: i64 = rows.iter().map(|a| a.net_amount_cents.unwrap()).sum();
+    let frozen: i64 = sqlx::query_scalar("SELECT sum(amount_cents)::bigint FROM transfer_attempts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(frozen, nets, "the nets, to the cent");
 }

@@ -1,11 +1,13 @@
 //! Records the transfers Stripe made for many shares in one transaction: group commit for the hot path (issue 11).
 //!
 //! Every transfer step that got its transfer from Stripe hands it to its context's [`Recorder`] and waits for the
-//! answer. When no batch is being written, the step that queued starts a writer task: it writes everything queued
-//! so far in one transaction, then whatever queued meanwhile, until the queue is empty, and ends. The writer is a
-//! task of its own, so no step carries the others' work (a job's timeout never cancels a batch it did not own) and
-//! a dropped step only gives up waiting. A batch costs about ten statements whatever its size, where recording one
-//! transfer alone costs ten.
+//! answer. Writer tasks take what is queued, up to [`BATCH_MAX`] at a time, and write it in one transaction, until
+//! the queue is empty; a step that queues starts another writer while fewer than [`WRITERS_MAX`] run. So a quiet
+//! process records each transfer at once (as many writers as transfers, up to the bound: no wait for a sibling's
+//! batch), and a busy one records many per transaction (every writer busy, the queue grows between its turns). A
+//! writer is a task of its own, so no step carries the others' work (a job's timeout never cancels a batch it did
+//! not own) and a dropped step only gives up waiting. A batch costs about ten statements whatever its size, where
+//! recording one transfer alone costs ten.
 //!
 //! The batch takes only the plain case, decided on the rows it read locked: the share still TRANSFERRING at the
 //! generation that was driven, with no resend owed, and its donation confirmable or already confirmed. Its writes
@@ -34,6 +36,8 @@ use crate::stripe::TransferInfo;
 
 /// Transfers written by one transaction at most.
 pub const BATCH_MAX: usize = 64;
+/// Writer tasks (each a transaction, on a connection of the pool) a context runs at once at most.
+pub const WRITERS_MAX: usize = 3;
 
 /// One context's queue of transfers to record (see the module's comment).
 #[derive(Default)]
@@ -44,8 +48,8 @@ pub struct Recorder {
 #[derive(Default)]
 struct State {
     queue: Vec<Item>,
-    /// A writer task is writing batches: a new item waits for it rather than starting a second.
-    leading: bool,
+    /// Writer tasks running.
+    writers: usize,
 }
 
 struct Item {
@@ -62,8 +66,8 @@ impl std::fmt::Debug for Recorder {
 }
 
 /// Ends a writer's turn however it ends: a writer dropped mid-batch (the runtime shutting down, a panic) answers
-/// every queued item "not recorded" by dropping it, and lets the next item start a writer, so no step waits for
-/// nobody. The batch it was writing is answered the same way, by dropping it.
+/// every queued item "not recorded" by dropping it when no other writer is left to take it, and lets the next item
+/// start a writer, so no step waits for nobody. The batch it was writing is answered the same way, by dropping it.
 struct Leading<'a> {
     recorder: &'a Recorder,
     done: bool,
@@ -73,8 +77,10 @@ impl Drop for Leading<'_> {
     fn drop(&mut self) {
         if !self.done {
             let mut state = self.recorder.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.leading = false;
-            state.queue.clear();
+            state.writers -= 1;
+            if state.writers == 0 {
+                state.queue.clear();
+            }
         }
     }
 }
@@ -92,7 +98,11 @@ impl Recorder {
                 transfer: transfer.clone(),
                 done,
             });
-            !std::mem::replace(&mut state.leading, true)
+            let start = state.writers < WRITERS_MAX;
+            if start {
+                state.writers += 1;
+            }
+            start
         };
         if start_writer {
             tokio::spawn(write_until_empty(ctx.clone()));
@@ -112,7 +122,7 @@ async fn write_until_empty(ctx: AppContext) {
         let batch: Vec<Item> = {
             let mut state = recorder.state.lock().unwrap_or_else(|p| p.into_inner());
             if state.queue.is_empty() {
-                state.leading = false;
+                state.writers -= 1;
                 turn.done = true;
                 return;
             }

@@ -143,9 +143,10 @@ pub async fn context_of(
 /// Starts the first transfer generation of several PENDING shares of `payment` that this transaction has locked and
 /// read (`shares`), due at `lease_ends`: what [`transition_locked_allocation`] does for each (the state machine, the
 /// amount less what refunds took, the frozen parameters on the attempt row, the guarded move), in four statements
-/// for them all instead of three per share plus three for [`started_contexts`] (issue 11). Returns each started
-/// share's context and attempt row, in the order given. A share that is not PENDING, has nothing left to transfer,
-/// or has moved since it was read fails the whole call, as it fails the single transition.
+/// for them all instead of three per share plus three reads of what the steps need (issue 11). Returns each started
+/// share's context and attempt row, in the order given. Only for PENDING shares: one in any other status (where the
+/// single transition would answer `Unchanged` or refuse), one with nothing left to transfer, or one that moved since
+/// it was read is an error for the whole call, and the caller's transaction must not commit.
 pub async fn start_first_generations(
     tx: &mut Tx<'_>,
     payment: &SplitPaymentRow,

@@ -60,6 +60,13 @@ pub async fn outstanding_cents_of(conn: &mut PgConnection, shares: &[(&str, i64)
     .bind(&ids)
     .fetch_all(conn)
     .await?;
+    if rows.len() != shares.len() {
+        return Err(StoreError::Invalid(format!(
+            "{} amounts owed read for {} allocations",
+            rows.len(),
+            shares.len()
+        )));
+    }
     Ok(rows
         .into_iter()
         .zip(shares)
