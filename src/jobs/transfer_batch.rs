@@ -164,10 +164,12 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+    // Only the donations of shares this transaction holds: a skipped share's donation is its holder's to lock.
+    let held: Vec<&str> = shares.iter().map(|a| a.id.as_str()).collect();
     let donations: Vec<DonationRow> = sqlx::query_as(
         "SELECT * FROM donations WHERE split_allocation_id = ANY($1) ORDER BY split_allocation_id FOR UPDATE",
     )
-    .bind(&ids)
+    .bind(&held)
     .fetch_all(&mut *tx)
     .await?;
     let shares: HashMap<&str, &SplitAllocationRow> = shares.iter().map(|a| (a.id.as_str(), a)).collect();
