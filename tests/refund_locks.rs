@@ -4,31 +4,12 @@
 //! holds the shares while the withdrawal and then the refund queue behind it. Real PostgreSQL, the simulator.
 mod common;
 
-use std::time::Duration;
-
 use common::refunds::three_shares_paid;
 use splitpay::domain::ids::SplitAllocationId;
 use splitpay::store::disputes::close_open_ops_refunds;
 use splitpay::store::refunds::{insert_refund_intent, RefundIntent, REFUND_REF_KEY};
 use splitpay::store::reversals::insert_reversal;
 use splitpay::stripe::RefundInfo;
-
-/// Waits until `n` backends of this database wait on a lock.
-async fn until_waiting_on_locks(pool: &sqlx::PgPool, n: i64) {
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if waiting >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{n} transactions never waited on a lock");
-}
 
 /// An `ops refund` intent whose reversal Stripe made; the refund then failed at Stripe, and its answer is applied
 /// while a dispute's withdrawal closes the same intent. Neither may be aborted as a deadlock: both commit, the
@@ -83,7 +64,7 @@ async fn a_failed_refund_applied_while_a_withdrawal_closes_its_intent_does_not_d
             Ok::<_, sqlx::Error>(closed)
         })
     };
-    until_waiting_on_locks(&pool, 1).await;
+    common::db::until_waiting_on_locks(&pool, 1).await;
     // Then Stripe's answer for the intent: failed.
     let answer = RefundInfo {
         id: "re_lock_test".to_owned(),
@@ -109,7 +90,7 @@ async fn a_failed_refund_applied_while_a_withdrawal_closes_its_intent_does_not_d
             Ok::<_, String>(())
         })
     };
-    until_waiting_on_locks(&pool, 2).await;
+    common::db::until_waiting_on_locks(&pool, 2).await;
     holder.commit().await.unwrap();
 
     let closed = withdrawal.await.unwrap().expect("the withdrawal commits");

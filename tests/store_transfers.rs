@@ -600,23 +600,6 @@ async fn a_batch_records_its_plain_transfers_together_and_hands_back_every_other
     assert_eq!(events_of(&pool, "donation.succeeded").await.len(), 3);
 }
 
-/// Waits until a backend of this database waits on a lock.
-async fn until_a_lock_is_waited_on(pool: &PgPool) {
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("nothing waited on the lock");
-}
-
 #[tokio::test]
 async fn a_batch_skips_a_share_another_transaction_holds_and_outlives_a_step_that_stops_waiting() {
     let db = TestDb::new().await;
@@ -669,7 +652,7 @@ async fn a_batch_skips_a_share_another_transaction_holds_and_outlives_a_step_tha
         let (ctx, c, t) = (ctx.clone(), contexts[2].clone(), transfers[2].clone());
         tokio::spawn(async move { ctx.recorder.record(&ctx, &c, &t).await })
     };
-    until_a_lock_is_waited_on(&pool).await;
+    common::db::until_waiting_on_locks(&pool, 1).await;
     step.abort();
     blocker.rollback().await.unwrap();
     // The recorder is not stuck either: share 0 is recorded now; share 2's batch ends once the lock goes.

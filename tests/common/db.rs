@@ -87,3 +87,20 @@ impl TestDb {
         db
     }
 }
+
+/// Waits until `n` backends of this database wait on a lock.
+pub async fn until_waiting_on_locks(pool: &sqlx::PgPool, n: i64) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{n} transactions never waited on a lock");
+}
