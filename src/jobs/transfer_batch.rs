@@ -65,15 +65,16 @@ impl std::fmt::Debug for Recorder {
     }
 }
 
-/// Ends a writer's turn however it ends: a writer dropped mid-batch (the runtime shutting down, a panic) answers
-/// every queued item "not recorded" by dropping it when no other writer is left to take it, and lets the next item
-/// start a writer, so no step waits for nobody. The batch it was writing is answered the same way, by dropping it.
-struct Leading<'a> {
-    recorder: &'a Recorder,
+/// A writer's slot, taken before its task is spawned and ended however the writer ends: a writer dropped before it
+/// ran or mid-batch (the runtime shutting down, a panic) gives its slot back, answers every queued item "not
+/// recorded" by dropping it when no other writer is left to take it, and lets the next item start a writer, so no
+/// step waits for nobody. The batch it was writing is answered the same way, by dropping it.
+struct Leading {
+    recorder: std::sync::Arc<Recorder>,
     done: bool,
 }
 
-impl Drop for Leading<'_> {
+impl Drop for Leading {
     fn drop(&mut self) {
         if !self.done {
             let mut state = self.recorder.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,6 +91,10 @@ impl Recorder {
     /// recorded (TRANSFERRED, the donation CONFIRMED, the events written). `false`: the batch did not take it, and
     /// the caller must record it alone.
     pub async fn record(&self, ctx: &AppContext, c: &AllocationContext, transfer: &TransferInfo) -> bool {
+        debug_assert!(
+            std::ptr::eq(self, &*ctx.recorder),
+            "a context's steps record through its own recorder"
+        );
         let (done, answer) = oneshot::channel();
         let start_writer = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -105,22 +110,21 @@ impl Recorder {
             start
         };
         if start_writer {
-            tokio::spawn(write_until_empty(ctx.clone()));
+            let slot = Leading {
+                recorder: ctx.recorder.clone(),
+                done: false,
+            };
+            tokio::spawn(write_until_empty(ctx.clone(), slot));
         }
         answer.await.unwrap_or(false)
     }
 }
 
-/// The writer task: batches until the queue is empty.
-async fn write_until_empty(ctx: AppContext) {
-    let recorder = ctx.recorder.clone();
-    let mut turn = Leading {
-        recorder: &recorder,
-        done: false,
-    };
+/// The writer task, in the slot `turn`: batches until the queue is empty.
+async fn write_until_empty(ctx: AppContext, mut turn: Leading) {
     loop {
         let batch: Vec<Item> = {
-            let mut state = recorder.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = turn.recorder.state.lock().unwrap_or_else(|p| p.into_inner());
             if state.queue.is_empty() {
                 state.writers -= 1;
                 turn.done = true;
@@ -142,7 +146,8 @@ async fn write_and_answer(ctx: &AppContext, batch: Vec<Item>) {
         }
         Err(e) => {
             // Nothing was written: each step records its transfer alone (and retries or hands over from there).
-            tracing::warn!(transfers = batch.len(), error = %e, "batch recording failed: each transfer is recorded alone");
+            let shares: Vec<&str> = batch.iter().map(|i| i.c.allocation.id.as_str()).collect();
+            tracing::warn!(?shares, error = %e, "batch recording failed: each transfer is recorded alone");
             for item in batch {
                 let _ = item.done.send(false);
             }
