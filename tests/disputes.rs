@@ -11,7 +11,7 @@ use common::flow::Flow;
 use common::money::assert_conserved_at_stripe;
 use common::refunds::{
     donation_of, donations_confirmed_again, held_per_share, hold_webhooks, nets, open_dispute, ops_refund,
-    redeliver_twice_at_once, release_webhooks, scalar, settle_until, three_shares_paid,
+    redeliver_twice_at_once, release_webhooks, scalar, settle_until, settle_until_sql, three_shares_paid,
 };
 use common::stripe::raw_get;
 use serde_json::Value;
@@ -71,20 +71,17 @@ async fn settle_withdrawal(flow: &Flow, id: &SplitPaymentId) {
 
 /// Waits until the reinstatement is applied and every share holds its transfer again; returns the payment then.
 async fn settle_reinstatement(flow: &Flow, id: &SplitPaymentId) -> SplitPayment {
-    settle_until(flow, "the reinstatement", 600, async |f| {
-        let p = f.payment(id).await;
-        p.allocations.iter().all(|a| a.status == AllocationStatus::Transferred)
-            && scalar(
-                f,
-                "SELECT count(*) FROM refunds WHERE source = 'dispute' AND reinstated_at IS NOT NULL",
-            )
-            .await
-                == 1
-            // A reversal whose answer comes after the reinstatement is recorded then, and its share sent again
-            // then: until none is PENDING, the shares can still be TRANSFERRED at their first generation.
-            && scalar(f, "SELECT count(*) FROM transfer_reversals WHERE status = 'PENDING'").await == 0
-    })
-    .await;
+    // One statement, so one snapshot: read one at a time, the shares could be seen still TRANSFERRED at their first
+    // generation and then, the reinstatement committing in between, the refund reinstated (it moves both at once).
+    let settled = format!(
+        "SELECT (bool_and(a.status = 'TRANSFERRED')
+                 AND (SELECT count(*) FROM refunds WHERE source = 'dispute' AND reinstated_at IS NOT NULL) = 1
+                 -- A reversal whose answer comes after the reinstatement is recorded then, and its share sent again
+                 -- then: until none is PENDING, the shares can still be TRANSFERRED at their first generation.
+                 AND NOT EXISTS (SELECT 1 FROM transfer_reversals WHERE status = 'PENDING'))::int::bigint
+           FROM split_allocations a WHERE a.split_payment_id = '{id}'"
+    );
+    settle_until_sql(flow, "the reinstatement", 600, &settled).await;
     flow.payment(id).await
 }
 
