@@ -28,6 +28,7 @@ pub mod deliver;
 pub mod disputes;
 pub mod distribute;
 pub mod event_sweep;
+pub mod group_commit;
 pub mod payment_state;
 pub mod queue;
 pub mod reconcile;

@@ -1,28 +1,23 @@
-//! Records the transfers Stripe made for many shares in one transaction: group commit for the hot path (issue 11).
+//! Records the transfers Stripe made for many shares in one transaction: group commit for the hot path (issue 11),
+//! through [`super::group_commit`].
 //!
 //! Every transfer step that got its transfer from Stripe hands it to its context's [`Recorder`] and waits for the
-//! answer. Writer tasks take what is queued, up to [`BATCH_MAX`] at a time, and write it in one transaction, until
-//! the queue is empty; a step that queues starts another writer while fewer than [`WRITERS_MAX`] run. So a quiet
-//! process records each transfer at once (as many writers as transfers, up to the bound: no wait for a sibling's
-//! batch), and a busy one records many per transaction (every writer busy, the queue grows between its turns). A
-//! writer is a task of its own, so no step carries the others' work (a job's timeout never cancels a batch it did
-//! not own) and a dropped step only gives up waiting. A batch costs about ten statements whatever its size, where
-//! recording one transfer alone costs ten.
+//! answer; a batch costs about ten statements whatever its size, where recording one transfer alone costs ten.
 //!
 //! The batch takes only the plain case, decided on the rows it read locked: the share still TRANSFERRING at the
 //! generation that was driven, with no resend owed, and its donation confirmable or already confirmed. Its writes
 //! are the ones a lone recording makes (`transfer::record`), with the state machines deciding each status. Anything
-//! else (a share moved on, a second transfer, a refunded donation), a failed batch, and a batch whose leader was
-//! dropped (the runtime shutting down, a panic), is answered "not recorded", and the step records that transfer alone, as before: the batch never
-//! decides an unusual case, and nothing it could not write is lost. Its transaction either writes all of its plain
-//! transfers or none.
+//! else (a share moved on, a second transfer, a refunded donation), a failed batch, and a batch whose writer was
+//! dropped (the runtime shutting down, a panic), is answered "not recorded", and the step records that transfer
+//! alone, as before: the batch never decides an unusual case, and nothing it could not write is lost. Its
+//! transaction either writes all of its plain transfers or none.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use chrono::Utc;
-use tokio::sync::oneshot;
 
+use super::group_commit::{BatchWrite, GroupCommit};
 use crate::app::AppContext;
 use crate::domain::ids::SplitAllocationId;
 use crate::domain::state::{AllocationEvent, AllocationStatus, DonationEvent, DonationStatus, Transition};
@@ -36,57 +31,42 @@ use crate::stripe::TransferInfo;
 
 /// Transfers written by one transaction at most.
 pub const BATCH_MAX: usize = 64;
-/// Writer tasks (each a transaction, on a connection of the pool) a context runs at once at most.
-pub const WRITERS_MAX: usize = 3;
 
-/// One context's queue of transfers to record (see the module's comment).
-#[derive(Default)]
-pub struct Recorder {
-    state: Mutex<State>,
-}
+/// One context's queue of transfers to record.
+pub type Recorder = GroupCommit<RecordTransfers>;
 
-#[derive(Default)]
-struct State {
-    queue: Vec<Item>,
-    /// Writer tasks running.
-    writers: usize,
-}
+/// The batched recording of transfers (see the module's comment).
+pub struct RecordTransfers;
 
-struct Item {
+pub struct Item {
     c: AllocationContext,
     transfer: TransferInfo,
-    /// `true`: the batch recorded the transfer. `false` (or dropped): record it alone.
-    done: oneshot::Sender<bool>,
 }
 
-impl std::fmt::Debug for Recorder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder").finish_non_exhaustive()
+impl BatchWrite for RecordTransfers {
+    type Item = Item;
+    type Answer = ();
+    const BATCH_MAX: usize = BATCH_MAX;
+
+    fn of(ctx: &AppContext) -> &Arc<GroupCommit<Self>> {
+        &ctx.recorder
+    }
+
+    fn describe(batch: &[Item]) -> String {
+        let shares: Vec<&str> = batch.iter().map(|i| i.c.allocation.id.as_str()).collect();
+        format!("shares {shares:?}")
+    }
+
+    async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<()>>, StoreError> {
+        Ok(write(ctx, batch)
+            .await?
+            .into_iter()
+            .map(|recorded| recorded.then_some(()))
+            .collect())
     }
 }
 
-/// A writer's slot, taken before its task is spawned and ended however the writer ends: a writer dropped before it
-/// ran or mid-batch (the runtime shutting down, a panic) gives its slot back, answers every queued item "not
-/// recorded" by dropping it when no other writer is left to take it, and lets the next item start a writer, so no
-/// step waits for nobody. The batch it was writing is answered the same way, by dropping it.
-struct Leading {
-    recorder: std::sync::Arc<Recorder>,
-    done: bool,
-}
-
-impl Drop for Leading {
-    fn drop(&mut self) {
-        if !self.done {
-            let mut state = self.recorder.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.writers -= 1;
-            if state.writers == 0 {
-                state.queue.clear();
-            }
-        }
-    }
-}
-
-impl Recorder {
+impl GroupCommit<RecordTransfers> {
     /// Records `transfer` as the one `c`'s generation made, in a batch with whatever else is waiting. `true`: it is
     /// recorded (TRANSFERRED, the donation CONFIRMED, the events written). `false`: the batch did not take it, and
     /// the caller must record it alone.
@@ -95,63 +75,11 @@ impl Recorder {
             std::ptr::eq(self, &*ctx.recorder),
             "a context's steps record through its own recorder"
         );
-        let (done, answer) = oneshot::channel();
-        let start_writer = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.queue.push(Item {
-                c: c.clone(),
-                transfer: transfer.clone(),
-                done,
-            });
-            let start = state.writers < WRITERS_MAX;
-            if start {
-                state.writers += 1;
-            }
-            start
+        let item = Item {
+            c: c.clone(),
+            transfer: transfer.clone(),
         };
-        if start_writer {
-            let slot = Leading {
-                recorder: ctx.recorder.clone(),
-                done: false,
-            };
-            tokio::spawn(write_until_empty(ctx.clone(), slot));
-        }
-        answer.await.unwrap_or(false)
-    }
-}
-
-/// The writer task, in the slot `turn`: batches until the queue is empty.
-async fn write_until_empty(ctx: AppContext, mut turn: Leading) {
-    loop {
-        let batch: Vec<Item> = {
-            let mut state = turn.recorder.state.lock().unwrap_or_else(|p| p.into_inner());
-            if state.queue.is_empty() {
-                state.writers -= 1;
-                turn.done = true;
-                return;
-            }
-            let n = state.queue.len().min(BATCH_MAX);
-            state.queue.drain(..n).collect()
-        };
-        write_and_answer(&ctx, batch).await;
-    }
-}
-
-async fn write_and_answer(ctx: &AppContext, batch: Vec<Item>) {
-    match write(ctx, &batch).await {
-        Ok(recorded) => {
-            for (item, recorded) in batch.into_iter().zip(recorded) {
-                let _ = item.done.send(recorded);
-            }
-        }
-        Err(e) => {
-            // Nothing was written: each step records its transfer alone (and retries or hands over from there).
-            let shares: Vec<&str> = batch.iter().map(|i| i.c.allocation.id.as_str()).collect();
-            tracing::warn!(?shares, error = %e, "batch recording failed: each transfer is recorded alone");
-            for item in batch {
-                let _ = item.done.send(false);
-            }
-        }
+        GroupCommit::<RecordTransfers>::submit(ctx, item).await.is_some()
     }
 }
 

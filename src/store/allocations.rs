@@ -194,33 +194,7 @@ pub async fn start_first_generations(
         let id = SplitAllocationId::parse(&share.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
         keys.push(transfer_idempotency_key(&id, *generation));
     }
-    // The generations' frozen parameters: a first generation is funded by the charge (`source_transaction`).
-    let mut attempts: std::collections::HashMap<String, TransferAttemptRow> = sqlx::query_as::<_, TransferAttemptRow>(
-        "INSERT INTO transfer_attempts
-            (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
-             source_transaction, transfer_group, metadata)
-         SELECT a.id, u.generation, u.key, l.stripe_connect_account_id, u.amount_cents, p.currency, p.charge_id,
-                p.transfer_group,
-                jsonb_build_object('split_payment_id', p.id, 'split_allocation_id', a.id,
-                                   'generation', u.generation::text)
-           FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[]) AS u (id, generation, key, amount_cents)
-           JOIN split_allocations a ON a.id = u.id
-           JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
-           JOIN split_payments p ON p.id = a.split_payment_id
-          WHERE p.charge_id IS NOT NULL
-         RETURNING split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
-                   source_transaction, transfer_group, metadata, started_at, finished_at, outcome, stripe_transfer_id,
-                   key_attempt",
-    )
-    .bind(&ids)
-    .bind(&generations)
-    .bind(&keys)
-    .bind(&amounts)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .map(|t| (t.split_allocation_id.clone(), t))
-    .collect();
+    let mut attempts = insert_first_attempts(tx, &ids, &generations, &keys, &amounts).await?;
     if attempts.len() != shares.len() {
         return Err(StoreError::Invalid(format!(
             "payment '{}' has no charge to transfer from",
@@ -297,6 +271,44 @@ pub async fn start_first_generations(
         ));
     }
     Ok(out)
+}
+
+/// The frozen parameters of first generations (`generations[i]` of share `ids[i]`, sending `amounts_cents[i]` under
+/// `keys[i]`), in the caller's transaction: a first generation is funded by the payment's charge
+/// (`source_transaction`), so a share of a payment without a recorded charge gets no row. By share id.
+pub async fn insert_first_attempts(
+    tx: &mut Tx<'_>,
+    ids: &[&str],
+    generations: &[i32],
+    keys: &[String],
+    amounts_cents: &[i64],
+) -> Result<std::collections::HashMap<String, TransferAttemptRow>, StoreError> {
+    Ok(sqlx::query_as::<_, TransferAttemptRow>(
+        "INSERT INTO transfer_attempts
+            (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
+             source_transaction, transfer_group, metadata)
+         SELECT a.id, u.generation, u.key, l.stripe_connect_account_id, u.amount_cents, p.currency, p.charge_id,
+                p.transfer_group,
+                jsonb_build_object('split_payment_id', p.id, 'split_allocation_id', a.id,
+                                   'generation', u.generation::text)
+           FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[]) AS u (id, generation, key, amount_cents)
+           JOIN split_allocations a ON a.id = u.id
+           JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
+           JOIN split_payments p ON p.id = a.split_payment_id
+          WHERE p.charge_id IS NOT NULL
+         RETURNING split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
+                   source_transaction, transfer_group, metadata, started_at, finished_at, outcome, stripe_transfer_id,
+                   key_attempt",
+    )
+    .bind(ids)
+    .bind(generations)
+    .bind(keys)
+    .bind(amounts_cents)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|t| (t.split_allocation_id.clone(), t))
+    .collect())
 }
 
 /// Data recorded with an allocation transition (`None` keeps what is stored).
