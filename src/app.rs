@@ -174,6 +174,8 @@ pub struct AppContext {
     pub webhooks: crate::jobs::deliver::DeliverySettings,
     /// Records the transfers this context's steps got from Stripe, many per transaction.
     pub recorder: std::sync::Arc<crate::jobs::transfer_batch::Recorder>,
+    /// Starts the succeeded payments this context's event jobs hand it, many per transaction.
+    pub starter: std::sync::Arc<crate::jobs::start_batch::Starter>,
 }
 
 /// Builds the gateway the settings ask for: Stripe (or another base URL) with the configured key, or the local

@@ -96,6 +96,7 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
         gateway: Arc::new(gateway),
         webhooks: Default::default(),
         recorder: Default::default(),
+        starter: Default::default(),
         distribution: DistributionSettings {
             platform_fee: PlatformFee::new(100, 0)?,
             backoff_base_ms: 300,

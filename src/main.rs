@@ -166,6 +166,7 @@ fn context(pool: sqlx::PgPool, stripe: &StripeSettings, process: &ProcessSetting
         distribution,
         webhooks: splitpay::jobs::deliver::DeliverySettings::from_lookup(|name| std::env::var(name).ok())?,
         recorder: Default::default(),
+        starter: Default::default(),
     })
 }
 

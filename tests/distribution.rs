@@ -626,6 +626,7 @@ async fn a_day_old_unrecorded_transfer_is_found_not_resent() {
         gateway: flow.gateway.clone(),
         webhooks: Default::default(),
         recorder: Default::default(),
+        starter: Default::default(),
         distribution: DistributionSettings::default(),
     };
     splitpay::jobs::transfer::transfer(&ctx, first.as_str()).await.unwrap();

@@ -810,15 +810,20 @@ async fn all_transferred(
 }
 
 /// Issue 11: the event job distributes a succeeded payment itself. When that distribution fails (here its
-/// transaction cannot write the first generation's attempt row, once), the event stays processed and the payment
-/// gets a distribution job, which distributes it: no sweep needed, one transfer per share.
+/// transaction cannot write the first generation's attempt rows, twice: once in the batch that starts succeeded
+/// payments together, which then hands the payment to the lone way, and once in the lone distribution), the event
+/// stays processed and the payment gets a distribution job, which distributes it: no sweep needed, one transfer per
+/// share.
 #[tokio::test]
 async fn a_failed_distribution_in_the_event_job_is_taken_on_by_a_distribution_job() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
-    refuse_writes(&flow, "transfer_attempts", "generation", "1", 1).await;
+    refuse_writes(&flow, "transfer_attempts", "generation", "1", 2).await;
     let id = pay_by_card(&flow).await;
     let p = all_transferred(&flow, &id).await;
-    assert!(refused_so_far(&flow).await >= 1, "the distribution was refused once");
+    assert!(
+        refused_so_far(&flow).await >= 2,
+        "the batch's and the lone distribution were refused"
+    );
     assert_eq!(
         jobs(&flow, "splitpay.distribute", id.as_str()).await,
         1,
@@ -1082,4 +1087,157 @@ async fn conservation_against_stripe_fails_on_a_doubled_or_a_missing_transfer() 
         .unwrap_err();
     assert!(err.contains(&p2.allocations[1].id) || err.contains("tr_"), "{err}");
     flow.stop().await;
+}
+
+/// Issue 11: a plain success is applied and distributed by the batch that starts succeeded payments together
+/// (`jobs::start_batch`), in one transaction; any other goes the lone way (`apply`, then `distribute`, two
+/// transactions). Both must leave exactly the same rows and events. Payment A goes the batch's way. Payment B's row
+/// is held by another transaction when its success arrives: the batch skips it without waiting, and the lone way
+/// waits for the lock (seen waiting), then applies it. Every row and event of the two payments is then compared,
+/// ids and times aside.
+#[tokio::test]
+async fn a_batched_success_leaves_exactly_what_the_lone_way_leaves() {
+    let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000, 1_234], &[]).await;
+    let pool = flow.db.pool.clone();
+    let (a, a_intent) = flow.pay_in_browser(PaymentMethodType::Card, Some("cm3donor1")).await;
+    flow.confirm(&a_intent, "pm_card_visa", 1).await.unwrap();
+    all_transferred(&flow, &a).await;
+
+    let (b, b_intent) = flow.pay_in_browser(PaymentMethodType::Card, Some("cm3donor1")).await;
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM split_payments WHERE id = $1 FOR UPDATE")
+        .bind(b.as_str())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    flow.confirm(&b_intent, "pm_card_visa", 1).await.unwrap();
+    common::db::until_waiting_on_locks(&pool, 1).await;
+    holder.rollback().await.unwrap();
+    all_transferred(&flow, &b).await;
+
+    // Which way each went: the batch writes the transition and the distribution in one transaction (one `now()`),
+    // the lone way in two.
+    let one_transaction = |id: &splitpay::domain::ids::SplitPaymentId| {
+        let pool = pool.clone();
+        let id = id.to_string();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT succeeded_at = distributed_at FROM split_payments WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(one_transaction(&a).await, "A went the batch's way");
+    assert!(!one_transaction(&b).await, "B went the lone way");
+
+    let (snap_a, snap_b) = (snapshot(&pool, &a).await, snapshot(&pool, &b).await);
+    assert_eq!(
+        snap_a["outbox"].as_array().map(Vec::len),
+        Some(3 + 3 + 3 + 1),
+        "donation.created, distribution_succeeded and donation.succeeded per share, and payment_succeeded: \
+         {snap_a:#}"
+    );
+    assert_eq!(snap_a, snap_b, "the batch's rows and events are the lone way's");
+    for id in [&a, &b] {
+        assert_eq!(count_transfers(&flow, id.as_str()).await, 3, "one transfer per share");
+        common::money::assert_conserved_at_stripe(&flow, id).await;
+    }
+    flow.stop().await;
+}
+
+/// Every row and event of payment `id`, as JSON with its ids replaced by their role (`P`, `A0`, `T1`, …) and each
+/// time by whether it is set, so two payments made alike compare equal.
+async fn snapshot(pool: &sqlx::PgPool, id: &splitpay::domain::ids::SplitPaymentId) -> serde_json::Value {
+    let one = |sql: &'static str| {
+        let pool = pool.clone();
+        let id = id.to_string();
+        async move {
+            sqlx::query_scalar::<_, serde_json::Value>(sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let raw = serde_json::json!({
+        "payment": one("SELECT to_jsonb(p) FROM split_payments p WHERE id = $1").await,
+        "allocations": one("SELECT jsonb_agg(to_jsonb(a) ORDER BY a.position) FROM split_allocations a
+                             WHERE a.split_payment_id = $1").await,
+        "attempts": one("SELECT jsonb_agg(to_jsonb(t) ORDER BY a.position, t.generation)
+                           FROM transfer_attempts t JOIN split_allocations a ON a.id = t.split_allocation_id
+                          WHERE a.split_payment_id = $1").await,
+        "donations": one("SELECT jsonb_agg(to_jsonb(d) ORDER BY a.position)
+                            FROM donations d JOIN split_allocations a ON a.id = d.split_allocation_id
+                           WHERE a.split_payment_id = $1").await,
+        "outbox": one("SELECT jsonb_agg(jsonb_build_object('type', o.event_type, 'dedup_key', o.dedup_key,
+                                                           'organisation_id', o.organisation_id,
+                                                           'payload', o.payload)
+                                        ORDER BY o.event_type, o.dedup_key)
+                         FROM outbox_events o
+                        WHERE o.payload::text LIKE '%' || $1 || '%'
+                           OR EXISTS (SELECT 1 FROM donations d JOIN split_allocations a ON a.id = d.split_allocation_id
+                                       WHERE a.split_payment_id = $1 AND o.payload::text LIKE '%' || d.id || '%')").await,
+        "stripe_events": one("SELECT jsonb_agg(jsonb_build_object('type', e.event_type, 'processed', e.processed_at IS NOT NULL,
+                                                                  'error', e.process_error, 'attempts', e.process_attempts)
+                                               ORDER BY e.event_type)
+                                FROM stripe_events e
+                               WHERE e.object_id = (SELECT payment_intent_id FROM split_payments WHERE id = $1)").await,
+        "jobs": one("SELECT to_jsonb(count(*)) FROM apalis.jobs j
+                      WHERE j.job::text LIKE '%' || $1 || '%'
+                         OR EXISTS (SELECT 1 FROM split_allocations a
+                                     WHERE a.split_payment_id = $1 AND j.job::text LIKE '%' || a.id || '%')").await,
+    });
+    // Every id of the payment's rows, longest first (a key holds an allocation id).
+    let mut names: Vec<(String, String)> = vec![(id.to_string(), "P".into())];
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_owned);
+    for k in ["payment_intent_id", "charge_id", "transfer_group"] {
+        if let Some(s) = text(&raw["payment"], k) {
+            names.push((s, k.into()));
+        }
+    }
+    for (n, a) in raw["allocations"].as_array().unwrap().iter().enumerate() {
+        names.push((text(a, "id").unwrap(), format!("A{n}")));
+        if let Some(t) = text(a, "stripe_transfer_id") {
+            names.push((t, format!("T{n}")));
+        }
+    }
+    for (n, d) in raw["donations"].as_array().unwrap().iter().enumerate() {
+        names.push((text(d, "id").unwrap(), format!("D{n}")));
+    }
+    names.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    let mut out = normalise(&raw, &names);
+    // The outbox in a stable order after the ids are replaced.
+    if let Some(events) = out["outbox"].as_array_mut() {
+        events.sort_by_key(|e| e.to_string());
+    }
+    out
+}
+
+fn normalise(v: &serde_json::Value, names: &[(String, String)]) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let timeish = k.ends_with("_at") || k.ends_with("_date") || k == "created";
+                    let v = if timeish && !v.is_object() {
+                        Value::Bool(!v.is_null())
+                    } else {
+                        normalise(v, names)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(|v| normalise(v, names)).collect()),
+        Value::String(s) => {
+            let mut s = s.clone();
+            for (id, name) in names {
+                s = s.replace(id.as_str(), name);
+            }
+            Value::String(s)
+        }
+        other => other.clone(),
+    }
 }

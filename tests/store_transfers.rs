@@ -386,6 +386,7 @@ async fn recorder_ctx(pool: &PgPool) -> (splitpay::app::AppContext, splitpay::st
         distribution: Default::default(),
         webhooks: Default::default(),
         recorder: Default::default(),
+        starter: Default::default(),
     };
     (ctx, sim)
 }
@@ -744,4 +745,308 @@ async fn first_generations_start_together_with_each_shares_amount_or_not_at_all(
         .await
         .unwrap();
     assert_eq!(frozen, nets, "the nets, to the cent");
+}
+
+/// A `payment_intent.succeeded` for each payment, stored unprocessed, and the start-batch item for it (charge
+/// `ch_…`, a balance transaction of the payment's total with `fee_cents`).
+async fn success_items(
+    pool: &PgPool,
+    payments: &[SplitPayment],
+    fee_cents: i64,
+) -> Vec<splitpay::jobs::start_batch::Item> {
+    let mut items = Vec::new();
+    for p in payments {
+        let suffix = &p.payment.id[5..];
+        let (event_id, intent_id, charge_id) =
+            (format!("evt_{suffix}"), format!("pi_{suffix}"), format!("ch_{suffix}"));
+        let created = chrono::Utc::now() - chrono::Duration::seconds(5);
+        insert_stripe_event(
+            &mut pool.acquire().await.unwrap(),
+            &NewStripeEvent {
+                id: event_id.clone(),
+                event_type: "payment_intent.succeeded".into(),
+                object_id: Some(intent_id.clone()),
+                livemode: false,
+                payload: serde_json::json!({"data": {"object": {"id": intent_id, "latest_charge": charge_id}}}),
+                stripe_created: Some(created),
+            },
+        )
+        .await
+        .unwrap();
+        items.push(splitpay::jobs::start_batch::Item {
+            event_id,
+            payment_id: pid(p),
+            intent_id,
+            charge_id,
+            observed_at: created,
+            balance_transaction: splitpay::stripe::BalanceTransactionInfo {
+                id: format!("txn_{suffix}"),
+                amount_cents: p.payment.total_amount_cents,
+                fee_cents,
+                net_cents: p.payment.total_amount_cents - fee_cents,
+                currency: "aud".into(),
+                available_on: 0,
+            },
+        });
+    }
+    items
+}
+
+/// A payment's rows and events as JSON, to show a payment the batch did not take is untouched.
+async fn payment_rows(pool: &PgPool, id: &str) -> serde_json::Value {
+    sqlx::query_scalar(
+        "SELECT jsonb_build_object(
+                  'payment', (SELECT to_jsonb(p) FROM split_payments p WHERE p.id = $1),
+                  'shares', (SELECT jsonb_agg(to_jsonb(a) ORDER BY a.position) FROM split_allocations a
+                              WHERE a.split_payment_id = $1),
+                  'attempts', (SELECT count(*) FROM transfer_attempts t JOIN split_allocations a
+                                   ON a.id = t.split_allocation_id WHERE a.split_payment_id = $1),
+                  'events', (SELECT jsonb_agg(to_jsonb(e) ORDER BY e.id) FROM stripe_events e
+                              WHERE e.id = 'evt_' || substr($1, 6)),
+                  'outbox', (SELECT count(*) FROM outbox_events o WHERE o.payload::text LIKE '%' || $1 || '%'))",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Issue 11: the batch that starts succeeded payments together (`jobs::start_batch`) takes only the plain case, in
+/// one transaction, and answers `None` for every other, writing nothing of it (the event job then goes the lone way,
+/// which decides it). Plain: two payments (one with its PaymentIntent recorded, REQUIRES_PAYMENT). Not: an event
+/// already processed, a payment already SUCCEEDED, a balance transaction of another amount, fees that take every
+/// share whole, a share another transaction holds (skipped, not waited for), another PaymentIntent than the
+/// payment's, a refund (attributed before the success) waiting on a share, the same payment twice in one batch.
+#[tokio::test]
+async fn a_start_batch_takes_the_plain_successes_together_and_hands_back_every_other_case() {
+    use splitpay::domain::state::{PaymentEvent, PaymentStatus};
+    use splitpay::jobs::group_commit::BatchWrite;
+    use splitpay::jobs::start_batch::StartPayments;
+    use splitpay::store::payments::{get_split_payment, transition_payment, PaymentPatch};
+
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let (ctx, _sim) = recorder_ctx(&pool).await;
+    let payments = new_payments(&pool, &[1000, 2000, 3001], 9).await;
+    let mut items = success_items(&pool, &payments, 183).await;
+    // 1: its PaymentIntent recorded by intake (REQUIRES_PAYMENT).
+    let mut tx = pool.begin().await.unwrap();
+    let patch = PaymentPatch {
+        payment_intent_id: Some(items[1].intent_id.clone()),
+        ..Default::default()
+    };
+    transition_payment(&mut tx, &pid(&payments[1]), PaymentEvent::IntentCreated, &patch, &[])
+        .await
+        .unwrap();
+    // 2: its event already processed.
+    finish_stripe_event(&mut tx, &items[2].event_id, None).await.unwrap();
+    // 3: already SUCCEEDED (another event applied it).
+    transition_payment(
+        &mut tx,
+        &pid(&payments[3]),
+        PaymentEvent::Succeeded,
+        &PaymentPatch::default(),
+        &[],
+    )
+    .await
+    .unwrap();
+    // 7: its PaymentIntent is another.
+    let other = PaymentPatch {
+        payment_intent_id: Some("pi_someone_else".into()),
+        ..Default::default()
+    };
+    transition_payment(&mut tx, &pid(&payments[7]), PaymentEvent::IntentCreated, &other, &[])
+        .await
+        .unwrap();
+    // 8: a refund that arrived before the success, its part waiting on share 2 (the lone way covers it from what is
+    // pending, and sends less).
+    sqlx::query(
+        "WITH r AS (INSERT INTO refunds (stripe_refund_id, split_payment_id, amount_cents, currency, status, source)
+                    VALUES ('re_early', $1, 500, 'aud', 'SUCCEEDED', 'external') RETURNING id)
+         INSERT INTO refund_parts (refund_id, split_allocation_id, amount_cents) SELECT id, $2, 500 FROM r",
+    )
+    .bind(&payments[8].payment.id)
+    .bind(&payments[8].allocations[2].id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // 4: a balance transaction of another amount; 5: fees that take everything.
+    items[4].balance_transaction.amount_cents += 1;
+    items[5].balance_transaction.fee_cents = payments[5].payment.total_amount_cents;
+    // 6: one share held by another transaction.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM split_allocations WHERE id = $1 FOR UPDATE")
+        .bind(&payments[6].allocations[1].id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // The same payment twice: the second is not taken.
+    let twice = splitpay::jobs::start_batch::Item {
+        event_id: items[0].event_id.clone(),
+        payment_id: items[0].payment_id.clone(),
+        intent_id: items[0].intent_id.clone(),
+        charge_id: items[0].charge_id.clone(),
+        observed_at: items[0].observed_at,
+        balance_transaction: items[0].balance_transaction.clone(),
+    };
+    items.push(twice);
+    let not_taken = [2, 3, 4, 5, 6, 7, 8];
+    let mut before = Vec::new();
+    for &n in &not_taken {
+        before.push(payment_rows(&pool, &payments[n].payment.id).await);
+    }
+
+    let answers = StartPayments::write(&ctx, &items).await.unwrap();
+    let taken: Vec<bool> = answers.iter().map(Option::is_some).collect();
+    assert_eq!(
+        taken,
+        [true, true, false, false, false, false, false, false, false, false]
+    );
+    holder.rollback().await.unwrap();
+    for (&n, before) in not_taken.iter().zip(&before) {
+        assert_eq!(
+            &payment_rows(&pool, &payments[n].payment.id).await,
+            before,
+            "payment {n} untouched"
+        );
+    }
+
+    let platform_fee = |total: i64| ctx.distribution.platform_fee.fee_cents(total);
+    for (n, answer) in answers.iter().enumerate().take(2) {
+        let started = answer.as_ref().unwrap();
+        let item = &items[n];
+        let p = get_split_payment(&mut pool.acquire().await.unwrap(), &item.payment_id)
+            .await
+            .unwrap();
+        let row = &p.payment;
+        assert_eq!(row.status, PaymentStatus::Succeeded);
+        assert_eq!(row.payment_intent_id.as_deref(), Some(item.intent_id.as_str()));
+        assert_eq!(row.charge_id.as_deref(), Some(item.charge_id.as_str()));
+        assert_eq!(row.processing_fee_cents, Some(183));
+        assert_eq!(row.platform_fee_cents, Some(platform_fee(row.total_amount_cents)));
+        assert_eq!(row.fee_uncollected_cents, Some(0));
+        assert!(row.succeeded_at.is_some() && row.distributed_at == row.succeeded_at && row.audit_due_at.is_some());
+        assert_eq!(
+            row.stripe_event_at.map(|t| t.timestamp_micros()),
+            Some(item.observed_at.timestamp_micros())
+        );
+        // Every share split (conserved to the cent) and its first generation started, as the steps were told.
+        let fees: i64 = p.allocations.iter().map(|a| a.fee_share_cents.unwrap()).sum();
+        let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
+        assert_eq!(fees, 183 + platform_fee(row.total_amount_cents));
+        assert_eq!(nets + fees, row.total_amount_cents);
+        assert_eq!(started.steps.len(), 3);
+        for (a, (c, attempt)) in p.allocations.iter().zip(&started.steps) {
+            assert_eq!((a.status, a.generation), (AllocationStatus::Transferring, 1));
+            assert_eq!(
+                a.idempotency_key.as_deref(),
+                Some(transfer_idempotency_key(&aid(a), 1).as_str())
+            );
+            assert_eq!(&c.allocation, a, "the step's share is the stored row");
+            assert_eq!(&c.payment, row, "the step's payment is the stored row");
+            assert_eq!(attempt.amount_cents, a.net_amount_cents.unwrap());
+            assert_eq!(attempt.source_transaction.as_deref(), Some(item.charge_id.as_str()));
+            assert_eq!(attempt.destination_account_id, c.destination_account_id);
+            assert_eq!(attempt.idempotency_key, a.idempotency_key.clone().unwrap());
+        }
+        let (processed, attempts): (bool, i32) =
+            sqlx::query_as("SELECT processed_at IS NOT NULL, process_attempts FROM stripe_events WHERE id = $1")
+                .bind(&item.event_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((processed, attempts), (true, 1));
+        let announced: Vec<(String, String)> =
+            sqlx::query_as("SELECT event_type, dedup_key FROM outbox_events WHERE payload::text LIKE '%' || $1 || '%'")
+                .bind(&row.id)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(announced.len(), 1, "{announced:?}");
+        assert_eq!(announced[0].0, "recommendation_set.payment_succeeded");
+    }
+
+    // Again: the payment whose share was held is plain now that it is not, and is taken; nothing more is written
+    // for the others.
+    let snapshot = payment_rows(&pool, &payments[0].payment.id).await;
+    let again = StartPayments::write(&ctx, &items).await.unwrap();
+    let taken: Vec<bool> = again.iter().map(Option::is_some).collect();
+    assert_eq!(
+        taken,
+        [false, false, false, false, false, false, true, false, false, false]
+    );
+    assert_eq!(payment_rows(&pool, &payments[0].payment.id).await, snapshot);
+}
+
+/// Issue 11 review: a payment the start batch writes for an event job that is gone by the time it commits (the job
+/// timed out, its task was dropped) is not left waiting out its lease for the sweeper: the writer drives its shares'
+/// transfers itself. Here the batch's last write takes a second, the caller is aborted meanwhile, and the simulator
+/// then sees each share's first-generation create, under its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_payment_whose_caller_is_gone_is_driven_by_its_writer() {
+    use splitpay::jobs::group_commit::GroupCommit;
+    use splitpay::jobs::start_batch::StartPayments;
+
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let (ctx, sim) = recorder_ctx(&pool).await;
+    let payments = new_payments(&pool, &[1000, 2000], 1).await;
+    let item = success_items(&pool, &payments, 60).await.remove(0);
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
+         CREATE TRIGGER slow_write BEFORE UPDATE ON stripe_events FOR EACH ROW EXECUTE FUNCTION slow_write();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let c = ctx.clone();
+    let caller = tokio::spawn(async move { GroupCommit::<StartPayments>::submit(&c, item).await });
+    let mut sleeping = false;
+    for _ in 0..500 {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if n > 0 {
+            sleeping = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(sleeping, "the batch reached its slow write");
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+
+    let keys: Vec<String> = payments[0]
+        .allocations
+        .iter()
+        .map(|a| transfer_idempotency_key(&aid(a), 1))
+        .collect();
+    let mut sent = Vec::new();
+    for _ in 0..100 {
+        let log = sim.control().get("requests").await.unwrap();
+        sent = log["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
+            .filter_map(|r| r["idempotency_key"].as_str().map(str::to_owned))
+            .collect();
+        if keys.iter().all(|k| sent.contains(k)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        keys.iter().all(|k| sent.contains(k)),
+        "each share's transfer was asked for: {sent:?}"
+    );
+    let status: Vec<String> = sqlx::query_scalar("SELECT status FROM split_payments WHERE id = $1")
+        .bind(&payments[0].payment.id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, ["SUCCEEDED"], "the batch committed");
 }

@@ -33,6 +33,7 @@ pub async fn measure(
         distribution: DistributionSettings::default(),
         webhooks: DeliverySettings::default(),
         recorder: Default::default(),
+        starter: Default::default(),
     };
     let mut timed = Vec::new();
     for (name, job) in crate::jobs::cron::jobs(ctx) {

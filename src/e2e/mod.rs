@@ -196,5 +196,6 @@ fn app_context(pool: sqlx::PgPool, gateway: Arc<StripeGateway>) -> Result<AppCon
         distribution,
         webhooks: crate::jobs::deliver::DeliverySettings::from_lookup(|name| std::env::var(name).ok())?,
         recorder: Default::default(),
+        starter: Default::default(),
     })
 }

@@ -41,6 +41,9 @@ pub trait BatchWrite: Send + Sync + Sized + 'static {
         ctx: &AppContext,
         batch: &[Self::Item],
     ) -> impl Future<Output = Result<Vec<Option<Self::Answer>>, StoreError>> + Send;
+    /// What was written for a caller that is gone (its job timed out, its task was dropped): the writer takes on
+    /// what that caller would have done next, if anything.
+    fn unanswered(_ctx: &AppContext, _answer: Self::Answer) {}
 }
 
 /// One context's queue of items of kind `W` (see the module's comment).
@@ -49,7 +52,10 @@ pub struct GroupCommit<W: BatchWrite> {
 }
 
 /// A queued item and where its answer goes.
-type Waiting<W> = (<W as BatchWrite>::Item, oneshot::Sender<Option<<W as BatchWrite>::Answer>>);
+type Waiting<W> = (
+    <W as BatchWrite>::Item,
+    oneshot::Sender<Option<<W as BatchWrite>::Answer>>,
+);
 
 struct State<W: BatchWrite> {
     queue: Vec<Waiting<W>>,
@@ -138,7 +144,9 @@ async fn write_until_empty<W: BatchWrite>(ctx: AppContext, mut slot: Slot<W>) {
         match W::write(&ctx, &items).await {
             Ok(answers) if answers.len() == items.len() => {
                 for (done, answer) in senders.into_iter().zip(answers) {
-                    let _ = done.send(answer);
+                    if let Err(Some(answer)) = done.send(answer) {
+                        W::unanswered(&ctx, answer);
+                    }
                 }
             }
             Ok(answers) => {

@@ -9,6 +9,8 @@
 //! - [`accounts`]: retrying a parked share (for `ops retry`), and `account.updated`: link flags, automatic retries.
 //! - [`account_sweep`]: asks Stripe about accounts whose parked shares no `account.updated` retried (a lost
 //!   Connect webhook) and feeds those now able to receive transfers through the webhook's path.
+//! - [`start_batch`]: the plain success of many payments, from their event to their started transfers, in one
+//!   transaction; [`transfer_batch`]: many transfers recorded in one; both through [`group_commit`].
 //! - [`transfer`]: one allocation's Stripe Transfer, exactly once per generation.
 //! - [`refunds`]: refunds made at Stripe taken through to allocations and donations; transfer reversals.
 //! - [`disputes`]: disputes' withdrawals taken like refunds, and won disputes' funds sent to the shares again.
@@ -35,6 +37,7 @@ pub mod reconcile;
 pub mod refunds;
 pub mod runner;
 pub mod schedule;
+pub mod start_batch;
 pub mod stripe_event;
 pub mod sweeper;
 pub mod transfer;

@@ -1,7 +1,8 @@
 //! Applies one stored Stripe event to splitpay's state: the PaymentIntent events move the split payment through
 //! its state machine (by [`super::payment_state`], the path reconcile-pending shares), with the events and jobs
 //! each change calls for, in one transaction with marking the event processed; a payment that succeeded is then
-//! distributed and its transfers made in this same job. Idempotent (a processed event is
+//! distributed and its transfers made in this same job (the plain success both at once, in a batch with other
+//! payments': [`super::start_batch`]). Idempotent (a processed event is
 //! skipped; a repeated outcome is `Unchanged`) and tolerant of order (a late `processing` changes nothing). Only a
 //! transition the state machine forbids is recorded as a contradiction; a database, enqueue or Stripe error leaves
 //! the event unprocessed, to be retried. `account.updated` (Connect) is handled by [`super::accounts`].
@@ -13,7 +14,7 @@ use super::queue::{enqueue, Queue};
 use super::runner::JobFailure;
 use crate::app::AppContext;
 use crate::domain::ids::SplitPaymentId;
-use crate::domain::state::{PaymentStatus, Transition};
+use crate::domain::state::{PaymentEvent, PaymentStatus, Transition};
 use crate::store::payments::find_split_payment_by_intent;
 use crate::store::records::{finish_stripe_event, get_stripe_event};
 use crate::store::StoreError;
@@ -94,6 +95,14 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
     };
     crate::observability::logging::record_payment(split_payment_id.as_str());
     let view = IntentView::from_object(intent, event.stripe_created);
+    if machine_event == PaymentEvent::Succeeded {
+        // The plain success: the transition and the distribution's start together, in a batch with other payments'
+        // (`start_batch`); anything else goes the lone way below.
+        if let Some(started) = super::start_batch::start(ctx, event_id, &split_payment_id, &view).await {
+            super::distribute::transfer_now(ctx, started.steps, started.deadline).await;
+            return Ok(());
+        }
+    }
     match apply(ctx, &split_payment_id, machine_event, &view, Some(event_id)).await {
         Ok(Transition::To(PaymentStatus::Succeeded)) => {
             distribute_now(ctx, &split_payment_id).await;

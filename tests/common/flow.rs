@@ -128,6 +128,7 @@ impl Flow {
             gateway: gateway.clone(),
             webhooks: Default::default(),
             recorder: Default::default(),
+            starter: Default::default(),
             distribution: {
                 let mut settings = DistributionSettings {
                     throttle_delay_ms: 200,

@@ -13,24 +13,33 @@ use splitpay::store::payments::*;
 use sqlx::PgPool;
 
 pub async fn new_payment(pool: &PgPool, amounts: &[i64]) -> SplitPayment {
+    new_payments(pool, amounts, 1).await.remove(0)
+}
+
+/// `n` stored payments through one FIXED set of `amounts`.
+pub async fn new_payments(pool: &PgPool, amounts: &[i64], n: usize) -> Vec<SplitPayment> {
     let set = seed_set(pool, AmountMode::Fixed, amounts).await;
     let plan = plan_for(&set);
     let mut tx = pool.begin().await.unwrap();
-    let payment = create_split_payment(
-        &mut tx,
-        &NewSplitPayment {
-            id: SplitPaymentId::generate(),
-            set: &set,
-            plan: &plan,
-            donor_id: Some("cm3donor1".into()),
-            payment_method_type: PaymentMethodType::Card,
-            donor_covers_fees: false,
-        },
-    )
-    .await
-    .unwrap();
+    let mut payments = Vec::with_capacity(n);
+    for _ in 0..n {
+        let payment = create_split_payment(
+            &mut tx,
+            &NewSplitPayment {
+                id: SplitPaymentId::generate(),
+                set: &set,
+                plan: &plan,
+                donor_id: Some("cm3donor1".into()),
+                payment_method_type: PaymentMethodType::Card,
+                donor_covers_fees: false,
+            },
+        )
+        .await
+        .unwrap();
+        payments.push(payment);
+    }
     tx.commit().await.unwrap();
-    payment
+    payments
 }
 
 pub fn payment_event(event_type: EventType, p: &SplitPaymentRow) -> OutboundEvent {
