@@ -176,10 +176,11 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     .fetch_all(&mut *tx)
     .await?;
     // Then, in a statement of its own, what else decides a share: its link, how many shares its payment has, and
-    // whether a refund part names it. Its own snapshot is taken after the locks: a refund (or a dispute's
-    // withdrawal) that held the shares while the statement above waited to reach them, and has committed its parts
-    // since, is seen here. Read in the locking statement, its snapshot (READ COMMITTED: one per statement, taken
-    // before it waited) would miss them, and the share would be sent its whole net.
+    // whether a refund part names it. Its own snapshot is taken after the locks. Read in the locking statement, it
+    // would come from that statement's snapshot (READ COMMITTED: one per statement, taken when it starts): a refund
+    // (or a dispute's withdrawal) that held the shares when that statement started and committed its parts before
+    // the lock reached them would be missed, and the share sent its whole net. Once the shares are held, no refund
+    // can attribute parts to them until this transaction ends.
     let share_ids: Vec<&str> = locked.iter().map(|a| a.id.as_str()).collect();
     let facts: HashMap<String, (String, String, String, i64, bool)> = sqlx::query_as(
         "SELECT a.id, l.recipient_organisation_id, l.recipient_org_name, l.stripe_connect_account_id,
