@@ -362,6 +362,25 @@ async fn both_metrics_endpoints_match_the_database_and_the_simulator() {
         assert_eq!(written, of(&payments, status), "payments {status}");
     }
     assert_eq!(of(&payments, "FAILED"), 1.0, "the declined card: {payments:?}");
+    // The hot path's batches (the worker's): what they wrote is at most what the tables hold, and they wrote
+    // something (each count also includes whatever a batch handed back, done alone).
+    let batched = |kind: &str, written: &str| {
+        value(
+            &worker_samples,
+            "splitpay_group_commit_items_total",
+            &[("kind", kind), ("written", written)],
+        )
+    };
+    for (kind, most) in [
+        ("start", of(&payments, "SUCCEEDED")),
+        ("record", of(&allocations, "TRANSFERRED")),
+    ] {
+        let written = batched(kind, "true");
+        assert!(
+            written >= 1.0 && written <= most,
+            "{kind}: {written} written, at most {most}"
+        );
+    }
 
     // One latency observation per transfer recorded, all by the worker.
     assert_eq!(

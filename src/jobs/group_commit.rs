@@ -32,6 +32,8 @@ pub const WRITERS_MAX: usize = 2;
 pub trait BatchWrite: Send + Sync + Sized + 'static {
     type Item: Send + 'static;
     type Answer: Send + 'static;
+    /// The kind's name in `splitpay_group_commit_items_total`.
+    const KIND: &'static str;
     /// Items one transaction takes at most.
     const BATCH_MAX: usize;
     /// This kind's queue in a context.
@@ -144,7 +146,18 @@ async fn write_until_empty<W: BatchWrite>(ctx: AppContext, mut slot: Slot<W>) {
             state.queue.drain(..n).collect()
         };
         let (items, senders): (Vec<W::Item>, Vec<_>) = batch.into_iter().unzip();
-        match W::write(&ctx, &items).await {
+        let result = W::write(&ctx, &items).await;
+        let written = match &result {
+            Ok(answers) if answers.len() == items.len() => answers.iter().filter(|a| a.is_some()).count(),
+            _ => 0,
+        };
+        // How many items the batches took, and how many went back to be done alone: a rise of the latter means the
+        // hot path is falling back to its slower way (contention, or a batch that keeps failing).
+        metrics::counter!("splitpay_group_commit_items_total", "kind" => W::KIND, "written" => "true")
+            .increment(written as u64);
+        metrics::counter!("splitpay_group_commit_items_total", "kind" => W::KIND, "written" => "false")
+            .increment((items.len() - written) as u64);
+        match result {
             Ok(answers) if answers.len() == items.len() => {
                 for (done, answer) in senders.into_iter().zip(answers) {
                     if let Err(Some(answer)) = done.send(answer) {

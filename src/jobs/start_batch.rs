@@ -99,6 +99,7 @@ pub async fn start(ctx: &AppContext, event_id: &str, id: &SplitPaymentId, view: 
 impl BatchWrite for StartPayments {
     type Item = Item;
     type Answer = Started;
+    const KIND: &'static str = "start";
     const BATCH_MAX: usize = BATCH_MAX;
 
     fn of(ctx: &AppContext) -> &Arc<GroupCommit<Self>> {

@@ -46,6 +46,7 @@ pub struct Item {
 impl BatchWrite for RecordTransfers {
     type Item = Item;
     type Answer = ();
+    const KIND: &'static str = "record";
     const BATCH_MAX: usize = BATCH_MAX;
 
     fn of(ctx: &AppContext) -> &Arc<GroupCommit<Self>> {

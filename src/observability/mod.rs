@@ -140,6 +140,11 @@ fn describe() {
         "splitpay_metrics_refresh_errors_total",
         "Scrapes whose database gauges could not be read (the previous values were served)"
     );
+    describe_counter!(
+        "splitpay_group_commit_items_total",
+        "Items of the hot path's group-commit batches, by kind (start: succeeded payments started; record: transfers \
+         recorded) and whether a batch wrote them (false: done alone, the slower way)"
+    );
 }
 
 /// Which outcome class a Stripe request had: bounded label values for `splitpay_stripe_requests_total`.
