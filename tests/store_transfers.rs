@@ -897,7 +897,13 @@ async fn a_start_batch_takes_the_plain_successes_together_and_hands_back_every_o
         before.push(payment_rows(&pool, &payments[n].payment.id).await);
     }
 
-    let answers = StartPayments::write(&ctx, &items).await.unwrap();
+    // The answers' steps are taken out undriven (`into_steps`): a `Started` dropped undriven drives its transfers.
+    let answers: Vec<_> = StartPayments::write(&ctx, &items)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.map(splitpay::jobs::start_batch::Started::into_steps))
+        .collect();
     let taken: Vec<bool> = answers.iter().map(Option::is_some).collect();
     assert_eq!(
         taken,
@@ -914,7 +920,7 @@ async fn a_start_batch_takes_the_plain_successes_together_and_hands_back_every_o
 
     let platform_fee = |total: i64| ctx.distribution.platform_fee.fee_cents(total);
     for (n, answer) in answers.iter().enumerate().take(2) {
-        let started = answer.as_ref().unwrap();
+        let (steps, _) = answer.as_ref().unwrap();
         let item = &items[n];
         let p = get_split_payment(&mut pool.acquire().await.unwrap(), &item.payment_id)
             .await
@@ -936,8 +942,8 @@ async fn a_start_batch_takes_the_plain_successes_together_and_hands_back_every_o
         let nets: i64 = p.allocations.iter().map(|a| a.net_amount_cents.unwrap()).sum();
         assert_eq!(fees, 183 + platform_fee(row.total_amount_cents));
         assert_eq!(nets + fees, row.total_amount_cents);
-        assert_eq!(started.steps.len(), 3);
-        for (a, (c, attempt)) in p.allocations.iter().zip(&started.steps) {
+        assert_eq!(steps.len(), 3);
+        for (a, (c, attempt)) in p.allocations.iter().zip(steps) {
             assert_eq!((a.status, a.generation), (AllocationStatus::Transferring, 1));
             assert_eq!(
                 a.idempotency_key.as_deref(),
@@ -970,7 +976,12 @@ async fn a_start_batch_takes_the_plain_successes_together_and_hands_back_every_o
     // Again: the payment whose share was held is plain now that it is not, and is taken; nothing more is written
     // for the others.
     let snapshot = payment_rows(&pool, &payments[0].payment.id).await;
-    let again = StartPayments::write(&ctx, &items).await.unwrap();
+    let again: Vec<_> = StartPayments::write(&ctx, &items)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.map(splitpay::jobs::start_batch::Started::into_steps))
+        .collect();
     let taken: Vec<bool> = again.iter().map(Option::is_some).collect();
     assert_eq!(
         taken,
@@ -980,8 +991,8 @@ async fn a_start_batch_takes_the_plain_successes_together_and_hands_back_every_o
 }
 
 /// Issue 11 review: a payment the start batch writes for an event job that is gone by the time it commits (the job
-/// timed out, its task was dropped) is not left waiting out its lease for the sweeper: the writer drives its shares'
-/// transfers itself. Here the batch's last write takes a second, the caller is aborted meanwhile, and the simulator
+/// timed out, its task was dropped) is not left waiting out its lease for the sweeper: its answer, dropped undriven,
+/// drives its shares' transfers itself. Here the batch's last write takes a second, the caller is aborted meanwhile, and the simulator
 /// then sees each share's first-generation create, under its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_started_payment_whose_caller_is_gone_is_driven_by_its_writer() {

@@ -46,9 +46,6 @@ pub trait BatchWrite: Send + Sync + Sized + 'static {
         ctx: &AppContext,
         batch: &[Self::Item],
     ) -> impl Future<Output = Result<Vec<Option<Self::Answer>>, StoreError>> + Send;
-    /// What was written for a caller that is gone (its job timed out, its task was dropped): the writer takes on
-    /// what that caller would have done next, if anything.
-    fn unanswered(_ctx: &AppContext, _answer: Self::Answer) {}
 }
 
 /// One context's queue of items of kind `W` (see the module's comment).
@@ -159,10 +156,10 @@ async fn write_until_empty<W: BatchWrite>(ctx: AppContext, mut slot: Slot<W>) {
             .increment((items.len() - written) as u64);
         match result {
             Ok(answers) if answers.len() == items.len() => {
+                // An answer whose caller is gone is dropped: an answer that must not be lost (a started payment)
+                // acts on its own drop.
                 for (done, answer) in senders.into_iter().zip(answers) {
-                    if let Err(Some(answer)) = done.send(answer) {
-                        W::unanswered(&ctx, answer);
-                    }
+                    let _ = done.send(answer);
                 }
             }
             Ok(answers) => {

@@ -60,11 +60,56 @@ pub struct Item {
 }
 
 /// A payment the batch started: its shares' first generations, to drive until `deadline` (the lease's end on this
-/// process's clock, as [`super::distribute::transfer_now`] takes it).
-#[derive(Debug)]
+/// process's clock, as [`super::distribute::transfer_now`] takes it). Committed before it exists, so it must be
+/// driven: [`Started::drive`] does it, and a `Started` dropped undriven (its event job timed out or was dropped, while
+/// the batch wrote or before it read the answer) drives its steps from a task of its own, under the same lease, rather
+/// than leaving them to the sweeper after it.
 pub struct Started {
-    pub steps: Vec<(AllocationContext, TransferAttemptRow)>,
-    pub deadline: tokio::time::Instant,
+    steps: Vec<(AllocationContext, TransferAttemptRow)>,
+    deadline: tokio::time::Instant,
+    ctx: Option<AppContext>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("steps", &self.steps.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Started {
+    /// Drives the payment's transfers (see [`super::distribute::transfer_now`]).
+    pub async fn drive(mut self) {
+        let steps = std::mem::take(&mut self.steps);
+        if let Some(ctx) = self.ctx.take() {
+            super::distribute::transfer_now(&ctx, steps, self.deadline).await;
+        }
+    }
+
+    /// The started shares and the lease's end, without driving them (for tests that look at what was started).
+    pub fn into_steps(mut self) -> (Vec<(AllocationContext, TransferAttemptRow)>, tokio::time::Instant) {
+        (std::mem::take(&mut self.steps), self.deadline)
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if self.steps.is_empty() {
+            return;
+        }
+        let steps = std::mem::take(&mut self.steps);
+        let deadline = self.deadline;
+        // Outside a runtime (it is shutting down) nothing can run: the shares are due at the lease's end, for the
+        // sweeper, as after a crash.
+        if let (Some(ctx), Ok(runtime)) = (self.ctx.take(), tokio::runtime::Handle::try_current()) {
+            tracing::info!(
+                steps = steps.len(),
+                "a started payment's event job is gone: its transfers are driven here"
+            );
+            runtime.spawn(async move { super::distribute::transfer_now(&ctx, steps, deadline).await });
+        }
+    }
 }
 
 /// Starts the payment `id` that the stored event `event_id` (seen as `view`) says succeeded, in a batch with
@@ -113,14 +158,6 @@ impl BatchWrite for StartPayments {
 
     async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>, StoreError> {
         write(ctx, batch).await
-    }
-
-    /// A payment started for an event job that is gone (its job timed out or was dropped while the batch wrote):
-    /// its steps are driven here, under the lease the batch took for them, rather than left to the sweeper after the
-    /// lease.
-    fn unanswered(ctx: &AppContext, started: Started) {
-        let ctx = ctx.clone();
-        tokio::spawn(async move { super::distribute::transfer_now(&ctx, started.steps, started.deadline).await });
     }
 }
 
@@ -384,7 +421,11 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
                 attempt,
             ));
         }
-        answers[p.n] = Some(Started { steps, deadline });
+        answers[p.n] = Some(Started {
+            steps,
+            deadline,
+            ctx: Some(ctx.clone()),
+        });
     }
     tx.commit().await?;
     metrics::counter!("splitpay_split_payment_transitions_total", "to" => PaymentStatus::Succeeded.as_str())

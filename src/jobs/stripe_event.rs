@@ -99,7 +99,7 @@ pub async fn process(ctx: &AppContext, event_id: &str) -> Result<(), JobFailure>
         // The plain success: the transition and the distribution's start together, in a batch with other payments'
         // (`start_batch`); anything else goes the lone way below.
         if let Some(started) = super::start_batch::start(ctx, event_id, &split_payment_id, &view).await {
-            super::distribute::transfer_now(ctx, started.steps, started.deadline).await;
+            started.drive().await;
             return Ok(());
         }
     }
