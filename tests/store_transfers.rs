@@ -1061,3 +1061,45 @@ async fn a_started_payment_whose_caller_is_gone_is_driven_by_its_writer() {
         .unwrap();
     assert_eq!(status, ["SUCCEEDED"], "the batch committed");
 }
+
+/// Issue 11 review: a batch that does not commit drives nothing. Its answers are built before the commit; were they
+/// armed then, dropping them after a failed commit would send the rolled-back shares' transfers to Stripe. Here the
+/// commit itself fails (a deferred trigger), and neither the simulator nor the tables see anything of the payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_batch_whose_commit_fails_drives_nothing() {
+    use splitpay::jobs::group_commit::BatchWrite;
+    use splitpay::jobs::start_batch::StartPayments;
+
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    let (ctx, sim) = recorder_ctx(&pool).await;
+    let payments = new_payments(&pool, &[1000, 2000], 1).await;
+    let items = success_items(&pool, &payments, 60).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'refused at commit'; END $$;
+         CREATE CONSTRAINT TRIGGER refuse_commit AFTER UPDATE ON stripe_events DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION refuse_commit();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let before = payment_rows(&pool, &payments[0].payment.id).await;
+    let err = StartPayments::write(&ctx, &items).await.unwrap_err();
+    assert!(err.to_string().contains("refused at commit"), "{err}");
+    // Whatever the dropped answers would do, they would do it at once: a second is plenty to see it.
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+    let log = sim.control().get("requests").await.unwrap();
+    let transfers = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"] == "/v1/transfers")
+        .count();
+    assert_eq!(transfers, 0, "no transfer asked for a batch that rolled back");
+    assert_eq!(
+        payment_rows(&pool, &payments[0].payment.id).await,
+        before,
+        "nothing written"
+    );
+}

@@ -164,7 +164,9 @@ async fn write_until_empty<W: BatchWrite>(ctx: AppContext, mut slot: Slot<W>) {
             }
             Ok(answers) => {
                 // A writer's bug: it committed, but its answers do not match. `None` makes each caller do its item
-                // alone, which finds what was written (every lone path is idempotent).
+                // alone, which finds what was written (every lone path is idempotent); an answer that acts on its own
+                // drop (a started payment drives its transfers) still does, and the lone way then finds the payment
+                // started and drives nothing.
                 tracing::error!(
                     batch = W::describe(&items),
                     answers = answers.len(),

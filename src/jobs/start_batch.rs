@@ -100,8 +100,10 @@ impl Drop for Started {
         }
         let steps = std::mem::take(&mut self.steps);
         let deadline = self.deadline;
-        // Outside a runtime (it is shutting down) nothing can run: the shares are due at the lease's end, for the
-        // sweeper, as after a crash.
+        // Outside a runtime nothing can run, and a runtime shutting down cancels the task at once: either way the
+        // shares stay due at the lease's end, for the sweeper, as after a crash. The task is bounded by the lease (its
+        // turn and its Stripe calls stop at `deadline`; recording what Stripe answered is bounded by the statement
+        // timeout).
         if let (Some(ctx), Ok(runtime)) = (self.ctx.take(), tokio::runtime::Handle::try_current()) {
             tracing::info!(
                 steps = steps.len(),
@@ -421,13 +423,19 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
                 attempt,
             ));
         }
+        // Not armed yet (no context): a `Started` dropped before the commit (an error below, a failed commit) must
+        // not drive anything, since nothing of it may have been written.
         answers[p.n] = Some(Started {
             steps,
             deadline,
-            ctx: Some(ctx.clone()),
+            ctx: None,
         });
     }
     tx.commit().await?;
+    // Committed: each started payment is now driven, by its caller or, dropped undriven, by itself.
+    for started in answers.iter_mut().flatten() {
+        started.ctx = Some(ctx.clone());
+    }
     metrics::counter!("splitpay_split_payment_transitions_total", "to" => PaymentStatus::Succeeded.as_str())
         .increment(plans.len() as u64);
     metrics::counter!("splitpay_split_allocation_transitions_total", "to" => AllocationStatus::Transferring.as_str())
