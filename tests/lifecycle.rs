@@ -888,14 +888,7 @@ async fn a_transfer_whose_recording_failed_inline_is_taken_on_by_its_job_without
 
 /// The idempotency keys of the transfer creates Stripe received, in arrival order.
 async fn transfer_create_keys(flow: &Flow) -> Vec<String> {
-    let log = flow.control.get("requests").await.unwrap();
-    log["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
-        .map(|r| r["idempotency_key"].as_str().unwrap().to_owned())
-        .collect()
+    common::stripe::transfer_create_keys(&flow.control).await
 }
 
 /// Issue 11 review: a share whose first transfer distribution is making itself is leased to that step, so a sweep

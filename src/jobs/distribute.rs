@@ -98,11 +98,7 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     // `net_amount_zero` for an operator to refund. Then the payment is marked distributed, so "succeeded but not
     // distributed" is one indexed flag for the sweeper and the reconciler.
     let now = Utc::now();
-    let lease_ms = ctx.distribution.inline_transfer_lease_ms;
-    let lease_ends = now + chrono::Duration::milliseconds(lease_ms as i64);
-    // The same lease on this process's clock, taken at the same moment: the step stops asking Stripe before the
-    // stored lease ends.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(lease_ms);
+    let (lease_ends, deadline) = first_step_lease(ctx);
     let mut to_start = Vec::new();
     for allocation in payment
         .allocations
@@ -155,6 +151,17 @@ pub async fn distribute(ctx: &AppContext, raw_id: &str) -> Result<(), JobFailure
     tx.commit().await.map_err(|e| JobFailure::Retry(e.to_string()))?;
     transfer_now(ctx, started, deadline).await;
     Ok(())
+}
+
+/// The lease a process takes on the first steps it starts: when it ends as stored (the shares' `next_attempt_at`), and
+/// the same moment on this process's clock, taken together, so the step stops asking Stripe before the stored lease
+/// ends.
+pub fn first_step_lease(ctx: &AppContext) -> (chrono::DateTime<Utc>, tokio::time::Instant) {
+    let lease_ms = ctx.distribution.inline_transfer_lease_ms;
+    (
+        Utc::now() + chrono::Duration::milliseconds(lease_ms as i64),
+        tokio::time::Instant::now() + std::time::Duration::from_millis(lease_ms),
+    )
 }
 
 /// Drives the first generation of each started share here, all at once, instead of through one transfer job each:

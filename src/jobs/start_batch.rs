@@ -28,10 +28,10 @@ use super::group_commit::{BatchWrite, GroupCommit};
 use super::payment_state::IntentView;
 use crate::app::AppContext;
 use crate::domain::fees::split_fees;
-use crate::domain::ids::{transfer_idempotency_key, SplitAllocationId, SplitPaymentId};
+use crate::domain::ids::SplitPaymentId;
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentEvent, PaymentStatus, Transition};
 use crate::events::EventType;
-use crate::store::allocations::{insert_first_attempts, AllocationContext, SplitAllocationRow};
+use crate::store::allocations::{insert_first_attempts, transfer_keys, AllocationContext, SplitAllocationRow};
 use crate::store::announce;
 use crate::store::payments::SplitPaymentRow;
 use crate::store::records::insert_outbox_events;
@@ -49,6 +49,7 @@ pub type Starter = GroupCommit<StartPayments>;
 pub struct StartPayments;
 
 /// A succeeded payment's event, with what Stripe said of its charge's fee.
+#[derive(Debug, Clone)]
 pub struct Item {
     pub event_id: String,
     pub payment_id: SplitPaymentId,
@@ -326,19 +327,13 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     // The shares: split, and their first generation started (as `write_fee_split` and `start_first_generations`
     // write them), due at the end of this process's lease on their first step.
     let now = Utc::now();
-    let lease_ms = ctx.distribution.inline_transfer_lease_ms;
-    let lease_ends = now + chrono::Duration::milliseconds(lease_ms as i64);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(lease_ms);
+    let (lease_ends, deadline) = super::distribute::first_step_lease(ctx);
     let all: Vec<&(&Share, i64, i64)> = plans.iter().flat_map(|p| &p.shares).collect();
     let share_ids: Vec<&str> = all.iter().map(|(s, _, _)| s.row.id.as_str()).collect();
     let fee_shares: Vec<i64> = all.iter().map(|(_, fee, _)| *fee).collect();
     let nets: Vec<i64> = all.iter().map(|(_, _, net)| *net).collect();
     let generations: Vec<i32> = all.iter().map(|_| 1).collect();
-    let mut keys = Vec::with_capacity(all.len());
-    for id in &share_ids {
-        let id = SplitAllocationId::parse(id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        keys.push(transfer_idempotency_key(&id, 1));
-    }
+    let keys = transfer_keys(&share_ids, &generations)?;
     let started: Vec<SplitAllocationRow> = sqlx::query_as(
         "UPDATE split_allocations a
             SET fee_share_cents = u.fee_share, net_amount_cents = u.net, status = 'TRANSFERRING', generation = 1,

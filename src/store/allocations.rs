@@ -189,11 +189,7 @@ pub async fn start_first_generations(
     let ids: Vec<&str> = shares.iter().map(|a| a.id.as_str()).collect();
     let prior: Vec<i32> = shares.iter().map(|a| a.generation).collect();
     let generations: Vec<i32> = prior.iter().map(|g| g + 1).collect();
-    let mut keys = Vec::with_capacity(shares.len());
-    for (share, generation) in shares.iter().zip(&generations) {
-        let id = SplitAllocationId::parse(&share.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        keys.push(transfer_idempotency_key(&id, *generation));
-    }
+    let keys = transfer_keys(&ids, &generations)?;
     let mut attempts = insert_first_attempts(tx, &ids, &generations, &keys, &amounts).await?;
     if attempts.len() != shares.len() {
         return Err(StoreError::Invalid(format!(
@@ -271,6 +267,17 @@ pub async fn start_first_generations(
         ));
     }
     Ok(out)
+}
+
+/// The transfer idempotency key of generation `generations[i]` of share `ids[i]`.
+pub fn transfer_keys(ids: &[&str], generations: &[i32]) -> Result<Vec<String>, StoreError> {
+    ids.iter()
+        .zip(generations)
+        .map(|(id, generation)| {
+            let id = SplitAllocationId::parse(id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            Ok(transfer_idempotency_key(&id, *generation))
+        })
+        .collect()
 }
 
 /// The frozen parameters of first generations (`generations[i]` of share `ids[i]`, sending `amounts_cents[i]` under

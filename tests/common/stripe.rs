@@ -16,6 +16,18 @@ pub async fn simulator() -> (SimServer, SimControl) {
     (server, control)
 }
 
+/// The idempotency keys of every transfer create the simulator received, in order (from its request log).
+pub async fn transfer_create_keys(control: &SimControl) -> Vec<String> {
+    let log = control.get("requests").await.unwrap();
+    log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["method"] == "POST" && r["path"] == "/v1/transfers")
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// `GET /v1/{path}` at the simulator with the test key, as JSON: what the gateway does not expose.
 pub async fn raw_get(sim: &SimServer, path: &str) -> serde_json::Value {
     reqwest::Client::new()
