@@ -315,6 +315,8 @@ async fn disputes_are_refused_on_charges_that_did_not_succeed_and_for_unknown_re
 #[tokio::test]
 async fn the_becs_dispute_account_succeeds_first_and_is_disputed_later_on_the_simulated_clock() {
     let (sim, control) = simulator().await;
+    // Frozen: the test stands one second before a deadline, which the wall clock crossing a second must not pass.
+    control.freeze_clock().await.unwrap();
     let gw = gateway(&sim);
     let after_secs = SimConfig::default().becs_dispute_after_secs;
     let pi = gw
@@ -603,6 +605,8 @@ async fn a_transfer_still_pending_is_reversed_out_of_its_own_pending_funds() {
 #[tokio::test]
 async fn connect_events_go_only_to_connect_endpoints_and_capabilities_activate_later() {
     let (sim, control) = simulator().await;
+    // Frozen: the test stands one second before a deadline, which the wall clock crossing a second must not pass.
+    control.freeze_clock().await.unwrap();
     let gw = gateway(&sim);
     let platform_hook = Receiver::start().await;
     let connect_hook = Receiver::start().await;

@@ -7,6 +7,7 @@
 //! | `DELETE /_sim/faults` | clears faults |
 //! | `POST /_sim/latency` `{min_ms, max_ms, processing_ms?}` | uniform latency before each request; time a request holds its key |
 //! | `POST /_sim/clock/advance` `{seconds}` | moves the clock on (pending debits settle, delayed balance transactions appear, due webhook retries go out) |
+//! | `POST /_sim/clock/freeze` | stops the clock at the present time: from then on only `clock/advance` moves it (tests that stand one second before a deadline) |
 //! | `POST /_sim/payment_intents/{id}/settle` `{outcome: "succeed"\|"fail", failure_code?, failure_message?}` | settles a pending debit now |
 //! | `POST /_sim/accounts` `{id?, transfers?, country?}` | creates a connected account |
 //! | `POST /_sim/accounts/{id}/capabilities` `{transfers, activate_after_secs?}` | sets the `transfers` capability; with `activate_after_secs` it turns `active` once the clock passes that (`capability.updated` + `account.updated` each time) |
@@ -72,6 +73,7 @@ pub(super) fn handle(shared: &Arc<Shared>, method: &str, segments: &[&str], args
             Ok(json!({ "ok": true }))
         }
         ("GET", ["clock"]) => Ok(json!({ "now": now })),
+        ("POST", ["clock", "freeze"]) => Ok(json!({ "now": shared.freeze_clock() })),
         ("POST", ["clock", "advance"]) => {
             let seconds = arg_i64(args, "seconds")?;
             shared.clock_offset_secs.fetch_add(seconds, Ordering::SeqCst);
@@ -429,6 +431,13 @@ impl SimControl {
         let outcome = if succeeded { "succeeded" } else { "failed" };
         self.post(&format!("refunds/{refund_id}/settle"), json!({ "outcome": outcome }))
             .await
+    }
+
+    /// Stops the simulator's clock at the present time: from then on only `advance_clock` moves it, so a test can stand
+    /// one second before a deadline without the wall clock crossing it. Returns the frozen time.
+    pub async fn freeze_clock(&self) -> Result<i64, ControlError> {
+        let v = self.post("clock/freeze", json!({})).await?;
+        Ok(v["now"].as_i64().unwrap_or_default())
     }
 
     pub async fn advance_clock(&self, seconds: i64) -> Result<i64, ControlError> {

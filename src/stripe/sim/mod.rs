@@ -83,6 +83,12 @@ pub struct RequestLogEntry {
     pub idempotency_key: Option<String>,
 }
 
+fn real_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 pub(crate) struct Shared {
     model: Mutex<Model>,
     idempotency: Mutex<idempotency::IdempotencyTable>,
@@ -92,6 +98,9 @@ pub(crate) struct Shared {
     /// How long executing a request takes (holds its idempotency key in flight).
     processing_ms: AtomicU64,
     clock_offset_secs: AtomicI64,
+    /// When non-zero, the real time the clock was frozen at: the clock then moves only when advanced, so a test that
+    /// advances to one second before a deadline is not overtaken by the wall clock crossing a second.
+    clock_frozen_at_secs: AtomicI64,
     webhooks: Mutex<webhooks::WebhookState>,
     requests: Mutex<Vec<RequestLogEntry>>,
     /// Stripe's per-key rate limiter (used only when `SimConfig::rate_limit_per_sec` is set).
@@ -102,12 +111,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The simulator's clock: the real time plus however far tests advanced it.
+    /// The simulator's clock: the real time (or the time it was frozen at) plus however far tests advanced it.
     pub(crate) fn now(&self) -> i64 {
-        let real = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let frozen = self.clock_frozen_at_secs.load(Ordering::SeqCst);
+        let real = if frozen != 0 { frozen } else { real_now_secs() };
         real + self.clock_offset_secs.load(Ordering::SeqCst)
+    }
+
+    /// Stops the clock at the present real time; from then on only `clock/advance` moves it.
+    pub(crate) fn freeze_clock(&self) -> i64 {
+        let _ = self
+            .clock_frozen_at_secs
+            .compare_exchange(0, real_now_secs(), Ordering::SeqCst, Ordering::SeqCst);
+        self.now()
     }
 
     fn log_request(&self, method: &str, path: &str, idempotency_key: Option<&str>) {
@@ -233,6 +249,7 @@ pub async fn start_on(config: SimConfig, addr: SocketAddr) -> std::io::Result<Si
         latency_ms: Mutex::new((0, 0)),
         processing_ms: AtomicU64::new(0),
         clock_offset_secs: AtomicI64::new(0),
+        clock_frozen_at_secs: AtomicI64::new(0),
         webhooks: Mutex::new(webhooks::WebhookState::default()),
         requests: Mutex::new(Vec::new()),
         rate_buckets: Mutex::new(Default::default()),
