@@ -224,6 +224,9 @@ impl Model {
             .ok_or_else(|| SimError::missing("account", id, None))?;
         account.transfers = status.to_owned();
         account.transfers_activate_at = activate_after_secs.map(|secs| now + secs);
+        if let Some(at) = account.transfers_activate_at {
+            Self::due_at(&mut self.next_due_at, at);
+        }
         Ok(self.capability_changed(id, now))
     }
 

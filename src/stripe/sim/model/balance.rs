@@ -70,8 +70,14 @@ impl Model {
         })
     }
 
+    /// Appends a balance transaction (and indexes it by id).
+    pub(super) fn push_balance_txn(&mut self, bt: BalanceTxn) {
+        self.balance_txn_index.insert(bt.id.clone(), self.balance_txns.len());
+        self.balance_txns.push(bt);
+    }
+
     pub(super) fn balance_txn(&self, id: &str) -> Option<&BalanceTxn> {
-        self.balance_txns.iter().find(|b| b.id == id)
+        self.balance_txn_index.get(id).map(|&i| &self.balance_txns[i])
     }
 
     /// `GET /v1/balance_transactions/{id}` (the platform's and connected accounts' alike: the simulator has one key).
@@ -188,7 +194,7 @@ impl Model {
                 "trace_id",
             ],
         );
-        self.balance_txns.push(bt);
+        self.push_balance_txn(bt);
         self.emit_for(Some(account), "payout.created", payout.clone(), now);
         self.emit_for(Some(account), "payout.paid", payout.clone(), now);
         Ok(payout)

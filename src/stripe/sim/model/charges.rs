@@ -37,9 +37,7 @@ impl Model {
     pub(super) fn charge_json(&self, c: &Charge, expand: &[String], now: i64) -> Value {
         let bt = match &c.balance_transaction {
             Some(id) if expand.iter().any(|e| e == "balance_transaction") => self
-                .balance_txns
-                .iter()
-                .find(|b| &b.id == id)
+                .balance_txn(id)
                 .map_or(Value::Null, |b| self.balance_txn_json(b, now)),
             Some(id) => json!(id),
             None => Value::Null,
@@ -109,6 +107,7 @@ impl Model {
         charge.available_on = now + available_after_secs;
         if delay > 0 {
             charge.balance_transaction_due = Some(now + delay);
+            Self::due_at(&mut self.next_due_at, now + delay);
         } else {
             self.book_charge_balance(charge_id, now);
         }
@@ -123,7 +122,7 @@ impl Model {
         bt.available_on = charge.available_on;
         charge.balance_transaction = Some(bt.id.clone());
         charge.balance_transaction_due = None;
-        self.balance_txns.push(bt);
+        self.push_balance_txn(bt);
     }
 
     pub fn retrieve_charge(&self, id: &str, expand: &[String], now: i64) -> Result<Value, SimError> {

@@ -139,7 +139,7 @@ impl Model {
         withdrawn.fee = self.config.dispute_fee_cents;
         withdrawn.reporting_category = "dispute";
         dispute.balance_transactions.push(withdrawn.id.clone());
-        self.balance_txns.push(withdrawn);
+        self.push_balance_txn(withdrawn);
         let json = self.dispute_json(&dispute, now);
         self.disputes.push(dispute);
         self.emit("charge.dispute.funds_withdrawn", json.clone(), now);
@@ -177,7 +177,7 @@ impl Model {
             let d = &mut self.disputes[index];
             d.status = "won";
             d.balance_transactions.push(reinstated.id.clone());
-            self.balance_txns.push(reinstated);
+            self.push_balance_txn(reinstated);
             let json = self.dispute_json(&self.disputes[index], now);
             self.emit("charge.dispute.funds_reinstated", json, now);
         } else {

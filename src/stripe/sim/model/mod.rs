@@ -45,9 +45,17 @@ pub struct Model {
     intents: HashMap<String, PaymentIntent>,
     charges: HashMap<String, Charge>,
     balance_txns: Vec<BalanceTxn>,
+    /// Where each balance transaction is in `balance_txns` (appended only), so a lookup does not scan them all.
+    balance_txn_index: HashMap<String, usize>,
     accounts: HashMap<String, Account>,
     transfers: Vec<Transfer>,
     transfer_index: HashMap<String, usize>,
+    /// The amount transferred so far from each source_transaction (what a new transfer's cap is checked against).
+    transferred_from: HashMap<String, i64>,
+    /// The earliest time something may fall due (a debit settling, a balance transaction booked, a dispute opening,
+    /// a capability activating); `None`: nothing waits. `tick` scans only once it has come: every request ticks, and
+    /// a scan of every intent and charge per request made the simulator's cost grow with its history.
+    next_due_at: Option<i64>,
     /// In creation order.
     refunds: Vec<Refund>,
     /// In creation order; at most one per charge.
@@ -86,8 +94,36 @@ impl Model {
         std::mem::take(&mut self.undelivered)
     }
 
+    /// Notes that something falls due at `at` (see `next_due_at`).
+    fn due_at(next_due_at: &mut Option<i64>, at: i64) {
+        *next_due_at = Some(next_due_at.map_or(at, |d| d.min(at)));
+    }
+
     /// Moves time-driven state on: due debits settle, delayed balance transactions appear.
     pub fn tick(&mut self, now: i64) {
+        if self.next_due_at.is_none_or(|at| at > now) {
+            return;
+        }
+        self.next_due_at = None;
+        self.tick_due(now);
+        // What is still waiting (the earliest of it) once the due things moved on.
+        let waiting = self
+            .intents
+            .values()
+            .filter_map(|pi| pi.settle_at)
+            .chain(
+                self.charges
+                    .values()
+                    .flat_map(|c| [c.balance_transaction_due, c.dispute_due])
+                    .flatten(),
+            )
+            .chain(self.accounts.values().filter_map(|a| a.transfers_activate_at));
+        for at in waiting.collect::<Vec<_>>() {
+            Self::due_at(&mut self.next_due_at, at);
+        }
+    }
+
+    fn tick_due(&mut self, now: i64) {
         let mut due: Vec<String> = self
             .intents
             .values()
@@ -182,4 +218,62 @@ pub(super) fn page<T>(
         end < items.len()
     };
     Ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": url }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stripe::sim::form::Form;
+
+    fn becs_debit(model: &mut Model, account: &str, now: i64) -> String {
+        let form = Form::parse(
+            format!(
+                "amount=1000&currency=aud&payment_method_types[]=au_becs_debit&confirm=true\
+                 &payment_method=pm_becs_{account}"
+            )
+            .as_bytes(),
+        );
+        let pi = model.create_intent(&form, now).unwrap();
+        assert_eq!(pi["status"], "processing");
+        pi["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `tick` scans only once something is due, and what it leaves waiting still falls due: the earliest pending
+    /// time is kept through settling, booking and a dispute that comes after the debit.
+    #[test]
+    fn tick_scans_only_when_something_is_due_and_loses_nothing_waiting() {
+        let config = SimConfig::default();
+        let (settle, booked, disputed) = (
+            config.becs_settle_secs,
+            config.balance_transaction_delay_secs,
+            config.becs_dispute_after_secs,
+        );
+        let mut model = Model::new(config);
+        let now = 1_000_000;
+        assert_eq!(model.next_due_at, None, "nothing waits on an empty simulator");
+        let slow = becs_debit(&mut model, "000123456", now);
+        let disputed_debit = becs_debit(&mut model, "666666660", now + 1);
+        assert_eq!(model.next_due_at, Some(now + settle));
+        model.tick(now + settle - 1);
+        assert_eq!(model.intents[&slow].status, "processing", "not due yet");
+        model.tick(now + settle);
+        assert_eq!(model.intents[&slow].status, "succeeded");
+        assert_eq!(model.intents[&disputed_debit].status, "processing");
+        assert_eq!(model.next_due_at, Some(now + 1 + settle), "the other debit is next");
+        model.tick(now + 1 + settle);
+        assert_eq!(model.intents[&disputed_debit].status, "succeeded");
+        let charge = model.intents[&disputed_debit].latest_charge.clone().unwrap();
+        let expected_next = [booked, disputed]
+            .into_iter()
+            .filter(|&s| s > 0)
+            .map(|s| now + 1 + settle + s)
+            .min();
+        assert_eq!(model.next_due_at, expected_next);
+        assert!(model.disputes.is_empty());
+        model.tick(now + 1 + settle + disputed);
+        assert_eq!(model.disputes.iter().filter(|d| d.charge == charge).count(), 1);
+        // A debit's balance transaction is booked by then too, and nothing waits any more.
+        model.tick(now + 1 + settle + disputed.max(booked));
+        assert_eq!(model.next_due_at, None);
+    }
 }

@@ -395,6 +395,7 @@ impl Model {
                     pi.status = "processing";
                     pi.settle_at = Some(now + delay);
                 }
+                Self::due_at(&mut self.next_due_at, now + delay);
                 let charge_json = self.charge_json(&self.charges[&charge_id], &[], now);
                 self.emit("charge.pending", charge_json, now);
                 let pi_json = self.intent_json(&self.intents[id], &[], now);
@@ -448,6 +449,7 @@ impl Model {
                     let after_secs = self.config.becs_dispute_after_secs;
                     if after_secs > 0 {
                         self.charges.get_mut(&charge_id).expect("exists").dispute_due = Some(now + after_secs);
+                        Self::due_at(&mut self.next_due_at, now + after_secs);
                     } else {
                         self.open_dispute(&charge_id, "debit_not_authorized", now)?;
                     }

@@ -161,7 +161,7 @@ impl Model {
             failure_reason: None,
             failure_balance_transaction: None,
         };
-        self.balance_txns.push(bt);
+        self.push_balance_txn(bt);
         self.charges.get_mut(&charge_id).expect("exists").amount_refunded += amount;
         let json = refund_json(&refund);
         self.refunds.push(refund);
@@ -235,7 +235,7 @@ impl Model {
                 refund.status = "failed";
                 refund.failure_reason = Some(reason.to_owned());
                 refund.failure_balance_transaction = Some(back.id.clone());
-                self.balance_txns.push(back);
+                self.push_balance_txn(back);
                 self.charges
                     .get_mut(&charge)
                     .expect("refunds name real charges")

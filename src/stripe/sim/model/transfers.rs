@@ -163,12 +163,7 @@ impl Model {
                         Some("currency"),
                     ));
                 }
-                let already: i64 = self
-                    .transfers
-                    .iter()
-                    .filter(|t| t.source_transaction.as_deref() == Some(source.as_str()))
-                    .map(|t| t.amount)
-                    .sum();
+                let already = self.transferred_from.get(source).copied().unwrap_or(0);
                 if already + amount > charge.amount {
                     return Err(SimError::refused(
                         400,
@@ -222,8 +217,11 @@ impl Model {
             destination_payment,
             available_on,
         };
-        self.balance_txns.push(bt);
-        self.balance_txns.push(received);
+        self.push_balance_txn(bt);
+        self.push_balance_txn(received);
+        if let Some(source) = &transfer.source_transaction {
+            *self.transferred_from.entry(source.clone()).or_insert(0) += transfer.amount;
+        }
         self.transfer_index.insert(id.clone(), self.transfers.len());
         self.transfers.push(transfer);
         let json = self.transfer_json(&self.transfers[self.transfer_index[&id]]);
@@ -356,8 +354,8 @@ impl Model {
             metadata,
         };
         self.transfers[index].reversals.push(reversal.clone());
-        self.balance_txns.push(back);
-        self.balance_txns.push(taken);
+        self.push_balance_txn(back);
+        self.push_balance_txn(taken);
         let json = reversal_json(&self.transfers[index], &reversal);
         let transfer_json = self.transfer_json(&self.transfers[index]);
         // Stripe's `transfer.updated` is for description and metadata changes; a reversal, partial or full, emits
