@@ -246,7 +246,7 @@ async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
             sql: ALLOCATIONS_OF_PAYMENT_SQL,
             types: "(text)",
             args: format!("({some_payment})"),
-            indexes: &["split_allocations_payment"],
+            indexes: &["split_allocations_one_per_set_allocation"],
         },
         TickQuery {
             name: "reconcile-pending: schedule",
@@ -334,7 +334,7 @@ async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
             args: String::new(),
             indexes: &[
                 "split_allocations_transferring_due",
-                "split_allocations_payment",
+                "split_allocations_one_per_set_allocation",
                 "split_payments_unreconciled",
                 "split_payments_reconcile_due",
                 "split_payments_undistributed",

@@ -26,7 +26,7 @@ pub const UNDISTRIBUTED_PAYMENTS_SQL: &str =
 /// Allocations waiting for or in a transfer, by status. TRANSFERRING from `split_allocations_transferring_due`.
 /// PENDING has no index of its own: a share is PENDING only while its payment is open or succeeded but not yet
 /// distributed (distribution moves every share on in one transaction; a failed or canceled payment voids them), so
-/// the PENDING shares are found through those payments' partial indexes and `split_allocations_payment`.
+/// the PENDING shares are found through those payments' partial indexes and `split_allocations_one_per_set_allocation`.
 pub const OPEN_ALLOCATIONS_SQL: &str = "SELECT 'TRANSFERRING'::text, count(*) FROM split_allocations
           WHERE status = 'TRANSFERRING'
          UNION ALL

@@ -143,7 +143,7 @@ pub async fn get_split_payment_row(
         })
 }
 
-/// A payment's allocations in order (`split_allocations_payment`); the reconcilers read each payment they work on
+/// A payment's allocations in order (found by `split_allocations_one_per_set_allocation`, then sorted); the reconcilers read each payment they work on
 /// through [`get_split_payment`].
 pub const ALLOCATIONS_OF_PAYMENT_SQL: &str =
     "SELECT * FROM split_allocations WHERE split_payment_id = $1 ORDER BY position";
