@@ -191,6 +191,7 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     let event_ids: Vec<&str> = batch.iter().map(|i| i.event_id.as_str()).collect();
     let payment_ids: Vec<&str> = batch.iter().map(|i| i.payment_id.as_str()).collect();
     let mut tx = ctx.pool.begin().await?;
+    crate::store::generic_plans(&mut tx).await?;
     // Nothing is waited for: a row another transaction holds is skipped, and its payment goes the lone way.
     let events: HashSet<String> = sqlx::query_scalar(
         "SELECT id FROM stripe_events WHERE id = ANY($1) AND processed_at IS NULL ORDER BY id FOR UPDATE SKIP LOCKED",

@@ -88,6 +88,7 @@ impl GroupCommit<RecordTransfers> {
 async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError> {
     let ids: Vec<&str> = batch.iter().map(|i| i.c.allocation.id.as_str()).collect();
     let mut tx = ctx.pool.begin().await?;
+    crate::store::generic_plans(&mut tx).await?;
     // The shares, locked in the order every path that locks several takes (a payment's in position order), then
     // their donations (a donation after its share, as everywhere). A share another transaction holds (a refund, an
     // operator) is skipped rather than waited for: it is recorded alone, and the rest of the batch goes on.
@@ -252,6 +253,10 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+    if !waiting.is_empty() {
+        // The refund path's statements choose their plans by their values again (see `generic_plans`).
+        crate::store::custom_plans(&mut tx).await?;
+    }
     for raw in waiting {
         let id = SplitAllocationId::parse(&raw).map_err(|e| StoreError::Invalid(e.to_string()))?;
         super::refunds::settle_waiting_parts(ctx, &mut tx, &id).await?;

@@ -169,6 +169,24 @@ pub(crate) fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
     StoreError::Forbidden(err)
 }
 
+/// Plans this transaction's statements once per connection (PostgreSQL's generic plan), instead of planning each
+/// execution for its parameters: for the hot path's batches, whose every statement reads and writes by id (`= ANY`,
+/// `unnest`) and whose plans do not depend on the values, planning was a tenth of PostgreSQL's CPU (issue 11, `perf`).
+/// Never for a statement whose plan should depend on a bound value (a status matched against a partial index's
+/// predicate): `SET LOCAL` keeps the choice inside this transaction.
+pub async fn generic_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Ends [`generic_plans`] for the rest of this transaction: plans chosen by PostgreSQL's default again.
+pub async fn custom_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET LOCAL plan_cache_mode = auto").execute(tx).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::plain_text_for_loopback as plain;
