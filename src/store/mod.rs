@@ -143,8 +143,16 @@ fn plain_text_for_loopback(url: &str, pgsslmode: Option<&str>, host: &str) -> bo
 }
 
 /// Applies every pending migration; running it again is a no-op.
+///
+/// On one connection without the pool's statement timeout: an index built on a large table may take longer than a
+/// request may (each migration that needs a bound, a lock timeout say, sets its own). The connection is closed
+/// afterwards rather than handed back to the pool with its timeout lifted.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    MIGRATOR.run(pool).await?;
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
+    let applied = MIGRATOR.run(&mut conn).await;
+    sqlx::Connection::close(conn).await.ok();
+    applied?;
     Ok(())
 }
 
@@ -181,9 +189,10 @@ pub async fn generic_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError
     Ok(())
 }
 
-/// Ends [`generic_plans`] for the rest of this transaction: plans chosen by PostgreSQL's default again.
+/// Ends [`generic_plans`] for the rest of this transaction: plans chosen as the server, database or role is
+/// configured again.
 pub async fn custom_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SET LOCAL plan_cache_mode = auto").execute(tx).await?;
+    sqlx::query("SET LOCAL plan_cache_mode TO DEFAULT").execute(tx).await?;
     Ok(())
 }
 

@@ -148,8 +148,7 @@ impl Model {
     /// Adds available funds to the platform balance (a top-up), for transfers without a source transaction.
     pub fn top_up(&mut self, currency: &str, amount: i64, now: i64) {
         let source = random_id("tu");
-        self.balance_txns
-            .push(BalanceTxn::platform("topup", amount, currency, &source, now));
+        self.push_balance_txn(BalanceTxn::platform("topup", amount, currency, &source, now));
     }
 
     /// Pays `amount` of a connected account's available balance out to its bank (the control call; Stripe's

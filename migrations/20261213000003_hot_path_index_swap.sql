@@ -1,0 +1,30 @@
+-- Issue 11: fewer index entries written per transfer (3 of 3: the swap, in one short transaction).
+--
+-- * The partial unique index built by migration 1 of 3 takes the place and the name of the constraint
+--   `split_allocations_transfer_unique`: a second share recorded with the same transfer fails with the same
+--   constraint name as before. An index left invalid by an interrupted build is refused, by name, rather than
+--   trusted with that guarantee: drop it (DROP INDEX CONCURRENTLY split_allocations_transferred_unique), delete
+--   migration 1's row from _sqlx_migrations if it has one, and start again.
+-- * `transfer_attempts` and `donations` leave room on their pages, so an attempt's outcome and a donation's
+--   confirmation (no indexed column changes) are written as HOT updates on the same page, without index entries.
+--   Only pages written from now on are affected.
+--
+-- Every statement here only changes the catalogue, but needs its table's lock: a lock another transaction holds
+-- (a long report, a vacuum) fails the migration after 5 s rather than making every query wait behind it; the process
+-- then exits, and the next start tries again.
+SET LOCAL lock_timeout = '5s';
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE c.relname = 'split_allocations_transferred_unique' AND i.indisvalid
+    ) THEN
+        RAISE EXCEPTION 'index split_allocations_transferred_unique is missing or invalid (an interrupted build): '
+            'drop it and run the migrations again';
+    END IF;
+END
+$$;
+ALTER TABLE split_allocations DROP CONSTRAINT split_allocations_transfer_unique;
+ALTER INDEX split_allocations_transferred_unique RENAME TO split_allocations_transfer_unique;
+ALTER TABLE transfer_attempts SET (fillfactor = 70);
+ALTER TABLE donations SET (fillfactor = 80);
