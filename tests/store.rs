@@ -685,3 +685,51 @@ async fn the_pool_uses_no_tls_over_loopback_unless_asked() {
         );
     }
 }
+
+/// `serve` and workers starting together on a fresh database all apply the migrations, one at a time, and all start:
+/// none is aborted by PostgreSQL's deadlock detector while another builds an index CONCURRENTLY (which waits for
+/// every older snapshot, and sqlx's own lock waits inside a statement, holding one). Four sessions of their own, as
+/// four processes would have; then the schema is whole, each migration applied once, and the swapped-in unique index
+/// valid.
+#[tokio::test]
+async fn processes_starting_together_apply_the_migrations_one_at_a_time() {
+    let db = TestDb::empty().await;
+    let mut pools = Vec::new();
+    for _ in 0..4 {
+        pools.push(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&db.url)
+                .await
+                .unwrap(),
+        );
+    }
+    // Polled together on this task: each waits on its own session, so they run at once on the server.
+    let started = futures_util::future::join_all(pools.iter().map(splitpay::store::migrate)).await;
+    for applied in started {
+        applied.expect("every process starts");
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, splitpay::store::MIGRATOR.iter().count() as i64);
+    let valid: bool = sqlx::query_scalar(
+        "SELECT i.indisvalid AND i.indisunique FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          WHERE c.relname = 'split_allocations_transfer_unique'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(valid, "the swapped-in index is valid and unique");
+    let leftover: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relname IN ('split_allocations_transferred_unique', 'split_allocations_payment')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        leftover, 0,
+        "the built index took its place and the redundant one is gone"
+    );
+}

@@ -37,7 +37,17 @@ use crate::config::{redact_url, DatabaseConfig};
 use crate::domain::state::ForbiddenTransition;
 
 /// The schema, embedded at build time from `migrations/`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// Without sqlx's own lock: [`migrate`] takes one that cannot deadlock with `CREATE INDEX CONCURRENTLY`.
+pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_locking(false);
+    migrator
+});
+
+/// The advisory lock one process at a time applies migrations under (any constant; splitpay's own).
+const MIGRATION_LOCK_ID: i64 = 0x5350_4c49_5450_4159; // "SPLITPAY"
+/// How often a process waiting for another's migrations asks for the lock again.
+const MIGRATION_LOCK_POLL_MS: u64 = 200;
 
 /// How long to wait for a pooled connection before failing the operation (and letting its job retry).
 const DB_ACQUIRE_TIMEOUT_MS: u64 = 5_000;
@@ -142,17 +152,40 @@ fn plain_text_for_loopback(url: &str, pgsslmode: Option<&str>, host: &str) -> bo
     loopback && !url_names_mode && pgsslmode.is_none_or(str::is_empty)
 }
 
-/// Applies every pending migration; running it again is a no-op.
+/// Applies every pending migration; running it again is a no-op. Processes starting together (`serve` and workers
+/// on a fresh database) apply them one at a time.
 ///
 /// On one connection without the pool's statement timeout: an index built on a large table may take longer than a
 /// request may (each migration that needs a bound, a lock timeout say, sets its own). The connection is closed
 /// afterwards rather than handed back to the pool with its timeout lifted.
+///
+/// Gap in sqlx: its migrator waits for its advisory lock inside a statement (`SELECT pg_advisory_lock`), holding a
+/// snapshot, and `CREATE INDEX CONCURRENTLY` waits for every older snapshot to end, so a second process starting
+/// while the first builds an index deadlocks with it and PostgreSQL aborts the second (tried here). The lock is taken
+/// here instead, by asking with `pg_try_advisory_lock` until it is free, holding no snapshot in between.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     let mut conn = pool.acquire().await?.detach();
-    sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
-    let applied = MIGRATOR.run(&mut conn).await;
+    let applied = migrate_locked(&mut conn).await;
+    // Closing the connection also ends its session's advisory lock, whatever happened above.
     sqlx::Connection::close(conn).await.ok();
-    applied?;
+    applied
+}
+
+async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET statement_timeout = 0").execute(&mut *conn).await?;
+    let mut waited = false;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(MIGRATION_LOCK_ID)
+        .fetch_one(&mut *conn)
+        .await?
+    {
+        if !waited {
+            tracing::info!("waiting for another process to finish applying migrations");
+            waited = true;
+        }
+        tokio::time::sleep(Duration::from_millis(MIGRATION_LOCK_POLL_MS)).await;
+    }
+    MIGRATOR.run(&mut *conn).await?;
     Ok(())
 }
 
