@@ -10,6 +10,6 @@
 -- CONCURRENTLY, so reads and writes of split_allocations go on meanwhile; it cannot run in a transaction, and
 -- PostgreSQL runs several statements sent together in one, hence one statement per file. Migrations run without the
 -- pool's statement timeout (store::migrate). A build interrupted half-way leaves an invalid index of this name:
--- IF NOT EXISTS then skips it, and migration 3 refuses to swap it in, naming it.
+-- store::migrate drops it before this runs again (IF NOT EXISTS would keep it), and migration 3 refuses one.
 CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS split_allocations_transferred_unique ON split_allocations (stripe_transfer_id)
     WHERE stripe_transfer_id IS NOT NULL

@@ -2,9 +2,9 @@
 --
 -- * The partial unique index built by migration 1 of 3 takes the place and the name of the constraint
 --   `split_allocations_transfer_unique`: a second share recorded with the same transfer fails with the same
---   constraint name as before. An index left invalid by an interrupted build is refused, by name, rather than
---   trusted with that guarantee: drop it (DROP INDEX CONCURRENTLY split_allocations_transferred_unique), delete
---   migration 1's row from _sqlx_migrations if it has one, and start again.
+--   constraint name as before. An index left invalid by an interrupted build is dropped by `store::migrate` before
+--   the migrations run (so migration 1 builds it again); should one reach this point anyway, it is refused, by
+--   name, rather than trusted with that guarantee.
 -- * `transfer_attempts` and `donations` leave room on their pages, so an attempt's outcome and a donation's
 --   confirmation (no indexed column changes) are written as HOT updates on the same page, without index entries.
 --   Only pages written from now on are affected.

@@ -733,3 +733,39 @@ async fn processes_starting_together_apply_the_migrations_one_at_a_time() {
         "the built index took its place and the redundant one is gone"
     );
 }
+
+/// A process killed while it built the unique index CONCURRENTLY leaves it invalid (it neither enforces nor serves
+/// anything). The next start drops it and builds it again, instead of swapping an invalid index in for the
+/// constraint or refusing to start until an operator steps in. Simulated: the schema of the round before, the index
+/// built by hand and marked invalid (what an interrupted build leaves), then a start; the swapped-in index is valid,
+/// unique and over the shares that have a transfer.
+#[tokio::test]
+async fn an_index_build_left_invalid_by_a_crash_is_built_again_at_the_next_start() {
+    let db = TestDb::empty().await;
+    let before_the_swap = 20261212000001_i64;
+    splitpay::store::MIGRATOR
+        .run_to(before_the_swap, &db.pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE UNIQUE INDEX split_allocations_transferred_unique ON split_allocations (stripe_transfer_id)
+             WHERE stripe_transfer_id IS NOT NULL;
+         UPDATE pg_index SET indisvalid = false
+          WHERE indexrelid = 'split_allocations_transferred_unique'::regclass",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    splitpay::store::migrate(&db.pool)
+        .await
+        .expect("the next start applies the migrations");
+    let (valid, predicate): (bool, Option<String>) = sqlx::query_as(
+        "SELECT i.indisvalid AND i.indisunique, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'split_allocations_transfer_unique'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(valid, "built again, valid and unique");
+    assert_eq!(predicate.as_deref(), Some("(stripe_transfer_id IS NOT NULL)"));
+}

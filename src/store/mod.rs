@@ -46,6 +46,8 @@ pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::L
 
 /// The advisory lock one process at a time applies migrations under (any constant; splitpay's own).
 const MIGRATION_LOCK_ID: i64 = 0x5350_4c49_5450_4159; // "SPLITPAY"
+/// Indexes a migration builds `CONCURRENTLY` under a name of their own (see [`migrate`]).
+const INDEXES_BUILT_CONCURRENTLY: &[&str] = &["split_allocations_transferred_unique"];
 /// How often a process waiting for another's migrations asks for the lock again.
 const MIGRATION_LOCK_POLL_MS: u64 = 200;
 
@@ -184,6 +186,27 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError>
             waited = true;
         }
         tokio::time::sleep(Duration::from_millis(MIGRATION_LOCK_POLL_MS)).await;
+    }
+    // A build CONCURRENTLY that was interrupted (its process killed, the server restarted) leaves its index invalid,
+    // and the migration's IF NOT EXISTS would then keep it: drop it, so the migration builds it again. No process is
+    // building it now: a build runs under this lock, and a session holds the lock until its statement has ended.
+    for name in INDEXES_BUILT_CONCURRENTLY {
+        let invalid: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                             WHERE c.relname = $1 AND NOT i.indisvalid)",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+        if invalid {
+            tracing::warn!(
+                index = name,
+                "dropping an index an interrupted build left invalid; it is built again"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")))
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     MIGRATOR.run(&mut *conn).await?;
     Ok(())
