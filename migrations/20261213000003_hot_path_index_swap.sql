@@ -3,8 +3,9 @@
 -- * The partial unique index built by migration 1 of 3 takes the place and the name of the constraint
 --   `split_allocations_transfer_unique`: a second share recorded with the same transfer fails with the same
 --   constraint name as before. An index left invalid by an interrupted build is dropped by `store::migrate` before
---   the migrations run (so migration 1 builds it again); should one reach this point anyway, it is refused, by
---   name, rather than trusted with that guarantee.
+--   the migrations run (so migration 1 builds it again); an index of that name that is not exactly the one
+--   migration 1 builds (invalid, not unique, another column, table or predicate) is refused, by name, rather than
+--   trusted with that guarantee.
 -- * `transfer_attempts` and `donations` leave room on their pages, so an attempt's outcome and a donation's
 --   confirmation (no indexed column changes) are written as HOT updates on the same page, without index entries.
 --   Only pages written from now on are affected.
@@ -16,11 +17,16 @@ SET LOCAL lock_timeout = '5s';
 DO $$
 BEGIN
     IF NOT EXISTS (
-        SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-        WHERE c.relname = 'split_allocations_transferred_unique' AND i.indisvalid
+        SELECT 1 FROM pg_index i
+         WHERE i.indexrelid = to_regclass('split_allocations_transferred_unique')
+           AND i.indrelid = 'split_allocations'::regclass
+           AND i.indisvalid AND i.indisunique
+           AND pg_get_indexdef(i.indexrelid, 1, true) = 'stripe_transfer_id' AND i.indnatts = 1
+           AND pg_get_expr(i.indpred, i.indrelid) = '(stripe_transfer_id IS NOT NULL)'
     ) THEN
-        RAISE EXCEPTION 'index split_allocations_transferred_unique is missing or invalid (an interrupted build): '
-            'drop it and run the migrations again';
+        RAISE EXCEPTION 'index split_allocations_transferred_unique is not the valid unique index over '
+            'split_allocations (stripe_transfer_id) WHERE stripe_transfer_id IS NOT NULL that migration '
+            '20261213000001 builds: drop it, delete that migration''s row from _sqlx_migrations, and start again';
     END IF;
 END
 $$;

@@ -74,8 +74,7 @@ pub async fn run(out: &mut dyn std::io::Write) -> Result<(), Failure> {
     .await?;
     crate::store::ensure_database(&config).await?;
     let pool = crate::store::connect(&config).await?;
-    crate::store::migrate(&pool).await?;
-    crate::jobs::queue::setup(&pool).await?;
+    crate::store::migrate_then(&pool, || crate::jobs::queue::setup(&pool)).await?;
     writeln!(out, "database      {DEMO_DATABASE} (fresh)")?;
 
     let simulator = sim::start(SimConfig::default(), 0).await?;

@@ -150,8 +150,7 @@ async fn migrate() -> Result<sqlx::PgPool, Failure> {
     let config = DatabaseConfig::from_env()?;
     store::ensure_database(&config).await?;
     let pool = store::connect(&config).await?;
-    store::migrate(&pool).await?;
-    splitpay::jobs::queue::setup(&pool).await?;
+    store::migrate_then(&pool, || splitpay::jobs::queue::setup(&pool)).await?;
     tracing::info!(database = %redact_url(config.url.expose()), "schema is up to date");
     Ok(pool)
 }

@@ -686,7 +686,8 @@ async fn the_pool_uses_no_tls_over_loopback_unless_asked() {
     }
 }
 
-/// `serve` and workers starting together on a fresh database all apply the migrations, one at a time, and all start:
+/// `serve` and workers starting together on a fresh database all apply the migrations and the job queue's setup, one
+/// at a time, and all start:
 /// none is aborted by PostgreSQL's deadlock detector while another builds an index CONCURRENTLY (which waits for
 /// every older snapshot, and sqlx's own lock waits inside a statement, holding one). Four sessions of their own, as
 /// four processes would have; then the schema is whole, each migration applied once, and the swapped-in unique index
@@ -705,7 +706,12 @@ async fn processes_starting_together_apply_the_migrations_one_at_a_time() {
         );
     }
     // Polled together on this task: each waits on its own session, so they run at once on the server.
-    let started = futures_util::future::join_all(pools.iter().map(splitpay::store::migrate)).await;
+    let started = futures_util::future::join_all(
+        pools
+            .iter()
+            .map(|pool| splitpay::store::migrate_then(pool, || splitpay::jobs::queue::setup(pool))),
+    )
+    .await;
     for applied in started {
         applied.expect("every process starts");
     }
@@ -768,4 +774,34 @@ async fn an_index_build_left_invalid_by_a_crash_is_built_again_at_the_next_start
     .unwrap();
     assert!(valid, "built again, valid and unique");
     assert_eq!(predicate.as_deref(), Some("(stripe_transfer_id IS NOT NULL)"));
+}
+
+/// An index of the swap's name that is not the one migration 1 builds (here valid but not unique, made by hand) is
+/// never swapped in for the constraint: the start fails naming it, and the constraint still holds.
+#[tokio::test]
+async fn an_index_of_the_swaps_name_that_is_not_unique_is_refused() {
+    let db = TestDb::empty().await;
+    splitpay::store::MIGRATOR
+        .run_to(20261212000001, &db.pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE INDEX split_allocations_transferred_unique ON split_allocations (stripe_transfer_id)
+             WHERE stripe_transfer_id IS NOT NULL",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let err = splitpay::store::migrate(&db.pool).await.expect_err("refused");
+    assert!(
+        err.to_string().contains("split_allocations_transferred_unique"),
+        "{err}"
+    );
+    let constraint: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE conname = 'split_allocations_transfer_unique' AND contype = 'u'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(constraint, 1, "the unique constraint is still in force");
 }

@@ -166,8 +166,7 @@ async fn run_in(
         .max_connections(4)
         .connect_with(PgConnectOptions::from_str(url)?)
         .await?;
-    crate::store::migrate(&pool).await?;
-    crate::jobs::queue::setup(&pool).await?;
+    crate::store::migrate_then(&pool, || crate::jobs::queue::setup(&pool)).await?;
     let with_statements = stats::enable_statements(&pool).await;
 
     let sim = crate::stripe::sim::start(Default::default(), 0).await?;

@@ -154,27 +154,47 @@ fn plain_text_for_loopback(url: &str, pgsslmode: Option<&str>, host: &str) -> bo
     loopback && !url_names_mode && pgsslmode.is_none_or(str::is_empty)
 }
 
-/// Applies every pending migration; running it again is a no-op. Processes starting together (`serve` and workers
-/// on a fresh database) apply them one at a time.
+/// Applies every pending migration; running it again is a no-op. See [`migrate_then`].
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    migrate_then(pool, || async { Ok(()) }).await
+}
+
+/// Applies every pending migration, then runs `then` (the job queue's own setup) under the same lock: processes
+/// starting together (`serve` and workers on a fresh database) prepare the database one at a time.
 ///
-/// On one connection without the pool's statement timeout: an index built on a large table may take longer than a
-/// request may (each migration that needs a bound, a lock timeout say, sets its own). The connection is closed
-/// afterwards rather than handed back to the pool with its timeout lifted.
+/// On one connection without the pool's statement and lock timeouts (a role's or database's setting included): an
+/// index built on a large table may take longer than a request may, and its wait for older snapshots counts as a
+/// lock wait; each migration that needs a bound sets its own. A session that goes quiet (its process frozen, the
+/// network gone without a word) is ended by the server instead of holding the lock, or a table's lock inside a
+/// migration's transaction, until TCP notices. The connection is closed afterwards rather than handed back to the
+/// pool with these settings.
 ///
 /// Gap in sqlx: its migrator waits for its advisory lock inside a statement (`SELECT pg_advisory_lock`), holding a
 /// snapshot, and `CREATE INDEX CONCURRENTLY` waits for every older snapshot to end, so a second process starting
 /// while the first builds an index deadlocks with it and PostgreSQL aborts the second (tried here). The lock is taken
 /// here instead, by asking with `pg_try_advisory_lock` until it is free, holding no snapshot in between.
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+pub async fn migrate_then<F, Fut>(pool: &PgPool, then: F) -> Result<(), StoreError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
     let mut conn = pool.acquire().await?.detach();
-    let applied = migrate_locked(&mut conn).await;
+    let applied = match migrate_locked(&mut conn).await {
+        Ok(()) => then().await,
+        Err(e) => Err(e),
+    };
     // Closing the connection also ends its session's advisory lock, whatever happened above.
     sqlx::Connection::close(conn).await.ok();
     applied
 }
 
 async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SET statement_timeout = 0").execute(&mut *conn).await?;
+    sqlx::raw_sql(
+        "SET statement_timeout = 0; SET lock_timeout = 0;
+         SET idle_in_transaction_session_timeout = '10s'; SET idle_session_timeout = '60s'",
+    )
+    .execute(&mut *conn)
+    .await?;
     let mut waited = false;
     while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
         .bind(MIGRATION_LOCK_ID)
@@ -189,11 +209,11 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError>
     }
     // A build CONCURRENTLY that was interrupted (its process killed, the server restarted) leaves its index invalid,
     // and the migration's IF NOT EXISTS would then keep it: drop it, so the migration builds it again. No process is
-    // building it now: a build runs under this lock, and a session holds the lock until its statement has ended.
+    // building it now: a build runs under this lock, and a session holds the lock until its statement has ended. The
+    // name is resolved as the DROP resolves it (the search path).
     for name in INDEXES_BUILT_CONCURRENTLY {
         let invalid: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                             WHERE c.relname = $1 AND NOT i.indisvalid)",
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND NOT indisvalid)",
         )
         .bind(name)
         .fetch_one(&mut *conn)
