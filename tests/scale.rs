@@ -23,6 +23,7 @@ use splitpay::jobs::reconcile::{
 use splitpay::jobs::sweeper::{
     sweep, SWEEP_ALLOCATIONS_SQL, SWEEP_BATCH_MAX, SWEEP_EVENTS_SQL, SWEEP_GRACE_SECS, SWEEP_PAYMENTS_SQL,
 };
+use splitpay::jobs::{start_batch, transfer_batch};
 use splitpay::ops::parked::PARKED_SQL;
 use splitpay::store::gauges;
 use splitpay::store::payments::{ALLOCATIONS_OF_PAYMENT_SQL, PAYMENT_BY_ID_SQL};
@@ -67,6 +68,9 @@ async fn assert_referential_integrity(pool: &PgPool) {
                      OR NOT EXISTS (SELECT 1 FROM recipient_account_links l WHERE l.id = a.recipient_org_account_link_id))
               + (SELECT count(*) FROM transfer_attempts t
                   WHERE NOT EXISTS (SELECT 1 FROM split_allocations a WHERE a.id = t.split_allocation_id))
+              + (SELECT count(*) FROM donations d
+                  WHERE NOT EXISTS (SELECT 1 FROM split_allocations a WHERE a.id = d.split_allocation_id)
+                     OR NOT EXISTS (SELECT 1 FROM organisations o WHERE o.id = d.organisation_id))
               + (SELECT count(*) FROM split_payments p
                   WHERE NOT EXISTS (SELECT 1 FROM recommendation_sets s WHERE s.id = p.recommendation_set_id)
                      OR NOT EXISTS (SELECT 1 FROM organisations o WHERE o.id = p.organisation_id))",
@@ -94,8 +98,16 @@ fn nodes(plan: &Value, out: &mut Vec<Value>) {
     }
 }
 
-/// `jobs` is apalis's table, with a done job per finished payment.
-const BIG_TABLES: [&str; 3] = ["split_payments", "split_allocations", "jobs"];
+/// `jobs` is apalis's table, with a done job per finished payment; `transfer_attempts` and `donations` have one per
+/// allocation, `stripe_events` one per payment.
+const BIG_TABLES: [&str; 6] = [
+    "split_payments",
+    "split_allocations",
+    "jobs",
+    "transfer_attempts",
+    "donations",
+    "stripe_events",
+];
 
 /// The big tables that plan nodes `all` read sequentially.
 fn seq_scanned(all: &[Value]) -> Vec<String> {
@@ -193,7 +205,7 @@ async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
         s + "'"
     };
     let some_payment = "'spay_t0000001'";
-    vec![
+    let mut queries = vec![
         TickQuery {
             name: "sweeper: unprocessed events",
             sql: SWEEP_EVENTS_SQL,
@@ -366,6 +378,154 @@ async fn tick_queries(pool: &PgPool) -> Vec<TickQuery> {
             sql: gauges::FAILED_DELIVERIES_SQL,
             types: "",
             args: String::new(),
+            indexes: &[],
+        },
+    ];
+    queries.extend(hot_path_queries());
+    queries
+}
+
+/// The statements of the hot path's batches (start and record), which run under forced generic plans
+/// (`store::generic_plans`): each must find its rows by key on the big tables whatever the plan, with a batch of ten
+/// shares of three payments as values.
+fn hot_path_queries() -> Vec<TickQuery> {
+    let payments: Vec<String> = (1..=4).map(|n| format!("spay_t{n:07}")).collect();
+    let shares: Vec<String> = payments[..3]
+        .iter()
+        .flat_map(|p| (0..3).map(move |pos| format!("salc_{}{pos}", &p[5..])))
+        .chain([format!("salc_{}0", &payments[3][5..])])
+        .collect();
+    let text = |items: &[String]| sql_array(items, |i| format!("'{i}'"), "text[]");
+    let ints = |n: usize, v: &str| sql_array(&vec![v; n], |v| v.to_string(), "int4[]");
+    let bigints = |n: usize, v: &str| sql_array(&vec![v; n], |v| v.to_string(), "int8[]");
+    let times = |n: usize| sql_array(&vec!["now()"; n], |v| v.to_string(), "timestamptz[]");
+    let events: Vec<String> = payments.iter().map(|p| format!("evt_{p}")).collect();
+    let transfers: Vec<String> = shares.iter().map(|a| format!("tr_{a}")).collect();
+    let keys: Vec<String> = shares
+        .iter()
+        .map(|a| format!("splitpay:alloc:{a}:transfer:1"))
+        .collect();
+    let n = shares.len();
+    let m = payments.len();
+    let statuses = |v: &str, k: usize| text(&vec![v.to_owned(); k]);
+    vec![
+        TickQuery {
+            name: "start batch: lock events",
+            sql: start_batch::LOCK_EVENTS_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&events)),
+            // By key, or by the partial index of the few unprocessed events: either reads no table through.
+            indexes: &[],
+        },
+        TickQuery {
+            name: "start batch: lock payments",
+            sql: start_batch::LOCK_PAYMENTS_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&payments)),
+            indexes: &["split_payments_pkey"],
+        },
+        TickQuery {
+            name: "start batch: lock shares",
+            sql: start_batch::LOCK_SHARES_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&payments)),
+            indexes: &["split_allocations_one_per_set_allocation"],
+        },
+        TickQuery {
+            name: "start batch: share facts",
+            sql: start_batch::SHARE_FACTS_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&shares)),
+            indexes: &["split_allocations_pkey"],
+        },
+        TickQuery {
+            name: "start batch: payments succeeded",
+            sql: start_batch::PAYMENTS_SUCCEEDED_SQL,
+            types: "(text[], text[], text[], text[], timestamptz[], int8[], int8[], int8[])",
+            args: format!(
+                "({}, {}, {}, {}, {}, {}, {}, {})",
+                text(&payments),
+                statuses("PENDING", m),
+                statuses("pi_x", m),
+                statuses("ch_x", m),
+                times(m),
+                bigints(m, "150"),
+                bigints(m, "0"),
+                bigints(m, "0"),
+            ),
+            indexes: &["split_payments_pkey"],
+        },
+        TickQuery {
+            name: "start batch: shares started",
+            sql: start_batch::SHARES_STARTED_SQL,
+            types: "(text[], int8[], int8[], text[], timestamptz)",
+            args: format!(
+                "({}, {}, {}, {}, now())",
+                text(&shares),
+                bigints(n, "25"),
+                bigints(n, "975"),
+                text(&keys)
+            ),
+            indexes: &["split_allocations_pkey"],
+        },
+        TickQuery {
+            name: "start batch: events processed",
+            sql: start_batch::EVENTS_PROCESSED_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&events)),
+            indexes: &["stripe_events_pkey"],
+        },
+        TickQuery {
+            name: "record batch: lock shares",
+            sql: transfer_batch::LOCK_SHARES_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&shares)),
+            indexes: &["split_allocations_pkey"],
+        },
+        TickQuery {
+            name: "record batch: donations",
+            sql: transfer_batch::DONATIONS_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&shares)),
+            indexes: &["donations_one_per_allocation"],
+        },
+        TickQuery {
+            name: "record batch: attempts transferred",
+            sql: transfer_batch::ATTEMPTS_TRANSFERRED_SQL,
+            types: "(text[], int4[], text[])",
+            args: format!("({}, {}, {})", text(&shares), ints(n, "1"), text(&transfers)),
+            indexes: &["transfer_attempts_pk"],
+        },
+        TickQuery {
+            name: "record batch: shares transferred",
+            sql: transfer_batch::SHARES_TRANSFERRED_SQL,
+            types: "(text[], int4[], text[], text)",
+            args: format!(
+                "({}, {}, {}, 'TRANSFERRED')",
+                text(&shares),
+                ints(n, "1"),
+                text(&transfers)
+            ),
+            // By key (the generic plan), or through the partial index of the shares in flight (a custom plan).
+            indexes: &[],
+        },
+        TickQuery {
+            name: "record batch: donations confirmed",
+            sql: transfer_batch::DONATIONS_CONFIRMED_SQL,
+            types: "(text[], text[], text[], timestamptz)",
+            args: format!(
+                "({}, {}, {}, now())",
+                text(&shares),
+                statuses("PENDING", n),
+                statuses("CONFIRMED", n)
+            ),
+            indexes: &[],
+        },
+        TickQuery {
+            name: "record batch: refund parts waiting",
+            sql: transfer_batch::WAITING_PARTS_SQL,
+            types: "(text[])",
+            args: format!("({})", text(&shares)),
             indexes: &[],
         },
     ]

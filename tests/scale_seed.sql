@@ -95,6 +95,14 @@ SELECT a.id, 1, a.idempotency_key, 'acct_rcp' || a.position, a.net_amount_cents,
   FROM split_allocations a JOIN split_payments p ON p.id = a.split_payment_id
  WHERE a.generation = 1;
 
+-- Each allocation's donation (as the product writes it with its share): confirmed once transferred.
+INSERT INTO donations (id, organisation_id, split_allocation_id, amount_cents, currency, donation_date, status,
+                       received_date)
+SELECT 'don_' || substr(a.id, 6), 'cm3orgdist0001', a.id, a.gross_amount_cents, 'aud', a.created_at,
+       CASE WHEN a.status = 'TRANSFERRED' THEN 'CONFIRMED' ELSE 'PENDING' END,
+       CASE WHEN a.status = 'TRANSFERRED' THEN a.updated_at END
+  FROM split_allocations a;
+
 -- Five inbox events whose processing never happened.
 INSERT INTO stripe_events (id, event_type, object_id, payload, received_at)
 SELECT 'evt_seed' || g, 'payment_intent.succeeded', 'pi_seed' || g, '{}'::jsonb, now() - interval '10 minutes'

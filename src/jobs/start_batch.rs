@@ -176,6 +176,50 @@ struct Share {
     refund_parted: bool,
 }
 
+// The batch's statements, in the order it runs them (`tests/scale.rs` plans each over a large table, custom and
+// generic plans).
+
+/// The batch's events still unprocessed, locked; one another transaction holds is skipped.
+pub const LOCK_EVENTS_SQL: &str =
+    "SELECT id FROM stripe_events WHERE id = ANY($1) AND processed_at IS NULL ORDER BY id FOR UPDATE SKIP LOCKED";
+/// The payments, locked; skipped when held.
+pub const LOCK_PAYMENTS_SQL: &str =
+    "SELECT * FROM split_payments WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED";
+/// The held payments' shares, locked in position order; skipped when held.
+pub const LOCK_SHARES_SQL: &str = "SELECT a.* FROM split_allocations a WHERE a.split_payment_id = ANY($1)
+          ORDER BY a.split_payment_id, a.position FOR UPDATE SKIP LOCKED";
+/// What else decides each share: its link, how many shares its payment has, whether a refund part names it.
+pub const SHARE_FACTS_SQL: &str =
+    "SELECT a.id, l.recipient_organisation_id, l.recipient_org_name, l.stripe_connect_account_id,
+                (SELECT count(*) FROM split_allocations b WHERE b.split_payment_id = a.split_payment_id),
+                EXISTS (SELECT 1 FROM refund_parts r WHERE r.split_allocation_id = a.id)
+           FROM split_allocations a JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
+          WHERE a.id = ANY($1)";
+/// The payments move to SUCCEEDED with their fees.
+pub const PAYMENTS_SUCCEEDED_SQL: &str = "UPDATE split_payments p
+            SET status = 'SUCCEEDED', payment_intent_id = u.intent_id, charge_id = u.charge_id, succeeded_at = now(),
+                stripe_event_at = greatest(p.stripe_event_at, u.observed_at), processing_fee_cents = u.processing_fee,
+                platform_fee_cents = u.platform_fee, fee_uncollected_cents = u.uncollected,
+                distribution_next_attempt_at = NULL, distributed_at = now(),
+                audit_due_at = coalesce(p.audit_due_at, now() + interval '1 hour'), updated_at = now()
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int8[], $7::int8[],
+                       $8::int8[])
+                AS u (id, prior, intent_id, charge_id, observed_at, processing_fee, platform_fee, uncollected)
+          WHERE p.id = u.id AND p.status = u.prior AND p.processing_fee_cents IS NULL
+         RETURNING p.*";
+/// The shares are split and their first generation started: (ids, fee shares, nets, keys, due).
+pub const SHARES_STARTED_SQL: &str = "UPDATE split_allocations a
+            SET fee_share_cents = u.fee_share, net_amount_cents = u.net, status = 'TRANSFERRING', generation = 1,
+                idempotency_key = u.key, next_attempt_at = $5, unresolved_at = NULL, attempts = 0, parked_at = NULL,
+                updated_at = now()
+           FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) AS u (id, fee_share, net, key)
+          WHERE a.id = u.id AND a.status = 'PENDING' AND a.generation = 0 AND a.fee_share_cents IS NULL
+         RETURNING a.*";
+/// The events are processed.
+pub const EVENTS_PROCESSED_SQL: &str =
+    "UPDATE stripe_events SET processed_at = now(), process_error = NULL, process_attempts = process_attempts + 1
+          WHERE id = ANY($1)";
+
 /// A plain payment's writes, decided before anything is written.
 struct Plan<'a> {
     n: usize,
@@ -193,30 +237,21 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     let mut tx = ctx.pool.begin().await?;
     crate::store::generic_plans(&mut tx).await?;
     // Nothing is waited for: a row another transaction holds is skipped, and its payment goes the lone way.
-    let events: HashSet<String> = sqlx::query_scalar(
-        "SELECT id FROM stripe_events WHERE id = ANY($1) AND processed_at IS NULL ORDER BY id FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&event_ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-    let payments: Vec<SplitPaymentRow> =
-        sqlx::query_as("SELECT * FROM split_payments WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED")
-            .bind(&payment_ids)
-            .fetch_all(&mut *tx)
-            .await?;
+    let events: HashSet<String> = sqlx::query_scalar(LOCK_EVENTS_SQL)
+        .bind(&event_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+    let payments: Vec<SplitPaymentRow> = sqlx::query_as(LOCK_PAYMENTS_SQL)
+        .bind(&payment_ids)
+        .fetch_all(&mut *tx)
+        .await?;
     let payments: HashMap<&str, &SplitPaymentRow> = payments.iter().map(|p| (p.id.as_str(), p)).collect();
     // The shares of the payments held, locked in position order (as every path that locks several), with how many
     // shares each payment has (shares are made with their payment and never deleted).
     let held: Vec<&str> = payments.keys().copied().collect();
-    let locked: Vec<SplitAllocationRow> = sqlx::query_as(
-        "SELECT a.* FROM split_allocations a WHERE a.split_payment_id = ANY($1)
-          ORDER BY a.split_payment_id, a.position FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&held)
-    .fetch_all(&mut *tx)
-    .await?;
+    let locked: Vec<SplitAllocationRow> = sqlx::query_as(LOCK_SHARES_SQL).bind(&held).fetch_all(&mut *tx).await?;
     // Then, in a statement of its own, what else decides a share: its link, how many shares its payment has, and
     // whether a refund part names it. Its own snapshot is taken after the locks. Read in the locking statement, it
     // would come from that statement's snapshot (READ COMMITTED: one per statement, taken when it starts): a refund
@@ -224,19 +259,13 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     // the lock reached them would be missed, and the share sent its whole net. Once the shares are held, no refund
     // can attribute parts to them until this transaction ends.
     let share_ids: Vec<&str> = locked.iter().map(|a| a.id.as_str()).collect();
-    let facts: HashMap<String, (String, String, String, i64, bool)> = sqlx::query_as(
-        "SELECT a.id, l.recipient_organisation_id, l.recipient_org_name, l.stripe_connect_account_id,
-                (SELECT count(*) FROM split_allocations b WHERE b.split_payment_id = a.split_payment_id),
-                EXISTS (SELECT 1 FROM refund_parts r WHERE r.split_allocation_id = a.id)
-           FROM split_allocations a JOIN recipient_account_links l ON l.id = a.recipient_org_account_link_id
-          WHERE a.id = ANY($1)",
-    )
-    .bind(&share_ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|(id, org, name, account, siblings, parted)| (id, (org, name, account, siblings, parted)))
-    .collect();
+    let facts: HashMap<String, (String, String, String, i64, bool)> = sqlx::query_as(SHARE_FACTS_SQL)
+        .bind(&share_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(id, org, name, account, siblings, parted)| (id, (org, name, account, siblings, parted)))
+        .collect();
     let mut shares_of: HashMap<String, Vec<Share>> = HashMap::new();
     for row in locked {
         let Some((org, name, account, siblings, parted)) = facts.get(&row.id).cloned() else {
@@ -292,29 +321,17 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     let processing_fees: Vec<i64> = plans.iter().map(|p| p.item.balance_transaction.fee_cents).collect();
     let platform_fees: Vec<i64> = plans.iter().map(|p| p.platform_fee_cents).collect();
     let uncollected: Vec<i64> = plans.iter().map(|p| p.fee_uncollected_cents).collect();
-    let moved: Vec<SplitPaymentRow> = sqlx::query_as(
-        "UPDATE split_payments p
-            SET status = 'SUCCEEDED', payment_intent_id = u.intent_id, charge_id = u.charge_id, succeeded_at = now(),
-                stripe_event_at = greatest(p.stripe_event_at, u.observed_at), processing_fee_cents = u.processing_fee,
-                platform_fee_cents = u.platform_fee, fee_uncollected_cents = u.uncollected,
-                distribution_next_attempt_at = NULL, distributed_at = now(),
-                audit_due_at = coalesce(p.audit_due_at, now() + interval '1 hour'), updated_at = now()
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int8[], $7::int8[],
-                       $8::int8[])
-                AS u (id, prior, intent_id, charge_id, observed_at, processing_fee, platform_fee, uncollected)
-          WHERE p.id = u.id AND p.status = u.prior AND p.processing_fee_cents IS NULL
-         RETURNING p.*",
-    )
-    .bind(&ids)
-    .bind(&prior)
-    .bind(&intents)
-    .bind(&charges)
-    .bind(&observed)
-    .bind(&processing_fees)
-    .bind(&platform_fees)
-    .bind(&uncollected)
-    .fetch_all(&mut *tx)
-    .await?;
+    let moved: Vec<SplitPaymentRow> = sqlx::query_as(PAYMENTS_SUCCEEDED_SQL)
+        .bind(&ids)
+        .bind(&prior)
+        .bind(&intents)
+        .bind(&charges)
+        .bind(&observed)
+        .bind(&processing_fees)
+        .bind(&platform_fees)
+        .bind(&uncollected)
+        .fetch_all(&mut *tx)
+        .await?;
     if moved.len() != plans.len() {
         // Cannot happen under the locks; if it does, nothing is written and each goes the lone way.
         return Err(StoreError::LostRace {
@@ -335,22 +352,14 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
     let nets: Vec<i64> = all.iter().map(|(_, _, net)| *net).collect();
     let generations: Vec<i32> = all.iter().map(|_| 1).collect();
     let keys = transfer_keys(&share_ids, &generations)?;
-    let started: Vec<SplitAllocationRow> = sqlx::query_as(
-        "UPDATE split_allocations a
-            SET fee_share_cents = u.fee_share, net_amount_cents = u.net, status = 'TRANSFERRING', generation = 1,
-                idempotency_key = u.key, next_attempt_at = $5, unresolved_at = NULL, attempts = 0, parked_at = NULL,
-                updated_at = now()
-           FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) AS u (id, fee_share, net, key)
-          WHERE a.id = u.id AND a.status = 'PENDING' AND a.generation = 0 AND a.fee_share_cents IS NULL
-         RETURNING a.*",
-    )
-    .bind(&share_ids)
-    .bind(&fee_shares)
-    .bind(&nets)
-    .bind(&keys)
-    .bind(lease_ends)
-    .fetch_all(&mut *tx)
-    .await?;
+    let started: Vec<SplitAllocationRow> = sqlx::query_as(SHARES_STARTED_SQL)
+        .bind(&share_ids)
+        .bind(&fee_shares)
+        .bind(&nets)
+        .bind(&keys)
+        .bind(lease_ends)
+        .fetch_all(&mut *tx)
+        .await?;
     if started.len() != share_ids.len() {
         return Err(StoreError::LostRace {
             what: "split allocation",
@@ -388,13 +397,10 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
         .collect();
     insert_outbox_events(&mut tx, &events).await?;
     let processed: Vec<&str> = plans.iter().map(|p| p.item.event_id.as_str()).collect();
-    sqlx::query(
-        "UPDATE stripe_events SET processed_at = now(), process_error = NULL, process_attempts = process_attempts + 1
-          WHERE id = ANY($1)",
-    )
-    .bind(&processed)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(EVENTS_PROCESSED_SQL)
+        .bind(&processed)
+        .execute(&mut *tx)
+        .await?;
 
     // What each payment's steps need, from the writes.
     let mut started: HashMap<String, SplitAllocationRow> = started.into_iter().map(|a| (a.id.clone(), a)).collect();

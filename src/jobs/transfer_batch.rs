@@ -29,6 +29,41 @@ use crate::store::records::insert_outbox_events;
 use crate::store::StoreError;
 use crate::stripe::TransferInfo;
 
+// The batch's statements, in the order it runs them (`tests/scale.rs` plans each over a large table, custom and
+// generic plans).
+
+/// The shares of a batch, locked in order; a share another transaction holds is skipped.
+pub const LOCK_SHARES_SQL: &str =
+    "SELECT * FROM split_allocations WHERE id = ANY($1) ORDER BY split_payment_id, position
+            FOR UPDATE SKIP LOCKED";
+/// The held shares' donations, locked.
+pub const DONATIONS_SQL: &str =
+    "SELECT * FROM donations WHERE split_allocation_id = ANY($1) ORDER BY split_allocation_id FOR UPDATE";
+/// The generations' attempts end TRANSFERRED: (share ids, generations, transfer ids).
+pub const ATTEMPTS_TRANSFERRED_SQL: &str = "UPDATE transfer_attempts t
+            SET finished_at = now(), outcome = 'TRANSFERRED', stripe_transfer_id = u.transfer_id,
+                failure_code = NULL, failure_message = NULL
+           FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
+          WHERE t.split_allocation_id = u.id AND t.generation = u.generation";
+/// The shares move TRANSFERRING → TRANSFERRED: (share ids, generations, transfer ids, the status).
+pub const SHARES_TRANSFERRED_SQL: &str = "UPDATE split_allocations a
+            SET status = $4, stripe_transfer_id = u.transfer_id, next_attempt_at = NULL, unresolved_at = NULL,
+                parked_at = NULL, transferred_at = now(), updated_at = now()
+           FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
+          WHERE a.id = u.id AND a.status = 'TRANSFERRING' AND a.generation = u.generation";
+/// The donations move: (donation ids, statuses from, statuses to, received date).
+pub const DONATIONS_CONFIRMED_SQL: &str = "UPDATE donations d
+                SET status = u.next, received_date = $4,
+                    deleted_at = CASE WHEN u.next = 'REFUNDED' THEN now() WHEN u.prior = 'REFUNDED' THEN NULL
+                                      ELSE d.deleted_at END,
+                    updated_at = now()
+               FROM unnest($1::text[], $2::text[], $3::text[]) AS u (id, prior, next)
+              WHERE d.id = u.id AND d.status = u.prior
+             RETURNING d.*";
+/// The shares with refund parts not yet covered.
+pub const WAITING_PARTS_SQL: &str = "SELECT DISTINCT split_allocation_id FROM refund_parts
+          WHERE split_allocation_id = ANY($1) AND covered_at IS NULL ORDER BY split_allocation_id";
+
 /// Transfers written by one transaction at most.
 pub const BATCH_MAX: usize = 64;
 
@@ -92,21 +127,10 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
     // The shares, locked in the order every path that locks several takes (a payment's in position order), then
     // their donations (a donation after its share, as everywhere). A share another transaction holds (a refund, an
     // operator) is skipped rather than waited for: it is recorded alone, and the rest of the batch goes on.
-    let shares: Vec<SplitAllocationRow> = sqlx::query_as(
-        "SELECT * FROM split_allocations WHERE id = ANY($1) ORDER BY split_payment_id, position
-            FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let shares: Vec<SplitAllocationRow> = sqlx::query_as(LOCK_SHARES_SQL).bind(&ids).fetch_all(&mut *tx).await?;
     // Only the donations of shares this transaction holds: a skipped share's donation is its holder's to lock.
     let held: Vec<&str> = shares.iter().map(|a| a.id.as_str()).collect();
-    let donations: Vec<DonationRow> = sqlx::query_as(
-        "SELECT * FROM donations WHERE split_allocation_id = ANY($1) ORDER BY split_allocation_id FOR UPDATE",
-    )
-    .bind(&held)
-    .fetch_all(&mut *tx)
-    .await?;
+    let donations: Vec<DonationRow> = sqlx::query_as(DONATIONS_SQL).bind(&held).fetch_all(&mut *tx).await?;
     let shares: HashMap<&str, &SplitAllocationRow> = shares.iter().map(|a| (a.id.as_str(), a)).collect();
     let donations: HashMap<&str, &DonationRow> =
         donations.iter().map(|d| (d.split_allocation_id.as_str(), d)).collect();
@@ -166,31 +190,19 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
 
     // The generations' attempts end TRANSFERRED, then the shares move (as `transition_locked_allocation` writes a
     // TRANSFERRING → TRANSFERRED move, guarded by status and generation).
-    sqlx::query(
-        "UPDATE transfer_attempts t
-            SET finished_at = now(), outcome = 'TRANSFERRED', stripe_transfer_id = u.transfer_id,
-                failure_code = NULL, failure_message = NULL
-           FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
-          WHERE t.split_allocation_id = u.id AND t.generation = u.generation",
-    )
-    .bind(&ids)
-    .bind(&generations)
-    .bind(&transfer_ids)
-    .execute(&mut *tx)
-    .await?;
-    let moved = sqlx::query(
-        "UPDATE split_allocations a
-            SET status = $4, stripe_transfer_id = u.transfer_id, next_attempt_at = NULL, unresolved_at = NULL,
-                parked_at = NULL, transferred_at = now(), updated_at = now()
-           FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
-          WHERE a.id = u.id AND a.status = 'TRANSFERRING' AND a.generation = u.generation",
-    )
-    .bind(&ids)
-    .bind(&generations)
-    .bind(&transfer_ids)
-    .bind(AllocationStatus::Transferred.as_str())
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(ATTEMPTS_TRANSFERRED_SQL)
+        .bind(&ids)
+        .bind(&generations)
+        .bind(&transfer_ids)
+        .execute(&mut *tx)
+        .await?;
+    let moved = sqlx::query(SHARES_TRANSFERRED_SQL)
+        .bind(&ids)
+        .bind(&generations)
+        .bind(&transfer_ids)
+        .bind(AllocationStatus::Transferred.as_str())
+        .execute(&mut *tx)
+        .await?;
     if moved.rows_affected() != ids.len() as u64 {
         // Cannot happen under the locks; if it does, nothing is written and each is recorded alone.
         return Err(StoreError::LostRace {
@@ -205,22 +217,13 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
         let donation_ids: Vec<&str> = confirm.iter().map(|(d, _)| d.id.as_str()).collect();
         let from: Vec<&str> = confirm.iter().map(|(d, _)| d.status.as_str()).collect();
         let to: Vec<&str> = confirm.iter().map(|(_, next)| next.as_str()).collect();
-        let rows: Vec<DonationRow> = sqlx::query_as(
-            "UPDATE donations d
-                SET status = u.next, received_date = $4,
-                    deleted_at = CASE WHEN u.next = 'REFUNDED' THEN now() WHEN u.prior = 'REFUNDED' THEN NULL
-                                      ELSE d.deleted_at END,
-                    updated_at = now()
-               FROM unnest($1::text[], $2::text[], $3::text[]) AS u (id, prior, next)
-              WHERE d.id = u.id AND d.status = u.prior
-             RETURNING d.*",
-        )
-        .bind(&donation_ids)
-        .bind(&from)
-        .bind(&to)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<DonationRow> = sqlx::query_as(DONATIONS_CONFIRMED_SQL)
+            .bind(&donation_ids)
+            .bind(&from)
+            .bind(&to)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
         if rows.len() != confirm.len() {
             return Err(StoreError::LostRace {
                 what: "donation",
@@ -246,13 +249,10 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
 
     // Refunds that arrived while the transfers were in flight are covered now (by a reversal: policy), as a lone
     // recording does. One look for all of them, under the shares' locks (no refund attributes parts meanwhile).
-    let waiting: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT split_allocation_id FROM refund_parts
-          WHERE split_allocation_id = ANY($1) AND covered_at IS NULL ORDER BY split_allocation_id",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let waiting: Vec<String> = sqlx::query_scalar(WAITING_PARTS_SQL)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
     if !waiting.is_empty() {
         // The refund path's statements choose their plans by their values again (see `generic_plans`).
         crate::store::custom_plans(&mut tx).await?;
