@@ -45,12 +45,19 @@ pub const ATTEMPTS_TRANSFERRED_SQL: &str = "UPDATE transfer_attempts t
                 failure_code = NULL, failure_message = NULL
            FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
           WHERE t.split_allocation_id = u.id AND t.generation = u.generation";
-/// The shares move TRANSFERRING → TRANSFERRED: (share ids, generations, transfer ids, the status).
+/// The shares move TRANSFERRING → TRANSFERRED: (share ids, generations, transfer ids, the status to, the status
+/// from).
+///
+/// The status guarded is a parameter, not a literal. With `a.status = 'TRANSFERRING'` the planner could answer the
+/// statement from the partial index of the shares in flight (`split_allocations_transferring_due`), and the plan,
+/// made once for the batch's transaction (generic), did so in burn-down: a bitmap scan of every share in flight to
+/// find a batch's few, on statistics taken when the table was small (auto_explain). A parameter cannot prove that
+/// index's predicate, so the shares are found by key; `tests/scale.rs` checks the generic plan.
 pub const SHARES_TRANSFERRED_SQL: &str = "UPDATE split_allocations a
             SET status = $4, stripe_transfer_id = u.transfer_id, next_attempt_at = NULL, unresolved_at = NULL,
                 parked_at = NULL, transferred_at = now(), updated_at = now()
            FROM unnest($1::text[], $2::int4[], $3::text[]) AS u (id, generation, transfer_id)
-          WHERE a.id = u.id AND a.status = 'TRANSFERRING' AND a.generation = u.generation";
+          WHERE a.id = u.id AND a.status = $5 AND a.generation = u.generation";
 /// The donations move: (donation ids, statuses from, statuses to, received date).
 pub const DONATIONS_CONFIRMED_SQL: &str = "UPDATE donations d
                 SET status = u.next, received_date = $4,
@@ -201,6 +208,7 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<bool>, StoreError
         .bind(&generations)
         .bind(&transfer_ids)
         .bind(AllocationStatus::Transferred.as_str())
+        .bind(AllocationStatus::Transferring.as_str())
         .execute(&mut *tx)
         .await?;
     if moved.rows_affected() != ids.len() as u64 {

@@ -258,8 +258,14 @@ pub(crate) fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
 /// `unnest`) and whose plans do not depend on the values, planning was a tenth of PostgreSQL's CPU (issue 11, `perf`).
 /// Never for a statement whose plan should depend on a bound value (a status matched against a partial index's
 /// predicate): `SET LOCAL` keeps the choice inside this transaction.
+///
+/// Sequential scans are ruled out too (`enable_seqscan = off`, where another path exists). A generic plan is made
+/// once, on the statistics of that moment, and kept for the connection's life: made while a table was nearly empty
+/// (a fresh database, the first batch after a start) it read the table through, and went on reading it through
+/// every batch as the table grew (auto_explain in burn-down: the record batch's attempts update scanned
+/// `transfer_attempts` sequentially). Every statement run this way finds its rows by key.
 pub async fn generic_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+    sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off")
         .execute(tx)
         .await?;
     Ok(())
@@ -268,7 +274,9 @@ pub async fn generic_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError
 /// Ends [`generic_plans`] for the rest of this transaction: plans chosen as the server, database or role is
 /// configured again.
 pub async fn custom_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SET LOCAL plan_cache_mode TO DEFAULT").execute(tx).await?;
+    sqlx::raw_sql("SET LOCAL plan_cache_mode TO DEFAULT; SET LOCAL enable_seqscan TO DEFAULT")
+        .execute(tx)
+        .await?;
     Ok(())
 }
 
