@@ -265,9 +265,12 @@ pub(crate) fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
 /// every batch as the table grew (auto_explain in burn-down: the record batch's attempts update scanned
 /// `transfer_attempts` sequentially). Every statement run this way finds its rows by key.
 pub async fn generic_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off")
-        .execute(tx)
-        .await?;
+    // One statement (set_config's third argument: local to the transaction), not two SETs.
+    sqlx::query(
+        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), set_config('enable_seqscan', 'off', true)",
+    )
+    .execute(tx)
+    .await?;
     Ok(())
 }
 
