@@ -119,14 +119,9 @@ fn seq_scanned(all: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Plans `q` as a prepared statement under `mode` (`force_custom_plan` or `force_generic_plan`) and returns the
-/// plan's nodes; panics, printing the plan, if one reads a big table sequentially.
-async fn check_plan(conn: &mut PgConnection, q: &TickQuery, mode: &str) -> Vec<String> {
+/// `EXPLAIN` of `q` as a prepared statement, executed with its arguments, under the connection's settings.
+async fn explain_prepared(conn: &mut PgConnection, q: &TickQuery) -> Value {
     let run = |sql: String| sqlx::query(AssertSqlSafe(sql)).persistent(false);
-    run(format!("SET plan_cache_mode = {mode}"))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
     run(format!("PREPARE tick_query{} AS {}", q.types, q.sql))
         .execute(&mut *conn)
         .await
@@ -140,6 +135,18 @@ async fn check_plan(conn: &mut PgConnection, q: &TickQuery, mode: &str) -> Vec<S
     .await
     .unwrap_or_else(|e| panic!("{}: {e}", q.name));
     run("DEALLOCATE tick_query".into()).execute(&mut *conn).await.unwrap();
+    explained
+}
+
+/// Plans `q` as a prepared statement under `mode` (`force_custom_plan` or `force_generic_plan`) and returns the
+/// plan's nodes; panics, printing the plan, if one reads a big table sequentially.
+async fn check_plan(conn: &mut PgConnection, q: &TickQuery, mode: &str) -> Vec<String> {
+    sqlx::query(AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
+        .persistent(false)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let explained = explain_prepared(conn, q).await;
     let mut all = Vec::new();
     nodes(&explained[0]["Plan"], &mut all);
     let pretty = serde_json::to_string_pretty(&explained).unwrap();
@@ -735,20 +742,7 @@ async fn the_batches_plans_find_rows_by_key_on_empty_tables() {
     for q in hot_path_queries() {
         let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
         splitpay::store::generic_plans(&mut tx).await.unwrap();
-        let run = |sql: String| sqlx::query(AssertSqlSafe(sql)).persistent(false);
-        run(format!("PREPARE batch_query{} AS {}", q.types, q.sql))
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", q.name));
-        let explained: Value = sqlx::query_scalar(AssertSqlSafe(format!(
-            "EXPLAIN (FORMAT JSON) EXECUTE batch_query{}",
-            q.args
-        )))
-        .persistent(false)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e}", q.name));
-        run("DEALLOCATE batch_query".into()).execute(&mut *tx).await.unwrap();
+        let explained = explain_prepared(&mut tx, &q).await;
         tx.rollback().await.unwrap();
         let mut all = Vec::new();
         nodes(&explained[0]["Plan"], &mut all);
