@@ -758,3 +758,34 @@ async fn the_batches_plans_find_rows_by_key_on_empty_tables() {
         }
     }
 }
+
+/// PostgreSQL does not plan a kept statement again when a setting changes, so a statement the start batch shares
+/// with the lone start (`insert_first_attempts`) must be kept only by the batch: kept by the lone path, its generic
+/// plan would be made there, under the defaults, and reused by a batch on the same connection. Run alone six times
+/// (PostgreSQL makes the generic plan at the sixth), it leaves no kept statement; run by the batch, it does.
+#[tokio::test]
+async fn a_statement_the_start_batch_shares_is_kept_only_by_the_batch() {
+    use splitpay::store::allocations::{insert_first_attempts, Caller, FIRST_ATTEMPTS_SQL};
+    let db = common::db::TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    let kept = async |tx: &mut sqlx::PgConnection| -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_prepared_statements WHERE statement = $1")
+            .bind(FIRST_ATTEMPTS_SQL)
+            .fetch_one(tx)
+            .await
+            .unwrap()
+    };
+    for _ in 0..6 {
+        let none = insert_first_attempts(&mut tx, Caller::Alone, &[], &[], &[], &[])
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+    }
+    assert_eq!(kept(&mut tx).await, 0, "the lone start keeps nothing");
+    insert_first_attempts(&mut tx, Caller::Batch, &[], &[], &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(kept(&mut tx).await, 1, "the batch keeps its statement");
+    tx.rollback().await.unwrap();
+}

@@ -31,7 +31,7 @@ use crate::domain::fees::split_fees;
 use crate::domain::ids::SplitPaymentId;
 use crate::domain::state::{AllocationEvent, AllocationStatus, PaymentEvent, PaymentStatus, Transition};
 use crate::events::EventType;
-use crate::store::allocations::{insert_first_attempts, transfer_keys, AllocationContext, SplitAllocationRow};
+use crate::store::allocations::{insert_first_attempts, transfer_keys, AllocationContext, Caller, SplitAllocationRow};
 use crate::store::announce;
 use crate::store::payments::SplitPaymentRow;
 use crate::store::records::insert_outbox_events;
@@ -384,7 +384,7 @@ async fn write(ctx: &AppContext, batch: &[Item]) -> Result<Vec<Option<Started>>,
         }
     }
     // With no refund part, what is outstanding of each share is its net: the generation sends it.
-    let mut attempts = insert_first_attempts(&mut tx, &share_ids, &generations, &keys, &nets).await?;
+    let mut attempts = insert_first_attempts(&mut tx, Caller::Batch, &share_ids, &generations, &keys, &nets).await?;
     if attempts.len() != share_ids.len() {
         return Err(StoreError::Invalid(format!(
             "payments {ids:?}: a share's attempt was not written"

@@ -190,7 +190,7 @@ pub async fn start_first_generations(
     let prior: Vec<i32> = shares.iter().map(|a| a.generation).collect();
     let generations: Vec<i32> = prior.iter().map(|g| g + 1).collect();
     let keys = transfer_keys(&ids, &generations)?;
-    let mut attempts = insert_first_attempts(tx, &ids, &generations, &keys, &amounts).await?;
+    let mut attempts = insert_first_attempts(tx, Caller::Alone, &ids, &generations, &keys, &amounts).await?;
     if attempts.len() != shares.len() {
         return Err(StoreError::Invalid(format!(
             "payment '{}' has no charge to transfer from",
@@ -280,18 +280,21 @@ pub fn transfer_keys(ids: &[&str], generations: &[i32]) -> Result<Vec<String>, S
         .collect()
 }
 
-/// The frozen parameters of first generations (`generations[i]` of share `ids[i]`, sending `amounts_cents[i]` under
-/// `keys[i]`), in the caller's transaction: a first generation is funded by the payment's charge
-/// (`source_transaction`), so a share of a payment without a recorded charge gets no row. By share id.
-pub async fn insert_first_attempts(
-    tx: &mut Tx<'_>,
-    ids: &[&str],
-    generations: &[i32],
-    keys: &[String],
-    amounts_cents: &[i64],
-) -> Result<std::collections::HashMap<String, TransferAttemptRow>, StoreError> {
-    Ok(sqlx::query_as::<_, TransferAttemptRow>(
-        "INSERT INTO transfer_attempts
+/// Where [`insert_first_attempts`] runs: in the start batch, under its plan settings, or alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The start batch (`store::generic_plans`): the statement is prepared and kept on the connection, and its
+    /// generic plan is made under the batch's settings.
+    Batch,
+    /// Anywhere else: the statement is not kept. Kept, PostgreSQL would make its generic plan here, under the
+    /// defaults (after five runs, to compare costs), and a batch on the same connection would reuse that plan as it
+    /// stands instead of making its own: a read of `split_allocations` through, on a young table (helper 62,
+    /// reproduced with psql).
+    Alone,
+}
+
+/// The statement of [`insert_first_attempts`].
+pub const FIRST_ATTEMPTS_SQL: &str = "INSERT INTO transfer_attempts
             (split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
              source_transaction, transfer_group, metadata)
          SELECT a.id, u.generation, u.key, l.stripe_connect_account_id, u.amount_cents, p.currency, p.charge_id,
@@ -305,17 +308,30 @@ pub async fn insert_first_attempts(
           WHERE p.charge_id IS NOT NULL
          RETURNING split_allocation_id, generation, idempotency_key, destination_account_id, amount_cents, currency,
                    source_transaction, transfer_group, metadata, started_at, finished_at, outcome, stripe_transfer_id,
-                   key_attempt",
-    )
-    .bind(ids)
-    .bind(generations)
-    .bind(keys)
-    .bind(amounts_cents)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .map(|t| (t.split_allocation_id.clone(), t))
-    .collect())
+                   key_attempt";
+
+/// The frozen parameters of first generations (`generations[i]` of share `ids[i]`, sending `amounts_cents[i]` under
+/// `keys[i]`), in the caller's transaction: a first generation is funded by the payment's charge
+/// (`source_transaction`), so a share of a payment without a recorded charge gets no row. By share id.
+pub async fn insert_first_attempts(
+    tx: &mut Tx<'_>,
+    caller: Caller,
+    ids: &[&str],
+    generations: &[i32],
+    keys: &[String],
+    amounts_cents: &[i64],
+) -> Result<std::collections::HashMap<String, TransferAttemptRow>, StoreError> {
+    Ok(sqlx::query_as::<_, TransferAttemptRow>(FIRST_ATTEMPTS_SQL)
+        .persistent(caller == Caller::Batch)
+        .bind(ids)
+        .bind(generations)
+        .bind(keys)
+        .bind(amounts_cents)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .map(|t| (t.split_allocation_id.clone(), t))
+        .collect())
 }
 
 /// Data recorded with an allocation transition (`None` keeps what is stored).

@@ -260,10 +260,12 @@ pub(crate) fn forbidden(err: ForbiddenTransition, id: &str) -> StoreError {
 /// predicate): `SET LOCAL` keeps the choice inside this transaction.
 ///
 /// Sequential scans are ruled out too (`enable_seqscan = off`, where another path exists). A generic plan is made
-/// once, on the statistics of that moment, and kept for the connection's life: made while a table was nearly empty
-/// (a fresh database, the first batch after a start) it read the table through, and went on reading it through
-/// every batch as the table grew (auto_explain in burn-down: the record batch's attempts update scanned
-/// `transfer_attempts` sequentially). Every statement run this way finds its rows by key.
+/// once, on the statistics of that moment, and kept until an (auto)analyze of a table it reads: made while a table
+/// was nearly empty (a fresh database, the first batch after a start) it read the table through, and went on
+/// reading it through every batch as the table grew (auto_explain in burn-down: the record batch's attempts update
+/// scanned `transfer_attempts` sequentially for the whole run). Every statement run this way finds its rows by key.
+/// PostgreSQL does not plan again when a setting changes: a statement a batch shares with other paths must not be
+/// kept by them (see `allocations::Caller`).
 pub async fn generic_plans(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     // One statement (set_config's third argument: local to the transaction), not two SETs.
     sqlx::query(
