@@ -37,7 +37,7 @@ use crate::config::{redact_url, DatabaseConfig};
 use crate::domain::state::ForbiddenTransition;
 
 /// The schema, embedded at build time from `migrations/`.
-/// Without sqlx's own lock: [`migrate`] takes one that cannot deadlock with `CREATE INDEX CONCURRENTLY`.
+/// Without sqlx's own lock: [`migrate_then`] takes one that cannot deadlock with `CREATE INDEX CONCURRENTLY`.
 pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_locking(false);
@@ -46,7 +46,7 @@ pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::L
 
 /// The advisory lock one process at a time applies migrations under (any constant; splitpay's own).
 const MIGRATION_LOCK_ID: i64 = 0x5350_4c49_5450_4159; // "SPLITPAY"
-/// Indexes a migration builds `CONCURRENTLY` under a name of their own (see [`migrate`]).
+/// Indexes a migration builds `CONCURRENTLY` under a name of their own (see `migrate_locked`).
 const INDEXES_BUILT_CONCURRENTLY: &[&str] = &["split_allocations_transferred_unique"];
 /// How often a process waiting for another's migrations asks for the lock again.
 const MIGRATION_LOCK_POLL_MS: u64 = 200;
