@@ -67,9 +67,12 @@ pub const DONATIONS_CONFIRMED_SQL: &str = "UPDATE donations d
                FROM unnest($1::text[], $2::text[], $3::text[]) AS u (id, prior, next)
               WHERE d.id = u.id AND d.status = u.prior
              RETURNING d.*";
-/// The shares with refund parts not yet covered.
-pub const WAITING_PARTS_SQL: &str = "SELECT DISTINCT split_allocation_id FROM refund_parts
-          WHERE split_allocation_id = ANY($1) AND covered_at IS NULL ORDER BY split_allocation_id";
+/// The shares with refund parts not yet covered. "Not covered" is asked of each share's parts (`HAVING`), not in the
+/// `WHERE`, where it would match the predicate of the partial index of every waiting part (`refund_parts_waiting`)
+/// and a plan made once (generic) on a young table could read that whole index for a batch's few shares, as the start
+/// batch's event lookup did (see `start_batch::LOCK_EVENTS_SQL`).
+pub const WAITING_PARTS_SQL: &str = "SELECT split_allocation_id FROM refund_parts WHERE split_allocation_id = ANY($1)
+          GROUP BY split_allocation_id HAVING bool_or(covered_at IS NULL) ORDER BY split_allocation_id";
 
 /// Transfers written by one transaction at most.
 pub const BATCH_MAX: usize = 64;
