@@ -740,6 +740,70 @@ async fn processes_starting_together_apply_the_migrations_one_at_a_time() {
     );
 }
 
+/// After a start (migrations, then the job queue's setup), no table of splitpay's or apalis's has two indexes over the
+/// same columns with the same predicate: each would be written at every insert and non-HOT update for nothing.
+/// apalis's own migrations leave two such pairs on its jobs table (`unique_job_id` beside the primary key, `lidx`
+/// beside `idx_apalis_jobs_lock_by`) and three on its workers table, which the setup drops but for the one a foreign
+/// key depends on; and the outbox's index of its pre-webhook_deliveries
+/// schedule is gone. A second start changes nothing.
+#[tokio::test]
+async fn a_started_database_has_no_duplicate_or_dead_index() {
+    let db = TestDb::empty().await;
+    for _ in 0..2 {
+        splitpay::store::migrate_then(&db.pool, || splitpay::jobs::queue::setup(&db.pool))
+            .await
+            .expect("a start applies the migrations and the queue's setup");
+    }
+    let duplicates: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT n.nspname || '.' || t.relname, array_agg(c.relname::text ORDER BY c.relname)
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid
+           JOIN pg_namespace n ON n.oid = t.relnamespace
+          WHERE n.nspname IN ('public', 'apalis')
+          GROUP BY n.nspname, t.relname, i.indkey::text, i.indclass::text, coalesce(pg_get_expr(i.indpred, i.indrelid), ''),
+                   coalesce(pg_get_expr(i.indexprs, i.indrelid), '')
+         HAVING count(*) > 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // The one pair that stays: apalis's foreign key `jobs.lock_by → workers.id` was made on `unique_worker_id`, so it
+    // cannot go, and the workers table is a row per worker, written at each heartbeat.
+    let fk_backed = (
+        "apalis.workers".to_owned(),
+        vec!["unique_worker_id".to_owned(), "workers_pkey".to_owned()],
+    );
+    let duplicates: Vec<_> = duplicates.into_iter().filter(|d| *d != fk_backed).collect();
+    assert!(duplicates.is_empty(), "indexes duplicated: {duplicates:?}");
+    let jobs_indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'apalis' AND tablename = 'jobs' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for gone in ["unique_job_id", "lidx"] {
+        assert!(
+            !jobs_indexes.contains(&gone.to_owned()),
+            "{gone} is dropped: {jobs_indexes:?}"
+        );
+    }
+    for kept in [
+        "jobs_pkey",
+        "idx_apalis_jobs_lock_by",
+        "idx_apalis_jobs_fetch_partial",
+        "splitpay_jobs_waiting_payload",
+    ] {
+        assert!(
+            jobs_indexes.contains(&kept.to_owned()),
+            "{kept} stays: {jobs_indexes:?}"
+        );
+    }
+    let outbox_schedule: Option<String> = sqlx::query_scalar("SELECT to_regclass('outbox_events_undelivered')::text")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox_schedule, None, "nothing reads the outbox's old schedule");
+}
+
 /// A process killed while it built the unique index CONCURRENTLY leaves it invalid (it neither enforces nor serves
 /// anything). The next start drops it and builds it again, instead of swapping an invalid index in for the
 /// constraint or refusing to start until an operator steps in. Simulated: the schema of the round before, the index

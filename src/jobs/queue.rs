@@ -149,7 +149,48 @@ pub async fn setup(pool: &sqlx::PgPool) -> Result<(), StoreError> {
     )
     .execute(pool)
     .await?;
-    Ok(())
+    drop_duplicate_indexes(pool).await
+}
+
+/// Gap filled here (issue 11): apalis's first migration indexed `id` and `lock_by` of its jobs (`unique_job_id`,
+/// `lidx`), and later ones added the same again (the primary key `jobs_pkey`, `idx_apalis_jobs_lock_by`) without
+/// dropping the first; its workers table has three such pairs (of which `unique_worker_id` stays: the foreign key
+/// `jobs.lock_by → workers.id` was made on it). Nothing needs two: every job's insert and its two updates (locked,
+/// done: never HOT) wrote both copies, four index entries per job that no plan reads. Dropped `CONCURRENTLY` (no
+/// writer waits), on a session of its own without the pool's statement timeout (a long history of jobs); at later
+/// starts there is nothing left to drop.
+async fn drop_duplicate_indexes(pool: &sqlx::PgPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?.detach();
+    let done = async {
+        sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
+            .execute(&mut conn)
+            .await?;
+        // Each duplicate, with the index that stays: a duplicate goes only once its twin is there and valid.
+        for (duplicate, kept) in [
+            ("apalis.unique_job_id", "apalis.jobs_pkey"),
+            ("apalis.lidx", "apalis.idx_apalis_jobs_lock_by"),
+            ("apalis.wtidx", "apalis.idx_apalis_workers_worker_type"),
+            ("apalis.lsidx", "apalis.idx_apalis_workers_last_seen"),
+        ] {
+            let twin: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND indisvalid)",
+            )
+            .bind(kept)
+            .fetch_one(&mut conn)
+            .await?;
+            if twin {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {duplicate}"
+                )))
+                .execute(&mut conn)
+                .await?;
+            }
+        }
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    sqlx::Connection::close(conn).await.ok();
+    done
 }
 
 #[cfg(test)]
