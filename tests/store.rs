@@ -804,6 +804,87 @@ async fn a_started_database_has_no_duplicate_or_dead_index() {
     assert_eq!(outbox_schedule, None, "nothing reads the outbox's old schedule");
 }
 
+/// A duplicate index's drop waits for every transaction on its table. Behind a long one it gives up after its lock
+/// timeout and the start goes on: the queue's setup returns, and job inserts are not held up meanwhile (the setup's
+/// `CREATE INDEX IF NOT EXISTS` of an index already there, run at every start, queued behind that transaction and
+/// blocked every insert behind it: helper 63, reproduced here). The next start, the long transaction over, drops what
+/// was left. (The 60 s bound only turns a hang into a failure.)
+#[tokio::test]
+async fn a_duplicate_index_drop_behind_a_long_transaction_waits_for_the_next_start() {
+    let db = TestDb::empty().await;
+    splitpay::store::migrate(&db.pool).await.unwrap();
+    // The database as the previous release's start left it: apalis's schema with its duplicates, and splitpay's
+    // index of waiting jobs.
+    apalis_postgres::PostgresStorage::<()>::setup(&db.pool).await.unwrap();
+    sqlx::query(
+        "CREATE INDEX splitpay_jobs_waiting_payload ON apalis.jobs (job_type, job)
+          WHERE status IN ('Pending', 'Queued', 'Failed')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // A long transaction that enqueued a job and has not committed.
+    let mut report = db.pool.begin().await.unwrap();
+    splitpay::jobs::queue::enqueue(&mut report, splitpay::jobs::queue::Queue::Transfer, "salc_long", None)
+        .await
+        .unwrap();
+    let insert_meanwhile = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut conn = db.pool.acquire().await.unwrap();
+        splitpay::jobs::queue::enqueue(
+            &mut conn,
+            splitpay::jobs::queue::Queue::Transfer,
+            "salc_meanwhile",
+            None,
+        )
+        .await
+        .expect("a job insert is not held up by the setup");
+    };
+    let (started, ()) = tokio::join!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            splitpay::jobs::queue::setup(&db.pool)
+        ),
+        async {
+            tokio::time::timeout(std::time::Duration::from_secs(60), insert_meanwhile)
+                .await
+                .expect("the insert finished")
+        }
+    );
+    started
+        .expect("the setup does not wait for the long transaction")
+        .expect("the start goes on");
+    let jobs_duplicates = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_class WHERE relname IN ('unique_job_id', 'lidx')
+                AND relnamespace = 'apalis'::regnamespace",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        jobs_duplicates(db.pool.clone()).await,
+        2,
+        "left while the transaction held the jobs table"
+    );
+    let workers_duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relname IN ('wtidx', 'lsidx') AND relnamespace = 'apalis'::regnamespace",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(workers_duplicates, 0, "nothing held the workers table");
+    report.commit().await.unwrap();
+    splitpay::jobs::queue::setup(&db.pool).await.unwrap();
+    assert_eq!(jobs_duplicates(db.pool.clone()).await, 0, "the next start dropped them");
+    let job: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'splitpay.transfer'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(job, 2, "the jobs inserted before and meanwhile are there");
+}
+
 /// A process killed while it built the unique index CONCURRENTLY leaves it invalid (it neither enforces nor serves
 /// anything). The next start drops it and builds it again, instead of swapping an invalid index in for the
 /// constraint or refusing to start until an operator steps in. Simulated: the schema of the round before, the index

@@ -143,54 +143,84 @@ pub async fn setup(pool: &sqlx::PgPool) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Invalid(format!("apalis setup: {e}")))?;
     // Gap filled here: apalis indexes waiting jobs by type and run time only, so "is a job for this row already
     // waiting?" (`enqueue_missing`) would scan every waiting job of the queue. This index answers it directly.
-    sqlx::query(
-        "CREATE INDEX IF NOT EXISTS splitpay_jobs_waiting_payload ON apalis.jobs (job_type, job)
-          WHERE status IN ('Pending', 'Queued', 'Failed')",
-    )
-    .execute(pool)
-    .await?;
-    drop_duplicate_indexes(pool).await
+    // Created only when missing: `CREATE INDEX IF NOT EXISTS` takes its table lock before it finds the index there,
+    // and, queued behind any transaction on the jobs table, would hold up every job insert at each start.
+    let missing: bool = sqlx::query_scalar("SELECT to_regclass('apalis.splitpay_jobs_waiting_payload') IS NULL")
+        .fetch_one(pool)
+        .await?;
+    if missing {
+        sqlx::query(
+            "CREATE INDEX IF NOT EXISTS splitpay_jobs_waiting_payload ON apalis.jobs (job_type, job)
+              WHERE status IN ('Pending', 'Queued', 'Failed')",
+        )
+        .execute(pool)
+        .await?;
+    }
+    drop_duplicate_indexes(pool).await;
+    Ok(())
 }
+
+/// How long a duplicate index's drop waits for the transactions on its table before it gives up until the next start.
+pub const DUPLICATE_DROP_LOCK_TIMEOUT_MS: u64 = 5_000;
 
 /// Gap filled here (issue 11): apalis's first migration indexed `id` and `lock_by` of its jobs (`unique_job_id`,
 /// `lidx`), and later ones added the same again (the primary key `jobs_pkey`, `idx_apalis_jobs_lock_by`) without
 /// dropping the first; its workers table has three such pairs (of which `unique_worker_id` stays: the foreign key
 /// `jobs.lock_by → workers.id` was made on it). Nothing needs two: every job's insert and its two updates (locked,
-/// done: never HOT) wrote both copies, four index entries per job that no plan reads. Dropped `CONCURRENTLY` (no
-/// writer waits), on a session of its own without the pool's statement timeout (a long history of jobs); at later
-/// starts there is nothing left to drop.
-async fn drop_duplicate_indexes(pool: &sqlx::PgPool) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await?.detach();
-    let done = async {
-        sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
-            .execute(&mut conn)
-            .await?;
-        // Each duplicate, with the index that stays: a duplicate goes only once its twin is there and valid.
+/// done: never HOT) wrote both copies, four index entries per job that no plan reads.
+///
+/// Dropped `CONCURRENTLY` (no writer waits for it), on a session of its own without the pool's statement timeout (a
+/// long history of jobs). A drop waits for every transaction on its table to end; one that is still waiting after
+/// [`DUPLICATE_DROP_LOCK_TIMEOUT_MS`] (a long report, a dump) gives up, with a warning, and the next start tries
+/// again: an optimisation never holds a start. A drop cut short leaves the index invalid, which the next drop
+/// removes as well. At later starts there is nothing left to drop.
+async fn drop_duplicate_indexes(pool: &sqlx::PgPool) {
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn.detach(),
+        Err(e) => {
+            tracing::warn!(error = %e, "apalis's duplicate indexes are left for the next start");
+            return;
+        }
+    };
+    let settings = format!("SET statement_timeout = 0; SET lock_timeout = {DUPLICATE_DROP_LOCK_TIMEOUT_MS}");
+    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(settings)).execute(&mut conn).await {
+        tracing::warn!(error = %e, "apalis's duplicate indexes are left for the next start");
+    } else {
+        // Each duplicate, with the index that stays: a duplicate goes only once its twin is there and valid. One
+        // that cannot go now does not keep the others.
         for (duplicate, kept) in [
             ("apalis.unique_job_id", "apalis.jobs_pkey"),
             ("apalis.lidx", "apalis.idx_apalis_jobs_lock_by"),
             ("apalis.wtidx", "apalis.idx_apalis_workers_worker_type"),
             ("apalis.lsidx", "apalis.idx_apalis_workers_last_seen"),
         ] {
-            let twin: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND indisvalid)",
-            )
-            .bind(kept)
-            .fetch_one(&mut conn)
-            .await?;
-            if twin {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP INDEX CONCURRENTLY IF EXISTS {duplicate}"
-                )))
-                .execute(&mut conn)
-                .await?;
+            if let Err(e) = drop_duplicate(&mut conn, duplicate, kept).await {
+                tracing::warn!(index = duplicate, error = %e, "a duplicate index is left for the next start");
             }
         }
-        Ok::<_, StoreError>(())
     }
-    .await;
     sqlx::Connection::close(conn).await.ok();
-    done
+}
+
+/// Drops `duplicate` if it is there and its twin `kept` is there and valid.
+async fn drop_duplicate(conn: &mut PgConnection, duplicate: &str, kept: &str) -> Result<(), sqlx::Error> {
+    let (present, twin): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass($1) IS NOT NULL,
+                EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($2) AND indisvalid)",
+    )
+    .bind(duplicate)
+    .bind(kept)
+    .fetch_one(&mut *conn)
+    .await?;
+    if present && twin {
+        tracing::info!(index = duplicate, "dropping an index apalis made twice");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {duplicate}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::L
 const MIGRATION_LOCK_ID: i64 = 0x5350_4c49_5450_4159; // "SPLITPAY"
 /// Indexes a migration builds `CONCURRENTLY` under a name of their own (see `migrate_locked`).
 const INDEXES_BUILT_CONCURRENTLY: &[&str] = &["split_allocations_transferred_unique"];
+/// How often the session holding the migration lock speaks while the job queue's setup runs on other connections,
+/// well within its `idle_session_timeout` (60 s).
+const MIGRATION_KEEPALIVE_MS: u64 = 20_000;
 /// How often a process waiting for another's migrations asks for the lock again.
 const MIGRATION_LOCK_POLL_MS: u64 = 200;
 
@@ -180,12 +183,30 @@ where
 {
     let mut conn = pool.acquire().await?.detach();
     let applied = match migrate_locked(&mut conn).await {
-        Ok(()) => then().await,
+        Ok(()) => locked_while(&mut conn, then()).await,
         Err(e) => Err(e),
     };
     // Closing the connection also ends its session's advisory lock, whatever happened above.
     sqlx::Connection::close(conn).await.ok();
     applied
+}
+
+/// Runs `work` (on other connections) while the lock's session stays busy: that session ends itself after
+/// `idle_session_timeout` quiet, and with it the lock, which a second process would then take while `work` still runs.
+/// A session that can no longer answer fails the start: the lock may be gone.
+async fn locked_while<Fut>(conn: &mut sqlx::PgConnection, work: Fut) -> Result<(), StoreError>
+where
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            () = tokio::time::sleep(Duration::from_millis(MIGRATION_KEEPALIVE_MS)) => {
+                sqlx::query("SELECT 1").execute(&mut *conn).await?;
+            }
+        }
+    }
 }
 
 async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
