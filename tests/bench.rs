@@ -92,7 +92,7 @@ async fn bad_arguments_are_refused_naming_the_flag() {
 }
 
 #[tokio::test]
-async fn the_check_catches_a_second_transfer_and_a_wrong_amount() {
+async fn the_check_catches_a_second_transfer_a_wrong_amount_and_an_event_not_told() {
     let flow = Flow::start(AmountMode::Fixed, &[1_000, 2_000], &[]).await;
     let (id, _) = flow.pay(PaymentMethodType::Card, "pm_card_visa", None).await;
     let p = flow
@@ -119,6 +119,48 @@ async fn the_check_catches_a_second_transfer_and_a_wrong_amount() {
     let report = verify(&flow.db.pool, &ids, &tampered).await.unwrap();
     assert!(
         report.problems.iter().any(|p| p.contains("cents, the net share is")),
+        "{:?}",
+        report.problems
+    );
+
+    // An event the organisation was not told (one share's distribution_succeeded written as something else), and one
+    // addressed to an organisation that does not exist (the outbox has no foreign key to organisations), are caught.
+    let told_as = |sql: &'static str| {
+        let pool = flow.db.pool.clone();
+        let share = p.allocations[1].id.clone();
+        async move {
+            let changed = sqlx::query(sql).bind(share).execute(&pool).await.unwrap();
+            assert_eq!(changed.rows_affected(), 1);
+        }
+    };
+    told_as(
+        "UPDATE outbox_events SET event_type = 'recommendation_set.distribution_failed',
+                payload = jsonb_set(payload, '{type}', '\"recommendation_set.distribution_failed\"')
+          WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
+    )
+    .await;
+    let report = verify(&flow.db.pool, &ids, &transfers).await.unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("1 distribution_succeeded events for 2 shares")),
+        "{:?}",
+        report.problems
+    );
+    told_as(
+        "UPDATE outbox_events SET event_type = 'recommendation_set.distribution_succeeded', organisation_id = 'org_gone',
+                payload = jsonb_set(jsonb_set(payload, '{type}', '\"recommendation_set.distribution_succeeded\"'),
+                                    '{organisation_id}', '\"org_gone\"')
+          WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
+    )
+    .await;
+    let report = verify(&flow.db.pool, &ids, &transfers).await.unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("1 not addressed to the payment's organisation")),
         "{:?}",
         report.problems
     );

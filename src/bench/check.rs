@@ -1,7 +1,7 @@
 //! The benchmark's correctness check: a fast run that is wrong fails. Reads every transfer the Stripe simulator
 //! holds (over its HTTP API) and every allocation of the benchmark's payments, and checks that each allocation was
-//! transferred exactly once, to the right account, for its net amount, and that each payment's money is conserved
-//! to the cent (charged = Σ transferred + fees kept).
+//! transferred exactly once, to the right account, for its net amount, that each payment's money is conserved
+//! to the cent (charged = Σ transferred + fees kept), and that the organisation was told each once.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -185,6 +185,33 @@ pub async fn verify(
             report.problems.push(format!(
                 "{id}: charged {total}, Σ gross {gross}, Σ net {net} + fees {fees} = {} (money not conserved)",
                 net + fees
+            ));
+        }
+    }
+    // The events the organisation is told: one payment_succeeded per payment and one distribution_succeeded per
+    // share, each addressed to the payment's organisation, which exists (the outbox has no foreign key to it: see
+    // migration 20261214000002).
+    type EventsRow = (String, i64, i64, i64, i64);
+    let events: Vec<EventsRow> = sqlx::query_as(
+        "SELECT p.id,
+                count(e.id) FILTER (WHERE e.event_type = 'recommendation_set.payment_succeeded'),
+                count(e.id) FILTER (WHERE e.event_type = 'recommendation_set.distribution_succeeded'),
+                count(e.id) FILTER (WHERE e.organisation_id IS DISTINCT FROM p.organisation_id OR o.id IS NULL),
+                (SELECT count(*) FROM split_allocations a WHERE a.split_payment_id = p.id)
+           FROM split_payments p
+           LEFT JOIN outbox_events e ON e.payload -> 'data' ->> 'split_payment_id' = p.id
+           LEFT JOIN organisations o ON o.id = e.organisation_id
+          WHERE p.id = ANY($1)
+          GROUP BY p.id",
+    )
+    .bind(payment_ids)
+    .fetch_all(pool)
+    .await?;
+    for (id, succeeded, distributed, misaddressed, shares) in &events {
+        if *succeeded != 1 || distributed != shares || *misaddressed != 0 {
+            report.problems.push(format!(
+                "{id}: {succeeded} payment_succeeded and {distributed} distribution_succeeded events for {shares} \
+                 shares, {misaddressed} not addressed to the payment's organisation"
             ));
         }
     }
