@@ -125,45 +125,32 @@ async fn the_check_catches_a_second_transfer_a_wrong_amount_and_an_event_not_tol
 
     // An event the organisation was not told (one share's distribution_succeeded written as something else), and one
     // addressed to an organisation that does not exist (the outbox has no foreign key to organisations), are caught.
-    let told_as = |sql: &'static str| {
-        let pool = flow.db.pool.clone();
-        let share = p.allocations[1].id.clone();
-        async move {
-            let changed = sqlx::query(sql).bind(share).execute(&pool).await.unwrap();
-            assert_eq!(changed.rows_affected(), 1);
-        }
+    let caught_after = async |sql: &'static str, problem: &str| {
+        let share = &p.allocations[1].id;
+        let changed = sqlx::query(sql).bind(share).execute(&flow.db.pool).await.unwrap();
+        assert_eq!(changed.rows_affected(), 1);
+        let report = verify(&flow.db.pool, &ids, &transfers).await.unwrap();
+        assert!(
+            report.problems.iter().any(|p| p.contains(problem)),
+            "{problem}: {:?}",
+            report.problems
+        );
     };
-    told_as(
+    caught_after(
         "UPDATE outbox_events SET event_type = 'recommendation_set.distribution_failed',
                 payload = jsonb_set(payload, '{type}', '\"recommendation_set.distribution_failed\"')
           WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
+        "1 distribution_succeeded events for 2 shares",
     )
     .await;
-    let report = verify(&flow.db.pool, &ids, &transfers).await.unwrap();
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.contains("1 distribution_succeeded events for 2 shares")),
-        "{:?}",
-        report.problems
-    );
-    told_as(
+    caught_after(
         "UPDATE outbox_events SET event_type = 'recommendation_set.distribution_succeeded', organisation_id = 'org_gone',
                 payload = jsonb_set(jsonb_set(payload, '{type}', '\"recommendation_set.distribution_succeeded\"'),
                                     '{organisation_id}', '\"org_gone\"')
           WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
+        "1 not addressed to the payment's organisation",
     )
     .await;
-    let report = verify(&flow.db.pool, &ids, &transfers).await.unwrap();
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.contains("1 not addressed to the payment's organisation")),
-        "{:?}",
-        report.problems
-    );
 
     // A second real transfer for the first allocation (another key, same metadata; from the platform's balance, as
     // the charge is spent) is caught as paying twice.
