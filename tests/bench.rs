@@ -123,8 +123,9 @@ async fn the_check_catches_a_second_transfer_a_wrong_amount_and_an_event_not_tol
         report.problems
     );
 
-    // An event the organisation was not told (one share's distribution_succeeded written as something else), and one
-    // addressed to an organisation that does not exist (the outbox has no foreign key to organisations), are caught.
+    // An event the organisation was not told (one share's distribution_succeeded written as something else), events
+    // addressed to an organisation that does not exist (the outbox has no foreign key to organisations), and a share
+    // announced twice while another is not, are caught.
     let caught_after = async |sql: &'static str, problem: &str| {
         let share = &p.allocations[1].id;
         let changed = sqlx::query(sql).bind(share).execute(&flow.db.pool).await.unwrap();
@@ -140,7 +141,7 @@ async fn the_check_catches_a_second_transfer_a_wrong_amount_and_an_event_not_tol
         "UPDATE outbox_events SET event_type = 'recommendation_set.distribution_failed',
                 payload = jsonb_set(payload, '{type}', '\"recommendation_set.distribution_failed\"')
           WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
-        "1 distribution_succeeded events for 2 shares",
+        "1 distribution_succeeded events naming 1 of its 2 shares",
     )
     .await;
     caught_after(
@@ -149,6 +150,25 @@ async fn the_check_catches_a_second_transfer_a_wrong_amount_and_an_event_not_tol
                                     '{organisation_id}', '\"org_gone\"')
           WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
         "1 not addressed to the payment's organisation",
+    )
+    .await;
+    // One share announced twice and the other never.
+    caught_after(
+        "UPDATE outbox_events SET payload = jsonb_set(payload, '{data,split_allocation_id}',
+                    (SELECT to_jsonb(a.id) FROM split_allocations a
+                      WHERE a.split_payment_id = payload -> 'data' ->> 'split_payment_id' AND a.id <> $1))
+          WHERE payload -> 'data' ->> 'split_allocation_id' = $1",
+        "2 distribution_succeeded events naming 1 of its 2 shares",
+    )
+    .await;
+    // A donation's event addressed to an organisation that does not exist.
+    caught_after(
+        "INSERT INTO outbox_events (id, dedup_key, event_type, organisation_id, occurred_at, payload)
+         SELECT 'oevt_tampered', 'tampered', 'donation.succeeded', 'org_gone', now(),
+                jsonb_build_object('type', 'donation.succeeded', 'occurred_at', now(), 'organisation_id', 'org_gone',
+                                   'data', jsonb_build_object('id', d.id))
+           FROM donations d WHERE d.split_allocation_id = $1",
+        "1 donation events not addressed to their donation's organisation",
     )
     .await;
 

@@ -885,6 +885,39 @@ async fn a_duplicate_index_drop_behind_a_long_transaction_waits_for_the_next_sta
     assert_eq!(job, 2, "the jobs inserted before and meanwhile are there");
 }
 
+/// Dropping the outbox's foreign key locks organisations exclusively: behind a long transaction that reads them (a
+/// report), the migration gives up after its 5 s lock timeout and the start fails, rather than waiting with every
+/// payment's insert queued behind it (helper 64); the next start, the report over, applies it. (The 60 s bound only
+/// turns a hang into a failure.)
+#[tokio::test]
+async fn the_outbox_foreign_key_drop_gives_up_behind_a_long_transaction() {
+    let db = TestDb::empty().await;
+    splitpay::store::MIGRATOR
+        .run_to(20261214000001, &db.pool)
+        .await
+        .unwrap();
+    let mut report = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM organisations")
+        .execute(&mut *report)
+        .await
+        .unwrap();
+    let blocked = tokio::time::timeout(std::time::Duration::from_secs(60), splitpay::store::migrate(&db.pool))
+        .await
+        .expect("the migration does not wait for the report");
+    let error = blocked.expect_err("the start fails while the report holds organisations");
+    assert!(error.to_string().contains("lock timeout"), "{error}");
+    report.commit().await.unwrap();
+    splitpay::store::migrate(&db.pool)
+        .await
+        .expect("the next start applies it");
+    let fk: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_constraint WHERE conname = 'outbox_events_organisation_id_fkey'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(fk, 0);
+}
+
 /// A process killed while it built the unique index CONCURRENTLY leaves it invalid (it neither enforces nor serves
 /// anything). The next start drops it and builds it again, instead of swapping an invalid index in for the
 /// constraint or refusing to start until an operator steps in. Simulated: the schema of the round before, the index

@@ -188,14 +188,17 @@ pub async fn verify(
             ));
         }
     }
-    // The events the organisation is told: one payment_succeeded per payment and one distribution_succeeded per
-    // share, each addressed to the payment's organisation, which exists (the outbox has no foreign key to it: see
-    // migration 20261214000002).
-    type EventsRow = (String, i64, i64, i64, i64);
+    // The events the organisations are told: one payment_succeeded per payment and one distribution_succeeded per
+    // share (each share named once), each addressed to the payment's organisation, which exists; and every event about
+    // one of the run's donations addressed to the donation's organisation, which exists. The outbox has no foreign key
+    // to organisations (migration 20261214000002), so this is where a wrong address would show.
+    type EventsRow = (String, i64, i64, i64, i64, i64);
     let events: Vec<EventsRow> = sqlx::query_as(
         "SELECT p.id,
                 count(e.id) FILTER (WHERE e.event_type = 'recommendation_set.payment_succeeded'),
                 count(e.id) FILTER (WHERE e.event_type = 'recommendation_set.distribution_succeeded'),
+                count(DISTINCT e.payload -> 'data' ->> 'split_allocation_id')
+                    FILTER (WHERE e.event_type = 'recommendation_set.distribution_succeeded'),
                 count(e.id) FILTER (WHERE e.organisation_id IS DISTINCT FROM p.organisation_id OR o.id IS NULL),
                 (SELECT count(*) FROM split_allocations a WHERE a.split_payment_id = p.id)
            FROM split_payments p
@@ -207,13 +210,29 @@ pub async fn verify(
     .bind(payment_ids)
     .fetch_all(pool)
     .await?;
-    for (id, succeeded, distributed, misaddressed, shares) in &events {
-        if *succeeded != 1 || distributed != shares || *misaddressed != 0 {
+    for (id, succeeded, distributed, named, misaddressed, shares) in &events {
+        if *succeeded != 1 || distributed != shares || named != shares || *misaddressed != 0 {
             report.problems.push(format!(
-                "{id}: {succeeded} payment_succeeded and {distributed} distribution_succeeded events for {shares} \
-                 shares, {misaddressed} not addressed to the payment's organisation"
+                "{id}: {succeeded} payment_succeeded events, {distributed} distribution_succeeded events naming \
+                 {named} of its {shares} shares, {misaddressed} not addressed to the payment's organisation"
             ));
         }
+    }
+    let donation_events_misaddressed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_events e
+           JOIN donations d ON d.id = e.payload -> 'data' ->> 'id'
+           JOIN split_allocations a ON a.id = d.split_allocation_id
+           LEFT JOIN organisations o ON o.id = e.organisation_id
+          WHERE a.split_payment_id = ANY($1) AND e.event_type LIKE 'donation.%'
+            AND (e.organisation_id IS DISTINCT FROM d.organisation_id OR o.id IS NULL)",
+    )
+    .bind(payment_ids)
+    .fetch_one(pool)
+    .await?;
+    if donation_events_misaddressed != 0 {
+        report.problems.push(format!(
+            "{donation_events_misaddressed} donation events not addressed to their donation's organisation"
+        ));
     }
     Ok(report)
 }
