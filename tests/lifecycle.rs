@@ -356,6 +356,26 @@ async fn a_declined_browser_payment_can_still_be_paid_on_the_same_payment_intent
     flow.stop().await;
 }
 
+/// Runs reconcile-pending while Stripe's webhooks are held, then delivers them and waits for the cancel's
+/// `payment_intent.canceled` to be applied. Held, because the webhook of the reconciler's own cancel otherwise races
+/// the reconciler to the same outcome, and the report's count with it (CI once saw the webhook win: the payment
+/// FAILED by it, the report counting nothing). Applied after, it must change nothing: the callers check the outcome.
+async fn reconcile_before_the_cancels_webhook(flow: &Flow) -> splitpay::jobs::reconcile::PendingReport {
+    common::refunds::hold_webhooks(flow).await;
+    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
+        .await
+        .unwrap();
+    common::refunds::release_webhooks(flow).await;
+    common::refunds::settle_until_sql(
+        flow,
+        "the cancel's webhook applied",
+        100,
+        "SELECT count(*) FROM stripe_events WHERE event_type = 'payment_intent.canceled' AND processed_at IS NOT NULL",
+    )
+    .await;
+    report
+}
+
 /// Point 5: a PaymentIntent still unpaid after `abandon_after` is canceled by reconcile-pending; the payment ends
 /// CANCELED with `donation.failed` for each donation.
 #[tokio::test]
@@ -377,21 +397,8 @@ async fn an_abandoned_payment_intent_is_canceled_by_reconcile_pending() {
         .execute(&flow.db.pool)
         .await
         .unwrap();
-    // The cancel's own webhook waits until the reconciler has applied the cancel (it would race it to the same
-    // CANCELED, and the report count with it); released, it changes nothing.
-    common::refunds::hold_webhooks(&flow).await;
-    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
-        .await
-        .unwrap();
+    let report = reconcile_before_the_cancels_webhook(&flow).await;
     assert_eq!((report.canceled, report.abandoned), (1, 1), "{report:?}");
-    common::refunds::release_webhooks(&flow).await;
-    common::refunds::settle_until_sql(
-        &flow,
-        "the cancel's webhook applied",
-        100,
-        "SELECT count(*) FROM stripe_events WHERE event_type = 'payment_intent.canceled' AND processed_at IS NOT NULL",
-    )
-    .await;
     let p = flow.payment(&id).await;
     assert_eq!(p.payment.status, PaymentStatus::Canceled);
     assert_eq!(
@@ -534,21 +541,8 @@ async fn abandoned_intake(flow: &Flow, payment_method: Option<&str>) -> splitpay
 async fn an_abandoned_intake_is_replayed_canceled_and_failed() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
     let id = abandoned_intake(&flow, None).await;
-    // The cancel's own webhook is held until the reconciler has applied the cancel: it would otherwise race the
-    // reconciler to the same FAILED `intake_abandoned`, and the report count with it. Released, it changes nothing.
-    common::refunds::hold_webhooks(&flow).await;
-    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
-        .await
-        .unwrap();
+    let report = reconcile_before_the_cancels_webhook(&flow).await;
     assert_eq!((report.checked, report.intake_abandoned), (1, 1), "{report:?}");
-    common::refunds::release_webhooks(&flow).await;
-    common::refunds::settle_until_sql(
-        &flow,
-        "the cancel's webhook applied",
-        100,
-        "SELECT count(*) FROM stripe_events WHERE event_type = 'payment_intent.canceled' AND processed_at IS NOT NULL",
-    )
-    .await;
     let p = flow.payment(&id).await;
     assert_eq!(p.payment.status, PaymentStatus::Failed);
     assert_eq!(p.payment.failure_code.as_deref(), Some("intake_abandoned"));
@@ -585,21 +579,8 @@ async fn assert_announced_intake_abandoned(flow: &Flow, id: &splitpay::domain::i
 async fn an_abandoned_server_confirmed_intake_is_never_charged_by_the_replay() {
     let flow = Flow::start(AmountMode::Fixed, &[2_000, 3_000], &[]).await;
     let id = abandoned_intake(&flow, Some("pm_card_visa")).await;
-    // As above: the cancel's webhook waits until the reconciler has applied the cancel (CI once saw the webhook win,
-    // the payment FAILED by it and the report counting nothing).
-    common::refunds::hold_webhooks(&flow).await;
-    let report = reconcile_pending(&flow.ctx, &ReconcileOptions::default())
-        .await
-        .unwrap();
+    let report = reconcile_before_the_cancels_webhook(&flow).await;
     assert_eq!((report.intake_abandoned, report.succeeded), (1, 0), "{report:?}");
-    common::refunds::release_webhooks(&flow).await;
-    common::refunds::settle_until_sql(
-        &flow,
-        "the cancel's webhook applied",
-        100,
-        "SELECT count(*) FROM stripe_events WHERE event_type = 'payment_intent.canceled' AND processed_at IS NOT NULL",
-    )
-    .await;
     let p = flow.payment(&id).await;
     assert_eq!(
         (p.payment.status, p.payment.failure_code.as_deref()),
