@@ -204,21 +204,10 @@ async fn drop_duplicate_indexes(pool: &sqlx::PgPool) {
 
 /// Drops `duplicate` if it is there and its twin `kept` is there and valid.
 async fn drop_duplicate(conn: &mut PgConnection, duplicate: &str, kept: &str) -> Result<(), sqlx::Error> {
-    let (present, twin): (bool, bool) = sqlx::query_as(
-        "SELECT to_regclass($1) IS NOT NULL,
-                EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($2) AND indisvalid)",
-    )
-    .bind(duplicate)
-    .bind(kept)
-    .fetch_one(&mut *conn)
-    .await?;
-    if present && twin {
+    let present = crate::store::index_valid(conn, duplicate).await?.is_some();
+    if present && crate::store::index_valid(conn, kept).await? == Some(true) {
         tracing::info!(index = duplicate, "dropping an index apalis made twice");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP INDEX CONCURRENTLY IF EXISTS {duplicate}"
-        )))
-        .execute(&mut *conn)
-        .await?;
+        crate::store::drop_index_concurrently(conn, duplicate).await?;
     }
     Ok(())
 }

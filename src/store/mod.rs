@@ -233,23 +233,32 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<(), StoreError>
     // building it now: a build runs under this lock, and a session holds the lock until its statement has ended. The
     // name is resolved as the DROP resolves it (the search path).
     for name in INDEXES_BUILT_CONCURRENTLY {
-        let invalid: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) AND NOT indisvalid)",
-        )
-        .bind(name)
-        .fetch_one(&mut *conn)
-        .await?;
-        if invalid {
+        if index_valid(conn, name).await? == Some(false) {
             tracing::warn!(
                 index = name,
                 "dropping an index an interrupted build left invalid; it is built again"
             );
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")))
-                .execute(&mut *conn)
-                .await?;
+            drop_index_concurrently(conn, name).await?;
         }
     }
     MIGRATOR.run(&mut *conn).await?;
+    Ok(())
+}
+
+/// Whether the index `name` (resolved as a DROP resolves it: the search path, or the schema it names) is valid;
+/// `None` when there is none. An interrupted build `CONCURRENTLY` leaves its index invalid.
+pub(crate) async fn index_valid(conn: &mut sqlx::PgConnection, name: &str) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
+        .bind(name)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Drops the index `name`, if there is one, without blocking writers (`CONCURRENTLY`: never inside a transaction).
+pub(crate) async fn drop_index_concurrently(conn: &mut sqlx::PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
